@@ -1,0 +1,1 @@
+"""Tools for people: the local subnet launcher, data preparation and benchmarks."""

