@@ -1,0 +1,137 @@
+"""Thin SQLite persistence: each transition's changed records are written in one transaction.
+
+Rows are JSON blobs keyed by id, with the few indexed columns that queries need (hops by round
+and miner). Loading restores the current round fully; older rounds stay on disk for the hop log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+import threading
+from typing import Any, Optional
+
+from bridge.records import Hop, Miner, Sample, State, Tunables
+from protocol.messages import RunConfig
+
+__all__ = ["Database"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), run TEXT NOT NULL,
+                                 data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS miners (hotkey TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (sample_id INTEGER PRIMARY KEY, round INTEGER NOT NULL,
+                                    data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hops (hop_id TEXT PRIMARY KEY, round INTEGER NOT NULL,
+                                 miner TEXT, status TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS samples_round ON samples (round);
+CREATE INDEX IF NOT EXISTS hops_round_miner ON hops (round, miner);
+"""
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(dataclasses.asdict(obj), separators=(",", ":"))
+
+
+class Database:
+    """One SQLite file (WAL, synchronous=NORMAL) holding a run's state."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
+                                     isolation_level=None)
+        self._lock = threading.Lock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._conn.executescript(_SCHEMA)
+        self.writes = 0  # rows written, for the benchmark
+
+    def load(self, run: RunConfig, tun: Tunables) -> State:
+        """The stored state of `run` (or a fresh one); refuses a DB that holds another run."""
+        st = State(run=run, tun=tun)
+        row = self._conn.execute("SELECT run, data FROM meta WHERE id = 0").fetchone()
+        if row is None:
+            self.commit(st, {("meta", None): None})
+            return st
+        stored = RunConfig.model_validate_json(row[0])
+        if stored != run:
+            raise ValueError(f"database {self.path} holds run {stored.run_id!r} with a different "
+                             "config: use a new --db or the original run config")
+        st.load_meta(json.loads(row[1]))
+        for (data,) in self._conn.execute("SELECT data FROM miners"):
+            m = Miner(**json.loads(data))
+            st.miners[m.hotkey] = m
+        for (data,) in self._conn.execute("SELECT data FROM samples WHERE round = ?", (st.round,)):
+            d = json.loads(data)
+            d["fwd_by"] = {int(k): v for k, v in d["fwd_by"].items()}
+            st.samples[d["sample_id"]] = Sample(**d)
+        for (data,) in self._conn.execute("SELECT data FROM hops WHERE round = ?", (st.round,)):
+            h = Hop(**json.loads(data))
+            st.hops[h.hop_id] = h
+        st.reindex()
+        log.info("loaded run %s: round %d, phase %s, %d miners, %d hops", run.run_id, st.round,
+                 st.phase, len(st.miners), len(st.hops))
+        return st
+
+    def commit(self, st: State, dirty: dict) -> None:
+        """Write every changed record in one transaction (all or nothing)."""
+        miners, samples, hops, rounds = [], [], [], []
+        meta = False
+        for (kind, ident), rec in dirty.items():
+            if kind == "meta":
+                meta = True
+            elif kind == "miner":
+                miners.append((ident, _dump(rec)))
+            elif kind == "sample":
+                samples.append((ident, rec.round, _dump(rec)))
+            elif kind == "hop":
+                hops.append((ident, rec.round, rec.leased_to or rec.assigned_to, rec.status,
+                             _dump(rec)))
+            elif kind == "round":
+                rounds.append((ident, json.dumps(rec, separators=(",", ":"))))
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if meta:
+                    c.execute("INSERT OR REPLACE INTO meta (id, run, data) VALUES (0, ?, ?)",
+                              (st.run.model_dump_json(), json.dumps(st.meta_dict())))
+                if miners:
+                    c.executemany("INSERT OR REPLACE INTO miners VALUES (?, ?)", miners)
+                if samples:
+                    c.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?)", samples)
+                if hops:
+                    c.executemany("INSERT OR REPLACE INTO hops VALUES (?, ?, ?, ?, ?)", hops)
+                if rounds:
+                    c.executemany("INSERT OR REPLACE INTO rounds VALUES (?, ?)", rounds)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            self.writes += meta + len(miners) + len(samples) + len(hops) + len(rounds)
+
+    def done_hops(self, round_: int, miner: Optional[str]) -> list[Hop]:
+        """Completed hops of a round (optionally of one miner), in completion order."""
+        q = "SELECT data FROM hops WHERE round = ? AND status = 'done'"
+        args: tuple = (round_,)
+        if miner is not None:
+            q = "SELECT data FROM hops WHERE round = ? AND miner = ? AND status = 'done'"
+            args = (round_, miner)
+        hops = [Hop(**json.loads(d)) for (d,) in self._conn.execute(q, args)]
+        return sorted(hops, key=lambda h: (h.done_at, h.hop_id))
+
+    def round_archive(self, round_: int) -> Optional[dict[str, Any]]:
+        """States, pseudo-gradients and flagged hotkeys recorded for a round."""
+        row = self._conn.execute("SELECT data FROM rounds WHERE round = ?", (round_,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,252 @@
+"""The bridge's state record: miners, samples, hops, merge bookkeeping, and in-memory indexes.
+
+`State` is plain data. Transitions (bridge.state, bridge.rounds) mutate it and mark what they
+touched in `state.dirty`, which the SQLite layer writes in one transaction. Indexes (pools,
+queues, deadline heap) are derived and rebuilt by `State.reindex()` after loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from protocol.messages import RunConfig
+
+__all__ = ["TransitionError", "Tunables", "Miner", "Sample", "Hop", "StageState", "State",
+           "HOP_OPEN"]
+
+HOP_OPEN = ("pool", "assigned", "leased")  # hop statuses that still need work
+
+
+class TransitionError(Exception):
+    """A transition refused: `status` is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Tunables:
+    """Bridge-side knobs that are not part of the run (health, back-off, EMA)."""
+
+    health_timeout: float = 120.0   # seconds without contact before a miner counts as gone
+    backoff_seconds: float = 10.0   # no new routed work this long after a lease expiry
+    ema: float = 0.2                # weight of the newest throughput sample
+    min_health: float = 0.05
+
+
+@dataclass
+class Miner:
+    """One registered miner (a replica of one stage)."""
+
+    hotkey: str
+    stage: int
+    registered_at: float
+    last_seen: float
+    epoch: int = 0                  # bumps on re-registration: forward graphs held before are gone
+    active: bool = True
+    health: float = 1.0
+    throughput: float = 1.0         # EMA of hops/s
+    backoff_until: float = 0.0
+    round: int = 0
+    inner_step: int = 0
+    quota_used: int = 0             # forwards taken in this inner step
+    step_samples: int = 0           # backwards finished in this inner step
+    open_graphs: int = 0            # forwards done here whose bwd has not been done here
+    round_steps: int = 0            # inner steps reported in the current round
+    last_done_at: float = 0.0
+    hops_done: int = 0
+    expiries: int = 0
+    failures: int = 0
+    reroutes: int = 0
+    bytes_moved: int = 0
+    disagreements: int = 0
+
+
+@dataclass
+class Sample:
+    """One sample of a round; ends `completed` or `abandoned` with a reason."""
+
+    sample_id: int
+    round: int
+    status: str = "active"          # active | completed | abandoned
+    reason: str = ""
+    fwd_done_stage: int = -1        # highest stage whose forward is done
+    # stage -> [hotkey, epoch, fwd hop_id] of the forward done at that stage
+    fwd_by: dict[int, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Hop:
+    """One attempt at one unit of work. Object refs are [key, sha256, size] lists."""
+
+    hop_id: str
+    sample_id: int
+    round: int
+    stage: int
+    kind: str                       # fwd | bwd | fwdbwd
+    attempt: int = 1
+    recompute: bool = False
+    status: str = "pool"            # pool | assigned | leased | done | expired | failed | dropped
+    assigned_to: Optional[str] = None
+    leased_to: Optional[str] = None
+    leased_at: float = 0.0
+    deadline: float = 0.0
+    inner_step: int = 0
+    fwd_hop_id: Optional[str] = None
+    act_in: Optional[list[Any]] = None
+    grad_in: Optional[list[Any]] = None
+    out_key: Optional[str] = None
+    out_size: int = 0
+    out_sha: Optional[str] = None
+    loss: Optional[float] = None
+    done_at: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class StageState:
+    """A stage's published weights: round they start, key and sha (None: built from init_seed)."""
+
+    round: int = 0
+    key: Optional[str] = None
+    sha256: Optional[str] = None
+    size: int = 0
+
+
+@dataclass
+class State:
+    """Everything the bridge knows; one instance per run."""
+
+    run: RunConfig
+    tun: Tunables = field(default_factory=Tunables)
+    phase: str = "waiting"          # waiting | train | merge | done
+    round: int = 0
+    seq: int = 0                    # hop id counter
+    merge_started: float = 0.0
+    fwd_pending: list[int] = field(default_factory=list)
+    stage_states: list[StageState] = field(default_factory=list)
+    round_states: list[dict[str, Any]] = field(default_factory=list)  # snapshot at round start
+    r_completed: int = 0            # samples of the current round completed / abandoned
+    r_abandoned: int = 0
+    completed_total: int = 0
+    abandoned_total: int = 0
+    abandon_reasons: dict[str, int] = field(default_factory=dict)
+    stage_counters: list[dict[str, int]] = field(default_factory=list)
+    # merge bookkeeping for the current round: stage -> hotkey -> record
+    workers: dict[int, list[str]] = field(default_factory=dict)
+    pseudograds: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    frozen: dict[int, list[str]] = field(default_factory=dict)
+    votes: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    published: dict[int, bool] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)
+    miners: dict[str, Miner] = field(default_factory=dict)
+    samples: dict[int, Sample] = field(default_factory=dict)
+    hops: dict[str, Hop] = field(default_factory=dict)
+    recent_losses: list[float] = field(default_factory=list)
+    # derived indexes (not persisted)
+    fwd_pool: list[OrderedDict] = field(default_factory=list)
+    bwd_pool: list[OrderedDict] = field(default_factory=list)
+    queue: dict[str, OrderedDict] = field(default_factory=dict)   # hotkey -> assigned hops
+    leased: dict[str, set] = field(default_factory=dict)          # hotkey -> leased hop ids
+    heap: list[tuple[float, str]] = field(default_factory=list)
+    dirty: dict = field(default_factory=dict)   # (kind, id) -> record changed by this transition
+    events: list[tuple[str, Any]] = field(default_factory=list)   # side effects for the I/O shell
+
+    def __post_init__(self) -> None:
+        s = self.run.n_stages
+        if not self.fwd_pending:
+            self.fwd_pending = [0] * s
+        if not self.stage_states:
+            self.stage_states = [StageState() for _ in range(s)]
+        if not self.stage_counters:
+            self.stage_counters = [{"expiries": 0, "reroutes": 0, "hops_done": 0, "bytes": 0}
+                                   for _ in range(s)]
+        if not self.fwd_pool:
+            self.fwd_pool = [OrderedDict() for _ in range(s)]
+            self.bwd_pool = [OrderedDict() for _ in range(s)]
+
+    # ---- marking and ids -------------------------------------------------------------------
+    def touch(self, kind: str, ident: Any, record: Any = None) -> None:
+        """Mark a record ("miner", "sample", "hop" or "meta") as changed by this transition."""
+        self.dirty[(kind, ident)] = record
+
+    def next_hop_id(self) -> str:
+        """A fresh, never reused hop id."""
+        self.seq += 1
+        self.touch("meta", None)
+        return f"h{self.round}x{self.seq}"
+
+    # ---- index maintenance -----------------------------------------------------------------
+    def place(self, hop: Hop) -> None:
+        """Put an open hop into the index that matches its status."""
+        if hop.status == "pool":
+            pool = self.bwd_pool if hop.kind == "bwd" else self.fwd_pool
+            pool[hop.stage][hop.hop_id] = None
+        elif hop.status == "assigned":
+            self.queue.setdefault(hop.assigned_to, OrderedDict())[hop.hop_id] = None
+        elif hop.status == "leased":
+            self.leased.setdefault(hop.leased_to, set()).add(hop.hop_id)
+        if hop.status in ("assigned", "leased"):
+            heapq.heappush(self.heap, (hop.deadline, hop.hop_id))
+
+    def unplace(self, hop: Hop) -> None:
+        """Remove an open hop from its index (the heap entry goes stale and is skipped)."""
+        if hop.status == "pool":
+            pool = self.bwd_pool if hop.kind == "bwd" else self.fwd_pool
+            pool[hop.stage].pop(hop.hop_id, None)
+        elif hop.status == "assigned" and hop.assigned_to in self.queue:
+            self.queue[hop.assigned_to].pop(hop.hop_id, None)
+        elif hop.status == "leased" and hop.leased_to in self.leased:
+            self.leased[hop.leased_to].discard(hop.hop_id)
+
+    def reindex(self) -> None:
+        """Rebuild every derived index from the records (after loading)."""
+        s = self.run.n_stages
+        self.fwd_pool = [OrderedDict() for _ in range(s)]
+        self.bwd_pool = [OrderedDict() for _ in range(s)]
+        self.queue, self.leased, self.heap = {}, {}, []
+        for hop in sorted(self.hops.values(), key=lambda h: int(h.hop_id.split("x")[1])):
+            if hop.status in HOP_OPEN:
+                self.place(hop)
+
+    def stage_miners(self, stage: int) -> list[Miner]:
+        """Active miners of a stage, in hotkey order."""
+        return sorted((m for m in self.miners.values() if m.active and m.stage == stage),
+                      key=lambda m: m.hotkey)
+
+    def healthy(self, m: Miner, now: float) -> bool:
+        """Active and heard from within the health timeout."""
+        return m.active and now - m.last_seen <= self.tun.health_timeout
+
+    def meta_dict(self) -> dict[str, Any]:
+        """The global fields, as persisted in the meta row."""
+        keep = ("phase", "round", "seq", "merge_started", "fwd_pending", "completed_total",
+                "r_completed", "r_abandoned",
+                "abandoned_total", "abandon_reasons", "stage_counters", "workers", "frozen",
+                "published", "flagged", "round_states")
+        d = {k: getattr(self, k) for k in keep}
+        d["stage_states"] = [dataclasses.asdict(x) for x in self.stage_states]
+        d["recent_losses"] = self.recent_losses[-256:]
+        d["pseudograds"] = self.pseudograds
+        d["votes"] = self.votes
+        return d
+
+    def load_meta(self, d: dict[str, Any]) -> None:
+        """Restore the global fields from a meta row (JSON turns int keys into strings)."""
+        for k in ("phase", "round", "seq", "merge_started", "fwd_pending", "completed_total",
+                  "r_completed", "r_abandoned",
+                  "abandoned_total", "abandon_reasons", "stage_counters", "flagged", "round_states",
+                  "recent_losses"):
+            setattr(self, k, d[k])
+        self.workers = {int(k): v for k, v in d["workers"].items()}
+        self.frozen = {int(k): v for k, v in d["frozen"].items()}
+        self.published = {int(k): v for k, v in d["published"].items()}
+        self.pseudograds = {int(k): v for k, v in d["pseudograds"].items()}
+        self.votes = {int(k): v for k, v in d["votes"].items()}
+        self.stage_states = [StageState(**x) for x in d["stage_states"]]

@@ -1,0 +1,43 @@
+"""Stochastic pathfinding: pick the replica of a stage that gets the next hop, and stage choice."""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from bridge.records import Miner, State
+
+__all__ = ["route_weight", "eligible", "pick_replica", "choose_stage"]
+
+
+def route_weight(st: State, m: Miner) -> float:
+    """Throughput estimate x health / (1 + queue length)."""
+    queued = len(st.queue.get(m.hotkey, ())) + len(st.leased.get(m.hotkey, ()))
+    return max(m.throughput, 1e-6) * max(m.health, st.tun.min_health) / (1.0 + queued)
+
+
+def eligible(st: State, m: Miner, now: float) -> bool:
+    """Healthy, not backing off, and with forward quota room this inner step."""
+    return (st.healthy(m, now) and now >= m.backoff_until
+            and m.quota_used < st.run.micro_batches_per_step)
+
+
+def pick_replica(st: State, stage: int, now: float, rng: random.Random) -> Optional[Miner]:
+    """A replica of `stage` drawn with probability proportional to its route weight, or None."""
+    cands = [m for m in st.stage_miners(stage) if eligible(st, m, now)]
+    if not cands:
+        return None
+    weights = [route_weight(st, m) for m in cands]
+    x = rng.random() * sum(weights)
+    for m, w in zip(cands, weights):
+        x -= w
+        if x < 0:
+            return m
+    return cands[-1]
+
+
+def choose_stage(st: State, now: float) -> int:
+    """Stage with the fewest healthy replicas; ties: slowest total throughput, then lowest index."""
+    def key(s: int) -> tuple[int, float, int]:
+        ms = [m for m in st.stage_miners(s) if st.healthy(m, now)]
+        return (len(ms), sum(m.throughput for m in ms), s)
+    return min(range(st.run.n_stages), key=key)

@@ -1,0 +1,346 @@
+"""Training transitions (pure: state record in, state record out; `now` and the RNG passed in).
+
+register, lease, complete (hop done), fail, step_done and expire. Every transition validates
+before it mutates, so a refused call (TransitionError) leaves the state untouched.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+from itertools import islice
+from typing import Any, Optional
+
+from bridge import rounds
+from bridge.records import Hop, Miner, State, TransitionError
+from bridge.routing import choose_stage, pick_replica
+
+__all__ = ["register", "lease", "check_done", "complete", "fail", "step_done", "expire",
+           "tick", "LeaseResult", "output_key"]
+
+log = logging.getLogger(__name__)
+
+LeaseResult = tuple[str, list[Hop], float]  # action, hops, retry_after
+
+
+def output_key(st: State, hop: Hop) -> Optional[str]:
+    """`runs/{run}/r{round}/s{stage}/{act|grad}/{hop_id}`, or None for a stage-0 backward."""
+    if hop.stage == 0 and hop.kind in ("bwd", "fwdbwd"):
+        return None
+    part = "act" if hop.kind == "fwd" else "grad"
+    return f"runs/{st.run.run_id}/r{hop.round}/s{hop.stage}/{part}/{hop.hop_id}"
+
+
+def _miner(st: State, hotkey: str) -> Miner:
+    m = st.miners.get(hotkey)
+    if m is None:
+        raise TransitionError(409, "not_registered",
+                              f"hotkey {hotkey} has no stage: POST /v1/miners/register first")
+    return m
+
+
+def tick(st: State, now: float, rng: random.Random) -> None:
+    """Apply everything that happens with time: lease expiries and merge-set timeouts."""
+    expire(st, now, rng)
+    if st.phase == "merge":
+        rounds.maybe_freeze(st, now)
+
+
+def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
+    """Assign a stage (new miner) or keep it (rejoin: in-flight work released, graphs dropped)."""
+    m = st.miners.get(hotkey)
+    if m is not None:
+        m.epoch += 1
+        m.active, m.last_seen = True, now
+        for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
+            _retry(st, st.hops[hid], now, rng, "rejoin", penalize=False)
+        m.quota_used = m.step_samples = m.open_graphs = 0
+        st.touch("miner", hotkey, m)
+        log.info("miner %s rejoined stage %d (epoch %d)", hotkey, m.stage, m.epoch)
+        return m
+    stage = choose_stage(st, now)
+    peers = [p.throughput for p in st.stage_miners(stage)]
+    m = Miner(hotkey=hotkey, stage=stage, registered_at=now, last_seen=now, round=st.round,
+              throughput=sum(peers) / len(peers) if peers else 1.0)
+    st.miners[hotkey] = m
+    st.touch("miner", hotkey, m)
+    log.info("miner %s registered on stage %d", hotkey, stage)
+    if st.phase == "waiting" and all(st.stage_miners(s) for s in range(st.run.n_stages)):
+        rounds.start_round(st, 0, now)
+    return m
+
+
+def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:
+    cap, last = st.run.max_object_bytes, st.run.n_stages - 1
+    for name, val, needed in (("fwd_out_bytes", fwd_bytes, stage < last),
+                              ("bwd_out_bytes", bwd_bytes, stage > 0)):
+        if val > cap:
+            raise TransitionError(400, "oversized",
+                                  f"{name}={val} exceeds max_object_bytes={cap}")
+        if needed and val <= 0:
+            raise TransitionError(400, "bad_size", f"{name} must be > 0 for stage {stage}")
+
+
+def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
+          now: float, rng: random.Random) -> LeaseResult:
+    """Hand a miner up to `max_hops` hops (backwards first), or tell it what to do instead."""
+    m = _miner(st, hotkey)
+    _check_sizes(st, m.stage, fwd_bytes, bwd_bytes)
+    tick(st, now, rng)
+    m.last_seen = now
+    st.touch("miner", hotkey, m)
+    if not m.active:
+        return "reassign", [], 0.0
+    if st.phase == "waiting":
+        return "wait", [], 1.0
+    if st.phase == "done":
+        return "done", [], 0.0
+    if st.phase == "merge":
+        return ("step" if m.step_samples > 0 else "merge"), [], 0.0
+    quota = st.run.micro_batches_per_step
+    got: list[Hop] = []
+    queue = st.queue.get(hotkey, {})
+    # assigned hops (quota already reserved at routing), backwards first
+    for want_bwd in (True, False):
+        for hid in list(queue):
+            if len(got) >= max_hops:
+                break
+            hop = st.hops[hid]
+            if (hop.kind == "bwd") == want_bwd:
+                got.append(hop)
+        if want_bwd:
+            room = min(max_hops - len(got), quota - m.quota_used)
+            for hid in list(islice(st.bwd_pool[m.stage], max(0, room))):
+                m.quota_used += 1
+                got.append(st.hops[hid])
+    if now >= m.backoff_until:
+        room = min(max_hops - len(got), quota - m.quota_used)
+        for hid in list(islice(st.fwd_pool[m.stage], max(0, room))):
+            m.quota_used += 1
+            got.append(st.hops[hid])
+    for hop in got:
+        _lease_one(st, m, hop, fwd_bytes, bwd_bytes, now)
+    if got:
+        return "work", got, 0.0
+    if not st.leased.get(hotkey) and m.open_graphs == 0 and not queue:
+        if m.quota_used >= quota or st.fwd_pending[m.stage] <= 0:
+            if m.step_samples > 0:
+                return "step", [], 0.0
+            m.quota_used = 0  # reservations all went elsewhere: nothing to step over
+    return "wait", [], 0.25
+
+
+def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
+               now: float) -> None:
+    st.unplace(hop)
+    hop.status, hop.leased_to, hop.assigned_to = "leased", m.hotkey, m.hotkey
+    hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
+    hop.inner_step = m.inner_step
+    hop.out_key = output_key(st, hop)
+    hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == "fwd" else bwd_bytes)
+    st.place(hop)
+    st.touch("hop", hop.hop_id, hop)
+
+
+def check_done(st: State, hotkey: str, hop_id: str, now: float) -> Hop:
+    """The hop `hotkey` may report done now (409 otherwise); no mutation."""
+    hop = st.hops.get(hop_id)
+    if hop is None:
+        raise TransitionError(404, "unknown_hop", f"hop_id {hop_id} is not an open hop")
+    if hop.leased_to != hotkey:
+        raise TransitionError(409, "not_yours", f"hop {hop_id} is not leased to {hotkey}")
+    if hop.status != "leased":
+        raise TransitionError(409, "not_leased", f"hop {hop_id} is {hop.status}, not leased")
+    if now > hop.deadline:
+        raise TransitionError(409, "expired", f"lease of hop {hop_id} expired")
+    return hop
+
+
+def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: int,
+             loss: Optional[float], now: float, rng: random.Random) -> Hop:
+    """Apply a finished hop once: record its output, create and route the next hop."""
+    tick(st, now, rng)
+    hop = check_done(st, hotkey, hop_id, now)
+    if hop.out_key is not None and (sha256 is None or size != hop.out_size):
+        raise TransitionError(400, "bad_size", f"hop {hop_id}: size must be {hop.out_size} "
+                              f"with a sha256, got size={size} sha256={sha256}")
+    m = st.miners[hotkey]
+    st.unplace(hop)
+    hop.status, hop.done_at, hop.out_sha = "done", now, sha256
+    hop.loss = loss if hop.kind == "fwdbwd" else None
+    st.touch("hop", hop_id, hop)
+    dt = max(1e-3, now - max(m.last_done_at, hop.leased_at))
+    m.throughput = (1 - st.tun.ema) * m.throughput + st.tun.ema / dt
+    m.health = min(1.0, m.health + 0.2 * (1.0 - m.health))
+    m.last_done_at, m.last_seen = now, now
+    m.hops_done += 1
+    m.bytes_moved += size
+    st.stage_counters[hop.stage]["hops_done"] += 1
+    st.stage_counters[hop.stage]["bytes"] += size
+    st.touch("miner", hotkey, m)
+    sample = st.samples[hop.sample_id]
+    st.touch("sample", sample.sample_id, sample)
+    st.touch("meta", None)
+    out = [hop.out_key, sha256, size]
+    if hop.kind in ("fwd", "fwdbwd"):
+        sample.fwd_done_stage = hop.stage
+        sample.fwd_by[hop.stage] = [hotkey, m.epoch, hop_id]
+        st.fwd_pending[hop.stage] -= 1
+    if hop.kind == "fwd":
+        m.open_graphs += 1
+        nxt = "fwdbwd" if hop.stage + 1 == st.run.n_stages - 1 else "fwd"
+        _route_fwd(st, _new_hop(st, hop, hop.stage + 1, nxt, act_in=out), now, rng)
+        return hop
+    m.step_samples += 1
+    if hop.kind == "fwdbwd":
+        st.recent_losses = (st.recent_losses + [loss])[-256:] if loss is not None else st.recent_losses
+    elif not hop.recompute:
+        rounds.drop_graph(st, sample, hop.stage)
+    if hop.stage == 0:
+        rounds.finish_sample(st, sample, "completed", "", now)
+    else:
+        _make_bwd(st, sample, hop, out, now, rng)
+    return hop
+
+
+def _new_hop(st: State, src: Hop, stage: int, kind: str, act_in: Any = None,
+             grad_in: Any = None, attempt: int = 1) -> Hop:
+    hop = Hop(hop_id=st.next_hop_id(), sample_id=src.sample_id, round=src.round, stage=stage,
+              kind=kind, attempt=attempt, act_in=act_in, grad_in=grad_in)
+    st.hops[hop.hop_id] = hop
+    st.touch("hop", hop.hop_id, hop)
+    return hop
+
+
+def _assign(st: State, hop: Hop, m: Miner, now: float) -> None:
+    hop.status, hop.assigned_to = "assigned", m.hotkey
+    hop.deadline = now + st.run.lease_seconds  # claim deadline
+    st.place(hop)
+
+
+def _route_fwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
+    """Stage-0 forwards wait in the pool; later ones go to a replica picked by pathfinding."""
+    m = pick_replica(st, hop.stage, now, rng) if hop.stage > 0 else None
+    if m is None:
+        st.place(hop)  # pool: any eligible replica claims it at lease time
+        return
+    m.quota_used += 1
+    st.touch("miner", m.hotkey, m)
+    _assign(st, hop, m, now)
+
+
+def _make_bwd(st: State, sample: Any, src: Hop, grad: Any, now: float,
+              rng: random.Random, attempt: int = 1) -> None:
+    """The stage s-1 backward: to the forward's replica if it still holds the graph, else
+    recompute elsewhere (routed like a forward, counted against quota)."""
+    stage = src.stage - 1
+    key = sample.fwd_by[stage]
+    fwd_hop = st.hops[key[2]]
+    hop = _new_hop(st, src, stage, "bwd", grad_in=grad, attempt=attempt)
+    hop.fwd_hop_id = fwd_hop.hop_id
+    holder = st.miners.get(key[0])
+    if holder is not None and key[1] == holder.epoch and st.healthy(holder, now):
+        _assign(st, hop, holder, now)
+        return
+    rounds.drop_graph(st, sample, stage)
+    hop.recompute, hop.act_in = True, fwd_hop.act_in
+    st.stage_counters[stage]["reroutes"] += 1
+    log.info("reroute: bwd %s of sample %d at stage %d recomputes elsewhere",
+             hop.hop_id, sample.sample_id, stage)
+    _route_fwd(st, hop, now, rng) if stage > 0 else _route_stage0_bwd(st, hop, now, rng)
+
+
+def _route_stage0_bwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
+    m = pick_replica(st, 0, now, rng)
+    if m is None:
+        st.place(hop)
+        return
+    m.quota_used += 1
+    st.touch("miner", m.hotkey, m)
+    _assign(st, hop, m, now)
+
+
+def _retry(st: State, hop: Hop, now: float, rng: random.Random, why: str,
+           penalize: bool = True, status: str = "expired") -> None:
+    """Close a hop attempt and send the work elsewhere (attempt+1), or abandon the sample."""
+    holder = st.miners.get(hop.leased_to or hop.assigned_to or "")
+    st.unplace(hop)
+    hop.status, hop.note = status, why
+    st.touch("hop", hop.hop_id, hop)
+    if holder is not None and penalize:
+        holder.expiries += status == "expired"
+        holder.health = max(st.tun.min_health, holder.health * 0.5)
+        holder.backoff_until = now + st.tun.backoff_seconds
+        st.touch("miner", holder.hotkey, holder)
+    st.stage_counters[hop.stage]["expiries"] += status == "expired"
+    st.touch("meta", None)
+    sample = st.samples[hop.sample_id]
+    if hop.attempt >= st.run.max_attempts:
+        rounds.finish_sample(st, sample, "abandoned", f"{why} after {hop.attempt} attempts", now)
+        return
+    st.stage_counters[hop.stage]["reroutes"] += 1
+    if hop.kind == "bwd":
+        if not hop.recompute:
+            rounds.drop_graph(st, sample, hop.stage)
+        src = Hop(hop_id="", sample_id=hop.sample_id, round=hop.round, stage=hop.stage + 1,
+                  kind="bwd")
+        _make_bwd(st, sample, src, hop.grad_in, now, rng, attempt=hop.attempt + 1)
+        return
+    _route_fwd(st, _new_hop(st, hop, hop.stage, hop.kind, act_in=hop.act_in,
+                            attempt=hop.attempt + 1), now, rng)
+
+
+def expire(st: State, now: float, rng: random.Random) -> int:
+    """Expire every lease (and unclaimed assignment) past its deadline; returns how many."""
+    n = 0
+    while st.heap and st.heap[0][0] < now:
+        deadline, hid = st.heap[0]
+        heapq.heappop(st.heap)
+        hop = st.hops.get(hid)
+        if hop is None or hop.status not in ("assigned", "leased") or hop.deadline != deadline:
+            continue
+        log.info("lease expiry: hop %s (%s stage %d) held by %s", hid, hop.kind, hop.stage,
+                 hop.leased_to or hop.assigned_to)
+        _retry(st, hop, now, rng, "lease expired")
+        n += 1
+    return n
+
+
+def fail(st: State, hotkey: str, hop_id: str, reason: str, detail: str, now: float,
+         rng: random.Random) -> Hop:
+    """A miner reports a bad input: retry elsewhere, or abandon when the input is missing."""
+    tick(st, now, rng)
+    hop = check_done(st, hotkey, hop_id, now)
+    st.miners[hotkey].failures += 1
+    st.touch("miner", hotkey, st.miners[hotkey])
+    if reason == "missing":
+        st.unplace(hop)
+        hop.status, hop.note = "failed", f"input missing: {detail[:200]}"
+        st.touch("hop", hop_id, hop)
+        rounds.finish_sample(st, st.samples[hop.sample_id], "abandoned", "input missing", now)
+        return hop
+    _retry(st, hop, now, rng, f"fail:{reason}", penalize=False, status="failed")
+    return hop
+
+
+def step_done(st: State, hotkey: str, round_: int, inner_step: int, samples: int,
+              now: float) -> Miner:
+    """Advance a miner's inner step once (a repeated report of the last step is a no-op)."""
+    m = _miner(st, hotkey)
+    if round_ != st.round:
+        raise TransitionError(409, "wrong_round", f"round={round_} but the run is at {st.round}")
+    if inner_step == m.inner_step - 1 and m.step_samples == 0:
+        return m  # the same report again (client retry): applied once already
+    if inner_step != m.inner_step:
+        raise TransitionError(409, "wrong_step", f"inner_step={inner_step}, expected {m.inner_step}")
+    if st.leased.get(hotkey) or m.open_graphs:
+        raise TransitionError(409, "open_work", "finish leased hops and backwards before stepping")
+    if m.step_samples == 0 or samples != m.step_samples:
+        raise TransitionError(409, "wrong_samples",
+                              f"samples={samples}, the bridge counted {m.step_samples}")
+    m.inner_step += 1
+    m.round_steps += 1
+    m.quota_used = m.step_samples = 0
+    m.last_seen = now
+    st.touch("miner", hotkey, m)
+    return m

@@ -1,0 +1,78 @@
+"""Turn state records into wire messages (presigning URLs). Pure apart from URL signing."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from bridge.records import Hop, StageState, State
+from protocol import messages as msg
+
+__all__ = ["hop_message", "state_ref", "metrics", "hop_record"]
+
+Signer = Callable[[str, float], str]
+
+
+def _obj(ref: Optional[list[Any]], get_url: Signer, ttl: float) -> Optional[msg.ObjectRef]:
+    if ref is None or ref[0] is None:
+        return None
+    return msg.ObjectRef(key=ref[0], url=get_url(ref[0], ttl), sha256=ref[1], size=ref[2])
+
+
+def hop_message(hop: Hop, get_url: Signer, put_url: Callable[[str, int, float], str],
+                ttl: float) -> msg.Hop:
+    """A leased hop as the miner sees it; URLs expire at the lease deadline."""
+    out = None
+    if hop.out_key is not None:
+        out = msg.OutputRef(key=hop.out_key, put_url=put_url(hop.out_key, hop.out_size, ttl),
+                            size=hop.out_size, expires_at=hop.deadline)
+    return msg.Hop(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,
+                   stage=hop.stage, kind=hop.kind, recompute=hop.recompute,
+                   inner_step=hop.inner_step, attempt=hop.attempt, fwd_hop_id=hop.fwd_hop_id,
+                   act_in=_obj(hop.act_in, get_url, ttl), grad_in=_obj(hop.grad_in, get_url, ttl),
+                   output=out, deadline=hop.deadline)
+
+
+def state_ref(stage: int, ss: StageState, get_url: Signer, ttl: float) -> Optional[msg.StateRef]:
+    """A published stage state, or None when it is built from init_seed."""
+    if ss.key is None or ss.sha256 is None:
+        return None
+    return msg.StateRef(round=ss.round, stage=stage, key=ss.key, url=get_url(ss.key, ttl),
+                        sha256=ss.sha256, size=ss.size)
+
+
+def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
+    """A completed hop for the validator's hop log."""
+    out = None if hop.out_key is None else [hop.out_key, hop.out_sha, hop.out_size]
+    return msg.HopRecord(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,
+                         stage=hop.stage, kind=hop.kind, inner_step=hop.inner_step,
+                         recompute=hop.recompute, miner_hotkey=hop.leased_to or "",
+                         act_in=_obj(hop.act_in, get_url, ttl),
+                         grad_in=_obj(hop.grad_in, get_url, ttl),
+                         output=_obj(out, get_url, ttl), loss=hop.loss,
+                         leased_at=hop.leased_at, done_at=hop.done_at)
+
+
+def metrics(st: State, now: float) -> msg.Metrics:
+    """Per-stage and per-miner counters and round progress."""
+    stages = []
+    for s in range(st.run.n_stages):
+        ms = st.stage_miners(s)
+        c = st.stage_counters[s]
+        stages.append(msg.StageMetrics(
+            stage=s, replicas=len(ms), healthy_replicas=sum(st.healthy(m, now) for m in ms),
+            hops_done=c["hops_done"], throughput=sum(m.throughput for m in ms),
+            lease_expiries=c["expiries"], reroutes=c["reroutes"], bytes_moved=c["bytes"],
+            state_sha=st.stage_states[s].sha256,
+            published_round=st.stage_states[s].round if st.stage_states[s].sha256 else -1))
+    miners = [msg.MinerMetrics(
+        hotkey=m.hotkey, stage=m.stage, healthy=st.healthy(m, now), health=m.health,
+        throughput=m.throughput, hops_done=m.hops_done, lease_expiries=m.expiries,
+        failures=m.failures, bytes_moved=m.bytes_moved, inner_step=m.inner_step,
+        merge_disagreements=m.disagreements) for m in sorted(st.miners.values(),
+                                                              key=lambda m: m.hotkey)]
+    return msg.Metrics(
+        run_id=st.run.run_id, round=st.round, phase=st.phase,
+        samples_total=st.run.samples_per_round if st.phase != "waiting" else 0,
+        samples_completed=st.r_completed, samples_abandoned=st.r_abandoned,
+        abandoned_total=st.abandoned_total, completed_total=st.completed_total,
+        abandon_reasons=dict(st.abandon_reasons), stages=stages, miners=miners,
+        recent_losses=list(st.recent_losses[-64:]))

@@ -1,0 +1,212 @@
+"""The miner's work loop: lease hops, compute them, upload, report; step and merge when told.
+
+Network and compute overlap: a lease's inputs download in parallel while earlier hops compute,
+and outputs upload (then report `done`) on a background pool, bounded so memory stays flat.
+The loop drains pending uploads before anything that changes weights (step, merge).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from protocol.client import BridgeError, SignedClient
+from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, LeaseResponse,
+                               RegisterRequest, StepDone)
+from resbm import codec, data
+from resbm.config import ModelConfig
+from resbm.optim import OptimConfig
+from neurons.cheats import Cheat
+from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
+from neurons.round_merge import RoundState, load_assigned_state, merge_round
+from neurons.stage_worker import StageWorker
+from neurons.status import MinerStatus
+from neurons.transfer import ObjectTransfer, TransferError
+
+__all__ = ["Miner"]
+
+log = logging.getLogger("miner")
+
+
+def optim_config(run) -> OptimConfig:
+    """Inner optimizer settings of a run."""
+    return OptimConfig(muon_lr=run.muon_lr, adamw_lr=run.adamw_lr, weight_decay=run.weight_decay,
+                       warmup_steps=run.warmup_steps, total_steps=run.total_steps,
+                       min_lr_ratio=run.min_lr_ratio)
+
+
+class Miner:
+    """Serves the stage the bridge assigns, until stopped."""
+
+    def __init__(self, client: SignedClient, transfer: ObjectTransfer, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8,
+                 cheat: Cheat | None = None):
+        self.client, self.transfer = client, transfer
+        self.device, self.dtype = device, dtype
+        self.max_hops, self.max_pending = max_hops, max_pending_uploads
+        self.cheat = cheat or Cheat()
+        self.stop = threading.Event()
+        self.status = MinerStatus(transfer.stats)
+        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="download")
+        self._uploads = ThreadPoolExecutor(2, thread_name_prefix="upload")
+        self._pending: list[Future] = []
+        self.worker: StageWorker | None = None
+        self.state: RoundState | None = None
+
+    # ----- setup -----
+    def register(self) -> Assignment:
+        """Register with the bridge, build the stage and load the round's weights."""
+        a = Assignment.model_validate(self.client.post("/v1/miners/register", RegisterRequest()))
+        run = a.run
+        cfg = ModelConfig.from_dict(run.model)
+        same = self.worker is not None and self.worker.stage_index == a.stage and self.run == run
+        if not same:
+            self.worker = StageWorker(cfg, a.stage, run.n_stages, optim_config(run), self.device,
+                                      self.dtype, init_seed=run.init_seed)
+        self.run, self.cfg, self.stage = run, cfg, a.stage
+        self.shape = tuple(cfg.code_shape(run.batch_size))
+        self.codec = cfg.wire_codec
+        self.out_bytes = codec.wire_size(self.shape, self.codec)
+        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_object_bytes)
+        self.status.set_stage(a.stage, a.round)
+        return a
+
+    # ----- main loop -----
+    def run_forever(self) -> None:
+        """Lease and serve until `stop` is set or the bridge says the run is done."""
+        req = LeaseRequest(max_hops=self.max_hops,
+                           fwd_out_bytes=0 if self.worker.is_last else self.out_bytes,
+                           bwd_out_bytes=0 if self.worker.is_first else self.out_bytes)
+        while not self.stop.is_set():
+            try:
+                resp = LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
+            except BridgeError as exc:
+                log.warning("lease refused: %s", exc)
+                self.stop.wait(1.0)
+                continue
+            self.status.maybe_print(resp.round, resp.inner_step)
+            if resp.action == "work":
+                self._work(resp.hops)
+            elif resp.action == "wait":
+                self._drain()
+                if resp.state_sha and self.state and resp.state_sha != self.state.sha and resp.round > self.state.round:
+                    self.register()
+                    continue
+                self.stop.wait(max(0.05, min(resp.retry_after, 2.0)))
+            elif resp.action == "step":
+                self._step(resp)
+            elif resp.action == "merge":
+                self._drain()
+                self.state = merge_round(self.client, self.transfer, self.worker, self.state, self.run,
+                                         resp.round, self.stop, self.cheat)
+                self.status.set_stage(self.stage, self.state.round)
+            elif resp.action == "reassign":
+                self._drain()
+                self.register()
+            elif resp.action == "done":
+                log.info("the bridge says the run is done")
+                break
+        self._drain()
+
+    def close(self) -> None:
+        """Finish uploads and release thread pools."""
+        self._drain()
+        self._downloads.shutdown(wait=True)
+        self._uploads.shutdown(wait=True)
+
+    # ----- hops -----
+    def _work(self, hops: list[Hop]) -> None:
+        fetches = [self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec) for h in hops]
+        for hop, fut in zip(hops, fetches):
+            try:
+                inputs = fut.result()
+            except BadInput as exc:
+                self._report_bad_input(hop, exc)
+                continue
+            t0 = time.monotonic()
+            try:
+                out, loss = self._compute(hop, inputs)
+            except Exception as exc:  # a worker error must not kill the miner: report and go on
+                log.error("hop %s (%s sample %d) failed: %s", hop.hop_id, hop.kind, hop.sample_id, exc)
+                self.worker.release(hop.sample_id)
+                self._fail(hop, "other", str(exc)[:900])
+                continue
+            seconds = time.monotonic() - t0
+            self.status.add_compute(seconds, hop, self.run.batch_size * self.cfg.seq_len, loss)
+            self._queue_upload(hop, out, loss, seconds)
+
+    def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
+        w, run = self.worker, self.run
+        if hop.kind == "fwd":
+            inp = inputs.act if hop.stage > 0 else data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)[0]
+            return self.cheat.forward_output(w.forward(hop.sample_id, inp), hop), None
+        if hop.kind == "fwdbwd":
+            targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)[1]
+            loss, grad = w.forward_backward(hop.sample_id, inputs.act, targets)
+            return self.cheat.input_grad(grad, hop), loss
+        recompute = None
+        if hop.recompute or hop.sample_id not in w.open_graphs:
+            recompute = inputs.act if hop.stage > 0 else data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)[0]
+        grad = w.backward(hop.sample_id, inputs.grad, recompute_input=recompute)
+        return (None if grad is None else self.cheat.input_grad(grad, hop)), None
+
+    def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
+        self._pending = [f for f in self._pending if not f.done()]
+        while len(self._pending) >= self.max_pending:
+            self._pending.pop(0).result()
+        self._pending.append(self._uploads.submit(self._upload_and_report, hop, out, loss, seconds))
+
+    def _upload_and_report(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
+        try:
+            sha, size = None, 0
+            if out is not None and hop.output is not None:
+                blob, sha = encode_output(out, self.codec)
+                if self.cheat.skip_upload(hop):
+                    size = len(blob)
+                else:
+                    self.transfer.put(hop.output.put_url, blob)
+                    size = len(blob)
+            self.client.post("/v1/hops/done", HopDone(hop_id=hop.hop_id, sha256=sha, size=size,
+                                                      loss=loss, compute_seconds=seconds))
+            self.status.hops_done += 1
+        except (TransferError, BridgeError) as exc:
+            # The lease will expire and the bridge re-leases the hop elsewhere.
+            log.warning("hop %s not reported: %s", hop.hop_id, exc)
+
+    def _report_bad_input(self, hop: Hop, exc: BadInput) -> None:
+        log.warning("hop %s: bad input (%s), reporting it", hop.hop_id, exc)
+        self.status.bad_inputs += 1
+        if hop.kind == "bwd" and not hop.recompute:
+            self.worker.release(hop.sample_id)
+        self._fail(hop, exc.reason, exc.detail)
+
+    def _fail(self, hop: Hop, reason: str, detail: str) -> None:
+        try:
+            self.client.post("/v1/hops/fail", HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
+        except BridgeError as exc:
+            log.warning("could not report failure of hop %s: %s", hop.hop_id, exc)
+
+    def _drain(self) -> None:
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
+
+    # ----- inner step -----
+    def _step(self, resp: LeaseResponse) -> None:
+        self._drain()
+        w = self.worker
+        for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
+            log.warning("dropping forward graph of sample %d (abandoned by the bridge)", sid)
+            w.release(sid)
+        samples = w.samples_since_step
+        if samples > 0 and not self.cheat.skip_step():
+            w.inner_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
+        elif samples > 0:
+            w.optimizer.zero_grad()
+            w._samples = 0
+        self.state.samples += samples
+        self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=samples))
+        self.status.steps += 1

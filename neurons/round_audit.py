@@ -1,0 +1,112 @@
+"""Turning a round's hop log into audit inputs: fetch and verify every object a miner touched.
+
+A miner's claim is checked here before any replay: every object it reported must exist in the
+store with the sha256 the bridge recorded, and no hop may be claimed twice. Replay then runs in
+`neurons.audit.replay_round` from the round's published starting state.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import torch
+
+from protocol.messages import HopLog, HopRecord as WireRecord, ObjectRef, RunConfig
+from resbm import codec, outer
+from resbm.config import ModelConfig
+from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
+from neurons.miner_loop import optim_config
+from neurons.round_merge import fetch_state
+from neurons.stage_worker import StageWorker
+from neurons.transfer import ObjectTransfer, TransferError
+
+__all__ = ["ClaimError", "hop_counts", "check_claims", "audit_miner"]
+
+
+class ClaimError(Exception):
+    """A miner's claims fail before replay (missing object, hash mismatch, duplicate claim)."""
+
+
+def hop_counts(records: list[WireRecord]) -> dict[str, int]:
+    """Hops per compute class for scoring (fwd, bwd, fwdbwd, bwd_recompute)."""
+    c: Counter = Counter()
+    for r in records:
+        c["bwd_recompute" if (r.kind == "bwd" and r.recompute) else r.kind] += 1
+    return dict(c)
+
+
+def check_claims(records: list[WireRecord]) -> None:
+    """No hop id and no (sample, stage, kind) claimed twice by the miner in a round."""
+    ids = Counter(r.hop_id for r in records)
+    dup = [h for h, n in ids.items() if n > 1]
+    if dup:
+        raise ClaimError(f"hop {dup[0]} claimed {ids[dup[0]]} times")
+    work = Counter((r.sample_id, r.stage, r.kind) for r in records)
+    again = [w for w, n in work.items() if n > 1]
+    if again:
+        raise ClaimError(f"sample {again[0][0]} stage {again[0][1]} {again[0][2]} claimed {work[again[0]]} times")
+
+
+def _fetch(transfer: ObjectTransfer, ref: ObjectRef | None, shape, wire_codec: str) -> torch.Tensor | None:
+    if ref is None:
+        return None
+    limit = codec.wire_size(shape, wire_codec)
+    try:
+        blob = transfer.get(ref.url, max_bytes=limit)
+    except TransferError as exc:
+        raise ClaimError(f"object {ref.key} cannot be read: {exc}") from exc
+    if hashlib.sha256(blob).hexdigest() != ref.sha256:
+        raise ClaimError(f"object {ref.key} does not match its reported sha256")
+    try:
+        return codec.decode(blob, shape, wire_codec, max_bytes=limit)
+    except codec.CodecError as exc:
+        raise ClaimError(f"object {ref.key} does not decode: {exc}") from exc
+
+
+def _to_audit_records(transfer: ObjectTransfer, records: list[WireRecord], shape, wire_codec: str) -> list[HopRecord]:
+    out = []
+    for r in sorted(records, key=lambda r: (r.inner_step, r.done_at)):
+        needs_act = r.kind in ("fwd", "fwdbwd") or r.recompute
+        out.append(HopRecord(
+            sample_id=r.sample_id, kind=r.kind, inner_step=r.inner_step, recompute=r.recompute,
+            inputs=_fetch(transfer, r.act_in, shape, wire_codec) if needs_act else None,
+            grad=_fetch(transfer, r.grad_in, shape, wire_codec) if r.kind == "bwd" else None,
+            claimed_output=_fetch(transfer, r.output, shape, wire_codec),
+            claimed_loss=r.loss, hop_id=r.hop_id))
+    return out
+
+
+def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: str,
+                device: str = "cpu", max_seconds: float = 60.0) -> AuditReport:
+    """Replay `hotkey`'s round from public data; raises ClaimError for claims that fail outright."""
+    records = [r for r in log.records if r.miner_hotkey == hotkey]
+    if not records:
+        raise ClaimError("no hops to audit")
+    check_claims(records)
+    stage = records[0].stage
+    if any(r.stage != stage for r in records):
+        raise ClaimError("hops of one miner span several stages in one round")
+    cfg = ModelConfig.from_dict(run.model)
+    shape = tuple(cfg.code_shape(run.batch_size))
+
+    def factory() -> StageWorker:
+        return StageWorker(cfg, stage, run.n_stages, optim_config(run), device, init_seed=run.init_seed)
+
+    worker = factory()
+    ref = next((s for s in log.states if s.stage == stage), None)
+    if ref is None:
+        theta = worker.theta()
+    else:
+        theta, _ = fetch_state(transfer, ref, worker.param_shapes, run.max_object_bytes)
+    pg = None
+    item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
+    if item is not None:
+        blob = transfer.get(item.get_url, max_bytes=run.max_object_bytes)
+        if hashlib.sha256(blob).hexdigest() != item.sha256:
+            raise ClaimError("pseudo-gradient does not match its reported sha256")
+        pg = outer.tensors_from_bytes(blob, worker.param_shapes, max_bytes=run.max_object_bytes)
+    audit_records = _to_audit_records(transfer, records, shape, cfg.wire_codec)
+    settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,
+                              data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec)
+    return replay_round(lambda: worker, theta, audit_records, settings, max_seconds=max_seconds,
+                        claimed_pseudo_grad=pg)

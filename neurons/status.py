@@ -1,0 +1,61 @@
+"""The miner's periodic status line: hops/s, tokens/s, compute fraction, bytes moved, last loss."""
+from __future__ import annotations
+
+import logging
+import time
+
+__all__ = ["MinerStatus"]
+
+log = logging.getLogger("miner")
+
+
+class MinerStatus:
+    """Counters and a rate-limited one-line status print."""
+
+    def __init__(self, transfer_stats, every: float = 10.0):
+        self.transfer = transfer_stats
+        self.every = every
+        self.started = time.monotonic()
+        self._last_print = self.started
+        self.stage = self.round = -1
+        self.hops_done = self.steps = self.bad_inputs = 0
+        self.hops_computed = 0
+        self.tokens = 0
+        self.compute_seconds = 0.0
+        self.last_loss: float | None = None
+
+    def set_stage(self, stage: int, rnd: int) -> None:
+        """Remember the stage and round for the status line."""
+        self.stage, self.round = stage, rnd
+
+    def add_compute(self, seconds: float, hop, tokens: int, loss: float | None) -> None:
+        """Account one computed hop."""
+        self.compute_seconds += seconds
+        self.hops_computed += 1
+        if hop.kind in ("fwd", "fwdbwd"):
+            self.tokens += tokens
+        if loss is not None:
+            self.last_loss = loss
+
+    def summary(self) -> dict:
+        """Counters as a dict (also written to the status file the localnet reads)."""
+        wall = max(1e-9, time.monotonic() - self.started)
+        return {"stage": self.stage, "round": self.round, "hops_done": self.hops_done,
+                "hops_per_s": self.hops_computed / wall, "tokens_per_s": self.tokens / wall,
+                "compute_fraction": self.compute_seconds / wall, "compute_seconds": self.compute_seconds,
+                "wall_seconds": wall, "bytes_up": self.transfer.bytes_up, "bytes_down": self.transfer.bytes_down,
+                "net_seconds": self.transfer.seconds_up + self.transfer.seconds_down,
+                "steps": self.steps, "bad_inputs": self.bad_inputs, "last_loss": self.last_loss}
+
+    def maybe_print(self, rnd: int, inner_step: int) -> None:
+        """Log the status line if `every` seconds passed since the last one."""
+        now = time.monotonic()
+        if now - self._last_print < self.every:
+            return
+        self._last_print = now
+        s = self.summary()
+        loss = "-" if s["last_loss"] is None else f"{s['last_loss']:.3f}"
+        log.info("stage %d round %d step %d | %d hops %.1f hops/s %.0f tok/s | compute %.0f%% | "
+                 "up %.1f MB down %.1f MB | loss %s", self.stage, rnd, inner_step, s["hops_done"],
+                 s["hops_per_s"], s["tokens_per_s"], 100 * s["compute_fraction"],
+                 s["bytes_up"] / 1e6, s["bytes_down"] / 1e6, loss)

@@ -1,0 +1,137 @@
+"""Object transfers through presigned URLs: bounded downloads, retried uploads, byte and time
+accounting, and an optional emulated slow link so bandwidth effects show on one machine.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+__all__ = ["TransferError", "LinkEmulator", "TransferStats", "ObjectTransfer"]
+
+log = logging.getLogger(__name__)
+_RETRYABLE = (httpx.TransportError,)
+
+
+class TransferError(RuntimeError):
+    """A transfer failed for good (after retries, or with a non-retryable status)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class LinkEmulator:
+    """Serialises transfers through one emulated link of `mbps` with `latency_ms` per transfer."""
+
+    def __init__(self, mbps: float = 0.0, latency_ms: float = 0.0):
+        self.mbps, self.latency = mbps, latency_ms / 1000.0
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any emulation is configured."""
+        return self.mbps > 0 or self.latency > 0
+
+    def delay(self, nbytes: int) -> None:
+        """Sleep as long as `nbytes` would take on the emulated link (queued behind earlier transfers)."""
+        if not self.active:
+            return
+        wire = nbytes * 8 / (self.mbps * 1e6) if self.mbps > 0 else 0.0
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + wire
+        time.sleep(max(0.0, start + wire - time.monotonic()) + self.latency)
+
+
+@dataclass
+class TransferStats:
+    """Counters a status line and the benchmark read."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds_up: float = 0.0
+    seconds_down: float = 0.0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, up: int = 0, down: int = 0, t_up: float = 0.0, t_down: float = 0.0) -> None:
+        """Add one transfer's figures."""
+        with self._lock:
+            self.bytes_up += up
+            self.bytes_down += down
+            self.seconds_up += t_up
+            self.seconds_down += t_down
+
+
+class ObjectTransfer:
+    """GET and PUT against presigned URLs with retries and a hard size cap on downloads."""
+
+    def __init__(self, link: LinkEmulator | None = None, tries: int = 5, timeout: float = 60.0):
+        self.link = link or LinkEmulator()
+        self.tries = tries
+        self.stats = TransferStats()
+        self._http = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()
+
+    def get(self, url: str, max_bytes: int) -> bytes:
+        """Download at most `max_bytes`; a larger object raises TransferError without reading it all."""
+        def once() -> bytes:
+            with self._http.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise TransferError(f"GET failed with HTTP {r.status_code}", r.status_code)
+                declared = int(r.headers.get("content-length", "0") or 0)
+                if declared > max_bytes:
+                    raise TransferError(f"object is {declared} bytes, more than the {max_bytes} allowed", 413)
+                chunks, n = [], 0
+                for chunk in r.iter_bytes():
+                    n += len(chunk)
+                    if n > max_bytes:
+                        raise TransferError(f"object exceeds {max_bytes} bytes", 413)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+
+        t0 = time.monotonic()
+        data = self._retry(once, "GET")
+        self.link.delay(len(data))
+        self.stats.add(down=len(data), t_down=time.monotonic() - t0)
+        return data
+
+    def put(self, url: str, data: bytes) -> None:
+        """Upload `data` to a presigned PUT URL (signed for exactly this length)."""
+        def once() -> None:
+            r = self._http.put(url, content=data, headers={"content-length": str(len(data))})
+            if r.status_code not in (200, 201, 204):
+                raise TransferError(f"PUT failed with HTTP {r.status_code}: {r.text[:200]}", r.status_code)
+
+        t0 = time.monotonic()
+        self.link.delay(len(data))
+        self._retry(once, "PUT")
+        self.stats.add(up=len(data), t_up=time.monotonic() - t0)
+
+    def _retry(self, fn, what: str):
+        delay = 0.2
+        for attempt in range(1, self.tries + 1):
+            try:
+                return fn()
+            except TransferError as exc:
+                if exc.status is None or exc.status < 500 or attempt == self.tries:
+                    raise
+                err = exc
+            except _RETRYABLE as exc:
+                if attempt == self.tries:
+                    raise TransferError(f"{what} failed after {attempt} tries: {exc}") from exc
+                err = exc
+            self.stats.retries += 1
+            log.debug("%s retry %d after %s", what, attempt, err)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")

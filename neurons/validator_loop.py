@@ -1,0 +1,167 @@
+"""The validator's loop: after each round closes, score every miner's hops, audit a random few by
+replay, and set weights on chain within the rate limit. The score book is saved after every
+change, so a restarted validator loses nothing and never audits a round twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+
+from protocol.client import BridgeError, SignedClient
+from protocol.messages import HopLog, Metrics, RunInfo
+from neurons.round_audit import ClaimError, audit_miner, hop_counts
+from neurons.scoring import ScoreBook, choose_audits, compute_weights
+from neurons.transfer import ObjectTransfer
+
+__all__ = ["ValidatorSettings", "Validator"]
+
+log = logging.getLogger("validator")
+
+
+@dataclass
+class ValidatorSettings:
+    """Knobs of the validator loop (all exposed as flags)."""
+
+    state_path: str = "validator_state.json"
+    audit_fraction: float = 0.5
+    audit_max_seconds: float = 120.0
+    burn_share: float = 0.1
+    ema_alpha: float = 0.3
+    penalty_windows: int = 3
+    poll_seconds: float = 2.0
+    device: str = "cpu"
+    seed: int | None = None
+
+
+@dataclass
+class AuditLog:
+    """Counts of audits by outcome, for the status line and reports."""
+
+    runs: int = 0
+    failed: int = 0
+    incomplete: int = 0
+    seconds: float = 0.0
+    verdicts: list = field(default_factory=list)
+
+
+class Validator:
+    """Audits, scores and sets weights for one run."""
+
+    def __init__(self, client: SignedClient, transfer: ObjectTransfer, chain, keypair, settings: ValidatorSettings):
+        self.client, self.transfer, self.chain, self.keypair = client, transfer, chain, keypair
+        self.s = settings
+        self.stop = threading.Event()
+        self.book = ScoreBook.load(settings.state_path + ".scores", alpha=settings.ema_alpha,
+                                   penalty_windows=settings.penalty_windows)
+        meta = self._load_meta()
+        self.next_round: int = meta.get("next_round", 0)
+        self.pending_window: bool = meta.get("pending_window", False)
+        self.pending_weights: list | None = meta.get("pending_weights")
+        self.weights_set = 0
+        self.audits = AuditLog()
+        self.rng = random.Random(settings.seed) if settings.seed is not None else None
+        self.run = RunInfo.model_validate(client.get("/v1/run")).run
+
+    # ----- persistence -----
+    def _load_meta(self) -> dict:
+        if os.path.exists(self.s.state_path):
+            with open(self.s.state_path) as f:
+                return json.load(f)
+        return {}
+
+    def _save(self) -> None:
+        self.book.save(self.s.state_path + ".scores")
+        tmp = self.s.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"next_round": self.next_round, "pending_window": self.pending_window,
+                       "pending_weights": self.pending_weights}, f)
+        os.replace(tmp, self.s.state_path)
+
+    # ----- loop -----
+    def run_forever(self) -> None:
+        """Process closed rounds and set weights until stopped."""
+        while not self.stop.is_set():
+            try:
+                self.tick()
+            except BridgeError as exc:
+                log.warning("bridge error: %s", exc)
+            self.stop.wait(self.s.poll_seconds)
+
+    def tick(self) -> None:
+        """One pass: process every round that closed since the last pass, then maybe set weights."""
+        m = Metrics.model_validate(self.client.get("/v1/metrics"))
+        closed = m.round if m.phase != "done" else m.round + 1
+        while self.next_round < closed and not self.stop.is_set():
+            self.process_round(self.next_round)
+            self.next_round += 1
+            self.pending_window = True
+            self._save()
+        if self.pending_window:
+            self.maybe_set_weights()
+
+    def process_round(self, rnd: int) -> None:
+        """Score every miner's verified hops of a closed round and audit a random few."""
+        hoplog = HopLog.model_validate(self.client.get("/v1/validator/hoplog", params={"round": rnd}))
+        miners = sorted({r.miner_hotkey for r in hoplog.records})
+        by_miner = {hk: [r for r in hoplog.records if r.miner_hotkey == hk] for hk in miners}
+        for hk in miners:
+            self.book.record_round(hk, rnd, hop_counts(by_miner[hk]))
+        for hk in hoplog.flagged:
+            self.book.record_audit(hk, rnd, False, "merged state disagreed with the majority")
+        chosen = choose_audits(miners, rng=self.rng, fraction=self.s.audit_fraction,
+                               history=self.book.audit_history()) if miners else []
+        for hk in chosen:
+            self._audit(rnd, hoplog, hk)
+        log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
+
+    def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> None:
+        try:
+            report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device, self.s.audit_max_seconds)
+            passed, reason, seconds = report.passed, report.reason, report.seconds
+            if report.status == "incomplete":
+                self.audits.incomplete += 1
+                log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, reason)
+                return
+        except ClaimError as exc:
+            passed, reason, seconds = False, str(exc), 0.0
+        self.audits.runs += 1
+        self.audits.seconds += seconds
+        self.audits.verdicts.append((rnd, hotkey, passed, reason))
+        if not passed:
+            self.audits.failed += 1
+        self.book.record_audit(hotkey, rnd, passed, reason)
+        log.info("audit of %s round %d: %s%s (%.2fs)", hotkey[:10], rnd, "PASS" if passed else "FAIL",
+                 "" if passed else f" - {reason}", seconds)
+
+    # ----- weights -----
+    def maybe_set_weights(self) -> bool:
+        """Set weights if the chain's rate limit allows; otherwise keep the window open (deferred)."""
+        me = self.keypair.ss58_address
+        since, limit = self.chain.blocks_since_last_update(me), self.chain.weights_rate_limit()
+        if since is not None and since < limit:
+            log.debug("weights deferred: %d of %d blocks since the last update", since, limit)
+            return False
+        if self.pending_weights is None:  # close the window once; a failed set retries the same weights
+            mg = self.chain.metagraph()
+            self.book.close_window()
+            uid_scores = {mg.uid_of(hk): s for hk, s in self.book.scores().items() if mg.uid_of(hk) is not None}
+            owner_uid = mg.uid_of(mg.owner_hotkey)
+            uids, weights = compute_weights(uid_scores, [n.uid for n in mg.neurons], owner_uid, self.s.burn_share)
+            self.pending_weights = [list(uids), list(weights)]
+            self._save()
+        uids, weights = self.pending_weights
+        result = self.chain.set_weights(self.keypair, uids, weights, version_key=self.run.version_key)
+        if result.status != "ok":
+            log.warning("set_weights %s: %s (blocks left %s); will retry", result.status, result.message,
+                        result.blocks_left)
+            return False
+        self.pending_weights = None
+        self.weights_set += 1
+        self.pending_window = False
+        self._save()
+        log.info("weights set: %s", " ".join(f"uid{u}={w:.3f}" for u, w in zip(uids, weights)))
+        return True

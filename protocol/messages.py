@@ -1,0 +1,453 @@
+"""Wire messages of the bridge API (pydantic v2): every request and response body, and RunConfig.
+
+Every model forbids unknown fields and bounds every string, list and number, so a malformed
+body fails validation with an error that names the field. Times are unix seconds (float).
+
+Conventions the miner relies on:
+- `LeaseResponse.action`: `work` (hops attached), `wait` (retry after `retry_after`), `step`
+  (take an optimizer step, then `POST /v1/steps/done`), `merge` (round over: upload the
+  pseudo-gradient, merge, report), `reassign` (call `POST /v1/miners/register` again; also
+  what to do whenever `LeaseResponse.state_sha` differs from the state you hold), `done`.
+- `GET /v1/rounds/{r}/stages/{s}/pseudograds` answers 409 with `ErrorBody(error="not_frozen",
+  retry_after=...)` until the merge set is frozen, then 200 with a `MergeSet`.
+- Errors are `ErrorBody` JSON with the HTTP status (400 bad input, 401/403 auth, 404 unknown,
+  409 conflict / wrong state, 413 body too large, 429 rate limited).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HopKind",
+    "LeaseAction",
+    "FailReason",
+    "Phase",
+    "RunConfig",
+    "Health",
+    "RunInfo",
+    "ErrorBody",
+    "ObjectRef",
+    "OutputRef",
+    "StateRef",
+    "RegisterRequest",
+    "Assignment",
+    "LeaseRequest",
+    "Hop",
+    "LeaseResponse",
+    "HopDone",
+    "HopFail",
+    "Ack",
+    "StepDone",
+    "StepAck",
+    "UploadRequest",
+    "UploadGrant",
+    "PseudogradReport",
+    "MergeItem",
+    "MergeSet",
+    "MergedReport",
+    "MergedAck",
+    "StageMetrics",
+    "MinerMetrics",
+    "Metrics",
+    "HopRecord",
+    "HopLog",
+]
+
+PROTOCOL_VERSION = "resbm/1"
+
+HopKind = Literal["fwd", "bwd", "fwdbwd"]
+LeaseAction = Literal["work", "wait", "step", "merge", "reassign", "done"]
+FailReason = Literal["bad_hash", "bad_shape", "nonfinite", "missing", "other"]
+Phase = Literal["waiting", "train", "merge", "done"]
+
+_SHA = r"^[0-9a-f]{64}$"
+_MAX_INT = 2**62
+_MAX_BYTES = 2**40
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=8192)
+
+
+def _sha() -> Any:
+    return Field(pattern=_SHA, min_length=64, max_length=64, description="lowercase hex sha256")
+
+
+def _key() -> Any:
+    return Field(min_length=1, max_length=512, description="object key in the run's bucket")
+
+
+def _url() -> Any:
+    return Field(min_length=1, max_length=4096, description="presigned URL")
+
+
+def _hotkey() -> Any:
+    return Field(min_length=1, max_length=64, description="ss58 hotkey")
+
+
+def _hop_id() -> Any:
+    return Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="hop id")
+
+
+def _round() -> Any:
+    return Field(ge=0, le=_MAX_INT, description="round index")
+
+
+class RunConfig(_Model):
+    """Everything fixed at the start of a run; loaded from YAML by the bridge, served at /v1/run."""
+
+    run_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="slug; prefixes object keys")
+    model: dict[str, Any] = Field(
+        max_length=64, description="resbm.ModelConfig fields; validated by resbm on the neuron side")
+    n_stages: int = Field(ge=1, le=64, description="pipeline stages S; must equal model n_stages")
+    batch_size: int = Field(ge=1, le=4096, description="sequences per sample (micro-batch)")
+    micro_batches_per_step: int = Field(ge=1, le=4096, description="A: forwards per inner step")
+    inner_steps_per_round: int = Field(ge=1, le=100_000, description="H: inner steps per round")
+    samples_per_round: int = Field(ge=1, le=1_000_000, description="N: samples minted per round")
+    muon_lr: float = Field(gt=0, le=10, description="Muon learning rate (set explicitly)")
+    adamw_lr: float = Field(gt=0, le=10, description="AdamW learning rate")
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0, le=10_000_000, description="inner warm-up steps")
+    total_rounds: int = Field(ge=1, le=1_000_000, description="rounds in the run; sets the schedule")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    outer_lr: float = Field(default=0.7, gt=0, le=10, description="outer Nesterov SGD lr")
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1, description="outer Nesterov momentum")
+    merge_method: Literal["clipped-mean", "trimmed-mean"] = "clipped-mean"
+    clip_factor: float = Field(default=2.0, gt=0, le=1000, description="norm clip vs median norm")
+    data_seed: int = Field(ge=0, le=2**63 - 1)
+    init_seed: int = Field(ge=0, le=2**63 - 1)
+    lease_seconds: float = Field(default=60.0, gt=0, le=86_400, description="hop lease length")
+    max_object_bytes: int = Field(default=64 * 2**20, ge=1, le=_MAX_BYTES,
+                                  description="cap on any object a presigned PUT allows")
+    max_state_bytes: int = Field(default=4 * 2**30, ge=1, le=_MAX_BYTES,
+                                 description="cap on a pseudo-gradient or merged state object")
+    max_attempts: int = Field(default=3, ge=1, le=100, description="attempts per hop before abandon")
+    merge_timeout_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    audit_window_rounds: int = Field(default=4, ge=1, le=10_000,
+                                     description="rounds whose objects are kept for audits")
+    version_key: int = Field(default=1, ge=0, le=2**63 - 1, description="weights version key")
+
+    @field_validator("model")
+    @classmethod
+    def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k in v:
+            if not isinstance(k, str) or not 0 < len(k) <= 64:
+                raise ValueError(f"model: bad field name {k!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _stages_match(self) -> "RunConfig":
+        ms = self.model.get("n_stages")
+        if ms is not None and ms != self.n_stages:
+            raise ValueError(f"n_stages={self.n_stages} but model.n_stages={ms}: make them equal")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        """Inner optimizer steps over the whole run (for the lr schedule)."""
+        return self.total_rounds * self.inner_steps_per_round
+
+
+class Health(_Model):
+    """GET /health (unsigned)."""
+
+    status: Literal["ok"] = "ok"
+    hotkey: str = _hotkey()
+    protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
+
+
+class RunInfo(_Model):
+    """GET /v1/run."""
+
+    run: RunConfig
+    bridge_hotkey: str = _hotkey()
+    protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
+
+
+class ErrorBody(_Model):
+    """Body of every non-2xx answer."""
+
+    error: str = Field(max_length=64, description="short machine-readable code")
+    message: str = Field(max_length=2000, description="what was wrong, naming the field")
+    retry_after: Optional[float] = Field(default=None, ge=0, le=86_400)
+
+
+class ObjectRef(_Model):
+    """An object to download: key, presigned GET URL and the sha256 it must have."""
+
+    key: str = _key()
+    url: str = _url()
+    sha256: str = _sha()
+    size: int = Field(ge=0, le=_MAX_BYTES)
+
+
+class OutputRef(_Model):
+    """Where to upload a hop's output: presigned PUT signed for exactly `size` bytes."""
+
+    key: str = _key()
+    put_url: str = _url()
+    size: int = Field(ge=1, le=_MAX_BYTES)
+    expires_at: float = Field(ge=0)
+
+
+class StateRef(_Model):
+    """A stage's published state (theta + outer momentum, safetensors) for a round."""
+
+    round: int = _round()
+    stage: int = Field(ge=0, le=63)
+    key: str = _key()
+    url: str = _url()
+    sha256: str = _sha()
+    size: int = Field(ge=0, le=_MAX_BYTES)
+
+
+class RegisterRequest(_Model):
+    """POST /v1/miners/register."""
+
+    protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
+
+
+class Assignment(_Model):
+    """Answer to register: the stage to serve and where the round's weights come from.
+
+    `state` is None for round 0 (build from `run.init_seed`) or when the stage has no published
+    state yet; otherwise download it and check its sha256."""
+
+    hotkey: str = _hotkey()
+    stage: int = Field(ge=0, le=63)
+    round: int = _round()
+    inner_step: int = Field(ge=0, le=_MAX_INT)
+    phase: Phase
+    state: Optional[StateRef] = None
+    run: RunConfig
+
+
+class LeaseRequest(_Model):
+    """POST /v1/hops/lease; sizes are the exact encoded sizes of this stage's outputs."""
+
+    max_hops: int = Field(default=1, ge=1, le=64)
+    fwd_out_bytes: int = Field(ge=0, le=_MAX_BYTES, description="encoded activation size (0 at last stage)")
+    bwd_out_bytes: int = Field(ge=0, le=_MAX_BYTES, description="encoded input-gradient size (0 at stage 0)")
+
+
+class Hop(_Model):
+    """One unit of work. `act_in` is the forward input (None at stage 0: tokens from sample_id);
+    `grad_in` the incoming gradient of a bwd. A recompute bwd gets both. `output` is None for a
+    stage-0 bwd. `fwd_hop_id` names the forward whose graph a (non-recompute) bwd continues."""
+
+    hop_id: str = _hop_id()
+    sample_id: int = Field(ge=0, le=_MAX_INT)
+    round: int = _round()
+    stage: int = Field(ge=0, le=63)
+    kind: HopKind
+    recompute: bool = False
+    inner_step: int = Field(ge=0, le=_MAX_INT)
+    attempt: int = Field(ge=1, le=100)
+    fwd_hop_id: Optional[str] = Field(default=None, max_length=64)
+    act_in: Optional[ObjectRef] = None
+    grad_in: Optional[ObjectRef] = None
+    output: Optional[OutputRef] = None
+    deadline: float = Field(ge=0)
+
+
+class LeaseResponse(_Model):
+    """Answer to lease: an action and, for `work`, the hops."""
+
+    action: LeaseAction
+    hops: list[Hop] = Field(default_factory=list, max_length=64)
+    round: int = _round()
+    inner_step: int = Field(ge=0, le=_MAX_INT)
+    stage: int = Field(ge=0, le=63)
+    state_sha: Optional[str] = Field(default=None, pattern=_SHA)
+    retry_after: float = Field(default=0.0, ge=0, le=3600)
+
+
+class HopDone(_Model):
+    """POST /v1/hops/done: the output was uploaded (bridge HEAD-checks it)."""
+
+    hop_id: str = _hop_id()
+    sha256: Optional[str] = Field(default=None, pattern=_SHA, description="None only for stage-0 bwd")
+    size: int = Field(default=0, ge=0, le=_MAX_BYTES)
+    loss: Optional[float] = Field(default=None, description="last stage only; finite")
+    compute_seconds: float = Field(default=0.0, ge=0, le=86_400)
+
+    @field_validator("loss")
+    @classmethod
+    def _finite(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not (-1e30 < v < 1e30):
+            raise ValueError("loss must be finite")
+        return v
+
+
+class HopFail(_Model):
+    """POST /v1/hops/fail: the hop's input object was bad; the bridge re-routes or abandons."""
+
+    hop_id: str = _hop_id()
+    reason: FailReason
+    detail: str = Field(default="", max_length=1000)
+
+
+class Ack(_Model):
+    """Generic success answer."""
+
+    ok: bool = True
+    message: str = Field(default="", max_length=1000)
+
+
+class StepDone(_Model):
+    """POST /v1/steps/done: the miner took inner step `inner_step` over `samples` samples."""
+
+    round: int = _round()
+    inner_step: int = Field(ge=0, le=_MAX_INT)
+    samples: int = Field(ge=0, le=1_000_000)
+
+
+class StepAck(_Model):
+    """Answer to steps/done: the miner's next inner step."""
+
+    round: int = _round()
+    inner_step: int = Field(ge=0, le=_MAX_INT)
+
+
+class UploadRequest(_Model):
+    """POST /v1/rounds/upload: ask for a presigned PUT for a pseudo-gradient or a merged state."""
+
+    round: int = _round()
+    kind: Literal["pseudograd", "state"]
+    sha256: str = _sha()
+    size: int = Field(ge=1, le=_MAX_BYTES)
+
+
+class UploadGrant(_Model):
+    """A presigned PUT for exactly `size` bytes at `key` (content-addressed)."""
+
+    put_url: str = _url()
+    key: str = _key()
+    expires_at: float = Field(ge=0)
+
+
+class PseudogradReport(_Model):
+    """POST /v1/rounds/pseudograd: pseudo-gradient uploaded at `key`."""
+
+    round: int = _round()
+    key: str = _key()
+    sha256: str = _sha()
+    size: int = Field(ge=1, le=_MAX_BYTES)
+    samples: int = Field(ge=0, le=1_000_000)
+
+
+class MergeItem(_Model):
+    """One replica's pseudo-gradient in a frozen merge set."""
+
+    hotkey: str = _hotkey()
+    key: str = _key()
+    sha256: str = _sha()
+    size: int = Field(ge=1, le=_MAX_BYTES)
+    samples: int = Field(ge=0, le=1_000_000)
+    get_url: str = _url()
+
+
+class MergeSet(_Model):
+    """GET /v1/rounds/{r}/stages/{s}/pseudograds once frozen; items in fixed (hotkey) order."""
+
+    round: int = _round()
+    stage: int = Field(ge=0, le=63)
+    items: list[MergeItem] = Field(max_length=1024)
+
+
+class MergedReport(_Model):
+    """POST /v1/rounds/merged: sha256 of the state (theta, momentum) this replica computed."""
+
+    round: int = _round()
+    sha256: str = _sha()
+    key: str = _key()
+
+
+class MergedAck(_Model):
+    """Answer to merged: whether the stage's round r+1 state is published, and which it is."""
+
+    published: bool
+    agreed: Optional[bool] = Field(default=None, description="None until published")
+    state: Optional[StateRef] = None
+
+
+class StageMetrics(_Model):
+    """Counters for one stage."""
+
+    stage: int = Field(ge=0, le=63)
+    replicas: int = Field(ge=0)
+    healthy_replicas: int = Field(ge=0)
+    hops_done: int = Field(ge=0)
+    throughput: float = Field(ge=0, description="sum of replicas' EMA hops/s")
+    lease_expiries: int = Field(ge=0)
+    reroutes: int = Field(ge=0)
+    bytes_moved: int = Field(ge=0)
+    state_sha: Optional[str] = None
+    published_round: int = Field(ge=-1)
+
+
+class MinerMetrics(_Model):
+    """Counters for one miner."""
+
+    hotkey: str = _hotkey()
+    stage: int = Field(ge=0, le=63)
+    healthy: bool
+    health: float
+    throughput: float = Field(ge=0)
+    hops_done: int = Field(ge=0)
+    lease_expiries: int = Field(ge=0)
+    failures: int = Field(ge=0)
+    bytes_moved: int = Field(ge=0)
+    inner_step: int = Field(ge=0)
+    merge_disagreements: int = Field(ge=0)
+
+
+class Metrics(_Model):
+    """GET /v1/metrics."""
+
+    run_id: str = Field(max_length=64)
+    round: int = _round()
+    phase: Phase
+    samples_total: int = Field(ge=0)
+    samples_completed: int = Field(ge=0)
+    samples_abandoned: int = Field(ge=0)
+    abandoned_total: int = Field(ge=0, description="over all rounds")
+    completed_total: int = Field(ge=0, description="over all rounds")
+    abandon_reasons: dict[str, int] = Field(default_factory=dict, max_length=64)
+    stages: list[StageMetrics] = Field(max_length=64)
+    miners: list[MinerMetrics] = Field(max_length=100_000)
+    recent_losses: list[float] = Field(default_factory=list, max_length=1024)
+
+
+class HopRecord(_Model):
+    """One completed hop, for validator replay; URLs are presigned GETs."""
+
+    hop_id: str = _hop_id()
+    sample_id: int = Field(ge=0)
+    round: int = _round()
+    stage: int = Field(ge=0, le=63)
+    kind: HopKind
+    inner_step: int = Field(ge=0)
+    recompute: bool
+    miner_hotkey: str = _hotkey()
+    act_in: Optional[ObjectRef] = None
+    grad_in: Optional[ObjectRef] = None
+    output: Optional[ObjectRef] = None
+    loss: Optional[float] = None
+    leased_at: float = Field(ge=0)
+    done_at: float = Field(ge=0)
+
+
+class HopLog(_Model):
+    """GET /v1/validator/hoplog: a round's completed hops (optionally of one miner), the stage
+    states the round started from, its pseudo-gradients, and replicas flagged at merge."""
+
+    round: int = _round()
+    records: list[HopRecord] = Field(max_length=1_000_000)
+    states: list[StateRef] = Field(default_factory=list, max_length=64)
+    pseudograds: list[MergeItem] = Field(default_factory=list, max_length=10_000)
+    flagged: list[str] = Field(default_factory=list, max_length=10_000,
+                               description="hotkeys whose merged hash disagreed with the majority")

@@ -1,0 +1,175 @@
+"""Stage boundaries: an encoder (end of stage s) emits the wire code, a decoder (start of s+1) reads it.
+
+One small interface for every kind. `encoder(h) -> z` maps the d-wide residual h to the code z
+(code_dim wide) and applies the wire codec's fake quantiser, so z is exactly what the next stage
+decodes from the wire. `decoder(z) -> h'` maps it back to d wide; its first op is
+`codec.fake_quantize_grad`, so the gradient it sends back is exactly what the wire carries too.
+Names below: J = [I_k 0], `h[:k]` is J h, `pad(z)` is J^T z (z followed by d - k zeros),
+`norm` is an RMSNorm with a learned gain (init 1), E is Linear(d, k), D is Linear(k, d), no biases.
+
+Kinds and variants (ModelConfig.boundary / boundary_variant):
+
+- `none` / `identity`: z = h (d wide), h' = z. The uncompressed baseline.
+- `naive` / `normed`: z = E(norm h), h' = D(z). No identity path.
+  Init: E ~ N(0, 1/sqrt(d)), D ~ N(0, 1/sqrt(k)), so z and h' start at about unit RMS.
+- `resbm` / `normed` (default): hn = norm(h), z = E(hn) + hn[:k], h' = D(z) + pad(z).
+- `resbm` / `literal`: z = E(h) + h[:k], h' = D(z) + pad(z) (the paper read literally).
+  Init for both: E ~ N(0, init_std), D = 0, so at step 0 the boundary is the identity path
+  (the next stage sees the first k channels) and E, D grow from there; D's gradient is
+  nonzero at once (dL/dh' z^T) and E gets gradient through the identity path of the decoder.
+- `resbm-iota` / `fused-mlp`: the encoder is fused into the last MLP of the stage. That block
+  keeps its attention but has no MLP of its own; with x the residual after that attention,
+  z = W_down(silu(W_gate n) * W_up n) + x[:k] with n = norm(x), W_down: hidden -> k.
+  The decoder is h' = D(z) + pad(z), the residual the next stage's first attention reads.
+  Init: W_gate, W_up ~ N(0, init_std), W_down ~ N(0, init_std / sqrt(2 n_layers)), D = 0.
+
+Add a variant by listing it in config.BOUNDARY_VARIANTS and handling it in `build_boundary`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import codec
+from .config import ModelConfig
+
+__all__ = ["Boundary", "build_boundary", "init_rule"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, no bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class IdentityEncoder(nn.Module):
+    """z = h, fake-quantised for the wire."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.codec = cfg.wire_codec
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return codec.fake_quantize(h, self.codec)
+
+
+class NaiveEncoder(nn.Module):
+    """z = E(norm h), fake-quantised."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.codec = cfg.wire_codec
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.proj = nn.Linear(cfg.d_model, cfg.code_dim, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return codec.fake_quantize(self.proj(self.norm(h)), self.codec)
+
+
+class ResBMEncoder(nn.Module):
+    """z = E(hn) + hn[:k] with hn = norm(h) ('normed') or hn = h ('literal'), fake-quantised."""
+
+    def __init__(self, cfg: ModelConfig, normed: bool) -> None:
+        super().__init__()
+        self.codec = cfg.wire_codec
+        self.k = cfg.code_dim
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if normed else None
+        self.proj = nn.Linear(cfg.d_model, cfg.code_dim, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        hn = self.norm(h) if self.norm is not None else h
+        return codec.fake_quantize(self.proj(hn) + hn[..., : self.k], self.codec)
+
+
+class IotaEncoder(nn.Module):
+    """The stage's last MLP with a k-wide output plus the first k residual channels, fake-quantised."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.codec = cfg.wire_codec
+        self.k = cfg.code_dim
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.code_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm(x)
+        z = self.down(F.silu(self.gate(n)) * self.up(n)) + x[..., : self.k]
+        return codec.fake_quantize(z, self.codec)
+
+
+class Decoder(nn.Module):
+    """h' = z (identity), D(z) (no identity path) or D(z) + pad(z); the gradient to z is wire-exact."""
+
+    def __init__(self, cfg: ModelConfig, project: bool, identity_path: bool) -> None:
+        super().__init__()
+        self.codec = cfg.wire_codec
+        self.pad = cfg.d_model - cfg.code_dim
+        self.proj = nn.Linear(cfg.code_dim, cfg.d_model, bias=False) if project else None
+        self.identity_path = identity_path
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = codec.fake_quantize_grad(z, self.codec)
+        if self.proj is None:
+            return z
+        out = self.proj(z)
+        if self.identity_path:
+            out = out + F.pad(z, (0, self.pad))
+        return out
+
+
+class Boundary(nn.Module):
+    """Holds `encoder` and/or `decoder` of one boundary (a stage owns only one side)."""
+
+    def __init__(self, encoder: nn.Module | None, decoder: nn.Module | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Encoder then decoder inline, as the monolithic model runs it."""
+        return self.decoder(self.encoder(h))
+
+
+def build_boundary(cfg: ModelConfig, encoder: bool = True, decoder: bool = True) -> Boundary:
+    """The boundary module of cfg's kind and variant, with only the requested sides built."""
+    kind, variant = cfg.boundary, cfg.boundary_variant
+    if kind == "none":
+        enc, dec = (lambda: IdentityEncoder(cfg)), (lambda: Decoder(cfg, False, False))
+    elif kind == "naive":
+        enc, dec = (lambda: NaiveEncoder(cfg)), (lambda: Decoder(cfg, True, False))
+    elif kind == "resbm":
+        enc = lambda: ResBMEncoder(cfg, normed=(variant == "normed"))  # noqa: E731
+        dec = lambda: Decoder(cfg, True, True)  # noqa: E731
+    elif kind == "resbm-iota":
+        enc, dec = (lambda: IotaEncoder(cfg)), (lambda: Decoder(cfg, True, True))
+    else:  # ModelConfig.validate rejects this earlier
+        raise ValueError(f"unknown boundary kind {kind!r}")
+    return Boundary(enc() if encoder else None, dec() if decoder else None)
+
+
+def init_rule(local_name: str, cfg: ModelConfig) -> tuple[str, float]:
+    """Init of a boundary parameter named relative to its boundary ('encoder.proj.weight'):
+    ('ones', 0) | ('zeros', 0) | ('normal', std). See the module docstring for the reasons."""
+    d, k = cfg.d_model, cfg.code_dim
+    if local_name.endswith("norm.weight"):
+        return ("ones", 0.0)
+    if local_name == "decoder.proj.weight":
+        return ("normal", 1 / math.sqrt(k)) if cfg.boundary == "naive" else ("zeros", 0.0)
+    if local_name == "encoder.proj.weight":
+        return ("normal", 1 / math.sqrt(d)) if cfg.boundary == "naive" else ("normal", cfg.init_std)
+    if local_name in ("encoder.gate.weight", "encoder.up.weight"):
+        return ("normal", cfg.init_std)
+    if local_name == "encoder.down.weight":
+        return ("normal", cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    raise ValueError(f"no init rule for boundary parameter {local_name!r}")

@@ -1,0 +1,191 @@
+"""Real servers on 127.0.0.1 for tests and scripts: rclone's S3 server, the bridge (as a
+`python -m bridge` process), and a LocalChain with registered keypairs.
+
+    s3 = start_s3(tmp_path / "s3")                       # S3Server; s3.stop()
+    chain, keys = make_chain(tmp_path / "chain.db", miners=4, validators=1)
+    b = start_bridge(tmp_path, run_config, chain_path, s3)  # BridgeProcess; b.url, b.hotkey
+    client = SignedClient(keys["miners"][0], b.url, b.hotkey)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import yaml
+
+__all__ = ["free_port", "S3Server", "start_s3", "BridgeProcess", "start_bridge", "make_chain",
+           "tiny_run_config", "wait_http", "REPO"]
+
+REPO = Path(__file__).resolve().parent.parent
+ACCESS_KEY, SECRET_KEY = "testkey", "testsecret"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll `url` until it answers (any status) or raise."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def _rclone() -> str:
+    cand = Path(sys.executable).parent / "rclone"
+    return str(cand) if cand.exists() else (shutil.which("rclone") or "rclone")
+
+
+@dataclass
+class S3Server:
+    """A running `rclone serve s3` over a local directory."""
+
+    endpoint: str
+    root: Path
+    proc: subprocess.Popen
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+    bucket: str = "resbm"
+
+    def storage(self, bucket: Optional[str] = None) -> Any:
+        """A bridge Storage on this server (bucket created)."""
+        from bridge.storage import Storage
+        return Storage(self.endpoint, bucket or self.bucket, self.access_key, self.secret_key)
+
+    def stop(self) -> None:
+        """Terminate the server."""
+        _stop(self.proc)
+
+
+def start_s3(root: Path) -> S3Server:
+    """Start rclone's SigV4-checking S3 server on a free loopback port."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [_rclone(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+           "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--config", "/dev/null",
+           "--log-level", "ERROR"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_http(endpoint, proc=proc)
+    return S3Server(endpoint=endpoint, root=root, proc=proc)
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def make_chain(path: Path, miners: int = 4, validators: int = 1, netuid: int = 1,
+               prefix: str = "m") -> tuple[Any, dict[str, list[Any]]]:
+    """A LocalChain with an owner, `miners` miner keypairs and staked validators."""
+    import bittensor
+
+    from protocol.chain import LocalChain
+    chain = LocalChain(path, netuid)
+    owner = bittensor.Keypair.create_from_uri("//owner")
+    chain.create_subnet(owner)
+    keys: dict[str, list[Any]] = {"owner": [owner], "miners": [], "validators": []}
+    for i in range(miners):
+        kp = bittensor.Keypair.create_from_uri(f"//{prefix}{i}")
+        chain.register(kp)
+        keys["miners"].append(kp)
+    for i in range(validators):
+        kp = bittensor.Keypair.create_from_uri(f"//validator{i}")
+        chain.register(kp)
+        chain.add_stake(kp.ss58_address, 1000.0 + i)
+        keys["validators"].append(kp)
+    return chain, keys
+
+
+def tiny_run_config(**over: Any) -> dict[str, Any]:
+    """A small RunConfig mapping for tests (override any field)."""
+    cfg = dict(run_id="test-run", model={"d_model": 32, "n_stages": 2}, n_stages=2,
+               batch_size=1, micro_batches_per_step=2, inner_steps_per_round=2,
+               samples_per_round=8, muon_lr=0.02, adamw_lr=0.003, total_rounds=2,
+               data_seed=1, init_seed=2, lease_seconds=30.0, max_object_bytes=4096,
+               merge_timeout_seconds=30.0, max_attempts=3)
+    cfg.update(over)
+    if "n_stages" in over:
+        cfg["model"] = dict(cfg["model"], n_stages=over["n_stages"])
+    return cfg
+
+
+@dataclass
+class BridgeProcess:
+    """A `python -m bridge` process on a free loopback port."""
+
+    url: str
+    hotkey: str
+    proc: subprocess.Popen
+    db: Path
+    args: list[str] = field(default_factory=list)
+    log_path: Optional[Path] = None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case (no clean shutdown)."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Terminate cleanly."""
+        _stop(self.proc)
+
+    def restart(self) -> "BridgeProcess":
+        """Start again with the same flags (same DB, same port)."""
+        return _launch(self.args, self.url, self.hotkey, self.db, self.log_path)
+
+
+def _launch(args: list[str], url: str, hotkey: str, db: Path,
+            log_path: Optional[Path]) -> BridgeProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+    wait_http(url + "/health", timeout=30.0, proc=proc)
+    return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
+
+
+def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
+                 s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
+                 extra: tuple[str, ...] = ()) -> BridgeProcess:
+    """Write the run YAML and start the bridge process; returns once /health answers."""
+    import bittensor
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config))
+    port = free_port()
+    db = workdir / "bridge.sqlite"
+    args = ["--run-config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
+            "--db", str(db), "--chain", f"local:{chain_path}", "--netuid", str(netuid),
+            "--hotkey-uri", hotkey_uri, *extra]
+    if s3 is not None:
+        args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
+                 "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key]
+    hotkey = bittensor.Keypair.create_from_uri(hotkey_uri).ss58_address
+    return _launch(args, f"http://127.0.0.1:{port}", hotkey, db, workdir / "bridge.log")
