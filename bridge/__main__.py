@@ -58,8 +58,9 @@ def open_chain(spec: str, netuid: int) -> Any:
 def load_keypair(args: argparse.Namespace) -> Any:
     """The bridge's hotkey keypair from --hotkey-uri or a wallet."""
     import bittensor
+    from bittensor.sp_core import Keypair
     if args.hotkey_uri:
-        return bittensor.Keypair.create_from_uri(args.hotkey_uri)
+        return Keypair.create_from_uri(args.hotkey_uri)
     if not args.wallet_name:
         raise SystemExit("give --wallet.name (and --wallet.hotkey) or --hotkey-uri")
     kw = {"name": args.wallet_name, "hotkey": args.wallet_hotkey}

@@ -1,4 +1,7 @@
-"""Thin FastAPI layer: auth, rate limit, body cap, validation, and one transition per route."""
+"""Thin FastAPI layer: auth, rate limit, body cap, validation, and one transition per route.
+
+Handlers are async: a transition takes well under a millisecond, and running it on the event
+loop avoids thread hand-offs under the GIL; only S3 HEADs and hop-log reads go to threads."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +13,7 @@ from typing import Any, Optional
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import rounds, state, views
@@ -131,15 +135,15 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return max(1.0, deadline - time.time())
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return msg.Health(hotkey=hotkey).model_dump()
 
     @app.get("/v1/run")
-    def get_run(caller: str = Depends(anyone)) -> dict:
+    async def get_run(caller: str = Depends(anyone)) -> dict:
         return msg.RunInfo(run=run, bridge_hotkey=hotkey).model_dump()
 
     @app.post("/v1/miners/register")
-    def register(req: msg.RegisterRequest, caller: str = Depends(miner)) -> dict:
+    async def register(req: msg.RegisterRequest, caller: str = Depends(miner)) -> dict:
         if req.protocol_version != msg.PROTOCOL_VERSION:
             raise TransitionError(400, "bad_version", f"protocol_version must be "
                                   f"{msg.PROTOCOL_VERSION}, got {req.protocol_version}")
@@ -153,26 +157,27 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                               run=run).model_dump()
 
     @app.post("/v1/hops/lease")
-    def lease(req: msg.LeaseRequest, caller: str = Depends(miner)) -> dict:
+    async def lease(req: msg.LeaseRequest, caller: str = Depends(miner)) -> dict:
         def tx(st: Any, now: float, rng: Any) -> tuple:
             action, hops, retry = state.lease(st, caller, req.max_hops, req.fwd_out_bytes,
                                               req.bwd_out_bytes, now, rng)
             m = st.miners[caller]
             return (action, [copy.copy(h) for h in hops], retry, st.round, m.inner_step,
-                    m.stage, st.stage_states[m.stage].sha256)
-        action, hops, retry, rnd, step, stage, sha = svc.apply(tx)
+                    m.stage, st.stage_states[m.stage].sha256, m.step_samples)
+        action, hops, retry, rnd, step, stage, sha, samples = svc.apply(tx)
         out = [views.hop_message(h, svc.get_url, svc.put_url, remaining(h.deadline)) for h in hops]
         return msg.LeaseResponse(action=action, hops=out, round=rnd, inner_step=step, stage=stage,
-                                 state_sha=sha, retry_after=retry).model_dump()
+                                 state_sha=sha, step_samples=samples,
+                                 retry_after=retry).model_dump()
 
     @app.post("/v1/hops/done")
-    def hop_done(req: msg.HopDone, caller: str = Depends(miner)) -> dict:
+    async def hop_done(req: msg.HopDone, caller: str = Depends(miner)) -> dict:
         hop = svc.read(lambda st: copy.copy(state.check_done(st, caller, req.hop_id, time.time())))
         if hop.out_key is not None:
             if req.size != hop.out_size:
                 raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
                                       f"{hop.out_size} bytes for {hop.out_key}")
-            have = svc.object_size(hop.out_key)
+            have = await run_in_threadpool(svc.object_size, hop.out_key)
             if have is None:
                 raise TransitionError(400, "missing_object", f"no object at {hop.out_key}")
             if have >= 0 and have != hop.out_size:
@@ -182,19 +187,19 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return msg.Ack().model_dump()
 
     @app.post("/v1/hops/fail")
-    def hop_fail(req: msg.HopFail, caller: str = Depends(miner)) -> dict:
+    async def hop_fail(req: msg.HopFail, caller: str = Depends(miner)) -> dict:
         svc.apply(state.fail, caller, req.hop_id, req.reason, req.detail)
         return msg.Ack(message=f"hop {req.hop_id} released").model_dump()
 
     @app.post("/v1/steps/done")
-    def step_done(req: msg.StepDone, caller: str = Depends(miner)) -> dict:
+    async def step_done(req: msg.StepDone, caller: str = Depends(miner)) -> dict:
         def tx(st: Any, now: float, rng: Any) -> tuple:
             m = state.step_done(st, caller, req.round, req.inner_step, req.samples, now)
             return m.inner_step
         return msg.StepAck(round=req.round, inner_step=svc.apply(tx)).model_dump()
 
     @app.post("/v1/rounds/upload")
-    def upload(req: msg.UploadRequest, caller: str = Depends(miner)) -> dict:
+    async def upload(req: msg.UploadRequest, caller: str = Depends(miner)) -> dict:
         if req.size > run.max_state_bytes:
             raise TransitionError(400, "oversized",
                                   f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
@@ -203,17 +208,17 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return msg.UploadGrant(put_url=svc.put_url(key, req.size, expires), key=key,
                                expires_at=time.time() + expires).model_dump()
 
-    def _head_exact(key: str, size: Optional[int]) -> int:
-        have = svc.object_size(key)
+    async def _head_exact(key: str, size: Optional[int]) -> int:
+        have = await run_in_threadpool(svc.object_size, key)
         if have is None:
             raise TransitionError(400, "missing_object", f"no object at {key}")
         if size is not None and have >= 0 and have != size:
             raise TransitionError(400, "bad_size", f"object {key} has {have} bytes, not {size}")
-        return have
+        return max(have, 0)
 
     @app.post("/v1/rounds/pseudograd")
-    def pseudograd(req: msg.PseudogradReport, caller: str = Depends(miner)) -> dict:
-        _head_exact(req.key, req.size)
+    async def pseudograd(req: msg.PseudogradReport, caller: str = Depends(miner)) -> dict:
+        await _head_exact(req.key, req.size)
 
         def tx(st: Any, now: float, rng: Any) -> None:
             state.tick(st, now, rng)
@@ -223,7 +228,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return msg.Ack().model_dump()
 
     @app.get("/v1/rounds/{round_}/stages/{stage}/pseudograds")
-    def merge_set(round_: int, stage: int, caller: str = Depends(miner)) -> dict:
+    async def merge_set(round_: int, stage: int, caller: str = Depends(miner)) -> dict:
         def tx(st: Any, now: float, rng: Any) -> list:
             state.tick(st, now, rng)
             return rounds.merge_set(st, round_, stage)
@@ -234,8 +239,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
             for i in items]).model_dump()
 
     @app.post("/v1/rounds/merged")
-    def merged(req: msg.MergedReport, caller: str = Depends(miner)) -> dict:
-        size = _head_exact(req.key, None)
+    async def merged(req: msg.MergedReport, caller: str = Depends(miner)) -> dict:
+        size = await _head_exact(req.key, None)
 
         def tx(st: Any, now: float, rng: Any) -> tuple:
             stage = st.miners[caller].stage if caller in st.miners else 0
@@ -246,15 +251,16 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return msg.MergedAck(published=agreed is not None, agreed=agreed, state=ref).model_dump()
 
     @app.get("/v1/metrics")
-    def get_metrics(caller: str = Depends(anyone)) -> dict:
+    async def get_metrics(caller: str = Depends(anyone)) -> dict:
         return svc.read(lambda st: views.metrics(st, time.time())).model_dump()
 
     @app.get("/v1/validator/hoplog")
-    def hoplog(round: int, hotkey: Optional[str] = None,
+    async def hoplog(round: int, hotkey: Optional[str] = None,
                caller: str = Depends(validator)) -> dict:
         if round < 0:
             raise TransitionError(400, "bad_request", "round must be >= 0")
-        recs = [views.hop_record(h, svc.get_url, ttl) for h in svc.db.done_hops(round, hotkey)]
+        hops = await run_in_threadpool(svc.db.done_hops, round, hotkey)
+        recs = [views.hop_record(h, svc.get_url, ttl) for h in hops]
         arch = svc.db.round_archive(round) or {}
         from bridge.records import StageState
         states = [views.state_ref(s, StageState(**d), svc.get_url, ttl)

@@ -88,28 +88,36 @@ class Miner:
                 self.stop.wait(1.0)
                 continue
             self.status.maybe_print(resp.round, resp.inner_step)
-            if resp.action == "work":
-                self._work(resp.hops)
-            elif resp.action == "wait":
-                self._drain()
-                if resp.state_sha and self.state and resp.state_sha != self.state.sha and resp.round > self.state.round:
-                    self.register()
-                    continue
-                self.stop.wait(max(0.05, min(resp.retry_after, 2.0)))
-            elif resp.action == "step":
-                self._step(resp)
-            elif resp.action == "merge":
-                self._drain()
-                self.state = merge_round(self.client, self.transfer, self.worker, self.state, self.run,
-                                         resp.round, self.stop, self.cheat)
-                self.status.set_stage(self.stage, self.state.round)
-            elif resp.action == "reassign":
-                self._drain()
-                self.register()
-            elif resp.action == "done":
+            try:
+                self._act(resp)
+            except (BridgeError, TransferError) as exc:  # transient: the bridge re-offers the action
+                log.warning("%s failed: %s; retrying", resp.action, exc)
+                self.stop.wait(1.0)
+            if resp.action == "done":
                 log.info("the bridge says the run is done")
                 break
         self._drain()
+
+    def _act(self, resp: LeaseResponse) -> None:
+        """Carry out one lease answer."""
+        if resp.action == "work":
+            self._work(resp.hops)
+        elif resp.action == "wait":
+            self._drain()
+            if resp.state_sha and self.state and resp.state_sha != self.state.sha and resp.round > self.state.round:
+                self.register()
+                return
+            self.stop.wait(max(0.05, min(resp.retry_after, 2.0)))
+        elif resp.action == "step":
+            self._step(resp)
+        elif resp.action == "merge":
+            self._drain()
+            self.state = merge_round(self.client, self.transfer, self.worker, self.state, self.run,
+                                     resp.round, self.stop, self.cheat)
+            self.status.set_stage(self.stage, self.state.round)
+        elif resp.action == "reassign":
+            self._drain()
+            self.register()
 
     def close(self) -> None:
         """Finish uploads and release thread pools."""

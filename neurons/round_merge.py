@@ -100,7 +100,7 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
     theta, momentum = outer.nesterov_step(state.theta_start, merged, state.momentum,
                                           lr=run.outer_lr, momentum_coef=run.outer_momentum)
     blob = outer.state_bytes(theta, momentum)
-    key, sha = _upload(client, transfer, rnd + 1, "state", blob)
+    key, sha = _upload(client, transfer, rnd, "state", blob)  # the bridge keys it under round rnd+1
     ack = MergedAck.model_validate(client.post("/v1/rounds/merged", MergedReport(round=rnd, sha256=sha, key=key)))
     while not ack.published and not stop.is_set():
         stop.wait(0.2)

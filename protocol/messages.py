@@ -262,6 +262,8 @@ class LeaseResponse(_Model):
     inner_step: int = Field(ge=0, le=_MAX_INT)
     stage: int = Field(ge=0, le=63)
     state_sha: Optional[str] = Field(default=None, pattern=_SHA)
+    step_samples: int = Field(default=0, ge=0, le=1_000_000,
+                              description="backwards the bridge counted since the last step")
     retry_after: float = Field(default=0.0, ge=0, le=3600)
 
 

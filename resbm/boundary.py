@@ -36,7 +36,7 @@ from torch import nn
 from . import codec
 from .config import ModelConfig
 
-__all__ = ["Boundary", "build_boundary", "init_rule"]
+__all__ = ["Boundary", "RMSNorm", "build_boundary", "init_rule"]
 
 
 class RMSNorm(nn.Module):

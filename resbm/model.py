@@ -16,7 +16,8 @@ from torch import nn
 from .boundary import RMSNorm, build_boundary, init_rule
 from .config import ModelConfig
 
-__all__ = ["Attention", "Block", "MLP", "ResBM", "build_model", "init_weights", "rotary_tables"]
+__all__ = ["Attention", "Block", "MLP", "ResBM", "block_has_mlp", "build_model", "init_weights", "lm_loss",
+           "rotary_tables"]
 
 
 def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

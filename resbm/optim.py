@@ -125,6 +125,8 @@ class InnerOptimizer:
             self.optimizers["adamw"] = torch.optim.AdamW(groups, lr=ocfg.adamw_lr, betas=ocfg.adamw_betas)
             self._base_lr["adamw"] = [ocfg.adamw_lr] * len(groups)
         self.param_names = {"muon": muon_names, "adamw": decay + no_decay}
+        log.debug("optimizer %s: %d Muon tensors, %d AdamW tensors", ocfg.kind, len(muon_names),
+                  len(decay) + len(no_decay))
 
     def zero_grad(self) -> None:
         """Clear every gradient (set to None)."""

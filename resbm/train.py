@@ -64,12 +64,15 @@ def evaluate(stages: list[nn.Module], batches: list[tuple[torch.Tensor, torch.Te
 def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 8, accum: int = 1,
           seed: int = 0, init_seed: int = 0, device: str = "auto", val_every: int = 0,
           val_batches: int = 4, ckpt_dir: str | None = None, ckpt_every: int = 0,
-          resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+          resume: str | None = None, progress: bool = True, amp: bool = False) -> dict[str, Any]:
     """Train for `steps` optimizer steps (total, counting resumed ones); returns the history dict
-    {step, loss, val_step, val_loss, tokens_per_s, wire_bytes_per_token, mfu}."""
+    {step, loss, val_step, val_loss, tokens_per_s, wire_bytes_per_token, mfu}. `amp` runs the
+    forward under bf16 autocast (CUDA only; the exactness tests use fp32)."""
     if steps < 0 or batch_size < 1 or accum < 1:
         raise ValueError(f"need steps >= 0, batch_size >= 1, accum >= 1; got {steps}, {batch_size}, {accum}")
     dev = pick_device(device)
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) needs a CUDA device, got {dev}")
     stages = build_stages(cfg, seed=init_seed)
     holder = nn.ModuleList(stages)
     opt = build_optimizer(holder, ocfg)
@@ -91,7 +94,8 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
         total = 0.0
         for m in range(accum):
             tokens, targets = data.batch(seed, step * accum + m, batch_size, cfg.seq_len)
-            total += run_pipeline(stages, tokens.to(dev), targets.to(dev)).loss
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                total += run_pipeline(stages, tokens.to(dev), targets.to(dev)).loss
         for p in holder.parameters():
             if p.grad is not None:
                 p.grad.div_(accum)
@@ -150,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     p.add_argument("--history-out", default=None, help="write the loss history (and args) as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -180,10 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, ocfg = config_from_args(args)
+    if pick_device(args.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (CLI only)
     hist = train(cfg, ocfg, args.steps, batch_size=args.batch_size, accum=args.accum, seed=args.seed,
                  init_seed=args.init_seed, device=args.device, val_every=args.val_every,
                  val_batches=args.val_batches, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every,
-                 resume=args.resume, progress=not args.no_progress)
+                 resume=args.resume, progress=not args.no_progress, amp=args.amp)
     if args.history_out:
         record = {"args": {k: v for k, v in vars(args).items() if k not in ("history_out", "no_progress")},
                   **hist}

@@ -103,19 +103,19 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 def make_chain(path: Path, miners: int = 4, validators: int = 1, netuid: int = 1,
                prefix: str = "m") -> tuple[Any, dict[str, list[Any]]]:
     """A LocalChain with an owner, `miners` miner keypairs and staked validators."""
-    import bittensor
+    from bittensor.sp_core import Keypair
 
     from protocol.chain import LocalChain
     chain = LocalChain(path, netuid)
-    owner = bittensor.Keypair.create_from_uri("//owner")
-    chain.create_subnet(owner)
+    owner = Keypair.create_from_uri("//owner")
+    chain.create_subnet(owner, max_uids=max(256, miners + validators + 1))
     keys: dict[str, list[Any]] = {"owner": [owner], "miners": [], "validators": []}
     for i in range(miners):
-        kp = bittensor.Keypair.create_from_uri(f"//{prefix}{i}")
+        kp = Keypair.create_from_uri(f"//{prefix}{i}")
         chain.register(kp)
         keys["miners"].append(kp)
     for i in range(validators):
-        kp = bittensor.Keypair.create_from_uri(f"//validator{i}")
+        kp = Keypair.create_from_uri(f"//validator{i}")
         chain.register(kp)
         chain.add_stake(kp.ss58_address, 1000.0 + i)
         keys["validators"].append(kp)
@@ -174,7 +174,7 @@ def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
                  s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
                  extra: tuple[str, ...] = ()) -> BridgeProcess:
     """Write the run YAML and start the bridge process; returns once /health answers."""
-    import bittensor
+    from bittensor.sp_core import Keypair
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "run.yaml"
@@ -187,5 +187,5 @@ def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
     if s3 is not None:
         args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
                  "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key]
-    hotkey = bittensor.Keypair.create_from_uri(hotkey_uri).ss58_address
+    hotkey = Keypair.create_from_uri(hotkey_uri).ss58_address
     return _launch(args, f"http://127.0.0.1:{port}", hotkey, db, workdir / "bridge.log")

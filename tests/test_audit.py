@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from neurons.audit import DEFAULT_TOLERANCES, HopRecord, ReplaySettings, Tolerances, compare_tensors, replay_round
+from neurons.audit import DEFAULT_TOLERANCES, HopRecord, ReplaySettings, compare_tensors, replay_round
 from neurons.stage_worker import StageWorker
 from resbm import codec, data
 from resbm.config import ModelConfig
@@ -22,6 +22,15 @@ CFG = ModelConfig(vocab_size=data.VOCAB_SIZE, d_model=32, n_layers=3, n_heads=2,
 OCFG = OptimConfig(warmup_steps=0, total_steps=100)
 SETTINGS = ReplaySettings(round_index=ROUND, inner_steps_per_round=STEPS, data_seed=3, batch_size=B, wire_codec="bf16")
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the team shares 2 cores, and oversubscribed threads crawl."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 def _factory(stage: int, dtype=torch.float32):
     return lambda: StageWorker(CFG, stage, S, OCFG, dtype=dtype, init_seed=11)

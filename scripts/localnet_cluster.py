@@ -1,0 +1,188 @@
+"""The processes of a local subnet: S3 server, LocalChain, wallets, bridge, miners, validator.
+
+Every neuron runs as its own process with the same flags a production deployment uses; only
+the endpoints (loopback) and sizes differ. Children die with the launcher (PR_SET_PDEATHSIG)
+and are stopped in order on exit, so Ctrl-C leaves no orphans.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from scripts.local_servers import S3Server, die_with_parent, free_port, start_s3, stop_process, wait_http
+
+__all__ = ["Neuron", "Cluster"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Neuron:
+    """One child process and how to start it again."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: Optional[subprocess.Popen] = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        """Start (or restart) the process, appending to its log."""
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    def alive(self) -> bool:
+        """Whether the process is running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM and wait (SIGKILL after a grace period)."""
+        return stop_process(self.proc) if self.proc is not None else None
+
+
+@dataclass
+class Cluster:
+    """Builds and runs every part of the local subnet under `workdir`."""
+
+    workdir: Path
+    run_config: dict
+    miners_per_stage: int
+    device: str = "cpu"
+    validators: int = 1
+    link_mbps: float = 0.0
+    link_latency_ms: float = 0.0
+    cheater: str = ""
+    netuid: int = 1
+    s3_endpoint: str = ""
+    s3_keys: tuple[str, str] = ("", "")
+    threads_per_miner: int = 1
+    s3: Optional[S3Server] = None
+    bridge: Optional[Neuron] = None
+    miners: list[Neuron] = field(default_factory=list)
+    validator_procs: list[Neuron] = field(default_factory=list)
+    hotkeys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def chain_path(self) -> Path:
+        """The LocalChain SQLite file."""
+        return self.workdir / "chain.sqlite"
+
+    @property
+    def wallet_path(self) -> Path:
+        """Where the neurons' wallets live."""
+        return self.workdir / "wallets"
+
+    def start(self) -> None:
+        """Start S3, create the chain and wallets, then the bridge, miners and validators."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        if self.s3_endpoint:
+            self.s3 = None
+        else:
+            self.s3 = start_s3(self.workdir / "s3", log_path=self.workdir / "logs" / "s3.log")
+            self.s3_endpoint, self.s3_keys = self.s3.endpoint, (self.s3.access_key, self.s3.secret_key)
+        self._make_chain()
+        self._start_bridge()
+        n_miners = self.run_config["n_stages"] * self.miners_per_stage + (1 if self.cheater else 0)
+        for i in range(n_miners):
+            cheat = self.cheater if (self.cheater and i == n_miners - 1) else "honest"
+            self.miners.append(self._neuron(f"miner{i}", "neurons/miner.py", [
+                "--threads", str(self.threads_per_miner), "--cheat", cheat,
+                "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json")]))
+        for i in range(self.validators):
+            self.validator_procs.append(self._neuron(f"validator{i}", "neurons/validator.py", [
+                "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction", "1.0"]))
+        for n in self.miners + self.validator_procs:
+            n.start()
+
+    def _make_chain(self) -> None:
+        import bittensor as bt
+        from bittensor.sp_core import Keypair
+        from protocol.chain import LocalChain
+
+        chain = LocalChain(self.chain_path, self.netuid, seconds_per_block=1.0)
+        names = ["owner"] + [f"validator{i}" for i in range(self.validators)]
+        names += [f"miner{i}" for i in range(self.run_config["n_stages"] * self.miners_per_stage + (1 if self.cheater else 0))]
+        keys = {}
+        for name in names:
+            w = bt.Wallet(name=name, hotkey="default", path=str(self.wallet_path))
+            w.regenerate_coldkey(mnemonic=Keypair.generate_mnemonic(12), use_password=False, overwrite=True, suppress=True)
+            w.regenerate_hotkey(mnemonic=Keypair.generate_mnemonic(12), use_password=False, overwrite=True, suppress=True)
+            keys[name] = w.hotkey
+            self.hotkeys[name] = w.hotkey.ss58_address
+        chain.create_subnet(keys["owner"], tempo=20, weights_rate_limit=5)
+        for name in names[1:]:
+            chain.register(keys[name])
+        for i in range(self.validators):
+            chain.add_stake(self.hotkeys[f"validator{i}"], 1000.0)
+        self.chain = chain
+        self.owner_keypair = keys["owner"]
+
+    def _start_bridge(self) -> None:
+        cfg_path = self.workdir / "run.yaml"
+        cfg_path.write_text(yaml.safe_dump(self.run_config))
+        port = free_port()
+        self.bridge_url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "bridge", "--run-config", str(cfg_path), "--host", "127.0.0.1",
+                "--port", str(port), "--db", str(self.workdir / "bridge.sqlite"),
+                "--chain", f"local:{self.chain_path}", "--netuid", str(self.netuid),
+                "--wallet.name", "owner", "--wallet.hotkey", "default", "--wallet.path", str(self.wallet_path),
+                "--s3-endpoint", self.s3_endpoint, "--s3-access-key", self.s3_keys[0],
+                "--s3-secret-key", self.s3_keys[1], "--health-timeout", "20"]
+        self.bridge = Neuron("bridge", argv, self.workdir / "logs" / "bridge.log")
+        self.bridge.start()
+        wait_http(self.bridge_url + "/health", timeout=60, proc=self.bridge.proc)
+
+    def restart_bridge(self) -> None:
+        """Kill the bridge without warning and start it again on the same database."""
+        self.bridge.kill()
+        self.bridge.restarts += 1
+        self.bridge.start()
+        wait_http(self.bridge_url + "/health", timeout=60, proc=self.bridge.proc)
+
+    def _neuron(self, name: str, script: str, extra: list[str]) -> Neuron:
+        argv = [sys.executable, script, "--wallet.name", name, "--wallet.hotkey", "default",
+                "--wallet.path", str(self.wallet_path), "--netuid", str(self.netuid),
+                "--subtensor.network", f"localchain:{self.chain_path}", "--bridge.url", self.bridge_url,
+                "--device", self.device, "--link.mbps", str(self.link_mbps),
+                "--link.latency-ms", str(self.link_latency_ms), "--status-every", "15", *extra]
+        return Neuron(name, argv, self.workdir / "logs" / f"{name}.log")
+
+    def miner_status(self) -> dict[str, dict]:
+        """The miners' last status snapshots (hops, bytes, compute fraction)."""
+        out = {}
+        for n in self.miners:
+            p = self.workdir / "logs" / f"{n.name}.status.json"
+            if p.exists():
+                try:
+                    out[n.name] = json.loads(p.read_text())
+                except ValueError:
+                    pass
+        return out
+
+    def stop(self) -> None:
+        """Stop validators and miners (SIGTERM: they finish their hops), then the bridge and S3."""
+        for n in self.validator_procs + self.miners:
+            if n.alive():
+                n.proc.terminate()
+        for n in self.validator_procs + self.miners:
+            n.stop()
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.s3 is not None:
+            self.s3.stop()

@@ -1,0 +1,171 @@
+"""The localnet's closing report: validation loss of the merged weights next to the single-process
+reference, bytes moved versus the uncompressed model, miners' scores and weights on the chain,
+and a PNG loss curve.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import boto3
+import torch
+from botocore.config import Config
+
+from protocol.messages import Metrics
+from resbm import codec, data, outer
+from resbm.config import ModelConfig
+from resbm.optim import OptimConfig
+from resbm.stages import build_stages
+from resbm.train import evaluate, train
+
+__all__ = ["build_report", "print_report", "final_states", "validation_loss"]
+
+log = logging.getLogger("localnet")
+VAL_BATCHES = 8
+
+
+def _s3(cluster):
+    return boto3.client("s3", endpoint_url=cluster.s3_endpoint, aws_access_key_id=cluster.s3_keys[0],
+                        aws_secret_access_key=cluster.s3_keys[1], region_name="us-east-1",
+                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+
+
+def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
+    """Each stage's last published theta, read from the object store (None if any is missing)."""
+    s3 = _s3(cluster)
+    run_id = cluster.run_config["run_id"]
+    thetas = []
+    for st in m.stages:
+        if st.state_sha is None:
+            return None
+        key = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/{st.state_sha}"
+        blob = s3.get_object(Bucket="resbm", Key=key)["Body"].read()
+        theta, _ = outer.state_from_bytes(blob, max_bytes=cluster.run_config["max_object_bytes"])
+        thetas.append(theta)
+    return thetas
+
+
+def validation_loss(cfg: ModelConfig, thetas: list[dict] | None, batch_size: int, init_seed: int) -> float:
+    """Mean validation loss of the stages (built from init_seed, then loaded with `thetas`)."""
+    stages = build_stages(cfg, seed=init_seed)
+    if thetas is not None:
+        for stage, theta in zip(stages, thetas):
+            stage.load_state_dict(theta)
+    batches = data.validation_batches(VAL_BATCHES, batch_size, cfg.seq_len)
+    return evaluate(stages, batches, torch.device("cpu"))
+
+
+def _plot(path: Path, losses: list, ref_val: float | None, val: float | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if losses:
+        ax.plot([x[1] for x in losses], [x[2] for x in losses], label="training loss (last stage, recent mean)")
+    if val is not None:
+        ax.axhline(val, color="C1", ls="--", label=f"subnet validation loss {val:.3f}")
+    if ref_val is not None:
+        ax.axhline(ref_val, color="C2", ls=":", label=f"single-process reference {ref_val:.3f}")
+    ax.set_xlabel("samples finished")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("ResBM local subnet")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(args, cluster, client, losses: list, wall: float) -> dict:
+    """Collect every figure of the closing report into one JSON-able dict."""
+    rc = cluster.run_config
+    cfg = ModelConfig.from_dict(rc["model"])
+    m = Metrics.model_validate(client.get("/v1/metrics"))
+    report: dict = {"wall_seconds": round(wall, 1), "rounds": rc["total_rounds"], "phase": m.phase,
+                    "samples_completed": m.completed_total, "samples_abandoned": m.abandoned_total,
+                    "abandon_reasons": m.abandon_reasons, "bridge_restarts": cluster.bridge.restarts,
+                    "miner_restarts": sum(n.restarts for n in cluster.miners)}
+    thetas = final_states(cluster, m, cfg) if m.phase == "done" else None
+    report["val_loss_init"] = validation_loss(cfg, None, rc["batch_size"], rc["init_seed"])
+    report["val_loss_final"] = validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"]) if thetas else None
+    if not args.no_reference and thetas:
+        report["val_loss_reference"] = reference_val_loss(cfg, rc, m.completed_total)
+    shape_k, shape_d = cfg.code_shape(rc["batch_size"]), (rc["batch_size"], cfg.seq_len, cfg.d_model)
+    hop_objects = sum(st.hops_done for st in m.stages) - m.completed_total  # stage-0 bwd uploads nothing
+    report["bytes"] = {
+        "boundary_bytes_moved": sum(st.bytes_moved for st in m.stages),
+        "uncompressed_equivalent": hop_objects * codec.wire_size(shape_d, "bf16"),
+        "code_object_bytes": codec.wire_size(shape_k, cfg.wire_codec),
+        "per_token_per_boundary_fwd_bwd": 2 * codec.wire_size(shape_k, cfg.wire_codec) / (rc["batch_size"] * cfg.seq_len),
+    }
+    b = report["bytes"]
+    b["ratio_vs_uncompressed"] = b["boundary_bytes_moved"] / b["uncompressed_equivalent"] if b["uncompressed_equivalent"] else None
+    mg = cluster.chain.metagraph()
+    weights = {}
+    for n in cluster.validator_procs:
+        weights.update({str(k): v for k, v in cluster.chain.weights_of(cluster.hotkeys[n.name]).items()})
+    scores = {}
+    for n in cluster.validator_procs:
+        p = cluster.workdir / f"{n.name}.state.json.scores"
+        if p.exists():
+            scores = {hk: v["ema"] for hk, v in json.loads(p.read_text())["miners"].items()}
+    status = cluster.miner_status()
+    miners = []
+    by_hotkey = {mm.hotkey: mm for mm in m.miners}
+    for n in cluster.miners:
+        hk = cluster.hotkeys[n.name]
+        mm, st, uid = by_hotkey.get(hk), status.get(n.name, {}), mg.uid_of(hk)
+        miners.append({"name": n.name, "uid": uid, "stage": mm.stage if mm else None,
+                       "hops": mm.hops_done if mm else 0, "score": round(scores.get(hk, 0.0), 4),
+                       "weight": round(weights.get(str(uid), 0.0), 4),
+                       "compute_fraction": round(st.get("compute_fraction", 0.0), 3),
+                       "cheat": n.argv[n.argv.index("--cheat") + 1]})
+    owner_uid = mg.uid_of(mg.owner_hotkey)
+    report["miners"] = miners
+    report["owner_weight"] = round(weights.get(str(owner_uid), 0.0), 4)
+    report["weights_set"] = bool(weights)
+    report["incentives"] = {str(k): round(v, 4) for k, v in cluster.chain.incentives().items()}
+    png = cluster.workdir / "loss_curve.png"
+    _plot(png, losses, report.get("val_loss_reference"), report["val_loss_final"])
+    report["loss_curve_png"] = str(png)
+    report["loss_curve"] = [[round(t, 1), s, round(x, 4)] for t, s, x in losses]
+    report["ok"] = m.phase == "done" and report["val_loss_final"] is not None
+    return report
+
+
+def reference_val_loss(cfg: ModelConfig, rc: dict, total_samples: int) -> float:
+    """Validation loss of the single-process reference trained on the same samples."""
+    import tempfile
+    from resbm.checkpoint import load_checkpoint
+    from resbm.stages import stage_state_dict
+    steps = max(1, total_samples // rc["micro_batches_per_step"])
+    ocfg = OptimConfig(muon_lr=rc["muon_lr"], adamw_lr=rc["adamw_lr"], weight_decay=rc["weight_decay"],
+                       warmup_steps=rc["warmup_steps"], total_steps=steps, min_lr_ratio=rc["min_lr_ratio"])
+    with tempfile.TemporaryDirectory() as d:
+        train(cfg, ocfg, steps, batch_size=rc["batch_size"], accum=rc["micro_batches_per_step"],
+              seed=rc["data_seed"], init_seed=rc["init_seed"], device="cpu", progress=False, ckpt_dir=d)
+        ckpt = load_checkpoint(d, expect_config=cfg)
+        thetas = [stage_state_dict(ckpt.state, cfg, s) for s in range(cfg.n_stages)]
+    return validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"])
+
+
+def print_report(r: dict) -> None:
+    """Print the report as a few readable lines and a miner table."""
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+    print("\n=== localnet report ===")
+    print(f"wall time {r['wall_seconds']}s, {r['rounds']} rounds, phase {r['phase']}; samples completed "
+          f"{r['samples_completed']}, abandoned {r['samples_abandoned']} {r['abandon_reasons'] or ''}")
+    print(f"validation loss: start {f(r['val_loss_init'])} -> subnet {f(r['val_loss_final'])}"
+          f" | single-process reference, same tokens: {f(r.get('val_loss_reference'))}")
+    b = r["bytes"]
+    ratio = "n/a" if b["ratio_vs_uncompressed"] is None else f"{1 / b['ratio_vs_uncompressed']:.1f}x less"
+    print(f"boundary traffic: {b['boundary_bytes_moved'] / 1e6:.2f} MB moved vs {b['uncompressed_equivalent'] / 1e6:.2f} MB "
+          f"uncompressed ({ratio}); {b['per_token_per_boundary_fwd_bwd']:.1f} bytes/token/boundary fwd+bwd")
+    print(f"restarts: bridge {r['bridge_restarts']}, miners {r['miner_restarts']}; weights set on chain: {r['weights_set']}, "
+          f"owner (burn) weight {r['owner_weight']}")
+    print(f"{'miner':<8} {'uid':>3} {'stage':>5} {'hops':>5} {'score':>8} {'weight':>7} {'compute':>8}  behaviour")
+    for m in r["miners"]:
+        print(f"{m['name']:<8} {m['uid']!s:>3} {m['stage']!s:>5} {m['hops']:>5} {m['score']:>8.3f} {m['weight']:>7.3f} "
+              f"{100 * m['compute_fraction']:>7.0f}%  {m['cheat']}")
+    print(f"loss curve: {r['loss_curve_png']}")

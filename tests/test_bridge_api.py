@@ -1,0 +1,93 @@
+"""The bridge API over real uvicorn, rclone S3 and a LocalChain: auth, bad input, metrics."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import httpx
+import pytest
+from bittensor.sp_core import Keypair
+
+from protocol.auth import sign_headers
+from protocol.client import BridgeError, SignedClient
+from tests.servers import make_chain, start_bridge, tiny_run_config
+
+LEASE = {"max_hops": 1, "fwd_out_bytes": 64, "bwd_out_bytes": 64}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, s3_server):
+    d = tmp_path_factory.mktemp("api")
+    _, keys = make_chain(d / "chain.db", miners=3, validators=1)
+    b = start_bridge(d, tiny_run_config(), d / "chain.db", s3_server)
+    clients = [SignedClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
+    clients[0].post("/v1/miners/register", {})
+    clients[1].post("/v1/miners/register", {})
+    yield b, keys, clients
+    b.stop()
+
+
+def status_of(fn, *a) -> int:
+    with pytest.raises(BridgeError) as e:
+        fn(*a)
+    return e.value.status
+
+
+def test_health_is_unsigned_and_names_the_hotkey(env):
+    b, _, _ = env
+    body = httpx.get(b.url + "/health").json()
+    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": "resbm/1"}
+
+
+def test_auth_failures(env):
+    b, keys, _ = env
+    assert httpx.get(b.url + "/v1/run").status_code == 401  # unsigned
+    h = sign_headers(keys["miners"][0], "GET", "/v1/run", b"", b.hotkey)
+    assert httpx.get(b.url + "/v1/run", headers=h).status_code == 200
+    replay = httpx.get(b.url + "/v1/run", headers=h)
+    assert replay.status_code == 401 and "replayed" in replay.text
+    stranger = SignedClient(Keypair.create_from_uri("//stranger"), b.url, b.hotkey, max_tries=1)
+    assert status_of(stranger.get, "/v1/run") == 403
+    miner = SignedClient(keys["miners"][0], b.url, b.hotkey, max_tries=1)
+    assert status_of(miner.get, "/v1/validator/hoplog", {"round": 0}) == 403
+    val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
+    assert val.get("/v1/validator/hoplog", {"round": 0})["round"] == 0
+
+
+def test_bad_input_is_rejected_and_loses_nothing(env, s3_server):
+    b, _, (c0, c1, c2) = env
+    assert status_of(c0.post, "/v1/hops/lease", dict(LEASE, fwd_out_bytes=10**6)) == 400
+    assert status_of(c0.post, "/v1/hops/lease", dict(LEASE, extra=1)) == 400
+    assert status_of(c2.post, "/v1/hops/lease", LEASE) == 409  # not registered with the bridge
+    r = c0.post("/v1/hops/lease", LEASE)
+    assert r["action"] == "work"
+    hop = r["hops"][0]
+    data = os.urandom(64)
+    sha = hashlib.sha256(data).hexdigest()
+    done = {"hop_id": hop["hop_id"], "sha256": sha, "size": 64}
+    assert status_of(c0.post, "/v1/hops/done", dict(done, hop_id="h999x999")) == 404
+    assert status_of(c1.post, "/v1/hops/done", done) == 409  # not leased to c1
+    assert status_of(c0.post, "/v1/hops/done", done) == 400  # nothing uploaded yet
+    assert status_of(c0.post, "/v1/hops/done", dict(done, size=63)) == 400  # wrong size
+    assert httpx.put(hop["output"]["put_url"], content=os.urandom(65)).status_code >= 400
+    assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
+    assert c0.post("/v1/hops/done", done)["ok"] is True  # the hop stayed leased: retry works
+    assert status_of(c0.post, "/v1/hops/done", done) == 409  # done twice
+    big = httpx.post(b.url + "/v1/hops/lease", content=b"x" * (2 << 20),
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    m = c0.get("/v1/metrics")
+    assert m["stages"][0]["hops_done"] == 1 and m["stages"][0]["bytes_moved"] == 64
+    assert m["phase"] == "train" and m["samples_total"] == 8
+    assert status_of(c0.post, "/v1/rounds/upload",
+                     {"round": 0, "kind": "pseudograd", "sha256": sha, "size": 10}) == 409
+
+
+def test_hoplog_lists_done_hops_with_urls(env):
+    b, keys, (c0, _, _) = env
+    val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
+    log = val.get("/v1/validator/hoplog", {"round": 0, "hotkey": keys["miners"][0].ss58_address})
+    assert len(log["records"]) == 1
+    rec = log["records"][0]
+    assert rec["kind"] == "fwd" and rec["output"]["key"].startswith("runs/test-run/r0/s0/act/")
+    assert len(httpx.get(rec["output"]["url"]).content) == 64
