@@ -25,7 +25,7 @@ from bridge.storage import Storage
 from protocol import messages as msg
 from protocol.auth import SqliteNonceStore, auth_dependency
 
-__all__ = ["create_app", "Registry", "RateLimiter"]
+__all__ = ["create_app", "Registry", "RateLimiter", "BodyCap"]
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,32 @@ def _err(status: int, code: str, message: str, retry_after: Optional[float] = No
     return JSONResponse(status_code=status, content=body.model_dump(exclude_none=True))
 
 
-def _body_cap(app: FastAPI, limit: int) -> None:
-    @app.middleware("http")
-    async def cap(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return _err(413, "body_too_large", f"request body over {limit} bytes")
-        if length is None and request.method == "POST":
-            body = await request.body()
-            if len(body) > limit:
-                return _err(413, "body_too_large", f"request body over {limit} bytes")
-        return await call_next(request)
+class BodyCap:
+    """Pure ASGI middleware: 413 for bodies over `limit` bytes (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and (not v.isdigit() or int(v) > self.limit):
+                return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            msg_ = await receive()
+            seen += len(msg_.get("body", b""))
+            if seen > self.limit:
+                raise TransitionError(413, "body_too_large", f"request body over {self.limit} bytes")
+            return msg_
+        await self.app(scope, counted, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        resp = _err(413, "body_too_large", f"request body over {self.limit} bytes")
+        await resp(scope, receive, send)
 
 
 def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
@@ -102,7 +117,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
     app = FastAPI(title="resbm bridge", version=msg.PROTOCOL_VERSION)
     app.state.service, app.state.registry = svc, reg
-    _body_cap(app, settings.max_body_bytes)
+    app.add_middleware(BodyCap, limit=settings.max_body_bytes)
 
     def role(name: str) -> Any:
         auth = auth_dependency(hotkey, nonces, reg.is_allowed, role=name)
@@ -130,6 +145,11 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return _err(400, "bad_request", "; ".join(parts))
 
     ttl = settings.url_ttl
+
+    async def _size(key: str) -> Optional[int]:
+        if not svc.check_objects:
+            return -1  # benchmark mode: no HEAD, no thread hop
+        return await run_in_threadpool(svc.object_size, key)
 
     def remaining(deadline: float) -> float:
         return max(1.0, deadline - time.time())
@@ -177,7 +197,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
             if req.size != hop.out_size:
                 raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
                                       f"{hop.out_size} bytes for {hop.out_key}")
-            have = await run_in_threadpool(svc.object_size, hop.out_key)
+            have = await _size(hop.out_key)
             if have is None:
                 raise TransitionError(400, "missing_object", f"no object at {hop.out_key}")
             if have >= 0 and have != hop.out_size:
@@ -209,7 +229,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                expires_at=time.time() + expires).model_dump()
 
     async def _head_exact(key: str, size: Optional[int]) -> int:
-        have = await run_in_threadpool(svc.object_size, key)
+        have = await _size(key)
         if have is None:
             raise TransitionError(400, "missing_object", f"no object at {key}")
         if size is not None and have >= 0 and have != size:

@@ -5,7 +5,6 @@ and miner). Loading restores the current round fully; older rounds stay on disk 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -35,7 +34,8 @@ CREATE INDEX IF NOT EXISTS hops_round_miner ON hops (round, miner);
 
 
 def _dump(obj: Any) -> str:
-    return json.dumps(dataclasses.asdict(obj), separators=(",", ":"))
+    # records hold only JSON-able primitives, lists and dicts: vars() avoids asdict's deep copy
+    return json.dumps(vars(obj), separators=(",", ":"))
 
 
 class Database:

@@ -55,6 +55,7 @@ class Miner:
         self._pending: list[Future] = []
         self.worker: StageWorker | None = None
         self.state: RoundState | None = None
+        self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
 
     # ----- setup -----
     def register(self) -> Assignment:
@@ -70,7 +71,7 @@ class Miner:
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
         self.out_bytes = codec.wire_size(self.shape, self.codec)
-        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_object_bytes)
+        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_object_bytes, self._computed)
         self.status.set_stage(a.stage, a.round)
         return a
 
@@ -88,6 +89,13 @@ class Miner:
                 self.stop.wait(1.0)
                 continue
             self.status.maybe_print(resp.round, resp.inner_step)
+            if self.state is not None and resp.round > self.state.round and resp.action in ("work", "step", "wait"):
+                self._drain()  # the run moved past our round (we missed a publication): catch up
+                self.register()
+                continue
+            if self.state is not None and resp.round < self.state.round and resp.action != "done":
+                self.stop.wait(0.2)  # our stage already merged; other stages are still merging
+                continue
             try:
                 self._act(resp)
             except (BridgeError, TransferError) as exc:  # transient: the bridge re-offers the action
@@ -104,16 +112,13 @@ class Miner:
             self._work(resp.hops)
         elif resp.action == "wait":
             self._drain()
-            if resp.state_sha and self.state and resp.state_sha != self.state.sha and resp.round > self.state.round:
-                self.register()
-                return
             self.stop.wait(max(0.05, min(resp.retry_after, 2.0)))
         elif resp.action == "step":
             self._step(resp)
         elif resp.action == "merge":
             self._drain()
-            self.state = merge_round(self.client, self.transfer, self.worker, self.state, self.run,
-                                     resp.round, self.stop, self.cheat)
+            self.state, self._computed = merge_round(self.client, self.transfer, self.worker, self.state,
+                                                     self.run, resp.round, self.stop, self.cheat)
             self.status.set_stage(self.stage, self.state.round)
         elif resp.action == "reassign":
             self._drain()

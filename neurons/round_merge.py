@@ -44,12 +44,19 @@ def fetch_state(transfer: ObjectTransfer, ref: StateRef, shapes: dict, max_bytes
     return outer.state_from_bytes(blob, expected=shapes, max_bytes=max_bytes)
 
 
-def load_assigned_state(worker, a: Assignment, transfer: ObjectTransfer, max_bytes: int) -> RoundState:
-    """Load the state the bridge assigned (or keep the init-from-seed weights for round 0)."""
+def load_assigned_state(worker, a: Assignment, transfer: ObjectTransfer, max_bytes: int,
+                        computed: tuple | None = None) -> RoundState:
+    """Load the state the bridge assigned (or keep the init-from-seed weights for round 0).
+
+    `computed` = (sha, theta, momentum) of a state this replica merged itself: used instead of a
+    download when it is the published one."""
     if a.state is None:
         theta = worker.theta()
         return RoundState(round=a.round, theta_start=theta, momentum=None, sha=None)
-    theta, momentum = fetch_state(transfer, a.state, worker.param_shapes, max_bytes)
+    if computed is not None and computed[0] == a.state.sha256:
+        theta, momentum = computed[1], computed[2]
+    else:
+        theta, momentum = fetch_state(transfer, a.state, worker.param_shapes, max_bytes)
     worker.load_theta(theta)
     return RoundState(round=a.round, theta_start=worker.theta(), momentum=momentum, sha=a.state.sha256)
 
@@ -74,8 +81,9 @@ def _wait_merge_set(client: SignedClient, rnd: int, stage: int, stop: threading.
 
 
 def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: RoundState, run: RunConfig,
-                rnd: int, stop: threading.Event, cheat=None) -> RoundState:
-    """Do round `rnd`'s outer step for this replica and return the state of round rnd+1."""
+                rnd: int, stop: threading.Event, cheat=None) -> tuple[RoundState, tuple | None]:
+    """Do round `rnd`'s outer step for this replica; returns (state of round rnd+1, or the unchanged
+    state if the round moved on without us, and (sha, theta, momentum) of what we computed)."""
     stage = worker.stage_index
     pg = worker.pseudo_gradient(state.theta_start)
     if cheat is not None:
@@ -87,7 +95,7 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
              float(torch.sqrt(sum((t.double() ** 2).sum() for t in pg.values()))))
     mset = _wait_merge_set(client, rnd, stage, stop)
     if mset is None:
-        return state
+        return state, None
     shapes = worker.param_shapes
     items = []
     for it in mset.items:
@@ -101,16 +109,22 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
                                           lr=run.outer_lr, momentum_coef=run.outer_momentum)
     blob = outer.state_bytes(theta, momentum)
     key, sha = _upload(client, transfer, rnd, "state", blob)  # the bridge keys it under round rnd+1
-    ack = MergedAck.model_validate(client.post("/v1/rounds/merged", MergedReport(round=rnd, sha256=sha, key=key)))
-    while not ack.published and not stop.is_set():
-        stop.wait(0.2)
+    computed = (sha, theta, momentum)
+    try:
         ack = MergedAck.model_validate(client.post("/v1/rounds/merged", MergedReport(round=rnd, sha256=sha, key=key)))
-    if ack.state is None:
-        return state
+        while not ack.published and not stop.is_set():
+            stop.wait(0.2)
+            ack = MergedAck.model_validate(client.post("/v1/rounds/merged", MergedReport(round=rnd, sha256=sha, key=key)))
+    except BridgeError as exc:
+        if exc.status != 409:
+            raise
+        ack = None  # the stage was published meanwhile: the caller re-registers to learn which state won
+    if ack is None or ack.state is None:
+        return state, computed
     if ack.state.sha256 != sha:
         log.warning("round %d: my merged state %s.. disagrees with the published %s..; loading the published one",
                     rnd, sha[:10], ack.state.sha256[:10])
         theta, momentum = fetch_state(transfer, ack.state, shapes, run.max_object_bytes)
     worker.load_theta(theta)
     log.info("round %d merged over %d replicas; round %d starts from %s..", rnd, len(items), rnd + 1, ack.state.sha256[:10])
-    return RoundState(round=rnd + 1, theta_start=worker.theta(), momentum=momentum, sha=ack.state.sha256)
+    return RoundState(round=rnd + 1, theta_start=worker.theta(), momentum=momentum, sha=ack.state.sha256), computed

@@ -22,13 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.auth import sign_headers  # noqa: E402
 from tests.servers import make_chain, start_bridge, tiny_run_config  # noqa: E402
 
 SHA = hashlib.sha256(b"bench").hexdigest()
+args_max_hops = 2
+args_poll = 0.05  # seconds an idle miner waits before leasing again (set by --poll)
 
 
 class Stats:
@@ -38,18 +40,45 @@ class Stats:
         self.errors = 0
 
 
-async def call(http: httpx.AsyncClient, kp, receiver: str, path: str, body: dict) -> dict:
+class Conn:
+    """A minimal keep-alive HTTP/1.1 client: httpx's async client costs more CPU per request
+    than the bridge does, and on 2 cores the benchmark must not measure its own client."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: Optional[asyncio.StreamReader] = None
+        self.writer: Optional[asyncio.StreamWriter] = None
+
+    async def post(self, path: str, content: bytes, headers: dict) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.writer.write((f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{head}"
+                           f"content-length: {len(content)}\r\n\r\n").encode() + content)
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return status, await self.reader.readexactly(length)
+
+
+async def call(http: Conn, kp, receiver: str, path: str, body: dict) -> dict:
     content = json.dumps(body, separators=(",", ":")).encode()
     headers = sign_headers(kp, "POST", path, content, receiver)
     headers["content-type"] = "application/json"
-    r = await http.post(path, content=content, headers=headers)
-    if r.status_code >= 400:
-        raise RuntimeError(f"{path}: {r.status_code} {r.text[:200]}")
-    return r.json()
+    status, data = await http.post(path, content, headers)
+    if status >= 400:
+        raise RuntimeError(f"{path}: {status} {data[:200]!r}")
+    return json.loads(data)
 
 
 async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: int) -> None:
-    req = {"max_hops": 1, "fwd_out_bytes": 256 if s < stages - 1 else 0,
+    req = {"max_hops": args_max_hops, "fwd_out_bytes": 256 if s < stages - 1 else 0,
            "bwd_out_bytes": 256 if s > 0 else 0}
     while time.monotonic() < end:
         t0 = time.perf_counter()
@@ -75,7 +104,7 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
                 "round": r["round"], "inner_step": r["inner_step"], "samples": r["step_samples"]})
             stats.lat["step"].append(time.perf_counter() - t1)
         else:
-            await asyncio.sleep(min(0.2, r["retry_after"] or 0.05))
+            await asyncio.sleep(min(args_poll, r["retry_after"] or args_poll))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -87,15 +116,15 @@ def pct(xs: list[float], q: float) -> float:
 
 async def drive(bridge, keys, seconds: float, stages: int) -> tuple[Stats, float]:
     stats = Stats()
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=bridge.url, timeout=30, limits=limits) as http:
-        stage_of = [(await call(http, k, bridge.hotkey, "/v1/miners/register", {}))["stage"]
-                    for k in keys]  # the last one mints round 0's samples (not timed)
-        end = time.monotonic() + seconds
-        t0 = time.monotonic()
-        await asyncio.gather(*(miner(http, k, bridge.hotkey, stats, end, stages, s)
-                               for k, s in zip(keys, stage_of)))
-        return stats, time.monotonic() - t0
+    host, port = bridge.url.split("//")[1].split(":")
+    conns = [Conn(host, int(port)) for _ in keys]
+    stage_of = [(await call(c, k, bridge.hotkey, "/v1/miners/register", {}))["stage"]
+                for c, k in zip(conns, keys)]  # the last one mints round 0's samples (not timed)
+    end = time.monotonic() + seconds
+    t0 = time.monotonic()
+    await asyncio.gather(*(miner(c, k, bridge.hotkey, stats, end, stages, s)
+                           for c, k, s in zip(conns, keys, stage_of)))
+    return stats, time.monotonic() - t0
 
 
 def main() -> None:
@@ -106,7 +135,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="measurement length")
     p.add_argument("--samples", type=int, default=20_000, help="samples in the round")
     p.add_argument("--micro-batches", type=int, default=8, help="A: forwards per inner step")
+    p.add_argument("--poll", type=float, default=0.05, help="idle miner re-lease interval (s)")
+    p.add_argument("--max-hops", type=int, default=2, help="hops per lease")
     args = p.parse_args()
+    global args_poll, args_max_hops
+    args_poll, args_max_hops = args.poll, args.max_hops
     work = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
     _, keys = make_chain(work / "chain.db", miners=args.miners, validators=0)
     cfg = tiny_run_config(n_stages=args.stages, samples_per_round=args.samples, total_rounds=1,

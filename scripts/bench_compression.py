@@ -1,0 +1,398 @@
+"""Compression quality benchmark: train one model under each boundary setting, print one table.
+
+Every setting starts from the same initialisation (init seed 0) and reads the same batches in the
+same order (`resbm.data.batch(seed, step)`), so the only differences are the boundary, its wire
+codec and the optimizer. The standard run (one H100, bf16 autocast, monolithic model, which
+equals the staged pipeline exactly):
+
+    python3 scripts/bench_compression.py --size bench --steps 1000 --out runs/bench
+    python3 scripts/bench_compression.py --report runs/bench --plot docs/compression_loss.png
+
+`--tiny` is a CPU smoke run of the whole grid in seconds. `--shard i/n` runs every n-th setting,
+so n processes can share one GPU; `--timing` runs each setting alone for a few steps to measure
+step time and peak memory without neighbours. Results are one JSON file per setting under --out;
+`--report` merges a folder (or several) into the table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from resbm import data  # noqa: E402
+from resbm.config import ModelConfig  # noqa: E402
+from resbm.model import build_model, lm_loss  # noqa: E402
+from resbm.optim import OptimConfig, build_optimizer  # noqa: E402
+
+__all__ = ["SIZES", "Setting", "default_grid", "format_table", "load_results", "main", "plot_curves",
+           "run_setting", "summarise"]
+
+log = logging.getLogger("bench_compression")
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(model=dict(d_model=128, n_layers=4, n_heads=4, seq_len=32, n_stages=4), batch=2),
+    "bench": dict(model=dict(d_model=1024, n_layers=8, n_heads=16, seq_len=512, n_stages=4), batch=32),
+    "bench2048": dict(model=dict(d_model=2048, n_layers=8, n_heads=16, seq_len=512, n_stages=4), batch=32),
+}
+"""Model shapes: 'bench' is the standard (8 layers, d 1024, 16 heads, seq 512, 4 stages, batch 32)."""
+
+ADAMW_LR = 3e-3
+MUON_LR = 0.02
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the grid: boundary kind/variant, ratio r, wire codec, optimizer, seeds, lrs."""
+
+    boundary: str
+    ratio: int = 128
+    variant: str | None = None
+    codec: str = "bf16"
+    opt: str = "muon"
+    seed: int = 0
+    adamw_lr: float = ADAMW_LR
+    muon_lr: float = MUON_LR
+    token_reinject: bool = False
+    tag: str = ""
+
+    @property
+    def name(self) -> str:
+        """Stable label, e.g. 'resbm@128+fp8/muon' or 'none/adamw/s1'."""
+        kind = self.boundary + (f"-{self.variant}" if self.variant else "")
+        base = kind if self.boundary == "none" else f"{kind}@{self.ratio}"
+        base += f"+{self.codec}" if self.codec != "bf16" else ""
+        base += "+tok" if self.token_reinject else ""
+        base += f"/{self.opt}" + (f"/s{self.seed}" if self.seed else "")
+        return base + (f"/{self.tag}" if self.tag else "")
+
+    def model_config(self, size: str) -> ModelConfig:
+        """The ModelConfig of this setting at a SIZES entry."""
+        fields = dict(SIZES[size]["model"], boundary=self.boundary, boundary_variant=self.variant,
+                      wire_codec=self.codec)
+        fields["bottleneck_dim"] = max(1, fields["d_model"] // self.ratio)
+        return ModelConfig(**fields)
+
+
+def default_grid(adamw_lr: float = ADAMW_LR, muon_lr: float = MUON_LR) -> list[Setting]:
+    """The issue's grid, each setting under AdamW and Muon, plus a second seed of each baseline."""
+    rows: list[Setting] = []
+    for opt in ("muon", "adamw"):
+        kw = dict(opt=opt, adamw_lr=adamw_lr, muon_lr=muon_lr)
+        rows += [Setting("none", **kw), Setting("none", seed=1, **kw)]
+        rows += [Setting("resbm", r, **kw) for r in (32, 64, 128)]
+        rows += [Setting("resbm-iota", 128, **kw), Setting("naive", 128, **kw),
+                 Setting("resbm", 128, codec="fp8", **kw), Setting("resbm", 128, codec="int8", **kw),
+                 Setting("resbm", 64, codec="fp8", **kw)]  # k = 2x wider at the bytes of 128x bf16
+    return rows
+
+
+def lr_sweep_grid(adamw_lrs: list[float], muon_lrs: list[float]) -> list[Setting]:
+    """Baseline (boundary none) at each AdamW lr and each Muon lr, for tuning the baseline first."""
+    rows = [Setting("none", opt="adamw", adamw_lr=lr, tag=f"lr{lr:g}") for lr in adamw_lrs]
+    return rows + [Setting("none", opt="muon", muon_lr=lr, tag=f"lr{lr:g}") for lr in muon_lrs]
+
+
+class TokenReinjection(nn.Module):
+    """Experimental: each stage after the first adds its own embedding of the tokens to the decoded
+    residual (the tokens are public: any stage can recompute them from the sample id)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(cfg.n_stages - 1))
+        for e in self.embeds:
+            nn.init.zeros_(e.weight)
+
+
+def _forward(model: nn.Module, extra: TokenReinjection | None, tokens: torch.Tensor,
+             targets: torch.Tensor) -> torch.Tensor:
+    """The monolithic ResBM forward (model.py), with optional token re-injection after each boundary."""
+    if extra is None:
+        return model(tokens, targets)
+    x = model.embed(tokens)
+    for i, block in enumerate(model.blocks):
+        x = block(x, model.rope_cos, model.rope_sin)
+        if i in model._boundary_after:
+            b = model._boundary_after[i]
+            x = model.boundaries[b](x) + extra.embeds[int(b)](tokens)
+    return lm_loss(model.head(model.norm(x)), targets)
+
+
+def _optim_config(s: Setting, steps: int) -> OptimConfig:
+    return OptimConfig(kind=s.opt, muon_lr=s.muon_lr, adamw_lr=s.adamw_lr, total_steps=max(steps, 1),
+                       warmup_steps=max(1, min(50, steps // 20)))
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_setting(s: Setting, size: str, steps: int, dev: torch.device, batches: list[Any],
+                val_set: list[Any], val_points: int = 10, amp: bool = True, compile_model: bool = False,
+                ) -> dict[str, Any]:
+    """Train `s` for `steps` steps on `batches` (device tensors); returns the result record."""
+    cfg = s.model_config(size)
+    batch = SIZES[size]["batch"]
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    torch.manual_seed(s.seed)
+    model = build_model(cfg, seed=s.seed).to(dev)
+    extra = TokenReinjection(cfg).to(dev) if s.token_reinject else None
+    holder = nn.ModuleDict({"m": model, **({"x": extra} if extra is not None else {})})
+    opt = build_optimizer(holder, _optim_config(s, steps))
+    fwd = torch.compile(_forward) if compile_model else _forward
+    use_amp = amp and dev.type == "cuda"
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            losses = [fwd(model, extra, t, y) for t, y in val_set]
+        model.train()
+        return float(torch.stack(losses).mean())
+
+    val_every = max(1, steps // val_points)
+    val_steps, val_loss, train_loss, windows = [0], [evaluate()], [], []
+    pending: list[torch.Tensor] = []
+    _sync(dev)
+    t_mark, steps_in_window = time.perf_counter(), 0
+    for step in range(steps):
+        tokens, targets = batches[step]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = fwd(model, extra, tokens, targets)
+        loss.backward()
+        opt.step(step)
+        opt.zero_grad()
+        pending.append(loss.detach())
+        steps_in_window += 1
+        if step == 4 or (step + 1) % val_every == 0 or step + 1 == steps:
+            _sync(dev)
+            now = time.perf_counter()
+            if step > 4:  # the first 5 steps hold allocator/kernel warm-up: not timed
+                windows.append((now - t_mark) / steps_in_window)
+            train_loss += [float(v) for v in torch.stack(pending).float().cpu()]
+            pending = []
+            if not math.isfinite(train_loss[-1]):
+                log.warning("%s: loss is %s at step %d; stopping this setting", s.name, train_loss[-1], step)
+                break
+            if (step + 1) % val_every == 0 or step + 1 == steps:
+                val_steps.append(step + 1)
+                val_loss.append(evaluate())
+                log.info("%-28s step %5d  train %.4f  val %.4f", s.name, step + 1, train_loss[-1], val_loss[-1])
+            _sync(dev)
+            t_mark, steps_in_window = time.perf_counter(), 0
+    tokens_per_step = batch * cfg.seq_len
+    n_params = sum(p.numel() for p in holder.parameters())
+    return {
+        "name": s.name, "setting": dataclasses.asdict(s), "size": size, "d_model": cfg.d_model,
+        "k": cfg.code_dim, "ratio": cfg.d_model // cfg.code_dim, "steps": len(train_loss),
+        "tokens": len(train_loss) * tokens_per_step, "tokens_per_step": tokens_per_step,
+        "val_steps": val_steps, "val_loss": val_loss, "final_val": val_loss[-1],
+        "train_loss": train_loss, "step_ms": 1000 * statistics.median(windows) if windows else None,
+        "peak_mem": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "bytes_per_token": cfg.wire_bytes_per_token(batch) if cfg.n_stages > 1 else 0.0,
+        "params": n_params, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "amp": use_amp, "compile": compile_model,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def load_results(paths: list[str]) -> list[dict[str, Any]]:
+    """Every result record in the given JSON files or folders (folders: *.json inside)."""
+    out = []
+    for p in map(Path, paths):
+        for f in sorted(p.glob("*.json")) if p.is_dir() else [p]:
+            rec = json.loads(f.read_text())
+            if not isinstance(rec, dict) or "name" not in rec or "final_val" not in rec:
+                raise ValueError(f"{f}: not a bench_compression result (needs 'name' and 'final_val')")
+            out.append(rec)
+    return out
+
+
+def _key(rec: dict[str, Any]) -> tuple:
+    s = rec["setting"]
+    return (rec["d_model"], s["opt"], s["boundary"] != "none", s["boundary"], -rec["ratio"], s["codec"],
+            s.get("token_reinject", False), s["seed"], s.get("tag", ""))
+
+
+def summarise(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows with gaps vs the same-optimizer and the AdamW baseline (seed 0, same d and steps) and
+    step time / peak memory relative to the baseline; isolated `timing` records override step times."""
+    timed = {(r["name"], r["d_model"]): r for r in (timing or [])}
+    base = {(r["setting"]["opt"], r["d_model"], r["steps"]): r for r in results
+            if r["setting"]["boundary"] == "none" and r["setting"]["seed"] == 0 and not r["setting"].get("tag")}
+    rows = []
+    for r in sorted(results, key=_key):
+        same = base.get((r["setting"]["opt"], r["d_model"], r["steps"]))
+        adamw = base.get(("adamw", r["d_model"], r["steps"]))
+        t, tb = timed.get((r["name"], r["d_model"]), r), None
+        if same is not None:
+            tb = timed.get((same["name"], same["d_model"]), same)
+        rel = lambda a, b: (a / b - 1) * 100 if a is not None and b else None  # noqa: E731
+        rows.append({
+            "name": r["name"], "d": r["d_model"], "k": r["k"], "ratio": r["ratio"],
+            "wire_ratio": None, "val": r["final_val"], "steps": r["steps"], "tokens": r["tokens"],
+            "gap_same": rel(r["final_val"], same and same["final_val"]),
+            "gap_adamw": rel(r["final_val"], adamw and adamw["final_val"]),
+            "bytes": r["bytes_per_token"], "step_ms": t["step_ms"],
+            "step_rel": rel(t["step_ms"], tb and tb["step_ms"]),
+            "mem_gb": (t["peak_mem"] or 0) / 2**30 if t["peak_mem"] else None,
+            "mem_rel": rel(t["peak_mem"], tb and tb["peak_mem"]),
+        })
+    none_bytes = {r["d"]: r["bytes"] for r in rows if r["name"].startswith("none")}
+    for row in rows:
+        nb = none_bytes.get(row["d"])
+        row["wire_ratio"] = nb / row["bytes"] if nb and row["bytes"] else None
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of summarise() rows."""
+    head = ("| setting | d | k | r (wire) | val loss | gap vs same opt | gap vs AdamW base | bytes/token/boundary "
+            "fwd+bwd | step ms (rel) | peak GiB (rel) | tokens |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['d']} | {r['k']} | {r['ratio']} ({_fmt(r['wire_ratio'], '.0f')}x) | "
+            f"{r['val']:.4f} | {_fmt(r['gap_same'], '+.2f')}% | {_fmt(r['gap_adamw'], '+.2f')}% | "
+            f"{r['bytes']:.2f} | {_fmt(r['step_ms'], '.1f')} ({_fmt(r['step_rel'], '+.1f')}%) | "
+            f"{_fmt(r['mem_gb'], '.2f')} ({_fmt(r['mem_rel'], '+.1f')}%) | {r['tokens'] / 1e6:.2f}M |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict[str, Any]], path: str, names: list[str] | None = None) -> None:
+    """Validation loss vs tokens for the named settings (default: every seed-0 bf16/fp8 main row)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    chosen = [r for r in sorted(results, key=_key) if (names is None and r["setting"]["seed"] == 0)
+              or (names is not None and r["name"] in names)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, opt in zip(axes, ("muon", "adamw")):
+        for r in (r for r in chosen if r["setting"]["opt"] == opt):
+            x = [s * r["tokens_per_step"] / 1e6 for s in r["val_steps"]]
+            style = "-" if r["setting"]["boundary"] == "none" else "--" if r["setting"]["boundary"] == "naive" else "-."
+            ax.plot(x[1:], r["val_loss"][1:], style, label=f"{r['name']} (d {r['d_model']})", lw=1.3)
+        ax.set_title(f"{opt}: validation loss vs tokens")
+        ax.set_xlabel("tokens (M)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation loss (nats/token, BPE 4096)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_compression", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, few steps, whole grid")
+    p.add_argument("--size", default="bench", choices=sorted(SIZES), help="model shape")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per setting")
+    p.add_argument("--only", default=None, help="comma-separated setting names to run")
+    p.add_argument("--shard", default="0/1", help="run every n-th setting starting at i: 'i/n'")
+    p.add_argument("--grid", default="main", choices=["main", "lr-sweep"], help="which grid")
+    p.add_argument("--adamw-lrs", default="1e-3,2e-3,4e-3", help="lr-sweep: AdamW lrs")
+    p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="lr-sweep: Muon lrs")
+    p.add_argument("--adamw-lr", type=float, default=ADAMW_LR, help="AdamW lr (all params under adamw; "
+                   "embeddings/head/norms under muon)")
+    p.add_argument("--muon-lr", type=float, default=MUON_LR, help="Muon lr (2-D hidden matrices incl. E, D)")
+    p.add_argument("--extra", default="", help="extra settings as JSON list of Setting fields")
+    p.add_argument("--timing", action="store_true", help="isolated timing pass: few steps, no table")
+    p.add_argument("--val-batches", type=int, default=8, help="validation batches (fixed held-out set)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default=None, help="folder for one JSON per setting")
+    p.add_argument("--report", nargs="*", default=None, help="merge result folders/files into the table")
+    p.add_argument("--timing-from", nargs="*", default=None, help="report: isolated timing folders")
+    p.add_argument("--plot", default=None, help="report: write the validation-curve PNG here")
+    return p
+
+
+def _select(args: argparse.Namespace) -> list[Setting]:
+    if args.grid == "lr-sweep":
+        grid = lr_sweep_grid([float(v) for v in args.adamw_lrs.split(",")],
+                             [float(v) for v in args.muon_lrs.split(",")])
+    else:
+        grid = default_grid(args.adamw_lr, args.muon_lr)
+    if args.extra:
+        grid += [Setting(**{"adamw_lr": args.adamw_lr, "muon_lr": args.muon_lr, **f})
+                 for f in json.loads(args.extra)]
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - {s.name for s in grid})
+        if unknown:
+            raise SystemExit(f"--only: unknown setting(s) {unknown}; known: {[s.name for s in grid]}")
+        grid = [s for s in grid if s.name in wanted]
+    i, n = (int(v) for v in args.shard.split("/"))
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard must be 'i/n' with 0 <= i < n, got {args.shard!r}")
+    return grid[i::n]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """CLI entry point; returns the result records (or the table rows under --report)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.report is not None:
+        results = load_results(args.report)
+        rows = summarise(results, load_results(args.timing_from) if args.timing_from else None)
+        print(format_table(rows))
+        if args.plot:
+            plot_curves(results, args.plot)
+        return rows
+    if args.tiny:
+        args.size, args.device = "tiny", "cpu"
+        args.steps = min(args.steps, 6)
+        args.val_batches = min(args.val_batches, 2)
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       "cpu" if args.device == "auto" else args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    settings = _select(args)
+    steps = min(args.steps, 30) if args.timing else args.steps
+    seq, bsz = SIZES[args.size]["model"]["seq_len"], SIZES[args.size]["batch"]
+    data_seeds = sorted({s.seed for s in settings})
+    batches = {sd: [tuple(t.to(dev) for t in data.batch(sd, i, bsz, seq)) for i in range(steps)]
+               for sd in data_seeds}
+    val_set = [tuple(t.to(dev) for t in b) for b in data.validation_batches(args.val_batches, bsz, seq)]
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for s in settings:
+        t0 = time.perf_counter()
+        rec = run_setting(s, args.size, steps, dev, batches[s.seed], val_set, amp=True,
+                          compile_model=args.compile, val_points=1 if args.timing else 10)
+        rec["isolated_timing"] = args.timing
+        rec["wall_s"] = time.perf_counter() - t0
+        results.append(rec)
+        log.info("DONE %-28s val %.4f  step %s ms  peak %s  (%.0fs)", s.name, rec["final_val"],
+                 _fmt(rec["step_ms"], ".1f"), _fmt(rec["peak_mem"] and rec["peak_mem"] / 2**30, ".2f"),
+                 rec["wall_s"])
+        if out:
+            fname = s.name.replace("/", "_").replace("@", "-").replace("+", "-") + f"_d{rec['d_model']}.json"
+            (out / fname).write_text(json.dumps(rec))
+    if not args.timing:
+        print(format_table(summarise(results)))
+    return results
+
+
+if __name__ == "__main__":
+    main()
