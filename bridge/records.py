@@ -6,7 +6,6 @@ queues, deadline heap) are derived and rebuilt by `State.reindex()` after loadin
 """
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -132,6 +131,7 @@ class State:
     fwd_pending: list[int] = field(default_factory=list)
     stage_states: list[StageState] = field(default_factory=list)
     round_states: list[dict[str, Any]] = field(default_factory=list)  # snapshot at round start
+    minted: int = 0                 # samples of the current round minted so far
     r_completed: int = 0            # samples of the current round completed / abandoned
     r_abandoned: int = 0
     completed_total: int = 0
@@ -144,6 +144,7 @@ class State:
     frozen: dict[int, list[str]] = field(default_factory=dict)
     votes: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     published: dict[int, bool] = field(default_factory=dict)
+    vote_deadline: dict[int, float] = field(default_factory=dict)  # stage -> settle split votes
     flagged: list[str] = field(default_factory=list)
     miners: dict[str, Miner] = field(default_factory=dict)
     samples: dict[int, Sample] = field(default_factory=dict)
@@ -157,6 +158,9 @@ class State:
     heap: list[tuple[float, str]] = field(default_factory=list)
     dirty: dict = field(default_factory=dict)   # (kind, id) -> record changed by this transition
     events: list[tuple[str, Any]] = field(default_factory=list)   # side effects for the I/O shell
+    # long-polls to wake after this transition: ("stage", s) or ("miner", hotkey) -> True
+    wake: dict = field(default_factory=dict)
+    wake_all: bool = False
 
     def __post_init__(self) -> None:
         s = self.run.n_stages
@@ -188,8 +192,10 @@ class State:
         if hop.status == "pool":
             pool = self.bwd_pool if hop.kind == "bwd" else self.fwd_pool
             pool[hop.stage][hop.hop_id] = None
+            self.wake[("stage", hop.stage)] = True
         elif hop.status == "assigned":
             self.queue.setdefault(hop.assigned_to, OrderedDict())[hop.hop_id] = None
+            self.wake[("miner", hop.assigned_to)] = True
         elif hop.status == "leased":
             self.leased.setdefault(hop.leased_to, set()).add(hop.hop_id)
         if hop.status in ("assigned", "leased"):
@@ -226,15 +232,16 @@ class State:
 
     def meta_dict(self) -> dict[str, Any]:
         """The global fields, as persisted in the meta row."""
-        keep = ("phase", "round", "seq", "merge_started", "fwd_pending", "completed_total",
-                "r_completed", "r_abandoned",
+        keep = ("phase", "round", "seq", "minted", "merge_started", "fwd_pending",
+                "completed_total", "r_completed", "r_abandoned",
                 "abandoned_total", "abandon_reasons", "stage_counters", "workers", "frozen",
                 "published", "flagged", "round_states")
         d = {k: getattr(self, k) for k in keep}
-        d["stage_states"] = [dataclasses.asdict(x) for x in self.stage_states]
+        d["stage_states"] = [dict(vars(x)) for x in self.stage_states]
         d["recent_losses"] = self.recent_losses[-256:]
         d["pseudograds"] = self.pseudograds
         d["votes"] = self.votes
+        d["vote_deadline"] = self.vote_deadline
         return d
 
     def load_meta(self, d: dict[str, Any]) -> None:
@@ -249,4 +256,6 @@ class State:
         self.published = {int(k): v for k, v in d["published"].items()}
         self.pseudograds = {int(k): v for k, v in d["pseudograds"].items()}
         self.votes = {int(k): v for k, v in d["votes"].items()}
+        self.vote_deadline = {int(k): v for k, v in d.get("vote_deadline", {}).items()}
+        self.minted = d.get("minted", self.run.samples_per_round)  # older DBs minted all at once
         self.stage_states = [StageState(**x) for x in d["stage_states"]]

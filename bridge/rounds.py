@@ -1,5 +1,6 @@
 """Round transitions: start (mint samples), sample end, close -> merge, merge-set freeze,
-merged-hash votes (strict majority publishes round r+1's state), and content-addressed keys."""
+merged-hash votes (strict majority publishes round r+1's state; a split vote is settled when
+every member voted or the vote timeout passed), late repeats, and content-addressed keys."""
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,13 @@ from typing import Any, Optional
 
 from bridge.records import Hop, Sample, StageState, State, TransitionError
 
-__all__ = ["start_round", "finish_sample", "drop_graph", "maybe_freeze", "upload_key",
-           "report_pseudograd", "merge_set", "report_merged"]
+__all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph", "maybe_freeze", "upload_key",
+           "report_pseudograd", "merge_set", "report_merged", "settle_votes", "moved_on",
+           "published_state", "check_archived_pseudograd"]
 
 log = logging.getLogger(__name__)
+
+MINT_CHUNK = 512  # samples minted at a time; refilled when stage 0's pool runs low
 
 
 def start_round(st: State, r: int, now: float) -> None:
@@ -31,19 +35,13 @@ def start_round(st: State, r: int, now: float) -> None:
     st.r_completed = st.r_abandoned = 0
     st.fwd_pending = [n] * s
     st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
+    st.vote_deadline = {}
     st.flagged = []
     st.samples = {}
     st.hops = {}
+    st.minted = 0
     st.reindex()
-    for sid in range(r * n, (r + 1) * n):
-        sample = Sample(sample_id=sid, round=r)
-        st.samples[sid] = sample
-        st.touch("sample", sid, sample)
-        hop = Hop(hop_id=st.next_hop_id(), sample_id=sid, round=r, stage=0,
-                  kind="fwdbwd" if s == 1 else "fwd")
-        st.hops[hop.hop_id] = hop
-        st.touch("hop", hop.hop_id, hop)
-        st.place(hop)
+    mint_more(st)
     for m in st.miners.values():
         m.round, m.inner_step, m.quota_used, m.step_samples = r, 0, 0, 0
         m.open_graphs = m.round_steps = 0
@@ -52,6 +50,27 @@ def start_round(st: State, r: int, now: float) -> None:
     _archive(st)
     st.events.append(("round_start", r))
     log.info("round %d started: %d samples over %d stages", r, n, s)
+
+
+def mint_more(st: State) -> int:
+    """Mint the round's next MINT_CHUNK samples with their stage-0 forwards (in the pool).
+
+    Minting lazily keeps a round start (and each refill) to a short transition instead of one
+    that writes every sample of the round while every request waits."""
+    n, r = st.run.samples_per_round, st.round
+    k = min(MINT_CHUNK, n - st.minted)
+    kind = "fwdbwd" if st.run.n_stages == 1 else "fwd"
+    for sid in range(r * n + st.minted, r * n + st.minted + k):
+        sample = Sample(sample_id=sid, round=r)
+        st.samples[sid] = sample
+        st.touch("sample", sid, sample)
+        hop = Hop(hop_id=st.next_hop_id(), sample_id=sid, round=r, stage=0, kind=kind)
+        st.hops[hop.hop_id] = hop
+        st.touch("hop", hop.hop_id, hop)
+        st.place(hop)
+    st.minted += k
+    st.touch("meta", None)
+    return k
 
 
 def _archive(st: State) -> None:
@@ -114,11 +133,16 @@ def maybe_freeze(st: State, now: float) -> None:
     """Freeze each stage's merge set once its workers reported or the merge timeout passed."""
     timed_out = now >= st.merge_started + st.run.merge_timeout_seconds
     for s in range(st.run.n_stages):
+        if st.phase != "merge":
+            return  # a publish below completed the round: the next one began
         if s in st.frozen:
+            if not st.published.get(s) and now >= st.vote_deadline.get(s, float("inf")):
+                settle_votes(st, s, now)
             continue
         reported = st.pseudograds.get(s, {})
         if timed_out or all(h in reported for h in st.workers.get(s, [])):
             st.frozen[s] = sorted(reported)
+            st.vote_deadline[s] = now + st.run.merge_timeout_seconds
             st.touch("meta", None)
             log.info("round %d stage %d merge set frozen with %d items%s", st.round, s,
                      len(st.frozen[s]), " (timeout)" if timed_out else "")
@@ -196,6 +220,9 @@ def report_merged(st: State, hotkey: str, round_: int, sha256: str, key: str, si
     members = st.frozen[m.stage]
     tally = sum(1 for h in members if votes.get(h, {}).get("sha256") == sha256)
     if tally * 2 <= len(members):
+        if all(h in votes for h in members):  # every member voted, no majority: settle now
+            settle_votes(st, m.stage, now)
+            return sha256 == st.stage_states[m.stage].sha256
         return None
     for h, v in votes.items():
         _flag_if_disagrees(st, h, v["sha256"], sha256)
@@ -224,3 +251,64 @@ def _publish(st: State, stage: int, vote: Optional[dict[str, Any]], now: float) 
              st.round + 1, (st.stage_states[stage].sha256 or "init")[:12])
     if all(st.published.get(s) for s in range(st.run.n_stages)):
         start_round(st, st.round + 1, now)
+
+
+def settle_votes(st: State, stage: int, now: float) -> None:
+    """No strict majority by the vote deadline (or ever): publish the largest agreeing group's
+    state, ties to the lowest sha, and flag every other voter. No votes: keep the old state."""
+    members = set(st.frozen.get(stage, ()))
+    votes = {h: v for h, v in st.votes.get(stage, {}).items() if h in members}
+    if not votes:
+        log.warning("round %d stage %d: no merged state reported by the deadline; the stage "
+                    "keeps its previous state", st.round, stage)
+        _publish(st, stage, None, now)
+        return
+    counts: dict[str, int] = {}
+    for v in votes.values():
+        counts[v["sha256"]] = counts.get(v["sha256"], 0) + 1
+    best = min(counts, key=lambda sha: (-counts[sha], sha))
+    winner = next(v for h, v in sorted(votes.items()) if v["sha256"] == best)
+    log.warning("round %d stage %d: no strict majority among %d members (%s); publishing %s",
+                st.round, stage, len(members),
+                ", ".join(f"{k[:8]}x{n}" for k, n in sorted(counts.items())), best[:12])
+    for h, v in sorted(st.votes.get(stage, {}).items()):
+        _flag_if_disagrees(st, h, v["sha256"], best)
+    _publish(st, stage, winner, now)
+
+
+def moved_on(st: State, round_: int) -> bool:
+    """True when round `round_`'s merge is over: every stage published and the run moved on."""
+    return round_ < st.round or (round_ == st.round and st.phase == "done")
+
+
+def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
+                    archive_next: Optional[dict[str, Any]]) -> tuple[int, StageState]:
+    """(stage, state published at the end of `round_`) for a late merged report by `hotkey`;
+    `archive_next` is round `round_ + 1`'s archive, needed for rounds older than the last."""
+    m = st.miners.get(hotkey)
+    if m is None:
+        raise TransitionError(409, "not_registered", f"hotkey {hotkey} is not registered")
+    if key != f"runs/{st.run.run_id}/r{round_ + 1}/s{m.stage}/state/{sha256}":
+        raise TransitionError(400, "bad_key", f"key {key} is not this state's key")
+    if round_ == st.round and st.phase == "done":
+        return m.stage, st.stage_states[m.stage]
+    if round_ == st.round - 1:
+        return m.stage, StageState(**st.round_states[m.stage])
+    states = (archive_next or {}).get("states", [])
+    if m.stage >= len(states):
+        raise TransitionError(409, "stale_round", f"round {round_} is too old to report on")
+    return m.stage, StageState(**states[m.stage])
+
+
+def check_archived_pseudograd(archive: Optional[dict[str, Any]], hotkey: str, round_: int,
+                              key: str, sha256: str, size: int, samples: int) -> None:
+    """Accept a late repeat of a pseudo-gradient report that is in the round's frozen merge
+    set exactly as reported; anything else is refused (409 not_merging)."""
+    for item in (archive or {}).get("pseudograds", []):
+        if item["hotkey"] == hotkey and item["key"] == key:
+            if (item["sha256"], item["size"], item["samples"]) == (sha256, size, samples):
+                return
+            raise TransitionError(409, "already_reported",
+                                  "a different pseudo-gradient was reported for this round")
+    raise TransitionError(409, "not_merging", f"round {round_} is over and its merge set does "
+                          f"not hold this pseudo-gradient from {hotkey}")

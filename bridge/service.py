@@ -1,7 +1,9 @@
-"""The I/O shell around the state machine: one lock, one SQLite transaction per transition,
-presigned URLs, and the side effects (GC) that transitions request."""
+"""The I/O shell around the state machine: one lock, SQLite transactions (one per transition,
+or one per event-loop batch of transitions), presigned URLs, and the side effects (GC, waking
+long-polls) that transitions request."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -17,10 +19,16 @@ __all__ = ["BridgeService"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SLOW_COMMIT_S = 0.02
 
 
 class BridgeService:
-    """Applies transitions atomically: mutate in memory, commit, or reload on failure."""
+    """Applies transitions atomically: mutate in memory, commit, or reload on failure.
+
+    `apply` commits each transition on its own. `apply_async` (the API path) lets every
+    transition made in one event-loop iteration share a single commit, together with the
+    nonces of the requests that made them, and returns only once that commit is done: no
+    caller is answered before its change is on disk."""
 
     def __init__(self, run: RunConfig, db: Database, storage: Optional[Storage],
                  tunables: Tunables = Tunables(), seed: Optional[int] = None,
@@ -31,35 +39,117 @@ class BridgeService:
         self.check_objects = check_objects and storage is not None
         self.lock = threading.Lock()
         self.state: State = db.load(run, tunables)
+        self.nonces: Any = None          # a store with flush(), committed with each batch
+        self.on_wake: Optional[Callable[[dict, bool], None]] = None
+        self.commits = 0
+        self._pending: dict = {}
+        self._flush_fut: Optional[asyncio.Future] = None
 
     def apply(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(state, *args, now, rng)` as one transition: applied once or not at all."""
         with self.lock:
             st = self.state
             st.dirty, st.events = {}, []
+            st.wake, st.wake_all = {}, False
+            before = (st.phase, st.round)
             try:
                 out = fn(st, *args, self.clock(), self.rng)
-                if st.dirty:
-                    self.db.commit(st, st.dirty)
+                st.wake_all = (st.phase, st.round) != before
+                self._commit_now()
             except TransitionError:
-                if st.dirty:  # refused after a time tick changed things: keep those
-                    self.db.commit(st, st.dirty)
+                self._commit_now()  # refused after a time tick changed things: keep those
                 raise
             except BaseException:
                 log.exception("transition %s failed; reloading state from the database",
                               getattr(fn, "__name__", fn))
                 self.state = self.db.load(self.run, self.tun)
                 raise
-            events = st.events
-        self._effects(events)
+            events, wake, wake_all = st.events, st.wake, st.wake_all
+        self._effects(events, wake, wake_all)
         return out
+
+    def _commit_now(self) -> None:
+        st = self.state
+        dirty = {**self._pending, **st.dirty} if self._pending else st.dirty
+        self._pending = {}
+        if dirty:
+            self.db.commit(st, dirty)
+            self.commits += 1
+
+    async def apply_async(self, fn: Callable[..., T], *args: Any) -> T:
+        """`apply` whose commit is shared by this loop iteration's transitions; call on the loop."""
+        err: Optional[TransitionError] = None
+        out: Any = None
+        with self.lock:
+            st = self.state
+            st.dirty, st.events = {}, []
+            st.wake, st.wake_all = {}, False
+            before = (st.phase, st.round)
+            try:
+                out = fn(st, *args, self.clock(), self.rng)
+                st.wake_all = (st.phase, st.round) != before
+            except TransitionError as exc:
+                err = exc  # keep what a time tick changed before the refusal
+            except BaseException:
+                log.exception("transition %s failed; reloading state from the database",
+                              getattr(fn, "__name__", fn))
+                self._abort_batch()
+                raise
+            self._pending.update(st.dirty)
+            events, wake, wake_all = st.events, st.wake, st.wake_all
+        if self._pending or self._flush_fut is not None:
+            await asyncio.shield(self._batch())
+        self._effects(events, wake, wake_all)
+        if err is not None:
+            raise err
+        return out
+
+    def _batch(self) -> asyncio.Future:
+        if self._flush_fut is None:
+            loop = asyncio.get_running_loop()
+            self._flush_fut = loop.create_future()
+            loop.call_soon(self._flush)
+        return self._flush_fut
+
+    def _flush(self) -> None:
+        fut, self._flush_fut = self._flush_fut, None
+        t0, n = time.perf_counter(), len(self._pending)
+        try:
+            with self.lock:
+                if self.nonces is not None:
+                    self.nonces.flush()
+                self._commit_now()
+            dt = time.perf_counter() - t0
+            if dt > SLOW_COMMIT_S:
+                log.warning("slow group commit: %d records in %.0f ms", n, dt * 1000)
+        except BaseException as exc:
+            log.exception("group commit failed; reloading state from the database")
+            with self.lock:
+                self._pending = {}
+                self.state = self.db.load(self.run, self.tun)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            return
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _abort_batch(self) -> None:
+        """A transition crashed mid-way: drop the uncommitted batch, fail its waiters, reload."""
+        self._pending = {}
+        self.state = self.db.load(self.run, self.tun)
+        fut, self._flush_fut = self._flush_fut, None
+        if fut is not None and not fut.done():
+            fut.set_exception(RuntimeError("batch aborted: a transition failed; retry"))
 
     def read(self, fn: Callable[[State], T]) -> T:
         """Run a read-only function over the state under the lock."""
         with self.lock:
             return fn(self.state)
 
-    def _effects(self, events: list[tuple[str, Any]]) -> None:
+    def _effects(self, events: list[tuple[str, Any]], wake: Optional[dict] = None,
+                 wake_all: bool = False) -> None:
+        if self.on_wake is not None and (wake or wake_all):
+            self.on_wake(wake or {}, wake_all)
         for kind, arg in events:
             if kind == "round_start":
                 self._gc(int(arg))

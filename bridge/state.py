@@ -115,6 +115,9 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 got.append(st.hops[hid])
     if now >= m.backoff_until:
         room = min(max_hops - len(got), quota - m.quota_used)
+        if m.stage == 0 and len(st.fwd_pool[0]) < max(room, rounds.MINT_CHUNK // 2) \
+                and st.minted < st.run.samples_per_round:
+            rounds.mint_more(st)
         for hid in list(islice(st.fwd_pool[m.stage], max(0, room))):
             m.quota_used += 1
             got.append(st.hops[hid])

@@ -2,7 +2,8 @@
 
 `honest` changes nothing. The others are what validators must catch:
 `random` (random outputs), `stale` (reports inner steps without taking them), `copy` (uploads an
-earlier hop's output instead of this one's), `lazy` (scales gradients down by `lazy_scale`,
+earlier hop's output or input gradient instead of this one's: on a pipeline with replicas, what
+copying a neighbour's work looks like to the auditor), `lazy` (scales gradients down by `lazy_scale`,
 zero by default), `phantom` (reports hops done without uploading their outputs).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Cheat:
         self.kind, self.lazy_scale = kind, lazy_scale
         self._gen = torch.Generator().manual_seed(seed)
         self._previous: torch.Tensor | None = None
+        self._previous_grad: torch.Tensor | None = None
 
     def forward_output(self, out: torch.Tensor, hop) -> torch.Tensor:
         """The activation a cheater uploads for a forward hop."""
@@ -41,6 +43,9 @@ class Cheat:
             return grad * self.lazy_scale
         if self.kind == "random":
             return torch.randn(grad.shape, generator=self._gen) * grad.std()
+        if self.kind == "copy":
+            prev, self._previous_grad = self._previous_grad, grad
+            return grad if prev is None else prev
         return grad
 
     def pseudo_gradient(self, pg: dict) -> dict:

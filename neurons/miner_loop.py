@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import httpx
 import torch
 
 from protocol.client import BridgeError, SignedClient
@@ -56,6 +57,7 @@ class Miner:
         self.worker: StageWorker | None = None
         self.state: RoundState | None = None
         self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
+        self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
 
     # ----- setup -----
     def register(self) -> Assignment:
@@ -71,7 +73,7 @@ class Miner:
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
         self.out_bytes = codec.wire_size(self.shape, self.codec)
-        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_object_bytes, self._computed)
+        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed)
         self.status.set_stage(a.stage, a.round)
         return a
 
@@ -81,12 +83,16 @@ class Miner:
         req = LeaseRequest(max_hops=self.max_hops,
                            fwd_out_bytes=0 if self.worker.is_last else self.out_bytes,
                            bwd_out_bytes=0 if self.worker.is_first else self.out_bytes)
+        outage = 0.0
         while not self.stop.is_set():
             try:
                 resp = LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
-            except BridgeError as exc:
-                log.warning("lease refused: %s", exc)
-                self.stop.wait(1.0)
+                outage = 0.0
+            except (BridgeError, httpx.TransportError) as exc:
+                # The bridge may be restarting: keep trying, backing off up to 10 s, never exit.
+                outage = min(10.0, max(1.0, 2 * outage))
+                log.warning("lease failed (%s); retrying in %.0fs", exc, outage)
+                self.stop.wait(outage)
                 continue
             self.status.maybe_print(resp.round, resp.inner_step)
             if self.state is not None and resp.round > self.state.round and resp.action in ("work", "step", "wait"):
@@ -98,7 +104,7 @@ class Miner:
                 continue
             try:
                 self._act(resp)
-            except (BridgeError, TransferError) as exc:  # transient: the bridge re-offers the action
+            except (BridgeError, TransferError, httpx.TransportError) as exc:  # the bridge re-offers it
                 log.warning("%s failed: %s; retrying", resp.action, exc)
                 self.stop.wait(1.0)
             if resp.action == "done":
@@ -185,9 +191,12 @@ class Miner:
             self.client.post("/v1/hops/done", HopDone(hop_id=hop.hop_id, sha256=sha, size=size,
                                                       loss=loss, compute_seconds=seconds))
             self.status.hops_done += 1
-        except (TransferError, BridgeError) as exc:
+        except (TransferError, BridgeError, httpx.TransportError) as exc:
             # The lease will expire and the bridge re-leases the hop elsewhere.
             log.warning("hop %s not reported: %s", hop.hop_id, exc)
+        except codec.CodecError as exc:  # our own output is unencodable (e.g. NaN): never crash on it
+            log.error("hop %s: output cannot be encoded (%s); reporting the hop as failed", hop.hop_id, exc)
+            self._fail(hop, "other", f"output not encodable: {exc}")
 
     def _report_bad_input(self, hop: Hop, exc: BadInput) -> None:
         log.warning("hop %s: bad input (%s), reporting it", hop.hop_id, exc)
@@ -210,16 +219,29 @@ class Miner:
     # ----- inner step -----
     def _step(self, resp: LeaseResponse) -> None:
         self._drain()
+        key = (resp.round, resp.inner_step)
+        if self._last_step is not None and self._last_step[0] == key:
+            # Asked again for a step we already took (our report was lost): report it, never re-apply.
+            self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step,
+                                                        samples=self._last_step[1]))
+            return
         w = self.worker
         for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
             log.warning("dropping forward graph of sample %d (abandoned by the bridge)", sid)
             w.release(sid)
         samples = w.samples_since_step
+        if resp.step_samples and resp.step_samples != samples:
+            # The bridge's count wins at steps/done (it answers 409 otherwise); a mismatch means a
+            # hop we computed was not reported, or one was reported that we did not compute.
+            log.warning("round %d step %d: %d samples accumulated here, the bridge counted %d",
+                        resp.round, resp.inner_step, samples, resp.step_samples)
+            self.status.step_mismatches += 1
         if samples > 0 and not self.cheat.skip_step():
             w.inner_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
         elif samples > 0:
             w.optimizer.zero_grad()
             w._samples = 0
         self.state.samples += samples
+        self._last_step = (key, samples)
+        self.status.record_step(key)
         self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=samples))
-        self.status.steps += 1

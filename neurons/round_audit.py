@@ -97,14 +97,20 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     if ref is None:
         theta = worker.theta()
     else:
-        theta, _ = fetch_state(transfer, ref, worker.param_shapes, run.max_object_bytes)
+        theta, _ = fetch_state(transfer, ref, worker.param_shapes, run.max_state_bytes)
     pg = None
     item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
     if item is not None:
-        blob = transfer.get(item.get_url, max_bytes=run.max_object_bytes)
+        try:
+            blob = transfer.get(item.get_url, max_bytes=run.max_state_bytes)
+        except TransferError as exc:
+            raise ClaimError(f"pseudo-gradient cannot be read: {exc}") from exc
         if hashlib.sha256(blob).hexdigest() != item.sha256:
             raise ClaimError("pseudo-gradient does not match its reported sha256")
-        pg = outer.tensors_from_bytes(blob, worker.param_shapes, max_bytes=run.max_object_bytes)
+        try:
+            pg = outer.tensors_from_bytes(blob, worker.param_shapes, max_bytes=run.max_state_bytes)
+        except outer.OuterError as exc:
+            raise ClaimError(f"pseudo-gradient does not decode: {exc}") from exc
     audit_records = _to_audit_records(transfer, records, shape, cfg.wire_codec)
     settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,
                               data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec)

@@ -99,11 +99,11 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
     shapes = worker.param_shapes
     items = []
     for it in mset.items:
-        blob = transfer.get(it.get_url, max_bytes=run.max_object_bytes)
+        blob = transfer.get(it.get_url, max_bytes=run.max_state_bytes)
         if hashlib.sha256(blob).hexdigest() != it.sha256:
             log.warning("pseudo-gradient of %s fails its hash; skipped", it.hotkey)
             continue
-        items.append((it.samples, outer.tensors_from_bytes(blob, shapes, max_bytes=run.max_object_bytes)))
+        items.append((it.samples, outer.tensors_from_bytes(blob, shapes, max_bytes=run.max_state_bytes)))
     merged = outer.merge(items, method=run.merge_method, clip_factor=run.clip_factor)
     theta, momentum = outer.nesterov_step(state.theta_start, merged, state.momentum,
                                           lr=run.outer_lr, momentum_coef=run.outer_momentum)
@@ -124,7 +124,7 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
     if ack.state.sha256 != sha:
         log.warning("round %d: my merged state %s.. disagrees with the published %s..; loading the published one",
                     rnd, sha[:10], ack.state.sha256[:10])
-        theta, momentum = fetch_state(transfer, ack.state, shapes, run.max_object_bytes)
+        theta, momentum = fetch_state(transfer, ack.state, shapes, run.max_state_bytes)
     worker.load_theta(theta)
     log.info("round %d merged over %d replicas; round %d starts from %s..", rnd, len(items), rnd + 1, ack.state.sha256[:10])
     return RoundState(round=rnd + 1, theta_start=worker.theta(), momentum=momentum, sha=ack.state.sha256), computed

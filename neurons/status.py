@@ -19,10 +19,22 @@ class MinerStatus:
         self._last_print = self.started
         self.stage = self.round = -1
         self.hops_done = self.steps = self.bad_inputs = 0
+        self.step_mismatches = 0
         self.hops_computed = 0
         self.tokens = 0
         self.compute_seconds = 0.0
         self.last_loss: float | None = None
+        self.first_hop_at: float | None = None
+        self.last_hop_at: float | None = None
+        self._applied: set = set()
+        self.duplicate_steps = 0
+
+    def record_step(self, key: tuple) -> None:
+        """Count an applied optimizer step; a (round, inner_step) applied twice is a bug we report."""
+        if key in self._applied:
+            self.duplicate_steps += 1
+        self._applied.add(key)
+        self.steps += 1
 
     def set_stage(self, stage: int, rnd: int) -> None:
         """Remember the stage and round for the status line."""
@@ -30,6 +42,10 @@ class MinerStatus:
 
     def add_compute(self, seconds: float, hop, tokens: int, loss: float | None) -> None:
         """Account one computed hop."""
+        now = time.monotonic()
+        if self.first_hop_at is None:
+            self.first_hop_at = now - seconds
+        self.last_hop_at = now
         self.compute_seconds += seconds
         self.hops_computed += 1
         if hop.kind in ("fwd", "fwdbwd"):
@@ -40,12 +56,16 @@ class MinerStatus:
     def summary(self) -> dict:
         """Counters as a dict (also written to the status file the localnet reads)."""
         wall = max(1e-9, time.monotonic() - self.started)
+        active = (self.last_hop_at - self.first_hop_at) if self.first_hop_at is not None else 0.0
         return {"stage": self.stage, "round": self.round, "hops_done": self.hops_done,
                 "hops_per_s": self.hops_computed / wall, "tokens_per_s": self.tokens / wall,
                 "compute_fraction": self.compute_seconds / wall, "compute_seconds": self.compute_seconds,
-                "wall_seconds": wall, "bytes_up": self.transfer.bytes_up, "bytes_down": self.transfer.bytes_down,
+                "wall_seconds": wall, "active_seconds": active,
+                "active_compute_fraction": self.compute_seconds / active if active > 0 else 0.0,
+                "bytes_up": self.transfer.bytes_up, "bytes_down": self.transfer.bytes_down,
                 "net_seconds": self.transfer.seconds_up + self.transfer.seconds_down,
-                "steps": self.steps, "bad_inputs": self.bad_inputs, "last_loss": self.last_loss}
+                "steps": self.steps, "duplicate_steps": self.duplicate_steps, "bad_inputs": self.bad_inputs,
+                "step_mismatches": self.step_mismatches, "last_loss": self.last_loss}
 
     def maybe_print(self, rnd: int, inner_step: int) -> None:
         """Log the status line if `every` seconds passed since the last one."""

@@ -123,7 +123,7 @@ class ObjectTransfer:
             try:
                 return fn()
             except TransferError as exc:
-                if exc.status is None or exc.status < 500 or attempt == self.tries:
+                if exc.status is None or (exc.status < 500 and exc.status != 429) or attempt == self.tries:
                     raise
                 err = exc
             except _RETRYABLE as exc:

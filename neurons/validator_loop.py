@@ -11,11 +11,15 @@ import random
 import threading
 from dataclasses import dataclass, field
 
+import httpx
+
 from protocol.client import BridgeError, SignedClient
 from protocol.messages import HopLog, Metrics, RunInfo
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
-from neurons.transfer import ObjectTransfer
+from neurons.stage_worker import WorkerError
+from neurons.transfer import ObjectTransfer, TransferError
+from resbm.outer import OuterError
 
 __all__ = ["ValidatorSettings", "Validator"]
 
@@ -63,6 +67,8 @@ class Validator:
         self.pending_weights: list | None = meta.get("pending_weights")
         self.weights_set = 0
         self.audits = AuditLog()
+        self.unverified: dict[str, int] = {}
+        """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.run = RunInfo.model_validate(client.get("/v1/run")).run
 
@@ -87,21 +93,33 @@ class Validator:
         while not self.stop.is_set():
             try:
                 self.tick()
-            except BridgeError as exc:
+            except (BridgeError, httpx.TransportError) as exc:  # e.g. the bridge is restarting
                 log.warning("bridge error: %s", exc)
             self.stop.wait(self.s.poll_seconds)
 
-    def tick(self) -> None:
-        """One pass: process every round that closed since the last pass, then maybe set weights."""
+    def tick(self, max_rounds: int | None = None) -> None:
+        """One pass: process the rounds closed since the last pass (at most `max_rounds`), then maybe set weights."""
         m = Metrics.model_validate(self.client.get("/v1/metrics"))
+        self._note_unverified(m)
         closed = m.round if m.phase != "done" else m.round + 1
-        while self.next_round < closed and not self.stop.is_set():
+        done = 0
+        while self.next_round < closed and not self.stop.is_set() and (max_rounds is None or done < max_rounds):
             self.process_round(self.next_round)
             self.next_round += 1
             self.pending_window = True
             self._save()
+            done += 1
         if self.pending_window:
             self.maybe_set_weights()
+
+    def _note_unverified(self, m: Metrics) -> None:
+        """Log miners whose claims the bridge refused or let expire (they earn nothing for them)."""
+        for mm in m.miners:
+            seen = self.unverified.get(mm.hotkey, 0)
+            if mm.lease_expiries > seen:
+                log.info("miner %s: %d leases expired without a verified output (%d verified hops)",
+                         mm.hotkey[:10], mm.lease_expiries, mm.hops_done)
+            self.unverified[mm.hotkey] = mm.lease_expiries
 
     def process_round(self, rnd: int) -> None:
         """Score every miner's verified hops of a closed round and audit a random few."""
@@ -128,6 +146,12 @@ class Validator:
                 return
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
+        except (OuterError, WorkerError, ValueError) as exc:  # the miner's objects do not load
+            passed, reason, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
+        except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault
+            self.audits.incomplete += 1
+            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
+            return
         self.audits.runs += 1
         self.audits.seconds += seconds
         self.audits.verdicts.append((rnd, hotkey, passed, reason))
@@ -163,5 +187,6 @@ class Validator:
         self.weights_set += 1
         self.pending_window = False
         self._save()
-        log.info("weights set: %s", " ".join(f"uid{u}={w:.3f}" for u, w in zip(uids, weights)))
+        log.info("weights set at block %d (version %d, %d windows): %s", self.chain.current_block(),
+                 self.run.version_key, self.book.window, " ".join(f"uid{u}={w:.4f}" for u, w in zip(uids, weights)))
         return True

@@ -231,6 +231,9 @@ class LeaseRequest(_Model):
     max_hops: int = Field(default=1, ge=1, le=64)
     fwd_out_bytes: int = Field(ge=0, le=_MAX_BYTES, description="encoded activation size (0 at last stage)")
     bwd_out_bytes: int = Field(ge=0, le=_MAX_BYTES, description="encoded input-gradient size (0 at stage 0)")
+    wait_ms: int = Field(default=0, ge=0, le=30_000,
+                         description="long-poll: hold the request up to this long while there "
+                         "is nothing to do, instead of answering `wait` at once")
 
 
 class Hop(_Model):
@@ -422,6 +425,8 @@ class Metrics(_Model):
     stages: list[StageMetrics] = Field(max_length=64)
     miners: list[MinerMetrics] = Field(max_length=100_000)
     recent_losses: list[float] = Field(default_factory=list, max_length=1024)
+    db_commits: int = Field(default=0, ge=0, description="SQLite transactions since start")
+    db_rows_written: int = Field(default=0, ge=0, description="SQLite rows written since start")
 
 
 class HopRecord(_Model):

@@ -7,6 +7,12 @@ Each micro-batch's unscaled loss is backpropagated through the stages (codes and
 pass through the wire fake-quantiser); before the optimizer step the accumulated gradients are
 divided by the number of micro-batches, so they are the mean over the step's samples, as
 miners compute them.
+
+With `outer_every=H` the trainer also runs the DiLoCo-style round structure of the subnet: every
+H inner steps each stage takes an outer step with `resbm.outer` (pseudo-gradient, merge over its
+one replica, Nesterov) exactly as a miner does, and the inner optimizer starts fresh. Round r then
+consumes sample ids r*H*A .. (r+1)*H*A-1, the ids the bridge mints for round r when
+samples_per_round = H*A.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import data
+from . import data, outer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BOUNDARY_KINDS, PRESETS, ModelConfig
 from .optim import OptimConfig, build_optimizer
@@ -64,12 +70,20 @@ def evaluate(stages: list[nn.Module], batches: list[tuple[torch.Tensor, torch.Te
 def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 8, accum: int = 1,
           seed: int = 0, init_seed: int = 0, device: str = "auto", val_every: int = 0,
           val_batches: int = 4, ckpt_dir: str | None = None, ckpt_every: int = 0,
-          resume: str | None = None, progress: bool = True, amp: bool = False) -> dict[str, Any]:
+          resume: str | None = None, progress: bool = True, amp: bool = False,
+          outer_every: int = 0, outer_lr: float = 1.0, outer_momentum: float = 0.0,
+          merge_method: str = "clipped-mean", clip_factor: float = 2.0) -> dict[str, Any]:
     """Train for `steps` optimizer steps (total, counting resumed ones); returns the history dict
     {step, loss, val_step, val_loss, tokens_per_s, wire_bytes_per_token, mfu}. `amp` runs the
-    forward under bf16 autocast (CUDA only; the exactness tests use fp32)."""
+    forward under bf16 autocast (CUDA only; the exactness tests use fp32). `outer_every` > 0 adds
+    an outer step (outer_lr, outer_momentum, merge_method, clip_factor as in RunConfig) after
+    every `outer_every` inner steps, with a fresh inner optimizer each round."""
     if steps < 0 or batch_size < 1 or accum < 1:
         raise ValueError(f"need steps >= 0, batch_size >= 1, accum >= 1; got {steps}, {batch_size}, {accum}")
+    if outer_every < 0:
+        raise ValueError(f"outer_every must be >= 0 (0 = no outer step), got {outer_every}")
+    if outer_every and resume:
+        raise ValueError("resume with outer_every is not supported: checkpoints hold no outer momentum")
     dev = pick_device(device)
     if amp and dev.type != "cuda":
         raise ValueError(f"amp (bf16 autocast) needs a CUDA device, got {dev}")
@@ -87,6 +101,8 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
     val_set = data.validation_batches(val_batches, batch_size, cfg.seq_len) if val_every else []
     hist: dict[str, Any] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
     tokens_per_step = accum * batch_size * cfg.seq_len
+    rounds = _OuterRounds(stages, outer_every, outer_lr, outer_momentum, merge_method, clip_factor,
+                          accum) if outer_every else None
     t0, done = time.perf_counter(), 0
     bar = tqdm(range(start, steps), disable=not progress, desc="train", unit="step")
     for step in bar:
@@ -100,6 +116,9 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
             if p.grad is not None:
                 p.grad.div_(accum)
         opt.step(step)
+        if rounds is not None and (step + 1) % outer_every == 0:
+            rounds.outer_step()
+            opt = build_optimizer(holder, ocfg)  # inner optimizer state starts fresh each round
         loss = total / accum
         hist["step"].append(step)
         hist["loss"].append(loss)
@@ -121,6 +140,34 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
     peak = _peak_flops(dev)
     hist["mfu"] = cfg.flops_per_token() * hist["tokens_per_s"] / peak if peak else None
     return hist
+
+
+class _OuterRounds:
+    """Per-stage round start weights and outer momentum; the outer step as miners compute it."""
+
+    def __init__(self, stages: list[nn.Module], every: int, lr: float, momentum: float,
+                 method: str, clip_factor: float, samples_per_step: int) -> None:
+        self.stages, self.lr, self.mu = stages, lr, momentum
+        self.method, self.clip = method, clip_factor
+        self.samples = every * samples_per_step
+        self.start = [self._theta(s) for s in stages]
+        self.momentum: list[dict[str, torch.Tensor] | None] = [None] * len(stages)
+
+    @staticmethod
+    def _theta(stage: nn.Module) -> dict[str, torch.Tensor]:
+        sd = stage.state_dict()
+        return {n: sd[n].detach().to("cpu", torch.float32).clone() for n in sorted(sd)}
+
+    def outer_step(self) -> None:
+        """theta <- Nesterov(theta_start, merge([pseudo-gradient])) for every stage."""
+        for i, stage in enumerate(self.stages):
+            pg = outer.pseudo_gradient(self.start[i], self._theta(stage))
+            merged = outer.merge([(self.samples, pg)], method=self.method, clip_factor=self.clip)
+            theta, self.momentum[i] = outer.nesterov_step(self.start[i], merged, self.momentum[i],
+                                                          lr=self.lr, momentum_coef=self.mu)
+            with torch.no_grad():
+                stage.load_state_dict(theta, strict=True)
+            self.start[i] = self._theta(stage)
 
 
 def _save(ckpt_dir: str, stages: list[nn.Module], cfg: ModelConfig, step: int, opt: Any,

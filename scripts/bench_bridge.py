@@ -1,7 +1,8 @@
 """Benchmark the bridge's hot path (lease + done) over loopback with many simulated miners.
 
 Starts a LocalChain and a real `python -m bridge` process (uvicorn, SQLite, signed requests),
-then drives it from asyncio with N miners spread over S stages. Object uploads are skipped:
+then drives it from asyncio with N miners spread over S stages. Idle miners long-poll the
+lease (`wait_ms`, `--wait-ms 0` for the old immediate `wait`). Object uploads are skipped:
 the bridge runs with `--no-head-check` and no S3 endpoint, so URLs are placeholders and the
 HEAD at hops/done is not made; everything else (auth, nonce store, state machine, SQLite
 transaction per request) is the production path.
@@ -15,7 +16,6 @@ import asyncio
 import hashlib
 import json
 import os
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -31,12 +31,16 @@ from tests.servers import make_chain, start_bridge, tiny_run_config  # noqa: E40
 SHA = hashlib.sha256(b"bench").hexdigest()
 args_max_hops = 2
 args_poll = 0.05  # seconds an idle miner waits before leasing again (set by --poll)
+args_wait_ms = 2000  # lease long-poll (set by --wait-ms)
 
 
 class Stats:
     def __init__(self) -> None:
         self.lat: dict[str, list[float]] = {"lease": [], "done": [], "step": []}
+        self.handoff_lat: list[float] = []  # previous hop's done acked -> next hop leased
+        self.ready: dict[int, float] = {}   # sample id -> when its last hop's done was acked
         self.handoffs = 0
+        self.idle = 0
         self.errors = 0
 
 
@@ -80,6 +84,8 @@ async def call(http: Conn, kp, receiver: str, path: str, body: dict) -> dict:
 async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: int) -> None:
     req = {"max_hops": args_max_hops, "fwd_out_bytes": 256 if s < stages - 1 else 0,
            "bwd_out_bytes": 256 if s > 0 else 0}
+    if args_wait_ms:
+        req["wait_ms"] = args_wait_ms
     while time.monotonic() < end:
         t0 = time.perf_counter()
         try:
@@ -88,15 +94,20 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
             stats.errors += 1
             await asyncio.sleep(0.05)
             continue
-        stats.lat["lease"].append(time.perf_counter() - t0)
+        t_lease = time.perf_counter()
         if r["action"] == "work":
+            stats.lat["lease"].append(t_lease - t0)
             for hop in r["hops"]:
+                if hop["sample_id"] in stats.ready:
+                    stats.handoff_lat.append(t_lease - stats.ready.pop(hop["sample_id"]))
                 t1 = time.perf_counter()
                 out = hop["output"]
                 body = {"hop_id": hop["hop_id"], "size": out["size"] if out else 0,
                         "sha256": SHA if out else None}
                 await call(http, kp, receiver, "/v1/hops/done", body)
-                stats.lat["done"].append(time.perf_counter() - t1)
+                t2 = time.perf_counter()
+                stats.lat["done"].append(t2 - t1)
+                stats.ready[hop["sample_id"]] = t2
                 stats.handoffs += 1
         elif r["action"] == "step":
             t1 = time.perf_counter()
@@ -104,7 +115,9 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
                 "round": r["round"], "inner_step": r["inner_step"], "samples": r["step_samples"]})
             stats.lat["step"].append(time.perf_counter() - t1)
         else:
-            await asyncio.sleep(min(args_poll, r["retry_after"] or args_poll))
+            stats.idle += 1
+            if r["action"] != "wait" or not args_wait_ms:
+                await asyncio.sleep(min(args_poll, r["retry_after"] or args_poll))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -114,17 +127,44 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
 
 
-async def drive(bridge, keys, seconds: float, stages: int) -> tuple[Stats, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(bridge, keys, seconds: float, stages: int) -> tuple[Stats, float, dict]:
     stats = Stats()
     host, port = bridge.url.split("//")[1].split(":")
     conns = [Conn(host, int(port)) for _ in keys]
     stage_of = [(await call(c, k, bridge.hotkey, "/v1/miners/register", {}))["stage"]
                 for c, k in zip(conns, keys)]  # the last one mints round 0's samples (not timed)
+    m0 = await metrics(conns[0], keys[0], bridge.hotkey)
+    cpu0, me0 = cpu_seconds(bridge.proc.pid), time.process_time()
     end = time.monotonic() + seconds
     t0 = time.monotonic()
     await asyncio.gather(*(miner(c, k, bridge.hotkey, stats, end, stages, s)
                            for c, k, s in zip(conns, keys, stage_of)))
-    return stats, time.monotonic() - t0
+    wall = time.monotonic() - t0
+    cpu = {"bridge": cpu_seconds(bridge.proc.pid) - cpu0, "client": time.process_time() - me0}
+    m1 = await metrics(conns[0], keys[0], bridge.hotkey)
+    db = {k: m1.get(k, 0) - m0.get(k, 0) for k in ("db_commits", "db_rows_written")}
+    db.update(cpu)
+    return stats, wall, db
+
+
+async def metrics(http: Conn, kp, receiver: str) -> dict:
+    """GET /v1/metrics over the same minimal client."""
+    headers = sign_headers(kp, "GET", "/v1/metrics", b"", receiver)
+    http.writer.write((f"GET /v1/metrics HTTP/1.1\r\nhost: {http.host}\r\n"
+                       + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                       + "\r\n").encode())
+    await http.reader.readline()
+    length = 0
+    while (line := await http.reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return json.loads(await http.reader.readexactly(length))
 
 
 def main() -> None:
@@ -137,9 +177,11 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=8, help="A: forwards per inner step")
     p.add_argument("--poll", type=float, default=0.05, help="idle miner re-lease interval (s)")
     p.add_argument("--max-hops", type=int, default=2, help="hops per lease")
+    p.add_argument("--wait-ms", type=int, default=2000,
+                   help="lease long-poll; 0: immediate `wait` and client-side polling")
     args = p.parse_args()
-    global args_poll, args_max_hops
-    args_poll, args_max_hops = args.poll, args.max_hops
+    global args_poll, args_max_hops, args_wait_ms
+    args_poll, args_max_hops, args_wait_ms = args.poll, args.max_hops, args.wait_ms
     work = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
     _, keys = make_chain(work / "chain.db", miners=args.miners, validators=0)
     cfg = tiny_run_config(n_stages=args.stages, samples_per_round=args.samples, total_rounds=1,
@@ -148,26 +190,28 @@ def main() -> None:
     bridge = start_bridge(work, cfg, work / "chain.db", None,
                           extra=("--no-head-check", "--rate", "1000", "--log-level", "WARNING"))
     try:
-        stats, wall = asyncio.run(drive(bridge, keys["miners"], args.seconds, args.stages))
+        stats, wall, db = asyncio.run(drive(bridge, keys["miners"], args.seconds, args.stages))
     finally:
         bridge.stop()
-    con = sqlite3.connect(bridge.db)
-    rows = sum(con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-               for t in ("hops", "samples", "miners"))
-    con.close()
-    tx = len(stats.lat["lease"]) + len(stats.lat["done"]) + len(stats.lat["step"])
+    tx = len(stats.lat["lease"]) + stats.idle + len(stats.lat["done"]) + len(stats.lat["step"])
     print(f"bridge benchmark: {args.miners} miners, {args.stages} stages, {wall:.1f} s, "
-          f"cpu count {os.cpu_count()}, objects not uploaded (--no-head-check)")
-    print(f"{'metric':<32}{'value':>12}")
-    print(f"{'hand-offs/s (lease + done)':<32}{stats.handoffs / wall:>12.0f}")
-    for k in ("lease", "done"):
-        print(f"{k + ' p50 ms':<32}{pct(stats.lat[k], 0.5):>12.2f}")
-        print(f"{k + ' p99 ms':<32}{pct(stats.lat[k], 0.99):>12.2f}")
-    print(f"{'requests/s':<32}{tx / wall:>12.0f}")
-    print(f"{'SQLite transactions/s':<32}{tx / wall:>12.0f}")
-    print(f"{'SQLite rows in DB (hops+samples)':<32}{rows:>12d}")
-    print(f"{'errors':<32}{stats.errors:>12d}")
-
+          f"cpu count {os.cpu_count()}, lease wait_ms {args.wait_ms}, max_hops {args.max_hops}, "
+          "objects not uploaded (--no-head-check)")
+    rows = [("hand-offs/s (lease + done)", stats.handoffs / wall, "{:.0f}")]
+    for k, xs in (("done", stats.lat["done"]), ("lease with work (incl. hold)", stats.lat["lease"]),
+                  ("hand-off (done ack -> next lease)", stats.handoff_lat)):
+        rows += [(f"{k} p50 ms", pct(xs, 0.5), "{:.2f}"), (f"{k} p99 ms", pct(xs, 0.99), "{:.2f}")]
+    rows += [("requests/s", tx / wall, "{:.0f}"), ("idle lease answers/s", stats.idle / wall, "{:.0f}"),
+             ("SQLite commits/s", db["db_commits"] / wall, "{:.0f}"),
+             ("SQLite rows written/s", db["db_rows_written"] / wall, "{:.0f}"),
+             ("bridge CPU % of one core", 100 * db["bridge"] / wall, "{:.0f}"),
+             ("bridge CPU ms per request", 1000 * db["bridge"] / max(tx, 1), "{:.3f}"),
+             ("bridge CPU ms per hand-off", 1000 * db["bridge"] / max(stats.handoffs, 1), "{:.3f}"),
+             ("client CPU ms per request", 1000 * db["client"] / max(tx, 1), "{:.3f}"),
+             ("errors", stats.errors, "{:d}")]
+    print(f"{'metric':<40}{'value':>12}")
+    for name, val, fmt in rows:
+        print(f"{name:<40}{fmt.format(val):>12}")
 
 if __name__ == "__main__":
     main()

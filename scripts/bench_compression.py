@@ -86,11 +86,13 @@ class Setting:
         return ModelConfig(**fields)
 
 
-def default_grid(adamw_lr: float = ADAMW_LR, muon_lr: float = MUON_LR) -> list[Setting]:
-    """The issue's grid, each setting under AdamW and Muon, plus a second seed of each baseline."""
+def default_grid(adamw_lr: float = ADAMW_LR, muon_lr: float = MUON_LR,
+                 muon_adamw_lr: float = ADAMW_LR) -> list[Setting]:
+    """The issue's grid, each setting under AdamW and Muon, plus a second seed of each baseline.
+    `adamw_lr` is the lr of AdamW-only runs; `muon_adamw_lr` that of embeddings/head/norms under Muon."""
     rows: list[Setting] = []
     for opt in ("muon", "adamw"):
-        kw = dict(opt=opt, adamw_lr=adamw_lr, muon_lr=muon_lr)
+        kw = dict(opt=opt, adamw_lr=adamw_lr if opt == "adamw" else muon_adamw_lr, muon_lr=muon_lr)
         rows += [Setting("none", **kw), Setting("none", seed=1, **kw)]
         rows += [Setting("resbm", r, **kw) for r in (32, 64, 128)]
         rows += [Setting("resbm-iota", 128, **kw), Setting("naive", 128, **kw),
@@ -111,8 +113,8 @@ class TokenReinjection(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(cfg.n_stages - 1))
-        for e in self.embeds:
+        self.embed = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(cfg.n_stages - 1))
+        for e in self.embed:
             nn.init.zeros_(e.weight)
 
 
@@ -126,7 +128,7 @@ def _forward(model: nn.Module, extra: TokenReinjection | None, tokens: torch.Ten
         x = block(x, model.rope_cos, model.rope_sin)
         if i in model._boundary_after:
             b = model._boundary_after[i]
-            x = model.boundaries[b](x) + extra.embeds[int(b)](tokens)
+            x = model.boundaries[b](x) + extra.embed[int(b)](tokens)
     return lm_loss(model.head(model.norm(x)), targets)
 
 
@@ -312,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="lr-sweep: Muon lrs")
     p.add_argument("--adamw-lr", type=float, default=ADAMW_LR, help="AdamW lr (all params under adamw; "
                    "embeddings/head/norms under muon)")
+    p.add_argument("--muon-adamw-lr", type=float, default=ADAMW_LR, help="AdamW lr of the non-matrix "
+                   "parameters in Muon runs")
     p.add_argument("--muon-lr", type=float, default=MUON_LR, help="Muon lr (2-D hidden matrices incl. E, D)")
     p.add_argument("--extra", default="", help="extra settings as JSON list of Setting fields")
     p.add_argument("--timing", action="store_true", help="isolated timing pass: few steps, no table")
@@ -327,13 +331,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _select(args: argparse.Namespace) -> list[Setting]:
     if args.grid == "lr-sweep":
-        grid = lr_sweep_grid([float(v) for v in args.adamw_lrs.split(",")],
-                             [float(v) for v in args.muon_lrs.split(",")])
+        grid = lr_sweep_grid([float(v) for v in args.adamw_lrs.split(",") if v],
+                             [float(v) for v in args.muon_lrs.split(",") if v])
     else:
-        grid = default_grid(args.adamw_lr, args.muon_lr)
-    if args.extra:
-        grid += [Setting(**{"adamw_lr": args.adamw_lr, "muon_lr": args.muon_lr, **f})
-                 for f in json.loads(args.extra)]
+        grid = default_grid(args.adamw_lr, args.muon_lr, args.muon_adamw_lr)
+    for f in json.loads(args.extra) if args.extra else []:
+        lr = args.adamw_lr if f.get("opt", "muon") == "adamw" else args.muon_adamw_lr
+        grid.append(Setting(**{"adamw_lr": lr, "muon_lr": args.muon_lr, **f}))
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(wanted) - {s.name for s in grid})

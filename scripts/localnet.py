@@ -87,7 +87,7 @@ def run_config_from_args(args: argparse.Namespace) -> dict:
                 samples_per_round=n, muon_lr=args.muon_lr, adamw_lr=args.adamw_lr, weight_decay=0.0,
                 warmup_steps=2, total_rounds=args.rounds, min_lr_ratio=0.1, outer_lr=args.outer_lr,
                 outer_momentum=args.outer_momentum, data_seed=args.seed, init_seed=args.seed,
-                lease_seconds=args.lease_seconds, max_object_bytes=256 * 2**20, max_attempts=5,
+                lease_seconds=args.lease_seconds, max_object_bytes=64 * 2**20, max_state_bytes=1 << 30, max_attempts=5,
                 merge_timeout_seconds=30.0, audit_window_rounds=max(4, args.rounds + 1), version_key=1)
 
 
@@ -160,7 +160,9 @@ def main(argv=None) -> int:
         cluster.start()
         client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
         total = args.rounds * run_config["samples_per_round"]
-        bar = tqdm(total=total, unit="sample", desc="training", dynamic_ncols=True)
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=total, unit="sample", desc="training", dynamic_ncols=True, disable=not tty)
+        last_line = ""
         done_drills: set = set()
         last_finished = -1
         while not stopping["flag"]:
@@ -181,10 +183,14 @@ def main(argv=None) -> int:
                 last_finished = finished
             status = cluster.miner_status()
             tps = sum(s.get("tokens_per_s", 0.0) for s in status.values()) / max(1, args.stages)
-            bar.set_postfix_str(f"round {min(m.round, args.rounds - 1) + (1 if m.phase == 'done' else 0)}/{args.rounds} "
-                                f"{m.phase} loss {recent[-1] if recent else float('nan'):.3f} "
-                                f"tok/s {tps:,.0f} reroutes {sum(s.reroutes for s in m.stages)}")
+            line = (f"round {min(m.round, args.rounds - 1) + (1 if m.phase == 'done' else 0)}/{args.rounds} "
+                    f"{m.phase} loss {recent[-1] if recent else float('nan'):.3f} "
+                    f"tok/s {tps:,.0f} reroutes {sum(s.reroutes for s in m.stages)}")
+            bar.set_postfix_str(line)
             bar.refresh()
+            if not tty and line.split(" loss")[0] != last_line.split(" loss")[0]:
+                print(f"[{time.monotonic() - t0:6.1f}s] {finished}/{total} samples | {line}", flush=True)
+            last_line = line
             _drills(args, cluster, m, done_drills, bar)
             if m.phase == "done":
                 break

@@ -41,7 +41,7 @@ def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
             return None
         key = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/{st.state_sha}"
         blob = s3.get_object(Bucket="resbm", Key=key)["Body"].read()
-        theta, _ = outer.state_from_bytes(blob, max_bytes=cluster.run_config["max_object_bytes"])
+        theta, _ = outer.state_from_bytes(blob, max_bytes=cluster.run_config.get("max_state_bytes", 2**32))
         thetas.append(theta)
     return thetas
 

@@ -9,95 +9,43 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import httpx
 import yaml
 
+from scripts.local_servers import S3Server as _LauncherS3Server
+from scripts.local_servers import die_with_parent, free_port, rclone_binary, stop_process, wait_http
+from scripts.local_servers import start_s3 as _launcher_start_s3
+
 __all__ = ["free_port", "S3Server", "start_s3", "BridgeProcess", "start_bridge", "make_chain",
-           "tiny_run_config", "wait_http", "REPO"]
+           "tiny_run_config", "wait_http", "rclone_binary", "REPO", "ACCESS_KEY", "SECRET_KEY"]
 
 REPO = Path(__file__).resolve().parent.parent
-ACCESS_KEY, SECRET_KEY = "testkey", "testsecret"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None) -> None:
-    """Poll `url` until it answers (any status) or raise."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def _rclone() -> str:
-    cand = Path(sys.executable).parent / "rclone"
-    return str(cand) if cand.exists() else (shutil.which("rclone") or "rclone")
+ACCESS_KEY, SECRET_KEY = "testkey", "testsecret"  # fixed, so tests can build their own clients
 
 
 @dataclass
-class S3Server:
-    """A running `rclone serve s3` over a local directory."""
+class S3Server(_LauncherS3Server):
+    """The launcher's rclone S3 server, plus a bridge `Storage` on it."""
 
-    endpoint: str
-    root: Path
-    proc: subprocess.Popen
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
-    bucket: str = "resbm"
 
     def storage(self, bucket: Optional[str] = None) -> Any:
         """A bridge Storage on this server (bucket created)."""
         from bridge.storage import Storage
         return Storage(self.endpoint, bucket or self.bucket, self.access_key, self.secret_key)
 
-    def stop(self) -> None:
-        """Terminate the server."""
-        _stop(self.proc)
-
 
 def start_s3(root: Path) -> S3Server:
-    """Start rclone's SigV4-checking S3 server on a free loopback port."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = [_rclone(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-           "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--config", "/dev/null",
-           "--log-level", "ERROR"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_http(endpoint, proc=proc)
-    return S3Server(endpoint=endpoint, root=root, proc=proc)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    """Start rclone's SigV4-checking S3 server on a free loopback port (test credentials)."""
+    s = _launcher_start_s3(Path(root), ACCESS_KEY, SECRET_KEY)
+    return S3Server(endpoint=s.endpoint, root=s.root, proc=s.proc, access_key=s.access_key,
+                    secret_key=s.secret_key, bucket=s.bucket)
 
 
 def make_chain(path: Path, miners: int = 4, validators: int = 1, netuid: int = 1,
@@ -153,7 +101,7 @@ class BridgeProcess:
 
     def stop(self) -> None:
         """Terminate cleanly."""
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def restart(self) -> "BridgeProcess":
         """Start again with the same flags (same DB, same port)."""
@@ -162,10 +110,11 @@ class BridgeProcess:
 
 def _launch(args: list[str], url: str, hotkey: str, db: Path,
             log_path: Optional[Path]) -> BridgeProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+                            stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     wait_http(url + "/health", timeout=30.0, proc=proc)
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
 

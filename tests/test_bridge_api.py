@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 
 import httpx
 import pytest
@@ -91,3 +93,33 @@ def test_hoplog_lists_done_hops_with_urls(env):
     rec = log["records"][0]
     assert rec["kind"] == "fwd" and rec["output"]["key"].startswith("runs/test-run/r0/s0/act/")
     assert len(httpx.get(rec["output"]["url"]).content) == 64
+
+
+def test_lease_long_poll_holds_then_wakes_when_work_arrives(env):
+    b, _, (c0, c1, _) = env
+    lease1 = dict(LEASE, fwd_out_bytes=0)
+    first = c1.post("/v1/hops/lease", lease1)  # the stage-1 hop made by the earlier forward
+    assert first["action"] == "work" and first["stage"] == 1
+    t0 = time.monotonic()
+    r = c1.post("/v1/hops/lease", dict(lease1, wait_ms=400))
+    held = time.monotonic() - t0
+    assert r["action"] == "wait" and r["retry_after"] == 0.0 and 0.35 <= held < 5.0
+    got: dict = {}
+
+    def poll() -> None:
+        t = time.monotonic()
+        got["r"] = c1.post("/v1/hops/lease", dict(lease1, wait_ms=8000))
+        got["s"] = time.monotonic() - t
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.3)  # c1 is parked now
+    hop = c0.post("/v1/hops/lease", LEASE)["hops"][0]
+    data = os.urandom(64)
+    assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
+    c0.post("/v1/hops/done", {"hop_id": hop["hop_id"], "sha256": hashlib.sha256(data).hexdigest(),
+                              "size": 64})
+    th.join(timeout=10)
+    assert got["r"]["action"] == "work" and got["s"] < 4.0  # woken, not timed out
+    assert got["r"]["hops"][0]["sample_id"] == hop["sample_id"]
+    m = c0.get("/v1/metrics")
+    assert m["db_commits"] > 0 and m["db_rows_written"] >= m["db_commits"]

@@ -28,6 +28,7 @@ class FakeWorker(threading.Thread):
         self.http = httpx.Client(timeout=10)
         self.stop_ev, self.error, self.hops = stop, None, 0
         self.merged_rounds: set[int] = set()
+        self.reports: dict[int, dict] = {}  # round -> the pseudograd / merged bodies it sent
 
     def run(self):
         try:
@@ -45,7 +46,7 @@ class FakeWorker(threading.Thread):
         a = self.c.post("/v1/miners/register", {})
         stage, n = a["stage"], a["run"]["n_stages"]
         req = {"max_hops": 2, "fwd_out_bytes": ACT if stage < n - 1 else 0,
-               "bwd_out_bytes": GRAD if stage > 0 else 0}
+               "bwd_out_bytes": GRAD if stage > 0 else 0, "wait_ms": 500}
         while not self.stop_ev.is_set():
             r = self.c.post("/v1/hops/lease", req)
             if r["action"] == "work":
@@ -86,8 +87,9 @@ class FakeWorker(threading.Thread):
     def merge(self, round_, stage):
         try:
             key, sha = self.put(round_, "pseudograd", os.urandom(32))
-            self.c.post("/v1/rounds/pseudograd", {"round": round_, "key": key, "sha256": sha,
-                                                  "size": 32, "samples": 1})
+            body = {"round": round_, "key": key, "sha256": sha, "size": 32, "samples": 1}
+            self.c.post("/v1/rounds/pseudograd", body)
+            self.reports.setdefault(round_, {})["pg"] = body
         except BridgeError as exc:
             if exc.status != 409:  # did no work this round: nothing to report
                 raise
@@ -104,7 +106,9 @@ class FakeWorker(threading.Thread):
             self.fetch({"url": item["get_url"], "sha256": item["sha256"]})
         merged = ("|".join(i["sha256"] for i in ms["items"]) + f"|{round_}").encode()
         key, sha = self.put(round_, "state", merged)
-        ack = self.c.post("/v1/rounds/merged", {"round": round_, "sha256": sha, "key": key})
+        body = {"round": round_, "sha256": sha, "key": key}
+        ack = self.c.post("/v1/rounds/merged", body)
+        self.reports.setdefault(round_, {})["merged"] = body
         assert ack["agreed"] in (None, True)
         self.merged_rounds.add(round_)
 
@@ -156,9 +160,36 @@ def test_two_stages_two_replicas_run_several_rounds_with_merge(tmp_path, s3_serv
         assert all(x["hops_done"] > 0 for x in m["miners"])  # both replicas of each stage worked
         assert m["recent_losses"] and m["recent_losses"][-1] == 2.5
         check_db(b.db, 24, 2)
+        check_late_reports(ws, m)
     finally:
         stop.set()
         b.stop()
+
+
+def check_late_reports(ws, metrics):
+    """Retried or late reports of finished rounds get the published result, not a 409."""
+    published = {s["stage"]: s["state_sha"] for s in metrics["stages"]}
+    seen = 0
+    for w in ws:
+        for round_, rep in sorted(w.reports.items()):
+            if "pg" in rep:
+                assert "already recorded" in w.c.post("/v1/rounds/pseudograd", rep["pg"])["message"]
+                with pytest.raises(BridgeError) as e:
+                    w.c.post("/v1/rounds/pseudograd", dict(rep["pg"], samples=2))
+                assert e.value.status == 409
+            if "merged" in rep:
+                ack = w.c.post("/v1/rounds/merged", rep["merged"])
+                assert ack["published"] is True and ack["agreed"] is True
+                assert ack["state"]["round"] == round_ + 1
+                if round_ == 2:
+                    assert ack["state"]["sha256"] == published[ack["state"]["stage"]]
+                other = hashlib.sha256(b"other").hexdigest()
+                wrong = dict(rep["merged"], sha256=other,
+                             key=rep["merged"]["key"].rsplit("/", 1)[0] + "/" + other)
+                ack = w.c.post("/v1/rounds/merged", wrong)
+                assert ack["published"] is True and ack["agreed"] is False
+                seen += 1
+    assert seen >= 4 * 2  # every worker, at least the first and last rounds
 
 
 @pytest.mark.slow

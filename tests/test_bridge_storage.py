@@ -54,3 +54,21 @@ def test_list_and_gc_delete_prefix_keeps_listed_keys(store):
     assert n == 3
     assert store.list("runs/gc/r1/") == ["runs/gc/r1/s0/state/keep"]
     assert store.list("runs/gc/r2/") == ["runs/gc/r2/s0/act/h9"]
+
+
+def test_nonce_store_rejects_replays_and_remembers_flushed_nonces(tmp_path):
+    from bridge.nonces import BufferedNonceStore
+    path = tmp_path / "nonces.db"
+    store = BufferedNonceStore(path, max_age=30.0)
+    now = time.time_ns()
+    old = now - int(3600 * 1e9)  # far outside the window: forgotten on reload
+    assert store.check_and_store("alice", now) and store.check_and_store("alice", old)
+    assert not store.check_and_store("alice", now)  # replay
+    assert store.check_and_store("bob", now)  # same nonce, other hotkey
+    assert store.flush() == 3 and store.flush() == 0
+    assert store.check_and_store("carol", now)  # accepted but never flushed: lost in a crash
+    store.close()
+    again = BufferedNonceStore(path, max_age=30.0)
+    assert not again.check_and_store("alice", now) and not again.check_and_store("bob", now)
+    assert again.check_and_store("alice", old) and again.check_and_store("carol", now)
+    assert len(again) == 4

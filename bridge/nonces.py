@@ -1,0 +1,94 @@
+"""Replay cache for signed requests: checked in memory, persisted to SQLite in batches.
+
+The bridge flushes pending nonces in the same group commit as the state changes the requests
+caused, before any of them is answered. A nonce lost in a crash therefore belongs to a request
+whose effect was lost too and which nobody saw answered: replaying it is the same as the
+original arriving late. Same table layout as `protocol.auth.SqliteNonceStore`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+
+from protocol.auth import ALLOWED_SKEW, DEFAULT_MAX_AGE
+
+__all__ = ["BufferedNonceStore"]
+
+log = logging.getLogger(__name__)
+
+
+class BufferedNonceStore:
+    """`check_and_store` in memory; `flush()` writes what is new in one transaction."""
+
+    def __init__(self, path: str | os.PathLike[str], max_age: float = DEFAULT_MAX_AGE) -> None:
+        if max_age <= 0:
+            raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
+        self.path = os.fspath(path)
+        self.retention = float(max_age) + ALLOWED_SKEW + 5.0
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int], None] = {}  # insertion order ~ nonce (time) order
+        self._pending: list[tuple[str, int]] = []
+        self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
+                                     isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS btauth_nonces (hotkey TEXT NOT NULL, "
+                           "nonce INTEGER NOT NULL, PRIMARY KEY (hotkey, nonce)) WITHOUT ROWID")
+        self._conn.execute("CREATE INDEX IF NOT EXISTS btauth_nonces_by_nonce "
+                           "ON btauth_nonces (nonce)")
+        self._pruned_at = time.monotonic()
+        cutoff = self._cutoff()
+        self._conn.execute("DELETE FROM btauth_nonces WHERE nonce < ?", (cutoff,))
+        for hk, n in self._conn.execute("SELECT hotkey, nonce FROM btauth_nonces ORDER BY nonce"):
+            self._seen[(hk, n)] = None
+
+    def _cutoff(self) -> int:
+        return time.time_ns() - int(self.retention * 1e9)
+
+    def check_and_store(self, hotkey_ss58: str, nonce_ns: int) -> bool:
+        """Record (hotkey, nonce); True when new, False for a replay."""
+        key = (hotkey_ss58, int(nonce_ns))
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen[key] = None
+            self._pending.append(key)
+        return True
+
+    def flush(self) -> int:
+        """Persist new nonces and forget expired ones; returns how many were written."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            cutoff = self._cutoff()
+            while self._seen:
+                first = next(iter(self._seen))
+                if first[1] >= cutoff:
+                    break
+                del self._seen[first]
+        if not pending:
+            return 0
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany("INSERT OR IGNORE INTO btauth_nonces VALUES (?, ?)", pending)
+            if time.monotonic() - self._pruned_at > 5.0:
+                c.execute("DELETE FROM btauth_nonces WHERE nonce < ?", (cutoff,))
+                self._pruned_at = time.monotonic()
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            with self._lock:
+                self._pending[:0] = pending
+            raise
+        return len(pending)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._seen)
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._conn.close()

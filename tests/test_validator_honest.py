@@ -1,0 +1,68 @@
+"""Honest miners only, on different dtypes, over three rounds: no false positives, and weights in
+proportion to compute-weighted verified hops (the last stage's single miner does twice the work of
+each of stage 0's two replicas, and gets about twice the weight)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from neurons.transfer import ObjectTransfer
+from neurons.validator_loop import Validator, ValidatorSettings
+from protocol.messages import HopLog
+from tests.test_validator_subnet import RATE_LIMIT, run_subnet, throughput_by_miner
+
+log = logging.getLogger(__name__)
+
+ROUNDS = 3
+# Registration alternates stages (fewest replicas, ties to the lowest index): 0, 1, 0.
+MINERS = [
+    ("s0-fp32", "honest", torch.float32, 0),
+    ("s1-fp32", "honest", torch.float32, 1),
+    ("s0-bf16", "honest", torch.bfloat16, 0),
+]
+BURN = 0.2
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    """Run the honest subnet, then validate all its rounds in one window."""
+    with run_subnet(tmp_path_factory.mktemp("honest"), MINERS, total_rounds=ROUNDS, samples_per_round=8) as net:
+        chain, client, vkey = net["chain"], net["client"], net["keys"]["validators"][0]
+        settings = ValidatorSettings(state_path=str(net["tmp"] / "v.json"), audit_fraction=1.0, burn_share=BURN)
+        v = Validator(client, ObjectTransfer(), chain, vkey, settings)
+        chain.advance_blocks(RATE_LIMIT)
+        v.tick()
+        logs = [HopLog.model_validate(client.get("/v1/validator/hoplog", params={"round": r})) for r in range(ROUNDS)]
+        yield dict(net, v=v, logs=logs, weights=chain.weights_of(vkey.ss58_address))
+
+
+def test_honest_miners_on_fp32_and_bf16_pass_every_audit(result):
+    v, names = result["v"], result["names"]
+    assert v.next_round == ROUNDS and v.weights_set == 1
+    audited = sorted((rnd, hk) for rnd, hk, _, _ in v.audits.verdicts)
+    assert audited == sorted((r, hk) for r in range(ROUNDS) for hk in names.values()), "every miner, every round"
+    failures = [x for x in v.audits.verdicts if not x[2]]
+    assert failures == []
+    assert v.audits.incomplete == 0
+    log.warning("honest audits: %d run, %d false positives, %.3fs replay per audited miner-round",
+                v.audits.runs, len(failures), v.audits.seconds / v.audits.runs)
+
+
+def test_twice_the_verified_hops_gets_about_twice_the_weight(result):
+    w, uid, names = result["weights"], result["uid"], result["names"]
+    tp: dict[str, float] = {}
+    for lg in result["logs"]:
+        for hk, t in throughput_by_miner(lg).items():
+            tp[hk] = tp.get(hk, 0.0) + t
+    total = sum(tp.values())
+    mg = result["chain"].metagraph()
+    assert w[mg.uid_of(mg.owner_hotkey)] == pytest.approx(BURN, abs=1e-4)
+    for n, hk in names.items():
+        assert w[uid[n]] == pytest.approx((1 - BURN) * tp[hk] / total, rel=1e-3, abs=2e-4)
+    last = w[uid["s1-fp32"]]
+    ratios = [last / w[uid[n]] for n in ("s0-fp32", "s0-bf16")]
+    log.warning("last-stage / stage-0 weight ratios: %s", [f"{r:.2f}" for r in ratios])
+    assert w[uid["s0-fp32"]] + w[uid["s0-bf16"]] == pytest.approx(last, rel=0.05)
+    assert all(1.5 <= r <= 2.7 for r in ratios), ratios

@@ -1,0 +1,281 @@
+"""One real subnet on loopback (rclone S3, LocalChain, `python -m bridge`, real `Miner`s with
+cheats), then the real `Validator` over its hop logs: audits, scores, weights, rate limit, restart.
+
+The subnet runs once per module. Stage 0 gets an honest fp32 miner and the cheaters `copy`,
+`stale`, `random` and `phantom`; the last stage gets an honest fp32 and an honest bfloat16 miner
+and the cheaters `lazy` and `junk` (a phantom variant: uploads random bytes of the right size,
+so the bridge's HEAD check passes and only the validator's hash check can catch it).
+Miners run as threads of this process (same `Miner` class as `neurons/miner.py`) to spare the
+shared CPU the cost of nine torch imports.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurons.cheats import Cheat
+from neurons.miner_loop import Miner
+from neurons.transfer import ObjectTransfer
+from neurons.validator_loop import Validator, ValidatorSettings
+from protocol.client import SignedClient
+from protocol.messages import HopLog, Metrics
+from resbm import data
+from resbm.config import ModelConfig
+from tests.servers import make_chain, start_bridge, start_s3
+
+log = logging.getLogger(__name__)
+
+# name, cheat, dtype, stage the alternating registration must give it
+MINERS = [
+    ("honest0", "honest", torch.float32, 0),
+    ("honest1", "honest", torch.float32, 1),
+    ("copy", "copy", torch.float32, 0),
+    ("honest2-bf16", "honest", torch.bfloat16, 1),
+    ("stale", "stale", torch.float32, 0),
+    ("lazy", "lazy", torch.float32, 1),
+    ("random", "random", torch.float32, 0),
+    ("junk", "junk", torch.float32, 1),
+    ("phantom", "phantom", torch.float32, 0),
+]
+HONEST = ("honest0", "honest1", "honest2-bf16")
+CHEATERS = ("copy", "stale", "lazy", "random", "junk", "phantom")
+BURN = 0.1
+ALPHA = 0.3
+RATE_LIMIT = 100  # make_chain's default; at 12 s a block only advance_blocks can pass it in a test
+COMPUTE = {"fwd": 1.0, "bwd": 2.0, "fwdbwd": 3.0, "bwd_recompute": 3.0}
+
+
+def run_config() -> dict:
+    """Small enough for 2 shared cores; the tolerances in neurons/audit.py were measured on this size."""
+    model = ModelConfig(vocab_size=data.VOCAB_SIZE, d_model=32, n_layers=2, n_heads=2, seq_len=16,
+                        n_stages=2, bottleneck_dim=4, wire_codec="bf16").to_dict()
+    return dict(run_id="val-test", model=model, n_stages=2, batch_size=2, micro_batches_per_step=2,
+                inner_steps_per_round=2, samples_per_round=12, muon_lr=0.02, adamw_lr=3e-3,
+                warmup_steps=0, total_rounds=2, data_seed=3, init_seed=4, lease_seconds=4.0,
+                max_object_bytes=16 * 2**20, merge_timeout_seconds=30.0, max_attempts=5,
+                audit_window_rounds=4, version_key=7)
+
+
+class JunkTransfer(ObjectTransfer):
+    """Uploads random bytes of the right length in place of every hop output."""
+
+    def put(self, url: str, data_: bytes) -> None:
+        if "/act/" in url or "/grad/" in url:
+            data_ = os.urandom(len(data_))
+        super().put(url, data_)
+
+
+def _wait_done(client: SignedClient, threads: list[threading.Thread], timeout: float) -> Metrics:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        m = Metrics.model_validate(client.get("/v1/metrics"))
+        if m.phase == "done":  # miners still retrying a refused merge are stopped by the fixture
+            return m
+        time.sleep(0.5)
+    raise TimeoutError(f"subnet did not finish in {timeout}s: round {m.round} phase {m.phase}, "
+                       f"{m.samples_completed}/{m.samples_total} samples")
+
+
+@contextlib.contextmanager
+def run_subnet(tmp: Path, miners: list[tuple], **run_over):
+    """Start S3, a LocalChain, the bridge and in-process miners; run to the end; yield the pieces.
+
+    `miners` rows are (name, cheat, dtype, stage the alternating registration must give it).
+    """
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s3 = start_s3(tmp / "s3")
+    chain, keys = make_chain(tmp / "chain.db", miners=len(miners), validators=1, prefix="vm")
+    assert chain.weights_rate_limit() == RATE_LIMIT
+    bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3)
+    running, threads, names = [], [], {}
+    try:
+        for (name, kind, dtype, want_stage), kp in zip(miners, keys["miners"]):
+            cheat = Cheat("honest" if kind == "junk" else kind)
+            transfer = JunkTransfer() if kind == "junk" else ObjectTransfer()
+            m = Miner(SignedClient(kp, bridge.url, bridge.hotkey), transfer, dtype=dtype, max_hops=2, cheat=cheat)
+            a = m.register()
+            assert a.stage == want_stage, f"{name} got stage {a.stage}, expected {want_stage}"
+            running.append(m)
+            names[name] = kp.ss58_address
+        for (name, *_), m in zip(miners, running):
+            threads.append(threading.Thread(target=m.run_forever, name=name, daemon=True))
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        observer = SignedClient(keys["validators"][0], bridge.url, bridge.hotkey)
+        metrics = _wait_done(observer, threads, timeout=150.0)
+        log.warning("subnet run took %.1fs; miners still running at the end: %s", time.monotonic() - t0,
+                    [t.name for t in threads if t.is_alive()])
+        yield dict(tmp=tmp, chain=chain, keys=keys, bridge=bridge, names=names, metrics=metrics,
+                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()})
+    finally:
+        for m in running:
+            m.stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        for m in running:
+            m.close()
+        bridge.stop()
+        s3.stop()
+        torch.set_num_threads(old_threads)
+
+
+@pytest.fixture(scope="module")
+def subnet(tmp_path_factory):
+    """The subnet with every cheater, run to the end of its 2 rounds."""
+    with run_subnet(tmp_path_factory.mktemp("subnet"), MINERS) as net:
+        yield net
+
+
+def throughput_by_miner(hoplog: HopLog) -> dict[str, float]:
+    """Compute-weighted hops per hotkey, counted here independently of neurons.scoring."""
+    out: dict[str, float] = {}
+    for r in hoplog.records:
+        kind = "bwd_recompute" if (r.kind == "bwd" and r.recompute) else r.kind
+        out[r.miner_hotkey] = out.get(r.miner_hotkey, 0.0) + COMPUTE[kind]
+    return out
+
+
+@pytest.fixture(scope="module")
+def validated(subnet):
+    """Drive the real Validator: round 0 + weights, round 1 (deferred), restart, rate limit passes."""
+    chain, client = subnet["chain"], subnet["client"]
+    vkey = subnet["keys"]["validators"][0]
+    settings = ValidatorSettings(state_path=str(subnet["tmp"] / "validator.json"), audit_fraction=1.0,
+                                 audit_max_seconds=60.0, burn_share=BURN, ema_alpha=ALPHA, penalty_windows=3)
+    logs = [HopLog.model_validate(client.get("/v1/validator/hoplog", params={"round": r})) for r in (0, 1)]
+    snap: dict = {"hoplogs": logs}
+    v1 = Validator(client, ObjectTransfer(), chain, vkey, settings)
+    chain.advance_blocks(RATE_LIMIT)  # the limit also counts from registration
+    t0 = time.monotonic()
+    v1.tick(max_rounds=1)
+    snap["round0_wall"] = time.monotonic() - t0
+    snap["w_round0"] = chain.weights_of(vkey.ss58_address)
+    snap["sets_after_round0"] = v1.weights_set
+    t0 = time.monotonic()
+    v1.tick(max_rounds=1)
+    snap["round1_wall"] = time.monotonic() - t0
+    snap["w_deferred"] = chain.weights_of(vkey.ss58_address)
+    snap["v1"] = v1
+    snap["v1_scores"] = v1.book.scores()
+    v2 = Validator(client, ObjectTransfer(), chain, vkey, settings)  # a restart: same state file
+    snap["v2_loaded"] = (v2.next_round, v2.pending_window, v2.book.scores(), v2.book.window)
+    v2.tick()
+    snap["v2_audits_after_restart"] = v2.audits.runs + v2.audits.failed + v2.audits.incomplete
+    snap["w_still_deferred"] = chain.weights_of(vkey.ss58_address)
+    chain.advance_blocks(RATE_LIMIT)
+    v2.tick()
+    snap["w_final"] = chain.weights_of(vkey.ss58_address)
+    snap["since_final"] = chain.blocks_since_last_update(vkey.ss58_address)
+    snap["v2"] = v2
+    return snap
+
+
+def _verdicts(subnet, v: Validator) -> dict[str, list[tuple[int, bool, str]]]:
+    by_key = {hk: n for n, hk in subnet["names"].items()}
+    out: dict[str, list] = {n: [] for n in subnet["names"]}
+    for rnd, hk, passed, reason in v.audits.verdicts:
+        out[by_key[hk]].append((rnd, passed, reason))
+    return out
+
+
+def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
+    verdicts = _verdicts(subnet, validated["v1"])
+    active = {n: {r.miner_hotkey for r in lg.records} for n, lg in zip((0, 1), validated["hoplogs"])}
+    table = []
+    for name in CHEATERS:
+        hk = subnet["names"][name]
+        rounds_active = [r for r in (0, 1) if hk in active[r]]
+        runs = verdicts[name]
+        caught = [v for v in runs if not v[1]]
+        table.append(f"{name}: active rounds {rounds_active}, audits {len(runs)}, caught {len(caught)}"
+                     + (f" ({caught[0][2][:80]})" if caught else ""))
+        assert [r for r, _, _ in runs] == rounds_active, f"{name} must be audited in every round it worked"
+        if name == "stale":  # skipping a step shows only in later hops or in the merged pseudo-gradient
+            lgs = validated["hoplogs"]
+            evident = [r for r in rounds_active if any(p.hotkey == hk for p in lgs[r].pseudograds)
+                       or any(x.miner_hotkey == hk and x.inner_step > 0 for x in lgs[r].records)]
+            table.append(f"  stale rounds with evidence (a merged pseudo-gradient or a later-step hop): {evident}")
+            runs = [v for v in runs if v[0] in evident]
+            caught = [v for v in runs if not v[1]]
+            assert runs, "the stale miner left evidence in no round"
+        assert len(caught) == len(runs), f"{name} passed an audit: {runs}"
+    log.warning("cheater table:\n%s", "\n".join(table))
+    for name in ("copy", "stale", "lazy", "random", "junk"):
+        assert verdicts[name], f"{name} did no verified hop, so it was never audited"
+
+
+def test_honest_miners_pass_every_audit_including_bfloat16(subnet, validated):
+    verdicts = _verdicts(subnet, validated["v1"])
+    for name in HONEST:
+        runs = verdicts[name]
+        assert [r for r, _, _ in runs] == [0, 1], f"{name} must be audited in both rounds: {runs}"
+        assert all(p for _, p, _ in runs), f"honest {name} failed: {runs}"
+    v = validated["v1"]
+    assert v.audits.incomplete == 0
+    per = v.audits.seconds / max(1, v.audits.runs)
+    log.warning("audits: %d run, %d failed; %.3fs replay per audited miner-round; wall %.1fs + %.1fs",
+                v.audits.runs, v.audits.failed, per, validated["round0_wall"], validated["round1_wall"])
+    assert per < v.s.audit_max_seconds
+
+
+def test_weights_follow_verified_throughput_and_burn_lands_on_owner(subnet, validated):
+    w, uid, names = validated["w_round0"], subnet["uid"], subnet["names"]
+    assert validated["sets_after_round0"] == 1
+    mg = subnet["chain"].metagraph()
+    owner_uid = mg.uid_of(mg.owner_hotkey)
+    assert w[owner_uid] == pytest.approx(BURN, abs=1e-4)
+    for name in CHEATERS:
+        assert w.get(uid[name], 0.0) == 0.0, f"cheater {name} got weight {w.get(uid[name])}"
+    tp = throughput_by_miner(validated["hoplogs"][0])
+    honest_tp = {n: tp.get(names[n], 0.0) for n in HONEST}
+    assert all(t > 0 for t in honest_tp.values()), honest_tp
+    total = sum(honest_tp.values())
+    for n in HONEST:
+        assert w[uid[n]] == pytest.approx((1 - BURN) * honest_tp[n] / total, rel=1e-3, abs=2e-4), (n, w, honest_tp)
+    # Stage 0's honest miner did forward + backward (3 units) of the samples it served; each last-stage
+    # replica did fwdbwd (3 units) of its share: weight ratio == hop ratio, whatever it was.
+    ratio = w[uid["honest0"]] / w[uid["honest1"]]
+    assert ratio == pytest.approx(honest_tp["honest0"] / honest_tp["honest1"], rel=1e-2)
+
+
+def test_phantom_claims_are_refused_visible_and_earn_nothing(subnet, validated):
+    hk = subnet["names"]["phantom"]
+    mm = next(m for m in Metrics.model_validate(subnet["client"].get("/v1/metrics")).miners if m.hotkey == hk)
+    assert mm.hops_done == 0
+    assert mm.lease_expiries > 0, "the phantom's refused claims must show as expired leases"
+    assert validated["v1"].unverified.get(hk, 0) == mm.lease_expiries
+    assert all(r.miner_hotkey != hk for lg in validated["hoplogs"] for r in lg.records)
+    assert validated["w_final"].get(subnet["uid"]["phantom"], 0.0) == 0.0
+
+
+def test_second_weight_set_inside_rate_limit_is_deferred_not_lost(subnet, validated):
+    assert validated["w_deferred"] == validated["w_round0"]
+    assert validated["w_still_deferred"] == validated["w_round0"]
+    w, uid, names = validated["w_final"], subnet["uid"], subnet["names"]
+    assert validated["since_final"] == 0, "the deferred weights must be set once the limit has passed"
+    tp0, tp1 = (throughput_by_miner(lg) for lg in validated["hoplogs"])
+    ema = {n: ALPHA * tp1.get(names[n], 0.0) + (1 - ALPHA) * ALPHA * tp0.get(names[n], 0.0) for n in HONEST}
+    total = sum(ema.values())
+    for n in HONEST:
+        assert w[uid[n]] == pytest.approx((1 - BURN) * ema[n] / total, rel=1e-3, abs=2e-4), (n, w)
+    for name in CHEATERS:
+        assert w.get(uid[name], 0.0) == 0.0
+    assert validated["v2"].weights_set == 1
+
+
+def test_restart_resumes_without_reauditing_or_losing_scores(validated):
+    next_round, pending, scores, window = validated["v2_loaded"]
+    assert next_round == 2 and pending is True and window == 1
+    assert scores == validated["v1_scores"]
+    assert validated["v2_audits_after_restart"] == 0
+    assert math.isclose(sum(validated["w_final"].values()), 1.0, rel_tol=1e-6)
