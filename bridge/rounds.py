@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 from bridge.records import Hop, Sample, StageState, State, TransitionError
 
-__all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph", "maybe_freeze", "upload_key",
-           "report_pseudograd", "merge_set", "report_merged", "settle_votes", "moved_on",
-           "published_state", "check_archived_pseudograd"]
+__all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph",
+           "maybe_freeze", "upload_key", "report_pseudograd", "merge_set", "report_merged",
+           "settle_votes", "moved_on", "published_state", "check_archived_pseudograd"]
 
 log = logging.getLogger(__name__)
 

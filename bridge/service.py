@@ -19,7 +19,7 @@ __all__ = ["BridgeService"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SLOW_COMMIT_S = 0.02
+SLOW_COMMIT_S = 0.1  # a group commit slower than this is logged: every caller waits on it
 
 
 class BridgeService:

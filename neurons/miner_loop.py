@@ -57,6 +57,7 @@ class Miner:
         self.worker: StageWorker | None = None
         self.state: RoundState | None = None
         self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
+        self._merge_tried: int | None = None  # round whose merge we already attempted
         self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
 
     # ----- setup -----
@@ -123,8 +124,12 @@ class Miner:
             self._step(resp)
         elif resp.action == "merge":
             self._drain()
+            if self._merge_tried == resp.round:  # done what we could; the stage publishes without us
+                self.stop.wait(0.3)
+                return
             self.state, self._computed = merge_round(self.client, self.transfer, self.worker, self.state,
                                                      self.run, resp.round, self.stop, self.cheat)
+            self._merge_tried = resp.round
             self.status.set_stage(self.stage, self.state.round)
         elif resp.action == "reassign":
             self._drain()

@@ -111,8 +111,21 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
             pg = outer.tensors_from_bytes(blob, worker.param_shapes, max_bytes=run.max_state_bytes)
         except outer.OuterError as exc:
             raise ClaimError(f"pseudo-gradient does not decode: {exc}") from exc
-    audit_records = _to_audit_records(transfer, records, shape, cfg.wire_codec)
     settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,
                               data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec)
-    return replay_round(lambda: worker, theta, audit_records, settings, max_seconds=max_seconds,
-                        claimed_pseudo_grad=pg)
+    # A miner that restarted mid-round (a new registration epoch) began again from the round's
+    # state: each epoch is its own replay, and only the last one produced the pseudo-gradient.
+    epochs = sorted({getattr(r, "epoch", 0) for r in records})
+    report = None
+    spent = 0.0
+    for i, epoch in enumerate(epochs):
+        part = [r for r in records if getattr(r, "epoch", 0) == epoch]
+        audit_records = _to_audit_records(transfer, part, shape, cfg.wire_codec)
+        last = i == len(epochs) - 1
+        report = replay_round(lambda: worker, theta, audit_records, settings, max_seconds=max_seconds - spent,
+                              claimed_pseudo_grad=pg if last else None)
+        spent += report.seconds
+        if not report.passed:
+            break
+    report.seconds = spent
+    return report

@@ -88,9 +88,17 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
     pg = worker.pseudo_gradient(state.theta_start)
     if cheat is not None:
         pg = cheat.pseudo_gradient(pg)
-    key, sha = _upload(client, transfer, rnd, "pseudograd", outer.tensors_bytes(pg))
-    client.post("/v1/rounds/pseudograd", PseudogradReport(round=rnd, key=key, sha256=sha,
-                                                          size=len(outer.tensors_bytes(pg)), samples=state.samples))
+    try:
+        key, sha = _upload(client, transfer, rnd, "pseudograd", outer.tensors_bytes(pg))
+        client.post("/v1/rounds/pseudograd", PseudogradReport(round=rnd, key=key, sha256=sha,
+                                                              size=len(outer.tensors_bytes(pg)), samples=state.samples))
+    except BridgeError as exc:
+        if exc.status != 409:
+            raise
+        # no_work (we did nothing this round), frozen (we are too late), not_merging (it moved on):
+        # nothing of ours is merged; wait for the published state like a newcomer.
+        log.info("round %d: pseudo-gradient not taken (%s); waiting for the published state", rnd, exc.detail[:80])
+        return state, None
     log.info("round %d: pseudo-gradient uploaded (%d samples, norm %.4g)", rnd, state.samples,
              float(torch.sqrt(sum((t.double() ** 2).sum() for t in pg.values()))))
     mset = _wait_merge_set(client, rnd, stage, stop)

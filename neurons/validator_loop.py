@@ -126,7 +126,14 @@ class Validator:
         hoplog = HopLog.model_validate(self.client.get("/v1/validator/hoplog", params={"round": rnd}))
         miners = sorted({r.miner_hotkey for r in hoplog.records})
         by_miner = {hk: [r for r in hoplog.records if r.miner_hotkey == hk] for hk in miners}
+        merged = {p.hotkey for p in hoplog.pseudograds}
         for hk in miners:
+            # Work whose pseudo-gradient never reached the merge set did not train the model, and
+            # without it a skipped optimizer step can go unseen: no credit for that round.
+            if hk not in merged:
+                log.info("round %d: %s did %d hops but left no pseudo-gradient in the merge set; no credit",
+                         rnd, hk[:10], len(by_miner[hk]))
+                continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]))
         for hk in hoplog.flagged:
             self.book.record_audit(hk, rnd, False, "merged state disagreed with the majority")

@@ -2,10 +2,12 @@
 
 Starts a LocalChain and a real `python -m bridge` process (uvicorn, SQLite, signed requests),
 then drives it from asyncio with N miners spread over S stages. Idle miners long-poll the
-lease (`wait_ms`, `--wait-ms 0` for the old immediate `wait`). Object uploads are skipped:
+lease (`wait_ms`, `--wait-ms 0` for the old immediate `wait`); `--compute-ms` makes each
+hop take that long on its miner. Object uploads are skipped:
 the bridge runs with `--no-head-check` and no S3 endpoint, so URLs are placeholders and the
 HEAD at hops/done is not made; everything else (auth, nonce store, state machine, SQLite
-transaction per request) is the production path.
+group commits) is the production path. Bridge CPU comes from /proc, SQLite counts from
+GET /v1/metrics.
 
     .venv/bin/python scripts/bench_bridge.py --miners 256 --stages 8 --seconds 20
 """
@@ -16,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ SHA = hashlib.sha256(b"bench").hexdigest()
 args_max_hops = 2
 args_poll = 0.05  # seconds an idle miner waits before leasing again (set by --poll)
 args_wait_ms = 2000  # lease long-poll (set by --wait-ms)
+args_compute = 0.0  # seconds a simulated miner "computes" per hop (set by --compute-ms)
 
 
 class Stats:
@@ -100,6 +102,8 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
             for hop in r["hops"]:
                 if hop["sample_id"] in stats.ready:
                     stats.handoff_lat.append(t_lease - stats.ready.pop(hop["sample_id"]))
+                if args_compute:
+                    await asyncio.sleep(args_compute)
                 t1 = time.perf_counter()
                 out = hop["output"]
                 body = {"hop_id": hop["hop_id"], "size": out["size"] if out else 0,
@@ -179,9 +183,12 @@ def main() -> None:
     p.add_argument("--max-hops", type=int, default=2, help="hops per lease")
     p.add_argument("--wait-ms", type=int, default=2000,
                    help="lease long-poll; 0: immediate `wait` and client-side polling")
+    p.add_argument("--compute-ms", type=float, default=0.0,
+                   help="simulated compute per hop (0: miners hand work on at once)")
     args = p.parse_args()
-    global args_poll, args_max_hops, args_wait_ms
+    global args_poll, args_max_hops, args_wait_ms, args_compute
     args_poll, args_max_hops, args_wait_ms = args.poll, args.max_hops, args.wait_ms
+    args_compute = args.compute_ms / 1000.0
     work = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
     _, keys = make_chain(work / "chain.db", miners=args.miners, validators=0)
     cfg = tiny_run_config(n_stages=args.stages, samples_per_round=args.samples, total_rounds=1,
@@ -196,12 +203,14 @@ def main() -> None:
     tx = len(stats.lat["lease"]) + stats.idle + len(stats.lat["done"]) + len(stats.lat["step"])
     print(f"bridge benchmark: {args.miners} miners, {args.stages} stages, {wall:.1f} s, "
           f"cpu count {os.cpu_count()}, lease wait_ms {args.wait_ms}, max_hops {args.max_hops}, "
+          f"compute {args.compute_ms:g} ms/hop, "
           "objects not uploaded (--no-head-check)")
     rows = [("hand-offs/s (lease + done)", stats.handoffs / wall, "{:.0f}")]
     for k, xs in (("done", stats.lat["done"]), ("lease with work (incl. hold)", stats.lat["lease"]),
                   ("hand-off (done ack -> next lease)", stats.handoff_lat)):
         rows += [(f"{k} p50 ms", pct(xs, 0.5), "{:.2f}"), (f"{k} p99 ms", pct(xs, 0.99), "{:.2f}")]
-    rows += [("requests/s", tx / wall, "{:.0f}"), ("idle lease answers/s", stats.idle / wall, "{:.0f}"),
+    rows += [("requests/s", tx / wall, "{:.0f}"),
+             ("idle lease answers/s", stats.idle / wall, "{:.0f}"),
              ("SQLite commits/s", db["db_commits"] / wall, "{:.0f}"),
              ("SQLite rows written/s", db["db_rows_written"] / wall, "{:.0f}"),
              ("bridge CPU % of one core", 100 * db["bridge"] / wall, "{:.0f}"),

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     settings = _select(args)
-    steps = min(args.steps, 30) if args.timing else args.steps
+    steps = min(args.steps, 100) if args.timing else args.steps
     seq, bsz = SIZES[args.size]["model"]["seq_len"], SIZES[args.size]["batch"]
     data_seeds = sorted({s.seed for s in settings})
     batches = {sd: [tuple(t.to(dev) for t in data.batch(sd, i, bsz, seq)) for i in range(steps)]

@@ -45,3 +45,10 @@ def test_lease_response_with_hop_round_trips():
                 output=out, deadline=5.0)
     resp = m.LeaseResponse(action="work", hops=[hop], round=0, inner_step=0, stage=0)
     assert m.LeaseResponse.model_validate_json(resp.model_dump_json()) == resp
+
+
+def test_lease_long_poll_is_optional_and_bounded():
+    assert m.LeaseRequest(fwd_out_bytes=1, bwd_out_bytes=1).wait_ms == 0
+    assert m.LeaseRequest(fwd_out_bytes=1, bwd_out_bytes=1, wait_ms=30_000).wait_ms == 30_000
+    with pytest.raises(ValidationError, match="wait_ms"):
+        m.LeaseRequest(fwd_out_bytes=1, bwd_out_bytes=1, wait_ms=30_001)

@@ -200,11 +200,14 @@ def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
         table.append(f"{name}: active rounds {rounds_active}, audits {len(runs)}, caught {len(caught)}"
                      + (f" ({caught[0][2][:80]})" if caught else ""))
         assert [r for r, _, _ in runs] == rounds_active, f"{name} must be audited in every round it worked"
-        if name == "stale":  # skipping a step shows only in later hops or in the merged pseudo-gradient
+        if name == "stale":
+            # A skipped step always shows in the pseudo-gradient; in later hops only when the step's
+            # update exceeds the hop tolerance (early warm-up steps may not). A round without the
+            # stale miner's pseudo-gradient in the merge set earns it no credit at all (the
+            # validator's rule), so only rounds with a merged pseudo-gradient must be caught.
             lgs = validated["hoplogs"]
-            evident = [r for r in rounds_active if any(p.hotkey == hk for p in lgs[r].pseudograds)
-                       or any(x.miner_hotkey == hk and x.inner_step > 0 for x in lgs[r].records)]
-            table.append(f"  stale rounds with evidence (a merged pseudo-gradient or a later-step hop): {evident}")
+            evident = [r for r in rounds_active if any(p.hotkey == hk for p in lgs[r].pseudograds)]
+            table.append(f"  stale rounds with a merged pseudo-gradient: {evident}")
             runs = [v for v in runs if v[0] in evident]
             caught = [v for v in runs if not v[1]]
             assert runs, "the stale miner left evidence in no round"
