@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "pydantic>=2.6",
     "fastapi>=0.110",
     "uvicorn>=0.29",
+    # uvicorn's C HTTP parser and event loop: 785 -> 1,241 bridge hand-offs/s (docs/BENCHMARKS.md)
+    "httptools>=0.6",
+    "uvloop>=0.19; sys_platform != 'win32'",
     "httpx>=0.27",
     "boto3>=1.34",
     "tqdm>=4.66",

@@ -97,6 +97,7 @@ class Hop:
     leased_at: float = 0.0
     deadline: float = 0.0
     inner_step: int = 0
+    epoch: int = 0                  # the leasing miner's registration epoch (a restart starts anew)
     fwd_hop_id: Optional[str] = None
     act_in: Optional[list[Any]] = None
     grad_in: Optional[list[Any]] = None

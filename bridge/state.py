@@ -138,7 +138,7 @@ def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
     st.unplace(hop)
     hop.status, hop.leased_to, hop.assigned_to = "leased", m.hotkey, m.hotkey
     hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
-    hop.inner_step = m.inner_step
+    hop.inner_step, hop.epoch = m.inner_step, m.epoch
     hop.out_key = output_key(st, hop)
     hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == "fwd" else bwd_bytes)
     st.place(hop)
@@ -311,16 +311,18 @@ def expire(st: State, now: float, rng: random.Random) -> int:
 
 def fail(st: State, hotkey: str, hop_id: str, reason: str, detail: str, now: float,
          rng: random.Random) -> Hop:
-    """A miner reports a bad input: retry elsewhere, or abandon when the input is missing."""
+    """A miner reports a bad input object. Objects are immutable, so re-running the consumer on
+    the same object cannot succeed: a missing or corrupt input abandons the sample, naming the
+    reason; anything else (`other`: the consumer's own trouble) is retried elsewhere."""
     tick(st, now, rng)
     hop = check_done(st, hotkey, hop_id, now)
     st.miners[hotkey].failures += 1
     st.touch("miner", hotkey, st.miners[hotkey])
-    if reason == "missing":
+    if reason != "other":
         st.unplace(hop)
-        hop.status, hop.note = "failed", f"input missing: {detail[:200]}"
+        hop.status, hop.note = "failed", f"bad input ({reason}): {detail[:200]}"
         st.touch("hop", hop_id, hop)
-        rounds.finish_sample(st, st.samples[hop.sample_id], "abandoned", "input missing", now)
+        rounds.finish_sample(st, st.samples[hop.sample_id], "abandoned", f"bad input: {reason}", now)
         return hop
     _retry(st, hop, now, rng, f"fail:{reason}", penalize=False, status="failed")
     return hop

@@ -43,7 +43,7 @@ def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
     """A completed hop for the validator's hop log."""
     out = None if hop.out_key is None else [hop.out_key, hop.out_sha, hop.out_size]
     return msg.HopRecord(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,
-                         stage=hop.stage, kind=hop.kind, inner_step=hop.inner_step,
+                         stage=hop.stage, kind=hop.kind, inner_step=hop.inner_step, epoch=hop.epoch,
                          recompute=hop.recompute, miner_hotkey=hop.leased_to or "",
                          act_in=_obj(hop.act_in, get_url, ttl),
                          grad_in=_obj(hop.grad_in, get_url, ttl),

@@ -48,6 +48,7 @@ class Miner:
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
+        self.lease_wait_ms = 2000
         self.cheat = cheat or Cheat()
         self.stop = threading.Event()
         self.status = MinerStatus(transfer.stats)
@@ -81,7 +82,8 @@ class Miner:
     # ----- main loop -----
     def run_forever(self) -> None:
         """Lease and serve until `stop` is set or the bridge says the run is done."""
-        req = LeaseRequest(max_hops=self.max_hops,
+        # wait_ms: the bridge holds an idle lease until work appears (long-poll) instead of us polling.
+        req = LeaseRequest(max_hops=self.max_hops, wait_ms=self.lease_wait_ms,
                            fwd_out_bytes=0 if self.worker.is_last else self.out_bytes,
                            bwd_out_bytes=0 if self.worker.is_first else self.out_bytes)
         outage = 0.0

@@ -75,7 +75,23 @@ class MinerStatus:
         self._last_print = now
         s = self.summary()
         loss = "-" if s["last_loss"] is None else f"{s['last_loss']:.3f}"
+        gpu = _gpu_text()
         log.info("stage %d round %d step %d | %d hops %.1f hops/s %.0f tok/s | compute %.0f%% | "
-                 "up %.1f MB down %.1f MB | loss %s", self.stage, rnd, inner_step, s["hops_done"],
+                 "up %.1f MB down %.1f MB | loss %s%s", self.stage, rnd, inner_step, s["hops_done"],
                  s["hops_per_s"], s["tokens_per_s"], 100 * s["compute_fraction"],
-                 s["bytes_up"] / 1e6, s["bytes_down"] / 1e6, loss)
+                 s["bytes_up"] / 1e6, s["bytes_down"] / 1e6, loss, gpu)
+
+
+def _gpu_text() -> str:
+    """' | gpu 87% 12.3 GB' on CUDA (utilisation needs NVML; memory always shows), else ''."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return ""
+        mem = torch.cuda.max_memory_allocated() / 1e9
+        try:
+            return f" | gpu {torch.cuda.utilization()}% {mem:.1f} GB"
+        except Exception:  # no NVML bindings installed
+            return f" | gpu mem {mem:.1f} GB"
+    except Exception:
+        return ""

@@ -438,6 +438,8 @@ class HopRecord(_Model):
     stage: int = Field(ge=0, le=63)
     kind: HopKind
     inner_step: int = Field(ge=0)
+    epoch: int = Field(default=0, ge=0, le=_MAX_INT,
+                       description="miner's registration epoch: a restarted miner begins anew from the round's state")
     recompute: bool
     miner_hotkey: str = _hotkey()
     act_in: Optional[ObjectRef] = None

@@ -95,7 +95,10 @@ def _drills(args, cluster: Cluster, m: Metrics, done: set, bar) -> None:
     mid_round = m.phase == "train" and 0 < m.samples_completed < m.samples_total
     if args.kill_miner_at == m.round and mid_round and "kill" not in done:
         done.add("kill")
-        victims = [cluster.miners[s * args.miners_per_stage] for s in range(args.stages)]
+        by_hotkey = {mm.hotkey: mm.stage for mm in m.miners}
+        victims = []
+        for stage in range(args.stages):  # one replica of every stage
+            victims += [n for n in cluster.miners if by_hotkey.get(cluster.hotkeys[n.name]) == stage][:1]
         for v in victims:
             v.kill()
         bar.write(f"[drill] round {m.round}: killed {', '.join(v.name for v in victims)}")

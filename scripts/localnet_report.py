@@ -84,7 +84,8 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     report: dict = {"wall_seconds": round(wall, 1), "rounds": rc["total_rounds"], "phase": m.phase,
                     "samples_completed": m.completed_total, "samples_abandoned": m.abandoned_total,
                     "abandon_reasons": m.abandon_reasons, "bridge_restarts": cluster.bridge.restarts,
-                    "miner_restarts": sum(n.restarts for n in cluster.miners)}
+                    "miner_restarts": sum(n.restarts for n in cluster.miners),
+                    "killed": [n.name for n in cluster.miners if n.restarts]}
     thetas = final_states(cluster, m, cfg) if m.phase == "done" else None
     report["val_loss_init"] = validation_loss(cfg, None, rc["batch_size"], rc["init_seed"])
     report["val_loss_final"] = validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"]) if thetas else None
