@@ -301,7 +301,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         items = await svc.apply_async(tx)
         return _json(msg.MergeSet(round=round_, stage=stage, items=[
             msg.MergeItem(hotkey=i["hotkey"], key=i["key"], sha256=i["sha256"], size=i["size"],
-                          samples=i["samples"], get_url=svc.get_url(i["key"], ttl))
+                          samples=i["samples"], epoch=i.get("epoch", 0), get_url=svc.get_url(i["key"], ttl))
             for i in items]))
 
     @app.post("/v1/rounds/merged")
@@ -342,7 +342,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         states = [views.state_ref(s, StageState(**d), svc.get_url, ttl)
                   for s, d in enumerate(arch.get("states", []))]
         pgs = [msg.MergeItem(hotkey=p["hotkey"], key=p["key"], sha256=p["sha256"],
-                             size=p["size"], samples=p["samples"],
+                             size=p["size"], samples=p["samples"], epoch=p.get("epoch", 0),
                              get_url=svc.get_url(p["key"], ttl))
                for p in arch.get("pseudograds", [])]
         return _json(msg.HopLog(round=round, records=recs, states=[s for s in states if s],

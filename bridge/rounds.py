@@ -185,7 +185,7 @@ def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
     if hotkey not in st.workers.get(m.stage, []):
         raise TransitionError(409, "no_work", f"{hotkey} did no work in round {round_}")
     st.pseudograds.setdefault(m.stage, {})[hotkey] = {
-        "key": key, "sha256": sha256, "size": size, "samples": samples}
+        "key": key, "sha256": sha256, "size": size, "samples": samples, "epoch": m.epoch}
     st.touch("meta", None)
     maybe_freeze(st, now)
 

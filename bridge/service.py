@@ -45,27 +45,35 @@ class BridgeService:
         self._pending: dict = {}
         self._flush_fut: Optional[asyncio.Future] = None
 
+    def _run(self, fn: Callable[..., T], args: tuple) -> tuple[Any, Optional[TransitionError]]:
+        """Run one transition on the live state (lock held): (result, refusal or None)."""
+        st = self.state
+        st.dirty, st.events = {}, []
+        st.wake, st.wake_all = {}, False
+        before = (st.phase, st.round)
+        try:
+            return fn(st, *args, self.clock(), self.rng), None
+        except TransitionError as exc:
+            return None, exc  # refused; what a time tick changed before the refusal is kept
+        finally:
+            st.wake_all = (st.phase, st.round) != before
+
     def apply(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(state, *args, now, rng)` as one transition: applied once or not at all."""
         with self.lock:
-            st = self.state
-            st.dirty, st.events = {}, []
-            st.wake, st.wake_all = {}, False
-            before = (st.phase, st.round)
             try:
-                out = fn(st, *args, self.clock(), self.rng)
-                st.wake_all = (st.phase, st.round) != before
+                out, err = self._run(fn, args)
                 self._commit_now()
-            except TransitionError:
-                self._commit_now()  # refused after a time tick changed things: keep those
-                raise
             except BaseException:
                 log.exception("transition %s failed; reloading state from the database",
                               getattr(fn, "__name__", fn))
                 self.state = self.db.load(self.run, self.tun)
                 raise
+            st = self.state
             events, wake, wake_all = st.events, st.wake, st.wake_all
         self._effects(events, wake, wake_all)
+        if err is not None:
+            raise err
         return out
 
     def _commit_now(self) -> None:
@@ -78,23 +86,15 @@ class BridgeService:
 
     async def apply_async(self, fn: Callable[..., T], *args: Any) -> T:
         """`apply` whose commit is shared by this loop iteration's transitions; call on the loop."""
-        err: Optional[TransitionError] = None
-        out: Any = None
         with self.lock:
-            st = self.state
-            st.dirty, st.events = {}, []
-            st.wake, st.wake_all = {}, False
-            before = (st.phase, st.round)
             try:
-                out = fn(st, *args, self.clock(), self.rng)
-                st.wake_all = (st.phase, st.round) != before
-            except TransitionError as exc:
-                err = exc  # keep what a time tick changed before the refusal
+                out, err = self._run(fn, args)
             except BaseException:
                 log.exception("transition %s failed; reloading state from the database",
                               getattr(fn, "__name__", fn))
                 self._abort_batch()
                 raise
+            st = self.state
             self._pending.update(st.dirty)
             events, wake, wake_all = st.events, st.wake, st.wake_all
         if self._pending or self._flush_fut is not None:

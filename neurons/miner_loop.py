@@ -110,6 +110,9 @@ class Miner:
             except (BridgeError, TransferError, httpx.TransportError) as exc:  # the bridge re-offers it
                 log.warning("%s failed: %s; retrying", resp.action, exc)
                 self.stop.wait(1.0)
+            except Exception:  # never die on one bad action: log it whole, back off, carry on
+                log.exception("%s failed unexpectedly; retrying in 5 s", resp.action)
+                self.stop.wait(5.0)
             if resp.action == "done":
                 log.info("the bridge says the run is done")
                 break

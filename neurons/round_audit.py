@@ -114,16 +114,22 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,
                               data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec)
     # A miner that restarted mid-round (a new registration epoch) began again from the round's
-    # state: each epoch is its own replay, and only the last one produced the pseudo-gradient.
-    epochs = sorted({getattr(r, "epoch", 0) for r in records})
+    # state: each epoch is its own replay, and the pseudo-gradient belongs to the epoch that
+    # reported it (one with no hops must report an all-zero pseudo-gradient over zero samples).
+    pg_epoch = item.epoch if item is not None else None
+    epochs = sorted({getattr(r, "epoch", 0) for r in records} | ({pg_epoch} if pg_epoch is not None else set()))
     report = None
     spent = 0.0
-    for i, epoch in enumerate(epochs):
+    for epoch in epochs:
         part = [r for r in records if getattr(r, "epoch", 0) == epoch]
+        claimed = pg if epoch == pg_epoch else None
+        if not part:
+            if item.samples != 0 or any(bool(t.any()) for t in claimed.values()):
+                raise ClaimError(f"epoch {epoch} did no hops but reported a pseudo-gradient over {item.samples} samples")
+            continue
         audit_records = _to_audit_records(transfer, part, shape, cfg.wire_codec)
-        last = i == len(epochs) - 1
         report = replay_round(lambda: worker, theta, audit_records, settings, max_seconds=max_seconds - spent,
-                              claimed_pseudo_grad=pg if last else None)
+                              claimed_pseudo_grad=claimed)
         spent += report.seconds
         if not report.passed:
             break

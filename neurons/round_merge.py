@@ -112,7 +112,12 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
             log.warning("pseudo-gradient of %s fails its hash; skipped", it.hotkey)
             continue
         items.append((it.samples, outer.tensors_from_bytes(blob, shapes, max_bytes=run.max_state_bytes)))
-    merged = outer.merge(items, method=run.merge_method, clip_factor=run.clip_factor)
+    # A replica that restarted late may report zero samples: its pseudo-gradient carries nothing.
+    items = [it for it in items if it[0] > 0]
+    if items:
+        merged = outer.merge(items, method=run.merge_method, clip_factor=run.clip_factor)
+    else:
+        merged = {n: torch.zeros_like(t) for n, t in state.theta_start.items()}
     theta, momentum = outer.nesterov_step(state.theta_start, merged, state.momentum,
                                           lr=run.outer_lr, momentum_coef=run.outer_momentum)
     blob = outer.state_bytes(theta, momentum)

@@ -352,6 +352,7 @@ class MergeItem(_Model):
     sha256: str = _sha()
     size: int = Field(ge=1, le=_MAX_BYTES)
     samples: int = Field(ge=0, le=1_000_000)
+    epoch: int = Field(default=0, ge=0, le=_MAX_INT, description="registration epoch that reported it")
     get_url: str = _url()
 
 

@@ -24,13 +24,7 @@ SETTINGS = ReplaySettings(round_index=ROUND, inner_steps_per_round=STEPS, data_s
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the team shares 2 cores, and oversubscribed threads crawl."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _factory(stage: int, dtype=torch.float32):
     return lambda: StageWorker(CFG, stage, S, OCFG, dtype=dtype, init_seed=11)

@@ -19,13 +19,7 @@ SEED = 5
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the team shares 2 cores, and oversubscribed threads crawl."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _workers(dtype=torch.float32):
     return [StageWorker(CFG, s, S, OCFG, dtype=dtype, init_seed=SEED) for s in range(S)]
