@@ -277,20 +277,28 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     async def _archive(round_: int) -> Optional[dict]:
         return await run_in_threadpool(svc.db.round_archive, round_)
 
+    async def _late_pseudograd(req: msg.PseudogradReport, caller: str) -> Response:
+        # a retried or late repeat: answer from the round's archived merge set
+        rounds.check_archived_pseudograd(await _archive(req.round), caller, req.round,
+                                         req.key, req.sha256, req.size, req.samples)
+        return _json(msg.Ack(message=f"already recorded for round {req.round}"))
+
     @app.post("/v1/rounds/pseudograd")
     async def pseudograd(req: msg.PseudogradReport, caller: str = Depends(miner)) -> Response:
         if svc.read(lambda st: rounds.moved_on(st, req.round)):
-            # a retried or late repeat: answer from the round's archived merge set
-            rounds.check_archived_pseudograd(await _archive(req.round), caller, req.round,
-                                             req.key, req.sha256, req.size, req.samples)
-            return _json(msg.Ack(message=f"already recorded for round {req.round}"))
+            return await _late_pseudograd(req, caller)
         await _head_exact(req.key, req.size)
 
         def tx(st: Any, now: float, rng: Any) -> None:
             state.tick(st, now, rng)
             rounds.report_pseudograd(st, caller, req.round, req.key, req.sha256, req.size,
                                      req.samples, now)
-        await svc.apply_async(tx)
+        try:
+            await svc.apply_async(tx)
+        except TransitionError as exc:  # the round may have moved on while we checked the object
+            if exc.code == "not_merging" and svc.read(lambda st: rounds.moved_on(st, req.round)):
+                return await _late_pseudograd(req, caller)
+            raise
         return _json(msg.Ack())
 
     @app.get("/v1/rounds/{round_}/stages/{stage}/pseudograds")
@@ -304,16 +312,18 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                           samples=i["samples"], epoch=i.get("epoch", 0), get_url=svc.get_url(i["key"], ttl))
             for i in items]))
 
+    async def _late_merged(req: msg.MergedReport, caller: str) -> Response:
+        # published already and the run moved on: a retried or late report gets the result
+        arch = await _archive(req.round + 1)
+        stage, ss = svc.read(lambda st: rounds.published_state(
+            st, caller, req.round, req.sha256, req.key, arch))
+        ref = views.state_ref(stage, ss, svc.get_url, ttl)
+        return _json(msg.MergedAck(published=True, agreed=ss.sha256 == req.sha256, state=ref))
+
     @app.post("/v1/rounds/merged")
     async def merged(req: msg.MergedReport, caller: str = Depends(miner)) -> Response:
-        late = svc.read(lambda st: rounds.moved_on(st, req.round))
-        if late:
-            # published already and the run moved on: a retried or late report gets the result
-            arch = await _archive(req.round + 1)
-            stage, ss = svc.read(lambda st: rounds.published_state(
-                st, caller, req.round, req.sha256, req.key, arch))
-            ref = views.state_ref(stage, ss, svc.get_url, ttl)
-            return _json(msg.MergedAck(published=True, agreed=ss.sha256 == req.sha256, state=ref))
+        if svc.read(lambda st: rounds.moved_on(st, req.round)):
+            return await _late_merged(req, caller)
         size = await _head_exact(req.key, None)
 
         def tx(st: Any, now: float, rng: Any) -> tuple:
@@ -321,7 +331,12 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
             stage = st.miners[caller].stage if caller in st.miners else 0
             agreed = rounds.report_merged(st, caller, req.round, req.sha256, req.key, size, now)
             return agreed, stage, copy.copy(st.stage_states[stage])
-        agreed, stage, ss = await svc.apply_async(tx)
+        try:
+            agreed, stage, ss = await svc.apply_async(tx)
+        except TransitionError as exc:  # the run may have moved on while we checked the object
+            if exc.code == "not_merging" and svc.read(lambda st: rounds.moved_on(st, req.round)):
+                return await _late_merged(req, caller)
+            raise
         ref = views.state_ref(stage, ss, svc.get_url, ttl) if agreed is not None else None
         return _json(msg.MergedAck(published=agreed is not None, agreed=agreed, state=ref))
 

@@ -137,9 +137,13 @@ def subnet(tmp_path_factory):
 
 
 def throughput_by_miner(hoplog: HopLog) -> dict[str, float]:
-    """Compute-weighted hops per hotkey, counted here independently of neurons.scoring."""
+    """Compute-weighted hops per hotkey, counted here independently of neurons.scoring; a miner
+    whose pseudo-gradient is not in the round's merge set earns nothing for the round."""
     out: dict[str, float] = {}
+    merged = {p.hotkey for p in hoplog.pseudograds}
     for r in hoplog.records:
+        if r.miner_hotkey not in merged:
+            continue
         kind = "bwd_recompute" if (r.kind == "bwd" and r.recompute) else r.kind
         out[r.miner_hotkey] = out.get(r.miner_hotkey, 0.0) + COMPUTE[kind]
     return out
