@@ -67,6 +67,9 @@ class Miner:
         a = Assignment.model_validate(self.client.post("/v1/miners/register", RegisterRequest()))
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
+        if cfg.vocab_size < data.VOCAB_SIZE:
+            raise ValueError(f"run model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{data.VOCAB_SIZE}: the bridge's run config is wrong")
         same = self.worker is not None and self.worker.stage_index == a.stage and self.run == run
         if not same:
             self.worker = StageWorker(cfg, a.stage, run.n_stages, optim_config(run), self.device,

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
+
+from protocol.run_config import MAX_BYTES as _MAX_BYTES
+from protocol.run_config import RunConfig, StrictModel as _Model
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -65,11 +68,6 @@ Phase = Literal["waiting", "train", "merge", "done"]
 
 _SHA = r"^[0-9a-f]{64}$"
 _MAX_INT = 2**62
-_MAX_BYTES = 2**40
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=8192)
 
 
 def _sha() -> Any:
@@ -94,61 +92,6 @@ def _hop_id() -> Any:
 
 def _round() -> Any:
     return Field(ge=0, le=_MAX_INT, description="round index")
-
-
-class RunConfig(_Model):
-    """Everything fixed at the start of a run; loaded from YAML by the bridge, served at /v1/run."""
-
-    run_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="slug; prefixes object keys")
-    model: dict[str, Any] = Field(
-        max_length=64, description="resbm.ModelConfig fields; validated by resbm on the neuron side")
-    n_stages: int = Field(ge=1, le=64, description="pipeline stages S; must equal model n_stages")
-    batch_size: int = Field(ge=1, le=4096, description="sequences per sample (micro-batch)")
-    micro_batches_per_step: int = Field(ge=1, le=4096, description="A: forwards per inner step")
-    inner_steps_per_round: int = Field(ge=1, le=100_000, description="H: inner steps per round")
-    samples_per_round: int = Field(ge=1, le=1_000_000, description="N: samples minted per round")
-    muon_lr: float = Field(gt=0, le=10, description="Muon learning rate (set explicitly)")
-    adamw_lr: float = Field(gt=0, le=10, description="AdamW learning rate")
-    weight_decay: float = Field(default=0.0, ge=0, le=1)
-    warmup_steps: int = Field(default=0, ge=0, le=10_000_000, description="inner warm-up steps")
-    total_rounds: int = Field(ge=1, le=1_000_000, description="rounds in the run; sets the schedule")
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    outer_lr: float = Field(default=0.7, gt=0, le=10, description="outer Nesterov SGD lr")
-    outer_momentum: float = Field(default=0.9, ge=0, lt=1, description="outer Nesterov momentum")
-    merge_method: Literal["clipped-mean", "trimmed-mean"] = "clipped-mean"
-    clip_factor: float = Field(default=2.0, gt=0, le=1000, description="norm clip vs median norm")
-    data_seed: int = Field(ge=0, le=2**63 - 1)
-    init_seed: int = Field(ge=0, le=2**63 - 1)
-    lease_seconds: float = Field(default=60.0, gt=0, le=86_400, description="hop lease length")
-    max_object_bytes: int = Field(default=64 * 2**20, ge=1, le=_MAX_BYTES,
-                                  description="cap on any object a presigned PUT allows")
-    max_state_bytes: int = Field(default=4 * 2**30, ge=1, le=_MAX_BYTES,
-                                 description="cap on a pseudo-gradient or merged state object")
-    max_attempts: int = Field(default=3, ge=1, le=100, description="attempts per hop before abandon")
-    merge_timeout_seconds: float = Field(default=300.0, gt=0, le=86_400)
-    audit_window_rounds: int = Field(default=4, ge=1, le=10_000,
-                                     description="rounds whose objects are kept for audits")
-    version_key: int = Field(default=1, ge=0, le=2**63 - 1, description="weights version key")
-
-    @field_validator("model")
-    @classmethod
-    def _model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for k in v:
-            if not isinstance(k, str) or not 0 < len(k) <= 64:
-                raise ValueError(f"model: bad field name {k!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _stages_match(self) -> "RunConfig":
-        ms = self.model.get("n_stages")
-        if ms is not None and ms != self.n_stages:
-            raise ValueError(f"n_stages={self.n_stages} but model.n_stages={ms}: make them equal")
-        return self
-
-    @property
-    def total_steps(self) -> int:
-        """Inner optimizer steps over the whole run (for the lr schedule)."""
-        return self.total_rounds * self.inner_steps_per_round
 
 
 class Health(_Model):
