@@ -101,7 +101,10 @@ class Setting:
 
     def model_config(self, size: str) -> ModelConfig:
         """The ModelConfig of this setting at a SIZES entry."""
-        fields = dict(SIZES[size]["model"], boundary=self.boundary, boundary_variant=self.variant,
+        # 'resbm' with no variant stays the first round's `normed` (the library default is now
+        # `postnorm`, named 'resbm-postnorm' here), so labels keep one meaning across rounds.
+        variant = self.variant or ("normed" if self.boundary == "resbm" else None)
+        fields = dict(SIZES[size]["model"], boundary=self.boundary, boundary_variant=variant,
                       wire_codec=self.codec)
         fields["bottleneck_dim"] = max(1, fields["d_model"] // self.ratio)
         return ModelConfig(**fields)
@@ -167,9 +170,9 @@ def apply_round2(model: nn.Module, s: Setting) -> None:
     if s.dec_mod not in DEC_MODS:
         raise ValueError(f"dec_mod must be one of {list(DEC_MODS)}, got {s.dec_mod!r}")
     changed = s.e_init != 1.0 or s.d_init != 0.0 or s.dec_mod or s.enc_lr != 1.0 or s.dec_lr != 1.0
-    if changed and s.boundary != "resbm":
+    if changed and (s.boundary != "resbm" or s.variant not in (None, "normed")):
         raise ValueError(f"round-2 options (e_init, d_init, dec_mod, enc_lr, dec_lr) need boundary "
-                         f"'resbm', got {s.boundary!r}")
+                         f"'resbm' variant 'normed', got {s.boundary!r} / {s.variant!r}")
     if (s.enc_lr != 1.0 or s.dec_lr != 1.0) and s.opt != "muon":
         raise ValueError(f"enc_lr/dec_lr are Muon lr multipliers: need opt 'muon', got {s.opt!r}")
     if not changed:

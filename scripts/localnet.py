@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workdir", default="localnet-out", help="where data, logs, wallets and the report go (wiped first)")
     a("--stages", type=int, default=2, help="pipeline stages S")
     a("--miners-per-stage", type=int, default=1, help="replicas per stage")
-    a("--rounds", type=int, default=4, help="rounds to train (each ends with a merge)")
+    a("--rounds", type=int, default=10, help="rounds to train (each ends with a merge)")
     a("--d-model", type=int, default=128, help="model width d")
     a("--layers", type=int, default=4, help="transformer blocks (split evenly over stages)")
     a("--heads", type=int, default=4, help="attention heads")

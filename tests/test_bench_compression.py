@@ -80,3 +80,81 @@ def test_grid_covers_the_issue_and_setting_names_are_unique():
     for want in ("none/muon", "none/adamw/s1", "resbm@32/adamw", "resbm@128+fp8/muon",
                  "resbm@128+int8/adamw", "resbm-iota@128/muon", "naive@128/adamw"):
         assert want in names
+
+
+def _tiny_model(s):
+    from resbm.model import build_model
+    return build_model(s.model_config("tiny"), seed=0)
+
+
+def test_round2_names_are_distinct_and_plain_resbm_keeps_the_first_round_variant():
+    plain = bench.Setting("resbm")
+    assert plain.model_config("tiny").boundary_variant == "normed"
+    names = {bench.Setting("resbm", enc_lr=2, dec_lr=2).name, bench.Setting("resbm", e_init=0).name,
+             bench.Setting("resbm", d_init=0.02).name, bench.Setting("resbm", dec_mod="postnorm").name,
+             plain.name}
+    assert names == {"resbm@128+elr2+dlr2/muon", "resbm@128+einit0/muon", "resbm@128+dinit0.02/muon",
+                     "resbm@128+postnorm/muon", "resbm@128/muon"}
+
+
+def test_round2_init_changes_take_effect():
+    torch.manual_seed(0)
+    base = _tiny_model(bench.Setting("resbm"))
+    m = _tiny_model(bench.Setting("resbm"))
+    bench.apply_round2(m, bench.Setting("resbm", e_init=0.0, d_init=0.02))
+    for b0, b in zip(base.boundaries.values(), m.boundaries.values()):
+        assert b0.encoder.proj.weight.abs().sum() > 0 and b.encoder.proj.weight.abs().sum() == 0
+        assert b0.decoder.proj.weight.abs().sum() == 0
+        assert b.decoder.proj.weight.std().item() == pytest.approx(0.02, rel=0.5)
+
+
+@pytest.mark.parametrize("mode", ["idgain", "dgain", "outgain", "postnorm"])
+def test_decoder_variants_start_as_documented(mode):
+    cfg = bench.Setting("resbm").model_config("tiny")
+    m = _tiny_model(bench.Setting("resbm"))
+    plain = m.boundaries["0"].decoder
+    mod = bench.ModDecoder(plain, mode, cfg)
+    z = torch.randn(2, 3, cfg.code_dim)
+    out, ref = mod(z), plain(z)
+    if mode == "postnorm":  # unit RMS over d channels at gain 1
+        assert torch.allclose(out.pow(2).mean(-1), torch.ones(2, 3), atol=1e-4)
+        assert not torch.allclose(out, ref)
+    else:  # every gain starts at 1: identical to the plain decoder
+        assert torch.allclose(out, ref)
+    out.sum().backward()
+    assert mod.gain.grad is not None and mod.gain.grad.abs().sum() > 0
+
+
+def test_boundary_lr_multipliers_make_their_own_muon_groups():
+    from resbm.optim import build_optimizer
+    s = bench.Setting("resbm", enc_lr=4.0, dec_lr=0.5)
+    m = _tiny_model(s)
+    opt = build_optimizer(m, bench._optim_config(s, 10))
+    n_muon = sum(len(g["params"]) for g in opt.optimizers["muon"].param_groups)
+    bench.split_boundary_lr(opt, m, s)
+    groups = opt.optimizers["muon"].param_groups
+    assert len(groups) == 3 and sum(len(g["params"]) for g in groups) == n_muon
+    opt.set_lr(5)
+    enc_ids = {id(b.encoder.proj.weight) for b in m.boundaries.values()}
+    assert {id(p) for p in groups[1]["params"]} == enc_ids
+    assert groups[1]["lr"] == pytest.approx(4 * groups[0]["lr"])
+    assert groups[2]["lr"] == pytest.approx(0.5 * groups[0]["lr"])
+
+
+def test_round2_options_are_refused_where_they_do_not_apply():
+    m = _tiny_model(bench.Setting("resbm"))
+    with pytest.raises(ValueError, match="dec_mod must be one of"):
+        bench.apply_round2(m, bench.Setting("resbm", dec_mod="gated"))
+    with pytest.raises(ValueError, match="need boundary 'resbm'"):
+        bench.apply_round2(m, bench.Setting("naive", e_init=2.0))
+    with pytest.raises(ValueError, match="need opt 'muon'"):
+        bench.apply_round2(m, bench.Setting("resbm", opt="adamw", enc_lr=2.0))
+
+
+def test_tiny_run_with_round2_options_trains(tmp_path):
+    extra = '[{"boundary":"resbm","dec_mod":"postnorm","enc_lr":0.5,"dec_lr":0.5,"d_init":0.02}]'
+    res = bench.main(["--tiny", "--steps", "2", "--extra", extra, "--only",
+                      "resbm@128+elr0.5+dlr0.5+dinit0.02+postnorm/muon", "--out", str(tmp_path)])
+    assert len(res) == 1 and res[0]["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(res[0]["val_loss"])))
+    assert res[0]["setting"]["dec_mod"] == "postnorm"
