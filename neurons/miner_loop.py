@@ -49,6 +49,10 @@ class Miner:
         self.device, self.dtype = device, dtype
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
         self.lease_wait_ms = 2000
+        self.prefetch_leases = True
+        self._lease_pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._prefetch: Future | None = None
+        self._prefetched: dict[str, Future] = {}  # hop id -> its inputs, downloading since the prefetch
         self.cheat = cheat or Cheat()
         self.stop = threading.Event()
         self.status = MinerStatus(transfer.stats)
@@ -89,10 +93,11 @@ class Miner:
         req = LeaseRequest(max_hops=self.max_hops, wait_ms=self.lease_wait_ms,
                            fwd_out_bytes=0 if self.worker.is_last else self.out_bytes,
                            bwd_out_bytes=0 if self.worker.is_first else self.out_bytes)
+        self._req = req
         outage = 0.0
         while not self.stop.is_set():
             try:
-                resp = LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
+                resp = self._take_prefetched() or LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
                 outage = 0.0
             except (BridgeError, httpx.TransportError) as exc:
                 # The bridge may be restarting: keep trying, backing off up to 10 s, never exit.
@@ -146,13 +151,39 @@ class Miner:
     def close(self) -> None:
         """Finish uploads and release thread pools."""
         self._drain()
+        self._take_prefetched()  # a prefetched lease's hops expire at the bridge and go elsewhere
+        self._prefetched.clear()
+        self._lease_pool.shutdown(wait=True)
         self._downloads.shutdown(wait=True)
         self._uploads.shutdown(wait=True)
 
     # ----- hops -----
+    def _lease_now(self) -> LeaseResponse | None:
+        """A lease that does not wait (prefetch): a 'work' answer, or None."""
+        try:
+            resp = LeaseResponse.model_validate(
+                self.client.post("/v1/hops/lease", self._req.model_copy(update={"wait_ms": 0})))
+        except (BridgeError, httpx.TransportError):
+            return None
+        if resp.action != "work":
+            return None
+        # Start the inputs downloading at once: they are the next thing the GPU needs.
+        for h in resp.hops:
+            self._prefetched[h.hop_id] = self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec)
+        return resp
+
+    def _take_prefetched(self) -> LeaseResponse | None:
+        fut, self._prefetch = self._prefetch, None
+        return fut.result() if fut is not None else None
+
     def _work(self, hops: list[Hop]) -> None:
-        fetches = [self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec) for h in hops]
-        for hop, fut in zip(hops, fetches):
+        fetches = [self._prefetched.pop(h.hop_id, None)
+                   or self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec) for h in hops]
+        for i, (hop, fut) in enumerate(zip(hops, fetches)):
+            if i == len(hops) - 1 and self.prefetch_leases:
+                # Ask for the next hops while the last one computes: the lease round trip and the
+                # first download then overlap compute instead of idling the device.
+                self._prefetch = self._lease_pool.submit(self._lease_now)
             try:
                 inputs = fut.result()
             except BadInput as exc:

@@ -12,11 +12,12 @@ Kinds and variants (ModelConfig.boundary / boundary_variant):
 - `none` / `identity`: z = h (d wide), h' = z. The uncompressed baseline.
 - `naive` / `normed`: z = E(norm h), h' = D(z). No identity path.
   Init: E ~ N(0, 1/sqrt(d)), D ~ N(0, 1/sqrt(k)), so z and h' start at about unit RMS.
-- `resbm` / `postnorm` (default): as `normed`, then the decoder normalises its output:
+- `resbm` / `normed` (default): hn = norm(h), z = E(hn) + hn[:k], h' = D(z) + pad(z).
+- `resbm` / `postnorm`: as `normed`, then the decoder normalises its output:
   h' = norm_out(D(z) + pad(z)), norm_out an RMSNorm with a learned gain (init 1). Measured on an
-  H100 (docs/BENCHMARKS.md, second round): 128x under Muon +4.6% vs +10.2% for `normed` at 500 steps
-  (two seeds); under AdamW-only it is worse (+15.7% vs +12.3%).
-- `resbm` / `normed`: hn = norm(h), z = E(hn) + hn[:k], h' = D(z) + pad(z).
+  H100 (docs/BENCHMARKS.md, second round): 128x under Muon +4.6% / +5.6% vs +10.2% / +10.5% for
+  `normed` at 500 steps (two seeds); under AdamW-only worse (+15.7% vs +12.3%). Not the default yet:
+  it also widens the bf16-vs-fp32 replay error of the audit (see the benchmark section).
 - `resbm` / `literal`: z = E(h) + h[:k], h' = D(z) + pad(z) (the paper read literally).
   Init for all three: E ~ N(0, init_std), D = 0, so at step 0 the boundary is the identity path
   (the next stage sees the first k channels) and E, D grow from there; D's gradient is

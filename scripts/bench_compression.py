@@ -101,8 +101,8 @@ class Setting:
 
     def model_config(self, size: str) -> ModelConfig:
         """The ModelConfig of this setting at a SIZES entry."""
-        # 'resbm' with no variant stays the first round's `normed` (the library default is now
-        # `postnorm`, named 'resbm-postnorm' here), so labels keep one meaning across rounds.
+        # 'resbm' with no variant is pinned to the first round's `normed`, so its label keeps one
+        # meaning even if the library default moves (e.g. to `postnorm`, labelled 'resbm-postnorm').
         variant = self.variant or ("normed" if self.boundary == "resbm" else None)
         fields = dict(SIZES[size]["model"], boundary=self.boundary, boundary_variant=variant,
                       wire_codec=self.codec)
