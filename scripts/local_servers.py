@@ -4,7 +4,6 @@ free ports, waiting for HTTP, and child processes that die with their parent.
 from __future__ import annotations
 
 import ctypes
-import os
 import secrets
 import shutil
 import signal
