@@ -151,7 +151,10 @@ class Miner:
     def close(self) -> None:
         """Finish uploads and release thread pools."""
         self._drain()
-        self._take_prefetched()  # a prefetched lease's hops expire at the bridge and go elsewhere
+        resp = self._take_prefetched()
+        if resp is not None:  # hops leased ahead of time are finished, not left to expire
+            self._work(resp.hops)
+            self._drain()
         self._prefetched.clear()
         self._lease_pool.shutdown(wait=True)
         self._downloads.shutdown(wait=True)
@@ -180,7 +183,7 @@ class Miner:
         fetches = [self._prefetched.pop(h.hop_id, None)
                    or self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec) for h in hops]
         for i, (hop, fut) in enumerate(zip(hops, fetches)):
-            if i == len(hops) - 1 and self.prefetch_leases:
+            if i == len(hops) - 1 and self.prefetch_leases and not self.stop.is_set():
                 # Ask for the next hops while the last one computes: the lease round trip and the
                 # first download then overlap compute instead of idling the device.
                 self._prefetch = self._lease_pool.submit(self._lease_now)
