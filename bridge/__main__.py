@@ -8,8 +8,9 @@ from typing import Any, Optional
 
 from bridge.records import Tunables
 from bridge.settings import BridgeSettings, env_default, load_run_config
+from protocol.chain.open import load_hotkey, open_chain
 
-__all__ = ["main", "build_parser", "open_chain", "load_keypair"]
+__all__ = ["main", "build_parser", "load_keypair"]
 
 log = logging.getLogger("bridge")
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--s3-access-key", default=e("s3_access_key", None), help="S3 access key")
     a("--s3-secret-key", default=e("s3_secret_key", None), help="S3 secret key")
     a("--chain", default=e("chain", None),
-      help="local:PATH (LocalChain file) | finney | test | ws://... endpoint")
+      help="localchain:PATH (a LocalChain file; local:PATH also works) | finney | test | ws://...")
     a("--netuid", type=int, default=int(e("netuid", 1)), help="subnet id")
     a("--wallet.name", dest="wallet_name", default=e("wallet.name", None), help="wallet name")
     a("--wallet.hotkey", dest="wallet_hotkey", default=e("wallet.hotkey", "default"),
@@ -46,27 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def open_chain(spec: str, netuid: int) -> Any:
-    """A Chain for `local:PATH`, `finney`, `test` or a ws:// endpoint."""
-    if spec.startswith("local:"):
-        from protocol.chain import LocalChain
-        return LocalChain(spec[len("local:"):], netuid)
-    from protocol.chain import BittensorChain
-    return BittensorChain(spec, netuid)
-
-
 def load_keypair(args: argparse.Namespace) -> Any:
     """The bridge's hotkey keypair from --hotkey-uri or a wallet."""
-    import bittensor
-    from bittensor.sp_core import Keypair
-    if args.hotkey_uri:
-        return Keypair.create_from_uri(args.hotkey_uri)
-    if not args.wallet_name:
-        raise SystemExit("give --wallet.name (and --wallet.hotkey) or --hotkey-uri")
-    kw = {"name": args.wallet_name, "hotkey": args.wallet_hotkey}
-    if args.wallet_path:
-        kw["path"] = args.wallet_path
-    return bittensor.Wallet(**kw).hotkey
+    return load_hotkey(args.wallet_name, args.wallet_hotkey, args.wallet_path, uri=args.hotkey_uri)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from protocol.chain.open import load_hotkey, open_chain as open_network
+
 __all__ = ["base_parser", "parse_args", "env_name", "load_keypair", "open_chain", "setup_logging"]
 
 
@@ -76,25 +78,12 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def load_keypair(args: argparse.Namespace):
     """The hotkey of the configured wallet; exits with a readable message when it is missing."""
-    import bittensor as bt
-
-    name, hotkey, path = getattr(args, "wallet.name"), getattr(args, "wallet.hotkey"), getattr(args, "wallet.path")
-    wallet = bt.Wallet(name=name, hotkey=hotkey, path=path)
-    try:
-        return wallet.hotkey
-    except Exception as exc:  # the SDK raises several types for missing/locked files
-        raise SystemExit(f"cannot load hotkey {hotkey!r} of wallet {name!r} under {path}: {exc}. "
-                         f"Create it with btcli (btcli wallet new_hotkey) or pass --wallet.path.") from exc
+    return load_hotkey(getattr(args, "wallet.name"), getattr(args, "wallet.hotkey"), getattr(args, "wallet.path"))
 
 
 def open_chain(args: argparse.Namespace):
     """The `Chain` named by --subtensor.network and --netuid."""
-    network = getattr(args, "subtensor.network")
-    if network.startswith("localchain:"):
-        from protocol.chain import LocalChain
-        return LocalChain(network.split(":", 1)[1], netuid=args.netuid)
-    from protocol.chain import BittensorChain
-    return BittensorChain(network=network, netuid=args.netuid)
+    return open_network(getattr(args, "subtensor.network"), args.netuid)
 
 
 def setup_logging(debug: bool, name: str) -> logging.Logger:

@@ -12,9 +12,9 @@ import torch
 
 from protocol.messages import FailReason, Hop, ObjectRef
 from resbm import codec
-from neurons.transfer import ObjectTransfer, TransferError
+from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
-__all__ = ["BadInput", "HopInputs", "fetch_inputs", "encode_output", "fail_reason"]
+__all__ = ["BadInput", "HopInputs", "fetch_code", "fetch_inputs", "encode_output", "fail_reason"]
 
 
 class BadInput(Exception):
@@ -36,7 +36,7 @@ class HopInputs:
 
 def fail_reason(exc: Exception) -> FailReason:
     """Map a codec or transfer error onto the reason the bridge records."""
-    if isinstance(exc, codec.HashMismatch):
+    if isinstance(exc, (codec.HashMismatch, HashMismatch)):
         return "bad_hash"
     if isinstance(exc, codec.NonFinite):
         return "nonfinite"
@@ -47,17 +47,13 @@ def fail_reason(exc: Exception) -> FailReason:
     return "other"
 
 
-def _fetch(transfer: ObjectTransfer, ref: ObjectRef, shape: tuple[int, ...], wire_codec: str) -> torch.Tensor:
+def fetch_code(transfer: ObjectTransfer, ref: ObjectRef, shape: tuple[int, ...], wire_codec: str) -> torch.Tensor:
+    """Download one code or gradient, check its recorded sha256 and decode it; raises BadInput."""
     limit = codec.wire_size(shape, wire_codec)
     try:
-        data = transfer.get(ref.url, max_bytes=limit)
-    except TransferError as exc:
-        raise BadInput(fail_reason(exc), f"{ref.key}: {exc}") from exc
-    if hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise BadInput("bad_hash", f"{ref.key}: sha256 differs from the one the bridge recorded")
-    try:
+        data = transfer.get_verified(ref.url, ref.sha256, max_bytes=limit, what=ref.key)
         return codec.decode(data, shape, wire_codec, max_bytes=limit)
-    except codec.CodecError as exc:
+    except (TransferError, codec.CodecError) as exc:
         raise BadInput(fail_reason(exc), f"{ref.key}: {exc}") from exc
 
 
@@ -68,11 +64,11 @@ def fetch_inputs(transfer: ObjectTransfer, hop: Hop, shape: tuple[int, ...], wir
     if needs_act and hop.stage > 0:
         if hop.act_in is None:
             raise BadInput("missing", f"hop {hop.hop_id} has no activation input")
-        act = _fetch(transfer, hop.act_in, shape, wire_codec)
+        act = fetch_code(transfer, hop.act_in, shape, wire_codec)
     if hop.kind == "bwd":
         if hop.grad_in is None:
             raise BadInput("missing", f"hop {hop.hop_id} has no gradient input")
-        grad = _fetch(transfer, hop.grad_in, shape, wire_codec)
+        grad = fetch_code(transfer, hop.grad_in, shape, wire_codec)
     return HopInputs(act=act, grad=grad)
 
 

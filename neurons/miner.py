@@ -26,19 +26,9 @@ from neurons.cli import base_parser, load_keypair, open_chain, parse_args, setup
 from neurons.miner_loop import Miner
 from neurons.transfer import LinkEmulator, ObjectTransfer
 from protocol.client import SignedClient, fetch_receiver_hotkey
+from resbm.train import pick_device
 
-__all__ = ["main", "pick_device"]
-
-
-def pick_device(requested: str) -> str:
-    """cuda, then mps, then cpu, unless a device is named."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+__all__ = ["main", "build_parser"]
 
 
 def build_parser():
@@ -70,7 +60,7 @@ def main(argv=None) -> int:
     bridge_url = getattr(args, "bridge.url")
     client = SignedClient(keypair, bridge_url, fetch_receiver_hotkey(bridge_url))
     link = LinkEmulator(getattr(args, "link.mbps"), getattr(args, "link.latency_ms"))
-    miner = Miner(client, ObjectTransfer(link), device=pick_device(args.device),
+    miner = Miner(client, ObjectTransfer(link), device=str(pick_device(args.device)),
                   dtype=getattr(torch, args.dtype), max_hops=args.max_hops, cheat=Cheat(args.cheat))
     miner.status.every = args.status_every
     if args.status_file:

@@ -19,24 +19,16 @@ from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, 
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
-from resbm.optim import OptimConfig
 from neurons.cheats import Cheat
 from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import RoundState, load_assigned_state, merge_round
-from neurons.stage_worker import StageWorker
+from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
 from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["Miner"]
 
 log = logging.getLogger("miner")
-
-
-def optim_config(run) -> OptimConfig:
-    """Inner optimizer settings of a run."""
-    return OptimConfig(muon_lr=run.muon_lr, adamw_lr=run.adamw_lr, weight_decay=run.weight_decay,
-                       warmup_steps=run.warmup_steps, total_steps=run.total_steps,
-                       min_lr_ratio=run.min_lr_ratio)
 
 
 class Miner:
@@ -76,8 +68,7 @@ class Miner:
                              f"{data.VOCAB_SIZE}: the bridge's run config is wrong")
         same = self.worker is not None and self.worker.stage_index == a.stage and self.run == run
         if not same:
-            self.worker = StageWorker(cfg, a.stage, run.n_stages, optim_config(run), self.device,
-                                      self.dtype, init_seed=run.init_seed)
+            self.worker = worker_for_run(run, a.stage, self.device, self.dtype)
         self.run, self.cfg, self.stage = run, cfg, a.stage
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
@@ -286,8 +277,7 @@ class Miner:
         if samples > 0 and not self.cheat.skip_step():
             w.inner_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
         elif samples > 0:
-            w.optimizer.zero_grad()
-            w._samples = 0
+            w.discard_gradients()
         self.state.samples += samples
         self._last_step = (key, samples)
         self.status.record_step(key)

@@ -6,18 +6,17 @@ store with the sha256 the bridge recorded, and no hop may be claimed twice. Repl
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 
 import torch
 
 from protocol.messages import HopLog, HopRecord as WireRecord, ObjectRef, RunConfig
-from resbm import codec, outer
+from resbm import outer
 from resbm.config import ModelConfig
 from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
-from neurons.miner_loop import optim_config
+from neurons.hop_io import BadInput, fetch_code
 from neurons.round_merge import fetch_state
-from neurons.stage_worker import StageWorker
+from neurons.stage_worker import worker_for_run
 from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["ClaimError", "hop_counts", "check_claims", "audit_miner"]
@@ -50,17 +49,10 @@ def check_claims(records: list[WireRecord]) -> None:
 def _fetch(transfer: ObjectTransfer, ref: ObjectRef | None, shape, wire_codec: str) -> torch.Tensor | None:
     if ref is None:
         return None
-    limit = codec.wire_size(shape, wire_codec)
     try:
-        blob = transfer.get(ref.url, max_bytes=limit)
-    except TransferError as exc:
-        raise ClaimError(f"object {ref.key} cannot be read: {exc}") from exc
-    if hashlib.sha256(blob).hexdigest() != ref.sha256:
-        raise ClaimError(f"object {ref.key} does not match its reported sha256")
-    try:
-        return codec.decode(blob, shape, wire_codec, max_bytes=limit)
-    except codec.CodecError as exc:
-        raise ClaimError(f"object {ref.key} does not decode: {exc}") from exc
+        return fetch_code(transfer, ref, shape, wire_codec)
+    except BadInput as exc:  # what a miner reports as a bad input is a failed claim here
+        raise ClaimError(f"object {exc.detail} ({exc.reason})") from exc
 
 
 def _to_audit_records(transfer: ObjectTransfer, records: list[WireRecord], shape, wire_codec: str) -> list[HopRecord]:
@@ -88,11 +80,7 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
         raise ClaimError("hops of one miner span several stages in one round")
     cfg = ModelConfig.from_dict(run.model)
     shape = tuple(cfg.code_shape(run.batch_size))
-
-    def factory() -> StageWorker:
-        return StageWorker(cfg, stage, run.n_stages, optim_config(run), device, init_seed=run.init_seed)
-
-    worker = factory()
+    worker = worker_for_run(run, stage, device)
     ref = next((s for s in log.states if s.stage == stage), None)
     if ref is None:
         theta = worker.theta()
@@ -102,11 +90,9 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
     if item is not None:
         try:
-            blob = transfer.get(item.get_url, max_bytes=run.max_state_bytes)
+            blob = transfer.get_verified(item.get_url, item.sha256, run.max_state_bytes, "pseudo-gradient")
         except TransferError as exc:
-            raise ClaimError(f"pseudo-gradient cannot be read: {exc}") from exc
-        if hashlib.sha256(blob).hexdigest() != item.sha256:
-            raise ClaimError("pseudo-gradient does not match its reported sha256")
+            raise ClaimError(f"pseudo-gradient cannot be read or fails its hash: {exc}") from exc
         try:
             pg = outer.tensors_from_bytes(blob, worker.param_shapes, max_bytes=run.max_state_bytes)
         except outer.OuterError as exc:

@@ -18,7 +18,7 @@ from protocol.client import BridgeError, SignedClient
 from protocol.messages import (Assignment, MergedAck, MergedReport, MergeSet, PseudogradReport,
                                RunConfig, StateRef, UploadGrant, UploadRequest)
 from resbm import outer
-from neurons.transfer import ObjectTransfer
+from neurons.transfer import HashMismatch, ObjectTransfer
 
 __all__ = ["RoundState", "load_assigned_state", "merge_round", "fetch_state"]
 
@@ -38,9 +38,7 @@ class RoundState:
 
 def fetch_state(transfer: ObjectTransfer, ref: StateRef, shapes: dict, max_bytes: int):
     """Download a published state, check its sha256, names, shapes and finiteness."""
-    blob = transfer.get(ref.url, max_bytes=max_bytes)
-    if hashlib.sha256(blob).hexdigest() != ref.sha256:
-        raise ValueError(f"state {ref.key}: sha256 differs from the published one")
+    blob = transfer.get_verified(ref.url, ref.sha256, max_bytes, what=f"state {ref.key}")
     return outer.state_from_bytes(blob, expected=shapes, max_bytes=max_bytes)
 
 
@@ -107,9 +105,10 @@ def merge_round(client: SignedClient, transfer: ObjectTransfer, worker, state: R
     shapes = worker.param_shapes
     items = []
     for it in mset.items:
-        blob = transfer.get(it.get_url, max_bytes=run.max_state_bytes)
-        if hashlib.sha256(blob).hexdigest() != it.sha256:
-            log.warning("pseudo-gradient of %s fails its hash; skipped", it.hotkey)
+        try:
+            blob = transfer.get_verified(it.get_url, it.sha256, run.max_state_bytes, f"pseudo-gradient of {it.hotkey}")
+        except HashMismatch as exc:  # every replica skips it alike, so the merge stays identical
+            log.warning("%s; skipped", exc)
             continue
         items.append((it.samples, outer.tensors_from_bytes(blob, shapes, max_bytes=run.max_state_bytes)))
     # A replica that restarted late may report zero samples: its pseudo-gradient carries nothing.

@@ -21,7 +21,7 @@ from resbm import optim, outer
 from resbm.stages import build_stages
 from resbm.config import ModelConfig
 
-__all__ = ["StageWorker", "WorkerError"]
+__all__ = ["StageWorker", "WorkerError", "optim_config", "worker_for_run"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,12 @@ class StageWorker:
             return None
         return graph.inp.grad.detach().to("cpu", torch.float32).clone()
 
+    def discard_gradients(self) -> int:
+        """Drop the gradients accumulated since the last step without stepping; returns their count."""
+        n, self._samples = self._samples, 0
+        self.optimizer.zero_grad()
+        return n
+
     def release(self, sample_id: int) -> bool:
         """Drop an abandoned forward graph; True if one was open."""
         return self._graphs.pop(sample_id, None) is not None
@@ -212,3 +218,17 @@ class StageWorker:
         self._samples = 0
         log.debug("stage %d: inner step %d on %d samples", self.stage_index, global_step, n)
         return n
+
+
+def optim_config(run) -> "optim.OptimConfig":
+    """Inner optimizer settings of a run (a protocol RunConfig)."""
+    return optim.OptimConfig(muon_lr=run.muon_lr, adamw_lr=run.adamw_lr, weight_decay=run.weight_decay,
+                             warmup_steps=run.warmup_steps, total_steps=run.total_steps,
+                             min_lr_ratio=run.min_lr_ratio)
+
+
+def worker_for_run(run, stage: int, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> StageWorker:
+    """The stage as a run defines it, at its round-0 weights: what miners and validators both build."""
+    return StageWorker(ModelConfig.from_dict(run.model), stage, run.n_stages, optim_config(run), device, dtype,
+                       init_seed=run.init_seed)

@@ -3,6 +3,7 @@ accounting, and an optional emulated slow link so bandwidth effects show on one 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-__all__ = ["TransferError", "LinkEmulator", "TransferStats", "ObjectTransfer"]
+__all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer"]
 
 log = logging.getLogger(__name__)
 _RETRYABLE = (httpx.TransportError,)
@@ -23,6 +24,10 @@ class TransferError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class HashMismatch(TransferError):
+    """The downloaded bytes are not the ones whose sha256 was recorded."""
 
 
 class LinkEmulator:
@@ -103,6 +108,13 @@ class ObjectTransfer:
         data = self._retry(once, "GET")
         self.link.delay(len(data))
         self.stats.add(down=len(data), t_down=time.monotonic() - t0)
+        return data
+
+    def get_verified(self, url: str, sha256: str, max_bytes: int, what: str = "object") -> bytes:
+        """`get`, then check the bytes against the recorded sha256 (HashMismatch if they differ)."""
+        data = self.get(url, max_bytes=max_bytes)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise HashMismatch(f"{what}: sha256 differs from the recorded one")
         return data
 
     def put(self, url: str, data: bytes) -> None:

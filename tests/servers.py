@@ -131,7 +131,7 @@ def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
     port = free_port()
     db = workdir / "bridge.sqlite"
     args = ["--run-config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
-            "--db", str(db), "--chain", f"local:{chain_path}", "--netuid", str(netuid),
+            "--db", str(db), "--chain", f"localchain:{chain_path}", "--netuid", str(netuid),
             "--hotkey-uri", hotkey_uri, *extra]
     if s3 is not None:
         args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,

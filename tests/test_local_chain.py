@@ -107,3 +107,13 @@ def test_missing_subnet_and_duplicate_create_are_clear_errors(tmp_path):
         chain.create_subnet(OWNER)
     with pytest.raises(ChainFailure, match="not registered"):
         chain.add_stake(KEYS[0].ss58_address, 1.0)
+
+
+def test_open_chain_names_the_same_backends_for_every_process(tmp_path):
+    """Bridge, miner and validator share one spelling: localchain:PATH (local:PATH too) or a network."""
+    from protocol.chain import BittensorChain, LocalChain, open_chain
+    path = tmp_path / "chain.sqlite"
+    for spec in (f"localchain:{path}", f"local:{path}"):
+        chain = open_chain(spec, netuid=3)
+        assert isinstance(chain, LocalChain)
+    assert isinstance(open_chain("finney", netuid=3), BittensorChain)  # lazy: no connection yet

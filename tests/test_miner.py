@@ -191,7 +191,8 @@ import pytest  # noqa: E402
 
 from neurons import miner_loop  # noqa: E402
 from neurons.cli import env_name, parse_args  # noqa: E402
-from neurons.miner import build_parser as miner_parser, pick_device  # noqa: E402
+from neurons.miner import build_parser as miner_parser  # noqa: E402
+from resbm.train import pick_device  # noqa: E402
 from resbm import codec  # noqa: E402
 
 
@@ -277,10 +278,10 @@ def test_env_file_sets_flags_and_command_line_wins(tmp_path):
 
 
 def test_pick_device_prefers_an_accelerator_unless_named():
-    assert pick_device("cpu") == "cpu"
+    assert str(pick_device("cpu")) == "cpu"
     want = "cuda" if torch.cuda.is_available() else (
         "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
-    assert pick_device("auto") == want
+    assert str(pick_device("auto")) == want
 
 
 def _flaky_server(fail_first: int, body: bytes):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neurons.miner_loop import optim_config
+from neurons.stage_worker import optim_config
 from protocol.messages import RunConfig
 from resbm import data
 from resbm.checkpoint import load_checkpoint

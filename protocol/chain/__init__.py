@@ -2,6 +2,7 @@
 from protocol.chain.base import Chain, ChainFailure, MetagraphView, NeuronInfo, SetWeightsResult
 from protocol.chain.bittensor_chain import BittensorChain
 from protocol.chain.local import LocalChain
+from protocol.chain.open import open_chain, load_hotkey
 
 __all__ = [
     "BittensorChain",
@@ -11,4 +12,6 @@ __all__ = [
     "MetagraphView",
     "NeuronInfo",
     "SetWeightsResult",
+    "load_hotkey",
+    "open_chain",
 ]
