@@ -197,17 +197,19 @@ class Miner:
 
     def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
         w, run = self.worker, self.run
+        recompute = hop.kind == "bwd" and (hop.recompute or hop.sample_id not in w.open_graphs)
+        tokens = targets = None
+        if hop.kind == "fwdbwd" or ((hop.kind == "fwd" or recompute) and (w.is_first or w.needs_tokens)):
+            # The sample's public tokens (stage 0's input, re-injection's ids) and targets, derived once.
+            tokens, targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)
+        inp = tokens if w.is_first else inputs.act
+        side = tokens if w.needs_tokens else None
         if hop.kind == "fwd":
-            inp = inputs.act if hop.stage > 0 else data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)[0]
-            return self.cheat.forward_output(w.forward(hop.sample_id, inp), hop), None
+            return self.cheat.forward_output(w.forward(hop.sample_id, inp, side), hop), None
         if hop.kind == "fwdbwd":
-            targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)[1]
-            loss, grad = w.forward_backward(hop.sample_id, inputs.act, targets)
+            loss, grad = w.forward_backward(hop.sample_id, inp, targets, side)
             return self.cheat.input_grad(grad, hop), loss
-        recompute = None
-        if hop.recompute or hop.sample_id not in w.open_graphs:
-            recompute = inputs.act if hop.stage > 0 else data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)[0]
-        grad = w.backward(hop.sample_id, inputs.grad, recompute_input=recompute)
+        grad = w.backward(hop.sample_id, inputs.grad, recompute_input=inp if recompute else None, tokens=side)
         return (None if grad is None else self.cheat.input_grad(grad, hop)), None
 
     def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:

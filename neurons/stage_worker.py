@@ -7,6 +7,10 @@ gradient of an inner step is the mean over the samples whose backward ran since 
 
 `dtype` is the compute dtype: float32 runs plainly; bfloat16 / float16 run the stage under
 autocast (parameters, gradients and optimizer state stay float32).
+
+Under token re-injection (`needs_tokens`: a stage > 0 with ModelConfig.token_reinject) every
+forward also takes the sample's token ids, `data.batch(data_seed, sample_id, ...)[0]`, which the
+caller derives from public data exactly as it derives the last stage's targets.
 """
 from __future__ import annotations
 
@@ -89,6 +93,11 @@ class StageWorker:
         return sorted(self._graphs)
 
     @property
+    def needs_tokens(self) -> bool:
+        """True when forwards (and recomputes) need the sample's token ids besides the input code."""
+        return self.module.needs_tokens
+
+    @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """{name: shape} of this stage's state (the expected shapes of theta and pseudo-gradients)."""
         return dict(self._shapes)
@@ -139,44 +148,58 @@ class StageWorker:
             raise WorkerError("input code contains NaN or Inf")
         return inp.detach().to(self.device, torch.float32).requires_grad_(True)
 
-    def forward(self, sample_id: int, inp: torch.Tensor) -> torch.Tensor:
-        """Run the stage on tokens (stage 0) or a decoded code; keep the graph; return the code."""
+    def _prepare_tokens(self, sample_id: int, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.needs_tokens:
+            return None
+        if tokens is None:
+            raise WorkerError(f"sample {sample_id}: stage {self.stage_index} needs the sample's token ids "
+                              "(token_reinject): pass tokens=data.batch(data_seed, sample_id, ...)[0]")
+        return tokens.to(self.device)
+
+    def forward(self, sample_id: int, inp: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the stage on tokens (stage 0) or a decoded code (plus the sample's `tokens` when
+        `needs_tokens`); keep the graph; return the code."""
         if self.is_last:
             raise WorkerError("the last stage runs forward_backward, not forward")
         if sample_id in self._graphs:
             raise WorkerError(f"sample {sample_id}: a forward graph is already open")
         leaf = self._prepare_input(inp)
         x = inp.to(self.device) if leaf is None else leaf
+        side = self._prepare_tokens(sample_id, tokens)
         with self._autocast():
-            out = self.module(x)
+            out = self.module(x, tokens=side)
         self._graphs[sample_id] = _Graph(inp=leaf, out=out)
         return out.detach().to("cpu", torch.float32).clone()
 
     def forward_backward(
-        self, sample_id: int, code: torch.Tensor, targets: torch.Tensor
+        self, sample_id: int, code: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor | None = None
     ) -> tuple[float, torch.Tensor | None]:
-        """Last stage: forward to the loss, backward; returns (loss, gradient of the input code)."""
+        """Last stage: forward to the loss (`tokens` when `needs_tokens`), backward; returns (loss,
+        gradient of the input code)."""
         if not self.is_last:
             raise WorkerError("forward_backward is for the last stage only")
         leaf = self._prepare_input(code)
         x = code.to(self.device) if leaf is None else leaf
+        side = self._prepare_tokens(sample_id, tokens)
         with self._autocast():
-            loss = self.module(x, targets.to(self.device))
+            loss = self.module(x, targets.to(self.device), tokens=side)
         loss.backward()
         self._samples += 1
         grad = None if leaf is None else leaf.grad.detach().to("cpu", torch.float32).clone()
         return float(loss.detach()), grad
 
     def backward(
-        self, sample_id: int, grad_output: torch.Tensor, recompute_input: torch.Tensor | None = None
+        self, sample_id: int, grad_output: torch.Tensor, recompute_input: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Backward of an open forward (or recompute it from `recompute_input`); input grad or None."""
+        """Backward of an open forward (or recompute it from `recompute_input`, with `tokens` when
+        `needs_tokens`); input grad or None."""
         if self.is_last:
             raise WorkerError("the last stage runs forward_backward, not backward")
         if sample_id not in self._graphs:
             if recompute_input is None:
                 raise WorkerError(f"sample {sample_id}: no open forward graph and no input to recompute it")
-            self.forward(sample_id, recompute_input)
+            self.forward(sample_id, recompute_input, tokens)
         graph = self._graphs[sample_id]
         if tuple(grad_output.shape) != tuple(graph.out.shape):
             raise WorkerError(f"sample {sample_id}: grad_output shape {tuple(grad_output.shape)} "

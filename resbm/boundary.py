@@ -12,12 +12,9 @@ Kinds and variants (ModelConfig.boundary / boundary_variant):
 - `none` / `identity`: z = h (d wide), h' = z. The uncompressed baseline.
 - `naive` / `normed`: z = E(norm h), h' = D(z). No identity path.
   Init: E ~ N(0, 1/sqrt(d)), D ~ N(0, 1/sqrt(k)), so z and h' start at about unit RMS.
-- `resbm` / `normed` (default): hn = norm(h), z = E(hn) + hn[:k], h' = D(z) + pad(z).
-- `resbm` / `postnorm`: as `normed`, then the decoder normalises its output:
-  h' = norm_out(D(z) + pad(z)), norm_out an RMSNorm with a learned gain (init 1). Measured on an
-  H100 (docs/BENCHMARKS.md, second round): 128x under Muon +4.6% / +5.6% vs +10.2% / +10.5% for
-  `normed` at 500 steps (two seeds); under AdamW-only worse (+15.7% vs +12.3%). Not the default yet:
-  it also widens the bf16-vs-fp32 replay error of the audit (see the benchmark section).
+- `resbm` / `postnorm` (default): hn = norm(h), z = E(hn) + hn[:k], then the decoder normalises
+  its output: h' = norm_out(D(z) + pad(z)), norm_out an RMSNorm with a learned gain (init 1).
+- `resbm` / `normed`: as `postnorm` without norm_out: h' = D(z) + pad(z).
 - `resbm` / `literal`: z = E(h) + h[:k], h' = D(z) + pad(z) (the paper read literally).
   Init for all three: E ~ N(0, init_std), D = 0, so at step 0 the boundary is the identity path
   (the next stage sees the first k channels) and E, D grow from there; D's gradient is
@@ -27,6 +24,19 @@ Kinds and variants (ModelConfig.boundary / boundary_variant):
   z = W_down(silu(W_gate n) * W_up n) + x[:k] with n = norm(x), W_down: hidden -> k.
   The decoder is h' = D(z) + pad(z), the residual the next stage's first attention reads.
   Init: W_gate, W_up ~ N(0, init_std), W_down ~ N(0, init_std / sqrt(2 n_layers)), D = 0.
+
+Token re-injection (ModelConfig.token_reinject, default on, any kind): the decoder of boundary b
+also owns `embed`, an nn.Embedding(vocab_size, d) initialised to zeros, and returns
+h' + embed(tokens), added after everything above (after norm_out for `postnorm`). So every stage
+after the first adds its own learned embedding of the input tokens. The tokens are public (each
+stage derives them from the sample id, as the last stage does for its targets): no wire bytes.
+
+The default is `resbm` / `postnorm` with token re-injection, the best form measured on an H100
+(docs/BENCHMARKS.md, "Compression quality"; d 1024, 8 layers, 4 stages, 128x, Muon, 1,000 steps):
+`postnorm` alone trails the uncompressed baseline by +7.8% in validation loss, with re-injection it
+is -0.43% (the uncompressed model with re-injection: -0.45%), so compression then costs nothing.
+Under AdamW alone, `postnorm` without re-injection measured worse than `normed`. It also widens the
+bf16-vs-fp32 replay error of the audit (neurons/audit.py).
 
 Add a variant by listing it in config.BOUNDARY_VARIANTS and handling it in `build_boundary`.
 """
@@ -41,7 +51,7 @@ from torch import nn
 from . import codec
 from .config import ModelConfig
 
-__all__ = ["Boundary", "RMSNorm", "build_boundary", "init_rule"]
+__all__ = ["Boundary", "RMSNorm", "build_boundary", "check_tokens", "init_rule"]
 
 
 class RMSNorm(nn.Module):
@@ -113,26 +123,54 @@ class IotaEncoder(nn.Module):
         return codec.fake_quantize(z, self.codec)
 
 
+def check_tokens(tokens: torch.Tensor | None, batch_shape: tuple[int, ...], vocab_size: int, who: str) -> None:
+    """Raise ValueError unless `tokens` are integer ids of shape batch_shape (B, T) in [0, vocab_size)."""
+    if tokens is None:
+        raise ValueError(f"{who} needs the sample's input tokens (token_reinject): pass tokens=, the "
+                         "int64 (B, T) ids of data.batch(run_seed, sample_id, ...)[0]")
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{who}: tokens must be an int64 (or int32) tensor of token ids, got "
+                         f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tuple(tokens.shape) != tuple(batch_shape):
+        raise ValueError(f"{who}: tokens shape {tuple(tokens.shape)} must be (B, T) = {tuple(batch_shape)}")
+    # The range check reads the ids back, a device sync per call on an accelerator; there the ids come
+    # from the local data pipeline (resbm.data, bounded by the vocab), so only CPU tensors are checked.
+    if tokens.numel() and tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{who}: token ids must be in [0, {vocab_size}), got min {lo} max {hi}")
+
+
 class Decoder(nn.Module):
-    """h' = z (identity), D(z) (no identity path) or D(z) + pad(z), optionally RMS-normed after;
-    the gradient to z is wire-exact."""
+    """h' = z (identity), D(z) (no identity path) or D(z) + pad(z), optionally RMS-normed after, plus
+    embed(tokens) under token re-injection; the gradient to z is wire-exact."""
 
     def __init__(self, cfg: ModelConfig, project: bool, identity_path: bool, post_norm: bool = False) -> None:
         super().__init__()
         self.codec = cfg.wire_codec
+        self.vocab_size = cfg.vocab_size
         self.pad = cfg.d_model - cfg.code_dim
         self.proj = nn.Linear(cfg.code_dim, cfg.d_model, bias=False) if project else None
         self.identity_path = identity_path
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if post_norm else None
+        # Built from a zero tensor: no random init, so the global RNG is not drawn from either.
+        self.embed = (nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.zeros(cfg.vocab_size, cfg.d_model))
+                      if cfg.token_reinject else None)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode z (B, T, code_dim) to the residual; `tokens` (B, T) are required under token re-injection."""
+        if self.embed is not None:
+            check_tokens(tokens, tuple(z.shape[:-1]), self.vocab_size, "the boundary decoder")
         z = codec.fake_quantize_grad(z, self.codec)
         if self.proj is None:
-            return z
-        out = self.proj(z)
-        if self.identity_path:
-            out = out + F.pad(z, (0, self.pad))
-        return self.norm(out) if self.norm is not None else out
+            out = z
+        else:
+            out = self.proj(z)
+            if self.identity_path:
+                out = out + F.pad(z, (0, self.pad))
+            if self.norm is not None:
+                out = self.norm(out)
+        return out if self.embed is None else out + self.embed(tokens)
 
 
 class Boundary(nn.Module):
@@ -143,9 +181,11 @@ class Boundary(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Encoder then decoder inline, as the monolithic model runs it."""
-        return self.decoder(self.encoder(h))
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder then decoder inline, as the monolithic model runs it (tokens: see Decoder; None is
+        not passed on, so a replacement decoder taking only z still fits)."""
+        z = self.encoder(h)
+        return self.decoder(z) if tokens is None else self.decoder(z, tokens)
 
 
 def build_boundary(cfg: ModelConfig, encoder: bool = True, decoder: bool = True) -> Boundary:
@@ -171,6 +211,8 @@ def init_rule(local_name: str, cfg: ModelConfig) -> tuple[str, float]:
     d, k = cfg.d_model, cfg.code_dim
     if local_name.endswith("norm.weight"):
         return ("ones", 0.0)
+    if local_name == "decoder.embed.weight":
+        return ("zeros", 0.0)  # token re-injection starts as a no-op
     if local_name == "decoder.proj.weight":
         return ("normal", 1 / math.sqrt(k)) if cfg.boundary == "naive" else ("zeros", 0.0)
     if local_name == "encoder.proj.weight":

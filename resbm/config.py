@@ -16,7 +16,7 @@ BOUNDARY_KINDS: tuple[str, ...] = ("none", "naive", "resbm", "resbm-iota")
 BOUNDARY_VARIANTS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
     "naive": ("normed",),
-    "resbm": ("normed", "postnorm", "literal"),
+    "resbm": ("postnorm", "normed", "literal"),
     "resbm-iota": ("fused-mlp",),
 }
 DEFAULT_BOTTLENECK_RATIO = 128
@@ -56,6 +56,9 @@ class ModelConfig:
     """Variant of the boundary kind (BOUNDARY_VARIANTS[kind]); None picks the kind's default."""
     wire_codec: str = "bf16"
     """Codec of the code and its gradient on the wire: fp32 | bf16 | fp8 | int8 (resbm/codec.py)."""
+    token_reinject: bool = True
+    """Every stage after the first adds its own learned embedding of the input tokens (zero init) to
+    the decoded residual, for every boundary kind (boundary.py). The tokens are public: no bytes on the wire."""
     stage_layers: tuple[int, ...] | None = None
     """Blocks per stage (n_stages entries, each >= 1, summing to n_layers); None = even split."""
     rope_base: float = 10000.0
@@ -105,6 +108,8 @@ class ModelConfig:
         if self.boundary_variant not in variants:
             raise ValueError(f"boundary_variant {self.boundary_variant!r} is not a variant of boundary "
                              f"{self.boundary!r}; expected one of {list(variants)}")
+        if not isinstance(self.token_reinject, bool):
+            raise ValueError(f"token_reinject must be a bool, got {self.token_reinject!r}")
         if self.wire_codec not in codec.CODECS:
             raise ValueError(f"wire_codec must be one of {list(codec.CODECS)}, got {self.wire_codec!r}")
         self._check_bottleneck()
@@ -175,7 +180,8 @@ class ModelConfig:
         return 2 * one_way if direction == "both" else one_way
 
     def matmul_params(self) -> int:
-        """Weights used in matmuls per token (blocks, boundaries, head; not the embedding lookup)."""
+        """Weights used in matmuls per token (blocks, boundaries, head); embedding lookups, the token
+        re-injection tables among them, are not counted."""
         d, h, k = self.d_model, self.mlp_hidden, self.bottleneck_width
         per_block = 4 * d * d + 3 * d * h
         total = self.n_layers * per_block + self.vocab_size * d

@@ -98,7 +98,8 @@ def block_has_mlp(cfg: ModelConfig, layer: int) -> bool:
 
 
 class ResBM(nn.Module):
-    """embed -> blocks, with boundary b after the last block of stage b -> final norm -> head."""
+    """embed -> blocks, with boundary b after the last block of stage b (its decoder re-injects the
+    tokens when cfg.token_reinject) -> final norm -> head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -116,10 +117,11 @@ class ResBM(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or the mean cross-entropy against `targets` when given."""
         x = self.embed(tokens)
+        reinject = tokens if self.cfg.token_reinject else None
         for i, block in enumerate(self.blocks):
             x = block(x, self.rope_cos, self.rope_sin)
             if i in self._boundary_after:
-                x = self.boundaries[self._boundary_after[i]](x)
+                x = self.boundaries[self._boundary_after[i]](x, reinject)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits

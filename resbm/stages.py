@@ -1,9 +1,11 @@
 """Pipeline stages: the monolithic model cut at its boundaries, with the same parameter names.
 
 Stage s holds the decoder of boundary s-1 (or the embedding, for s = 0), its blocks, and the
-encoder of boundary s (or the final norm and head, for the last stage). Parameter names are the
-model's own (`blocks.{i}.*` with the global block index, `boundaries.{b}.encoder.*` ...), so
-state dicts move between the model and its stages by key.
+encoder of boundary s (or the final norm and head, for the last stage). Under token re-injection
+(cfg.token_reinject) every stage s > 0 also takes the sample's tokens, which its decoder embeds;
+they are public, so nothing extra crosses the wire. Parameter names are the model's own
+(`blocks.{i}.*` with the global block index, `boundaries.{b}.encoder.*` ...), so state dicts
+move between the model and its stages by key.
 """
 from __future__ import annotations
 
@@ -44,9 +46,16 @@ class Stage(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Stage 0 takes token ids (B, T); others the code (B, T, code_dim). The last stage returns
-        the mean loss when `targets` is given, else logits; the others return the wire-exact code."""
+    @property
+    def needs_tokens(self) -> bool:
+        """True when forward needs `tokens` besides the code (a stage > 0 under token re-injection)."""
+        return not self.is_first and self.cfg.token_reinject
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 0 takes token ids (B, T); others the code (B, T, code_dim), plus the sample's token
+        ids (B, T) when `needs_tokens` (stage 0 ignores `tokens`: x is the tokens). The last stage
+        returns the mean loss when `targets` is given, else logits; the others the wire-exact code."""
         if self.is_first:
             if x.dtype != torch.int64 or x.dim() != 2:
                 raise ValueError(f"stage 0 expects int64 token ids of shape (B, T), got {x.dtype} "
@@ -57,7 +66,10 @@ class Stage(nn.Module):
             if x.dim() != 3 or x.shape[-1] != want or not x.is_floating_point():
                 raise ValueError(f"stage {self.index} expects a float code of shape (B, T, {want}), "
                                  f"got {x.dtype} {tuple(x.shape)}")
-            x = self.boundaries[str(self.index - 1)].decoder(x)
+            if self.needs_tokens and tokens is None:
+                raise ValueError(f"stage {self.index} needs the sample's token ids (token_reinject): pass "
+                                 "tokens=data.batch(run_seed, sample_id, batch_size, seq_len)[0]")
+            x = self.boundaries[str(self.index - 1)].decoder(x, tokens if self.needs_tokens else None)
         for block in self.blocks.values():
             x = block(x, self.rope_cos, self.rope_sin)
         if not self.is_last:
@@ -124,16 +136,17 @@ class PipelineResult:
 def run_pipeline(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
                  backward: bool = True) -> PipelineResult:
     """Run the stages in sequence as the network would: each stage gets a detached copy of the
-    code; backward goes last to first, passing each boundary's input gradient (accumulating .grad)."""
+    code (and the tokens, for re-injection); backward goes last to first, passing each boundary's
+    input gradient (accumulating .grad)."""
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     x = tokens
     for stage in stages[:-1]:
-        out = stage(x)
+        out = stage(x, tokens=tokens)
         outputs.append(out)
         x = out.detach().requires_grad_(backward)
         inputs.append(x)
-    loss = stages[-1](x, targets)
+    loss = stages[-1](x, targets, tokens=tokens)
     result = PipelineResult(loss=float(loss.detach()), codes=[o.detach() for o in outputs])
     if not backward:
         return result

@@ -188,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=None, help="override n_stages of the preset")
     p.add_argument("--boundary", default=None, choices=BOUNDARY_KINDS, help="override boundary kind")
     p.add_argument("--variant", default=None, help="override boundary variant (see resbm/boundary.py)")
+    p.add_argument("--token-reinject", default=None, action=argparse.BooleanOptionalAction,
+                   help="override token re-injection at stages > 0 (default: the preset's, on)")
     p.add_argument("--codec", default=None, help="override wire codec: fp32 | bf16 | fp8 | int8")
     p.add_argument("--ratio", type=int, default=None, help="override bottleneck ratio r (k = d / r)")
     p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"], help="inner optimizer kind")
@@ -215,6 +217,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ModelConfig, OptimConfig
         over["boundary"] = args.boundary
     if args.variant is not None:
         over["boundary_variant"] = args.variant
+    if getattr(args, "token_reinject", None) is not None:  # absent from older golden-file args
+        over["token_reinject"] = args.token_reinject
     if args.codec is not None:
         over["wire_codec"] = args.codec
     if args.ratio is not None:

@@ -48,12 +48,12 @@ def simulate(stage: int, miner_dtype=torch.float32, threads: int | None = None, 
                 x = tokens
                 for s in range(S - 1):
                     torch.set_num_threads(threads if threads and s == stage else old)
-                    out = workers[s].forward(sid, x)
+                    out = workers[s].forward(sid, x, tokens)  # stages > 0 re-inject the tokens
                     if s == stage:
                         records.append(HopRecord(sid, "fwd", step, inputs=None if s == 0 else x, claimed_output=out))
                     x = out
                 torch.set_num_threads(threads if threads and stage == S - 1 else old)
-                loss, g = workers[-1].forward_backward(sid, x, targets)
+                loss, g = workers[-1].forward_backward(sid, x, targets, tokens)
                 g = codec.roundtrip(g, CFG.wire_codec)
                 if stage == S - 1:
                     records.append(HopRecord(sid, "fwdbwd", step, inputs=x, claimed_output=g, claimed_loss=loss))
@@ -101,7 +101,11 @@ def test_honest_miner_with_other_threads_or_bf16_passes(stage):
         assert report.passed, (kwargs, report.reason)
         if "miner_dtype" in kwargs:  # bf16 differs measurably but stays well inside the tolerances
             worst_hop = max(h.rel_err for h in report.hops)
-            assert 0 < worst_hop < DEFAULT_TOLERANCES.rel_err / 4
+            # Half the tolerance (it was a quarter under the old resbm/normed default): the honest bf16
+            # hop error is heavy-tailed. Over 40 data seeds x 3 inner steps its median is ~0.005 on every
+            # stage but single hops reach 0.019 (stage 0; this data seed 3 is that worst case) to 0.035
+            # under the postnorm + re-injection default, and 0.041 under the old default (stage 2, seed 5).
+            assert 0 < worst_hop < DEFAULT_TOLERANCES.rel_err / 2
             assert 0 < report.pseudo_grad.rel_err < DEFAULT_TOLERANCES.pg_rel_err / 2
 
 

@@ -33,8 +33,9 @@ def _perturbed_model(cfg: ModelConfig, seed: int = 3) -> torch.nn.Module:
 @pytest.mark.parametrize("n_stages", [2, 3])
 @pytest.mark.parametrize("kind,variant", KIND_VARIANTS)
 @pytest.mark.parametrize("codec_name", ["fp32", "int8"])
-def test_stages_in_sequence_equal_monolithic_forward_and_backward(kind, variant, n_stages, codec_name):
-    cfg = _cfg(kind, variant, n_stages, codec_name)
+@pytest.mark.parametrize("reinject", [True, False])
+def test_stages_in_sequence_equal_monolithic_forward_and_backward(kind, variant, n_stages, codec_name, reinject):
+    cfg = _cfg(kind, variant, n_stages, codec_name, token_reinject=reinject)
     model = _perturbed_model(cfg)
     stages = build_stages(cfg, seed=99)  # different init, then overwritten from the model
     state = model.state_dict()
@@ -63,8 +64,17 @@ def test_stages_in_sequence_equal_monolithic_forward_and_backward(kind, variant,
         assert g.abs().sum() > 0
 
 
-def test_stage_init_matches_model_init_for_the_same_seed():
-    cfg = _cfg("resbm-iota", "fused-mlp", 3)
+def test_default_config_is_postnorm_resbm_with_token_reinjection():
+    cfg = ModelConfig(bottleneck_ratio=16)  # every other field at its default
+    assert (cfg.boundary, cfg.boundary_variant, cfg.token_reinject) == ("resbm", "postnorm", True)
+    assert ModelConfig.preset("tiny").boundary_variant == "postnorm"
+    names = set(build_model(ModelConfig.preset("tiny", n_stages=2)).state_dict())
+    assert {"boundaries.0.decoder.norm.weight", "boundaries.0.decoder.embed.weight"} <= names
+
+
+@pytest.mark.parametrize("kind,variant", [("resbm-iota", "fused-mlp"), ("resbm", "postnorm")])
+def test_stage_init_matches_model_init_for_the_same_seed(kind, variant):
+    cfg = _cfg(kind, variant, 3)
     model_state = build_model(cfg, seed=5).state_dict()
     other = build_model(cfg, seed=6).state_dict()
     for stage in build_stages(cfg, seed=5):
@@ -74,12 +84,13 @@ def test_stage_init_matches_model_init_for_the_same_seed():
 
 
 def test_state_dicts_move_model_to_stages_and_back():
-    cfg = _cfg("resbm", "normed", 3)
+    cfg = _cfg("resbm", "postnorm", 3)
     state = _perturbed_model(cfg).state_dict()
     parts = [stage_state_dict(state, cfg, s) for s in range(3)]
     assert set(parts[0]) & set(parts[1]) == set()
     assert "boundaries.0.encoder.proj.weight" in parts[0]
     assert "boundaries.0.decoder.proj.weight" in parts[1]
+    assert "boundaries.0.decoder.embed.weight" in parts[1] and "boundaries.1.decoder.embed.weight" in parts[2]
     assert "embed.weight" in parts[0] and "head.weight" in parts[2]
     merged = merge_stage_states(parts, cfg)
     assert sorted(merged) == sorted(state)
@@ -112,7 +123,7 @@ def test_model_returns_logits_and_stage_rejects_bad_input():
     with pytest.raises(ValueError, match="int64 token ids"):
         stage0(tokens.float())
     with pytest.raises(ValueError, match=r"\(B, T, 4\)"):
-        stage1(torch.zeros(2, cfg.seq_len, 5))
+        stage1(torch.zeros(2, cfg.seq_len, 5), tokens=tokens)
     assert stage_param_names(cfg, 1)[-1] == "head.weight"
 
 
@@ -134,6 +145,7 @@ def test_iota_encoder_replaces_the_last_mlp_of_each_non_final_stage():
     (dict(boundary="bogus"), "boundary"),
     (dict(boundary="resbm", boundary_variant="fancy"), "boundary_variant"),
     (dict(wire_codec="int4"), "wire_codec"),
+    (dict(token_reinject=1), "token_reinject"),
     (dict(seq_len=0), "seq_len"),
     (dict(init_std=-1.0), "init_std"),
 ])
@@ -148,6 +160,8 @@ def test_config_round_trip_presets_and_unknown_keys():
     for name in ("tiny", "small", "bench"):
         cfg = ModelConfig.preset(name)
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+        off = ModelConfig.preset(name, token_reinject=False)
+        assert off.to_dict()["token_reinject"] is False and ModelConfig.from_dict(off.to_dict()) == off != cfg
     bench = ModelConfig.preset("bench")
     assert (bench.n_layers, bench.d_model, bench.n_heads, bench.seq_len, bench.n_stages) == (8, 1024, 16, 512, 4)
     assert bench.code_dim == 8 and bench.code_shape(2) == (2, 512, 8)
@@ -163,6 +177,7 @@ def test_flops_per_token_matches_parameter_count():
     for kind in ("none", "resbm", "resbm-iota"):
         cfg = _cfg(kind, BOUNDARY_VARIANTS[kind][0], 3)
         model = build_model(cfg)
-        n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight")
+        n_matmul = sum(p.numel() for n, p in model.named_parameters()
+                       if p.ndim == 2 and "embed" not in n.split("."))  # lookups, re-injection's too
         assert cfg.matmul_params() == n_matmul
         assert cfg.flops_per_token() == 6 * n_matmul + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len

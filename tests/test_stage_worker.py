@@ -30,9 +30,9 @@ def _pipeline(workers, sid, data_seed=1):
     tokens, targets = data.batch(data_seed, sid, B, CFG.seq_len)
     codes, x = [], tokens
     for w in workers[:-1]:
-        x = w.forward(sid, x)
+        x = w.forward(sid, x, tokens)  # stage 0 reads x; later stages re-inject the tokens
         codes.append(x)
-    loss, g = workers[-1].forward_backward(sid, x, targets)
+    loss, g = workers[-1].forward_backward(sid, x, targets, tokens)
     grads = [g]
     for w in reversed(workers[:-1]):
         g = w.backward(sid, g)
@@ -116,11 +116,12 @@ def test_recompute_backward_equals_backward_of_the_original_forward():
     a, b = _workers()[1], _workers()[1]
     code = torch.randn(CFG.code_shape(B), generator=torch.Generator().manual_seed(0))
     grad_out = torch.randn(CFG.code_shape(B), generator=torch.Generator().manual_seed(1))
-    a.forward(9, code)
+    tokens = data.batch(1, 9, B, CFG.seq_len)[0]
+    a.forward(9, code, tokens)
     ga = a.backward(9, grad_out)
     with pytest.raises(WorkerError, match="no open forward graph"):
         b.backward(9, grad_out)
-    gb = b.backward(9, grad_out, recompute_input=code)
+    gb = b.backward(9, grad_out, recompute_input=code, tokens=tokens)
     assert torch.equal(ga, gb) and b.open_graphs == [] and b.samples_since_step == 1
     for p, q in zip(a.module.parameters(), b.module.parameters()):
         assert torch.equal(p.grad, q.grad)
@@ -135,7 +136,7 @@ def test_load_theta_checks_and_resets_optimizer():
     theta = {n: t + 1.0 for n, t in w.theta().items()}
     tokens, _ = data.batch(1, 0, B, CFG.seq_len)
     workers[0].forward(3, tokens)
-    w.forward(3, workers[0].forward(4, tokens))
+    w.forward(3, workers[0].forward(4, tokens), tokens)
     w.load_theta(theta)
     assert w.open_graphs == [] and w.samples_since_step == 0
     assert len(w.optimizer.optimizers["muon"].state) == 0
@@ -160,7 +161,9 @@ def test_bad_inputs_are_refused_by_name():
         w1.forward(0, torch.zeros(B, CFG.seq_len, CFG.code_dim + 1))
     with pytest.raises(WorkerError, match="NaN"):
         w1.forward(0, torch.full(CFG.code_shape(B), float("nan")))
-    w1.forward(0, torch.zeros(CFG.code_shape(B)))
+    with pytest.raises(WorkerError, match="token ids"):
+        w1.forward(0, torch.zeros(CFG.code_shape(B)))
+    w1.forward(0, torch.zeros(CFG.code_shape(B)), data.batch(1, 0, B, CFG.seq_len)[0])
     with pytest.raises(WorkerError, match="grad_output shape"):
         w1.backward(0, torch.zeros(B, CFG.seq_len, 1))
     with pytest.raises(WorkerError, match="last stage"):
