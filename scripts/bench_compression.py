@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime as _dt
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,6 +76,8 @@ class Setting:
     adamw_lr: float = ADAMW_LR
     muon_lr: float = MUON_LR
     token_reinject: bool = False
+    tok_rank: int = 0
+    """Token re-injection table rank: 0 = a full vocab x d embedding per boundary, r = vocab x r then r x d."""
     tag: str = ""
     enc_lr: float = 1.0
     """Round 2 (bench only): Muon lr multiplier of the boundary encoders' E."""
@@ -85,6 +89,8 @@ class Setting:
     """Round 2: D's init std (0 = the default zero init)."""
     dec_mod: str = ""
     """Round 2: decoder-side change, one of DEC_MODS ('' = the library's decoder)."""
+    ckpt: bool = False
+    """Recompute every boundary (encoder + decoder) in the backward instead of keeping its activations."""
 
     @property
     def name(self) -> str:
@@ -92,11 +98,12 @@ class Setting:
         kind = self.boundary + (f"-{self.variant}" if self.variant else "")
         base = kind if self.boundary == "none" else f"{kind}@{self.ratio}"
         base += f"+{self.codec}" if self.codec != "bf16" else ""
-        base += "+tok" if self.token_reinject else ""
+        base += ("+tok" + (f"{self.tok_rank}" if self.tok_rank else "")) if self.token_reinject else ""
         for field, label, default in _ROUND2_LABELS:
             if getattr(self, field) != default:
                 base += f"+{label}{getattr(self, field):g}"
         base += f"+{self.dec_mod}" if self.dec_mod else ""
+        base += "+ckpt" if self.ckpt else ""
         base += f"/{self.opt}" + (f"/s{self.seed}" if self.seed else "")
         return base + (f"/{self.tag}" if self.tag else "")
 
@@ -105,8 +112,9 @@ class Setting:
         # 'resbm' with no variant is pinned to the first round's `normed`, so its label keeps one
         # meaning even if the library default moves (e.g. to `postnorm`, labelled 'resbm-postnorm').
         variant = self.variant or ("normed" if self.boundary == "resbm" else None)
+        # Full-rank re-injection is the library's (ModelConfig.token_reinject); low rank is bench-only.
         fields = dict(SIZES[size]["model"], boundary=self.boundary, boundary_variant=variant,
-                      wire_codec=self.codec)
+                      wire_codec=self.codec, token_reinject=self.token_reinject and not self.tok_rank)
         fields["bottleneck_dim"] = max(1, fields["d_model"] // self.ratio)
         return ModelConfig(**fields)
 
@@ -114,15 +122,20 @@ class Setting:
 def default_grid(adamw_lr: float = ADAMW_LR, muon_lr: float = MUON_LR,
                  muon_adamw_lr: float = ADAMW_LR) -> list[Setting]:
     """The issue's grid, each setting under AdamW and Muon, plus a second seed of each baseline.
+    ResBM rows use the library default (postnorm + token re-injection, labelled 'resbm-postnorm@r+tok');
+    'none+tok' and 'naive@128+tok' are the same re-injection without compression / identity path, and
+    'resbm@128' is the first round's default (normed, no re-injection).
     `adamw_lr` is the lr of AdamW-only runs; `muon_adamw_lr` that of embeddings/head/norms under Muon."""
     rows: list[Setting] = []
     for opt in ("muon", "adamw"):
         kw = dict(opt=opt, adamw_lr=adamw_lr if opt == "adamw" else muon_adamw_lr, muon_lr=muon_lr)
-        rows += [Setting("none", **kw), Setting("none", seed=1, **kw)]
-        rows += [Setting("resbm", r, **kw) for r in (32, 64, 128)]
+        pn = dict(kw, variant="postnorm", token_reinject=True)
+        rows += [Setting("none", **kw), Setting("none", seed=1, **kw), Setting("none", token_reinject=True, **kw)]
+        rows += [Setting("resbm", r, **pn) for r in (32, 64, 128)]
+        rows += [Setting("resbm", 128, codec="fp8", **pn), Setting("resbm", 128, codec="int8", **pn),
+                 Setting("resbm", 64, codec="fp8", **pn)]  # k = 2x wider at the bytes of 128x bf16
         rows += [Setting("resbm-iota", 128, **kw), Setting("naive", 128, **kw),
-                 Setting("resbm", 128, codec="fp8", **kw), Setting("resbm", 128, codec="int8", **kw),
-                 Setting("resbm", 64, codec="fp8", **kw)]  # k = 2x wider at the bytes of 128x bf16
+                 Setting("naive", 128, token_reinject=True, **kw), Setting("resbm", 128, **kw)]
     return rows
 
 
@@ -132,15 +145,33 @@ def lr_sweep_grid(adamw_lrs: list[float], muon_lrs: list[float]) -> list[Setting
     return rows + [Setting("none", opt="muon", muon_lr=lr, tag=f"lr{lr:g}") for lr in muon_lrs]
 
 
+class LowRankEmbedding(nn.Module):
+    """vocab x r table (N(0, 1)) then r x d projection (zero init), so it starts at zero."""
+
+    def __init__(self, vocab: int, rank: int, d: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(vocab, rank)
+        self.up = nn.Linear(rank, d, bias=False)
+        nn.init.normal_(self.table.weight)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.up(self.table(tokens))
+
+
 class TokenReinjection(nn.Module):
     """Experimental: each stage after the first adds its own embedding of the tokens to the decoded
     residual (the tokens are public: any stage can recompute them from the sample id)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, rank: int = 0) -> None:
         super().__init__()
-        self.embed = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(cfg.n_stages - 1))
-        for e in self.embed:
-            nn.init.zeros_(e.weight)
+        if rank:
+            self.embed = nn.ModuleList(LowRankEmbedding(cfg.vocab_size, rank, cfg.d_model)
+                                       for _ in range(cfg.n_stages - 1))
+        else:
+            self.embed = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model) for _ in range(cfg.n_stages - 1))
+            for e in self.embed:
+                nn.init.zeros_(e.weight)
 
 
 class ModDecoder(nn.Module):
@@ -207,16 +238,23 @@ def split_boundary_lr(opt: Any, model: nn.Module, s: Setting) -> None:
 
 
 def _forward(model: nn.Module, extra: TokenReinjection | None, tokens: torch.Tensor,
-             targets: torch.Tensor) -> torch.Tensor:
-    """The monolithic ResBM forward (model.py), with optional token re-injection after each boundary."""
-    if extra is None:
+             targets: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+    """The monolithic ResBM forward (model.py), with optional low-rank token re-injection after each
+    boundary and optional recomputation of the boundaries in the backward."""
+    if extra is None and not ckpt:
         return model(tokens, targets)
     x = model.embed(tokens)
+    reinject = tokens if model.cfg.token_reinject else None
     for i, block in enumerate(model.blocks):
         x = block(x, model.rope_cos, model.rope_sin)
         if i in model._boundary_after:
             b = model._boundary_after[i]
-            x = model.boundaries[b](x) + extra.embed[int(b)](tokens)
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(model.boundaries[b], x, reinject, use_reentrant=False)
+            else:
+                x = model.boundaries[b](x, reinject)
+            if extra is not None:
+                x = x + extra.embed[int(b)](tokens)
     return lm_loss(model.head(model.norm(x)), targets)
 
 
@@ -243,11 +281,11 @@ def run_setting(s: Setting, size: str, steps: int, dev: torch.device, batches: l
     model = build_model(cfg, seed=s.seed)
     apply_round2(model, s)
     model = model.to(dev)
-    extra = TokenReinjection(cfg).to(dev) if s.token_reinject else None
+    extra = TokenReinjection(cfg, s.tok_rank).to(dev) if s.token_reinject and s.tok_rank else None
     holder = nn.ModuleDict({"m": model, **({"x": extra} if extra is not None else {})})
     opt = build_optimizer(holder, _optim_config(s, steps))
     split_boundary_lr(opt, holder["m"], s)
-    fwd = torch.compile(_forward) if compile_model else _forward
+    fwd = functools.partial(torch.compile(_forward) if compile_model else _forward, ckpt=s.ckpt)
     use_amp = amp and dev.type == "cuda"
 
     def evaluate() -> float:
@@ -323,6 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batches", type=int, default=8, help="validation batches (fixed held-out set)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--data", default=None, help="token corpus folder (default resbm/assets; the standard "
+                   "run uses data/bench from scripts/prepare_bench_corpus.py)")
     p.add_argument("--out", default=None, help="folder for one JSON per setting")
     p.add_argument("--report", nargs="*", default=None, help="merge result folders/files into the table")
     p.add_argument("--timing-from", nargs="*", default=None, help="report: isolated timing folders")
@@ -374,9 +414,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     steps = min(args.steps, 100) if args.timing else args.steps
     seq, bsz = SIZES[args.size]["model"]["seq_len"], SIZES[args.size]["batch"]
     data_seeds = sorted({s.seed for s in settings})
-    batches = {sd: [tuple(t.to(dev) for t in data.batch(sd, i, bsz, seq)) for i in range(steps)]
+    corpus = data.load(args.data)
+    log.info("corpus %s: %d train tokens; this run reads %d", corpus.root,
+             corpus.tokens("train").size, steps * bsz * seq)
+    batches = {sd: [tuple(t.to(dev) for t in corpus.batch(sd, i, bsz, seq)) for i in range(steps)]
                for sd in data_seeds}
-    val_set = [tuple(t.to(dev) for t in b) for b in data.validation_batches(args.val_batches, bsz, seq)]
+    val_set = [tuple(t.to(dev) for t in b) for b in corpus.validation_batches(args.val_batches, bsz, seq)]
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -387,6 +430,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           compile_model=args.compile, val_points=1 if args.timing else 10)
         rec["isolated_timing"] = args.timing
         rec["wall_s"] = time.perf_counter() - t0
+        rec["corpus"] = {"dir": corpus.root.name, "train_tokens": int(corpus.tokens("train").size)}
         results.append(rec)
         log.info("DONE %-28s val %.4f  step %s ms  peak %s  (%.0fs)", s.name, rec["final_val"],
                  fmt(rec["step_ms"], ".1f"), fmt(rec["peak_mem"] and rec["peak_mem"] / 2**30, ".2f"),

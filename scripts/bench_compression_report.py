@@ -39,7 +39,8 @@ def summarise(results: list[dict[str, Any]], timing: list[dict[str, Any]] | None
             timed[key] = r
     blank = {"step_ms": None, "peak_mem": None}
     base = {(r["setting"]["opt"], r["d_model"], r["steps"]): r for r in results
-            if r["setting"]["boundary"] == "none" and r["setting"]["seed"] == 0 and not r["setting"].get("tag")}
+            if r["setting"]["boundary"] == "none" and r["setting"]["seed"] == 0 and not r["setting"].get("tag")
+            and not r["setting"].get("token_reinject")}
     rows = []
     for r in sorted(results, key=_key):
         same = base.get((r["setting"]["opt"], r["d_model"], r["steps"]))

@@ -15,7 +15,8 @@ bench = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("bench_compression", bench)  # dataclasses look their module up by name
 _spec.loader.exec_module(bench)
 
-ROWS = "none/muon,resbm@128/muon,naive@128/adamw,none/adamw,resbm@128+int8/adamw"
+ROWS = ("none/muon,none+tok/muon,resbm-postnorm@128+tok/muon,resbm@128/muon,naive@128/adamw,none/adamw,"
+        "resbm-postnorm@128+int8+tok/adamw")
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,15 @@ def test_same_init_and_data_give_identical_baseline_start(tiny_results):
 def test_report_computes_gaps_bytes_and_ratio(tiny_results):
     _, results = tiny_results
     rows = {r["name"]: r for r in bench.summarise(results)}
-    base, comp = rows["none/muon"], rows["resbm@128/muon"]
+    base, comp = rows["none/muon"], rows["resbm-postnorm@128+tok/muon"]
+    # the re-injected baseline is a row of its own, never the baseline of the gaps
+    assert rows["none+tok/muon"]["gap_same"] == pytest.approx((rows["none+tok/muon"]["val"] / base["val"] - 1) * 100)
     assert base["gap_same"] == pytest.approx(0.0)
     want = (comp["val"] / base["val"] - 1) * 100
     assert comp["gap_same"] == pytest.approx(want)
     assert comp["k"] == 1 and base["k"] == 128
     assert comp["bytes"] < base["bytes"]
-    int8 = rows["resbm@128+int8/adamw"]
+    int8 = rows["resbm-postnorm@128+int8+tok/adamw"]
     assert int8["gap_same"] == pytest.approx((int8["val"] / rows["none/adamw"]["val"] - 1) * 100)
     table = bench.format_table(list(rows.values()))
     assert table.count("\n") == len(rows) + 1 and "resbm@128/muon" in table
@@ -77,8 +80,10 @@ def test_unknown_setting_name_is_refused():
 def test_grid_covers_the_issue_and_setting_names_are_unique():
     names = [s.name for s in bench.default_grid()]
     assert len(names) == len(set(names))
-    for want in ("none/muon", "none/adamw/s1", "resbm@32/adamw", "resbm@128+fp8/muon",
-                 "resbm@128+int8/adamw", "resbm-iota@128/muon", "naive@128/adamw"):
+    for want in ("none/muon", "none/adamw/s1", "none+tok/muon", "resbm-postnorm@32+tok/adamw",
+                 "resbm-postnorm@128+fp8+tok/muon", "resbm-postnorm@128+int8+tok/adamw",
+                 "resbm-postnorm@64+fp8+tok/muon", "resbm-iota@128/muon", "naive@128/adamw",
+                 "naive@128+tok/muon", "resbm@128/muon"):
         assert want in names
 
 
@@ -178,3 +183,26 @@ def test_library_postnorm_variant_computes_what_the_bench_measured():
         lib.decoder.norm.weight.copy_(bench_dec.gain)
     z = torch.randn(2, 5, cfg.code_dim)
     assert torch.allclose(lib.decoder(z), bench_dec(z), atol=1e-6)
+
+
+def test_grid_rows_build_the_library_default_and_plain_rows_have_no_reinjection():
+    from resbm.config import ModelConfig
+    default = ModelConfig(**bench.SIZES["tiny"]["model"])
+    by = {s.name: s for s in bench.default_grid()}
+    cfg = by["resbm-postnorm@128+tok/muon"].model_config("tiny")
+    assert (cfg.boundary, cfg.boundary_variant, cfg.token_reinject) == (
+        default.boundary, default.boundary_variant, default.token_reinject)
+    for name in ("none/muon", "resbm@128/muon", "naive@128/adamw", "resbm-iota@128/muon"):
+        assert by[name].model_config("tiny").token_reinject is False
+    low = bench.Setting("resbm", variant="postnorm", token_reinject=True, tok_rank=8)
+    assert low.name == "resbm-postnorm@128+tok8/muon" and low.model_config("tiny").token_reinject is False
+
+
+def test_recomputing_the_boundaries_changes_nothing_but_memory(tmp_path):
+    torch.set_num_threads(1)
+    extra = '[{"boundary":"resbm","variant":"postnorm","token_reinject":true,"ckpt":true}]'
+    res = {r["name"]: r for r in bench.main(["--tiny", "--steps", "3", "--extra", extra, "--only",
+                                             "resbm-postnorm@128+tok/muon,resbm-postnorm@128+tok+ckpt/muon"])}
+    plain, ckpt = res["resbm-postnorm@128+tok/muon"], res["resbm-postnorm@128+tok+ckpt/muon"]
+    assert plain["train_loss"] == pytest.approx(ckpt["train_loss"], abs=1e-6)
+    assert plain["val_loss"] == pytest.approx(ckpt["val_loss"], abs=1e-6)
