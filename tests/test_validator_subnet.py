@@ -227,9 +227,15 @@ def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
         if name == "stale":
             evident = [r for r in rounds_active if stale_has_evidence(validated["hoplogs"][r], subnet["names"])]
             table.append(f"  stale rounds where a skipped step changes weights: {evident}")
+            if not evident:
+                # Routing gave its backwards only the lazy miner's zero gradient (or left its
+                # pseudo-gradient out of the merge): it computed exactly what an honest miner
+                # would, so it must pass. tests/test_audit.py and test_validator_cheats.py catch
+                # it where a skipped step shows.
+                assert all(v[1] for v in runs), f"stale miner without evidence failed: {runs}"
+                continue
             runs = [v for v in runs if v[0] in evident]
             caught = [v for v in runs if not v[1]]
-            assert runs, "the stale miner left evidence in no round"
         assert len(caught) == len(runs), f"{name} passed an audit: {runs}"
     log.warning("cheater table:\n%s", "\n".join(table))
     for name in ("copy", "stale", "lazy", "random", "junk"):
@@ -238,9 +244,13 @@ def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
 
 def test_honest_miners_pass_every_audit_including_bfloat16(subnet, validated):
     verdicts = _verdicts(subnet, validated["v1"])
+    active = {r: {x.miner_hotkey for x in lg.records} for r, lg in zip((0, 1), validated["hoplogs"])}
     for name in HONEST:
         runs = verdicts[name]
-        assert [r for r, _, _ in runs] == [0, 1], f"{name} must be audited in both rounds: {runs}"
+        # Routing decides who works in a round (on a loaded machine a miner can get no hop in one).
+        rounds_active = [r for r in (0, 1) if subnet["names"][name] in active[r]]
+        assert rounds_active, f"{name} did no verified hop in either round"
+        assert [r for r, _, _ in runs] == rounds_active, f"{name} must be audited in every round it worked: {runs}"
         assert all(p for _, p, _ in runs), f"honest {name} failed: {runs}"
     v = validated["v1"]
     assert v.audits.incomplete == 0
