@@ -305,8 +305,8 @@ def test_second_weight_set_inside_rate_limit_is_deferred_not_lost(subnet, valida
     ema = {n: ALPHA * tp1.get(names[n], 0.0) + (1 - ALPHA) * ALPHA * tp0.get(names[n], 0.0) for n in earners}
     total = sum(ema.values())
     # Routing decides who works, and an honest miner that worked but missed the merge set earns
-    # nothing for that round (seen about once in 30 runs on a loaded 2-core box: its pseudo-gradient
-    # arrived after the freeze; not yet explained). Weights must follow the credit either way.
+    # nothing for that round (seen about once in 30 runs on a loaded 2-core box; the cause is not
+    # known yet). Weights must follow the credit either way.
     for lg in validated["hoplogs"]:
         merged = {p.hotkey for p in lg.pseudograds}
         missed = [n for n in HONEST if names[n] in {x.miner_hotkey for x in lg.records} and names[n] not in merged]
