@@ -66,9 +66,6 @@ class Stage(nn.Module):
             if x.dim() != 3 or x.shape[-1] != want or not x.is_floating_point():
                 raise ValueError(f"stage {self.index} expects a float code of shape (B, T, {want}), "
                                  f"got {x.dtype} {tuple(x.shape)}")
-            if self.needs_tokens and tokens is None:
-                raise ValueError(f"stage {self.index} needs the sample's token ids (token_reinject): pass "
-                                 "tokens=data.batch(run_seed, sample_id, batch_size, seq_len)[0]")
             x = self.boundaries[str(self.index - 1)].decoder(x, tokens if self.needs_tokens else None)
         for block in self.blocks.values():
             x = block(x, self.rope_cos, self.rope_sin)

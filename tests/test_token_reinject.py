@@ -93,7 +93,7 @@ def test_missing_or_bad_tokens_raise_clear_errors():
     stage1 = build_stages(cfg, stages=[1])[0]
     code = torch.zeros(cfg.code_shape(B))
     good = _tokens(cfg)
-    with pytest.raises(ValueError, match="stage 1 needs the sample's token ids"):
+    with pytest.raises(ValueError, match="decoder needs the sample's input tokens"):
         stage1(code)
     with pytest.raises(ValueError, match=r"tokens shape \(2, 15\) must be \(B, T\) = \(2, 16\)"):
         stage1(code, tokens=good[:, 1:])
