@@ -68,9 +68,16 @@ class Storage:
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
 
-    def copy(self, src: str, dst: str) -> bool:
-        """Server-side copy `src` -> `dst` (no bytes through the bridge); False when `src` is
-        missing."""
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge)."""
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst)
+        except ClientError as exc:
+            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
+
+    def copy_one(self, src: str, dst: str) -> bool:
+        """One CopyObject `src` -> `dst` (objects under 5 GB, no bytes through the bridge);
+        False when `src` is missing."""
         try:
             self.client.copy_object(Bucket=self.bucket, Key=dst,
                                     CopySource={"Bucket": self.bucket, "Key": src})
