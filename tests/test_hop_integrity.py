@@ -6,17 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
 import torch
+import yaml
 
 from protocol.auth import sign_headers
 from protocol.client import BridgeError, SignedClient
 from resbm import codec
-from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
+from tests.servers import REPO, code_bytes, make_chain, start_bridge, tiny_run_config
 
 CFG = tiny_run_config(micro_batches_per_step=64, samples_per_round=16, run_id="integrity")
 CODE = code_bytes(CFG)
@@ -218,3 +221,15 @@ def test_no_signed_request_replays_after_a_restart(env):
             assert r.status_code == 401 and "replayed" in r.text, (target, r.text)
     finally:
         b2.stop()
+
+
+def test_bridge_refuses_a_run_whose_model_has_no_valid_code_shape(tmp_path):
+    make_chain(tmp_path / "chain.db", miners=1, validators=0)
+    bad = dict(CFG, model={"d_model": 32, "n_stages": 2})  # k = 32 / 128 is not an integer
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(bad))
+    r = subprocess.run([sys.executable, "-m", "bridge", "--run-config", str(tmp_path / "run.yaml"),
+                        "--chain", f"localchain:{tmp_path / 'chain.db'}", "--no-head-check",
+                        "--hotkey-uri", "//bridge", "--db", str(tmp_path / "b.sqlite")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "bottleneck_ratio" in r.stderr.strip().splitlines()[-1]
