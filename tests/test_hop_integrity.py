@@ -140,8 +140,8 @@ def test_expired_grant_is_refused_by_the_store(s3_server):
 
 
 @pytest.mark.parametrize("liar,data,reported", [
-    (0, good_code(3), sha(b"not what was uploaded")),  # reports a sha its upload lacks
-    (2, nan_code(), None),                              # correct sha, NaN inside
+    pytest.param(0, good_code(3), sha(b"not what was uploaded"), id="lying-sha"),
+    pytest.param(2, nan_code(), None, id="nan-code"),  # correct sha, NaN inside
 ])
 def test_consumer_claim_proven_charges_the_producer_and_redoes_its_hop(env, liar, data, reported):
     b, _, cs = env
