@@ -107,9 +107,9 @@ def start_subnet(root: Path, cfg: dict[str, Any], miners: int, wallets: bool = F
 class MinerThread:
     """An in-process Miner serving in a daemon thread (register happens in the caller's thread)."""
 
-    def __init__(self, net: Subnet, kp: Any, max_hops: int = 4):
+    def __init__(self, net: Subnet, kp: Any, max_hops: int = 4, make: Callable[..., Miner] = Miner):
         self.transfer = ObjectTransfer()
-        self.miner = Miner(net.client(kp), self.transfer, device="cpu", max_hops=max_hops)
+        self.miner = make(net.client(kp), self.transfer, device="cpu", max_hops=max_hops)
         self.assignment = self.miner.register()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"miner-s{self.assignment.stage}")
