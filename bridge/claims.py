@@ -104,6 +104,10 @@ def reject_output(st: State, producer: Hop, why: str, charge: bool, now: float,
         who.bad_outputs += 1
         penalize(st, who, now)
         log.warning("bad output: hop %s by %s: %s", producer.hop_id, who.hotkey, why)
+    if who is not None and producer.kind != "fwd" and producer.epoch == who.epoch \
+            and producer.round == st.round and who.round_samples > 0:
+        who.round_samples -= 1  # a rejected backward earns no merge weight
+        st.touch("miner", who.hotkey, who)
     sample = st.samples[producer.sample_id]
     if producer.kind in ("fwd", "fwdbwd"):
         _rewind(st, sample, producer.stage)

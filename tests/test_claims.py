@@ -139,9 +139,12 @@ def test_lying_last_stage_gradient_redoes_the_fwdbwd_and_the_graph_holder_keeps_
     c, holder1 = run_to(st, rng, p.sample_id, lambda h: h.kind == "bwd" and h.stage == 1, 1.1)
     fb = st.hops[c.grad_in[0].rpartition("/")[2]]
     assert fb.kind == "fwdbwd" and not c.recompute
+    liar = st.miners[fb.leased_to]
+    assert liar.round_samples == 1
     out = claims.judge_claim(st, holder1, c.hop_id, "bad_shape", "", [(c.grad_in, "bad", "x")],
                              1.2, rng)
-    assert out == "producer_charged" and st.miners[fb.leased_to].bad_outputs == 1
+    assert out == "producer_charged" and liar.bad_outputs == 1
+    assert liar.round_samples == 0  # the rejected backward earns no merge weight
     redo = open_hop(st, p.sample_id)
     assert (redo.stage, redo.kind, redo.attempt, redo.avoid) == (2, "fwdbwd", 2, [fb.leased_to])
     assert redo.act_in == fb.act_in and st.fwd_pending[2] >= 1
