@@ -34,9 +34,10 @@ def output_key(st: State, hop: Hop) -> Optional[str]:
 
 
 def upload_key(out_key: str) -> str:
-    """Where the producer's presigned PUT writes a hop output before `done` seals it."""
-    head, _, hop_id = out_key.rpartition("/")
-    return f"{head.rpartition('/')[0]}/upload/{hop_id}"
+    """`runs/{run}/r{round}/s{stage}/upload/{act|grad}/{hop_id}`: where the producer's
+    presigned PUT writes a hop output before `done` seals it at `out_key`."""
+    stage_dir, part, hop_id = out_key.rsplit("/", 2)
+    return f"{stage_dir}/upload/{part}/{hop_id}"
 
 
 def _miner(st: State, hotkey: str) -> Miner:

@@ -104,11 +104,11 @@ def test_output_cannot_be_changed_after_done(env):
     a, z = good_code(1), good_code(2)
     hop = produce(cs[0], a)
     url = hop["output"]["put_url"]
-    assert "/upload/" in hop["output"]["key"]
+    assert "/upload/act/" in hop["output"]["key"]
     # the same URL still writes until the lease deadline, but only the upload key
     assert httpx.put(url, content=z).status_code == 200
     # rclone refuses: a PUT re-pointed at the sealed key, another size, an unsigned sha header
-    sealed = hop["output"]["key"].replace("/upload/", "/act/")
+    sealed = hop["output"]["key"].replace("/upload/act/", "/act/")
     assert httpx.put(url.replace(hop["output"]["key"], sealed), content=z).status_code == 403
     assert httpx.put(url, content=z + b"x").status_code == 403
     assert httpx.put(url, content=z, headers={"x-amz-content-sha256": sha(z)}).status_code == 403
