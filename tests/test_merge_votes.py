@@ -175,3 +175,13 @@ def test_dispute_state_survives_a_restart():
     restored = State(run=st.run)
     restored.load_meta(json.loads(json.dumps(st.meta_dict())))
     assert restored.disputes == st.disputes and 0 in restored.disputes
+
+
+def test_a_late_vote_of_a_member_is_kept_as_evidence_once():
+    archive = {"pseudograds": [{"hotkey": "a", "stage": 0}, {"hotkey": "b", "stage": 0}],
+               "votes": [{"hotkey": "a", "stage": 0, "sha256": GOOD}]}
+    assert votes.add_late_vote(archive, "b", 0, BAD) is True
+    assert votes.add_late_vote(archive, "b", 0, GOOD) is False  # the first one stands
+    assert votes.add_late_vote(archive, "a", 0, BAD) is False
+    assert votes.add_late_vote(archive, "z", 0, BAD) is False  # not in the merge set
+    assert archive["votes"][-1] == {"hotkey": "b", "stage": 0, "sha256": BAD}
