@@ -68,12 +68,17 @@ class Storage:
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
 
-    def copy(self, src: str, dst: str) -> None:
-        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge). One
-        CopyObject (states stay under its 5 GB limit): boto3's managed copy goes multipart above
-        8 MB, and rclone's UploadPartCopy answers carry no ETag."""
-        if not self.copy_one(src, dst):
-            raise StorageError(f"COPY {src} -> {dst}: no object at {src}")
+    def copy(self, src: str, dst: str, size: int) -> None:
+        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge); one
+        CopyObject up to S3's 5 GiB limit, a multipart copy above it."""
+        source = {"Bucket": self.bucket, "Key": src}
+        try:
+            if size < 5 * 2**30:
+                self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource=source)
+            else:
+                self.client.copy(source, self.bucket, dst)
+        except (ClientError, KeyError) as exc:  # KeyError: a server answering without an ETag
+            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
 
     def copy_one(self, src: str, dst: str) -> bool:
         """One CopyObject `src` -> `dst` (objects under 5 GB, no bytes through the bridge);
