@@ -247,3 +247,24 @@ def test_lease_sizes_must_be_the_runs_code_size(fwd, bwd):
     assert e.value.status == 400
     assert e.value.code == "oversized" if fwd > 4096 else str(CODE) in e.value.message
     assert state.lease(st, "a", 1, CODE, 0, 1.0, rng)[0] == "work"
+
+
+def test_bad_activation_found_by_a_recomputing_backward_rewinds_the_whole_forward():
+    st, rng = setup()
+    p = first_fwd(st, rng)  # a: stage 0
+    _, holder1 = run_to(st, rng, p.sample_id, lambda h: h.stage == 1 and h.kind == "fwd", 1.1)
+    done(st, holder1, open_hop(st, p.sample_id), 1.1, rng)
+    st.miners[holder1].last_seen = -100.0  # the stage-1 graph holder goes silent
+    c, who = run_to(st, rng, p.sample_id, lambda h: h.kind == "bwd" and h.stage == 1, 1.2)
+    assert c.recompute and c.act_in[0] == p.out_key and who != holder1
+    pending = list(st.fwd_pending)
+    out = claims.judge_claim(st, who, c.hop_id, "nonfinite", "",
+                             [(c.act_in, "bad", "NaN"), (c.grad_in, "ok", "fine")], 1.3, rng)
+    assert out == "producer_charged" and st.miners["a"].bad_outputs == 1
+    s = st.samples[p.sample_id]
+    assert s.fwd_done_stage == -1 and s.fwd_by == {}
+    assert st.fwd_pending == [n + 1 for n in pending]  # every forward of it is pending again
+    st.miners[holder1].last_seen = 1.3
+    finish(st, rng, p.sample_id, 9.0)
+    assert s.status == "completed" and st.r_abandoned == 0
+    assert all(n >= 0 for n in st.fwd_pending)
