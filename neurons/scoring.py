@@ -14,7 +14,8 @@ Rules:
 * a round counts when its audit passed or it was not sampled; a round with a pending audit
   counts when its window closes (audits are unpredictable samples, not a gate on every round);
 * a failed audit zeroes the miner's score at once (the EMA restarts from 0), voids the rest of
-  its current window and earns nothing for `penalty_windows` further windows;
+  its current window and earns nothing for `penalty_windows` further windows (times
+  `penalty_growth` per earlier failure; the default 1 keeps the penalty flat);
 * window score s_w = verified throughput; score = EMA(alpha) over windows (a miner absent from
   a window gets 0 for it).
 Miners are keyed by hotkey (uids get recycled); the validator maps hotkeys to uids.
@@ -134,7 +135,8 @@ class ScoreBook:
         m.history.last_failed_window = self.window
         m.audits[str(int(round_id))] = False
         m.ema = 0.0
-        m.penalty_until = self.window + self.penalty_windows
+        growth = self.params.penalty_growth ** min(m.history.failed - 1, 64)  # repeat offenders wait longer
+        m.penalty_until = self.window + int(min(self.penalty_windows * growth, 1_000_000))
         log.warning("audit failed: %s round %s (%s); score zeroed, penalty through window %d",
                     hotkey, round_id, reason or "no reason given", m.penalty_until)
 

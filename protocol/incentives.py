@@ -30,6 +30,8 @@ class IncentiveParams(BaseModel):
     ema_alpha: float = Field(default=0.3, gt=0, le=1, description="weight of the newest window in the score EMA")
     penalty_windows: int = Field(default=3, ge=0, le=1000,
                                  description="windows that earn nothing after a failed audit")
+    penalty_growth: float = Field(default=1.0, ge=1, le=100,
+                                  description="penalty multiplier per earlier failure (1: flat; 2: doubles)")
     audit_fraction: float = Field(default=0.5, gt=0, le=1,
                                   description="base probability of auditing a miner after a round")
     new_boost: float = Field(default=3.0, ge=1, le=1000, description="audit-rate multiplier for new miners")
