@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     try:
         cluster.start()
         client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        print(f"dashboard: {cluster.bridge_url}/ (live while the run lasts; Prometheus at {cluster.bridge_url}/metrics)",
+              flush=True)
         total = args.rounds * run_config["samples_per_round"]
         tty = sys.stderr.isatty()
         bar = tqdm(total=total, unit="sample", desc="training", dynamic_ncols=True, disable=not tty)
