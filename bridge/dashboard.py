@@ -92,13 +92,13 @@ def add_console_routes(app: FastAPI, svc: Any, run: RunConfig, store_path: str,
     """Register the dashboard, JSON, Prometheus and validator-report routes; returns the metrics."""
     from bridge.views import metrics as metrics_view
     store = ConsoleStore(store_path)
-    history = RoundHistory(svc.db.done_hops)
     page = resources.files("bridge").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
     def read_metrics() -> Metrics:
         return svc.read(lambda st: metrics_view(st, time.time()))
 
     prom = BridgeMetrics(read_metrics, store.snapshot)
+    history = RoundHistory(svc.db.done_hops, on_new=prom.round_closed)
     cache: dict[str, Any] = {}
     owner: list[Any] = [-1e9, None]  # looked up at most once a minute: a metagraph read is a chain call
 
@@ -113,11 +113,16 @@ def add_console_routes(app: FastAPI, svc: Any, run: RunConfig, store_path: str,
             hit = cache[name] = (time.monotonic(), await run_in_threadpool(build))
         return hit[1]
 
+    def closed_rounds(m: Metrics) -> list[dict[str, Any]]:
+        return history.closed(m.round + 1 if m.phase == "done" else m.round)
+
     def build_state() -> dict[str, Any]:
         m = read_metrics()
-        first_open = m.round + 1 if m.phase == "done" else m.round
-        return dashboard_state(m, run, history.closed(first_open), store.snapshot(),
-                               owner_cached(), time.time())
+        return dashboard_state(m, run, closed_rounds(m), store.snapshot(), owner_cached(), time.time())
+
+    def render_metrics() -> bytes:
+        closed_rounds(read_metrics())  # observes newly closed rounds even when no page is open
+        return prom.render()
 
     @app.get("/", include_in_schema=False)
     async def dashboard_page() -> HTMLResponse:
@@ -131,7 +136,7 @@ def add_console_routes(app: FastAPI, svc: Any, run: RunConfig, store_path: str,
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        return Response(await cached("prom", prom.render), media_type=CONTENT_TYPE)
+        return Response(await cached("prom", render_metrics), media_type=CONTENT_TYPE)
 
     @app.post("/v1/validator/report")
     async def validator_report(req: ValidatorReport, caller: str = Depends(validator)) -> Response:

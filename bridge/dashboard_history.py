@@ -51,8 +51,10 @@ def summarise_round(round_: int, hops: list[Hop]) -> dict[str, Any]:
 class RoundHistory:
     """Cached summaries of closed rounds (the last `MAX_ROUNDS`)."""
 
-    def __init__(self, done_hops: Callable[[int, Any], list[Hop]]) -> None:
+    def __init__(self, done_hops: Callable[[int, Any], list[Hop]],
+                 on_new: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._done_hops = done_hops
+        self._on_new = on_new
         self._cache: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -63,6 +65,8 @@ class RoundHistory:
             for r in wanted:
                 if r not in self._cache:
                     self._cache[r] = summarise_round(r, self._done_hops(r, None))
+                    if self._on_new is not None:
+                        self._on_new(self._cache[r])
             for r in [r for r in self._cache if r not in wanted]:
                 del self._cache[r]
             return [self._cache[r] for r in wanted]

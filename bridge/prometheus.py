@@ -1,7 +1,7 @@
 """Prometheus metrics of the bridge (`GET /metrics`): live state read at scrape time, plus histograms.
 
 Counters and gauges come from the same view as the signed `/v1/metrics` (so the two never
-disagree); histograms are observed by the routes as hops complete and merges are reported.
+disagree); histograms are observed as hops complete and as rounds close.
 Each app has its own registry, so several bridges can live in one process (tests).
 """
 from __future__ import annotations
@@ -72,6 +72,7 @@ class StateCollector(Collector):
             "rep": _gauge("resbm_bridge_stage_replicas", "registered replicas", ["stage", "healthy"]),
             "pub": _gauge("resbm_bridge_stage_published_round", "round the stage's merged state starts",
                           ["stage"]),
+            "merges": _counter("resbm_bridge_stage_merges", "merged states published", ["stage"]),
         }
         for s in m.stages:
             lab = [str(s.stage)]
@@ -82,6 +83,7 @@ class StateCollector(Collector):
             fams["rep"].add_metric([str(s.stage), "true"], s.healthy_replicas)
             fams["rep"].add_metric([str(s.stage), "false"], s.replicas - s.healthy_replicas)
             fams["pub"].add_metric(lab, s.published_round)
+            fams["merges"].add_metric(lab, max(0, s.published_round))  # round r+1's state = r+1 merges
         yield from fams.values()
 
     def _miners(self, m: Metrics) -> Iterator[Any]:
@@ -125,10 +127,8 @@ class BridgeMetrics:
                                      ["stage", "kind"], buckets=_SECONDS, registry=self.registry)
         self.hop_bytes = Histogram("resbm_bridge_hop_output_bytes", "size of a hop's uploaded output",
                                    ["stage", "kind"], buckets=_BYTES, registry=self.registry)
-        self.merge_reports = Counter("resbm_bridge_merge_reports", "merged-state reports by outcome",
-                                     ["outcome"], registry=self.registry)
-        self.merge_seconds = Histogram("resbm_bridge_merge_report_seconds",
-                                       "merge start to a replica's merged-state report",
+        self.round_seconds = Histogram("resbm_bridge_round_seconds",
+                                       "closed round: first lease to last verified hop",
                                        buckets=_SECONDS, registry=self.registry)
         self.validator_reports = Counter("resbm_bridge_validator_reports",
                                          "reports validators published", registry=self.registry)
@@ -138,12 +138,9 @@ class BridgeMetrics:
         self.hop_seconds.labels(str(stage), kind).observe(max(0.0, seconds))
         self.hop_bytes.labels(str(stage), kind).observe(size)
 
-    def merged(self, agreed: Any, merge_started: float, now: float) -> None:
-        """Observe one merged-state report (agreed: True, False, or None while votes are open)."""
-        outcome = {True: "agreed", False: "disagreed"}.get(agreed, "pending")
-        self.merge_reports.labels(outcome).inc()
-        if merge_started > 0:  # 0 once the publish moved the run to the next round
-            self.merge_seconds.observe(max(0.0, now - merge_started))
+    def round_closed(self, summary: dict[str, Any]) -> None:
+        """Observe one closed round (a `dashboard_history.summarise_round` dict)."""
+        self.round_seconds.observe(summary["seconds"])
 
     def render(self) -> bytes:
         """The text exposition of every metric."""
