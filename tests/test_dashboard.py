@@ -62,6 +62,7 @@ def test_prometheus_scrape_matches_the_signed_metrics(env):
     assert prom["resbm_bridge_phase"][(("phase", m["phase"]),)] == 1.0
     assert prom["resbm_bridge_hop_seconds_count"][(("kind", "fwd"), ("stage", "0"))] == 2
     assert prom["resbm_bridge_hop_output_bytes_sum"][(("kind", "fwd"), ("stage", "0"))] == 128
+    assert prom["resbm_bridge_stage_merges_total"][(("stage", "0"),)] == 0  # nothing merged yet
     replicas = prom["resbm_bridge_stage_replicas"]
     assert sum(replicas.values()) == sum(s["replicas"] for s in m["stages"]) == 2
 
