@@ -66,7 +66,9 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
             "audits_passed": a.get("passed", 0), "audits_failed": a.get("failed", 0),
             "last_audit": None if "last_round" not in a else {
                 "round": a["last_round"], "passed": a["last_passed"], "reason": a["last_reason"]},
-            "score": scores.get(mm.hotkey), "weight": weights.get(mm.hotkey)})
+            "score": scores.get(mm.hotkey),
+            # once weights are published, a miner left out of them has weight 0
+            "weight": weights.get(mm.hotkey, 0.0) if weights_by else None})
     stages = [{"stage": s.stage, "replicas": s.replicas, "healthy": s.healthy_replicas,
                "hops": s.hops_done, "bytes": s.bytes_moved, "published_round": s.published_round,
                "miners": [mm.hotkey for mm in m.miners if mm.stage == s.stage]} for s in m.stages]
