@@ -67,7 +67,7 @@ class Cluster:
     validators: int = 1
     link_mbps: float = 0.0
     link_latency_ms: float = 0.0
-    cheaters: list[str] = field(default_factory=list)  # adversaries added after the honest miners
+    cheaters: list[str] = field(default_factory=list)  # adversaries, one per stage, joining first
     netuid: int = 1
     s3_endpoint: str = ""
     s3_keys: tuple[str, str] = ("", "")
@@ -111,12 +111,12 @@ class Cluster:
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
                 "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction",
                 str(self.run_config.get("incentives", {}).get("audit_fraction", 0.5))]))
-        for n in self.validator_procs + self.miners[:n_honest]:
-            n.start()
-        # Cheaters join one at a time once the honest replicas are placed, so the bridge's
-        # balancing puts each on its own stage (one adversary per stage).
+        # Cheaters register first, one at a time, so the bridge's balancing puts each on its own
+        # stage (one adversary per stage) and they are there from round 0; then everyone else.
         for k, n in enumerate(self.miners[n_honest:]):
-            self._wait_miners(n_honest + k)
+            n.start()
+            self._wait_miners(k + 1)
+        for n in self.validator_procs + self.miners[:n_honest]:
             n.start()
 
     def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
