@@ -19,6 +19,7 @@ from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
+from resbm import data
 from resbm.outer import OuterError
 
 __all__ = ["ValidatorSettings", "Validator"]
@@ -71,6 +72,7 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.run = RunInfo.model_validate(client.get("/v1/run")).run
+        data.open_run_dataset(self.run.dataset, client.base_url)  # audits read its tokens
 
     # ----- persistence -----
     def _load_meta(self) -> dict:

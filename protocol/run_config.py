@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.dataset import DatasetRef
+
 __all__ = ["MAX_BYTES", "StrictModel", "RunConfig"]
 
 MAX_BYTES = 2**40
@@ -38,6 +40,8 @@ class RunConfig(StrictModel):
     merge_method: Literal["clipped-mean", "trimmed-mean"] = "clipped-mean"
     clip_factor: float = Field(default=2.0, gt=0, le=1000, description="norm clip vs median norm")
     data_seed: int = Field(ge=0, le=2**63 - 1)
+    dataset: DatasetRef | None = Field(
+        default=None, description="the dataset's manifest (URL or bucket key) + sha256; None: the shipped corpus")
     init_seed: int = Field(ge=0, le=2**63 - 1)
     lease_seconds: float = Field(default=60.0, gt=0, le=86_400, description="hop lease length")
     max_object_bytes: int = Field(default=64 * 2**20, ge=1, le=MAX_BYTES,
