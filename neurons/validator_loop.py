@@ -20,6 +20,7 @@ from neurons.scoring import ScoreBook, choose_audits, compute_weights
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
 from resbm import data
+from resbm.dataset_store import DataError
 from resbm.outer import OuterError
 
 __all__ = ["ValidatorSettings", "Validator"]
@@ -155,6 +156,10 @@ class Validator:
                 return
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
+        except DataError as exc:  # our copy of the run's data cannot be read: not the miner's fault
+            self.audits.incomplete += 1
+            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
+            return
         except (OuterError, WorkerError, ValueError) as exc:  # the miner's objects do not load
             passed, reason, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
         except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault

@@ -24,8 +24,8 @@ import torch
 from protocol.dataset import DatasetManifest, DatasetRef, ManifestError, ShardEntry, parse_manifest
 from resbm.dataset_store import DataError, HttpSource, LocalSource, ShardCache, default_cache, sha256_file
 
-__all__ = ["PREFETCH_SAMPLES", "Dataset", "DataError", "bridge_base_url", "open_dataset", "open_local",
-           "window_positions"]
+__all__ = ["PREFETCH_SAMPLES", "Dataset", "DataError", "bridge_base_url", "forget_dataset", "open_dataset",
+           "open_local", "window_positions"]
 
 log = logging.getLogger(__name__)
 
@@ -281,3 +281,9 @@ def open_dataset(ref: DatasetRef, bridge_url: str | None = None, cache: ShardCac
     ds = Dataset(manifest, source, cache, source.describe(manifest_name))
     with _OPEN_LOCK:
         return _OPEN.setdefault(ref.sha256, ds)
+
+
+def forget_dataset(sha256: str) -> None:
+    """Drop the shared Dataset of a manifest: the next open_dataset re-reads it with the current cache."""
+    with _OPEN_LOCK:
+        _OPEN.pop(sha256, None)

@@ -36,8 +36,11 @@ _DEFAULT_CACHE_GB = 50.0
 _CHUNK = 1 << 20
 
 
-class DataError(ValueError):
-    """Bad arguments, or data that is missing or fails its manifest check."""
+class DataError(Exception):
+    """Bad arguments, or data that is missing or fails its manifest check.
+
+    Not a ValueError on purpose: code that treats ValueError as "the peer sent bad input" (the
+    validator's replay) must not blame a miner for our own unreadable data."""
 
 
 def sha256_file(path: Path) -> str:

@@ -104,7 +104,10 @@ def upload(out: Path, manifest: dict, dest: str, endpoint: str | None) -> str:
         raise SystemExit(f"--upload must look like s3://bucket/prefix, got {dest!r}")
     bucket, prefix = dest[5:].split("/", 1)
     prefix = prefix.strip("/")
-    s3 = boto3.client("s3", endpoint_url=endpoint)
+    from botocore.config import Config
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                      config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
     names = [manifest["tokenizer"]["name"], *(s["name"] for s in manifest["shards"]), "manifest.json"]
     for name in names:  # the manifest last: a reader never sees it before its files
         s3.upload_file(str(out / name), bucket, f"{prefix}/{name}")
@@ -146,7 +149,7 @@ def _build(args: argparse.Namespace, tmp: Path) -> dict:
         tok = train_tokenizer((t for _, t in docs("train")), args.vocab_size)
     if tok.token_to_id(EOT) is None:
         log.warning("the tokenizer has no %s token: documents are concatenated without a separator", EOT)
-    inputs = [str(p) for p in args.inputs]
+    inputs = [p.name for p in args.inputs]  # names only: the same files elsewhere give the same manifest
     return write_dataset(tok, {"train": docs("train"), "val": docs("val")}, tmp, args.name, args.shard_tokens,
                          {"inputs": inputs, "val_fraction": args.val_fraction, "split_rule": "sha256(doc id)"})
 
