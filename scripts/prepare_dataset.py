@@ -26,7 +26,7 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.dataset_writer import EOT, train_tokenizer, write_dataset  # noqa: E402
 
-__all__ = ["iter_documents", "is_val", "main", "upload"]
+__all__ = ["iter_documents", "is_val", "main", "upload", "upload_folder"]
 
 log = logging.getLogger("prepare_dataset")
 
@@ -96,23 +96,37 @@ def _parquet(path: Path, rel: str, text_field: str) -> Iterator[tuple[str, str]]
             row += 1
 
 
-def upload(out: Path, manifest: dict, dest: str, endpoint: str | None) -> str:
-    """Copy the dataset to s3://bucket/prefix (manifest last); returns the manifest's key."""
+def upload(out: Path, manifest: dict, dest: str, endpoint: str | None,
+           keys: tuple[str, str] | None = None) -> str:
+    """Copy the dataset to s3://bucket/prefix (bucket created if missing, manifest last); returns
+    the manifest's key. Credentials: `keys`, else the usual AWS_* environment."""
     import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
 
     if not dest.startswith("s3://") or "/" not in dest[5:]:
         raise SystemExit(f"--upload must look like s3://bucket/prefix, got {dest!r}")
     bucket, prefix = dest[5:].split("/", 1)
     prefix = prefix.strip("/")
-    from botocore.config import Config
-
+    creds = dict(aws_access_key_id=keys[0], aws_secret_access_key=keys[1]) if keys else {}
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                      config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+                      config=Config(signature_version="s3v4", s3={"addressing_style": "path"}), **creds)
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=bucket)
     names = [manifest["tokenizer"]["name"], *(s["name"] for s in manifest["shards"]), "manifest.json"]
     for name in names:  # the manifest last: a reader never sees it before its files
         s3.upload_file(str(out / name), bucket, f"{prefix}/{name}")
         log.info("uploaded s3://%s/%s/%s", bucket, prefix, name)
     return f"{prefix}/manifest.json"
+
+
+def upload_folder(folder: Path, dest: str, endpoint: str | None, keys: tuple[str, str] | None = None) -> dict:
+    """Upload a prepared dataset folder; returns the run config's `dataset` mapping (key + sha256)."""
+    raw = (Path(folder) / "manifest.json").read_bytes()
+    key = upload(Path(folder), json.loads(raw), dest, endpoint, keys)
+    return {"manifest": key, "sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def _parser() -> argparse.ArgumentParser:
