@@ -109,9 +109,11 @@ class Setting:
         # 'resbm' with no variant is pinned to the first round's `normed`, so its label keeps one
         # meaning even if the library default moves (e.g. to `postnorm`, labelled 'resbm-postnorm').
         variant = self.variant or ("normed" if self.boundary == "resbm" else None)
-        # Full-rank re-injection is the library's (ModelConfig.token_reinject); low rank is bench-only.
+        # Full-rank re-injection is the library's; low rank stays the bench's own (the same as the library's
+        # FactoredEmbedding: N(0, 1) table, zero projection, AdamW), so earlier result files keep one meaning.
         fields = dict(SIZES[size]["model"], vocab_size=vocab_size, boundary=self.boundary, boundary_variant=variant,
-                      wire_codec=self.codec, token_reinject=self.token_reinject and not self.tok_rank)
+                      wire_codec=self.codec, token_reinject=self.token_reinject and not self.tok_rank,
+                      token_reinject_rank=0)  # '+tok' is the full table; '+tokR' is the bench's own factored one
         fields["bottleneck_dim"] = max(1, fields["d_model"] // self.ratio)
         return ModelConfig(**fields)
 
