@@ -64,6 +64,18 @@ class Storage:
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
 
+    def copy(self, src: str, dst: str, size: int) -> None:
+        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge); one
+        CopyObject up to S3's 5 GiB limit, a multipart copy above it."""
+        source = {"Bucket": self.bucket, "Key": src}
+        try:
+            if size < 5 * 2**30:
+                self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource=source)
+            else:
+                self.client.copy(source, self.bucket, dst)
+        except (ClientError, KeyError) as exc:  # KeyError: a server answering without an ETag
+            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
+
     def put(self, key: str, data: bytes) -> None:
         """Upload bytes directly (tools and tests; miners use presigned PUTs)."""
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data)

@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch
 
-from neurons.cheats import CHEATS, Cheat
 from neurons.cli import base_parser, load_keypair, open_chain, parse_args, setup_logging
 from neurons.miner_loop import Miner
 from neurons.transfer import LinkEmulator, ObjectTransfer
@@ -39,14 +38,12 @@ def build_parser():
     p.add_argument("--max-hops", type=int, default=4, help="hops leased at once (inputs prefetched in parallel)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--status-file", default="", help="write a JSON status snapshot here every status interval")
-    p.add_argument("--cheat", default="honest", choices=CHEATS,
-                   help="adversarial behaviour, for drills and tests only (validators zero it)")
     return p
 
 
-def main(argv=None) -> int:
-    """Run the miner until stopped."""
-    args = parse_args(build_parser(), argv)
+def main(argv=None, parser=None, make_miner=None) -> int:
+    """Run the miner until stopped (`parser` / `make_miner(args, **kwargs)`: for drills)."""
+    args = parse_args(parser or build_parser(), argv)
     log = setup_logging(getattr(args, "logging.debug"), "miner")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,8 +57,9 @@ def main(argv=None) -> int:
     bridge_url = getattr(args, "bridge.url")
     client = SignedClient(keypair, bridge_url, fetch_receiver_hotkey(bridge_url))
     link = LinkEmulator(getattr(args, "link.mbps"), getattr(args, "link.latency_ms"))
-    miner = Miner(client, ObjectTransfer(link), device=str(pick_device(args.device)),
-                  dtype=getattr(torch, args.dtype), max_hops=args.max_hops, cheat=Cheat(args.cheat))
+    make = make_miner or (lambda _args, **kw: Miner(**kw))
+    miner = make(args, client=client, transfer=ObjectTransfer(link), device=str(pick_device(args.device)),
+                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
     miner.status.every = args.status_every
     if args.status_file:
         _write_status_periodically(miner, args.status_file, args.status_every)

@@ -17,6 +17,7 @@ from protocol.client import BridgeError, SignedClient
 from protocol.messages import HopLog, Metrics, RunInfo
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
+from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
 from resbm import data
@@ -72,6 +73,7 @@ class Validator:
         self.unverified: dict[str, int] = {}
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
+        self.settled: set = set()  # (round, stage) disputes this validator already answered
         self.run = RunInfo.model_validate(client.get("/v1/run")).run
         data.open_run_dataset(self.run.dataset, client.base_url)  # audits read its tokens
 
@@ -104,6 +106,8 @@ class Validator:
         """One pass: process the rounds closed since the last pass (at most `max_rounds`), then maybe set weights."""
         m = Metrics.model_validate(self.client.get("/v1/metrics"))
         self._note_unverified(m)
+        if m.phase == "merge":
+            settle_disputes(self.client, self.transfer, self.run, self.settled)
         closed = m.round if m.phase != "done" else m.round + 1
         done = 0
         while self.next_round < closed and not self.stop.is_set() and (max_rounds is None or done < max_rounds):
@@ -138,34 +142,54 @@ class Validator:
                          rnd, hk[:10], len(by_miner[hk]))
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]))
-        for hk in hoplog.flagged:
-            self.book.record_audit(hk, rnd, False, "merged state disagreed with the majority")
+        # The bridge's `flagged` list is not evidence: the recomputed merge is.
+        failed = check_round_merges(self.transfer, self.run, hoplog)
+        for hk, reason in sorted(failed.items()):
+            self.book.record_audit(hk, rnd, False, reason)
+            self.audits.verdicts.append((rnd, hk, False, reason))
+            log.info("merge check of %s round %d: FAIL - %s", hk[:10], rnd, reason)
+        self._report(rnd, failed)
         chosen = choose_audits(miners, rng=self.rng, fraction=self.s.audit_fraction,
                                history=self.book.audit_history()) if miners else []
         for hk in chosen:
-            self._audit(rnd, hoplog, hk)
+            settle_disputes(self.client, self.transfer, self.run, self.settled)  # stay responsive
+            if hk not in failed and not self._audit(rnd, hoplog, hk):
+                failed[hk] = self.audits.verdicts[-1][3]
+                self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
 
-    def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> None:
+    def _report(self, rnd: int, failed: dict[str, str]) -> None:
+        """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""
+        try:
+            quarantined = report_verdicts(self.client, rnd, failed)
+        except BridgeError as exc:  # weights still follow our own book
+            log.warning("round %d: verdicts not delivered to the bridge: %s", rnd, exc)
+            return
+        if quarantined:
+            log.info("round %d: the bridge quarantined %s", rnd,
+                     ", ".join(f"{h[:10]} until round {u}" for h, u in sorted(quarantined.items())))
+
+    def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
+        """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device, self.s.audit_max_seconds)
             passed, reason, seconds = report.passed, report.reason, report.seconds
             if report.status == "incomplete":
                 self.audits.incomplete += 1
                 log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, reason)
-                return
+                return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
         except DataError as exc:  # our copy of the run's data cannot be read: not the miner's fault
             self.audits.incomplete += 1
             log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
-            return
+            return True
         except (OuterError, WorkerError, ValueError) as exc:  # the miner's objects do not load
             passed, reason, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
         except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault
             self.audits.incomplete += 1
             log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
-            return
+            return True
         self.audits.runs += 1
         self.audits.seconds += seconds
         self.audits.verdicts.append((rnd, hotkey, passed, reason))
@@ -174,6 +198,7 @@ class Validator:
         self.book.record_audit(hotkey, rnd, passed, reason)
         log.info("audit of %s round %d: %s%s (%.2fs)", hotkey[:10], rnd, "PASS" if passed else "FAIL",
                  "" if passed else f" - {reason}", seconds)
+        return passed
 
     # ----- weights -----
     def maybe_set_weights(self) -> bool:

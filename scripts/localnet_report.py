@@ -39,8 +39,12 @@ def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
     for st in m.stages:
         if st.state_sha is None:
             return None
-        key = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/{st.state_sha}"
-        blob = s3.get_object(Bucket="resbm", Key=key)["Body"].read()
+        prefix = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/"
+        listed = s3.list_objects_v2(Bucket="resbm", Prefix=prefix).get("Contents", []) or []
+        keys = [o["Key"] for o in listed if o["Key"].endswith(f"-{st.state_sha}")]  # voters' copies
+        if not keys:
+            return None
+        blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
         theta, _ = outer.state_from_bytes(blob, max_bytes=cluster.run_config.get("max_state_bytes", 2**32))
         thetas.append(theta)
     return thetas
@@ -120,7 +124,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
                        "hops": mm.hops_done if mm else 0, "score": round(scores.get(hk, 0.0), 4),
                        "weight": round(weights.get(str(uid), 0.0), 4),
                        "compute_fraction": round(st.get("compute_fraction", 0.0), 3),
-                       "cheat": n.argv[n.argv.index("--cheat") + 1]})
+                       "cheat": n.argv[n.argv.index("--cheat") + 1] if "--cheat" in n.argv else "honest"})
     owner_uid = mg.uid_of(mg.owner_hotkey)
     report["miners"] = miners
     report["owner_weight"] = round(weights.get(str(owner_uid), 0.0), 4)
