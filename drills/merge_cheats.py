@@ -3,7 +3,8 @@
 `liar` votes for a state of its own making (re-derived until its sha256 sorts first, as an
 attacker hoping for a hash-order tie-break would); `flip` uploads its pseudo-gradient with the
 sign flipped; `huge` scales it by 1e6; `nan` puts NaN in it; `overwrite` re-uploads garbage to
-its grants after each report (trying to change what was reported); `lazy` uploads zeros.
+its grants after each report (trying to change what was reported); `lazy` uploads zeros;
+`withhold` never reports its pseudo-gradient (trying to hold the merge set open).
 """
 from __future__ import annotations
 
@@ -95,8 +96,16 @@ class _Overwrite(ReplicaMerge):
             log.info("drill overwrite: refused (%s)", str(exc)[:120])
 
 
+class _Withhold(ReplicaMerge):
+    """Works every hop but never reports its pseudo-gradient, hoping to hold the merge open."""
+
+    def run_round(self, state, rnd):
+        log.warning("drill withhold: not reporting round %d's pseudo-gradient", rnd)
+        return state, None
+
+
 MERGE_CHEATS = {"liar": _Liar, "flip": _Flip, "huge": _Huge, "nan": _NaN,
-                "overwrite": _Overwrite, "lazy": _Lazy}
+                "overwrite": _Overwrite, "lazy": _Lazy, "withhold": _Withhold}
 
 
 def merge_cheat(kind: str) -> type[ReplicaMerge]:

@@ -43,6 +43,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="emulated one-way latency added to every object transfer")
     p.add_argument("--logging.debug", action="store_true", help="verbose logging")
     p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines")
+    p.add_argument("--metrics.port", type=int, default=0,
+                   help="serve Prometheus metrics on this port at /metrics (0 = off)")
     return p
 
 

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch
 
+from neurons import metrics
 from neurons.cli import base_parser, load_keypair, open_chain, parse_args, setup_logging
 from neurons.miner_loop import Miner
 from neurons.transfer import LinkEmulator, ObjectTransfer
@@ -61,6 +62,7 @@ def main(argv=None, parser=None, make_miner=None) -> int:
     miner = make(args, client=client, transfer=ObjectTransfer(link), device=str(pick_device(args.device)),
                  dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
     miner.status.every = args.status_every
+    metrics.serve(getattr(args, "metrics.port"), metrics.miner_registry(miner.status))
     if args.status_file:
         _write_status_periodically(miner, args.status_file, args.status_every)
     a = miner.register()

@@ -14,6 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from neurons import metrics
 from neurons.cli import base_parser, load_keypair, open_chain, parse_args, setup_logging
 from neurons.transfer import LinkEmulator, ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
         device="cpu" if args.device == "auto" else args.device, seed=args.seed)
     link = LinkEmulator(getattr(args, "link.mbps"), getattr(args, "link.latency_ms"))
     v = Validator(client, ObjectTransfer(link), chain, keypair, settings)
+    metrics.serve(getattr(args, "metrics.port"), metrics.validator_registry(v))
     log.info("validator uid %d on netuid %d, bridge %s, run %s, resuming at round %d",
              uid, args.netuid, bridge_url, v.run.run_id, v.next_round)
 

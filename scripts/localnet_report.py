@@ -134,6 +134,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     _plot(png, losses, report.get("val_loss_reference"), report["val_loss_final"])
     report["loss_curve_png"] = str(png)
     report["loss_curve"] = [[round(t, 1), s, round(x, 4)] for t, s, x in losses]
+    report["dashboard_url"] = cluster.bridge_url + "/"
     report["ok"] = m.phase == "done" and report["val_loss_final"] is not None
     return report
 
@@ -174,3 +175,4 @@ def print_report(r: dict) -> None:
         print(f"{m['name']:<8} {m['uid']!s:>3} {m['stage']!s:>5} {m['hops']:>5} {m['score']:>8.3f} {m['weight']:>7.3f} "
               f"{100 * m['compute_fraction']:>7.0f}%  {m['cheat']}")
     print(f"loss curve: {r['loss_curve_png']}")
+    print(f"dashboard (while the bridge ran): {r.get('dashboard_url', 'n/a')}")

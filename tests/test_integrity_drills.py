@@ -12,13 +12,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PAIRS = (("liar", "flip"), ("huge", "nan"), ("overwrite", "lazy"))
 ROUNDS = 4
-# Seed-to-seed spread of the honest runs' final validation loss at this size was 0.26-0.39%
-# (scripts/bench_integrity.py, docs/BENCHMARKS.md); a drill may differ from its honest twin of
-# the same seed by at most 3x that.
-LOSS_TOLERANCE = 0.012
+# At this size (4 rounds, 8.33 -> ~7.7 nats) the honest runs' seed-to-seed spread was 0.6% (R = 2)
+# and 2.0% (R = 3), and the drills' gaps to their honest twin -3.2% .. +3.3% (scripts/
+# bench_integrity.py, docs/BENCHMARKS.md). A subnet that stopped training stays at its initial
+# loss, 8% above its twin, and one turned around (the attack this guards against) higher still.
+LOSS_TOLERANCE = 0.05
 # `overwrite` tries to change what it reported after the fact; everything anyone reads is its
 # honest work, so there is nothing to punish and it is paid like an honest miner.
 PAID_ANYWAY = {"overwrite"}
+# `withhold` cannot be told from a replica that crashed before its report: it is not failed, it
+# just earns no credit (work that never reached the merge set did not train the model).
+UNPAID_UNFAILED = {"withhold"}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +32,10 @@ def honest_runs(tmp_path_factory) -> dict[int, Outcome]:
             for r in (2, 3)}
 
 
-@pytest.mark.parametrize("replicas", [2, 3])
-@pytest.mark.parametrize("pair", PAIRS, ids=["+".join(p) for p in PAIRS])
+CASES = [(p, r) for r in (2, 3) for p in PAIRS] + [(("withhold", "stale"), 2)]
+
+
+@pytest.mark.parametrize("pair,replicas", CASES, ids=[f"{'+'.join(p)}-R{r}" for p, r in CASES])
 def test_one_cheater_per_stage_cannot_capture_poison_or_stall(tmp_path, honest_runs, pair, replicas):
     out = run_scenario(tmp_path, Scenario(honest_per_stage=replicas - 1, cheaters=pair, rounds=ROUNDS))
     base = honest_runs[replicas]
@@ -45,6 +51,6 @@ def test_one_cheater_per_stage_cannot_capture_poison_or_stall(tmp_path, honest_r
         if out.kinds[n] in PAID_ANYWAY:
             continue
         assert out.weights[n] == 0.0, f"{n} earned {out.weights[n]}"
-        assert any(v[1] == n and not v[2] for v in out.verdicts), f"{n} was never failed"
+        assert out.kinds[n] in UNPAID_UNFAILED or any(v[1] == n and not v[2] for v in out.verdicts), f"{n} was never failed"
     assert out.val_loss < out.init_loss, "the model did not train"
     assert out.val_loss <= base.val_loss * (1 + LOSS_TOLERANCE), (out.val_loss, base.val_loss)
