@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import state, views
+from bridge.dataset import add_dataset_route, fetch_manifest
 from bridge.dashboard import add_console_routes
 from bridge.db import Database
 from bridge.fastpath import FastPath, error_response
@@ -120,6 +121,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     """Build the bridge app over a chain, a storage (None: URLs are not signed) and a keypair."""
     hotkey = keypair.ss58_address
     run = settings.run
+    manifest = fetch_manifest(run, storage)  # refuses a dataset that disagrees with the model
     svc = BridgeService(run, Database(settings.db_path), storage, settings.tunables,
                         seed=settings.seed, check_objects=settings.check_objects)
     reg = registry or Registry(chain, settings.metagraph_ttl)
@@ -187,6 +189,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
 
     def remaining(deadline: float) -> float:
         return max(1.0, deadline - time.time())
+
+    add_dataset_route(app, run, storage, manifest, ttl)
 
     @app.get("/health")
     async def health() -> Response:
