@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import claims, state, views
 from bridge.codespec import code_spec
+from bridge.dataset import add_dataset_route, fetch_manifest
 from bridge.dashboard import add_console_routes
 from bridge.db import Database
 from bridge.durable import DurableNonces, note_nonce
@@ -126,6 +127,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     run = settings.run
     spec = code_spec(run)  # ValueError naming the field when run.model is not a valid model
     tun = dataclasses.replace(settings.tunables, code_bytes=spec.nbytes)
+    manifest = fetch_manifest(run, storage)  # refuses a dataset that disagrees with the model
     svc = BridgeService(run, Database(settings.db_path), storage, tun,
                         seed=settings.seed, check_objects=settings.check_objects)
     store = storage if svc.check_objects else None
@@ -194,6 +196,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
 
     def remaining(deadline: float) -> float:
         return max(1.0, deadline - time.time())
+
+    add_dataset_route(app, run, storage, manifest, ttl)
 
     @app.get("/health")
     async def health() -> Response:

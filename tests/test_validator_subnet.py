@@ -85,14 +85,14 @@ def _wait_done(client: SignedClient, threads: list[threading.Thread], timeout: f
 
 
 @contextlib.contextmanager
-def run_subnet(tmp: Path, miners: list[tuple], **run_over):
-    """Start S3, a LocalChain, the bridge and in-process miners; run to the end; yield the pieces.
-
-    `miners` rows are (name, cheat, dtype, stage the alternating registration must give it).
+def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
+    """Start S3 (unless given one), a LocalChain, the bridge and in-process miners; run to the end;
+    yield the pieces. `miners` rows are (name, cheat, dtype, stage the alternating registration must give it).
     """
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    s3 = start_s3(tmp / "s3")
+    own_s3 = s3 is None
+    s3 = start_s3(tmp / "s3") if own_s3 else s3
     chain, keys = make_chain(tmp / "chain.db", miners=len(miners), validators=1, prefix="vm")
     assert chain.weights_rate_limit() == RATE_LIMIT
     bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3)
@@ -125,7 +125,8 @@ def run_subnet(tmp: Path, miners: list[tuple], **run_over):
         for m in running:
             m.close()
         bridge.stop()
-        s3.stop()
+        if own_s3:
+            s3.stop()
         torch.set_num_threads(old_threads)
 
 
