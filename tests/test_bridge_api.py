@@ -38,7 +38,7 @@ def status_of(fn, *a) -> int:
 def test_health_is_unsigned_and_names_the_hotkey(env):
     b, _, _ = env
     body = httpx.get(b.url + "/health").json()
-    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": "resbm/1"}
+    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": "resbm/1", "netuid": 1}
 
 
 def test_auth_failures(env):
