@@ -17,7 +17,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from neurons.cli import (NeuronSettings, connect_bridge, load_settings, resolve_device, setup_logging,
                          start_checks)
-from neurons.validator_loop import ValidatorSettings
 from protocol.exits import exits_cleanly
 from protocol.settings import build_parser as settings_parser
 from protocol.settings import flag
@@ -25,21 +24,22 @@ from protocol.settings import flag
 __all__ = ["main", "build_parser", "ValidatorConfig"]
 
 DESCRIPTION = "Audit miners' work by replay, score throughput and set weights."
-_D = ValidatorSettings()
 
 
 class ValidatorConfig(NeuronSettings):
     """The validator's settings (flags, RESBM_* variables, .env)."""
 
-    state_path: str = flag(_D.state_path, "where scores and progress persist (JSON)")
-    audit_fraction: float = flag(_D.audit_fraction, "base probability of auditing each miner after a "
+    # defaults equal neurons.validator_loop.ValidatorSettings' (a test checks); importing it here
+    # would load torch before a mistake can be reported
+    state_path: str = flag("validator_state.json", "where scores and progress persist (JSON)")
+    audit_fraction: float = flag(0.5, "base probability of auditing each miner after a "
                                  "round (boosted for new/failed miners)", name="audit.fraction")
-    audit_max_seconds: float = flag(_D.audit_max_seconds, "compute budget of one audited miner-round; "
+    audit_max_seconds: float = flag(120.0, "compute budget of one audited miner-round; "
                                     "past it the audit is 'incomplete'", name="audit.max-seconds")
-    burn_share: float = flag(_D.burn_share, "share of weight set on the owner's uid")
-    ema_alpha: float = flag(_D.ema_alpha, "score smoothing over windows")
-    penalty_windows: int = flag(_D.penalty_windows, "windows a miner earns nothing after a failed audit")
-    poll_seconds: float = flag(_D.poll_seconds, "how often to poll the bridge")
+    burn_share: float = flag(0.1, "share of weight set on the owner's uid")
+    ema_alpha: float = flag(0.3, "score smoothing over windows")
+    penalty_windows: int = flag(3, "windows a miner earns nothing after a failed audit")
+    poll_seconds: float = flag(2.0, "how often to poll the bridge")
     seed: Optional[int] = flag(None, "fix the audit choice (tests only)")
 
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     bridge_hotkey = connect_bridge(args, log)
 
     from neurons.transfer import LinkEmulator, ObjectTransfer
-    from neurons.validator_loop import Validator
+    from neurons.validator_loop import Validator, ValidatorSettings
     from protocol.client import SignedClient
     client = SignedClient(keypair, args.bridge_url, bridge_hotkey)
     settings = ValidatorSettings(

@@ -84,10 +84,17 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `Misconfigured` line, like every other mistake."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise Misconfigured(Exit.USAGE, f"{message}; see {self.prog} --help")
+
+
 def build_parser(model: type[CommonSettings], prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of `model`; flags not given stay unset so the
     environment, `.env` and defaults fill them (in that order)."""
-    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+    p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                                 epilog="Every flag can also be set as RESBM_<FLAG> in the environment "
                                 "or a .env file (flag > environment > .env > default).")
     p.add_argument("--env-file", default=argparse.SUPPRESS,

@@ -87,8 +87,8 @@ def load_wallet(wallet_name: str, wallet_hotkey: str = "default",
     if not Path(wallet.hotkey_file.path).is_file():
         raise Misconfigured(Exit.WALLET, (
             f"hotkey {wallet_hotkey!r} of wallet {wallet_name!r} not found{where} "
-            f"(no file {wallet.hotkey_file.path}); create it with `btcli wallet new_hotkey "
-            f"--wallet.name {wallet_name} --wallet.hotkey {wallet_hotkey}` or fix --wallet.path"))
+            f"(no file {wallet.hotkey_file.path}); create it with `btcli wallet new-hotkey "
+            f"--wallet {wallet_name} --wallet-hotkey {wallet_hotkey}` or fix --wallet.path"))
     return wallet
 
 
