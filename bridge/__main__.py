@@ -11,7 +11,7 @@ import os
 from typing import Any, Optional
 
 from bridge.records import Tunables
-from bridge.settings import BridgeConfig, BridgeSettings, load_run_config
+from bridge.settings import BridgeConfig, BridgeSettings, check_model, load_run_config
 from protocol.chain.open import check_subnet, load_hotkey, open_chain
 from protocol.exits import Exit, Misconfigured, Transient, exits_cleanly, retry
 from protocol.settings import build_parser as settings_parser
@@ -105,6 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     chain = open_chain(cfg.network, cfg.netuid)
     check_subnet(chain, cfg.network, cfg.netuid)
     storage = open_storage(cfg, log) if cfg.s3_endpoint else None
+    check_model(run, cfg.run_config)
     import uvicorn
 
     from bridge.app import create_app

@@ -234,7 +234,6 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     @app.post("/v1/miners/leave")
     async def leave(req: msg.LeaveRequest, caller: str = Depends(miner)) -> Response:
         moved = await svc.apply_async(lambda st, now, rng: state.leave(st, caller, now, rng))
-        log.info("miner %s left (%s): %d hops moved", caller, req.reason, moved)
         return _json(msg.LeaveResponse(hops_moved=moved))
 
     @app.post("/v1/hops/lease")

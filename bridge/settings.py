@@ -14,7 +14,7 @@ from protocol.exits import Exit, Misconfigured
 from protocol.messages import RunConfig
 from protocol.settings import DEFAULT_BRIDGE_PORT, CommonSettings, flag
 
-__all__ = ["BridgeConfig", "BridgeSettings", "load_run_config"]
+__all__ = ["BridgeConfig", "BridgeSettings", "load_run_config", "check_model"]
 
 
 class BridgeConfig(CommonSettings):
@@ -62,6 +62,16 @@ def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
         where = ".".join(map(str, e["loc"])) or "(top level)"
         raise Misconfigured(Exit.CONFIG_FILE, f"run config {path}: {where}: {e['msg']} "
                             f"({exc.error_count()} error(s)); fix the file") from None
+
+
+def check_model(run: RunConfig, path: str) -> None:
+    """Build the run's ModelConfig as miners will; `Misconfigured` when it is invalid (otherwise
+    every miner would fail on its first assignment)."""
+    from resbm.config import ModelConfig  # imports torch: called after the cheap checks
+    try:
+        ModelConfig.from_dict(dict(run.model)).validate()
+    except (ValueError, TypeError) as exc:
+        raise Misconfigured(Exit.CONFIG_FILE, f"run config {path}: model: {exc}") from None
 
 
 @dataclass(frozen=True)

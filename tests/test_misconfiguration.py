@@ -48,7 +48,10 @@ def world(tmp_path_factory, s3_server):
     other.create_subnet(Keypair.create_from_uri("//owner2"))
     other.register(wallets["other"])
     bridge = start_bridge(root / "bridge", tiny_run_config(run_id="misconfig"), root / "chain.db", s3_server)
-    (root / "run.yaml").write_text(yaml.safe_dump(tiny_run_config(run_id="misconfig2")))
+    good = tiny_run_config(run_id="misconfig2")
+    good["model"].update(bottleneck_dim=4)
+    (root / "run.yaml").write_text(yaml.safe_dump(good))
+    (root / "badmodel.yaml").write_text(yaml.safe_dump(dict(good, model={"d_model": 32, "n_stages": 2})))
     yield {"root": root, "bridge": bridge, "s3": s3_server, "chain": root / "chain.db"}
     bridge.stop()
     chain.close()
@@ -135,6 +138,9 @@ CASES = [
     ("bridge: run-config file missing",
      lambda w: _bridge(w, run_config=str(w["root"] / "nope.yaml")), Exit.CONFIG_FILE,
      "nope.yaml does not exist", False),
+    ("bridge: a run config whose model cannot be built",
+     lambda w: _bridge(w, run_config=str(w["root"] / "badmodel.yaml")), Exit.CONFIG_FILE,
+     "model: bottleneck_ratio", False),
     ("bridge: S3 unreachable",
      lambda w: _bridge(w, s3_endpoint=f"http://127.0.0.1:{free_port()}"), Exit.S3_UNREACHABLE,
      "no S3 server answers", True),
