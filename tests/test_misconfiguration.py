@@ -49,10 +49,9 @@ def world(tmp_path_factory, s3_server):
     other.register(wallets["other"])
     bridge = start_bridge(root / "bridge", tiny_run_config(run_id="misconfig"), root / "chain.db", s3_server)
     good = tiny_run_config(run_id="misconfig2")
-    good["model"].update(bottleneck_dim=4)
     (root / "run.yaml").write_text(yaml.safe_dump(good))
     (root / "badmodel.yaml").write_text(yaml.safe_dump(dict(good, model={"d_model": 32, "n_stages": 2})))
-    yield {"root": root, "bridge": bridge, "s3": s3_server, "chain": root / "chain.db"}
+    yield {"root": root, "bridge": bridge, "s3": s3_server, "chain": root / "chain.db", "wallets": wallets}
     bridge.stop()
     chain.close()
     other.close()
@@ -175,6 +174,11 @@ def test_bad_configuration_gets_one_line_and_its_exit_code(world, case):
     assert p.stderr.strip().splitlines()[-1] == errors[0]  # the last thing said
     assert ("retrying in" in p.stderr) == retried, p.stderr[-2000:]
     assert httpx.get(world["bridge"].url + "/health").json() == health_before  # bridge unharmed
+    if "device" in case[0]:  # checked before registering: the bridge never saw this hotkey
+        import sqlite3
+        with sqlite3.connect(world["bridge"].db) as db:
+            hotkeys = {hk for (hk,) in db.execute("SELECT hotkey FROM miners")}
+        assert world["wallets"]["miner"].hotkey.ss58_address not in hotkeys
     if "local_cli" in case[0]:
         assert not (world["root"] / "new.db").exists()  # nothing half-made left behind
 
