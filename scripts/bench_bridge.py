@@ -27,7 +27,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.auth import sign_headers  # noqa: E402
-from tests.servers import make_chain, start_bridge, tiny_run_config  # noqa: E402
+from scripts.local_bridge import make_chain, start_bridge, tiny_run_config  # noqa: E402
 
 SHA = hashlib.sha256(b"bench").hexdigest()
 args_max_hops = 2

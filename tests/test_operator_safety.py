@@ -159,3 +159,36 @@ def test_backoff_doubles_up_to_its_cap_within_the_budget():
     assert backoff_delays(1.0, 4.0, 20.0) == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
     assert sum(backoff_delays(1.0, 30.0, 600.0)) <= 600.0
     assert backoff_delays(1.0, 30.0, 0.5) == []
+
+
+# -- localnet working folder ----------------------------------------------------------------------
+
+def test_localnet_never_wipes_a_folder_it_did_not_make(tmp_path):
+    from scripts.localnet_workdir import MARKER, prepare_workdir
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "precious.py").write_text("keep me")
+    for target in (checkout, checkout / "precious.py"):
+        with pytest.raises(Misconfigured) as e:
+            prepare_workdir(target)
+        assert e.value.code == Exit.USAGE
+    assert (checkout / "precious.py").read_text() == "keep me"
+    fresh = prepare_workdir(tmp_path / "new" / "out")  # created, marked
+    (fresh / "logs").mkdir()
+    (fresh / "report.json").write_text("{}")
+    again = prepare_workdir(fresh)  # ours: emptied and reused
+    assert again == fresh and sorted(p.name for p in again.iterdir()) == [MARKER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_workdir(empty) == empty and (empty / MARKER).is_file()
+
+
+def test_localnet_refuses_the_current_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    """`--workdir .` in a checkout: one error line and exit 2, nothing deleted."""
+    from scripts import localnet
+    (tmp_path / "setup.py").write_text("# a checkout")
+    monkeypatch.chdir(tmp_path)
+    assert localnet.main(["--workdir", ".", "--rounds", "1"]) == Exit.USAGE
+    assert (tmp_path / "setup.py").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --workdir") and "did not create" in err[0]
