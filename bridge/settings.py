@@ -33,7 +33,8 @@ class BridgeConfig(CommonSettings):
     hotkey_uri: str = flag("", "derive the bridge hotkey from a URI such as //bridge (local runs only)")
     rate: float = flag(200.0, "requests/s per hotkey")
     health_timeout: float = flag(120.0, "seconds without contact before a miner counts as gone")
-    keep_rounds: int = flag(8, "rounds of hop rows kept in the SQLite file (older ones are pruned)")
+    keep_rounds: int = flag(8, "rounds of hop rows kept in the SQLite file for validators' hop logs "
+                            "(at least the run's audit_window_rounds + 1; older ones are pruned)")
     no_head_check: bool = flag(False, "skip HEAD of hop outputs at hops/done (benchmarks only: trusts miners)")
     seed: Optional[int] = flag(None, "routing RNG seed (tests)")
 

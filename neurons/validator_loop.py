@@ -15,6 +15,7 @@ import httpx
 
 from protocol.client import BridgeError, SignedClient
 from protocol.messages import HopLog, Metrics, RunInfo
+from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
 from neurons.stage_worker import WorkerError
@@ -100,6 +101,7 @@ class Validator:
     def tick(self, max_rounds: int | None = None) -> None:
         """One pass: process the rounds closed since the last pass (at most `max_rounds`), then maybe set weights."""
         m = Metrics.model_validate(self.client.get("/v1/metrics"))
+        self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
         closed = m.round if m.phase != "done" else m.round + 1
         done = 0
@@ -143,13 +145,16 @@ class Validator:
             self._audit(rnd, hoplog, hk)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
 
+    def _why(self, reason: str, rnd: int) -> str:
+        return explain_incomplete(reason, rnd, getattr(self, "bridge_round", rnd), self.run.audit_window_rounds)
+
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> None:
         try:
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device, self.s.audit_max_seconds)
             passed, reason, seconds = report.passed, report.reason, report.seconds
             if report.status == "incomplete":
                 self.audits.incomplete += 1
-                log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, reason)
+                log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(reason, rnd))
                 return
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
@@ -157,7 +162,7 @@ class Validator:
             passed, reason, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
         except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault
             self.audits.incomplete += 1
-            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
+            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(str(exc), rnd))
             return
         self.audits.runs += 1
         self.audits.seconds += seconds

@@ -192,3 +192,14 @@ def test_localnet_refuses_the_current_folder_in_one_line(tmp_path, monkeypatch, 
     assert (tmp_path / "setup.py").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --workdir") and "did not create" in err[0]
+
+
+# -- audits that find objects gone ------------------------------------------------------------------
+
+def test_an_incomplete_audit_says_why_objects_are_gone():
+    from neurons.audit_hints import explain_incomplete
+    behind = explain_incomplete("GET failed with HTTP 404", audited_round=3, newest_round=9, window=4)
+    assert "left the audit window" in behind and "6 rounds behind" in behind and "keeps 4 rounds" in behind
+    inside = explain_incomplete("GET failed with HTTP 404", audited_round=8, newest_round=9, window=4)
+    assert "inside the 4-round audit window" in inside
+    assert explain_incomplete("budget of 120s spent", 3, 9, 4) == "budget of 120s spent"
