@@ -49,7 +49,7 @@ class CommonSettings(BaseSettings):
     """Settings every process takes: chain, subnet, wallet and logging."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
-                                      env_file_encoding="utf-8")
+                                      env_file_encoding="utf-8", env_ignore_empty=True)
 
     subtensor_network: str = flag(
         "finney", "finney, test, local (a subtensor node on 127.0.0.1:9944), a ws(s):// URL, or "

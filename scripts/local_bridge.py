@@ -85,7 +85,7 @@ def _launch(args: list[str], url: str, hotkey: str, db: Path,
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    wait_http(url + "/health", timeout=30.0, proc=proc)
+    wait_http(url + "/health", timeout=60.0, proc=proc)
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
 
 
@@ -101,7 +101,7 @@ def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
     port = free_port()
     db = workdir / "bridge.sqlite"
     args = ["--run-config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
-            "--db", str(db), "--chain", f"localchain:{chain_path}", "--netuid", str(netuid),
+            "--db", str(db), "--subtensor.network", f"localchain:{chain_path}", "--netuid", str(netuid),
             "--hotkey-uri", hotkey_uri, *extra]
     if s3 is not None:
         args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,

@@ -148,7 +148,7 @@ class MinerProc:
         self.argv = [sys.executable, str(REPO / "neurons" / "miner.py"), "--wallet.name", f"miner{i}",
                      "--wallet.hotkey", "default", "--wallet.path", str(net.root / "wallets"), "--netuid", "1",
                      "--subtensor.network", f"localchain:{net.chain_path}", "--bridge.url", net.bridge.url,
-                     "--device", "cpu", "--threads", "1", "--status-every", "1", "--env-file", "/nonexistent",
+                     "--device", "cpu", "--threads", "1", "--status-every", "1", "--env-file", os.devnull,
                      "--status-file", str(self.status_file), *extra]
         self.proc: subprocess.Popen | None = None
 

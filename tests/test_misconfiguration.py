@@ -132,6 +132,9 @@ CASES = [
      lambda w: _neuron(w, "miner.py", device=_no_cuda_device()), Exit.DEVICE, "--device cuda", False),
     ("validator: no validator permit",
      lambda w: _neuron(w, "validator.py", wallet="nopermit"), Exit.NO_PERMIT, "no validator permit", False),
+    ("validator: an --env-file that does not exist",
+     lambda w: _neuron(w, "validator.py", env_file=str(w["root"] / "prod.env")), Exit.CONFIG_FILE,
+     "prod.env does not exist", False),
     ("validator: a flag with a bad value",
      lambda w: _neuron(w, "validator.py", audit__fraction="lots"), Exit.USAGE, "--audit.fraction", False),
     ("bridge: run-config file missing",
@@ -214,3 +217,11 @@ def test_miner_cheat_help_lists_every_behaviour():
     from neurons.cheats import CHEATS
     from neurons.miner import MinerSettings
     assert all(c in MinerSettings.model_fields["cheat"].description for c in CHEATS)
+
+
+def test_old_bridge_flags_still_work():
+    """`--chain` and `--log-level` (the bridge's old spellings) map onto the shared flags."""
+    from bridge.__main__ import _translate
+    assert _translate(["--chain", "finney", "--log-level=DEBUG", "--port", "1"]) == [
+        "--subtensor.network", "finney", "--logging.debug", "--port", "1"]
+    assert _translate(["--log-level", "WARNING"]) == []
