@@ -18,12 +18,13 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bridge import rounds, state, views
+from bridge import state, views
 from bridge.db import Database
 from bridge.fastpath import FastPath, error_response
 from bridge.longpoll import Waiters
+from bridge.merge_routes import add_merge_routes
 from bridge.nonces import BufferedNonceStore
-from bridge.records import StageState, TransitionError
+from bridge.records import TransitionError
 from bridge.service import BridgeService
 from bridge.settings import BridgeSettings
 from bridge.storage import Storage
@@ -286,112 +287,13 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                    now).inner_step
         return _json(msg.StepAck(round=req.round, inner_step=await svc.apply_async(tx)))
 
-    @app.post("/v1/rounds/upload")
-    async def upload(req: msg.UploadRequest, caller: str = Depends(miner)) -> Response:
-        if req.size > run.max_state_bytes:
-            raise TransitionError(400, "oversized",
-                                  f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
-        key = svc.read(lambda st: rounds.upload_key(st, caller, req.round, req.kind, req.sha256))
-        expires = min(ttl, run.merge_timeout_seconds * 2)
-        return _json(msg.UploadGrant(put_url=svc.put_url(key, req.size, expires), key=key,
-                                     expires_at=time.time() + expires))
-
-    async def _head_exact(key: str, size: Optional[int]) -> int:
-        have = await _size(key)
-        if have is None:
-            raise TransitionError(400, "missing_object", f"no object at {key}")
-        if size is not None and have >= 0 and have != size:
-            raise TransitionError(400, "bad_size", f"object {key} has {have} bytes, not {size}")
-        return max(have, 0)
-
-    async def _archive(round_: int) -> Optional[dict]:
-        return await run_in_threadpool(svc.db.round_archive, round_)
-
-    async def _late_pseudograd(req: msg.PseudogradReport, caller: str) -> Response:
-        # a retried or late repeat: answer from the round's archived merge set
-        rounds.check_archived_pseudograd(await _archive(req.round), caller, req.round,
-                                         req.key, req.sha256, req.size, req.samples)
-        return _json(msg.Ack(message=f"already recorded for round {req.round}"))
-
-    @app.post("/v1/rounds/pseudograd")
-    async def pseudograd(req: msg.PseudogradReport, caller: str = Depends(miner)) -> Response:
-        if svc.read(lambda st: rounds.moved_on(st, req.round)):
-            return await _late_pseudograd(req, caller)
-        await _head_exact(req.key, req.size)
-
-        def tx(st: Any, now: float, rng: Any) -> None:
-            state.tick(st, now, rng)
-            rounds.report_pseudograd(st, caller, req.round, req.key, req.sha256, req.size,
-                                     req.samples, now)
-        try:
-            await svc.apply_async(tx)
-        except TransitionError as exc:  # the round may have moved on while we checked the object
-            if exc.code == "not_merging" and svc.read(lambda st: rounds.moved_on(st, req.round)):
-                return await _late_pseudograd(req, caller)
-            raise
-        return _json(msg.Ack())
-
-    @app.get("/v1/rounds/{round_}/stages/{stage}/pseudograds")
-    async def merge_set(round_: int, stage: int, caller: str = Depends(miner)) -> Response:
-        def tx(st: Any, now: float, rng: Any) -> list:
-            state.tick(st, now, rng)
-            return rounds.merge_set(st, round_, stage)
-        items = await svc.apply_async(tx)
-        return _json(msg.MergeSet(round=round_, stage=stage, items=[
-            msg.MergeItem(hotkey=i["hotkey"], key=i["key"], sha256=i["sha256"], size=i["size"],
-                          samples=i["samples"], epoch=i.get("epoch", 0), get_url=svc.get_url(i["key"], ttl))
-            for i in items]))
-
-    async def _late_merged(req: msg.MergedReport, caller: str) -> Response:
-        # published already and the run moved on: a retried or late report gets the result
-        arch = await _archive(req.round + 1)
-        stage, ss = svc.read(lambda st: rounds.published_state(
-            st, caller, req.round, req.sha256, req.key, arch))
-        ref = views.state_ref(stage, ss, svc.get_url, ttl)
-        return _json(msg.MergedAck(published=True, agreed=ss.sha256 == req.sha256, state=ref))
-
-    @app.post("/v1/rounds/merged")
-    async def merged(req: msg.MergedReport, caller: str = Depends(miner)) -> Response:
-        if svc.read(lambda st: rounds.moved_on(st, req.round)):
-            return await _late_merged(req, caller)
-        size = await _head_exact(req.key, None)
-
-        def tx(st: Any, now: float, rng: Any) -> tuple:
-            state.tick(st, now, rng)
-            stage = st.miners[caller].stage if caller in st.miners else 0
-            agreed = rounds.report_merged(st, caller, req.round, req.sha256, req.key, size, now)
-            return agreed, stage, copy.copy(st.stage_states[stage])
-        try:
-            agreed, stage, ss = await svc.apply_async(tx)
-        except TransitionError as exc:  # the run may have moved on while we checked the object
-            if exc.code == "not_merging" and svc.read(lambda st: rounds.moved_on(st, req.round)):
-                return await _late_merged(req, caller)
-            raise
-        ref = views.state_ref(stage, ss, svc.get_url, ttl) if agreed is not None else None
-        return _json(msg.MergedAck(published=agreed is not None, agreed=agreed, state=ref))
-
     @app.get("/v1/metrics")
     async def get_metrics(caller: str = Depends(anyone)) -> Response:
         m = svc.read(lambda st: views.metrics(st, time.time()))
         return _json(m.model_copy(update={"db_commits": svc.commits,
                                           "db_rows_written": svc.db.writes}))
 
-    @app.get("/v1/validator/hoplog")
-    async def hoplog(round: int, hotkey: Optional[str] = None,
-                     caller: str = Depends(validator)) -> Response:
-        if round < 0:
-            raise TransitionError(400, "bad_request", "round must be >= 0")
-        hops = await run_in_threadpool(svc.db.done_hops, round, hotkey)
-        recs = [views.hop_record(h, svc.get_url, ttl) for h in hops]
-        arch = await _archive(round) or {}
-        states = [views.state_ref(s, StageState(**d), svc.get_url, ttl)
-                  for s, d in enumerate(arch.get("states", []))]
-        pgs = [msg.MergeItem(hotkey=p["hotkey"], key=p["key"], sha256=p["sha256"],
-                             size=p["size"], samples=p["samples"], epoch=p.get("epoch", 0),
-                             get_url=svc.get_url(p["key"], ttl))
-               for p in arch.get("pseudograds", [])]
-        return _json(msg.HopLog(round=round, records=recs, states=[s for s in states if s],
-                                pseudograds=pgs, flagged=arch.get("flagged", [])))
+    add_merge_routes(app, svc, ttl, miner, validator)
 
     app.add_middleware(FastPath, limit=settings.max_body_bytes, routes={
         "/v1/hops/lease": (msg.LeaseRequest, miner_auth, lease),

@@ -65,6 +65,8 @@ class Miner:
     reroutes: int = 0
     bytes_moved: int = 0
     disagreements: int = 0
+    round_samples: int = 0          # backwards verified in this round since the last (re-)registration
+    quarantined_until: int = -1     # no work and no merge before this round (a failed audit)
 
 
 @dataclass
@@ -117,6 +119,7 @@ class StageState:
     key: Optional[str] = None
     sha256: Optional[str] = None
     size: int = 0
+    alt_keys: list[str] = field(default_factory=list)  # other voters' copies of the same bytes
 
 
 @dataclass
@@ -146,6 +149,7 @@ class State:
     votes: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     published: dict[int, bool] = field(default_factory=dict)
     vote_deadline: dict[int, float] = field(default_factory=dict)  # stage -> settle split votes
+    disputes: dict[int, float] = field(default_factory=dict)  # stage -> arbitration deadline
     flagged: list[str] = field(default_factory=list)
     miners: dict[str, Miner] = field(default_factory=dict)
     samples: dict[int, Sample] = field(default_factory=dict)
@@ -228,8 +232,13 @@ class State:
                       key=lambda m: m.hotkey)
 
     def healthy(self, m: Miner, now: float) -> bool:
-        """Active and heard from within the health timeout."""
-        return m.active and now - m.last_seen <= self.tun.health_timeout
+        """Active, not quarantined, and heard from within the health timeout."""
+        return (m.active and now - m.last_seen <= self.tun.health_timeout
+                and not self.quarantined(m))
+
+    def quarantined(self, m: Miner) -> bool:
+        """A validator failed this miner recently: it gets no work and no say in merges."""
+        return self.round < m.quarantined_until
 
     def meta_dict(self) -> dict[str, Any]:
         """The global fields, as persisted in the meta row."""
@@ -243,6 +252,7 @@ class State:
         d["pseudograds"] = self.pseudograds
         d["votes"] = self.votes
         d["vote_deadline"] = self.vote_deadline
+        d["disputes"] = self.disputes
         return d
 
     def load_meta(self, d: dict[str, Any]) -> None:
@@ -258,5 +268,6 @@ class State:
         self.pseudograds = {int(k): v for k, v in d["pseudograds"].items()}
         self.votes = {int(k): v for k, v in d["votes"].items()}
         self.vote_deadline = {int(k): v for k, v in d.get("vote_deadline", {}).items()}
+        self.disputes = {int(k): v for k, v in d.get("disputes", {}).items()}
         self.minted = d.get("minted", self.run.samples_per_round)  # older DBs minted all at once
         self.stage_states = [StageState(**x) for x in d["stage_states"]]

@@ -1,16 +1,21 @@
 """Round transitions: start (mint samples), sample end, close -> merge, merge-set freeze,
-merged-hash votes (strict majority publishes round r+1's state; a split vote is settled when
-every member voted or the vote timeout passed), late repeats, and content-addressed keys."""
+pseudo-gradient reports, late repeats, and object keys (votes on the merged state: bridge.votes).
+
+Keys: a replica PUTs to its own staging key (`.../upload/{hotkey}/...`); when it reports, the
+bridge copies the object to a final key nobody holds a grant for, so what was reported is
+what every reader gets (write-once)."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Optional
 
+from bridge import votes
 from bridge.records import Hop, Sample, StageState, State, TransitionError
 
 __all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph",
-           "maybe_freeze", "upload_key", "report_pseudograd", "merge_set", "report_merged",
-           "settle_votes", "moved_on", "published_state", "check_archived_pseudograd"]
+           "maybe_freeze", "stage_prefix", "upload_key", "final_key", "check_upload_key",
+           "report_pseudograd", "merge_set", "moved_on", "published_state",
+           "check_archived_pseudograd"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ def start_round(st: State, r: int, now: float) -> None:
     st.r_completed = st.r_abandoned = 0
     st.fwd_pending = [n] * s
     st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
-    st.vote_deadline = {}
+    st.vote_deadline, st.disputes = {}, {}
     st.flagged = []
     st.samples = {}
     st.hops = {}
@@ -44,7 +49,7 @@ def start_round(st: State, r: int, now: float) -> None:
     mint_more(st)
     for m in st.miners.values():
         m.round, m.inner_step, m.quota_used, m.step_samples = r, 0, 0, 0
-        m.open_graphs = m.round_steps = 0
+        m.open_graphs = m.round_steps = m.round_samples = 0
         st.touch("miner", m.hotkey, m)
     st.touch("meta", None)
     _archive(st)
@@ -77,8 +82,10 @@ def _archive(st: State) -> None:
     """Persist what validators need about the current round after it is gone from memory."""
     items = [dict(hotkey=h, stage=s, **st.pseudograds[s][h])
              for s in sorted(st.frozen) for h in st.frozen[s]]
+    cast = [dict(hotkey=h, stage=s, sha256=v["sha256"])
+            for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
     st.touch("round", st.round, {"round": st.round, "states": st.round_states,
-                                 "pseudograds": items, "flagged": list(st.flagged)})
+                                 "pseudograds": items, "votes": cast, "flagged": list(st.flagged)})
 
 
 def drop_graph(st: State, sample: Sample, stage: int) -> None:
@@ -136,27 +143,50 @@ def maybe_freeze(st: State, now: float) -> None:
         if st.phase != "merge":
             return  # a publish below completed the round: the next one began
         if s in st.frozen:
-            if not st.published.get(s) and now >= st.vote_deadline.get(s, float("inf")):
-                settle_votes(st, s, now)
+            if not st.published.get(s):
+                votes.on_time(st, s, now)
             continue
         reported = st.pseudograds.get(s, {})
-        if timed_out or all(h in reported for h in st.workers.get(s, [])):
+        waiting = [h for h in st.workers.get(s, [])
+                   if h not in reported and not (h in st.miners and st.quarantined(st.miners[h]))]
+        if timed_out or not waiting:
             st.frozen[s] = sorted(reported)
-            st.vote_deadline[s] = now + st.run.merge_timeout_seconds
+            st.vote_deadline[s] = now + st.run.vote_timeout_seconds
             st.touch("meta", None)
             log.info("round %d stage %d merge set frozen with %d items%s", st.round, s,
                      len(st.frozen[s]), " (timeout)" if timed_out else "")
             if not st.frozen[s]:
-                _publish(st, s, None, now)  # no work: the stage keeps its previous state
+                votes.publish(st, s, [], now)  # no work: the stage keeps its previous state
+
+
+def stage_prefix(st: State, round_: int, stage: int) -> str:
+    """`runs/{run}/r{round}/s{stage}`: every object of a stage's round lives under it."""
+    return f"runs/{st.run.run_id}/r{round_}/s{stage}"
 
 
 def upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
-    """Content-addressed key for a pseudo-gradient (round r) or a merged state (round r+1)."""
+    """The staging key a replica may PUT its pseudo-gradient or merged state to (its own)."""
     m = _member(st, hotkey, round_)
-    base = f"runs/{st.run.run_id}"
+    part = "pg" if kind == "pseudograd" else "state"
+    return f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/{part}-{sha256}"
+
+
+def final_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
+    """Where the bridge copies a reported upload: no miner ever holds a PUT grant for it."""
+    m = _member(st, hotkey, round_)
     if kind == "pseudograd":
-        return f"{base}/r{round_}/s{m.stage}/pg/{hotkey}-{sha256}"
-    return f"{base}/r{round_ + 1}/s{m.stage}/state/{sha256}"
+        return f"{stage_prefix(st, round_, m.stage)}/pg/{hotkey}-{sha256}"
+    return f"{stage_prefix(st, round_ + 1, m.stage)}/state/{hotkey}-{sha256}"
+
+
+def check_upload_key(st: State, hotkey: str, round_: int, kind: str, key: str,
+                     sha256: str) -> str:
+    """The final key for a report naming staging `key`; 400 bad_key for any other key, before
+    anything looks at the store (the answer never depends on which objects exist)."""
+    if key != upload_key(st, hotkey, round_, kind, sha256):
+        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not your {kind} upload key "
+                              f"for this sha256 (ask POST /v1/rounds/upload for it)")
+    return final_key(st, hotkey, round_, kind, sha256)
 
 
 def _member(st: State, hotkey: str, round_: int) -> Any:
@@ -170,22 +200,27 @@ def _member(st: State, hotkey: str, round_: int) -> Any:
 
 
 def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str, size: int,
-                      samples: int, now: float) -> None:
-    """Record a replica's uploaded pseudo-gradient (same report twice is a no-op)."""
+                      now: float) -> None:
+    """Record a replica's pseudo-gradient (already copied to its final `key`). Its weight is the
+    bridge's own count of the replica's verified backwards, never a claim (same report twice:
+    no-op)."""
     m = _member(st, hotkey, round_)
-    if key != upload_key(st, hotkey, round_, "pseudograd", sha256):
-        raise TransitionError(400, "bad_key", f"key {key} is not this pseudo-gradient's key")
+    if key != final_key(st, hotkey, round_, "pseudograd", sha256):
+        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
     have = st.pseudograds.get(m.stage, {}).get(hotkey)
     if have is not None:
         if have["sha256"] == sha256:
             return
         raise TransitionError(409, "already_reported", "a different pseudo-gradient was reported")
+    if st.quarantined(m):
+        raise TransitionError(409, "quarantined", f"{hotkey} failed an audit and sits out merges "
+                              f"until round {m.quarantined_until}")
     if m.stage in st.frozen:
         raise TransitionError(409, "frozen", f"stage {m.stage} merge set is already frozen")
     if hotkey not in st.workers.get(m.stage, []):
         raise TransitionError(409, "no_work", f"{hotkey} did no work in round {round_}")
     st.pseudograds.setdefault(m.stage, {})[hotkey] = {
-        "key": key, "sha256": sha256, "size": size, "samples": samples, "epoch": m.epoch}
+        "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch}
     st.touch("meta", None)
     maybe_freeze(st, now)
 
@@ -198,82 +233,7 @@ def merge_set(st: State, round_: int, stage: int) -> list[dict[str, Any]]:
         raise TransitionError(404, "unknown_stage", f"stage {stage} does not exist")
     if stage not in st.frozen:
         raise TransitionError(409, "not_frozen", f"stage {stage} merge set is not frozen yet")
-    return [dict(hotkey=h, **st.pseudograds[stage][h]) for h in st.frozen[stage]]
-
-
-def report_merged(st: State, hotkey: str, round_: int, sha256: str, key: str, size: int,
-                  now: float) -> Optional[bool]:
-    """Record a merged-state hash; publish on a strict majority of the frozen set.
-    Returns whether this vote agrees with the published state (None until published)."""
-    m = _member(st, hotkey, round_)
-    if key != upload_key(st, hotkey, round_, "state", sha256):
-        raise TransitionError(400, "bad_key", f"key {key} is not this state's key")
-    if m.stage not in st.frozen:
-        raise TransitionError(409, "not_frozen", f"stage {m.stage} merge set is not frozen yet")
-    votes = st.votes.setdefault(m.stage, {})
-    votes[hotkey] = {"sha256": sha256, "key": key, "size": size}
-    st.touch("meta", None)
-    if st.published.get(m.stage):
-        agreed = st.stage_states[m.stage].sha256
-        _flag_if_disagrees(st, hotkey, sha256, agreed)
-        return sha256 == agreed
-    members = st.frozen[m.stage]
-    tally = sum(1 for h in members if votes.get(h, {}).get("sha256") == sha256)
-    if tally * 2 <= len(members):
-        if all(h in votes for h in members):  # every member voted, no majority: settle now
-            settle_votes(st, m.stage, now)
-            return sha256 == st.stage_states[m.stage].sha256
-        return None
-    for h, v in votes.items():
-        _flag_if_disagrees(st, h, v["sha256"], sha256)
-    _publish(st, m.stage, votes[hotkey], now)  # may start the next round
-    return True
-
-
-def _flag_if_disagrees(st: State, hotkey: str, sha: str, agreed: Optional[str]) -> None:
-    if sha != agreed and hotkey not in st.flagged:
-        st.flagged.append(hotkey)
-        m = st.miners[hotkey]
-        m.disagreements += 1
-        st.touch("miner", hotkey, m)
-        log.warning("round %d: %s merged to %s, majority %s", st.round, hotkey, sha[:12],
-                    (agreed or "")[:12])
-
-
-def _publish(st: State, stage: int, vote: Optional[dict[str, Any]], now: float) -> None:
-    if vote is not None:
-        st.stage_states[stage] = StageState(round=st.round + 1, key=vote["key"],
-                                            sha256=vote["sha256"], size=vote["size"])
-    st.published[stage] = True
-    st.touch("meta", None)
-    st.events.append(("published", (st.round, stage)))
-    log.info("round %d stage %d: state for round %d published (%s)", st.round, stage,
-             st.round + 1, (st.stage_states[stage].sha256 or "init")[:12])
-    if all(st.published.get(s) for s in range(st.run.n_stages)):
-        start_round(st, st.round + 1, now)
-
-
-def settle_votes(st: State, stage: int, now: float) -> None:
-    """No strict majority by the vote deadline (or ever): publish the largest agreeing group's
-    state, ties to the lowest sha, and flag every other voter. No votes: keep the old state."""
-    members = set(st.frozen.get(stage, ()))
-    votes = {h: v for h, v in st.votes.get(stage, {}).items() if h in members}
-    if not votes:
-        log.warning("round %d stage %d: no merged state reported by the deadline; the stage "
-                    "keeps its previous state", st.round, stage)
-        _publish(st, stage, None, now)
-        return
-    counts: dict[str, int] = {}
-    for v in votes.values():
-        counts[v["sha256"]] = counts.get(v["sha256"], 0) + 1
-    best = min(counts, key=lambda sha: (-counts[sha], sha))
-    winner = next(v for h, v in sorted(votes.items()) if v["sha256"] == best)
-    log.warning("round %d stage %d: no strict majority among %d members (%s); publishing %s",
-                st.round, stage, len(members),
-                ", ".join(f"{k[:8]}x{n}" for k, n in sorted(counts.items())), best[:12])
-    for h, v in sorted(st.votes.get(stage, {}).items()):
-        _flag_if_disagrees(st, h, v["sha256"], best)
-    _publish(st, stage, winner, now)
+    return [dict(hotkey=h, stage=stage, **st.pseudograds[stage][h]) for h in st.frozen[stage]]
 
 
 def moved_on(st: State, round_: int) -> bool:
@@ -288,8 +248,8 @@ def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
     m = st.miners.get(hotkey)
     if m is None:
         raise TransitionError(409, "not_registered", f"hotkey {hotkey} is not registered")
-    if key != f"runs/{st.run.run_id}/r{round_ + 1}/s{m.stage}/state/{sha256}":
-        raise TransitionError(400, "bad_key", f"key {key} is not this state's key")
+    if key != f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/state-{sha256}":
+        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not this state's upload key")
     if round_ == st.round and st.phase == "done":
         return m.stage, st.stage_states[m.stage]
     if round_ == st.round - 1:
@@ -301,12 +261,13 @@ def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
 
 
 def check_archived_pseudograd(archive: Optional[dict[str, Any]], hotkey: str, round_: int,
-                              key: str, sha256: str, size: int, samples: int) -> None:
+                              key: str, sha256: str, size: int) -> None:
     """Accept a late repeat of a pseudo-gradient report that is in the round's frozen merge
-    set exactly as reported; anything else is refused (409 not_merging)."""
+    set exactly as reported (`key`: the staging key it names); anything else is refused (409)."""
     for item in (archive or {}).get("pseudograds", []):
-        if item["hotkey"] == hotkey and item["key"] == key:
-            if (item["sha256"], item["size"], item["samples"]) == (sha256, size, samples):
+        staged = item["key"].rsplit("/pg/", 1)[0] + f"/upload/{hotkey}/pg-{item['sha256']}"
+        if item["hotkey"] == hotkey and staged == key:
+            if (item["sha256"], item["size"]) == (sha256, size):
                 return
             raise TransitionError(409, "already_reported",
                                   "a different pseudo-gradient was reported for this round")

@@ -158,7 +158,7 @@ class BridgeService:
         old = round_ - self.run.audit_window_rounds - 1
         if old < 0 or self.storage is None:
             return
-        keep = {s.key for s in self.state.stage_states if s.key}
+        keep = {k for s in self.state.stage_states for k in [s.key, *s.alt_keys] if k}
         try:
             for r in range(max(0, old - 2), old + 1):
                 n = self.storage.delete_prefix(f"runs/{self.run.run_id}/r{r}/", keep=keep)
@@ -179,6 +179,11 @@ class BridgeService:
         if self.storage is None:
             return f"s3://{key}"
         return self.storage.presign_put(key, size, int(expires))
+
+    def promote(self, src: str, dst: str) -> None:
+        """Copy a reported upload to its final, grant-less key (skipped when checks are off)."""
+        if self.check_objects and self.storage is not None:
+            self.storage.copy(src, dst)
 
     def object_size(self, key: str) -> Optional[int]:
         """HEAD an object (skipped, trusting the caller, when object checks are off)."""

@@ -59,7 +59,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             _retry(st, st.hops[hid], now, rng, "rejoin", penalize=False)
-        m.quota_used = m.step_samples = m.open_graphs = 0
+        m.quota_used = m.step_samples = m.open_graphs = m.round_samples = 0
         st.touch("miner", hotkey, m)
         log.info("miner %s rejoined stage %d (epoch %d)", hotkey, m.stage, m.epoch)
         return m
@@ -109,6 +109,8 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     st.touch("miner", hotkey, m)
     if not m.active:
         return "reassign", [], 0.0
+    if st.quarantined(m) and st.phase in ("train", "merge"):
+        return "wait", [], 5.0  # a validator failed it: no work until the quarantine ends
     if st.phase == "waiting":
         return "wait", [], 1.0
     if st.phase == "done":
@@ -213,6 +215,7 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
         _route_fwd(st, _new_hop(st, hop, hop.stage + 1, nxt, act_in=out), now, rng)
         return hop
     m.step_samples += 1
+    m.round_samples += 1
     if hop.kind == "fwdbwd":
         st.recent_losses = (st.recent_losses + [loss])[-256:] if loss is not None else st.recent_losses
     elif not hop.recompute:

@@ -64,6 +64,13 @@ class Storage:
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
 
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge)."""
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst)
+        except ClientError as exc:
+            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
+
     def put(self, key: str, data: bytes) -> None:
         """Upload bytes directly (tools and tests; miners use presigned PUTs)."""
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data)

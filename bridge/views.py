@@ -36,7 +36,8 @@ def state_ref(stage: int, ss: StageState, get_url: Signer, ttl: float) -> Option
     if ss.key is None or ss.sha256 is None:
         return None
     return msg.StateRef(round=ss.round, stage=stage, key=ss.key, url=get_url(ss.key, ttl),
-                        sha256=ss.sha256, size=ss.size)
+                        sha256=ss.sha256, size=ss.size,
+                        alt_urls=[get_url(k, ttl) for k in ss.alt_keys])
 
 
 def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from neurons.cli import (NeuronSettings, connect_bridge, load_settings, resolve_device, setup_logging,
                          start_checks)
-from protocol.exits import Exit, Misconfigured, exits_cleanly
+from protocol.exits import exits_cleanly
 from protocol.settings import build_parser as settings_parser
 from protocol.settings import flag
 
@@ -38,8 +38,6 @@ class MinerSettings(NeuronSettings):
     max_hops: int = flag(4, "hops leased at once (inputs prefetched in parallel)")
     threads: int = flag(0, "torch CPU threads (0 = torch default)")
     status_file: str = flag("", "write a JSON status snapshot here every status interval")
-    cheat: str = flag("honest", "adversarial behaviour for drills and tests only (validators zero "
-                      "it): honest, random, stale, copy, lazy or phantom")
 
 
 def build_parser():
@@ -48,9 +46,11 @@ def build_parser():
 
 
 @exits_cleanly
-def main(argv=None) -> int:
-    """Run the miner until stopped."""
-    args = load_settings(MinerSettings, argv, prog="resbm-miner", description=DESCRIPTION)
+def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "resbm-miner",
+         make_miner=None) -> int:
+    """Run the miner until stopped (`settings` with extra fields and `make_miner(args, **kwargs)`:
+    for drills)."""
+    args = load_settings(settings, argv, prog=prog, description=DESCRIPTION)
     log = setup_logging(args, "miner")
     device = resolve_device(args.device)  # before registering: a bad device must not take a stage
     keypair, _chain, uid = start_checks(args, log)
@@ -58,9 +58,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from neurons.cheats import CHEATS, Cheat
-    if args.cheat not in CHEATS:
-        raise Misconfigured(Exit.USAGE, f"--cheat {args.cheat!r} is not one of {', '.join(CHEATS)}")
     from neurons.miner_loop import Miner
     from neurons.transfer import LinkEmulator, ObjectTransfer
     from protocol.client import SignedClient
@@ -68,8 +65,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     client = SignedClient(keypair, args.bridge_url, bridge_hotkey)
     link = LinkEmulator(args.link_mbps, args.link_latency_ms)
-    miner = Miner(client, ObjectTransfer(link), device=device,
-                  dtype=getattr(torch, args.dtype), max_hops=args.max_hops, cheat=Cheat(args.cheat))
+    make = make_miner or (lambda _args, **kw: Miner(**kw))
+    miner = make(args, client=client, transfer=ObjectTransfer(link), device=device,
+                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
     miner.status.every = args.status_every
     if args.status_file:
         _write_status_periodically(miner, args.status_file, args.status_every)

@@ -19,9 +19,8 @@ from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, 
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
-from neurons.cheats import Cheat
 from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
-from neurons.round_merge import RoundState, load_assigned_state, merge_round
+from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
 from neurons.transfer import ObjectTransfer, TransferError
@@ -34,9 +33,10 @@ log = logging.getLogger("miner")
 class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
+    merge_cls = ReplicaMerge  # drills substitute a cheating merge
+
     def __init__(self, client: SignedClient, transfer: ObjectTransfer, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8,
-                 cheat: Cheat | None = None):
+                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
@@ -45,7 +45,6 @@ class Miner:
         self._lease_pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._prefetch: Future | None = None
         self._prefetched: dict[str, Future] = {}  # hop id -> its inputs, downloading since the prefetch
-        self.cheat = cheat or Cheat()
         self.stop = threading.Event()
         self.status = MinerStatus(transfer.stats)
         self._downloads = ThreadPoolExecutor(4, thread_name_prefix="download")
@@ -131,8 +130,8 @@ class Miner:
             if self._merge_tried == resp.round:  # done what we could; the stage publishes without us
                 self.stop.wait(0.3)
                 return
-            self.state, self._computed = merge_round(self.client, self.transfer, self.worker, self.state,
-                                                     self.run, resp.round, self.stop, self.cheat)
+            merge = self.merge_cls(self.client, self.transfer, self.worker, self.run, self.stop)
+            self.state, self._computed = merge.run_round(self.state, resp.round)
             self._merge_tried = resp.round
             self.status.set_stage(self.stage, self.state.round)
         elif resp.action == "reassign":
@@ -205,12 +204,11 @@ class Miner:
         inp = tokens if w.is_first else inputs.act
         side = tokens if w.needs_tokens else None
         if hop.kind == "fwd":
-            return self.cheat.forward_output(w.forward(hop.sample_id, inp, side), hop), None
+            return w.forward(hop.sample_id, inp, side), None
         if hop.kind == "fwdbwd":
             loss, grad = w.forward_backward(hop.sample_id, inp, targets, side)
-            return self.cheat.input_grad(grad, hop), loss
-        grad = w.backward(hop.sample_id, inputs.grad, recompute_input=inp if recompute else None, tokens=side)
-        return (None if grad is None else self.cheat.input_grad(grad, hop)), None
+            return grad, loss
+        return w.backward(hop.sample_id, inputs.grad, recompute_input=inp if recompute else None, tokens=side), None
 
     def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
         self._pending = [f for f in self._pending if not f.done()]
@@ -223,11 +221,8 @@ class Miner:
             sha, size = None, 0
             if out is not None and hop.output is not None:
                 blob, sha = encode_output(out, self.codec)
-                if self.cheat.skip_upload(hop):
-                    size = len(blob)
-                else:
-                    self.transfer.put(hop.output.put_url, blob)
-                    size = len(blob)
+                self._put_output(hop, blob)
+                size = len(blob)
             self.client.post("/v1/hops/done", HopDone(hop_id=hop.hop_id, sha256=sha, size=size,
                                                       loss=loss, compute_seconds=seconds))
             self.status.hops_done += 1
@@ -237,6 +232,10 @@ class Miner:
         except codec.CodecError as exc:  # our own output is unencodable (e.g. NaN): never crash on it
             log.error("hop %s: output cannot be encoded (%s); reporting the hop as failed", hop.hop_id, exc)
             self._fail(hop, "other", f"output not encodable: {exc}")
+
+    def _put_output(self, hop: Hop, blob: bytes) -> None:
+        """Upload a hop's encoded output to the lease's presigned PUT."""
+        self.transfer.put(hop.output.put_url, blob)
 
     def _report_bad_input(self, hop: Hop, exc: BadInput) -> None:
         log.warning("hop %s: bad input (%s), reporting it", hop.hop_id, exc)
@@ -257,6 +256,10 @@ class Miner:
         self._pending.clear()
 
     # ----- inner step -----
+    def _apply_step(self, global_step: int) -> None:
+        """Take the inner optimizer step over the accumulated gradients."""
+        self.worker.inner_step(global_step)
+
     def _step(self, resp: LeaseResponse) -> None:
         self._drain()
         key = (resp.round, resp.inner_step)
@@ -276,10 +279,8 @@ class Miner:
             log.warning("round %d step %d: %d samples accumulated here, the bridge counted %d",
                         resp.round, resp.inner_step, samples, resp.step_samples)
             self.status.step_mismatches += 1
-        if samples > 0 and not self.cheat.skip_step():
-            w.inner_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
-        elif samples > 0:
-            w.discard_gradients()
+        if samples > 0:
+            self._apply_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
         self.state.samples += samples
         self._last_step = (key, samples)
         self.status.record_step(key)

@@ -15,7 +15,7 @@ from resbm import outer
 from resbm.config import ModelConfig
 from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
 from neurons.hop_io import BadInput, fetch_code
-from neurons.round_merge import fetch_state
+from neurons.merge_compute import fetch_state
 from neurons.stage_worker import worker_for_run
 from neurons.transfer import ObjectTransfer, TransferError
 
@@ -85,7 +85,7 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     if ref is None:
         theta = worker.theta()
     else:
-        theta, _ = fetch_state(transfer, ref, worker.param_shapes, run.max_state_bytes)
+        theta = fetch_state(transfer, ref, worker.param_shapes, run.max_state_bytes).theta
     pg = None
     item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
     if item is not None:

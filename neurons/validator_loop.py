@@ -18,6 +18,7 @@ from protocol.messages import HopLog, Metrics, RunInfo
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
+from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
 from resbm.outer import OuterError
@@ -71,6 +72,7 @@ class Validator:
         self.unverified: dict[str, int] = {}
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
+        self.settled: set = set()  # (round, stage) disputes this validator already answered
         self.run = RunInfo.model_validate(client.get("/v1/run")).run
 
     # ----- persistence -----
@@ -103,6 +105,8 @@ class Validator:
         m = Metrics.model_validate(self.client.get("/v1/metrics"))
         self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
+        if m.phase == "merge":
+            settle_disputes(self.client, self.transfer, self.run, self.settled)
         closed = m.round if m.phase != "done" else m.round + 1
         done = 0
         while self.next_round < closed and not self.stop.is_set() and (max_rounds is None or done < max_rounds):
@@ -137,25 +141,38 @@ class Validator:
                          rnd, hk[:10], len(by_miner[hk]))
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]))
-        for hk in hoplog.flagged:
-            self.book.record_audit(hk, rnd, False, "merged state disagreed with the majority")
+        # The bridge's `flagged` list is not evidence: the recomputed merge is.
+        failed = check_round_merges(self.transfer, self.run, hoplog)
+        for hk, reason in sorted(failed.items()):
+            self.book.record_audit(hk, rnd, False, reason)
+            self.audits.verdicts.append((rnd, hk, False, reason))
+            log.info("merge check of %s round %d: FAIL - %s", hk[:10], rnd, reason)
         chosen = choose_audits(miners, rng=self.rng, fraction=self.s.audit_fraction,
                                history=self.book.audit_history()) if miners else []
         for hk in chosen:
-            self._audit(rnd, hoplog, hk)
+            if hk not in failed and not self._audit(rnd, hoplog, hk):
+                failed[hk] = self.audits.verdicts[-1][3]
+        try:
+            quarantined = report_verdicts(self.client, rnd, failed)
+            if quarantined:
+                log.info("round %d: the bridge quarantined %s", rnd,
+                         ", ".join(f"{h[:10]} until round {u}" for h, u in sorted(quarantined.items())))
+        except BridgeError as exc:  # weights still follow our own book
+            log.warning("round %d: verdicts not delivered to the bridge: %s", rnd, exc)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
 
     def _why(self, reason: str, rnd: int) -> str:
         return explain_incomplete(reason, rnd, getattr(self, "bridge_round", rnd), self.run.audit_window_rounds)
 
-    def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> None:
+    def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
+        """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device, self.s.audit_max_seconds)
             passed, reason, seconds = report.passed, report.reason, report.seconds
             if report.status == "incomplete":
                 self.audits.incomplete += 1
                 log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(reason, rnd))
-                return
+                return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
         except (OuterError, WorkerError, ValueError) as exc:  # the miner's objects do not load
@@ -163,7 +180,7 @@ class Validator:
         except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault
             self.audits.incomplete += 1
             log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(str(exc), rnd))
-            return
+            return True
         self.audits.runs += 1
         self.audits.seconds += seconds
         self.audits.verdicts.append((rnd, hotkey, passed, reason))
@@ -172,6 +189,7 @@ class Validator:
         self.book.record_audit(hotkey, rnd, passed, reason)
         log.info("audit of %s round %d: %s%s (%.2fs)", hotkey[:10], rnd, "PASS" if passed else "FAIL",
                  "" if passed else f" - {reason}", seconds)
+        return passed
 
     # ----- weights -----
     def maybe_set_weights(self) -> bool:

@@ -24,6 +24,7 @@ from protocol.run_config import RunConfig, StrictModel as _Model
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Vote",
     "HopKind",
     "LeaseAction",
     "FailReason",
@@ -61,7 +62,7 @@ __all__ = [
     "HopLog",
 ]
 
-PROTOCOL_VERSION = "resbm/1"
+PROTOCOL_VERSION = "resbm/2"
 
 HopKind = Literal["fwd", "bwd", "fwdbwd"]
 LeaseAction = Literal["work", "wait", "step", "merge", "reassign", "done"]
@@ -148,6 +149,8 @@ class StateRef(_Model):
     url: str = _url()
     sha256: str = _sha()
     size: int = Field(ge=0, le=_MAX_BYTES)
+    alt_urls: list[str] = Field(default_factory=list, max_length=1024,
+                                description="other voters' copies of the same bytes, if `url` fails")
 
 
 class RegisterRequest(_Model):
@@ -293,23 +296,24 @@ class UploadGrant(_Model):
 
 
 class PseudogradReport(_Model):
-    """POST /v1/rounds/pseudograd: pseudo-gradient uploaded at `key`."""
+    """POST /v1/rounds/pseudograd: pseudo-gradient uploaded at the staging `key` of its grant.
+    Its merge weight is the bridge's count of the replica's verified backwards, not a claim."""
 
     round: int = _round()
     key: str = _key()
     sha256: str = _sha()
     size: int = Field(ge=1, le=_MAX_BYTES)
-    samples: int = Field(ge=0, le=1_000_000)
 
 
 class MergeItem(_Model):
     """One replica's pseudo-gradient in a frozen merge set."""
 
     hotkey: str = _hotkey()
+    stage: int = Field(default=0, ge=0, le=63)
     key: str = _key()
     sha256: str = _sha()
     size: int = Field(ge=1, le=_MAX_BYTES)
-    samples: int = Field(ge=0, le=1_000_000)
+    samples: int = Field(ge=0, le=1_000_000, description="backwards the bridge verified")
     epoch: int = Field(default=0, ge=0, le=_MAX_INT, description="registration epoch that reported it")
     get_url: str = _url()
 
@@ -409,6 +413,14 @@ class HopRecord(_Model):
     done_at: float = Field(ge=0)
 
 
+class Vote(_Model):
+    """One replica's reported merged-state hash for its stage."""
+
+    hotkey: str = _hotkey()
+    stage: int = Field(ge=0, le=63)
+    sha256: str = _sha()
+
+
 class HopLog(_Model):
     """GET /v1/validator/hoplog: a round's completed hops (optionally of one miner), the stage
     states the round started from, its pseudo-gradients, and replicas flagged at merge."""
@@ -417,5 +429,8 @@ class HopLog(_Model):
     records: list[HopRecord] = Field(max_length=1_000_000)
     states: list[StateRef] = Field(default_factory=list, max_length=64)
     pseudograds: list[MergeItem] = Field(default_factory=list, max_length=10_000)
+    votes: list[Vote] = Field(default_factory=list, max_length=10_000,
+                              description="merged-state hashes the replicas reported")
     flagged: list[str] = Field(default_factory=list, max_length=10_000,
-                               description="hotkeys whose merged hash disagreed with the majority")
+                               description="hotkeys whose vote differs from what was published "
+                               "(information only: validators recompute and judge)")

@@ -35,8 +35,22 @@ class RunConfig(StrictModel):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     outer_lr: float = Field(default=0.7, gt=0, le=10, description="outer Nesterov SGD lr")
     outer_momentum: float = Field(default=0.9, ge=0, lt=1, description="outer Nesterov momentum")
-    merge_method: Literal["clipped-mean", "trimmed-mean"] = "clipped-mean"
-    clip_factor: float = Field(default=2.0, gt=0, le=1000, description="norm clip vs median norm")
+    merge_method: Literal["robust"] = Field(
+        default="robust", description="outer merge rule: resbm/robust_merge.py, docs/SECURITY.md")
+    clip_factor: float = Field(default=2.0, ge=1, le=1000,
+                               description="norm clip vs the lower-median norm (>= 3 replicas)")
+    trim_fraction: float = Field(default=0.25, ge=0, lt=0.5,
+                                 description="trimmed mean drops max(1, floor(R x this)) per side")
+    ref_floor: float = Field(default=0.5, gt=0, le=1,
+                             description="clip reference never below this x the previous round's")
+    vote_timeout_seconds: float = Field(
+        default=60.0, gt=0, le=86_400,
+        description="after the merge set froze: how long votes may come in before a dispute")
+    arbitration_timeout_seconds: float = Field(
+        default=120.0, gt=0, le=86_400,
+        description="how long a disputed stage waits for a validator's recomputation")
+    quarantine_rounds: int = Field(default=4, ge=0, le=1_000_000,
+                                   description="rounds a miner sits out after a failed audit")
     data_seed: int = Field(ge=0, le=2**63 - 1)
     init_seed: int = Field(ge=0, le=2**63 - 1)
     lease_seconds: float = Field(default=60.0, gt=0, le=86_400, description="hop lease length")

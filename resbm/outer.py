@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "nesterov_step",
     "state_bytes",
     "state_from_bytes",
+    "load_state",
+    "OuterState",
     "state_hash",
     "tensors_bytes",
     "tensors_from_bytes",
@@ -264,19 +267,32 @@ def tensors_from_bytes(
     return {n: loaded[n] for n in sorted(loaded)}
 
 
-def state_bytes(theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor] | None) -> bytes:
-    """Canonical bytes of an outer state: keys theta.<name> and (unless None) momentum.<name>."""
+def state_bytes(theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor] | None,
+                ref_norm: float | None = None) -> bytes:
+    """Canonical bytes of an outer state: keys theta.<name>, (unless None) momentum.<name>, and
+    (unless None) `outer.ref_norm`, the robust merge's reference norm for the next round."""
     if momentum is not None and set(momentum) != set(theta):
         raise OuterError(f"momentum and theta differ in names: {sorted(set(theta) ^ set(momentum))[:5]}")
     flat = {f"theta.{n}": t for n, t in theta.items()}
     if momentum is not None:
         flat.update({f"momentum.{n}": t for n, t in momentum.items()})
+    if ref_norm is not None:
+        flat["outer.ref_norm"] = torch.tensor([ref_norm], dtype=torch.float32)
     return tensors_bytes(flat)
 
 
-def state_hash(theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor] | None) -> str:
-    """Hex sha256 of state_bytes(theta, momentum)."""
-    return hashlib.sha256(state_bytes(theta, momentum)).hexdigest()
+def state_hash(theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor] | None,
+               ref_norm: float | None = None) -> str:
+    """Hex sha256 of state_bytes(theta, momentum, ref_norm)."""
+    return hashlib.sha256(state_bytes(theta, momentum, ref_norm)).hexdigest()
+
+
+class OuterState(NamedTuple):
+    """A loaded outer state: weights, momentum (None at round 0) and the merge's reference norm."""
+
+    theta: Tensors
+    momentum: Tensors | None
+    ref_norm: float | None
 
 
 def state_from_bytes(
@@ -289,17 +305,31 @@ def state_from_bytes(
     `expected` is {name: shape} (full check), an iterable of names (names only), or None
     (only internal consistency: momentum, if present, matches theta name for name and shape).
     """
+    st = load_state(data, expected, max_bytes)
+    return st.theta, st.momentum
+
+
+def load_state(
+    data: bytes,
+    expected: Mapping[str, Sequence[int]] | Iterable[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> OuterState:
+    """Like state_from_bytes, and also the reference norm (`outer.ref_norm`, None if absent)."""
     loaded = _load_checked(data, max_bytes)
     theta: Tensors = {}
     momentum: Tensors = {}
+    ref_norm: float | None = None
     for key, t in loaded.items():
         prefix, _, name = key.partition(".")
         if prefix == "theta" and name:
             theta[name] = t
         elif prefix == "momentum" and name:
             momentum[name] = t
+        elif key == "outer.ref_norm" and tuple(t.shape) == (1,) and float(t[0]) >= 0:
+            ref_norm = float(t[0])
         else:
-            raise StateError(f"unexpected key {key!r}: keys must be theta.<name> or momentum.<name>")
+            raise StateError(f"unexpected key {key!r}: keys must be theta.<name>, momentum.<name> "
+                             "or outer.ref_norm (shape [1], >= 0)")
     if momentum:
         _check_expected(momentum, {n: tuple(t.shape) for n, t in theta.items()}, "momentum vs theta")
     if expected is not None:
@@ -308,4 +338,4 @@ def state_from_bytes(
         else:
             _check_expected(theta, {n: tuple(theta[n].shape) if n in theta else () for n in expected}, "theta")
     theta = {n: theta[n] for n in sorted(theta)}
-    return theta, ({n: momentum[n] for n in sorted(momentum)} if momentum else None)
+    return OuterState(theta, {n: momentum[n] for n in sorted(momentum)} if momentum else None, ref_norm)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm
 
-from neurons.cheats import CHEATS
+from drills.cheaters import CHEATERS
 from protocol.client import BridgeError, SignedClient
 from protocol.exits import exits_cleanly
 from protocol.messages import Metrics
@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--link-latency-ms", type=float, default=0.0, help="emulated link latency per transfer")
     a("--kill-miner-at", type=int, default=-1, help="in this round, kill one replica of every stage, restart it later")
     a("--restart-bridge-at", type=int, default=-1, help="in this round, kill the bridge and restart it")
-    a("--cheater", default="", choices=[""] + [c for c in CHEATS if c != "honest"],
-      help="add one adversarial miner of this kind")
+    a("--cheater", default="", choices=[""] + list(CHEATERS),
+      help="add one adversarial miner of this kind (drills.miner; docs/SECURITY.md)")
     a("--lease-seconds", type=float, default=20.0, help="hop lease length")
     a("--s3-endpoint", default="", help="use this S3 endpoint instead of starting rclone")
     a("--s3-access-key", default="", help="access key for --s3-endpoint")

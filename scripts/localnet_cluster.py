@@ -101,11 +101,13 @@ class Cluster:
         n_miners = self.run_config["n_stages"] * self.miners_per_stage + (1 if self.cheater else 0)
         for i in range(n_miners):
             cheat = self.cheater if (self.cheater and i == n_miners - 1) else "honest"
-            self.miners.append(self._neuron(f"miner{i}", "neurons/miner.py", [
-                "--threads", str(self.threads_per_miner), "--cheat", cheat,
+            # a cheater runs the drills entry point; the shipped miner has no cheat flag
+            script = ["-m", "drills.miner", "--cheat", cheat] if cheat != "honest" else ["neurons/miner.py"]
+            self.miners.append(self._neuron(f"miner{i}", script, [
+                "--threads", str(self.threads_per_miner),
                 "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json")]))
         for i in range(self.validators):
-            self.validator_procs.append(self._neuron(f"validator{i}", "neurons/validator.py", [
+            self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
                 "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction", "1.0"]))
         for n in self.miners + self.validator_procs:
             n.start()
@@ -155,8 +157,8 @@ class Cluster:
         self.bridge.start()
         wait_http(self.bridge_url + "/health", timeout=60, proc=self.bridge.proc)
 
-    def _neuron(self, name: str, script: str, extra: list[str]) -> Neuron:
-        argv = [sys.executable, script, "--wallet.name", name, "--wallet.hotkey", "default",
+    def _neuron(self, name: str, script: list[str], extra: list[str]) -> Neuron:
+        argv = [sys.executable, *script, "--wallet.name", name, "--wallet.hotkey", "default",
                 "--wallet.path", str(self.wallet_path), "--netuid", str(self.netuid),
                 "--subtensor.network", f"localchain:{self.chain_path}", "--bridge.url", self.bridge_url,
                 "--device", self.device, "--link.mbps", str(self.link_mbps),

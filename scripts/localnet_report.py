@@ -157,7 +157,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
                        "hops": mm.hops_done if mm else 0, "score": round(scores.get(hk, 0.0), 4),
                        "weight": round(weights.get(str(uid), 0.0), 4),
                        "compute_fraction": round(st.get("compute_fraction", 0.0), 3),
-                       "cheat": n.argv[n.argv.index("--cheat") + 1]})
+                       "cheat": n.argv[n.argv.index("--cheat") + 1] if "--cheat" in n.argv else "honest"})
     owner_uid = mg.uid_of(mg.owner_hotkey)
     report["miners"] = miners
     report["owner_weight"] = round(weights.get(str(owner_uid), 0.0), 4)

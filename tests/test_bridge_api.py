@@ -12,6 +12,7 @@ from bittensor.sp_core import Keypair
 
 from protocol.auth import sign_headers
 from protocol.client import BridgeError, SignedClient
+from protocol.messages import PROTOCOL_VERSION
 from tests.servers import make_chain, start_bridge, tiny_run_config
 
 LEASE = {"max_hops": 1, "fwd_out_bytes": 64, "bwd_out_bytes": 64}
@@ -38,7 +39,7 @@ def status_of(fn, *a) -> int:
 def test_health_is_unsigned_and_names_the_hotkey(env):
     b, _, _ = env
     body = httpx.get(b.url + "/health").json()
-    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": "resbm/1", "netuid": 1}
+    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": PROTOCOL_VERSION, "netuid": 1}
 
 
 def test_auth_failures(env):

@@ -87,7 +87,7 @@ class FakeWorker(threading.Thread):
     def merge(self, round_, stage):
         try:
             key, sha = self.put(round_, "pseudograd", os.urandom(32))
-            body = {"round": round_, "key": key, "sha256": sha, "size": 32, "samples": 1}
+            body = {"round": round_, "key": key, "sha256": sha, "size": 32}
             self.c.post("/v1/rounds/pseudograd", body)
             self.reports.setdefault(round_, {})["pg"] = body
         except BridgeError as exc:
@@ -183,7 +183,7 @@ def check_late_reports(ws, metrics):
             if "pg" in rep:
                 assert "already recorded" in w.c.post("/v1/rounds/pseudograd", rep["pg"])["message"]
                 with pytest.raises(BridgeError) as e:
-                    w.c.post("/v1/rounds/pseudograd", dict(rep["pg"], samples=2))
+                    w.c.post("/v1/rounds/pseudograd", dict(rep["pg"], size=33))
                 assert e.value.status == 409
             if "merged" in rep:
                 ack = w.c.post("/v1/rounds/merged", rep["merged"])
@@ -193,7 +193,7 @@ def check_late_reports(ws, metrics):
                     assert ack["state"]["sha256"] == published[ack["state"]["stage"]]
                 other = hashlib.sha256(b"other").hexdigest()
                 wrong = dict(rep["merged"], sha256=other,
-                             key=rep["merged"]["key"].rsplit("/", 1)[0] + "/" + other)
+                             key=rep["merged"]["key"].rsplit("/", 1)[0] + "/state-" + other)
                 ack = w.c.post("/v1/rounds/merged", wrong)
                 assert ack["published"] is True and ack["agreed"] is False
                 seen += 1

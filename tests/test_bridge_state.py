@@ -1,7 +1,6 @@
 """Bridge state machine transitions, without any I/O."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -192,121 +191,6 @@ def test_rejoin_keeps_stage_and_releases_leases():
     assert m.stage == 0 and m.epoch == 1 and m.quota_used == 0
     assert all(st.hops[h.hop_id].status == "expired" for h in hops)
     assert sum(1 for h in st.hops.values() if h.attempt == 2) == 2
-
-
-def _merge_round(st, rng, now, votes):
-    for hk, m in sorted(st.miners.items()):
-        if m.step_samples:
-            state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
-        sha = hashlib.sha256(hk.encode()).hexdigest()
-        key = rounds.upload_key(st, hk, st.round, "pseudograd", sha)
-        rounds.report_pseudograd(st, hk, st.round, key, sha, 10, m.round_steps, now)
-    r = st.round
-    out = {}
-    for hk, sha in votes.items():
-        out[hk] = rounds.report_merged(st, hk, r, sha, rounds.upload_key(st, hk, r, "state", sha),
-                                       7, now)
-    return out
-
-
-def test_round_close_merge_majority_publishes_and_flags_disagreement():
-    st, rng = make(2), random.Random(0)
-    for hk in "abcdef":
-        state.register(st, hk, 0.0, rng)  # a c e -> stage 0, b d f -> stage 1
-    now = drive(st, "abcdef", rng, 1.0)
-    assert st.phase == "merge" and st.r_completed == 8
-    assert lease(st, "a", now, rng)[0] in ("step", "merge")
-    good0, good1, bad = "1" * 64, "2" * 64, "3" * 64
-    with pytest.raises(TransitionError) as e:
-        rounds.merge_set(st, 0, 0)
-    assert e.value.code == "not_frozen"
-    out = _merge_round(st, rng, now, {"a": good0, "c": good0, "b": good1, "d": bad, "f": good1})
-    assert out["c"] is True and out["a"] is None  # published on the 2nd of 3 votes
-    assert st.round == 1 and st.phase == "train"
-    assert st.stage_states[0].sha256 == good0 and st.stage_states[0].round == 1
-    assert st.stage_states[1].sha256 == good1
-    assert st.miners["d"].disagreements == 1
-
-
-def test_empty_merge_set_keeps_previous_state_and_timeout_freezes():
-    st, rng = make(1, samples_per_round=2), random.Random(0)
-    for hk in "ab":
-        state.register(st, hk, 0.0, rng)
-    now = drive(st, "a", rng, 1.0)  # only a works
-    assert st.workers[0] == ["a"]
-    st.dirty = {}
-    state.tick(st, now + 100.0, rng)  # merge timeout with no report: empty set
-    assert st.round == 1 and st.phase == "train" and st.stage_states[0].sha256 is None
-    archived = st.dirty[("round", 0)]
-    assert archived["pseudograds"] == [] and archived["flagged"] == []
-
-
-def _two_replica_round(n_stages=1):
-    st, rng = make(n_stages, samples_per_round=4), random.Random(0)
-    for hk in "ab":
-        state.register(st, hk, 0.0, rng)
-    return st, rng, drive(st, "ab", rng, 1.0)
-
-
-def test_split_vote_settles_on_lowest_sha_when_every_member_voted():
-    st, rng, now = _two_replica_round()
-    low, high = "1" * 64, "9" * 64
-    out = _merge_round(st, rng, now, {"b": high, "a": low})  # 1-1: no strict majority
-    assert out["b"] is None and out["a"] is True
-    assert st.round == 1 and st.stage_states[0].sha256 == low
-    assert st.miners["b"].disagreements == 1 and st.miners["a"].disagreements == 0
-    assert st.dirty[("round", 0)]["flagged"] == ["b"]
-
-
-def test_split_vote_settles_at_the_vote_deadline_on_the_largest_group():
-    st, rng = make(1, samples_per_round=8), random.Random(0)
-    for hk in "abcd":
-        state.register(st, hk, 0.0, rng)
-    now = drive(st, "abcd", rng, 1.0)
-    assert st.workers[0] == list("abcd")
-    x, y = "4" * 64, "2" * 64
-    out = _merge_round(st, rng, now, {"a": x, "b": x, "c": y})  # d never votes: 2 of 4
-    assert set(out.values()) == {None} and st.round == 0
-    state.tick(st, now + 49.0, rng)
-    assert st.round == 0 and st.phase == "merge"  # deadline not reached: still waiting
-    state.tick(st, now + 51.0, rng)
-    assert st.round == 1 and st.stage_states[0].sha256 == x  # 2 votes beat the lower sha
-    assert st.miners["c"].disagreements == 1 and st.miners["d"].disagreements == 0
-
-
-def test_no_vote_by_the_deadline_keeps_the_previous_state():
-    st, rng, now = _two_replica_round()
-    _merge_round(st, rng, now, {})
-    assert 0 in st.frozen and st.round == 0
-    state.tick(st, now + 51.0, rng)
-    assert st.round == 1 and st.stage_states[0].sha256 is None and st.flagged == []
-
-
-def test_late_merged_and_pseudograd_reports_get_the_published_result():
-    st, rng, now = _two_replica_round()
-    good, bad = "5" * 64, "6" * 64
-    _merge_round(st, rng, now, {"a": good, "b": good})
-    archive = st.dirty[("round", 0)]
-    before = json.dumps(st.meta_dict(), sort_keys=True)
-    assert st.round == 1 and rounds.moved_on(st, 0) and not rounds.moved_on(st, 1)
-    key = f"runs/t/r1/s0/state/{good}"
-    assert rounds.published_state(st, "a", 0, good, key, None)[1].sha256 == good
-    stage, ss = rounds.published_state(st, "b", 0, bad, f"runs/t/r1/s0/state/{bad}", None)
-    assert stage == 0 and ss.sha256 == good  # the caller learns it disagreed
-    with pytest.raises(TransitionError) as e:
-        rounds.published_state(st, "a", 0, good, "runs/t/r1/s0/state/" + "7" * 64, None)
-    assert e.value.code == "bad_key"
-    item = next(i for i in archive["pseudograds"] if i["hotkey"] == "a")
-    rounds.check_archived_pseudograd(archive, "a", 0, item["key"], item["sha256"], item["size"],
-                                     item["samples"])  # the identical report: accepted
-    with pytest.raises(TransitionError) as e:
-        rounds.check_archived_pseudograd(archive, "a", 0, item["key"], bad, item["size"],
-                                         item["samples"])
-    assert e.value.code == "already_reported"
-    with pytest.raises(TransitionError) as e:
-        rounds.check_archived_pseudograd(archive, "zz", 0, item["key"], item["sha256"], 10, 1)
-    assert e.value.code == "not_merging"
-    assert json.dumps(st.meta_dict(), sort_keys=True) == before  # late calls change nothing
 
 
 def test_samples_are_minted_in_chunks_and_all_complete(monkeypatch):

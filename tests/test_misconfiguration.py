@@ -213,10 +213,12 @@ def test_validator_flags_default_to_the_loop_settings():
         assert cfg[name].default == getattr(d, name), name
 
 
-def test_miner_cheat_help_lists_every_behaviour():
-    from neurons.cheats import CHEATS
+def test_cheats_live_only_in_the_drill_miner():
+    from drills.cheaters import CHEATERS
+    from drills.miner import DrillMinerSettings
     from neurons.miner import MinerSettings
-    assert all(c in MinerSettings.model_fields["cheat"].description for c in CHEATS)
+    assert "cheat" not in MinerSettings.model_fields
+    assert all(c in DrillMinerSettings.model_fields["cheat"].description for c in CHEATERS)
 
 
 def test_old_bridge_flags_still_work():

@@ -166,10 +166,9 @@ def _code_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
 def test_miner_derives_the_tokens_for_middle_stage_forward_and_recompute():
     from types import SimpleNamespace as NS
 
-    from neurons.cheats import Cheat
     from neurons.miner_loop import Miner
     miner = Miner.__new__(Miner)  # _compute needs no network
-    miner.worker, miner.cfg, miner.cheat = _middle_worker(), DATA_CFG, Cheat()
+    miner.worker, miner.cfg = _middle_worker(), DATA_CFG
     miner.run = NS(data_seed=3, batch_size=B)
     ref = _middle_worker()
     x, g = _code_and_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neurons.cheats import CHEATS, Cheat
+from drills.hop_cheats import CHEATS, Cheat
 
 
 def test_copy_repeats_the_previous_output_and_gradient():

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurons.cheats import Cheat
-from neurons.miner_loop import Miner
+from drills.cheaters import cheating_miner
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.client import SignedClient
@@ -99,9 +98,9 @@ def run_subnet(tmp: Path, miners: list[tuple], **run_over):
     running, threads, names = [], [], {}
     try:
         for (name, kind, dtype, want_stage), kp in zip(miners, keys["miners"]):
-            cheat = Cheat("honest" if kind == "junk" else kind)
             transfer = JunkTransfer() if kind == "junk" else ObjectTransfer()
-            m = Miner(SignedClient(kp, bridge.url, bridge.hotkey), transfer, dtype=dtype, max_hops=2, cheat=cheat)
+            m = cheating_miner("honest" if kind == "junk" else kind, SignedClient(kp, bridge.url, bridge.hotkey),
+                               transfer, dtype=dtype, max_hops=2)
             a = m.register()
             assert a.stage == want_stage, f"{name} got stage {a.stage}, expected {want_stage}"
             running.append(m)

@@ -1,4 +1,4 @@
-"""Adversarial behaviours for drills and tests: a miner built with one of these cheats.
+"""Hop-level adversarial behaviours (what a cheater uploads instead of honest work).
 
 `honest` changes nothing. The others are what validators must catch:
 `random` (random outputs), `stale` (reports inner steps without taking them), `copy` (uploads an
@@ -13,10 +13,11 @@ import torch
 __all__ = ["CHEATS", "Cheat"]
 
 CHEATS = ("honest", "random", "stale", "copy", "lazy", "phantom")
+"""Kinds this module knows; drills.cheaters maps each to a Miner subclass."""
 
 
 class Cheat:
-    """Hooks the miner loop calls at the points a cheater would deviate."""
+    """What a hop-level cheater does at each point it deviates from the honest miner."""
 
     def __init__(self, kind: str = "honest", lazy_scale: float = 0.0, seed: int = 0):
         if kind not in CHEATS:

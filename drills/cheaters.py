@@ -1,0 +1,70 @@
+"""Cheating miners: subclasses of the honest `Miner`, one per adversary the validators and the
+bridge must defeat (hop-level kinds from drills.hop_cheats, merge-level from drills.merge_cheats,
+claim-level here)."""
+from __future__ import annotations
+
+import logging
+
+from drills.hop_cheats import Cheat
+from drills.merge_cheats import MERGE_CHEATS, merge_cheat
+from neurons.hop_io import BadInput
+from neurons.miner_loop import Miner
+
+__all__ = ["CHEATERS", "cheating_miner", "CheatingMiner"]
+
+log = logging.getLogger("drills")
+
+HOP_KINDS = ("random", "stale", "copy", "lazy", "phantom")
+CLAIM_KINDS = ("false-claim", "bad-sha")
+CHEATERS = tuple(sorted(set(HOP_KINDS) | set(MERGE_CHEATS) | set(CLAIM_KINDS)))
+"""Every cheater kind a drill can run."""
+
+
+class CheatingMiner(Miner):
+    """A miner that deviates as `kind` says (see the module docstrings of drills.*)."""
+
+    def __init__(self, *args, kind: str, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if kind not in CHEATERS:
+            raise ValueError(f"unknown cheater {kind!r}; choose one of {', '.join(CHEATERS)}")
+        self.kind = kind
+        self.cheat = Cheat(kind if kind in HOP_KINDS else "honest", seed=seed)
+        self.merge_cls = merge_cheat(kind)
+
+    def _compute(self, hop, inputs):
+        out, loss = super()._compute(hop, inputs)
+        if out is None:
+            return out, loss
+        if hop.kind == "fwd":
+            return self.cheat.forward_output(out, hop), loss
+        return self.cheat.input_grad(out, hop), loss
+
+    def _put_output(self, hop, blob: bytes) -> None:
+        if self.cheat.skip_upload(hop):
+            return
+        if self.kind == "bad-sha":  # upload other bytes than the sha256 reported at done
+            blob = bytes(blob[:-1]) + bytes([blob[-1] ^ 1])
+        super()._put_output(hop, blob)
+
+    def _apply_step(self, global_step: int) -> None:
+        if self.cheat.skip_step():
+            self.worker.discard_gradients()
+            return
+        super()._apply_step(global_step)
+
+    def _work(self, hops):
+        if self.kind == "false-claim":
+            for hop in hops:
+                if hop.act_in is not None or hop.grad_in is not None:
+                    self._report_bad_input(hop, BadInput("bad_hash", "drill: a false claim"))
+                else:
+                    super()._work([hop])
+            return
+        super()._work(hops)
+
+
+def cheating_miner(kind: str, *args, **kwargs) -> Miner:
+    """A Miner for `kind` ('honest' gives the honest Miner)."""
+    if kind == "honest":
+        return Miner(*args, **kwargs)
+    return CheatingMiner(*args, kind=kind, **kwargs)
