@@ -30,8 +30,15 @@ def open_chain(network: str, netuid: int, create: bool = False) -> Chain:
                     f"local chain file {path!r} does not exist; create it with "
                     f"`python -m protocol.chain.local_cli --db {path} --netuid {netuid} create --owner //owner` "
                     "or fix the path"))
+            import sqlite3
+
             from protocol.chain.local import LocalChain
-            return LocalChain(path, netuid=netuid)
+            try:
+                return LocalChain(path, netuid=netuid)
+            except sqlite3.DatabaseError as exc:
+                raise Misconfigured(Exit.LOCALCHAIN_MISSING, (
+                    f"{path!r} is not a local chain file ({exc}); give the file made by "
+                    "`python -m protocol.chain.local_cli create`")) from None
     if network not in NETWORKS and not network.startswith(("ws://", "wss://")):
         raise Misconfigured(Exit.NETWORK_NAME, (
             f"unknown network {network!r}; use finney, test, local, a ws(s):// URL, "
@@ -47,16 +54,13 @@ def check_subnet(chain: Chain, network: str, netuid: int) -> MetagraphView:
     except ChainFailure as exc:
         raise Misconfigured(Exit.NETUID, f"{exc}; check --netuid (now {netuid}) and "
                             f"--subtensor.network (now {network})") from None
-    except Exception as exc:  # the SDK raises its own types for connection failures
-        if type(exc).__name__ in ("RpcConnectionError", "ConnectionRefusedError", "OSError",
-                                  "TimeoutError", "WebSocketException", "InvalidURI",
-                                  "InvalidHandshake") or isinstance(exc, OSError):
-            hint = (" (start a subtensor node, or use localchain:PATH for a file-backed chain)"
-                    if network == "local" else "")
-            raise Misconfigured(Exit.CHAIN_UNREACHABLE, (
-                f"no chain node answers for {network!r}: {str(exc).splitlines()[0]}{hint}; "
-                "check --subtensor.network / --subtensor.chain_endpoint")) from None
-        raise
+    except Exception as exc:  # noqa: BLE001 - the SDK raises many types when no node answers
+        hint = (" (start a subtensor node, or use localchain:PATH for a file-backed chain)"
+                if network == "local" else "")
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise Misconfigured(Exit.CHAIN_UNREACHABLE, (
+            f"no chain node answers for {network!r} ({type(exc).__name__}: {first}){hint}; "
+            "check --subtensor.network / --subtensor.chain_endpoint")) from None
 
 
 def check_registered(mg: MetagraphView, hotkey: str, network: str, netuid: int,
