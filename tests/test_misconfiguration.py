@@ -230,3 +230,11 @@ def test_old_bridge_flags_still_work():
     assert _translate(["--chain", "finney", "--log-level=DEBUG", "--port", "1"]) == [
         "--subtensor.network", "finney", "--logging.debug", "--port", "1"]
     assert _translate(["--log-level", "WARNING"]) == []
+
+
+def test_contracts_document_every_exit_code():
+    import re
+    text = (REPO / "docs" / "CONTRACTS.md").read_text()
+    section = text.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(n) for n in re.findall(r"^\| (\d+) \|", section, re.M)}
+    assert documented == {int(c) for c in Exit if c != Exit.OK}
