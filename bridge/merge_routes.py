@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from bridge import quarantine, rounds, views, votes
 from bridge.records import StageState, TransitionError
 from bridge.service import BridgeService
+from bridge.storage import StorageError
 from protocol import integrity as integ
 from protocol import messages as msg
 
@@ -47,7 +48,10 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
             raise TransitionError(400, "missing_object", f"no object at {staging}")
         if size is not None and have >= 0 and have != size:
             raise TransitionError(400, "bad_size", f"object {staging} has {have} bytes, not {size}")
-        await run_in_threadpool(svc.promote, staging, final)
+        try:
+            await run_in_threadpool(svc.promote, staging, final, max(have, 0))
+        except StorageError as exc:  # the store failed, not the caller: retry later
+            raise TransitionError(503, "storage_error", f"could not copy the upload: {exc}"[:500])
         return max(have, 0)
 
     def moved_on(round_: int) -> bool:
@@ -99,6 +103,10 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
         arch = await archive(req.round + 1)
         stage, ss = svc.read(lambda st: rounds.published_state(
             st, caller, req.round, req.sha256, req.key, arch))
+        own = await archive(req.round)
+        if own is not None and votes.add_late_vote(own, caller, stage, req.sha256):
+            # a vote that came after the run moved on is still evidence for the validators
+            await svc.apply_async(lambda st, now, rng: st.touch("round", req.round, own))
         ref = views.state_ref(stage, ss, svc.get_url, ttl)
         return _json(msg.MergedAck(published=True, agreed=ss.sha256 == req.sha256, state=ref))
 

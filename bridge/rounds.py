@@ -40,7 +40,7 @@ def start_round(st: State, r: int, now: float) -> None:
     st.r_completed = st.r_abandoned = 0
     st.fwd_pending = [n] * s
     st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
-    st.vote_deadline, st.disputes = {}, {}
+    st.vote_deadline, st.disputes, st.report_grace = {}, {}, {}
     st.flagged = []
     st.samples = {}
     st.hops = {}
@@ -137,7 +137,8 @@ def _close_round(st: State, now: float) -> None:
 
 
 def maybe_freeze(st: State, now: float) -> None:
-    """Freeze each stage's merge set once its workers reported or the merge timeout passed."""
+    """Freeze each stage's merge set once its workers reported, the report grace after half of
+    them reported ended, or the merge timeout passed; then apply the vote deadlines."""
     timed_out = now >= st.merge_started + st.run.merge_timeout_seconds
     for s in range(st.run.n_stages):
         if st.phase != "merge":
@@ -147,9 +148,15 @@ def maybe_freeze(st: State, now: float) -> None:
                 votes.on_time(st, s, now)
             continue
         reported = st.pseudograds.get(s, {})
-        waiting = [h for h in st.workers.get(s, [])
+        workers = st.workers.get(s, [])
+        waiting = [h for h in workers
                    if h not in reported and not (h in st.miners and st.quarantined(st.miners[h]))]
-        if timed_out or not waiting:
+        if waiting and 2 * len(reported) >= len(workers) and s not in st.report_grace:
+            # half the workers reported: the rest get vote_timeout_seconds more, so one that
+            # withholds its report cannot hold the stage for the whole merge timeout
+            st.report_grace[s] = now + min(st.run.vote_timeout_seconds, st.run.merge_timeout_seconds)
+            st.touch("meta", None)
+        if timed_out or not waiting or now >= st.report_grace.get(s, float("inf")):
             st.frozen[s] = sorted(reported)
             st.vote_deadline[s] = now + st.run.vote_timeout_seconds
             st.touch("meta", None)

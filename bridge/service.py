@@ -180,10 +180,10 @@ class BridgeService:
             return f"s3://{key}"
         return self.storage.presign_put(key, size, int(expires))
 
-    def promote(self, src: str, dst: str) -> None:
+    def promote(self, src: str, dst: str, size: int) -> None:
         """Copy a reported upload to its final, grant-less key (skipped when checks are off)."""
         if self.check_objects and self.storage is not None:
-            self.storage.copy(src, dst)
+            self.storage.copy(src, dst, size)
 
     def object_size(self, key: str) -> Optional[int]:
         """HEAD an object (skipped, trusting the caller, when object checks are off)."""

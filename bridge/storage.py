@@ -64,11 +64,16 @@ class Storage:
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
 
-    def copy(self, src: str, dst: str) -> None:
-        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge)."""
+    def copy(self, src: str, dst: str, size: int) -> None:
+        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge); one
+        CopyObject up to S3's 5 GiB limit, a multipart copy above it."""
+        source = {"Bucket": self.bucket, "Key": src}
         try:
-            self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst)
-        except ClientError as exc:
+            if size < 5 * 2**30:
+                self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource=source)
+            else:
+                self.client.copy(source, self.bucket, dst)
+        except (ClientError, KeyError) as exc:  # KeyError: a server answering without an ETag
             raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
 
     def put(self, key: str, data: bytes) -> None:

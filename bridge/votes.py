@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from bridge.records import StageState, State, TransitionError
 
-__all__ = ["report_merged", "recorded_size", "on_time", "arbitrate", "publish", "open_disputes"]
+__all__ = ["report_merged", "add_late_vote", "recorded_size", "on_time", "arbitrate", "publish", "open_disputes"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,16 @@ def report_merged(st: State, hotkey: str, round_: int, sha256: str, key: str, si
     if st.published.get(m.stage) or m.stage not in st.frozen:
         return sha256 == st.stage_states[m.stage].sha256
     return None
+
+
+def add_late_vote(archive: dict[str, Any], hotkey: str, stage: int, sha256: str) -> bool:
+    """Add a merge-set member's vote that arrived after its round was archived (first only)."""
+    cast = archive.setdefault("votes", [])
+    members = {(p["hotkey"], p.get("stage")) for p in archive.get("pseudograds", [])}
+    if (hotkey, stage) not in members or any(v["hotkey"] == hotkey for v in cast):
+        return False
+    cast.append({"hotkey": hotkey, "stage": stage, "sha256": sha256})
+    return True
 
 
 def recorded_size(st: State, hotkey: str, sha256: str) -> Optional[int]:

@@ -3,7 +3,8 @@
 `liar` votes for a state of its own making (re-derived until its sha256 sorts first, as an
 attacker hoping for a hash-order tie-break would); `flip` uploads its pseudo-gradient with the
 sign flipped; `huge` scales it by 1e6; `nan` puts NaN in it; `overwrite` re-uploads garbage to
-its grants after each report (trying to change what was reported); `lazy` uploads zeros.
+its grants after each report (trying to change what was reported); `lazy` uploads zeros;
+`withhold` never reports its pseudo-gradient (trying to hold the merge set open).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 
 import torch
 
+from neurons.merge_compute import MergeOutcome
 from neurons.round_merge import ReplicaMerge, RoundState
 from resbm import outer
 
@@ -45,19 +47,21 @@ class _NaN(ReplicaMerge):
 
 
 class _Liar(ReplicaMerge):
-    def vote(self, sha: str, blob: bytes) -> tuple[str, bytes]:
-        theta, momentum, ref = outer.load_state(blob)
-        name = sorted(theta)[0]
-        best: tuple[str, bytes] | None = None
-        for i in range(32):  # keep the state whose hash sorts first
-            t = dict(theta)
-            t[name] = theta[name].clone()
-            t[name].view(-1)[0] += 0.01 * (i + 1)
-            b = outer.state_bytes(t, momentum, ref)
-            h = hashlib.sha256(b).hexdigest()
-            if best is None or h < best[0]:
-                best = (h, b)
-        log.warning("drill liar: voting %s.. instead of %s..", best[0][:10], sha[:10])
+    """Votes at once for a state of its own (no merge computed), re-derived until its sha256
+    sorts first, as an attacker hoping for a hash-order tie-break would."""
+
+    def merged_state(self, state: RoundState, mset, fetched) -> MergeOutcome:
+        name = sorted(state.theta_start)[0]
+        best: MergeOutcome | None = None
+        for i in range(8):
+            theta = dict(state.theta_start)
+            theta[name] = theta[name].clone()
+            theta[name].view(-1)[0] += 0.01 * (i + 1)
+            blob = outer.state_bytes(theta, state.momentum, state.ref_norm)
+            h = hashlib.sha256(blob).hexdigest()
+            if best is None or h < best.sha:
+                best = MergeOutcome(theta, state.momentum, state.ref_norm, blob, h)
+        log.warning("drill liar: voting %s.. (a state of its own)", best.sha[:10])
         return best
 
 
@@ -92,8 +96,16 @@ class _Overwrite(ReplicaMerge):
             log.info("drill overwrite: refused (%s)", str(exc)[:120])
 
 
+class _Withhold(ReplicaMerge):
+    """Works every hop but never reports its pseudo-gradient, hoping to hold the merge open."""
+
+    def run_round(self, state, rnd):
+        log.warning("drill withhold: not reporting round %d's pseudo-gradient", rnd)
+        return state, None
+
+
 MERGE_CHEATS = {"liar": _Liar, "flip": _Flip, "huge": _Huge, "nan": _NaN,
-                "overwrite": _Overwrite, "lazy": _Lazy}
+                "overwrite": _Overwrite, "lazy": _Lazy, "withhold": _Withhold}
 
 
 def merge_cheat(kind: str) -> type[ReplicaMerge]:

@@ -72,7 +72,8 @@ class Miner:
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
         self.out_bytes = codec.wire_size(self.shape, self.codec)
-        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed)
+        init = (lambda: worker_for_run(run, a.stage, "cpu").theta()) if same else None  # built fresh: init already
+        self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed, init)
         self.status.set_stage(a.stage, a.round)
         return a
 

@@ -22,7 +22,7 @@ from protocol.client import BridgeError, SignedClient
 from protocol.messages import (Assignment, MergedAck, MergedReport, MergeSet, PseudogradReport,
                                RunConfig, UploadGrant, UploadRequest)
 from resbm import outer
-from neurons.merge_compute import compute_merge, fetch_items, fetch_state
+from neurons.merge_compute import MergeOutcome, compute_merge, fetch_items, fetch_state
 from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["RoundState", "load_assigned_state", "ReplicaMerge"]
@@ -43,14 +43,16 @@ class RoundState:
 
 
 def load_assigned_state(worker, a: Assignment, transfer: ObjectTransfer, max_bytes: int,
-                        computed: tuple | None = None) -> RoundState:
-    """Load the state the bridge assigned (or keep the init-from-seed weights for round 0).
+                        computed: tuple | None = None, init_theta=None) -> RoundState:
+    """Load the state the bridge assigned, or the init-from-seed weights when the stage has
+    published none yet (`init_theta()` rebuilds them; None: the worker holds them still).
 
     `computed` = (sha, theta, momentum, ref_norm) of a state this replica merged itself: used
     instead of a download when it is the published one."""
     if a.state is None:
-        theta = worker.theta()
-        return RoundState(round=a.round, theta_start=theta, momentum=None, sha=None)
+        if init_theta is not None:  # a stage that kept its init state after a round of work
+            worker.load_theta(init_theta())
+        return RoundState(round=a.round, theta_start=worker.theta(), momentum=None, sha=None)
     if computed is not None and computed[0] == a.state.sha256:
         theta, momentum, ref = computed[1], computed[2], computed[3]
     else:
@@ -75,6 +77,11 @@ class ReplicaMerge:
     def pseudo_gradient_bytes(self, pg: dict[str, torch.Tensor]) -> bytes:
         """The bytes uploaded for the pseudo-gradient."""
         return outer.tensors_bytes(pg)
+
+    def merged_state(self, state: RoundState, mset: MergeSet, fetched: list) -> MergeOutcome:
+        """The deterministic outer step over the frozen merge set."""
+        return compute_merge(state.theta_start, state.momentum, state.ref_norm, mset.items, fetched,
+                             self.worker.param_shapes, self.run)
 
     def vote(self, sha: str, blob: bytes) -> tuple[str, bytes]:
         """The (sha, state bytes) reported for the merged state."""
@@ -127,8 +134,7 @@ class ReplicaMerge:
         except TransferError as exc:  # not a property of the objects: abstain, never vote apart
             log.warning("round %d: merge set not readable (%s); not voting", rnd, exc)
             return state, None
-        out = compute_merge(state.theta_start, state.momentum, state.ref_norm, mset.items, fetched,
-                            shapes, run)
+        out = self.merged_state(state, mset, fetched)
         for hk, why in out.excluded.items():
             log.warning("round %d: pseudo-gradient of %s left out of the merge: %s", rnd, hk[:10], why)
         sha, blob = self.vote(out.sha, out.blob)

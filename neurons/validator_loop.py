@@ -147,19 +147,26 @@ class Validator:
             self.book.record_audit(hk, rnd, False, reason)
             self.audits.verdicts.append((rnd, hk, False, reason))
             log.info("merge check of %s round %d: FAIL - %s", hk[:10], rnd, reason)
+        self._report(rnd, failed)
         chosen = choose_audits(miners, rng=self.rng, fraction=self.s.audit_fraction,
                                history=self.book.audit_history()) if miners else []
         for hk in chosen:
+            settle_disputes(self.client, self.transfer, self.run, self.settled)  # stay responsive
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
+                self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
+        log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
+
+    def _report(self, rnd: int, failed: dict[str, str]) -> None:
+        """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""
         try:
             quarantined = report_verdicts(self.client, rnd, failed)
-            if quarantined:
-                log.info("round %d: the bridge quarantined %s", rnd,
-                         ", ".join(f"{h[:10]} until round {u}" for h, u in sorted(quarantined.items())))
         except BridgeError as exc:  # weights still follow our own book
             log.warning("round %d: verdicts not delivered to the bridge: %s", rnd, exc)
-        log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
+            return
+        if quarantined:
+            log.info("round %d: the bridge quarantined %s", rnd,
+                     ", ".join(f"{h[:10]} until round {u}" for h, u in sorted(quarantined.items())))
 
     def _why(self, reason: str, rnd: int) -> str:
         return explain_incomplete(reason, rnd, getattr(self, "bridge_round", rnd), self.run.audit_window_rounds)

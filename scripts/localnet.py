@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--link-latency-ms", type=float, default=0.0, help="emulated link latency per transfer")
     a("--kill-miner-at", type=int, default=-1, help="in this round, kill one replica of every stage, restart it later")
     a("--restart-bridge-at", type=int, default=-1, help="in this round, kill the bridge and restart it")
-    a("--cheater", default="", choices=[""] + list(CHEATERS),
-      help="add one adversarial miner of this kind (drills.miner; docs/SECURITY.md)")
+    a("--cheater", default=[], action="append", choices=list(CHEATERS),
+      help="add an adversarial miner of this kind (drills.miner; docs/SECURITY.md); repeat to add "
+           "one per stage, each joining after the honest replicas")
     a("--lease-seconds", type=float, default=20.0, help="hop lease length")
     a("--s3-endpoint", default="", help="use this S3 endpoint instead of starting rclone")
     a("--s3-access-key", default="", help="access key for --s3-endpoint")
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     workdir = prepare_workdir(args.workdir)
     run_config = run_config_from_args(args)
     cluster = Cluster(workdir, run_config, args.miners_per_stage, device=args.device,
-                      link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms, cheater=args.cheater,
+                      link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms, cheaters=args.cheater,
                       s3_endpoint=args.s3_endpoint, s3_keys=(args.s3_access_key, args.s3_secret_key))
     stopping = {"flag": False}
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -66,7 +67,7 @@ class Cluster:
     validators: int = 1
     link_mbps: float = 0.0
     link_latency_ms: float = 0.0
-    cheater: str = ""
+    cheaters: list[str] = field(default_factory=list)  # adversaries added after the honest miners
     netuid: int = 1
     s3_endpoint: str = ""
     s3_keys: tuple[str, str] = ("", "")
@@ -98,9 +99,9 @@ class Cluster:
             self.s3_endpoint, self.s3_keys = self.s3.endpoint, (self.s3.access_key, self.s3.secret_key)
         self._make_chain()
         self._start_bridge()
-        n_miners = self.run_config["n_stages"] * self.miners_per_stage + (1 if self.cheater else 0)
-        for i in range(n_miners):
-            cheat = self.cheater if (self.cheater and i == n_miners - 1) else "honest"
+        n_honest = self.run_config["n_stages"] * self.miners_per_stage
+        for i in range(n_honest + len(self.cheaters)):
+            cheat = self.cheaters[i - n_honest] if i >= n_honest else "honest"
             # a cheater runs the drills entry point; the shipped miner has no cheat flag
             script = ["-m", "drills.miner", "--cheat", cheat] if cheat != "honest" else ["neurons/miner.py"]
             self.miners.append(self._neuron(f"miner{i}", script, [
@@ -109,8 +110,24 @@ class Cluster:
         for i in range(self.validators):
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
                 "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction", "1.0"]))
-        for n in self.miners + self.validator_procs:
+        for n in self.validator_procs + self.miners[:n_honest]:
             n.start()
+        # Cheaters join one at a time once the honest replicas are placed, so the bridge's
+        # balancing puts each on its own stage (one adversary per stage).
+        for k, n in enumerate(self.miners[n_honest:]):
+            self._wait_miners(n_honest + k)
+            n.start()
+
+    def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
+        from protocol.client import SignedClient
+        from protocol.messages import Metrics
+        client = SignedClient(self.owner_keypair, self.bridge_url, None)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(Metrics.model_validate(client.get("/v1/metrics")).miners) >= count:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"only some of {count} miners registered with the bridge in {timeout:.0f}s")
 
     def _make_chain(self) -> None:
         import bittensor as bt
@@ -119,7 +136,7 @@ class Cluster:
 
         chain = LocalChain(self.chain_path, self.netuid, seconds_per_block=1.0)
         names = ["owner"] + [f"validator{i}" for i in range(self.validators)]
-        names += [f"miner{i}" for i in range(self.run_config["n_stages"] * self.miners_per_stage + (1 if self.cheater else 0))]
+        names += [f"miner{i}" for i in range(self.run_config["n_stages"] * self.miners_per_stage + len(self.cheaters))]
         keys = {}
         for name in names:
             w = bt.Wallet(name=name, hotkey="default", path=str(self.wallet_path))

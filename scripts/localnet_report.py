@@ -48,8 +48,12 @@ def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
     for st in m.stages:
         if st.state_sha is None:
             return None
-        key = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/{st.state_sha}"
-        blob = s3.get_object(Bucket="resbm", Key=key)["Body"].read()
+        prefix = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/"
+        listed = s3.list_objects_v2(Bucket="resbm", Prefix=prefix).get("Contents", []) or []
+        keys = [o["Key"] for o in listed if o["Key"].endswith(f"-{st.state_sha}")]  # voters' copies
+        if not keys:
+            return None
+        blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
         theta, _ = outer.state_from_bytes(blob, max_bytes=cluster.run_config.get("max_state_bytes", 2**32))
         thetas.append(theta)
     return thetas

@@ -79,13 +79,17 @@ def test_fault_drill_loses_nothing(tmp_path, happy):
     assert all(m["hops"] > 0 and m["weight"] > 0 for m in r["miners"]), r["miners"]
 
 
-def test_cheater_is_caught_and_gets_zero(tmp_path):
-    r = _run(tmp_path, "cheater", "--miners-per-stage", "1", "--rounds", "3", "--cheater", "random")
+def test_cheaters_are_caught_with_real_processes(tmp_path):
+    """A hop-level cheater on one stage and a merge liar on the other (drills.miner processes)."""
+    r = _run(tmp_path, "cheater", "--miners-per-stage", "1", "--rounds", "3",
+             "--cheater", "random", "--cheater", "liar")
     assert r["phase"] == "done" and r["samples_abandoned"] == 0
-    cheater = [m for m in r["miners"] if m["cheat"] == "random"]
+    cheaters = {m["cheat"]: m for m in r["miners"] if m["cheat"] != "honest"}
     honest = [m for m in r["miners"] if m["cheat"] == "honest"]
-    assert len(cheater) == 1 and cheater[0]["hops"] > 0
-    assert cheater[0]["weight"] == 0.0 and cheater[0]["score"] == 0.0
+    assert set(cheaters) == {"random", "liar"} and {m["stage"] for m in cheaters.values()} == {0, 1}
+    assert cheaters["random"]["hops"] > 0
+    assert all(m["weight"] == 0.0 and m["score"] == 0.0 for m in cheaters.values()), cheaters
     assert all(m["weight"] > 0 for m in honest)
+    assert r["val_loss_final"] < r["val_loss_init"]
     log = (r["_workdir"] / "logs" / "validator0.log").read_text()
-    assert "FAIL" in log
+    assert "FAIL" in log and "differs from the recomputation" in log

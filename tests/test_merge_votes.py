@@ -175,3 +175,23 @@ def test_dispute_state_survives_a_restart():
     restored = State(run=st.run)
     restored.load_meta(json.loads(json.dumps(st.meta_dict())))
     assert restored.disputes == st.disputes and 0 in restored.disputes
+
+
+def test_a_late_vote_of_a_member_is_kept_as_evidence_once():
+    archive = {"pseudograds": [{"hotkey": "a", "stage": 0}, {"hotkey": "b", "stage": 0}],
+               "votes": [{"hotkey": "a", "stage": 0, "sha256": GOOD}]}
+    assert votes.add_late_vote(archive, "b", 0, BAD) is True
+    assert votes.add_late_vote(archive, "b", 0, GOOD) is False  # the first one stands
+    assert votes.add_late_vote(archive, "a", 0, BAD) is False
+    assert votes.add_late_vote(archive, "z", 0, BAD) is False  # not in the merge set
+    assert archive["votes"][-1] == {"hotkey": "b", "stage": 0, "sha256": BAD}
+
+
+def test_a_withheld_report_holds_the_merge_set_only_for_the_grace_period():
+    st, rng, now = _round(miners="ab", vote_timeout_seconds=10.0, merge_timeout_seconds=300.0)
+    _pg(st, "a", now)  # b did work but never reports
+    assert 0 not in st.frozen and st.report_grace[0] == now + 10.0
+    state.tick(st, now + 9.0, rng)
+    assert 0 not in st.frozen
+    state.tick(st, now + 10.5, rng)
+    assert st.frozen[0] == ["a"]  # long before the 300 s merge timeout

@@ -1,0 +1,185 @@
+"""Start a whole subnet from a `Scenario` and report its `Outcome`.
+
+Real parts on loopback: rclone's S3 server and the bridge as processes, a LocalChain file,
+real keypairs, the real `Miner` (or a drills cheater) per replica and the real `Validator`,
+each in its own thread of this process (nine torch imports would cost the shared CPU more than
+the run). The validator runs alongside the miners, as in production: it settles disputes,
+audits, recomputes merges and reports verdicts (quarantine) while the run goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drills.cheaters import cheating_miner
+from neurons.transfer import ObjectTransfer
+from neurons.validator_loop import Validator, ValidatorSettings
+from protocol.client import SignedClient
+from protocol.messages import HopLog, Metrics
+from resbm import data
+from resbm.config import ModelConfig
+from resbm.stages import build_stages
+from resbm.train import evaluate
+from tests.servers import make_chain, start_bridge, start_s3
+
+__all__ = ["Scenario", "Outcome", "run_scenario", "tiny_model"]
+
+log = logging.getLogger(__name__)
+
+
+def tiny_model(n_stages: int) -> dict[str, Any]:
+    """The tests' model: small enough for 2 shared cores."""
+    return ModelConfig(vocab_size=data.VOCAB_SIZE, d_model=32, n_layers=n_stages, n_heads=2, seq_len=16,
+                       n_stages=n_stages, bottleneck_dim=4, wire_codec="bf16").to_dict()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A subnet to run: stages, honest replicas per stage, one cheater kind per stage (joining
+    after the honest replicas, so each lands on its own stage), rounds, seed, run overrides."""
+
+    stages: int = 2
+    honest_per_stage: int = 1
+    cheaters: tuple[str, ...] = ()
+    rounds: int = 3
+    seed: int = 1
+    samples_per_replica: int = 4
+    run: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def replicas(self) -> int:
+        """Replicas per stage, the cheater included."""
+        return self.honest_per_stage + (1 if self.cheaters else 0)
+
+    def run_config(self) -> dict[str, Any]:
+        """The bridge's run config for this scenario."""
+        cfg = dict(run_id="scenario", model=tiny_model(self.stages), n_stages=self.stages, batch_size=2,
+                   micro_batches_per_step=2, inner_steps_per_round=2,
+                   samples_per_round=self.samples_per_replica * self.replicas,
+                   muon_lr=0.02, adamw_lr=3e-3, warmup_steps=0, total_rounds=self.rounds,
+                   data_seed=self.seed, init_seed=self.seed + 100, lease_seconds=5.0,
+                   max_object_bytes=2**20, merge_timeout_seconds=30.0, vote_timeout_seconds=15.0,
+                   arbitration_timeout_seconds=30.0, max_attempts=5, audit_window_rounds=8)
+        cfg.update(dict(self.run))
+        return cfg
+
+
+@dataclass
+class Outcome:
+    """What a scenario's run left behind."""
+
+    names: dict[str, str]                # miner name -> hotkey
+    kinds: dict[str, str]                # miner name -> honest | cheater kind
+    stage_of: dict[str, int]
+    metrics: Metrics
+    hoplogs: list[HopLog]
+    verdicts: list[tuple[int, str, bool, str]]  # (round, name, passed, reason)
+    weights: dict[str, float]            # miner name -> weight on chain
+    val_loss: float
+    init_loss: float
+
+    def honest(self) -> list[str]:
+        """Names of the honest miners."""
+        return [n for n, k in self.kinds.items() if k == "honest"]
+
+    def cheaters(self) -> list[str]:
+        """Names of the cheating miners."""
+        return [n for n, k in self.kinds.items() if k != "honest"]
+
+
+def _wait_registered(client: SignedClient, count: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if len(Metrics.model_validate(client.get("/v1/metrics")).miners) >= count:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{count} miners did not register in {timeout}s")
+
+
+def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
+    cfg = ModelConfig.from_dict(model)
+    stages = build_stages(cfg, seed=init_seed)
+    if thetas is not None:
+        for stage, theta in zip(stages, thetas):
+            stage.load_state_dict(theta)
+    return evaluate(stages, data.validation_batches(4, 2, cfg.seq_len), torch.device("cpu"))
+
+
+def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
+    """Run `sc` to the end (the validator included) and collect the outcome."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rc = sc.run_config()
+    n_honest = sc.stages * sc.honest_per_stage
+    kinds = ["honest"] * n_honest + list(sc.cheaters)
+    s3 = start_s3(tmp / "s3")
+    chain, keys = make_chain(tmp / "chain.db", miners=len(kinds), validators=1, prefix=f"s{sc.seed}m")
+    chain.advance_blocks(chain.weights_rate_limit())
+    bridge = start_bridge(tmp / "bridge", rc, tmp / "chain.db", s3)
+    vkey = keys["validators"][0]
+    observer = SignedClient(vkey, bridge.url, bridge.hotkey)
+    miners, threads, names, stage_of = [], [], {}, {}
+    validator = None
+    try:
+        for i, (kind, kp) in enumerate(zip(kinds, keys["miners"])):
+            if i >= n_honest:
+                _wait_registered(observer, i)  # one cheater per stage: join after the others
+            m = cheating_miner(kind, SignedClient(kp, bridge.url, bridge.hotkey), ObjectTransfer(), max_hops=2)
+            name = f"{kind}{i}"
+            stage_of[name] = m.register().stage
+            names[name] = kp.ss58_address
+            miners.append(m)
+            threads.append(threading.Thread(target=m.run_forever, name=name, daemon=True))
+            threads[-1].start()
+        settings = ValidatorSettings(state_path=str(tmp / "validator.json"), audit_fraction=1.0,
+                                     audit_max_seconds=60.0, poll_seconds=0.3, seed=sc.seed)
+        validator = Validator(observer, ObjectTransfer(), chain, vkey, settings)
+        vthread = threading.Thread(target=validator.run_forever, name="validator", daemon=True)
+        vthread.start()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = Metrics.model_validate(observer.get("/v1/metrics"))
+            if m.phase == "done" and validator.next_round >= sc.rounds:
+                if not validator.pending_window:
+                    break
+                chain.advance_blocks(chain.weights_rate_limit())  # let the last window's weights land
+            time.sleep(0.3)
+        else:
+            raise TimeoutError(f"scenario {sc} did not finish in {timeout}s: round {m.round} {m.phase}, "
+                               f"validator at round {validator.next_round}")
+        by_key = {hk: n for n, hk in names.items()}
+        hoplogs = [HopLog.model_validate(observer.get("/v1/validator/hoplog", params={"round": r}))
+                   for r in range(sc.rounds)]
+        on_chain = chain.weights_of(vkey.ss58_address)
+        weights = {n: on_chain.get(chain.uid_of(hk), 0.0) for n, hk in names.items()}
+        final = {}
+        for name, miner in zip(names, miners):
+            if kinds[list(names).index(name)] == "honest" and stage_of[name] not in final:
+                final[stage_of[name]] = miner.worker.theta()
+        thetas = [final[s] for s in range(sc.stages)] if len(final) == sc.stages else None
+        return Outcome(
+            names=names, kinds=dict(zip(names, kinds)), stage_of=stage_of, metrics=m, hoplogs=hoplogs,
+            verdicts=[(r, by_key.get(hk, hk), ok, why) for r, hk, ok, why in validator.audits.verdicts],
+            weights=weights,
+            val_loss=_val_loss(rc["model"], rc["init_seed"], thetas),
+            init_loss=_val_loss(rc["model"], rc["init_seed"], None))
+    finally:
+        if validator is not None:
+            validator.stop.set()
+        for m_ in miners:
+            m_.stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        for m_ in miners:
+            with contextlib.suppress(Exception):
+                m_.close()
+        bridge.stop()
+        s3.stop()
+        torch.set_num_threads(old_threads)

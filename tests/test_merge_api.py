@@ -1,0 +1,85 @@
+"""The merge's wire rules against a real bridge and real S3: uploads go to the caller's own
+staging key, reports are copied to write-once final keys, and a report's answer never depends
+on which objects exist."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import httpx
+import pytest
+
+from protocol.client import BridgeError
+from tests.harness.fake_worker import FakeWorker
+from tests.servers import make_chain, start_bridge, tiny_run_config
+
+
+class ProbingWorker(FakeWorker):
+    """A fake replica that, in its first merge, also tries what an attacker would."""
+
+    def __init__(self, *a, probes: dict, **kw):
+        super().__init__(*a, **kw)
+        self.probes = probes
+
+    def merge(self, round_, stage):
+        if round_ == 0 and "done" not in self.probes:
+            self.probe(round_)
+        super().merge(round_, stage)
+
+    def probe(self, round_):
+        p = self.probes
+        key, sha = self.put(round_, "pseudograd", b"x" * 32)
+        p["staging"] = key
+        me = self.c.keypair.ss58_address
+        other = key.replace(me, p["victim"])  # a registered peer's key (it may or may not exist)
+        ghost = key.replace(me, "5" + "A" * 47)
+        answers = []
+        for k in (other, ghost, key.replace("/upload/", "/pg/"), "runs/../../etc/passwd", "z" * 512):
+            with pytest.raises(BridgeError) as e:
+                self.c.post("/v1/rounds/pseudograd", {"round": round_, "key": k, "sha256": sha, "size": 32})
+            answers.append((e.value.status, json.loads(e.value.detail)["error"]))
+        p["answers"] = answers
+        with pytest.raises(BridgeError) as e:
+            self.c.post("/v1/rounds/merged", {"round": round_, "key": "../" * 100, "sha256": sha})
+        p["malformed_merged"] = e.value.status
+        self.c.post("/v1/rounds/pseudograd", {"round": round_, "key": key, "sha256": sha, "size": 32})
+        ms = None
+        while ms is None:
+            try:
+                ms = self.c.get(f"/v1/rounds/{round_}/stages/0/pseudograds")
+            except BridgeError:
+                pass
+        mine = next(i for i in ms["items"] if i["hotkey"] == self.c.keypair.ss58_address)
+        p["final_key"] = mine["key"]
+        g = self.c.post("/v1/rounds/upload", {"round": round_, "kind": "pseudograd", "sha256": sha, "size": 32})
+        assert self.http.put(g["put_url"], content=b"y" * 32).status_code == 200  # clobber the staging copy
+        p["final_after_clobber"] = httpx.get(mine["get_url"]).content
+        p["sha"], p["done"] = sha, True
+
+
+@pytest.mark.slow
+def test_reports_copy_to_write_once_keys_and_answer_alike_for_any_foreign_key(tmp_path, s3_server):
+    _, keys = make_chain(tmp_path / "chain.db", miners=2, validators=0)
+    b = start_bridge(tmp_path, tiny_run_config(n_stages=1, model={"n_stages": 1}, total_rounds=1,
+                                               samples_per_round=4, vote_timeout_seconds=5.0), tmp_path / "chain.db", s3_server)
+    stop, probes = threading.Event(), {"victim": keys["miners"][1].ss58_address}
+    ws = [ProbingWorker(keys["miners"][0], b.url, b.hotkey, stop, probes=probes),
+          FakeWorker(keys["miners"][1], b.url, b.hotkey, stop)]
+    try:
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.join(timeout=60)
+        assert probes.get("done"), (probes, [w.error for w in ws])
+        hk = keys["miners"][0].ss58_address
+        assert f"/upload/{hk}/pg-" in probes["staging"]
+        # another miner's key, a final key, traversal and junk: one answer, nothing learnt
+        assert set(probes["answers"]) == {(400, "bad_key")}, probes["answers"]
+        assert probes["malformed_merged"] == 400
+        assert probes["final_key"].endswith(f"/pg/{hk}-{probes['sha']}")
+        assert probes["final_after_clobber"] == b"x" * 32  # the reported bytes, not the clobber
+        assert hashlib.sha256(probes["final_after_clobber"]).hexdigest() == probes["sha"]
+    finally:
+        stop.set()
+        b.stop()
