@@ -105,7 +105,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     chain = open_chain(cfg.network, cfg.netuid)
     check_subnet(chain, cfg.network, cfg.netuid)
     storage = open_storage(cfg, log) if cfg.s3_endpoint else None
-    check_model(run, cfg.run_config)
+    if not os.path.exists(cfg.db):  # a resumed --db holds this same run, checked when it began
+        check_model(run, cfg.run_config)
     import uvicorn
 
     from bridge.app import create_app

@@ -13,7 +13,7 @@ import yaml
 
 from scripts.local_servers import S3Server, die_with_parent, free_port, stop_process, wait_http
 
-__all__ = ["REPO", "make_chain", "tiny_run_config", "BridgeProcess", "start_bridge"]
+__all__ = ["REPO", "TINY_MODEL", "make_chain", "tiny_run_config", "BridgeProcess", "start_bridge"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,16 +40,25 @@ def make_chain(path: Path, miners: int = 4, validators: int = 1, netuid: int = 1
     return chain, keys
 
 
+TINY_MODEL = {"d_model": 32, "n_stages": 2, "bottleneck_dim": 4}
+
+
 def tiny_run_config(**over: Any) -> dict[str, Any]:
-    """A small RunConfig mapping whose model builds, for tests (override any field)."""
-    cfg = dict(run_id="test-run", model={"d_model": 32, "n_stages": 2, "bottleneck_dim": 4}, n_stages=2,
+    """A small RunConfig mapping whose model builds, for tests (override any field; a `model`
+    override is merged into the tiny model)."""
+    model = dict(TINY_MODEL)
+    given = dict(over.pop("model", None) or {})
+    if "bottleneck_ratio" in given:
+        model.pop("bottleneck_dim")
+    model.update(given)
+    if "n_stages" in over:
+        model.update(n_stages=over["n_stages"], n_layers=max(over["n_stages"], given.get("n_layers", 0)))
+    cfg = dict(run_id="test-run", model=model, n_stages=2,
                batch_size=1, micro_batches_per_step=2, inner_steps_per_round=2,
                samples_per_round=8, muon_lr=0.02, adamw_lr=0.003, total_rounds=2,
                data_seed=1, init_seed=2, lease_seconds=30.0, max_object_bytes=4096,
                merge_timeout_seconds=30.0, max_attempts=3)
     cfg.update(over)
-    if "n_stages" in over:
-        cfg["model"] = dict(cfg["model"], n_stages=over["n_stages"], n_layers=over["n_stages"])
     return cfg
 
 
