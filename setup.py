@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     # one settings scheme (flag > RESBM_* environment > .env > default) for every process
     "pydantic-settings>=2.2",
     "python-dotenv>=1.0",
+    "prometheus_client>=0.20",
 ]
 # The localnet, the reference trainer's progress bar and the benchmarks; no role needs them.
 LOCAL_REQUIRES = [
@@ -33,6 +34,7 @@ DEV_REQUIRES = LOCAL_REQUIRES + [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "tokenizers>=0.19",
+    "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
 ]
 
 setup(
@@ -41,7 +43,7 @@ setup(
     description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
     python_requires=">=3.11",  # what CI runs and README states
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
-    package_data={"resbm": ["assets/*"]},
+    package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES},
     entry_points={

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge import state, views
+from bridge.dashboard import add_console_routes
 from bridge.db import Database
 from bridge.fastpath import FastPath, error_response
 from bridge.longpoll import Waiters
@@ -185,6 +186,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return authenticate(headers, body, method, target, "miner")
 
     anyone, miner, validator = role("registered"), role("miner"), role("validator")
+    prom = add_console_routes(app, svc, run, settings.db_path + ".console.json", validator,
+                              lambda: reg.chain.metagraph().owner_hotkey)
 
     @app.exception_handler(TransitionError)
     async def _te(_: Request, exc: TransitionError) -> Response:
@@ -273,6 +276,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                 raise TransitionError(400, "bad_size", f"object {hop.out_key} has {have} bytes, "
                                       f"expected {hop.out_size}")
         await svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size, req.loss)
+        prom.hop_done(hop.stage, hop.kind, time.time() - hop.leased_at, req.size)
         return _json(msg.Ack())
 
     @app.post("/v1/hops/fail")

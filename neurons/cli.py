@@ -31,6 +31,8 @@ class NeuronSettings(CommonSettings):
     link_latency_ms: float = flag(0.0, "emulated one-way latency added to every object transfer",
                                   name="link.latency-ms")
     status_every: float = flag(10.0, "seconds between status lines")
+    metrics_port: int = flag(0, "serve Prometheus metrics on this port at /metrics (0 = off)",
+                             name="metrics.port")
 
 
 def load_keypair(s: CommonSettings) -> Any:

@@ -69,6 +69,8 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     miner = make(args, client=client, transfer=ObjectTransfer(link), device=device,
                  dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
     miner.status.every = args.status_every
+    from neurons import metrics
+    metrics.serve(args.metrics_port, metrics.miner_registry(miner.status))
     if args.status_file:
         _write_status_periodically(miner, args.status_file, args.status_every)
     a = miner.register()

@@ -5,12 +5,17 @@ completed per round (`record_round`) and the verdicts of the audits it ran (`rec
 closes a window when it is time to set weights (`close_window`), and persists the book as JSON
 after every change (`save`, atomic) so that nothing is lost on a crash.
 
+Every knob comes from `protocol.incentives.IncentiveParams` (the run config's `incentives`, which
+all validators share); the defaults below are `DEFAULT_INCENTIVES`.
+
 Rules:
-* a hop's throughput weight reflects its compute: fwd 1, bwd 2, fwdbwd 3, recompute bwd 3;
+* a hop's throughput weight reflects its compute (defaults: fwd 1, bwd 2, fwdbwd 3, recompute bwd 3),
+  times the stage's weight when the run sets per-stage weights;
 * a round counts when its audit passed or it was not sampled; a round with a pending audit
   counts when its window closes (audits are unpredictable samples, not a gate on every round);
 * a failed audit zeroes the miner's score at once (the EMA restarts from 0), voids the rest of
-  its current window and earns nothing for `penalty_windows` further windows;
+  its current window and earns nothing for `penalty_windows` further windows (times
+  `penalty_growth` per earlier failure; the default 1 keeps the penalty flat);
 * window score s_w = verified throughput; score = EMA(alpha) over windows (a miner absent from
   a window gets 0 for it).
 Miners are keyed by hotkey (uids get recycled); the validator maps hotkeys to uids.
@@ -26,6 +31,9 @@ import secrets
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from protocol.incentives import DEFAULT_INCENTIVES, IncentiveParams
 
 __all__ = [
     "HOP_WEIGHTS",
@@ -39,7 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HOP_WEIGHTS: dict[str, float] = {"fwd": 1.0, "bwd": 2.0, "fwdbwd": 3.0, "bwd_recompute": 3.0}
+_D = DEFAULT_INCENTIVES
+HOP_WEIGHTS: dict[str, float] = dict(_D.hop_weights)
 _FORMAT = 1
 
 
@@ -47,15 +56,19 @@ class ScoringError(ValueError):
     """Bad input to scoring: unknown hop kind, negative count, bad parameter, corrupt book."""
 
 
-def hop_throughput(hops: Mapping[str, int]) -> float:
-    """Compute-weighted hop count: fwd 1, bwd 2, fwdbwd 3, bwd_recompute 3."""
+def hop_throughput(hops: Mapping[str, int], params: IncentiveParams = _D,
+                   stage: Optional[int] = None) -> float:
+    """Compute-weighted hop count with `params`' hop (and stage) weights; default fwd 1, bwd 2, 3, 3."""
     total = 0.0
     for kind, count in hops.items():
-        if kind not in HOP_WEIGHTS:
-            raise ScoringError(f"unknown hop kind {kind!r}; expected one of {sorted(HOP_WEIGHTS)}")
+        if kind not in params.hop_weights:
+            raise ScoringError(f"unknown hop kind {kind!r}; expected one of {sorted(params.hop_weights)}")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ScoringError(f"hop count for {kind!r} must be a non-negative int, got {count!r}")
-        total += HOP_WEIGHTS[kind] * count
+        try:
+            total += params.hop_weight(kind, stage) * count
+        except ValueError as exc:
+            raise ScoringError(str(exc)) from None
     return total
 
 
@@ -80,13 +93,15 @@ class _Miner:
 class ScoreBook:
     """Per-miner verified throughput, audit verdicts and EMA scores over windows; JSON-serialisable."""
 
-    def __init__(self, alpha: float = 0.3, penalty_windows: int = 3) -> None:
+    def __init__(self, alpha: float = _D.ema_alpha, penalty_windows: int = _D.penalty_windows,
+                 params: IncentiveParams = _D) -> None:
         if not (0.0 < alpha <= 1.0):
             raise ScoringError(f"alpha must be in (0, 1], got {alpha!r}")
         if isinstance(penalty_windows, bool) or not isinstance(penalty_windows, int) or penalty_windows < 0:
             raise ScoringError(f"penalty_windows must be a non-negative int, got {penalty_windows!r}")
         self.alpha = float(alpha)
         self.penalty_windows = penalty_windows
+        self.params = params  # hop and stage weights; alpha and penalty above win over its copies
         self.window = 0
         self._miners: dict[str, _Miner] = {}
 
@@ -95,9 +110,15 @@ class ScoreBook:
             raise ScoringError(f"hotkey must be a non-empty string, got {hotkey!r}")
         return self._miners.setdefault(hotkey, _Miner())
 
-    def record_round(self, hotkey: str, round_id: int, hops: Mapping[str, int]) -> float:
+    @classmethod
+    def from_params(cls, params: IncentiveParams) -> "ScoreBook":
+        """A new book scoring with the run's incentive parameters."""
+        return cls(alpha=params.ema_alpha, penalty_windows=params.penalty_windows, params=params)
+
+    def record_round(self, hotkey: str, round_id: int, hops: Mapping[str, int],
+                     stage: Optional[int] = None) -> float:
         """Add a miner's completed hops for one round to the open window; returns its throughput."""
-        value = hop_throughput(hops)
+        value = hop_throughput(hops, self.params, stage)
         m = self._miner(hotkey)
         key = str(int(round_id))
         m.pending[key] = m.pending.get(key, 0.0) + value
@@ -114,7 +135,8 @@ class ScoreBook:
         m.history.last_failed_window = self.window
         m.audits[str(int(round_id))] = False
         m.ema = 0.0
-        m.penalty_until = self.window + self.penalty_windows
+        growth = self.params.penalty_growth ** min(m.history.failed - 1, 64)  # repeat offenders wait longer
+        m.penalty_until = self.window + int(min(self.penalty_windows * growth, 1_000_000))
         log.warning("audit failed: %s round %s (%s); score zeroed, penalty through window %d",
                     hotkey, round_id, reason or "no reason given", m.penalty_until)
 
@@ -201,12 +223,18 @@ class ScoreBook:
             raise
 
     @classmethod
-    def load(cls, path: str, alpha: float = 0.3, penalty_windows: int = 3) -> "ScoreBook":
-        """Load a saved book, or start a new one with these settings if the file does not exist."""
+    def load(cls, path: str, alpha: float = _D.ema_alpha, penalty_windows: int = _D.penalty_windows,
+             params: Optional[IncentiveParams] = None) -> "ScoreBook":
+        """Load a saved book, or start a new one if the file does not exist; `params` win when given."""
+        if params is not None:
+            alpha, penalty_windows = params.ema_alpha, params.penalty_windows
         if not os.path.exists(path):
-            return cls(alpha=alpha, penalty_windows=penalty_windows)
+            return cls(alpha=alpha, penalty_windows=penalty_windows, params=params or _D)
         with open(path) as f:
-            return cls.from_json(f.read())
+            book = cls.from_json(f.read())
+        if params is not None:  # the run's settings, not the ones the book was saved with
+            book.alpha, book.penalty_windows, book.params = alpha, penalty_windows, params
+        return book
 
 
 def compute_weights(
@@ -243,16 +271,21 @@ def choose_audits(
     rng: random.Random | None = None,
     fraction: float = 0.25,
     history: Mapping[str, AuditHistory] | None = None,
-    new_boost: float = 3.0,
-    failed_boost: float = 4.0,
-    new_threshold: int = 3,
+    new_boost: float = _D.new_boost,
+    failed_boost: float = _D.failed_boost,
+    new_threshold: int = _D.new_threshold,
+    params: Optional[IncentiveParams] = None,
 ) -> list[str]:
     """Pick miners to audit after a round: each with probability fraction x boost (capped at 1).
 
     Boost is `failed_boost` for a miner that ever failed an audit, `new_boost` for one with
     fewer than `new_threshold` passed audits, else 1. At least one miner is picked when any
     exist. rng None uses an OS-entropy seeded generator so nobody can predict the choice.
+    `params` (the run's incentives), when given, sets fraction and the boosts.
     """
+    if params is not None:
+        fraction, new_boost = params.audit_fraction, params.new_boost
+        failed_boost, new_threshold = params.failed_boost, params.new_threshold
     if not (0.0 < fraction <= 1.0):
         raise ScoringError(f"fraction must be in (0, 1], got {fraction!r}")
     history = history or {}

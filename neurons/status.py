@@ -28,6 +28,7 @@ class MinerStatus:
         self.last_hop_at: float | None = None
         self._applied: set = set()
         self.duplicate_steps = 0
+        self.listeners: list = []  # called as f(seconds, hop) per computed hop (metrics)
 
     def record_step(self, key: tuple) -> None:
         """Count an applied optimizer step; a (round, inner_step) applied twice is a bug we report."""
@@ -52,6 +53,8 @@ class MinerStatus:
             self.tokens += tokens
         if loss is not None:
             self.last_loss = loss
+        for listener in self.listeners:
+            listener(seconds, hop)
 
     def summary(self) -> dict:
         """Counters as a dict (also written to the status file the localnet reads)."""

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
         device=device, seed=args.seed)
     link = LinkEmulator(args.link_mbps, args.link_latency_ms)
     v = Validator(client, ObjectTransfer(link), chain, keypair, settings)
+    from neurons import metrics
+    metrics.serve(args.metrics_port, metrics.validator_registry(v))
     log.info("validator uid %d on netuid %d, bridge %s, run %s, device %s, resuming at round %d",
              uid, args.netuid, args.bridge_url, v.run.run_id, device, v.next_round)
 

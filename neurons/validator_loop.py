@@ -21,6 +21,7 @@ from neurons.scoring import ScoreBook, choose_audits, compute_weights
 from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
+from neurons.validator_publish import ReportPublisher, run_incentives
 from resbm.outer import OuterError
 
 __all__ = ["ValidatorSettings", "Validator"]
@@ -61,8 +62,10 @@ class Validator:
         self.client, self.transfer, self.chain, self.keypair = client, transfer, chain, keypair
         self.s = settings
         self.stop = threading.Event()
-        self.book = ScoreBook.load(settings.state_path + ".scores", alpha=settings.ema_alpha,
-                                   penalty_windows=settings.penalty_windows)
+        self.run = RunInfo.model_validate(client.get("/v1/run")).run
+        self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
+        self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
+        self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None
         meta = self._load_meta()
         self.next_round: int = meta.get("next_round", 0)
         self.pending_window: bool = meta.get("pending_window", False)
@@ -73,7 +76,6 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.settled: set = set()  # (round, stage) disputes this validator already answered
-        self.run = RunInfo.model_validate(client.get("/v1/run")).run
 
     # ----- persistence -----
     def _load_meta(self) -> dict:
@@ -140,7 +142,7 @@ class Validator:
                 log.info("round %d: %s did %d hops but left no pseudo-gradient in the merge set; no credit",
                          rnd, hk[:10], len(by_miner[hk]))
                 continue
-            self.book.record_round(hk, rnd, hop_counts(by_miner[hk]))
+            self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
         failed = check_round_merges(self.transfer, self.run, hoplog)
         for hk, reason in sorted(failed.items()):
@@ -148,13 +150,14 @@ class Validator:
             self.audits.verdicts.append((rnd, hk, False, reason))
             log.info("merge check of %s round %d: FAIL - %s", hk[:10], rnd, reason)
         self._report(rnd, failed)
-        chosen = choose_audits(miners, rng=self.rng, fraction=self.s.audit_fraction,
-                               history=self.book.audit_history()) if miners else []
+        chosen = choose_audits(miners, rng=self.rng, history=self.book.audit_history(),
+                               params=self.params) if miners else []
         for hk in chosen:
             settle_disputes(self.client, self.transfer, self.run, self.settled)  # stay responsive
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
+        self.publisher.round_done(rnd, self.book, self.audits.verdicts)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
 
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
@@ -211,7 +214,7 @@ class Validator:
             self.book.close_window()
             uid_scores = {mg.uid_of(hk): s for hk, s in self.book.scores().items() if mg.uid_of(hk) is not None}
             owner_uid = mg.uid_of(mg.owner_hotkey)
-            uids, weights = compute_weights(uid_scores, [n.uid for n in mg.neurons], owner_uid, self.s.burn_share)
+            uids, weights = compute_weights(uid_scores, [n.uid for n in mg.neurons], owner_uid, self.params.burn_share)
             self.pending_weights = [list(uids), list(weights)]
             self._save()
         uids, weights = self.pending_weights
@@ -222,8 +225,16 @@ class Validator:
             return False
         self.pending_weights = None
         self.weights_set += 1
+        self._weights_done(uids, weights)
         self.pending_window = False
         self._save()
         log.info("weights set at block %d (version %d, %d windows): %s", self.chain.current_block(),
                  self.run.version_key, self.book.window, " ".join(f"uid{u}={w:.4f}" for u, w in zip(uids, weights)))
         return True
+
+    def _weights_done(self, uids: list, weights: list) -> None:
+        """Remember the weights just set, count them in metrics and publish them to the dashboard."""
+        self.last_weights = dict(zip(uids, weights))
+        if self.on_weights is not None:
+            self.on_weights(uids, weights)
+        self.publisher.weights_set(self.next_round - 1, self.book, self.chain.metagraph(), uids, weights)

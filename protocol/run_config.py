@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.incentives import IncentiveParams
+
 __all__ = ["MAX_BYTES", "StrictModel", "RunConfig"]
 
 MAX_BYTES = 2**40
@@ -63,6 +65,8 @@ class RunConfig(StrictModel):
     audit_window_rounds: int = Field(default=4, ge=1, le=10_000,
                                      description="rounds whose objects are kept for audits")
     version_key: int = Field(default=1, ge=0, le=2**63 - 1, description="weights version key")
+    incentives: IncentiveParams = Field(default_factory=IncentiveParams,
+                                        description="scoring knobs every validator uses (docs/INCENTIVES.md)")
 
     @field_validator("model")
     @classmethod
@@ -77,6 +81,10 @@ class RunConfig(StrictModel):
         ms = self.model.get("n_stages")
         if ms is not None and ms != self.n_stages:
             raise ValueError(f"n_stages={self.n_stages} but model.n_stages={ms}: make them equal")
+        sw = self.incentives.stage_weights
+        if sw is not None and len(sw) != self.n_stages:
+            raise ValueError(f"incentives.stage_weights has {len(sw)} entries but n_stages="
+                             f"{self.n_stages}: give one weight per stage")
         return self
 
     @property

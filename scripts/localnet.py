@@ -92,7 +92,8 @@ def run_config_from_args(args: argparse.Namespace) -> dict:
                 warmup_steps=2, total_rounds=args.rounds, min_lr_ratio=0.1, outer_lr=args.outer_lr,
                 outer_momentum=args.outer_momentum, data_seed=args.seed, init_seed=args.seed,
                 lease_seconds=args.lease_seconds, max_object_bytes=64 * 2**20, max_state_bytes=1 << 30, max_attempts=5,
-                merge_timeout_seconds=30.0, audit_window_rounds=max(4, args.rounds + 1), version_key=1)
+                merge_timeout_seconds=30.0, audit_window_rounds=max(4, args.rounds + 1), version_key=1,
+                incentives={"audit_fraction": 1.0})  # a drill: audit every miner every round
 
 
 def _drills(args, cluster: Cluster, m: Metrics, done: set, bar) -> None:
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     try:
         cluster.start()
         client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        print(f"dashboard: {cluster.bridge_url}/ (live while the run lasts; Prometheus at {cluster.bridge_url}/metrics)",
+              flush=True)
         total = args.rounds * run_config["samples_per_round"]
         tty = sys.stderr.isatty()
         bar = tqdm(total=total, unit="sample", desc="training", dynamic_ncols=True, disable=not tty)

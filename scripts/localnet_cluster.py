@@ -109,7 +109,8 @@ class Cluster:
                 "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json")]))
         for i in range(self.validators):
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
-                "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction", "1.0"]))
+                "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction",
+                str(self.run_config.get("incentives", {}).get("audit_fraction", 0.5))]))
         for n in self.validator_procs + self.miners[:n_honest]:
             n.start()
         # Cheaters join one at a time once the honest replicas are placed, so the bridge's

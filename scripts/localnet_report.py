@@ -171,6 +171,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     _plot(png, losses, ref_curve, curve)
     report["loss_curve_png"] = str(png)
     report["loss_curve"] = [[round(t, 1), s, round(x, 4)] for t, s, x in losses]
+    report["dashboard_url"] = cluster.bridge_url + "/"
     report["ok"] = m.phase == "done" and report["val_loss_final"] is not None
     return report
 
@@ -214,3 +215,4 @@ def print_report(r: dict) -> None:
     for name, meaning in COLUMNS.items():
         print(f"  {name}: {meaning}")
     print(f"loss curves: {r['loss_curve_png']}")
+    print(f"dashboard (while the bridge ran): {r.get('dashboard_url', 'n/a')}")

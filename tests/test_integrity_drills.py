@@ -12,10 +12,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PAIRS = (("liar", "flip"), ("huge", "nan"), ("overwrite", "lazy"))
 ROUNDS = 4
-# Seed-to-seed spread of the honest runs' final validation loss at this size was 0.26-0.39%
-# (scripts/bench_integrity.py, docs/BENCHMARKS.md); a drill may differ from its honest twin of
-# the same seed by at most 3x that.
-LOSS_TOLERANCE = 0.012
+# At this size (4 rounds, 8.33 -> ~7.7 nats) the honest runs' seed-to-seed spread was 0.6% (R = 2)
+# and 2.0% (R = 3), and the drills' gaps to their honest twin -3.2% .. +3.3% (scripts/
+# bench_integrity.py, docs/BENCHMARKS.md). A subnet that stopped training stays at its initial
+# loss, 8% above its twin, and one turned around (the attack this guards against) higher still.
+LOSS_TOLERANCE = 0.05
 # `overwrite` tries to change what it reported after the fact; everything anyone reads is its
 # honest work, so there is nothing to punish and it is paid like an honest miner.
 PAID_ANYWAY = {"overwrite"}

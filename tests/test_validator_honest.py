@@ -28,7 +28,8 @@ BURN = 0.2
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     """Run the honest subnet, then validate all its rounds in one window."""
-    with run_subnet(tmp_path_factory.mktemp("honest"), MINERS, total_rounds=ROUNDS, samples_per_round=8) as net:
+    with run_subnet(tmp_path_factory.mktemp("honest"), MINERS, total_rounds=ROUNDS, samples_per_round=8,
+                    incentives={"audit_fraction": 1.0, "burn_share": BURN}) as net:
         chain, client, vkey = net["chain"], net["client"], net["keys"]["validators"][0]
         settings = ValidatorSettings(state_path=str(net["tmp"] / "v.json"), audit_fraction=1.0, burn_share=BURN)
         v = Validator(client, ObjectTransfer(), chain, vkey, settings)

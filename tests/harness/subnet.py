@@ -63,7 +63,7 @@ class Scenario:
         cfg = dict(run_id="scenario", model=tiny_model(self.stages), n_stages=self.stages, batch_size=2,
                    micro_batches_per_step=2, inner_steps_per_round=2,
                    samples_per_round=self.samples_per_replica * self.replicas,
-                   muon_lr=0.02, adamw_lr=3e-3, warmup_steps=0, total_rounds=self.rounds,
+                   muon_lr=0.05, adamw_lr=1e-2, warmup_steps=0, total_rounds=self.rounds,
                    data_seed=self.seed, init_seed=self.seed + 100, lease_seconds=5.0,
                    max_object_bytes=2**20, merge_timeout_seconds=30.0, vote_timeout_seconds=15.0,
                    arbitration_timeout_seconds=30.0, max_attempts=5, audit_window_rounds=8)

@@ -1,0 +1,49 @@
+"""What a validator publishes to the bridge for the owner's dashboard: audit verdicts, scores, weights.
+
+The bridge stores the latest report of each validator (signed, validator permit required) and
+shows it on its read-only dashboard; nothing here feeds back into routing or scoring.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from pydantic import Field, field_validator
+
+from protocol.run_config import StrictModel
+
+__all__ = ["AuditVerdict", "ValidatorReport", "MAX_VERDICTS"]
+
+MAX_VERDICTS = 1024
+
+
+class AuditVerdict(StrictModel):
+    """One audit of one miner's round."""
+
+    round: int = Field(ge=0, le=2**62)
+    hotkey: str = Field(min_length=1, max_length=64)
+    passed: bool
+    reason: str = Field(default="", max_length=512)
+
+
+class ValidatorReport(StrictModel):
+    """POST /v1/validator/report: the validator's view after a round or a weight set."""
+
+    round: int = Field(ge=-1, le=2**62, description="last round processed (-1: none yet)")
+    window: int = Field(ge=0, le=2**62, description="score windows closed so far")
+    verdicts: list[AuditVerdict] = Field(default_factory=list, max_length=MAX_VERDICTS,
+                                         description="audits since the previous report")
+    scores: dict[str, float] = Field(default_factory=dict, max_length=100_000,
+                                     description="hotkey -> smoothed score")
+    weights: Optional[dict[str, float]] = Field(
+        default=None, max_length=100_000, description="hotkey -> weight of the last set (None: unchanged)")
+
+    @field_validator("scores", "weights")
+    @classmethod
+    def _finite(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for k, x in (v or {}).items():
+            if not 0 < len(k) <= 64:
+                raise ValueError(f"bad hotkey {k!r}")
+            if not math.isfinite(x) or x < 0:
+                raise ValueError(f"value for {k} must be finite and >= 0, got {x!r}")
+        return v

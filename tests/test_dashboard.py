@@ -1,0 +1,130 @@
+"""The owner's console on a real bridge: `/metrics` read by Prometheus' own text parser, the
+dashboard JSON against the signed metrics, and the signed validator-report route."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.console_store import ConsoleStore
+from bridge.dashboard_history import busy_seconds, summarise_round
+from bridge.records import Hop
+from protocol.client import BridgeError, SignedClient
+from protocol.console import ValidatorReport
+from tests.servers import make_chain, start_bridge, tiny_run_config
+
+LEASE = {"max_hops": 1, "fwd_out_bytes": 64, "bwd_out_bytes": 64}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, s3_server):
+    d = tmp_path_factory.mktemp("console")
+    _, keys = make_chain(d / "chain.db", miners=2, validators=1)
+    b = start_bridge(d, tiny_run_config(model={"d_model": 32, "n_stages": 2, "seq_len": 8}), d / "chain.db",
+                     s3_server)
+    miners = [SignedClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
+    for c in miners:
+        c.post("/v1/miners/register", {})
+    for _ in range(2):  # two verified forward hops on stage 0
+        hop = miners[0].post("/v1/hops/lease", LEASE)["hops"][0]
+        data = os.urandom(64)
+        assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
+        miners[0].post("/v1/hops/done", {"hop_id": hop["hop_id"], "size": 64,
+                                         "sha256": hashlib.sha256(data).hexdigest()})
+    val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
+    yield b, keys, miners, val
+    b.stop()
+
+
+def _scrape(url: str) -> dict[str, dict[tuple, float]]:
+    text = httpx.get(url + "/metrics").text
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_prometheus_scrape_matches_the_signed_metrics(env):
+    b, keys, miners, val = env
+    m = val.get("/v1/metrics")
+    prom = _scrape(b.url)
+    hk0 = keys["miners"][0].ss58_address
+    assert prom["resbm_bridge_stage_hops_total"][(("stage", "0"),)] == m["stages"][0]["hops_done"] == 2
+    assert prom["resbm_bridge_stage_bytes_total"][(("stage", "0"),)] == m["stages"][0]["bytes_moved"]
+    assert prom["resbm_bridge_miner_hops_total"][(("hotkey", hk0), ("stage", "0"))] == 2
+    assert prom["resbm_bridge_round"][(("run_id", "test-run"),)] == m["round"]
+    assert prom["resbm_bridge_phase"][(("phase", m["phase"]),)] == 1.0
+    assert prom["resbm_bridge_hop_seconds_count"][(("kind", "fwd"), ("stage", "0"))] == 2
+    assert prom["resbm_bridge_hop_output_bytes_sum"][(("kind", "fwd"), ("stage", "0"))] == 128
+    assert prom["resbm_bridge_stage_merges_total"][(("stage", "0"),)] == 0  # nothing merged yet
+    replicas = prom["resbm_bridge_stage_replicas"]
+    assert sum(replicas.values()) == sum(s["replicas"] for s in m["stages"]) == 2
+
+
+def test_dashboard_page_and_json_are_public_and_match(env):
+    b, keys, _, val = env
+    page = httpx.get(b.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="miners"' in page.text and "v1/dashboard" in page.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "the page must work offline (no CDN)"
+    d = httpx.get(b.url + "/v1/dashboard").json()
+    m = val.get("/v1/metrics")
+    assert (d["run_id"], d["round"], d["phase"]) == (m["run_id"], m["round"], m["phase"])
+    assert {x["hotkey"]: x["hops"] for x in d["miners"]} == {x["hotkey"]: x["hops_done"] for x in m["miners"]}
+    assert d["bytes"]["moved"] == sum(s["bytes_moved"] for s in m["stages"])
+    assert d["bytes"]["uncompressed"] == 2 * 1 * 8 * 32 * 2  # 2 hop objects of B x T x d bf16
+    assert d["incentives"]["burn_share"] == 0.1
+
+
+def test_validator_report_is_signed_stored_and_shown(env):
+    b, keys, miners, val = env
+    hk0, hk1 = keys["miners"][0].ss58_address, keys["miners"][1].ss58_address
+    report = ValidatorReport(round=0, window=1, scores={hk0: 4.0, hk1: 0.0},
+                             verdicts=[{"round": 0, "hotkey": hk0, "passed": True},
+                                       {"round": 0, "hotkey": hk1, "passed": False, "reason": "bad output"}],
+                             weights={hk0: 0.9, keys["owner"][0].ss58_address: 0.1})
+    with pytest.raises(BridgeError) as e:
+        miners[0].post("/v1/validator/report", report)  # no validator permit
+    assert e.value.status == 403
+    with pytest.raises(BridgeError) as e:
+        val.post("/v1/validator/report", {"round": 0, "window": 0, "scores": {hk0: float("inf")}})
+    assert e.value.status == 400
+    assert httpx.post(b.url + "/v1/validator/report", json=report.model_dump()).status_code == 401
+    val.post("/v1/validator/report", report)
+    time.sleep(1.1)  # the JSON is cached for a second
+    d = httpx.get(b.url + "/v1/dashboard").json()
+    rows = {x["hotkey"]: x for x in d["miners"]}
+    assert rows[hk0]["weight"] == 0.9 and rows[hk0]["score"] == 4.0 and rows[hk0]["audits_passed"] == 1
+    assert rows[hk1]["audits_failed"] == 1 and rows[hk1]["last_audit"]["reason"] == "bad output"
+    assert d["owner"]["weight"] == 0.1
+    prom = _scrape(b.url)
+    assert prom["resbm_bridge_audits_total"][(("hotkey", hk1), ("verdict", "fail"))] == 1
+    assert prom["resbm_bridge_validator_reports_total"][()] == 1
+
+
+def test_console_store_survives_restart_and_corruption(tmp_path):
+    path = str(tmp_path / "console.json")
+    s = ConsoleStore(path)
+    s.add("v", ValidatorReport(round=3, window=2, verdicts=[{"round": 3, "hotkey": "m", "passed": False}]), 1.0)
+    again = ConsoleStore(path).snapshot()
+    assert again["audits"]["m"]["failed"] == 1 and again["validators"]["v"]["round"] == 3
+    (tmp_path / "console.json").write_text("{not json")
+    assert ConsoleStore(path).snapshot()["audits"] == {}
+    assert list(tmp_path.glob("console.json.corrupt-*")), "the unreadable file was not kept aside"
+
+
+def test_round_summary_counts_overlapping_leases_once():
+    assert busy_seconds([(0, 2), (1, 3), (5, 6), (4, 4)]) == 4.0
+    hops = [Hop("a", 0, 0, 0, "fwd", leased_to="x", leased_at=0, done_at=2),
+            Hop("b", 1, 0, 1, "fwdbwd", leased_to="y", leased_at=1, done_at=4, loss=2.0),
+            Hop("c", 2, 0, 1, "fwdbwd", leased_to="y", leased_at=2, done_at=3, loss=4.0)]
+    s = summarise_round(0, hops)
+    assert s["loss"] == 3.0 and s["seconds"] == 4.0
+    assert s["miners"]["x"] == {"hops": 1, "compute_fraction": 0.5}
+    assert s["miners"]["y"] == {"hops": 2, "compute_fraction": 0.75}
