@@ -67,6 +67,8 @@ class Miner:
     disagreements: int = 0
     round_samples: int = 0          # backwards verified in this round since the last (re-)registration
     quarantined_until: int = -1     # no work and no merge before this round (a failed audit)
+    device_class: str = "cpu"       # declared at registration: audits replay like for like
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -108,6 +110,8 @@ class Hop:
     out_sha: Optional[str] = None
     loss: Optional[float] = None
     done_at: float = 0.0
+    device_class: str = "cpu"       # the leasing miner's declared numerics, for the audit
+    compute_dtype: str = "float32"
     note: str = ""
 
 
