@@ -31,6 +31,10 @@ cos 0.998, norm ratio within 0.05, loss 0.02 + 1e-2 x |loss|; the pseudo-gradien
 0.25 and cos 0.95 (~4x the honest bf16 spread, 2.8x below a one-step stale miner): the
 pseudo-gradient is the robust check for skipped steps, the hops for fabricated outputs.
 Re-measure on the target GPUs and model size before mainnet: drift grows with inner steps.
+These constants are now only the fallback: miners declare their numerics, validators replay like
+for like, and the run config's calibrated `audit_tolerances` (scripts/calibrate_audit.py,
+neurons/audit_tolerances.py) judge each stage and hop kind; on an H200 at d 1024 the honest
+like-for-like spread reaches 0.20 on a middle stage's input gradient (docs/BENCHMARKS.md).
 Re-measured on the same setup for the default boundary, resbm/postnorm with token re-injection
 (tests/test_audit.py's config, 40 data seeds x 3 inner steps; old default resbm/normed in brackets):
 worst hop rel err 0.019 / 0.027 / 0.035 on stages 0 / 1 / 2 (0.007 / 0.005 / 0.041), median ~0.005
