@@ -19,6 +19,7 @@ from neurons.cli import base_parser, load_keypair, open_chain, parse_args, setup
 from neurons.transfer import LinkEmulator, ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.client import SignedClient, fetch_receiver_hotkey
+from resbm.train import pick_device
 
 __all__ = ["main"]
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         state_path=args.state_path, audit_fraction=getattr(args, "audit.fraction"),
         audit_max_seconds=getattr(args, "audit.max_seconds"), burn_share=args.burn_share,
         ema_alpha=args.ema_alpha, penalty_windows=args.penalty_windows, poll_seconds=args.poll_seconds,
-        device="cpu" if args.device == "auto" else args.device, seed=args.seed)
+        device=str(pick_device(args.device)), seed=args.seed)  # auto: CUDA when present (like-for-like GPU replays)
     link = LinkEmulator(getattr(args, "link.mbps"), getattr(args, "link.latency_ms"))
     v = Validator(client, ObjectTransfer(link), chain, keypair, settings)
     metrics.serve(getattr(args, "metrics.port"), metrics.validator_registry(v))
