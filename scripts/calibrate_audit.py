@@ -55,6 +55,7 @@ CHEATS, Cheat = _load_hop_cheats()
 
 SIZES = {
     "tiny": dict(d_model=64, n_layers=4, n_heads=4, seq_len=32, n_stages=4, bottleneck_dim=8),
+    "micro": dict(d_model=32, n_layers=2, n_heads=2, seq_len=16, n_stages=2, bottleneck_dim=4),  # tests
     "standard": dict(d_model=1024, n_layers=8, n_heads=16, seq_len=512, n_stages=4),
 }
 MEASURE = Tolerances(rel_err=math.inf, min_cosine=-math.inf, norm_ratio=math.inf, loss_abs=math.inf,

@@ -106,3 +106,19 @@ def test_replay_uses_the_tolerance_of_each_hop_kind():
     assert replay_round(make, theta, [rec], settings, tolerances=loose).passed
     assert replay_round(make, theta, [rec], settings, tolerances=tight).failed
     assert torch.equal(out, miner.forward(1, tokens))  # the miner is deterministic on CPU
+
+
+def test_calibration_end_to_end_on_a_tiny_cpu_model(tmp_path):
+    from scripts.calibrate_audit import main
+    out = tmp_path / "tol.yaml"
+    summary = main(["--size", "micro", "--device", "cpu", "--rounds", "2", "--inner-steps", "1", "--micro", "2",
+                    "--batch", "1", "--pretrain-steps", "2", "--cheat-rounds", "1", "--miner-dtype", "bfloat16",
+                    "--replay-dtype", "float32", "--out", str(out)])
+    # 2 samples (copy needs an earlier hop to copy), each: stage 0 fwd, stage 1 fwdbwd (stage 0 bwd
+    # uploads nothing); one pseudo-gradient per stage and round
+    assert summary["classes"]["cpu/float32"]["hops"] == 2 * (2 * 2 + 2)
+    assert {k: v["caught"] for k, v in summary["cheats"].items()} == {k: 2 for k in
+                                                                       ("random", "stale", "copy", "lazy", "phantom")}
+    entries = [AuditTolerance(**e) for e in yaml.safe_load(out.read_text())["audit_tolerances"]]
+    assert {(e.miner, e.replay) for e in entries} == {("cpu/bfloat16", "cpu/float32")}
+    assert {(e.stage, e.kind) for e in entries} >= {(0, "fwd"), (1, "fwdbwd"), (0, "pseudograd"), (1, "pseudograd")}
