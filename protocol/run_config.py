@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.audit_tolerances import AuditTolerance
+from protocol.dataset import DatasetRef
 from protocol.incentives import IncentiveParams
 
 __all__ = ["MAX_BYTES", "StrictModel", "RunConfig"]
@@ -55,6 +56,8 @@ class RunConfig(StrictModel):
     quarantine_rounds: int = Field(default=4, ge=0, le=1_000_000,
                                    description="rounds a miner sits out after a failed audit")
     data_seed: int = Field(ge=0, le=2**63 - 1)
+    dataset: DatasetRef | None = Field(
+        default=None, description="the dataset's manifest (URL or bucket key) + sha256; None: the shipped corpus")
     init_seed: int = Field(ge=0, le=2**63 - 1)
     lease_seconds: float = Field(default=60.0, gt=0, le=86_400, description="hop lease length")
     max_object_bytes: int = Field(default=64 * 2**20, ge=1, le=MAX_BYTES,
