@@ -125,7 +125,8 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
         replay_dev, replay_dtype = replay_numerics(declared, device)
         tolerances = stage_tolerances(run.audit_tolerances, declared, (replay_dev, replay_dtype), stage)
         audit_records = _to_audit_records(transfer, part, shape, cfg.wire_codec)
-        replayer = worker_for_run(run, stage, replay_dev, torch_dtype(replay_dtype))
+        same = worker.device == torch.device(replay_dev) and worker.dtype == torch_dtype(replay_dtype)
+        replayer = worker if same else worker_for_run(run, stage, replay_dev, torch_dtype(replay_dtype))
         report = replay_round(lambda: replayer, theta, audit_records, settings, max_seconds=max_seconds - spent,
                               claimed_pseudo_grad=claimed, tolerances=tolerances)
         spent += report.seconds
