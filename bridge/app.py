@@ -239,7 +239,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                   f"{msg.PROTOCOL_VERSION}, got {req.protocol_version}")
 
         def tx(st: Any, now: float, rng: Any) -> tuple:
-            m = state.register(st, caller, now, rng)
+            m = state.register(st, caller, now, rng, (req.device_class, req.compute_dtype))
             return copy.copy(m), st.round, st.phase, copy.copy(st.stage_states[m.stage])
         m, rnd, phase, ss = await svc.apply_async(tx)
         return _json(msg.Assignment(hotkey=caller, stage=m.stage, round=rnd,

@@ -71,6 +71,8 @@ class Miner:
     quarantined_until: int = -1     # no work and no merge before this round (a failed audit)
     bad_outputs: int = 0            # outputs the bridge proved wrong (sha, shape, NaN): charged
     false_claims: int = 0           # bad-input claims the bridge disproved: charged
+    device_class: str = "cpu"       # declared at registration: audits replay like for like
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -112,6 +114,8 @@ class Hop:
     out_sha: Optional[str] = None
     loss: Optional[float] = None
     done_at: float = 0.0
+    device_class: str = "cpu"       # the leasing miner's declared numerics, for the audit
+    compute_dtype: str = "float32"
     note: str = ""
     avoid: list[str] = field(default_factory=list)  # replicas charged on this work: not again
 

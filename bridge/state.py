@@ -55,8 +55,10 @@ def tick(st: State, now: float, rng: random.Random) -> None:
         rounds.maybe_freeze(st, now)
 
 
-def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
-    """Assign a stage (new miner) or keep it (rejoin: in-flight work released, graphs dropped)."""
+def register(st: State, hotkey: str, now: float, rng: random.Random,
+             numerics: tuple[str, str] = ("cpu", "float32")) -> Miner:
+    """Assign a stage (new miner) or keep it (rejoin: in-flight work released, graphs dropped);
+    `numerics` is the declared (device class, compute dtype)."""
     m = st.miners.get(hotkey)
     if m is not None:
         if st.healthy(m, now) and now - m.last_seen < st.tun.health_timeout / 4:
@@ -65,6 +67,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
                         "other's stage and leases; run one process per hotkey", hotkey,
                         now - m.last_seen)
         m.epoch += 1
+        m.device_class, m.compute_dtype = numerics
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
@@ -75,7 +78,8 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
     stage = choose_stage(st, now)
     peers = [p.throughput for p in st.stage_miners(stage)]
     m = Miner(hotkey=hotkey, stage=stage, registered_at=now, last_seen=now, round=st.round,
-              throughput=sum(peers) / len(peers) if peers else 1.0)
+              throughput=sum(peers) / len(peers) if peers else 1.0,
+              device_class=numerics[0], compute_dtype=numerics[1])
     st.miners[hotkey] = m
     st.touch("miner", hotkey, m)
     log.info("miner %s registered on stage %d", hotkey, stage)
@@ -186,6 +190,7 @@ def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
     hop.status, hop.leased_to, hop.assigned_to = "leased", m.hotkey, m.hotkey
     hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
     hop.inner_step, hop.epoch = m.inner_step, m.epoch
+    hop.device_class, hop.compute_dtype = m.device_class, m.compute_dtype
     hop.out_key = output_key(st, hop)
     hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == "fwd" else bwd_bytes)
     st.place(hop)

@@ -52,7 +52,8 @@ def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
                          act_in=_obj(hop.act_in, get_url, ttl),
                          grad_in=_obj(hop.grad_in, get_url, ttl),
                          output=_obj(out, get_url, ttl), loss=hop.loss,
-                         leased_at=hop.leased_at, done_at=hop.done_at)
+                         leased_at=hop.leased_at, done_at=hop.done_at,
+                         device_class=hop.device_class, compute_dtype=hop.compute_dtype)
 
 
 def metrics(st: State, now: float) -> msg.Metrics:

@@ -59,7 +59,8 @@ class Miner:
     # ----- setup -----
     def register(self) -> Assignment:
         """Register with the bridge, build the stage and load the round's weights."""
-        a = Assignment.model_validate(self.client.post("/v1/miners/register", RegisterRequest()))
+        a = Assignment.model_validate(self.client.post("/v1/miners/register", RegisterRequest(
+            device_class=torch.device(self.device).type, compute_dtype=str(self.dtype).removeprefix("torch."))))
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
         dataset = data.open_run_dataset(run.dataset, self.client.base_url)  # fetches the manifest

@@ -14,6 +14,7 @@ from protocol.messages import HopLog, HopRecord as WireRecord, ObjectRef, RunCon
 from resbm import outer
 from resbm.config import ModelConfig
 from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
+from neurons.audit_tolerances import record_numerics, replay_numerics, stage_tolerances, torch_dtype
 from neurons.hop_io import BadInput, fetch_code
 from neurons.merge_compute import fetch_state
 from neurons.stage_worker import worker_for_run
@@ -70,7 +71,10 @@ def _to_audit_records(transfer: ObjectTransfer, records: list[WireRecord], shape
 
 def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: str,
                 device: str = "cpu", max_seconds: float = 60.0) -> AuditReport:
-    """Replay `hotkey`'s round from public data; raises ClaimError for claims that fail outright."""
+    """Replay `hotkey`'s round from public data; raises ClaimError for claims that fail outright.
+
+    Each epoch replays in the numerics the miner declared when this validator's `device` allows
+    (neurons.audit_tolerances), judged by the run's calibrated tolerances for that pair."""
     records = [r for r in log.records if r.miner_hotkey == hotkey]
     if not records:
         raise ClaimError("no hops to audit")
@@ -114,9 +118,17 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
             if item.samples != 0 or any(bool(t.any()) for t in claimed.values()):
                 raise ClaimError(f"epoch {epoch} did no hops but reported a pseudo-gradient over {item.samples} samples")
             continue
+        try:
+            declared = record_numerics(part)
+        except ValueError as exc:
+            raise ClaimError(str(exc)) from exc
+        replay_dev, replay_dtype = replay_numerics(declared, device)
+        tolerances = stage_tolerances(run.audit_tolerances, declared, (replay_dev, replay_dtype), stage)
         audit_records = _to_audit_records(transfer, part, shape, cfg.wire_codec)
-        report = replay_round(lambda: worker, theta, audit_records, settings, max_seconds=max_seconds - spent,
-                              claimed_pseudo_grad=claimed)
+        same = worker.device == torch.device(replay_dev) and worker.dtype == torch_dtype(replay_dtype)
+        replayer = worker if same else worker_for_run(run, stage, replay_dev, torch_dtype(replay_dtype))
+        report = replay_round(lambda: replayer, theta, audit_records, settings, max_seconds=max_seconds - spent,
+                              claimed_pseudo_grad=claimed, tolerances=tolerances)
         spent += report.seconds
         if not report.passed:
             break

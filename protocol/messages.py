@@ -26,6 +26,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Vote",
     "HopKind",
+    "DeviceClass",
+    "ComputeDtype",
     "LeaseAction",
     "FailReason",
     "Phase",
@@ -153,10 +155,18 @@ class StateRef(_Model):
                                 description="other voters' copies of the same bytes, if `url` fails")
 
 
+DeviceClass = Literal["cpu", "cuda", "mps"]
+"""Where a miner computes; validators replay in the same class when they can (docs/AUDIT.md)."""
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+"""A miner's compute dtype (float32, or bf16 / fp16 autocast with fp32 weights)."""
+
+
 class RegisterRequest(_Model):
-    """POST /v1/miners/register."""
+    """POST /v1/miners/register; the miner declares its numerics so audits replay like for like."""
 
     protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
+    device_class: DeviceClass = "cpu"
+    compute_dtype: ComputeDtype = "float32"
 
 
 class LeaveRequest(_Model):
@@ -416,6 +426,8 @@ class HopRecord(_Model):
     loss: Optional[float] = None
     leased_at: float = Field(ge=0)
     done_at: float = Field(ge=0)
+    device_class: DeviceClass = Field(default="cpu", description="the miner's declared device class")
+    compute_dtype: ComputeDtype = Field(default="float32", description="the miner's declared compute dtype")
 
 
 class Vote(_Model):

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.audit_tolerances import AuditTolerance
 from protocol.dataset import DatasetRef
 from protocol.incentives import IncentiveParams
 
@@ -70,6 +71,10 @@ class RunConfig(StrictModel):
     version_key: int = Field(default=1, ge=0, le=2**63 - 1, description="weights version key")
     incentives: IncentiveParams = Field(default_factory=IncentiveParams,
                                         description="scoring knobs every validator uses (docs/INCENTIVES.md)")
+    audit_tolerances: list[AuditTolerance] = Field(
+        default_factory=list, max_length=4096,
+        description="calibrated replay-audit thresholds (scripts/calibrate_audit.py writes them); "
+        "hops no entry covers use neurons.audit.DEFAULT_TOLERANCES")
 
     @field_validator("model")
     @classmethod
@@ -94,3 +99,4 @@ class RunConfig(StrictModel):
     def total_steps(self) -> int:
         """Inner optimizer steps over the whole run (for the lr schedule)."""
         return self.total_rounds * self.inner_steps_per_round
+

@@ -205,3 +205,18 @@ def test_samples_are_minted_in_chunks_and_all_complete(monkeypatch):
     restored = State(run=st.run)
     restored.load_meta(json.loads(json.dumps(st.meta_dict())))
     assert restored.minted == 10
+
+
+def test_declared_numerics_are_stamped_on_every_leased_hop_and_follow_a_rejoin():
+    from bridge import views
+    st, rng = make(2), random.Random(0)
+    state.register(st, "a", 0.0, rng, ("cuda", "bfloat16"))
+    state.register(st, "b", 0.0, rng)
+    _, hops, _ = lease(st, "a", 1.0, rng)
+    do_hop(st, "a", hops[0], 1.5, rng)
+    rec = views.hop_record(st.hops[hops[0].hop_id], lambda key, ttl: f"http://s/{key}", 60.0)
+    assert (rec.device_class, rec.compute_dtype) == ("cuda", "bfloat16")
+    state.register(st, "a", 2.0, rng, ("cpu", "float32"))  # restarted on another device
+    _, hops, _ = lease(st, "a", 3.0, rng)
+    assert (hops[0].device_class, hops[0].compute_dtype) == ("cpu", "float32")
+    assert (st.miners["b"].device_class, st.miners["b"].compute_dtype) == ("cpu", "float32")
