@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 
-from resbm.outer import nesterov_step
-from resbm.robust_merge import MergeParams, robust_merge, screen
+from resbm.outer import _global_norm, nesterov_step
+from resbm.robust_merge import MergeParams, capped_weights, lower_median, screen
 from resbm.shards import ShardLayout, put, take
 from resbm.sync_codec import Codec, roundtrip
 
@@ -42,14 +44,50 @@ class ShardMerge:
     excluded: list[tuple[int, str]] = field(default_factory=list)
 
 
+COLUMNS = 1 << 18  # values merged at once: bounds the sort's working memory, not the result
+
+
 def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_ref: float | None,
                 p: MergeParams, out_codec: Codec) -> ShardMerge:
-    """Screen and robustly merge (samples, decoded shard vector or None) items of length n."""
+    """Screen and robustly merge (samples, decoded shard vector or None) items of length n.
+
+    Same rules and arithmetic as resbm.robust_merge.robust_merge on a one-tensor dict, but the
+    per-coordinate part runs over column chunks, so the sort never holds more than
+    R x COLUMNS values beside the items."""
     sc = screen([(s, None if v is None else {"v": v}) for s, v in items], {"v": (n,)})
     if not sc.kept:
         return ShardMerge(None, prev_ref, [], sc.excluded)
-    merged, ref = robust_merge([(s, d) for _, s, d in sc.kept], prev_ref, p)
-    return ShardMerge(roundtrip(merged["v"], out_codec), ref, [i for i, _, _ in sc.kept], sc.excluded)
+    vecs = [d["v"] for _, _, d in sc.kept]
+    r = len(vecs)
+    norms = [_global_norm({"v": v}) for v in vecs]
+    ref = lower_median(norms)
+    if prev_ref is not None and math.isfinite(prev_ref) and prev_ref > 0:
+        ref = max(ref, float(torch.tensor(p.ref_floor * prev_ref, dtype=torch.float32)))
+    bound = (p.clip_factor if r >= 3 else 1.0) * ref
+    for j, nrm in enumerate(norms):
+        if nrm > bound and nrm > 0:
+            vecs[j] = vecs[j] * torch.tensor(bound / nrm, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32)
+    if r >= 3:
+        trim = min(max(1, int(math.floor(r * p.trim_fraction))), (r - 1) // 2)
+        keep = r - 2 * trim
+        k_t = torch.tensor(float(keep), dtype=torch.float32)
+        for a in range(0, n, COLUMNS):
+            ordered = torch.sort(torch.stack([v[a:a + COLUMNS] for v in vecs]), dim=0).values
+            acc = ordered[trim].clone()
+            for j in range(trim + 1, trim + keep):
+                acc = acc + ordered[j]
+            out[a:a + COLUMNS] = acc / k_t
+    else:
+        weights = capped_weights([s for _, s, _ in sc.kept])
+        total = sum(weights)
+        ws = [torch.tensor(w / total, dtype=torch.float32) for w in weights]
+        for a in range(0, n, COLUMNS):
+            acc = torch.zeros(min(COLUMNS, n - a), dtype=torch.float32)
+            for v, w in zip(vecs, ws):
+                acc = acc + v[a:a + COLUMNS] * w
+            out[a:a + COLUMNS] = acc
+    return ShardMerge(roundtrip(out, out_codec), float(ref), [i for i, _, _ in sc.kept], sc.excluded)
 
 
 def zero_momentum(theta: Mapping[str, torch.Tensor]) -> Tensors:

@@ -94,6 +94,16 @@ def test_one_shard_equals_the_global_merge_and_outer_step_bit_for_bit():
     assert all(torch.equal(th[n], want[n]) for n in SHAPES)
 
 
+@pytest.mark.parametrize("r", [2, 3, 5])
+def test_column_chunked_merge_equals_robust_merge_bit_for_bit(monkeypatch, r):
+    import resbm.shard_merge as sm
+    monkeypatch.setattr(sm, "COLUMNS", 100)  # many chunks, a ragged last one
+    items = [(10 + i, {"v": take(honest(i), 0, 1300) * (1 + 3 * i)}) for i in range(r)]
+    want, ref = robust_merge(items, 0.5, P)
+    got = sm.merge_shard([(s, d["v"]) for s, d in items], 1300, 0.5, P, FP32)
+    assert got.ref == ref and torch.equal(got.merged, want["v"])
+
+
 def test_many_shards_without_clipping_equal_the_global_step():
     # R = 2, identical items: no clip triggers on any shard, so sharding changes nothing
     items = [(10, honest(0)), (10, {n: t.clone() for n, t in honest(0).items()})]
