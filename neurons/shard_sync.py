@@ -140,8 +140,9 @@ class ReplicaSync:
             return None, f"undecodable: {exc}"[:300]
 
     def merge_one(self, rnd: int, s: int, rng: tuple[int, int], pieces: Sequence[Piece],
-                  prev_ref: float | None) -> MergedShard:
-        """Download, merge, encode and upload shard `s`; returns the vote."""
+                  prev_ref: float | None, upload: bool = True) -> MergedShard:
+        """Download, merge, encode and (unless a validator recomputes) upload shard `s`; returns
+        the vote (the empty object's sha256 when nothing was usable: keep the shard)."""
         n = rng[1] - rng[0]
         got = [self._piece(rnd, p, s, n) for p in pieces]
         sm: ShardMerge = merge_shard([(p.samples, v) for p, (v, _) in zip(pieces, got)], n, prev_ref,
@@ -151,7 +152,7 @@ class ReplicaSync:
         blob = encode(sm.merged, self.cfg.merged) if sm.merged is not None else b""  # b"": keep
         sha = hashlib.sha256(blob).hexdigest()
         key = merged_key(self.prefix, rnd, self.stage, s, self.hotkey, sha)
-        if blob:
+        if blob and upload:
             self.transfer.put(self.board.put_url(key, len(blob)), blob)
         return MergedShard(sha, key, sm.merged, sm.ref, excluded)
 
