@@ -174,7 +174,8 @@ def run_variant(v: Variant, cfg: ModelConfig, corpus, val, r: int, h: int, steps
 def main(argv: list[str] | None = None) -> list[dict]:
     """CLI: run the variants, print the table, write JSON."""
     p = argparse.ArgumentParser(prog="bench_sync_loss", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=120, help="inner steps per replica (multiple of H)")
+    p.add_argument("--steps", type=int, default=None, help="inner steps per replica (multiple of H; "
+                   "default 120, 8 with --tiny)")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--inner", type=int, default=4, help="H (the localnet's)")
     p.add_argument("--outer-lr", type=float, default=0.7)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     cfg = ModelConfig.preset("tiny" if a.tiny else "bench")
     batch = 2 if a.tiny else 32
-    steps = 8 if a.tiny else a.steps
+    steps = a.steps or (8 if a.tiny else 120)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     corpus = data.load(None)
