@@ -44,7 +44,7 @@ class ShardMerge:
     excluded: list[tuple[int, str]] = field(default_factory=list)
 
 
-COLUMNS = 1 << 18  # values merged at once: bounds the sort's working memory, not the result
+COLUMNS = 1 << 20  # values (over all replicas) sorted at once: bounds the sort's working memory
 
 
 def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_ref: float | None,
@@ -52,8 +52,8 @@ def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_r
     """Screen and robustly merge (samples, decoded shard vector or None) items of length n.
 
     Same rules and arithmetic as resbm.robust_merge.robust_merge on a one-tensor dict, but the
-    per-coordinate part runs over column chunks, so the sort never holds more than
-    R x COLUMNS values beside the items."""
+    per-coordinate part runs over column chunks, so the sort never holds more than COLUMNS
+    values (plus their int64 indices) beside the items."""
     sc = screen([(s, None if v is None else {"v": v}) for s, v in items], {"v": (n,)})
     if not sc.kept:
         return ShardMerge(None, prev_ref, [], sc.excluded)
@@ -68,25 +68,26 @@ def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_r
         if nrm > bound and nrm > 0:
             vecs[j] = vecs[j] * torch.tensor(bound / nrm, dtype=torch.float32)
     out = torch.empty(n, dtype=torch.float32)
+    cols = max(1, COLUMNS // r)
     if r >= 3:
         trim = min(max(1, int(math.floor(r * p.trim_fraction))), (r - 1) // 2)
         keep = r - 2 * trim
         k_t = torch.tensor(float(keep), dtype=torch.float32)
-        for a in range(0, n, COLUMNS):
-            ordered = torch.sort(torch.stack([v[a:a + COLUMNS] for v in vecs]), dim=0).values
+        for a in range(0, n, cols):
+            ordered = torch.sort(torch.stack([v[a:a + cols] for v in vecs]), dim=0).values
             acc = ordered[trim].clone()
             for j in range(trim + 1, trim + keep):
                 acc = acc + ordered[j]
-            out[a:a + COLUMNS] = acc / k_t
+            out[a:a + cols] = acc / k_t
     else:
         weights = capped_weights([s for _, s, _ in sc.kept])
         total = sum(weights)
         ws = [torch.tensor(w / total, dtype=torch.float32) for w in weights]
-        for a in range(0, n, COLUMNS):
-            acc = torch.zeros(min(COLUMNS, n - a), dtype=torch.float32)
+        for a in range(0, n, cols):
+            acc = torch.zeros(min(cols, n - a), dtype=torch.float32)
             for v, w in zip(vecs, ws):
-                acc = acc + v[a:a + COLUMNS] * w
-            out[a:a + COLUMNS] = acc
+                acc = acc + v[a:a + cols] * w
+            out[a:a + cols] = acc
     return ShardMerge(roundtrip(out, out_codec), float(ref), [i for i, _, _ in sc.kept], sc.excluded)
 
 
