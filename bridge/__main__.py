@@ -75,7 +75,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         run=run, db_path=args.db, nonce_db_path=os.fspath(args.db) + ".nonces",
         tunables=Tunables(health_timeout=args.health_timeout), rate_per_second=args.rate,
         rate_burst=2 * args.rate, check_objects=not args.no_head_check, seed=args.seed)
-    app = create_app(settings, open_chain(args.chain, args.netuid), storage, load_keypair(args))
+    try:
+        app = create_app(settings, open_chain(args.chain, args.netuid), storage, load_keypair(args))
+    except ValueError as exc:  # a dataset (DatasetConfigError) or model the run cannot use
+        raise SystemExit(f"bridge: {args.run_config}: {exc}") from None
     log.info("bridge for run %s on %s:%d", run.run_id, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

@@ -7,6 +7,7 @@ with `wait_ms` parks until work for the miner appears (`bridge.longpoll`)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -18,10 +19,14 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bridge import state, views
+from bridge import claims, state, views
+from bridge.codespec import code_spec
+from bridge.dataset import add_dataset_route, fetch_manifest
 from bridge.dashboard import add_console_routes
 from bridge.db import Database
+from bridge.durable import DurableNonces, note_nonce
 from bridge.fastpath import FastPath, error_response
+from bridge.hop_outputs import look_at, seal
 from bridge.longpoll import Waiters
 from bridge.merge_routes import add_merge_routes
 from bridge.nonces import BufferedNonceStore
@@ -120,8 +125,12 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     """Build the bridge app over a chain, a storage (None: URLs are not signed) and a keypair."""
     hotkey = keypair.ss58_address
     run = settings.run
-    svc = BridgeService(run, Database(settings.db_path), storage, settings.tunables,
+    spec = code_spec(run)  # ValueError naming the field when run.model is not a valid model
+    tun = dataclasses.replace(settings.tunables, code_bytes=spec.nbytes)
+    manifest = fetch_manifest(run, storage)  # refuses a dataset that disagrees with the model
+    svc = BridgeService(run, Database(settings.db_path), storage, tun,
                         seed=settings.seed, check_objects=settings.check_objects)
+    store = storage if svc.check_objects else None
     reg = registry or Registry(chain, settings.metagraph_ttl)
     nonces = BufferedNonceStore(settings.nonce_db_path)
     svc.nonces = nonces
@@ -142,10 +151,15 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         except AuthFailed as exc:
             log.info("auth rejected %s %s: %s", method, target, exc)
             raise StarletteHTTPException(exc.status_code, detail=str(exc)) from None
+        note_nonce(nonces.stored)  # answered only once this nonce is on disk
         if not reg.is_allowed(caller, name):
             raise StarletteHTTPException(403, detail=f"not_allowed: hotkey {caller} may not "
                                          f"use {name} routes (unregistered, or no validator "
                                          "permit)")
+        if name == "miner" and reg.is_allowed(caller, "validator"):
+            raise StarletteHTTPException(403, detail=f"validator_hotkey: hotkey {caller} holds a "
+                                         "validator permit and may not serve as a miner; mine "
+                                         "with a hotkey that has no validator permit")
         if not limiter.allow(caller):
             raise TransitionError(429, "rate_limited", f"too many requests from {caller}")
         return caller
@@ -180,13 +194,10 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
 
     ttl = settings.url_ttl
 
-    async def _size(key: str) -> Optional[int]:
-        if not svc.check_objects:
-            return -1  # benchmark mode: no HEAD, no thread hop
-        return await run_in_threadpool(svc.object_size, key)
-
     def remaining(deadline: float) -> float:
         return max(1.0, deadline - time.time())
+
+    add_dataset_route(app, run, storage, manifest, ttl)
 
     @app.get("/health")
     async def health() -> Response:
@@ -232,6 +243,8 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                        stage=stage, state_sha=sha, step_samples=samples,
                                        retry_after=retry))
 
+    sealing: set[str] = set()  # hops whose done is between seal and commit
+
     @app.post("/v1/hops/done")
     async def hop_done(req: msg.HopDone, caller: str = Depends(miner)) -> Response:
         hop = svc.read(lambda st: copy.copy(state.check_done(st, caller, req.hop_id, time.time())))
@@ -239,20 +252,30 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
             if req.size != hop.out_size:
                 raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
                                       f"{hop.out_size} bytes for {hop.out_key}")
-            have = await _size(hop.out_key)
-            if have is None:
-                raise TransitionError(400, "missing_object", f"no object at {hop.out_key}")
-            if have >= 0 and have != hop.out_size:
-                raise TransitionError(400, "bad_size", f"object {hop.out_key} has {have} bytes, "
-                                      f"expected {hop.out_size}")
-        await svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size, req.loss)
+            if req.hop_id in sealing:  # a second seal could copy other bytes under a commit
+                raise TransitionError(409, "in_progress", f"a done for hop {req.hop_id} is "
+                                      "being applied; retry")
+        sealing.add(req.hop_id)
+        try:
+            if store is not None and hop.out_key is not None:
+                await run_in_threadpool(seal, store, hop.out_key)
+            await svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size,
+                                  req.loss)
+        finally:
+            sealing.discard(req.hop_id)
         prom.hop_done(hop.stage, hop.kind, time.time() - hop.leased_at, req.size)
         return _json(msg.Ack())
 
     @app.post("/v1/hops/fail")
     async def hop_fail(req: msg.HopFail, caller: str = Depends(miner)) -> Response:
-        await svc.apply_async(state.fail, caller, req.hop_id, req.reason, req.detail)
-        return _json(msg.Ack(message=f"hop {req.hop_id} released"))
+        hop = svc.read(lambda st: copy.copy(state.check_done(st, caller, req.hop_id, time.time())))
+        verdicts = []
+        if req.reason != "other":
+            for ref in claims.disputed_inputs(hop):
+                verdicts.append(await run_in_threadpool(look_at, store, spec, ref))
+        outcome = await svc.apply_async(claims.judge_claim, caller, req.hop_id, req.reason,
+                                        req.detail, verdicts)
+        return _json(msg.Ack(message=f"hop {req.hop_id} released: {outcome}"))
 
     @app.post("/v1/steps/done")
     async def step_done(req: msg.StepDone, caller: str = Depends(miner)) -> Response:
@@ -272,4 +295,5 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     app.add_middleware(FastPath, limit=settings.max_body_bytes, routes={
         "/v1/hops/lease": (msg.LeaseRequest, miner_auth, lease),
         "/v1/hops/done": (msg.HopDone, miner_auth, hop_done)})
+    app.add_middleware(DurableNonces, wait=svc.nonces_durable)
     return app

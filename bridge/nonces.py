@@ -4,6 +4,10 @@ The bridge flushes pending nonces in the same group commit as the state changes 
 caused, before any of them is answered. A nonce lost in a crash therefore belongs to a request
 whose effect was lost too and which nobody saw answered: replaying it is the same as the
 original arriving late. Same table layout as `protocol.auth.SqliteNonceStore`.
+
+`stored` counts nonces accepted so far and `durable` how many of them are on disk, so a request
+that changed no state (a GET, a refused call) can still wait for its own nonce to be written
+before it is answered (`bridge.durable`): otherwise it would replay after a restart.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ class BufferedNonceStore:
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, int], None] = {}  # insertion order ~ nonce (time) order
         self._pending: list[tuple[str, int]] = []
+        self.stored = 0      # nonces accepted by check_and_store since start
+        self.durable = 0     # of those, how many a flush has committed
         self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                      isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -56,12 +62,14 @@ class BufferedNonceStore:
                 return False
             self._seen[key] = None
             self._pending.append(key)
+            self.stored += 1
         return True
 
     def flush(self) -> int:
         """Persist new nonces and forget expired ones; returns how many were written."""
         with self._lock:
             pending, self._pending = self._pending, []
+            upto = self.stored
             cutoff = self._cutoff()
             while self._seen:
                 first = next(iter(self._seen))
@@ -69,6 +77,7 @@ class BufferedNonceStore:
                     break
                 del self._seen[first]
         if not pending:
+            self.durable = max(self.durable, upto)
             return 0
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
@@ -83,6 +92,7 @@ class BufferedNonceStore:
             with self._lock:
                 self._pending[:0] = pending
             raise
+        self.durable = max(self.durable, upto)
         return len(pending)
 
     def __len__(self) -> int:

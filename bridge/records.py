@@ -37,6 +37,8 @@ class Tunables:
     backoff_seconds: float = 10.0   # no new routed work this long after a lease expiry
     ema: float = 0.2                # weight of the newest throughput sample
     min_health: float = 0.05
+    code_bytes: Optional[int] = None  # exact wire size of one code from the run's model (None:
+                                      # only max_object_bytes caps a lease; pure tests)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Miner:
     disagreements: int = 0
     round_samples: int = 0          # backwards verified in this round since the last (re-)registration
     quarantined_until: int = -1     # no work and no merge before this round (a failed audit)
+    bad_outputs: int = 0            # outputs the bridge proved wrong (sha, shape, NaN): charged
+    false_claims: int = 0           # bad-input claims the bridge disproved: charged
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Hop:
     loss: Optional[float] = None
     done_at: float = 0.0
     note: str = ""
+    avoid: list[str] = field(default_factory=list)  # replicas charged on this work: not again
 
 
 @dataclass

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import Optional, Sequence
 
 from bridge.records import Miner, State
 
@@ -21,9 +21,13 @@ def eligible(st: State, m: Miner, now: float) -> bool:
             and m.quota_used < st.run.micro_batches_per_step)
 
 
-def pick_replica(st: State, stage: int, now: float, rng: random.Random) -> Optional[Miner]:
-    """A replica of `stage` drawn with probability proportional to its route weight, or None."""
+def pick_replica(st: State, stage: int, now: float, rng: random.Random,
+                 avoid: Sequence[str] = ()) -> Optional[Miner]:
+    """A replica of `stage` drawn with probability proportional to its route weight, or None;
+    never one in `avoid` (charged on this work) while another is eligible."""
     cands = [m for m in st.stage_miners(stage) if eligible(st, m, now)]
+    if avoid:
+        cands = [m for m in cands if m.hotkey not in avoid] or cands
     if not cands:
         return None
     weights = [route_weight(st, m) for m in cands]

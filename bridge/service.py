@@ -104,6 +104,14 @@ class BridgeService:
             raise err
         return out
 
+    async def nonces_durable(self, seq: int) -> None:
+        """Return once the nonce store has persisted its first `seq` nonces (a group commit)."""
+        for _ in range(3):
+            if self.nonces is None or self.nonces.durable >= seq:
+                return
+            await asyncio.shield(self._batch())
+        raise RuntimeError(f"nonce {seq} still not persisted after three group commits")
+
     def _batch(self) -> asyncio.Future:
         if self._flush_fut is None:
             loop = asyncio.get_running_loop()

@@ -1,7 +1,8 @@
 """Training transitions (pure: state record in, state record out; `now` and the RNG passed in).
 
-register, lease, complete (hop done), fail, step_done and expire. Every transition validates
-before it mutates, so a refused call (TransitionError) leaves the state untouched.
+register, lease, complete (hop done), step_done and expire; claims about bad hop outputs are
+judged in bridge.claims. Every transition validates before it mutates, so a refused call
+(TransitionError) leaves the state untouched.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from bridge import rounds
 from bridge.records import Hop, Miner, State, TransitionError
 from bridge.routing import choose_stage, pick_replica
 
-__all__ = ["register", "lease", "check_done", "complete", "fail", "step_done", "expire",
-           "tick", "LeaseResult", "output_key"]
+__all__ = ["register", "lease", "check_done", "complete", "step_done", "expire",
+           "tick", "LeaseResult", "output_key", "upload_key", "penalize", "retry_hop", "redo_hop"]
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,19 @@ LeaseResult = tuple[str, list[Hop], float]  # action, hops, retry_after
 
 
 def output_key(st: State, hop: Hop) -> Optional[str]:
-    """`runs/{run}/r{round}/s{stage}/{act|grad}/{hop_id}`, or None for a stage-0 backward."""
+    """`runs/{run}/r{round}/s{stage}/{act|grad}/{hop_id}`, or None for a stage-0 backward.
+    The sealed key: only the bridge writes it (a server-side copy at `done`)."""
     if hop.stage == 0 and hop.kind in ("bwd", "fwdbwd"):
         return None
     part = "act" if hop.kind == "fwd" else "grad"
     return f"runs/{st.run.run_id}/r{hop.round}/s{hop.stage}/{part}/{hop.hop_id}"
+
+
+def upload_key(out_key: str) -> str:
+    """`runs/{run}/r{round}/s{stage}/upload/{act|grad}/{hop_id}`: where the producer's
+    presigned PUT writes a hop output before `done` seals it at `out_key`."""
+    stage_dir, part, hop_id = out_key.rsplit("/", 2)
+    return f"{stage_dir}/upload/{part}/{hop_id}"
 
 
 def _miner(st: State, hotkey: str) -> Miner:
@@ -53,7 +62,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
         m.epoch += 1
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
-            _retry(st, st.hops[hid], now, rng, "rejoin", penalize=False)
+            retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
         m.quota_used = m.step_samples = m.open_graphs = m.round_samples = 0
         st.touch("miner", hotkey, m)
         log.info("miner %s rejoined stage %d (epoch %d)", hotkey, m.stage, m.epoch)
@@ -71,7 +80,9 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
 
 
 def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:
-    cap, last = st.run.max_object_bytes, st.run.n_stages - 1
+    """Output sizes follow the run's code shape exactly (`tun.code_bytes`): a grant is never
+    larger than the code it carries."""
+    cap, last, code = st.run.max_object_bytes, st.run.n_stages - 1, st.tun.code_bytes
     for name, val, needed in (("fwd_out_bytes", fwd_bytes, stage < last),
                               ("bwd_out_bytes", bwd_bytes, stage > 0)):
         if val > cap:
@@ -79,6 +90,10 @@ def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:
                                   f"{name}={val} exceeds max_object_bytes={cap}")
         if needed and val <= 0:
             raise TransitionError(400, "bad_size", f"{name} must be > 0 for stage {stage}")
+        if code is not None and val not in ((code,) if needed else (0, code)):
+            raise TransitionError(400, "bad_size", f"{name}={val}, but this run's code is "
+                                  f"exactly {code} bytes (model config, batch_size, wire codec)"
+                                  + ("" if needed else f"; send 0 at stage {stage}"))
 
 
 def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
@@ -112,7 +127,7 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 got.append(hop)
         if want_bwd:
             room = min(max_hops - len(got), quota - m.quota_used)
-            for hid in list(islice(st.bwd_pool[m.stage], max(0, room))):
+            for hid in _claimable(st, st.bwd_pool[m.stage], m, now, room):
                 m.quota_used += 1
                 got.append(st.hops[hid])
     if now >= m.backoff_until:
@@ -120,7 +135,7 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
         if m.stage == 0 and len(st.fwd_pool[0]) < max(room, rounds.MINT_CHUNK // 2) \
                 and st.minted < st.run.samples_per_round:
             rounds.mint_more(st)
-        for hid in list(islice(st.fwd_pool[m.stage], max(0, room))):
+        for hid in _claimable(st, st.fwd_pool[m.stage], m, now, room):
             m.quota_used += 1
             got.append(st.hops[hid])
     for hop in got:
@@ -133,6 +148,18 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 return "step", [], 0.0
             m.quota_used = 0  # reservations all went elsewhere: nothing to step over
     return "wait", [], 0.25
+
+
+def _claimable(st: State, pool: Any, m: Miner, now: float, room: int) -> list[str]:
+    """Up to `room` pooled hop ids `m` may take: not ones it was charged on, while another
+    healthy replica of the stage could take them instead."""
+    if room <= 0:
+        return []
+    ids = list(islice(pool, room))
+    if not any(m.hotkey in st.hops[h].avoid for h in ids):
+        return ids  # the common case: one slice, no scan
+    alone = not any(o.hotkey != m.hotkey and st.healthy(o, now) for o in st.stage_miners(m.stage))
+    return list(islice((h for h in pool if alone or m.hotkey not in st.hops[h].avoid), room))
 
 
 def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
@@ -210,9 +237,9 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
 
 
 def _new_hop(st: State, src: Hop, stage: int, kind: str, act_in: Any = None,
-             grad_in: Any = None, attempt: int = 1) -> Hop:
+             grad_in: Any = None, attempt: int = 1, avoid: tuple = ()) -> Hop:
     hop = Hop(hop_id=st.next_hop_id(), sample_id=src.sample_id, round=src.round, stage=stage,
-              kind=kind, attempt=attempt, act_in=act_in, grad_in=grad_in)
+              kind=kind, attempt=attempt, act_in=act_in, grad_in=grad_in, avoid=list(avoid))
     st.hops[hop.hop_id] = hop
     st.touch("hop", hop.hop_id, hop)
     return hop
@@ -226,7 +253,7 @@ def _assign(st: State, hop: Hop, m: Miner, now: float) -> None:
 
 def _route_fwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
     """Stage-0 forwards wait in the pool; later ones go to a replica picked by pathfinding."""
-    m = pick_replica(st, hop.stage, now, rng) if hop.stage > 0 else None
+    m = pick_replica(st, hop.stage, now, rng, hop.avoid) if hop.stage > 0 else None
     if m is None:
         st.place(hop)  # pool: any eligible replica claims it at lease time
         return
@@ -236,16 +263,17 @@ def _route_fwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
 
 
 def _make_bwd(st: State, sample: Any, src: Hop, grad: Any, now: float,
-              rng: random.Random, attempt: int = 1) -> None:
+              rng: random.Random, attempt: int = 1, avoid: tuple = ()) -> None:
     """The stage s-1 backward: to the forward's replica if it still holds the graph, else
     recompute elsewhere (routed like a forward, counted against quota)."""
     stage = src.stage - 1
     key = sample.fwd_by[stage]
     fwd_hop = st.hops[key[2]]
-    hop = _new_hop(st, src, stage, "bwd", grad_in=grad, attempt=attempt)
+    hop = _new_hop(st, src, stage, "bwd", grad_in=grad, attempt=attempt, avoid=avoid)
     hop.fwd_hop_id = fwd_hop.hop_id
     holder = st.miners.get(key[0])
-    if holder is not None and key[1] == holder.epoch and st.healthy(holder, now):
+    if holder is not None and key[1] == holder.epoch and st.healthy(holder, now) \
+            and holder.hotkey not in hop.avoid:
         _assign(st, hop, holder, now)
         return
     rounds.drop_graph(st, sample, stage)
@@ -257,7 +285,7 @@ def _make_bwd(st: State, sample: Any, src: Hop, grad: Any, now: float,
 
 
 def _route_stage0_bwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
-    m = pick_replica(st, 0, now, rng)
+    m = pick_replica(st, 0, now, rng, hop.avoid)
     if m is None:
         st.place(hop)
         return
@@ -266,34 +294,51 @@ def _route_stage0_bwd(st: State, hop: Hop, now: float, rng: random.Random) -> No
     _assign(st, hop, m, now)
 
 
-def _retry(st: State, hop: Hop, now: float, rng: random.Random, why: str,
-           penalize: bool = True, status: str = "expired") -> None:
-    """Close a hop attempt and send the work elsewhere (attempt+1), or abandon the sample."""
+def penalize(st: State, m: Miner, now: float) -> None:
+    """Halve a miner's health (routing weight) and keep routed work off it for a while."""
+    m.health = max(st.tun.min_health, m.health * 0.5)
+    m.backoff_until = now + st.tun.backoff_seconds
+    st.touch("miner", m.hotkey, m)
+
+
+def retry_hop(st: State, hop: Hop, now: float, rng: random.Random, why: str,
+              penalize_holder: bool = True, status: str = "expired",
+              avoid: tuple = ()) -> None:
+    """Close a hop attempt and send the work elsewhere (attempt+1, never to a hotkey in
+    `avoid` while another replica can take it), or abandon the sample once attempts are
+    used up."""
     holder = st.miners.get(hop.leased_to or hop.assigned_to or "")
     st.unplace(hop)
     hop.status, hop.note = status, why
     st.touch("hop", hop.hop_id, hop)
-    if holder is not None and penalize:
+    if holder is not None and penalize_holder:
         holder.expiries += status == "expired"
-        holder.health = max(st.tun.min_health, holder.health * 0.5)
-        holder.backoff_until = now + st.tun.backoff_seconds
-        st.touch("miner", holder.hotkey, holder)
+        penalize(st, holder, now)
     st.stage_counters[hop.stage]["expiries"] += status == "expired"
     st.touch("meta", None)
     sample = st.samples[hop.sample_id]
     if hop.attempt >= st.run.max_attempts:
         rounds.finish_sample(st, sample, "abandoned", f"{why} after {hop.attempt} attempts", now)
         return
+    redo_hop(st, hop, now, rng, avoid)
+
+
+def redo_hop(st: State, hop: Hop, now: float, rng: random.Random, avoid: tuple = ()) -> None:
+    """Route `hop`'s work again as attempt+1: a forward from the same input, a backward
+    (recomputed when its graph is gone) from the same incoming gradient."""
+    sample = st.samples[hop.sample_id]
     st.stage_counters[hop.stage]["reroutes"] += 1
+    st.touch("meta", None)
+    av = tuple(dict.fromkeys([*hop.avoid, *avoid]))
     if hop.kind == "bwd":
         if not hop.recompute:
             rounds.drop_graph(st, sample, hop.stage)
         src = Hop(hop_id="", sample_id=hop.sample_id, round=hop.round, stage=hop.stage + 1,
                   kind="bwd")
-        _make_bwd(st, sample, src, hop.grad_in, now, rng, attempt=hop.attempt + 1)
+        _make_bwd(st, sample, src, hop.grad_in, now, rng, attempt=hop.attempt + 1, avoid=av)
         return
     _route_fwd(st, _new_hop(st, hop, hop.stage, hop.kind, act_in=hop.act_in,
-                            attempt=hop.attempt + 1), now, rng)
+                            attempt=hop.attempt + 1, avoid=av), now, rng)
 
 
 def expire(st: State, now: float, rng: random.Random) -> int:
@@ -307,28 +352,9 @@ def expire(st: State, now: float, rng: random.Random) -> int:
             continue
         log.info("lease expiry: hop %s (%s stage %d) held by %s", hid, hop.kind, hop.stage,
                  hop.leased_to or hop.assigned_to)
-        _retry(st, hop, now, rng, "lease expired")
+        retry_hop(st, hop, now, rng, "lease expired")
         n += 1
     return n
-
-
-def fail(st: State, hotkey: str, hop_id: str, reason: str, detail: str, now: float,
-         rng: random.Random) -> Hop:
-    """A miner reports a bad input object. Objects are immutable, so re-running the consumer on
-    the same object cannot succeed: a missing or corrupt input abandons the sample, naming the
-    reason; anything else (`other`: the consumer's own trouble) is retried elsewhere."""
-    tick(st, now, rng)
-    hop = check_done(st, hotkey, hop_id, now)
-    st.miners[hotkey].failures += 1
-    st.touch("miner", hotkey, st.miners[hotkey])
-    if reason != "other":
-        st.unplace(hop)
-        hop.status, hop.note = "failed", f"bad input ({reason}): {detail[:200]}"
-        st.touch("hop", hop_id, hop)
-        rounds.finish_sample(st, st.samples[hop.sample_id], "abandoned", f"bad input: {reason}", now)
-        return hop
-    _retry(st, hop, now, rng, f"fail:{reason}", penalize=False, status="failed")
-    return hop
 
 
 def step_done(st: State, hotkey: str, round_: int, inner_step: int, samples: int,

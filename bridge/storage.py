@@ -1,5 +1,6 @@
 """S3 object store access for the bridge: presigned GET/PUT (SigV4, path-style), HEAD, list,
-prefix delete for GC. The bridge never reads object bodies."""
+prefix delete for GC, server-side copy (hop outputs are sealed at `done` without passing
+through the bridge) and a bounded GET (only to judge a disputed hop output, a few KB)."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,10 @@ log = logging.getLogger(__name__)
 
 class StorageError(Exception):
     """The object store failed or answered unexpectedly."""
+
+
+def _missing(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound")
 
 
 class Storage:
@@ -58,8 +63,7 @@ class Storage:
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
@@ -75,6 +79,32 @@ class Storage:
                 self.client.copy(source, self.bucket, dst)
         except (ClientError, KeyError) as exc:  # KeyError: a server answering without an ETag
             raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
+
+    def copy_one(self, src: str, dst: str) -> bool:
+        """One CopyObject `src` -> `dst` (objects under 5 GB, no bytes through the bridge);
+        False when `src` is missing."""
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=dst,
+                                    CopySource={"Bucket": self.bucket, "Key": src})
+        except ClientError as exc:
+            if _missing(exc):
+                return False
+            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
+        return True
+
+    def get(self, key: str, max_bytes: int) -> Optional[bytes]:
+        """The object's bytes (at most `max_bytes` + 1 are read), or None when it is missing."""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise StorageError(f"GET {key}: {exc}") from exc
+        body = r["Body"]
+        try:
+            return body.read(max_bytes + 1)
+        finally:
+            body.close()
 
     def put(self, key: str, data: bytes) -> None:
         """Upload bytes directly (tools and tests; miners use presigned PUTs)."""

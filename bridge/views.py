@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from bridge.records import Hop, StageState, State
+from bridge.state import upload_key
 from protocol import messages as msg
 
 __all__ = ["hop_message", "state_ref", "metrics", "hop_record"]
@@ -19,10 +20,12 @@ def _obj(ref: Optional[list[Any]], get_url: Signer, ttl: float) -> Optional[msg.
 
 def hop_message(hop: Hop, get_url: Signer, put_url: Callable[[str, int, float], str],
                 ttl: float) -> msg.Hop:
-    """A leased hop as the miner sees it; URLs expire at the lease deadline."""
+    """A leased hop as the miner sees it; URLs expire at the lease deadline. The output is
+    uploaded to its upload key; `done` seals it at `hop.out_key`, which no URL can write."""
     out = None
     if hop.out_key is not None:
-        out = msg.OutputRef(key=hop.out_key, put_url=put_url(hop.out_key, hop.out_size, ttl),
+        up = upload_key(hop.out_key)
+        out = msg.OutputRef(key=up, put_url=put_url(up, hop.out_size, ttl),
                             size=hop.out_size, expires_at=hop.deadline)
     return msg.Hop(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,
                    stage=hop.stage, kind=hop.kind, recompute=hop.recompute,
@@ -68,7 +71,8 @@ def metrics(st: State, now: float) -> msg.Metrics:
         hotkey=m.hotkey, stage=m.stage, healthy=st.healthy(m, now), health=m.health,
         throughput=m.throughput, hops_done=m.hops_done, lease_expiries=m.expiries,
         failures=m.failures, bytes_moved=m.bytes_moved, inner_step=m.inner_step,
-        merge_disagreements=m.disagreements) for m in sorted(st.miners.values(),
+        merge_disagreements=m.disagreements, bad_outputs=m.bad_outputs,
+        false_claims=m.false_claims) for m in sorted(st.miners.values(),
                                                               key=lambda m: m.hotkey)]
     return msg.Metrics(
         run_id=st.run.run_id, round=st.round, phase=st.phase,

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protocol.dataset import DatasetRef
 from resbm import codec, data
 
 from .stage_worker import StageWorker, WorkerError
@@ -119,6 +120,7 @@ class ReplaySettings:
     data_seed: int
     batch_size: int
     wire_codec: str = "bf16"
+    dataset: DatasetRef | None = None  # the run config's; None: the shipped corpus
 
 
 @dataclass
@@ -211,7 +213,8 @@ def _replay_hop(worker: StageWorker, i: int, rec: HopRecord, settings: ReplaySet
     tokens = targets = None
     needs_input = rec.kind != "bwd" or rec.recompute
     if worker.is_first or worker.is_last or (worker.needs_tokens and needs_input):  # public, as the miner's
-        tokens, targets = data.batch(settings.data_seed, rec.sample_id, settings.batch_size, worker.cfg.seq_len)
+        tokens, targets = data.batch(settings.data_seed, rec.sample_id, settings.batch_size, worker.cfg.seq_len,
+                                     dataset=settings.dataset)
     inp = tokens if worker.is_first else rec.inputs
     side = tokens if worker.needs_tokens else None
     if rec.kind == "fwd":

@@ -62,9 +62,10 @@ class Miner:
         a = Assignment.model_validate(self.client.post("/v1/miners/register", RegisterRequest()))
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
-        if cfg.vocab_size < data.VOCAB_SIZE:
-            raise ValueError(f"run model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                             f"{data.VOCAB_SIZE}: the bridge's run config is wrong")
+        dataset = data.open_run_dataset(run.dataset, self.client.base_url)  # fetches the manifest
+        if cfg.vocab_size != dataset.vocab_size:
+            raise ValueError(f"run model.vocab_size={cfg.vocab_size} but the dataset's vocab is "
+                             f"{dataset.vocab_size}: the bridge's run config is wrong")
         same = self.worker is not None and self.worker.stage_index == a.stage and self.run == run
         if not same:
             self.worker = worker_for_run(run, a.stage, self.device, self.dtype)
@@ -201,7 +202,7 @@ class Miner:
         tokens = targets = None
         if hop.kind == "fwdbwd" or ((hop.kind == "fwd" or recompute) and (w.is_first or w.needs_tokens)):
             # The sample's public tokens (stage 0's input, re-injection's ids) and targets, derived once.
-            tokens, targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len)
+            tokens, targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len, dataset=run.dataset)
         inp = tokens if w.is_first else inputs.act
         side = tokens if w.needs_tokens else None
         if hop.kind == "fwd":

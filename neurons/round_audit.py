@@ -98,7 +98,8 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
         except outer.OuterError as exc:
             raise ClaimError(f"pseudo-gradient does not decode: {exc}") from exc
     settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,
-                              data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec)
+                              data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec,
+                              dataset=run.dataset)
     # A miner that restarted mid-round (a new registration epoch) began again from the round's
     # state: each epoch is its own replay, and the pseudo-gradient belongs to the epoch that
     # reported it (one with no hops must report an all-zero pseudo-gradient over zero samples).

@@ -21,6 +21,8 @@ from neurons.validator_integrity import check_round_merges, report_verdicts, set
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
 from neurons.validator_publish import ReportPublisher, run_incentives
+from resbm import data
+from resbm.dataset_store import DataError
 from resbm.outer import OuterError
 
 __all__ = ["ValidatorSettings", "Validator"]
@@ -62,6 +64,7 @@ class Validator:
         self.s = settings
         self.stop = threading.Event()
         self.run = RunInfo.model_validate(client.get("/v1/run")).run
+        data.open_run_dataset(self.run.dataset, client.base_url)  # audits read its tokens
         self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
         self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
         self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None
@@ -180,6 +183,10 @@ class Validator:
                 return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
+        except DataError as exc:  # our copy of the run's data cannot be read: not the miner's fault
+            self.audits.incomplete += 1
+            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
+            return True
         except (OuterError, WorkerError, ValueError) as exc:  # the miner's objects do not load
             passed, reason, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
         except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault

@@ -218,7 +218,8 @@ class LeaseResponse(_Model):
 
 
 class HopDone(_Model):
-    """POST /v1/hops/done: the output was uploaded (bridge HEAD-checks it)."""
+    """POST /v1/hops/done: the output was uploaded; the bridge seals it (server-side copy to
+    the hop's output key, which no URL can write) and records the reported sha256."""
 
     hop_id: str = _hop_id()
     sha256: Optional[str] = Field(default=None, pattern=_SHA, description="None only for stage-0 bwd")
@@ -235,7 +236,9 @@ class HopDone(_Model):
 
 
 class HopFail(_Model):
-    """POST /v1/hops/fail: the hop's input object was bad; the bridge re-routes or abandons."""
+    """POST /v1/hops/fail: the hop's input object was bad. The bridge checks the sealed input
+    and charges whoever it proves wrong: the producer (its hop is redone elsewhere) or the
+    reporting consumer (its hop is retried elsewhere); `Ack.message` names the outcome."""
 
     hop_id: str = _hop_id()
     reason: FailReason
@@ -367,6 +370,8 @@ class MinerMetrics(_Model):
     bytes_moved: int = Field(ge=0)
     inner_step: int = Field(ge=0)
     merge_disagreements: int = Field(ge=0)
+    bad_outputs: int = Field(default=0, ge=0, description="hop outputs the bridge proved wrong")
+    false_claims: int = Field(default=0, ge=0, description="bad-input claims the bridge disproved")
 
 
 class Metrics(_Model):

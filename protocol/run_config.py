@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.dataset import DatasetRef
 from protocol.incentives import IncentiveParams
 
 __all__ = ["MAX_BYTES", "StrictModel", "RunConfig"]
@@ -66,6 +67,8 @@ class RunConfig(StrictModel):
     checkpoint_every: int = Field(default=1, ge=1, le=100_000,
                                   description="K: a full state is written every K rounds; joiners replay updates since")
     data_seed: int = Field(ge=0, le=2**63 - 1)
+    dataset: DatasetRef | None = Field(
+        default=None, description="the dataset's manifest (URL or bucket key) + sha256; None: the shipped corpus")
     init_seed: int = Field(ge=0, le=2**63 - 1)
     lease_seconds: float = Field(default=60.0, gt=0, le=86_400, description="hop lease length")
     max_object_bytes: int = Field(default=64 * 2**20, ge=1, le=MAX_BYTES,

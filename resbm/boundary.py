@@ -26,7 +26,8 @@ Kinds and variants (ModelConfig.boundary / boundary_variant):
   Init: W_gate, W_up ~ N(0, init_std), W_down ~ N(0, init_std / sqrt(2 n_layers)), D = 0.
 
 Token re-injection (ModelConfig.token_reinject, default on, any kind): the decoder of boundary b
-also owns `embed`, an nn.Embedding(vocab_size, d) initialised to zeros, and returns
+also owns `embed`, an nn.Embedding(vocab_size, d) initialised to zeros (or, at
+ModelConfig.reinject_rank r > 0, a FactoredEmbedding: vocab x r ~ N(0, 1) then r x d zeros), and returns
 h' + embed(tokens), added after everything above (after norm_out for `postnorm`). So every stage
 after the first adds its own learned embedding of the input tokens. The tokens are public (each
 stage derives them from the sample id, as the last stage does for its targets): no wire bytes.
@@ -51,7 +52,7 @@ from torch import nn
 from . import codec
 from .config import ModelConfig
 
-__all__ = ["Boundary", "RMSNorm", "build_boundary", "check_tokens", "init_rule"]
+__all__ = ["Boundary", "FactoredEmbedding", "RMSNorm", "build_boundary", "check_tokens", "init_rule"]
 
 
 class RMSNorm(nn.Module):
@@ -141,6 +142,19 @@ def check_tokens(tokens: torch.Tensor | None, batch_shape: tuple[int, ...], voca
             raise ValueError(f"{who}: token ids must be in [0, {vocab_size}), got min {lo} max {hi}")
 
 
+class FactoredEmbedding(nn.Module):
+    """A vocab x d token table as vocab x r (`table`) then r x d (`up`): r (V + d) parameters, not V d."""
+
+    def __init__(self, vocab: int, rank: int, d: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(vocab, rank, _weight=torch.zeros(vocab, rank))
+        self.up = nn.Parameter(torch.zeros(d, rank))  # (out, in), as nn.Linear's weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, d)."""
+        return F.linear(self.table(tokens), self.up)
+
+
 class Decoder(nn.Module):
     """h' = z (identity), D(z) (no identity path) or D(z) + pad(z), optionally RMS-normed after, plus
     embed(tokens) under token re-injection; the gradient to z is wire-exact."""
@@ -153,9 +167,11 @@ class Decoder(nn.Module):
         self.proj = nn.Linear(cfg.code_dim, cfg.d_model, bias=False) if project else None
         self.identity_path = identity_path
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if post_norm else None
-        # Built from a zero tensor: no random init, so the global RNG is not drawn from either.
-        self.embed = (nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.zeros(cfg.vocab_size, cfg.d_model))
-                      if cfg.token_reinject else None)
+        # Built from zero tensors: no random init, so the global RNG is not drawn from either.
+        rank = cfg.reinject_rank
+        self.embed = (None if not cfg.token_reinject else FactoredEmbedding(cfg.vocab_size, rank, cfg.d_model)
+                      if rank else nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                                _weight=torch.zeros(cfg.vocab_size, cfg.d_model)))
 
     def forward(self, z: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Decode z (B, T, code_dim) to the residual; `tokens` (B, T) are required under token re-injection."""
@@ -211,8 +227,10 @@ def init_rule(local_name: str, cfg: ModelConfig) -> tuple[str, float]:
     d, k = cfg.d_model, cfg.code_dim
     if local_name.endswith("norm.weight"):
         return ("ones", 0.0)
-    if local_name == "decoder.embed.weight":
+    if local_name in ("decoder.embed.weight", "decoder.embed.up"):
         return ("zeros", 0.0)  # token re-injection starts as a no-op
+    if local_name == "decoder.embed.table.weight":
+        return ("normal", 1.0)  # as an embedding; `up` = 0 keeps the product zero at init
     if local_name == "decoder.proj.weight":
         return ("normal", 1 / math.sqrt(k)) if cfg.boundary == "naive" else ("zeros", 0.0)
     if local_name == "encoder.proj.weight":

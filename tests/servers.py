@@ -22,7 +22,7 @@ from scripts.local_servers import die_with_parent, free_port, rclone_binary, sto
 from scripts.local_servers import start_s3 as _launcher_start_s3
 
 __all__ = ["free_port", "S3Server", "start_s3", "BridgeProcess", "start_bridge", "make_chain",
-           "tiny_run_config", "wait_http", "rclone_binary", "REPO", "ACCESS_KEY", "SECRET_KEY"]
+           "tiny_run_config", "code_bytes", "wait_http", "rclone_binary", "REPO", "ACCESS_KEY", "SECRET_KEY"]
 
 REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY, SECRET_KEY = "testkey", "testsecret"  # fixed, so tests can build their own clients
@@ -71,16 +71,28 @@ def make_chain(path: Path, miners: int = 4, validators: int = 1, netuid: int = 1
 
 
 def tiny_run_config(**over: Any) -> dict[str, Any]:
-    """A small RunConfig mapping for tests (override any field)."""
-    cfg = dict(run_id="test-run", model={"d_model": 32, "n_stages": 2}, n_stages=2,
+    """A small RunConfig mapping for tests (override any field); its code is 422 bytes."""
+    cfg = dict(run_id="test-run", model=_tiny_model(2), n_stages=2,
                batch_size=1, micro_batches_per_step=2, inner_steps_per_round=2,
                samples_per_round=8, muon_lr=0.02, adamw_lr=0.003, total_rounds=2,
                data_seed=1, init_seed=2, lease_seconds=30.0, max_object_bytes=4096,
                merge_timeout_seconds=30.0, max_attempts=3)
     cfg.update(over)
-    if "n_stages" in over:
-        cfg["model"] = dict(cfg["model"], n_stages=over["n_stages"])
+    if "n_stages" in over and "model" not in over:
+        cfg["model"] = _tiny_model(over["n_stages"])
     return cfg
+
+
+def _tiny_model(n_stages: int) -> dict[str, Any]:
+    return {"d_model": 32, "n_layers": n_stages, "n_heads": 2, "seq_len": 16,
+            "n_stages": n_stages, "bottleneck_dim": 4}
+
+
+def code_bytes(run_config: dict[str, Any]) -> int:
+    """The exact size of one hop output of a run (what a lease must declare)."""
+    from bridge.codespec import code_spec
+    from protocol.messages import RunConfig
+    return code_spec(RunConfig(**run_config)).nbytes
 
 
 @dataclass

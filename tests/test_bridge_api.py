@@ -13,9 +13,10 @@ from bittensor.sp_core import Keypair
 from protocol.auth import sign_headers
 from protocol.client import BridgeError, SignedClient
 from protocol.messages import PROTOCOL_VERSION
-from tests.servers import make_chain, start_bridge, tiny_run_config
+from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
 
-LEASE = {"max_hops": 1, "fwd_out_bytes": 64, "bwd_out_bytes": 64}
+CODE = code_bytes(tiny_run_config())  # 422: what every hop output of this run is
+LEASE = {"max_hops": 1, "fwd_out_bytes": CODE, "bwd_out_bytes": CODE}
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +66,14 @@ def test_bad_input_is_rejected_and_loses_nothing(env, s3_server):
     r = c0.post("/v1/hops/lease", LEASE)
     assert r["action"] == "work"
     hop = r["hops"][0]
-    data = os.urandom(64)
+    data = os.urandom(CODE)
     sha = hashlib.sha256(data).hexdigest()
-    done = {"hop_id": hop["hop_id"], "sha256": sha, "size": 64}
+    done = {"hop_id": hop["hop_id"], "sha256": sha, "size": CODE}
     assert status_of(c0.post, "/v1/hops/done", dict(done, hop_id="h999x999")) == 404
     assert status_of(c1.post, "/v1/hops/done", done) == 409  # not leased to c1
     assert status_of(c0.post, "/v1/hops/done", done) == 400  # nothing uploaded yet
-    assert status_of(c0.post, "/v1/hops/done", dict(done, size=63)) == 400  # wrong size
-    assert httpx.put(hop["output"]["put_url"], content=os.urandom(65)).status_code >= 400
+    assert status_of(c0.post, "/v1/hops/done", dict(done, size=CODE - 1)) == 400  # wrong size
+    assert httpx.put(hop["output"]["put_url"], content=os.urandom(CODE + 1)).status_code >= 400
     assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
     assert c0.post("/v1/hops/done", done)["ok"] is True  # the hop stayed leased: retry works
     assert status_of(c0.post, "/v1/hops/done", done) == 409  # done twice
@@ -80,7 +81,7 @@ def test_bad_input_is_rejected_and_loses_nothing(env, s3_server):
                      headers={"content-type": "application/json"})
     assert big.status_code == 413
     m = c0.get("/v1/metrics")
-    assert m["stages"][0]["hops_done"] == 1 and m["stages"][0]["bytes_moved"] == 64
+    assert m["stages"][0]["hops_done"] == 1 and m["stages"][0]["bytes_moved"] == CODE
     assert m["phase"] == "train" and m["samples_total"] == 8
     assert status_of(c0.post, "/v1/rounds/upload",
                      {"round": 0, "kind": "pseudograd", "sha256": sha, "size": 10}) == 409
@@ -93,7 +94,7 @@ def test_hoplog_lists_done_hops_with_urls(env):
     assert len(log["records"]) == 1
     rec = log["records"][0]
     assert rec["kind"] == "fwd" and rec["output"]["key"].startswith("runs/test-run/r0/s0/act/")
-    assert len(httpx.get(rec["output"]["url"]).content) == 64
+    assert len(httpx.get(rec["output"]["url"]).content) == CODE
 
 
 def test_lease_long_poll_holds_then_wakes_when_work_arrives(env):
@@ -115,10 +116,10 @@ def test_lease_long_poll_holds_then_wakes_when_work_arrives(env):
     th.start()
     time.sleep(0.3)  # c1 is parked now
     hop = c0.post("/v1/hops/lease", LEASE)["hops"][0]
-    data = os.urandom(64)
+    data = os.urandom(CODE)
     assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
     c0.post("/v1/hops/done", {"hop_id": hop["hop_id"], "sha256": hashlib.sha256(data).hexdigest(),
-                              "size": 64})
+                              "size": CODE})
     th.join(timeout=10)
     assert got["r"]["action"] == "work" and got["s"] < 4.0  # woken, not timed out
     assert got["r"]["hops"][0]["sample_id"] == hop["sample_id"]

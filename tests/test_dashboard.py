@@ -16,25 +16,27 @@ from bridge.dashboard_history import busy_seconds, summarise_round
 from bridge.records import Hop
 from protocol.client import BridgeError, SignedClient
 from protocol.console import ValidatorReport
-from tests.servers import make_chain, start_bridge, tiny_run_config
+from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
 
-LEASE = {"max_hops": 1, "fwd_out_bytes": 64, "bwd_out_bytes": 64}
+CFG = tiny_run_config(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 8,
+                             "n_stages": 2, "bottleneck_dim": 4})
+CODE = code_bytes(CFG)  # every hop output is exactly one code of this run
+LEASE = {"max_hops": 1, "fwd_out_bytes": CODE, "bwd_out_bytes": CODE}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, s3_server):
     d = tmp_path_factory.mktemp("console")
     _, keys = make_chain(d / "chain.db", miners=2, validators=1)
-    b = start_bridge(d, tiny_run_config(model={"d_model": 32, "n_stages": 2, "seq_len": 8}), d / "chain.db",
-                     s3_server)
+    b = start_bridge(d, CFG, d / "chain.db", s3_server)
     miners = [SignedClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
     for c in miners:
         c.post("/v1/miners/register", {})
     for _ in range(2):  # two verified forward hops on stage 0
         hop = miners[0].post("/v1/hops/lease", LEASE)["hops"][0]
-        data = os.urandom(64)
+        data = os.urandom(CODE)
         assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
-        miners[0].post("/v1/hops/done", {"hop_id": hop["hop_id"], "size": 64,
+        miners[0].post("/v1/hops/done", {"hop_id": hop["hop_id"], "size": CODE,
                                          "sha256": hashlib.sha256(data).hexdigest()})
     val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
     yield b, keys, miners, val
@@ -61,7 +63,7 @@ def test_prometheus_scrape_matches_the_signed_metrics(env):
     assert prom["resbm_bridge_round"][(("run_id", "test-run"),)] == m["round"]
     assert prom["resbm_bridge_phase"][(("phase", m["phase"]),)] == 1.0
     assert prom["resbm_bridge_hop_seconds_count"][(("kind", "fwd"), ("stage", "0"))] == 2
-    assert prom["resbm_bridge_hop_output_bytes_sum"][(("kind", "fwd"), ("stage", "0"))] == 128
+    assert prom["resbm_bridge_hop_output_bytes_sum"][(("kind", "fwd"), ("stage", "0"))] == 2 * CODE
     assert prom["resbm_bridge_stage_merges_total"][(("stage", "0"),)] == 0  # nothing merged yet
     replicas = prom["resbm_bridge_stage_replicas"]
     assert sum(replicas.values()) == sum(s["replicas"] for s in m["stages"]) == 2

@@ -62,31 +62,34 @@ def test_targets_are_tokens_shifted_by_one_window_of_the_stream():
         assert np.array_equal(train[o + 1:o + 49], row_tgt.numpy())
 
 
+def _doc_bounds(td, split):
+    """Document start offsets (with the total appended): every document ends with the EOT id."""
+    arr = td.tokens(split)
+    ends = np.flatnonzero(np.asarray(arr) == td.manifest.eot_id) + 1
+    return np.concatenate([[0], ends])
+
+
 def test_vocab_bounds_and_manifest():
     td = data.load()
-    assert td.vocab_size == data.VOCAB_SIZE
+    assert td.vocab_size == data.VOCAB_SIZE and td.manifest.format == 2
     for split in data.SPLITS:
         arr = td.tokens(split)
         assert arr.dtype == np.uint16 and int(arr.max()) < data.VOCAB_SIZE
-        assert td.manifest["splits"][split]["tokens"] == arr.size
+        assert td.manifest.split_tokens(split) == arr.size == td.manifest.info["splits"][split]["tokens"]
     tok, tgt = data.batch(11, 5, 16, 128)
     assert int(tok.min()) >= 0 and int(tok.max()) < data.VOCAB_SIZE
     assert int(tgt.max()) < data.VOCAB_SIZE
-    # the EOT separator closes every document
-    for split in data.SPLITS:
-        ends = td.doc_offsets(split)[1:] - 1
-        assert np.all(td.tokens(split)[ends] == td.manifest["eot_id"])
+    for split in data.SPLITS:  # the EOT separator closes every document
+        assert td.tokens(split)[-1] == td.manifest.eot_id
 
 
 def test_validation_split_is_disjoint_from_training():
     td = data.load()
-    m = td.manifest
-    train_docs, val_docs = set(m["splits"]["train"]["documents"]), set(m["splits"]["val"]["documents"])
+    docs = td.manifest.info["documents"]
+    train_docs, val_docs = set(docs["train"]), set(docs["val"])
     assert val_docs and not (train_docs & val_docs)
     for split in data.SPLITS:
-        offs = td.doc_offsets(split)
-        assert offs[0] == 0 and offs[-1] == td.tokens(split).size
-        assert len(offs) == len(m["splits"][split]["documents"]) + 1 and np.all(np.diff(offs) > 0)
+        assert len(_doc_bounds(td, split)) == len(docs[split]) + 1
     frac = td.tokens("val").size / (td.tokens("val").size + td.tokens("train").size)
     assert 0.02 <= frac <= 0.06
     train_bytes = np.ascontiguousarray(td.tokens("train")).tobytes()
@@ -123,7 +126,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 
 def test_seq_len_beyond_the_val_split_is_refused():
     n = data.load().tokens("val").size
-    with pytest.raises(data.DataError, match=f"seq_len must be in \\[1, {n}\\)"):
+    with pytest.raises(data.DataError, match=f"seq_len {n} is too long"):
         data.validation_batches(1, 1, n)
     assert data.validation_batches(1, 1, n - 1)[0][0].shape == (1, n - 1)
 
@@ -137,43 +140,49 @@ def asset_copy(tmp_path):
 
 def test_manifest_hash_catches_a_corrupted_file(asset_copy, monkeypatch):
     assert torch.equal(data.batch(1, 2, 2, 16, data_dir=asset_copy)[0], data.batch(1, 2, 2, 16)[0])
-    victim = asset_copy / "val.npy"
-    raw = bytearray(victim.read_bytes())
-    raw[-3] ^= 0x01  # same size, one token changed
-    victim.write_bytes(bytes(raw))
+    for split in data.SPLITS:  # shards are verified when first read: corrupt one of each split
+        victim = asset_copy / f"{split}-00000.npy"
+        raw = bytearray(victim.read_bytes())
+        raw[-3] ^= 0x01  # same size, one token changed
+        victim.write_bytes(bytes(raw))
     corrupted = asset_copy.parent / "corrupted"
     asset_copy.rename(corrupted)  # a fresh folder path: nothing cached for it
     monkeypatch.setenv(data.DATA_DIR_ENV, str(corrupted))
     assert data.default_data_dir() == corrupted
-    with pytest.raises(data.DataError, match="val.npy: sha256"):
+    with pytest.raises(data.DataError, match="train-00000.npy: sha256"):
         data.batch(1, 2, 2, 16)
-    with pytest.raises(data.DataError, match="val.npy: sha256"):
+    with pytest.raises(data.DataError, match="val-00000.npy: sha256"):
         data.validation_batches(1, 2, 16, data_dir=corrupted)
 
 
 def test_missing_or_bad_manifest_and_missing_file(asset_copy):
-    (asset_copy / "train_doc_offsets.npy").unlink()
-    with pytest.raises(data.DataError, match="train_doc_offsets.npy.*missing"):
+    (asset_copy / "train-00000.npy").unlink()
+    with pytest.raises(data.DataError, match="train-00000.npy.*missing"):
         data.batch(0, 0, 1, 8, data_dir=asset_copy)
     with pytest.raises(data.DataError, match="no manifest.json"):
         data.batch(0, 0, 1, 8, data_dir=asset_copy / "nowhere")
     bad = asset_copy.parent / "bad"
     bad.mkdir()
-    (bad / "manifest.json").write_text(json.dumps({"format": 2, "files": {}}))
-    with pytest.raises(data.DataError, match="unsupported manifest"):
+    (bad / "manifest.json").write_text(json.dumps({"format": 1, "files": {}}))
+    with pytest.raises(data.DataError, match="format 1.*prepare_dataset.py"):
         data.batch(0, 0, 1, 8, data_dir=bad)
+    worse = asset_copy.parent / "worse"
+    worse.mkdir()
+    (worse / "manifest.json").write_text(json.dumps({"format": 2, "name": "x"}))
+    with pytest.raises(data.DataError, match="vocab_size: Field required"):
+        data.batch(0, 0, 1, 8, data_dir=worse)
 
 
 def test_decode_tokens_round_trips_a_validation_document():
     from tokenizers import Tokenizer
 
     td = data.load()
-    offs = td.doc_offsets("val")
+    offs = _doc_bounds(td, "val")
     i = int(np.argmin(np.diff(offs)))
     ids = np.asarray(td.tokens("val")[offs[i]:offs[i + 1] - 1], dtype=np.int64)  # drop the EOT
     text = data.decode_tokens(torch.from_numpy(ids))
     assert len(text) > 100 and " the " in text
-    tok = Tokenizer.from_file(str(td.root / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(td.file_path("tokenizer.json")))
     assert tok.encode(text).ids == ids.tolist()
     with pytest.raises(data.DataError, match="token ids"):
         data.decode_tokens([1, data.VOCAB_SIZE])

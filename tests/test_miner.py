@@ -107,9 +107,9 @@ def start_subnet(root: Path, cfg: dict[str, Any], miners: int, wallets: bool = F
 class MinerThread:
     """An in-process Miner serving in a daemon thread (register happens in the caller's thread)."""
 
-    def __init__(self, net: Subnet, kp: Any, max_hops: int = 4):
+    def __init__(self, net: Subnet, kp: Any, max_hops: int = 4, make: Callable[..., Miner] = Miner):
         self.transfer = ObjectTransfer()
-        self.miner = Miner(net.client(kp), self.transfer, device="cpu", max_hops=max_hops)
+        self.miner = make(net.client(kp), self.transfer, device="cpu", max_hops=max_hops)
         self.assignment = self.miner.register()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"miner-s{self.assignment.stage}")
@@ -243,9 +243,13 @@ def test_corrupted_input_is_reported_and_the_miner_keeps_working(tmp_path, monke
     finally:
         net.stop()
     assert m1.miner.status.bad_inputs == 1
-    # the bridge got the reason: the sample is abandoned under it at once, nothing else lost
-    assert metrics["abandon_reasons"] == {f"bad input: {kind}": 1}, metrics["abandon_reasons"]
+    # the bridge checked the object and charged its producer; with max_attempts=1 the redo
+    # budget is spent, so the sample ends under that reason, and nothing else is lost
+    assert metrics["abandon_reasons"] == {"bad output after 1 attempts": 1}, metrics["abandon_reasons"]
     assert metrics["completed_total"] == 3 and metrics["abandoned_total"] == 1
+    by_key = {m["hotkey"]: m for m in metrics["miners"]}
+    assert by_key[net.keys["miners"][0].ss58_address]["bad_outputs"] == 1
+    assert by_key[net.keys["miners"][1].ss58_address]["false_claims"] == 0
     # and the miner that saw the bad object kept working through the next round
     assert m1.miner.state.round == 2 and m1.miner.status.hops_done == 3
 

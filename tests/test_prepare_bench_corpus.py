@@ -43,13 +43,14 @@ def test_builds_a_loadable_corpus_with_the_assets_tokenizer_twice_identically(tm
     assert pbc.main(args + ["--out", str(out1)]) == 0
     assert pbc.main(args + ["--out", str(out2)]) == 0
     m = json.loads((out1 / "manifest.json").read_text())
-    assert {s["name"] for s in m["sources"]} == {"shakespeare", "bible", "pydocs", "linuxdocs", "perldocs", "gitdocs"}
-    linux = next(s for s in m["sources"] if s["name"] == "linuxdocs")
+    assert (out1 / "manifest.json").read_bytes() == (out2 / "manifest.json").read_bytes()
+    assert {s["name"] for s in m["info"]["sources"]} == {"shakespeare", "bible", "pydocs", "linuxdocs", "perldocs", "gitdocs"}
+    linux = next(s for s in m["info"]["sources"] if s["name"] == "linuxdocs")
     assert linux["documents"] == 4  # the stub was skipped
     assert (out1 / "tokenizer.json").read_bytes() == (data.default_data_dir() / "tokenizer.json").read_bytes()
-    for f in m["files"]:
-        assert (out1 / f).read_bytes() == (out2 / f).read_bytes()
-    corpus = data.TokenData(out1)
+    for f in m["shards"]:
+        assert (out1 / f["name"]).read_bytes() == (out2 / f["name"]).read_bytes()
+    corpus = data.load(out1)
     tokens, targets = corpus.batch(0, 0, 2, 16)
     assert tokens.shape == (2, 16) and bool((tokens[:, 1:] == targets[:, :-1]).all())
     assert "scheduler" in data.decode_tokens(corpus.tokens("train")[:4000]).lower() or \

@@ -169,7 +169,7 @@ def test_miner_derives_the_tokens_for_middle_stage_forward_and_recompute():
     from neurons.miner_loop import Miner
     miner = Miner.__new__(Miner)  # _compute needs no network
     miner.worker, miner.cfg = _middle_worker(), DATA_CFG
-    miner.run = NS(data_seed=3, batch_size=B)
+    miner.run = NS(data_seed=3, batch_size=B, dataset=None)
     ref = _middle_worker()
     x, g = _code_and_grad()
     tok = {sid: data.batch(3, sid, B, DATA_CFG.seq_len)[0] for sid in (7, 8)}

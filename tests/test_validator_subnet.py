@@ -3,8 +3,8 @@ cheats), then the real `Validator` over its hop logs: audits, scores, weights, r
 
 The subnet runs once per module. Stage 0 gets an honest fp32 miner and the cheaters `copy`,
 `stale`, `random` and `phantom`; the last stage gets an honest fp32 and an honest bfloat16 miner
-and the cheaters `lazy` and `junk` (a phantom variant: uploads random bytes of the right size,
-so the bridge's HEAD check passes and only the validator's hash check can catch it).
+and the cheaters `lazy` and `junk` (uploads random bytes of the right size in place of what it
+reports: its consumers' hash checks and the bridge's check of the sealed object reject its hops).
 Miners run as threads of this process (same `Miner` class as `neurons/miner.py`) to spare the
 shared CPU the cost of nine torch imports.
 """
@@ -85,14 +85,14 @@ def _wait_done(client: SignedClient, threads: list[threading.Thread], timeout: f
 
 
 @contextlib.contextmanager
-def run_subnet(tmp: Path, miners: list[tuple], **run_over):
-    """Start S3, a LocalChain, the bridge and in-process miners; run to the end; yield the pieces.
-
-    `miners` rows are (name, cheat, dtype, stage the alternating registration must give it).
+def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
+    """Start S3 (unless given one), a LocalChain, the bridge and in-process miners; run to the end;
+    yield the pieces. `miners` rows are (name, cheat, dtype, stage the alternating registration must give it).
     """
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    s3 = start_s3(tmp / "s3")
+    own_s3 = s3 is None
+    s3 = start_s3(tmp / "s3") if own_s3 else s3
     chain, keys = make_chain(tmp / "chain.db", miners=len(miners), validators=1, prefix="vm")
     assert chain.weights_rate_limit() == RATE_LIMIT
     bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3)
@@ -125,7 +125,8 @@ def run_subnet(tmp: Path, miners: list[tuple], **run_over):
         for m in running:
             m.close()
         bridge.stop()
-        s3.stop()
+        if own_s3:
+            s3.stop()
         torch.set_num_threads(old_threads)
 
 
@@ -238,8 +239,13 @@ def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
             caught = [v for v in runs if not v[1]]
         assert len(caught) == len(runs), f"{name} passed an audit: {runs}"
     log.warning("cheater table:\n%s", "\n".join(table))
-    for name in ("copy", "stale", "lazy", "random", "junk"):
+    for name in ("copy", "stale", "lazy", "random"):
         assert verdicts[name], f"{name} did no verified hop, so it was never audited"
+    # junk's uploads differ from the sha256s it reports: its consumers' bad_hash claims made the
+    # bridge check the sealed objects, reject its hops and redo them elsewhere (docs/SECURITY.md)
+    junk = next(m for m in subnet["metrics"].miners if m.hotkey == subnet["names"]["junk"])
+    assert junk.bad_outputs > 0 and not verdicts["junk"], (junk, verdicts["junk"])
+    assert all(m.bad_outputs == 0 for m in subnet["metrics"].miners if m.hotkey != junk.hotkey)
 
 
 def test_honest_miners_pass_every_audit_including_bfloat16(subnet, validated):

@@ -10,10 +10,11 @@ import time
 import httpx
 
 from protocol.client import BridgeError, SignedClient
+from tests.servers import code_bytes, tiny_run_config
 
 __all__ = ["FakeWorker", "ACT", "GRAD"]
 
-ACT, GRAD = 48, 40  # encoded sizes of this fake model's activation and gradient
+ACT = GRAD = code_bytes(tiny_run_config())  # encoded size of a code and of its gradient
 
 
 class FakeWorker(threading.Thread):
@@ -21,7 +22,9 @@ class FakeWorker(threading.Thread):
 
     def __init__(self, keypair, url, hotkey, stop: threading.Event):
         super().__init__(daemon=True)
-        self.c = SignedClient(keypair, url, hotkey, max_tries=40, backoff_s=0.1, max_backoff_s=0.5)
+        # a bridge restart imports torch (the run's code size): allow ~60 s on a loaded box
+        self.c = SignedClient(keypair, url, hotkey, max_tries=120, backoff_s=0.1,
+                              max_backoff_s=0.5)
         self.http = httpx.Client(timeout=10)
         self.stop_ev, self.error, self.hops = stop, None, 0
         self.merged_rounds: set[int] = set()

@@ -1,0 +1,56 @@
+"""What a hop output of this run must be: its exact shape, codec and wire size (from the run's
+model config), and the check the bridge applies to a disputed output (pure: bytes in, verdict
+out; `resbm.codec` decodes, nothing is unpickled).
+
+resbm (and with it torch) is imported on first use, once per bridge process: the bridge needs
+it for the code size at startup and to judge a disputed object, never on the hot path."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+from protocol.messages import RunConfig
+
+__all__ = ["CodeSpec", "code_spec", "judge_bytes"]
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """One micro-batch's code (and its gradient) on the wire."""
+
+    shape: tuple[int, ...]
+    codec: str
+    nbytes: int
+
+
+def code_spec(run: RunConfig) -> CodeSpec:
+    """The run's code shape, wire codec and exact encoded size; ValueError (one line, naming the
+    field) when `run.model` is not a valid model config or the code exceeds max_object_bytes."""
+    from resbm.codec import wire_size
+    from resbm.config import ModelConfig
+    try:
+        cfg = ModelConfig.from_dict(dict(run.model))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"run config 'model' is not a valid model config: {exc}") from None
+    shape = tuple(cfg.code_shape(run.batch_size))
+    nbytes = wire_size(shape, cfg.wire_codec)
+    if nbytes > run.max_object_bytes:
+        raise ValueError(f"a code of shape {shape} ({cfg.wire_codec}) is {nbytes} bytes, over "
+                         f"max_object_bytes={run.max_object_bytes}: raise max_object_bytes")
+    return CodeSpec(shape=shape, codec=cfg.wire_codec, nbytes=nbytes)
+
+
+def judge_bytes(data: Optional[bytes], sha256: Optional[str], spec: CodeSpec) -> tuple[str, str]:
+    """("ok" | "missing" | "bad", detail) for the bytes found at a recorded hop output."""
+    if data is None:
+        return "missing", "no object at the sealed key"
+    have = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and have != sha256:
+        return "bad", f"sha256 is {have[:16]}..., the producer reported {sha256[:16]}..."
+    from resbm import codec
+    try:
+        codec.decode(data, spec.shape, spec.codec, max_bytes=spec.nbytes)
+    except codec.CodecError as exc:
+        return "bad", f"{type(exc).__name__}: {str(exc)[:300]}"
+    return "ok", f"sha256 matches, decodes to {spec.shape} {spec.codec}, finite"
