@@ -80,6 +80,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ValueError as exc:  # a dataset (DatasetConfigError) or model the run cannot use
         raise SystemExit(f"bridge: {args.run_config}: {exc}") from None
     log.info("bridge for run %s on %s:%d", run.run_id, args.host, args.port)
+    if (run.sync_codec, run.sync_merged_codec, run.sync_shards) != ("fp32", "fp32", 1):
+        log.warning("run config: sync_codec/sync_merged_codec/sync_shards only shape the shard plan "
+                    "(GET .../shards) so far; rounds still merge whole fp32 states (docs/CONTRACTS.md)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

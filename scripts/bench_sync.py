@@ -68,7 +68,6 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
         from protocol.messages import MergeItem
         from resbm import outer
         from neurons.merge_compute import compute_merge, fetch_items
-        from tests.servers import tiny_run_config
         items = []
         for i, h in enumerate(hks[1:], 1):  # the others' whole fp32 pseudo-gradients
             blob = outer.tensors_bytes({n: gen(1000 * i + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())})
@@ -92,7 +91,10 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
                         get_url=storage.presign_get(k, 600))
               for h, k, s in [(focal, f"{prefix}/pg/{focal}", sha)] + items]
         from protocol.messages import RunConfig
-        run = RunConfig(**tiny_run_config(max_state_bytes=2**40, outer_momentum=0.5))
+        run = RunConfig(run_id="bench-sync", model={}, n_stages=1, batch_size=1, micro_batches_per_step=1,
+                        inner_steps_per_round=1, samples_per_round=1, muon_lr=0.02, adamw_lr=3e-3,
+                        total_rounds=1, data_seed=0, init_seed=0, outer_momentum=0.5,
+                        max_state_bytes=2**40)
         fetched = fetch_items(me, mi, shapes, 2**40)
         out = compute_merge(theta, mom, None, mi, fetched, shapes, run)
         del fetched
