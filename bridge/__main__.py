@@ -1,90 +1,133 @@
-"""`python -m bridge`: serve the bridge with uvicorn (flags, or RESBM_BRIDGE_* environment)."""
+"""`python -m bridge`: serve the bridge with uvicorn.
+
+Settings come from flags, RESBM_* environment variables or a .env file (flag > environment >
+.env > default; `--help` lists them). Every start-up mistake ends in one line and an exit code
+from `protocol.exits.Exit`; an S3 endpoint that does not answer yet is retried with back-off.
+"""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Any, Optional
 
 from bridge.records import Tunables
-from bridge.settings import BridgeSettings, env_default, load_run_config
-from protocol.chain.open import load_hotkey, open_chain
+from bridge.settings import BridgeConfig, BridgeSettings, check_model, load_run_config
+from protocol.chain.open import check_subnet, load_hotkey, open_chain
+from protocol.exits import Exit, Misconfigured, Transient, exits_cleanly, retry
+from protocol.settings import build_parser as settings_parser
+from protocol.settings import load_settings, setup_logging
 
-__all__ = ["main", "build_parser", "load_keypair"]
+__all__ = ["main", "build_parser", "load_keypair", "open_storage"]
 
-log = logging.getLogger("bridge")
+DESCRIPTION = "Serve the ResBM bridge: coordination of miners and validators over S3."
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags; each defaults to its RESBM_BRIDGE_* variable."""
-    p = argparse.ArgumentParser(prog="python -m bridge", description=__doc__)
-    a = p.add_argument
-    e = env_default
-    a("--run-config", default=e("run_config", None), help="run config YAML (RunConfig fields)")
-    a("--host", default=e("host", "127.0.0.1"), help="listen address")
-    a("--port", type=int, default=int(e("port", 8600)), help="listen port")
-    a("--db", default=e("db", "bridge.sqlite"), help="SQLite state file (resumes if present)")
-    a("--s3-endpoint", default=e("s3_endpoint", None), help="S3 endpoint URL")
-    a("--s3-bucket", default=e("s3_bucket", "resbm"), help="bucket (created if missing)")
-    a("--s3-access-key", default=e("s3_access_key", None), help="S3 access key")
-    a("--s3-secret-key", default=e("s3_secret_key", None), help="S3 secret key")
-    a("--chain", default=e("chain", None),
-      help="localchain:PATH (a LocalChain file; local:PATH also works) | finney | test | ws://...")
-    a("--netuid", type=int, default=int(e("netuid", 1)), help="subnet id")
-    a("--wallet.name", dest="wallet_name", default=e("wallet.name", None), help="wallet name")
-    a("--wallet.hotkey", dest="wallet_hotkey", default=e("wallet.hotkey", "default"),
-      help="wallet hotkey name")
-    a("--wallet.path", dest="wallet_path", default=e("wallet.path", None), help="wallets dir")
-    a("--hotkey-uri", default=e("hotkey_uri", None),
-      help="derive the bridge hotkey from a URI such as //bridge (local runs only)")
-    a("--rate", type=float, default=float(e("rate", 200.0)), help="requests/s per hotkey")
-    a("--health-timeout", type=float, default=float(e("health_timeout", 120.0)),
-      help="seconds without contact before a miner counts as gone")
-    a("--no-head-check", action="store_true",
-      help="skip HEAD of hop outputs at hops/done (benchmarks only: trusts miners)")
-    a("--seed", type=int, default=None, help="routing RNG seed (tests)")
-    a("--log-level", default=e("log_level", "INFO"), help="logging level")
-    return p
+# Old spellings still accepted, so existing scripts keep working.
+_ALIASES = {"--chain": "--subtensor.network", "--log-level": None}
 
 
-def load_keypair(args: argparse.Namespace) -> Any:
+def build_parser() -> Any:
+    """Command-line flags (generated from `BridgeConfig`)."""
+    return settings_parser(BridgeConfig, "python -m bridge", DESCRIPTION)
+
+
+def _translate(argv: list[str]) -> list[str]:
+    """Map the deprecated `--chain X` to `--subtensor.network X`; `--log-level DEBUG` to `--logging.debug`."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, val = a.partition("=")
+        if name in _ALIASES:
+            if not eq:
+                i += 1
+                val = argv[i] if i < len(argv) else ""
+            if name == "--chain":
+                out += ["--subtensor.network", val]
+            elif val.upper() == "DEBUG":
+                out.append("--logging.debug")
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def load_keypair(cfg: BridgeConfig) -> Any:
     """The bridge's hotkey keypair from --hotkey-uri or a wallet."""
-    return load_hotkey(args.wallet_name, args.wallet_hotkey, args.wallet_path, uri=args.hotkey_uri)
+    return load_hotkey(cfg.wallet_name, cfg.wallet_hotkey, cfg.wallet_path, uri=cfg.hotkey_uri or None)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Parse flags, open chain and storage, serve."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for need in ("run_config", "chain"):
-        if not getattr(args, need):
-            raise SystemExit(f"--{need.replace('_', '-')} is required")
+def _try_storage(cfg: BridgeConfig) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+    from bridge.storage import Storage
+    unreachable = Misconfigured(Exit.S3_UNREACHABLE, (
+        f"no S3 server answers at {cfg.s3_endpoint}; check --s3-endpoint and that the server runs"))
+    try:
+        return Storage(cfg.s3_endpoint, cfg.s3_bucket, cfg.s3_access_key, cfg.s3_secret_key)
+    except EndpointConnectionError as exc:
+        raise Transient(f"no answer ({type(exc).__name__})", unreachable) from None
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        code, status = str(err.get("Code", "")), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
+                    "InvalidToken", "ExpiredToken") or status == 403:
+            raise Misconfigured(Exit.S3_CREDENTIALS, (
+                f"S3 at {cfg.s3_endpoint} rejected the credentials ({code or status}); check "
+                "--s3-access-key and --s3-secret-key")) from None
+        if status in (500, 502, 503, 504):
+            raise Transient(f"HTTP {status}", unreachable) from None
+        raise Misconfigured(Exit.S3_UNREACHABLE, (
+            f"S3 at {cfg.s3_endpoint} refused bucket {cfg.s3_bucket!r}: {code} {err.get('Message', '')}; "
+            "check --s3-bucket and the key's permissions")) from None
+    except (BotoCoreError, ValueError) as exc:
+        if "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            raise Transient(f"no answer ({type(exc).__name__})", unreachable) from None
+        raise Misconfigured(Exit.S3_UNREACHABLE,
+                            f"--s3-endpoint {cfg.s3_endpoint!r} is unusable: {exc}") from None
+
+
+def open_storage(cfg: BridgeConfig, log: logging.Logger) -> Any:
+    """The bucket's `Storage`, retrying an endpoint that does not answer yet (up to --s3.wait s)."""
+    return retry(f"S3 {cfg.s3_endpoint}", lambda: _try_storage(cfg), log, cfg.s3_wait,
+                 first=1.0, cap=30.0)
+
+
+@exits_cleanly
+def main(argv: Optional[list[str]] = None) -> int:
+    """Check the settings, open chain and storage, serve."""
+    import sys
+    argv = _translate(list(sys.argv[1:] if argv is None else argv))
+    cfg = load_settings(BridgeConfig, argv, prog="python -m bridge", description=DESCRIPTION)
+    log = setup_logging(cfg, "bridge")
+    run = load_run_config(cfg.run_config)
+    if not cfg.s3_endpoint and not cfg.no_head_check:
+        raise Misconfigured(Exit.USAGE, "--s3-endpoint is required (or --no-head-check for benchmarks)")
+    keypair = load_keypair(cfg)
+    chain = open_chain(cfg.network, cfg.netuid)
+    check_subnet(chain, cfg.network, cfg.netuid)
+    storage = open_storage(cfg, log) if cfg.s3_endpoint else None
+    if not os.path.exists(cfg.db):  # a resumed --db holds this same run, checked when it began
+        check_model(run, cfg.run_config)
     import uvicorn
 
     from bridge.app import create_app
-    from bridge.storage import Storage
-    run = load_run_config(args.run_config)
-    storage = None
-    if args.s3_endpoint:
-        storage = Storage(args.s3_endpoint, args.s3_bucket, args.s3_access_key or "",
-                          args.s3_secret_key or "")
-    elif not args.no_head_check:
-        raise SystemExit("--s3-endpoint is required (or --no-head-check for benchmarks)")
     settings = BridgeSettings(
-        run=run, db_path=args.db, nonce_db_path=os.fspath(args.db) + ".nonces",
-        tunables=Tunables(health_timeout=args.health_timeout), rate_per_second=args.rate,
-        rate_burst=2 * args.rate, check_objects=not args.no_head_check, seed=args.seed)
+        run=run, db_path=cfg.db, nonce_db_path=os.fspath(cfg.db) + ".nonces",
+        tunables=Tunables(health_timeout=cfg.health_timeout), rate_per_second=cfg.rate,
+        rate_burst=2 * cfg.rate, check_objects=not cfg.no_head_check, seed=cfg.seed,
+        netuid=cfg.netuid, keep_rounds=max(cfg.keep_rounds, run.audit_window_rounds + 1))
     try:
-        app = create_app(settings, open_chain(args.chain, args.netuid), storage, load_keypair(args))
+        app = create_app(settings, chain, storage, keypair)
     except ValueError as exc:  # a dataset (DatasetConfigError) or model the run cannot use
-        raise SystemExit(f"bridge: {args.run_config}: {exc}") from None
-    log.info("bridge for run %s on %s:%d", run.run_id, args.host, args.port)
+        raise Misconfigured(Exit.CONFIG_FILE, f"{cfg.run_config}: {exc}") from None
+    log.info("bridge for run %s on %s:%d (netuid %d, %s)", run.run_id, cfg.host, cfg.port,
+             cfg.netuid, cfg.network)
     if (run.sync_codec, run.sync_merged_codec, run.sync_shards) != ("fp32", "fp32", 1):
         log.warning("run config: sync_codec/sync_merged_codec/sync_shards only shape the shard plan "
                     "(GET .../shards) so far; rounds still merge whole fp32 states (docs/CONTRACTS.md)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if cfg.logging_trace else "warning",
+                access_log=cfg.logging_trace)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

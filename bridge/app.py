@@ -43,26 +43,51 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    """Who may call: metagraph membership and validator permits, cached for `ttl` seconds."""
+    """Who may call: metagraph membership and validator permits, refreshed every `ttl` seconds by
+    a background thread so a slow chain never stalls the event loop (requests read the last
+    snapshot; a failed fetch keeps it and is logged)."""
 
-    def __init__(self, chain: Any, ttl: float = 5.0) -> None:
+    def __init__(self, chain: Any, ttl: float = 5.0, background: bool = True) -> None:
         self.chain, self.ttl = chain, ttl
-        self._at, self._members, self._validators = -1e9, set(), set()
-        self._lock = threading.Lock()
+        self._members: frozenset[str] = frozenset()
+        self._validators: frozenset[str] = frozenset()
+        self.refreshes = 0
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self.refresh()
+        if background:
+            threading.Thread(target=self._loop, daemon=True, name="metagraph").start()
 
-    def _refresh(self) -> None:
-        with self._lock:
-            if time.monotonic() - self._at < self.ttl:
+    def refresh(self) -> None:
+        """Fetch the metagraph once and swap in the new snapshot."""
+        mg = self.chain.metagraph()
+        self._members = frozenset(n.hotkey for n in mg.neurons)
+        self._validators = frozenset(n.hotkey for n in mg.neurons if n.validator_permit)
+        self.refreshes += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._kick.wait(self.ttl)
+            self._kick.clear()
+            if self._stop.is_set():
                 return
-            mg = self.chain.metagraph()
-            self._members = {n.hotkey for n in mg.neurons}
-            self._validators = {n.hotkey for n in mg.neurons if n.validator_permit}
-            self._at = time.monotonic()
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep serving from the last snapshot
+                log.warning("metagraph refresh failed (keeping the last snapshot): %s", exc)
+            self._stop.wait(min(1.0, self.ttl))  # kicks by unknown callers: at most one per second
+
+    def close(self) -> None:
+        """Stop the refresh thread."""
+        self._stop.set()
+        self._kick.set()
 
     def is_allowed(self, hotkey: str, role: str) -> bool:
-        """Role "validator" needs a permit; every other role needs registration."""
-        self._refresh()
-        return hotkey in (self._validators if role == "validator" else self._members)
+        """Role "validator" needs a permit; every other role needs registration (never blocks)."""
+        ok = hotkey in (self._validators if role == "validator" else self._members)
+        if not ok:
+            self._kick.set()  # maybe registered since the last snapshot: refresh soon
+        return ok
 
 
 class RateLimiter:
@@ -128,7 +153,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     spec = code_spec(run)  # ValueError naming the field when run.model is not a valid model
     tun = dataclasses.replace(settings.tunables, code_bytes=spec.nbytes)
     manifest = fetch_manifest(run, storage)  # refuses a dataset that disagrees with the model
-    svc = BridgeService(run, Database(settings.db_path), storage, tun,
+    svc = BridgeService(run, Database(settings.db_path, settings.keep_rounds), storage, tun,
                         seed=settings.seed, check_objects=settings.check_objects)
     store = storage if svc.check_objects else None
     reg = registry or Registry(chain, settings.metagraph_ttl)
@@ -201,7 +226,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
 
     @app.get("/health")
     async def health() -> Response:
-        return _json(msg.Health(hotkey=hotkey))
+        return _json(msg.Health(hotkey=hotkey, netuid=settings.netuid))
 
     @app.get("/v1/run")
     async def get_run(caller: str = Depends(anyone)) -> Response:
@@ -220,6 +245,11 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         return _json(msg.Assignment(hotkey=caller, stage=m.stage, round=rnd,
                                     inner_step=m.inner_step, phase=phase,
                                     state=views.state_ref(m.stage, ss, svc.get_url, ttl), run=run))
+
+    @app.post("/v1/miners/leave")
+    async def leave(req: msg.LeaveRequest, caller: str = Depends(miner)) -> Response:
+        moved = await svc.apply_async(lambda st, now, rng: state.leave(st, caller, now, rng))
+        return _json(msg.LeaveResponse(hops_moved=moved))
 
     @app.post("/v1/hops/lease")
     async def lease(req: msg.LeaseRequest, caller: str = Depends(miner)) -> Response:

@@ -1,7 +1,10 @@
 """Thin SQLite persistence: each transition's changed records are written in one transaction.
 
 Rows are JSON blobs keyed by id, with the few indexed columns that queries need (hops by round
-and miner). Loading restores the current round fully; older rounds stay on disk for the hop log.
+and miner). Loading restores the current round fully; the `keep_rounds` rounds before it stay on
+disk for validators' hop logs, older hop and sample rows are pruned when a round starts (the
+per-round archive rows, one small row each, are kept) and the WAL is truncated, so the file stays
+bounded however long the run.
 """
 from __future__ import annotations
 
@@ -41,14 +44,19 @@ def _dump(obj: Any) -> str:
 class Database:
     """One SQLite file (WAL, synchronous=NORMAL) holding a run's state."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], keep_rounds: int = 8) -> None:
+        if keep_rounds < 1:
+            raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
         self.path = os.fspath(path)
+        self.keep_rounds = keep_rounds
+        self._pruned_below = 0
         self._conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False,
                                      isolation_level=None)
         self._lock = threading.Lock()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=10000")
+        self._conn.execute(f"PRAGMA journal_size_limit={4 << 20}")
         self._conn.executescript(_SCHEMA)
         self.writes = 0  # rows written, for the benchmark
 
@@ -115,6 +123,27 @@ class Database:
                 c.execute("ROLLBACK")
                 raise
             self.writes += meta + len(miners) + len(samples) + len(hops) + len(rounds)
+        if st.round - self.keep_rounds > self._pruned_below:
+            self.prune(st.round - self.keep_rounds)
+
+    def prune(self, below_round: int) -> int:
+        """Delete hop and sample rows of rounds before `below_round` and truncate the WAL;
+        returns the rows deleted."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                n = c.execute("DELETE FROM hops WHERE round < ?", (below_round,)).rowcount
+                n += c.execute("DELETE FROM samples WHERE round < ?", (below_round,)).rowcount
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._pruned_below = below_round
+        if n:
+            log.info("pruned %d hop/sample rows of rounds before %d", n, below_round)
+        return n
 
     def done_hops(self, round_: int, miner: Optional[str]) -> list[Hop]:
         """Completed hops of a round (optionally of one miner), in completion order."""

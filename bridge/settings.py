@@ -1,31 +1,78 @@
-"""Bridge settings: the run config (YAML) plus service knobs, from flags or RESBM_BRIDGE_* env."""
+"""Bridge settings: the process's flags (`BridgeConfig`, the one scheme of `protocol.settings`:
+flag > RESBM_* environment > .env > default), the run config (YAML) and the app's knobs."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Optional
 
 import yaml
+from pydantic import ValidationError
 
 from bridge.records import Tunables
+from protocol.exits import Exit, Misconfigured
 from protocol.messages import RunConfig
+from protocol.settings import DEFAULT_BRIDGE_PORT, CommonSettings, flag
 
-__all__ = ["BridgeSettings", "load_run_config", "env_default"]
+__all__ = ["BridgeConfig", "BridgeSettings", "load_run_config", "check_model"]
+
+
+class BridgeConfig(CommonSettings):
+    """The bridge process's settings (flags, RESBM_* variables, .env)."""
+
+    run_config: str = flag("", "run config YAML (RunConfig fields; see run.example.yaml)")
+    host: str = flag("127.0.0.1", "listen address")
+    port: int = flag(DEFAULT_BRIDGE_PORT, "listen port")
+    db: str = flag("bridge.sqlite", "SQLite state file (resumes if present)")
+    s3_endpoint: str = flag("", "S3 endpoint URL (AWS, R2, MinIO, rclone serve s3)")
+    s3_bucket: str = flag("resbm", "bucket (created if missing)")
+    s3_access_key: str = flag("", "S3 access key")
+    s3_secret_key: str = flag("", "S3 secret key")
+    s3_wait: float = flag(300.0, "seconds to keep retrying an unreachable S3 endpoint at start",
+                          name="s3-wait")
+    hotkey_uri: str = flag("", "derive the bridge hotkey from a URI such as //bridge (local runs only)")
+    rate: float = flag(200.0, "requests/s per hotkey")
+    health_timeout: float = flag(120.0, "seconds without contact before a miner counts as gone")
+    keep_rounds: int = flag(8, "rounds of hop rows kept in the SQLite file for validators' hop logs "
+                            "(at least the run's audit_window_rounds + 1; older ones are pruned)")
+    no_head_check: bool = flag(False, "skip HEAD of hop outputs at hops/done (benchmarks only: trusts miners)")
+    seed: Optional[int] = flag(None, "routing RNG seed (tests)")
 
 
 def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
-    """Read and validate a run config YAML file (errors name the field)."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    """Read and validate a run config YAML file; `Misconfigured` (one line) when it is missing or bad."""
+    if not path:
+        raise Misconfigured(Exit.CONFIG_FILE, "no run config: give --run-config FILE (start from "
+                            "run.example.yaml)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise Misconfigured(Exit.CONFIG_FILE, f"run config {path} does not exist; give an existing "
+                            "--run-config FILE (start from run.example.yaml)") from None
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise Misconfigured(Exit.CONFIG_FILE, f"run config {path} cannot be read: {first}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of RunConfig fields at the top level")
-    return RunConfig.model_validate(data)
+        raise Misconfigured(Exit.CONFIG_FILE,
+                            f"run config {path}: expected a mapping of RunConfig fields at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(map(str, e["loc"])) or "(top level)"
+        raise Misconfigured(Exit.CONFIG_FILE, f"run config {path}: {where}: {e['msg']} "
+                            f"({exc.error_count()} error(s)); fix the file") from None
 
 
-def env_default(name: str, default: Any) -> Any:
-    """RESBM_BRIDGE_<NAME> from the environment, else `default`."""
-    return os.environ.get("RESBM_BRIDGE_" + name.upper().replace("-", "_").replace(".", "_"),
-                          default)
+def check_model(run: RunConfig, path: str) -> None:
+    """Build the run's ModelConfig as miners will; `Misconfigured` when it is invalid (otherwise
+    every miner would fail on its first assignment)."""
+    from resbm.config import ModelConfig  # imports torch: called after the cheap checks
+    try:
+        ModelConfig.from_dict(dict(run.model)).validate()
+    except (ValueError, TypeError) as exc:
+        raise Misconfigured(Exit.CONFIG_FILE, f"run config {path}: model: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -43,3 +90,5 @@ class BridgeSettings:
     check_objects: bool = True         # HEAD outputs at hops/done (off only in benchmarks)
     url_ttl: float = 3600.0            # expiry of GET URLs for states and the hop log
     seed: int | None = None            # routing RNG seed (tests)
+    netuid: int | None = None          # served in GET /health so neurons can check theirs
+    keep_rounds: int = 8               # rounds of hop rows kept in SQLite (older are pruned)

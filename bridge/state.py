@@ -16,7 +16,7 @@ from bridge import rounds
 from bridge.records import Hop, Miner, State, TransitionError
 from bridge.routing import choose_stage, pick_replica
 
-__all__ = ["register", "lease", "check_done", "complete", "step_done", "expire",
+__all__ = ["register", "leave", "lease", "check_done", "complete", "step_done", "expire",
            "tick", "LeaseResult", "output_key", "upload_key", "penalize", "retry_hop", "redo_hop"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
     """Assign a stage (new miner) or keep it (rejoin: in-flight work released, graphs dropped)."""
     m = st.miners.get(hotkey)
     if m is not None:
+        if st.healthy(m, now) and now - m.last_seen < st.tun.health_timeout / 4:
+            log.warning("hotkey %s registered again while its previous process was heard from "
+                        "%.0fs ago: if two live processes share this hotkey they take each "
+                        "other's stage and leases; run one process per hotkey", hotkey,
+                        now - m.last_seen)
         m.epoch += 1
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
@@ -77,6 +82,19 @@ def register(st: State, hotkey: str, now: float, rng: random.Random) -> Miner:
     if st.phase == "waiting" and all(st.stage_miners(s) for s in range(st.run.n_stages)):
         rounds.start_round(st, 0, now)
     return m
+
+
+def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:
+    """A miner says it is stopping: its leased and queued hops go elsewhere now (no penalty) and
+    it stops counting towards its stage; returns how many hops moved. Registering again rejoins."""
+    m = _miner(st, hotkey)
+    held = list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ()))
+    for hid in held:
+        retry_hop(st, st.hops[hid], now, rng, "miner left", penalize_holder=False)
+    m.active, m.last_seen = False, now
+    st.touch("miner", hotkey, m)
+    log.info("miner %s left stage %d (%d hops moved)", hotkey, m.stage, len(held))
+    return len(held)
 
 
 def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:

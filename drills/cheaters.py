@@ -52,6 +52,14 @@ class CheatingMiner(Miner):
             return
         super()._apply_step(global_step)
 
+    def _upload_and_report(self, hop, out, loss, seconds):
+        super()._upload_and_report(hop, out, loss, seconds)
+        if self.kind == "overwrite" and hop.output is not None:
+            try:  # after done: try to change what the next stage and the validator will read
+                self.transfer.put(hop.output.put_url, b"\0" * hop.output.size)
+            except Exception as exc:  # refused is the desired outcome
+                log.info("drill overwrite: hop output re-PUT refused (%s)", str(exc)[:120])
+
     def _work(self, hops):
         if self.kind == "false-claim":
             for hop in hops:

@@ -3,7 +3,7 @@
 `liar` votes for a state of its own making (re-derived until its sha256 sorts first, as an
 attacker hoping for a hash-order tie-break would); `flip` uploads its pseudo-gradient with the
 sign flipped; `huge` scales it by 1e6; `nan` puts NaN in it; `overwrite` re-uploads garbage to
-its grants after each report (trying to change what was reported); `lazy` uploads zeros;
+its grants after each report (and, in drills.cheaters, to each hop output after done) (trying to change what was reported); `lazy` uploads zeros;
 `withhold` never reports its pseudo-gradient (trying to hold the merge set open).
 """
 from __future__ import annotations

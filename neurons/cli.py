@@ -1,97 +1,131 @@
-"""Command-line flags shared by the miner and the validator, bittensor-style, with `.env` support.
+"""Settings and start-up checks shared by the miner and the validator.
 
-Every flag can also come from the environment as RESBM_<FLAG> with dots and dashes turned into
-underscores (e.g. `--wallet.name` <- RESBM_WALLET_NAME); a `.env` file in the working directory (or
-the one named by `--env-file`) is read first. Command-line values win over the environment.
+Settings follow the one scheme of `protocol.settings` (flag > RESBM_* environment > `.env` >
+default). The start-up checks turn every configuration mistake into one line and its exit code
+(`protocol.exits.Exit`) before the neuron touches the bridge.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Optional
 
-from protocol.chain.open import load_hotkey, open_chain as open_network
+import httpx
 
-__all__ = ["base_parser", "parse_args", "env_name", "load_keypair", "open_chain", "setup_logging"]
+from protocol.chain.open import check_registered, check_subnet, load_hotkey, open_chain as open_network
+from protocol.exits import Exit, Misconfigured, Transient, retry
+from protocol.settings import DEFAULT_BRIDGE_URL, CommonSettings, env_name, flag, load_settings, setup_logging
 
-
-def env_name(flag: str) -> str:
-    """Environment variable that can set `flag` (e.g. `wallet.name` -> RESBM_WALLET_NAME)."""
-    return "RESBM_" + flag.replace(".", "_").replace("-", "_").upper()
+__all__ = ["NeuronSettings", "env_name", "load_settings", "setup_logging", "load_keypair", "open_chain",
+           "resolve_device", "connect_bridge", "start_checks"]
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """Parser with the flags every neuron takes."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--env-file", default=".env", help="file of RESBM_* settings read before flags")
-    p.add_argument("--wallet.name", default="default", help="bittensor wallet (coldkey) name")
-    p.add_argument("--wallet.hotkey", default="default", help="hotkey name inside the wallet")
-    p.add_argument("--wallet.path", default=str(Path.home() / ".bittensor" / "wallets"),
-                   help="directory holding bittensor wallets")
-    p.add_argument("--netuid", type=int, default=9, help="subnet uid")
-    p.add_argument("--subtensor.network", default="finney",
-                   help="finney, test, local, a ws(s):// URL, or localchain:PATH for a local SQLite chain")
-    p.add_argument("--bridge.url", default="http://127.0.0.1:8080", help="bridge base URL")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--link.mbps", type=float, default=0.0,
-                   help="emulate an uplink/downlink of this many Mbit/s for object transfers (0 = off)")
-    p.add_argument("--link.latency-ms", type=float, default=0.0,
-                   help="emulated one-way latency added to every object transfer")
-    p.add_argument("--logging.debug", action="store_true", help="verbose logging")
-    p.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines")
-    p.add_argument("--metrics.port", type=int, default=0,
-                   help="serve Prometheus metrics on this port at /metrics (0 = off)")
-    return p
+class NeuronSettings(CommonSettings):
+    """Settings of both neurons."""
+
+    bridge_url: str = flag(DEFAULT_BRIDGE_URL, "bridge base URL", name="bridge.url")
+    bridge_wait: float = flag(600.0, "seconds to keep retrying an unreachable bridge at start "
+                              "before giving up", name="bridge.wait")
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    link_mbps: float = flag(0.0, "emulate an uplink/downlink of this many Mbit/s for object "
+                            "transfers (0 = off)", name="link.mbps")
+    link_latency_ms: float = flag(0.0, "emulated one-way latency added to every object transfer",
+                                  name="link.latency-ms")
+    status_every: float = flag(10.0, "seconds between status lines")
+    metrics_port: int = flag(0, "serve Prometheus metrics on this port at /metrics (0 = off)",
+                             name="metrics.port")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags after applying `.env` and RESBM_* environment defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    env_file = _flag_value(argv, "--env-file") or ".env"
-    if Path(env_file).is_file():
-        from dotenv import load_dotenv
-        load_dotenv(env_file, override=False)
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        flag = action.option_strings[0].lstrip("-")
-        value = os.environ.get(env_name(flag))
-        if value is None:
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
-            action.default = value.lower() in ("1", "true", "yes", "on")
-        else:
-            action.default = action.type(value) if action.type else value
-    return parser.parse_args(argv)
+def load_keypair(s: CommonSettings) -> Any:
+    """The hotkey of the configured wallet (`Misconfigured` when missing)."""
+    return load_hotkey(s.wallet_name, s.wallet_hotkey, s.wallet_path)
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+def open_chain(s: CommonSettings) -> Any:
+    """The `Chain` named by --subtensor.network / --subtensor.chain_endpoint and --netuid."""
+    return open_network(s.network, s.netuid)
 
 
-def load_keypair(args: argparse.Namespace):
-    """The hotkey of the configured wallet; exits with a readable message when it is missing."""
-    return load_hotkey(getattr(args, "wallet.name"), getattr(args, "wallet.hotkey"), getattr(args, "wallet.path"))
+def _mps_available() -> bool:
+    import torch
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
-def open_chain(args: argparse.Namespace):
-    """The `Chain` named by --subtensor.network and --netuid."""
-    return open_network(getattr(args, "subtensor.network"), args.netuid)
+def _cuda_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def setup_logging(debug: bool, name: str) -> logging.Logger:
-    """One readable line per event on stderr."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return logging.getLogger(name)
+def resolve_device(name: str, cuda_count: Optional[Callable[[], int]] = None,
+                   mps_available: Optional[Callable[[], bool]] = None) -> str:
+    """'auto' -> cuda, then mps, then cpu; a named device must exist here (`Misconfigured` if not).
+    The availability checks are injectable for tests."""
+    cuda_count = cuda_count or _cuda_count
+    mps_available = mps_available or _mps_available
+    kind, _, index = name.partition(":")
+    if name == "auto":
+        return "cuda" if cuda_count() > 0 else ("mps" if mps_available() else "cpu")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind == "cuda":
+        n = cuda_count()
+        i = int(index) if index.isdigit() else (0 if not index else -1)
+        if i < 0:
+            raise Misconfigured(Exit.USAGE, f"--device {name}: expected cuda or cuda:N")
+        if i >= n:
+            have = f"{n} CUDA device(s)" if n else "no CUDA device (or a CPU-only torch build)"
+            raise Misconfigured(Exit.DEVICE, f"--device {name} but this machine has {have}; "
+                                "use --device cpu or auto, or install a CUDA build of torch")
+        return name
+    if kind == "mps" and not index:
+        if not mps_available():
+            raise Misconfigured(Exit.DEVICE, f"--device {name} but MPS is not available here; "
+                                "use --device cpu or auto")
+        return "mps"
+    raise Misconfigured(Exit.USAGE, f"--device {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def _probe_bridge(url: str) -> dict:
+    """GET /health once: the bridge's health record, `Transient` when nothing answers."""
+    unreachable = Misconfigured(Exit.BRIDGE_UNREACHABLE, (
+        f"no bridge answers at {url}; check --bridge.url and that the bridge is running"))
+    try:
+        resp = httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+    except httpx.UnsupportedProtocol:
+        raise Misconfigured(Exit.USAGE, f"--bridge.url {url!r} is not an http(s):// URL") from None
+    except (httpx.TransportError, OSError) as exc:
+        raise Transient(f"no answer from {url} ({type(exc).__name__})", unreachable) from None
+    if resp.status_code in (502, 503, 504):
+        raise Transient(f"{url} answered {resp.status_code}", unreachable)
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code != 200 or not isinstance(data, dict) or not isinstance(data.get("hotkey"), str):
+        raise Misconfigured(Exit.NOT_A_BRIDGE, (
+            f"{url} answered GET /health with HTTP {resp.status_code} but is not a ResBM bridge; "
+            "check --bridge.url (host and port of the bridge)"))
+    return data
+
+
+def connect_bridge(s: NeuronSettings, log: logging.Logger) -> str:
+    """The bridge's hotkey, after checking it is a bridge for our netuid; retries with back-off
+    while nothing answers (up to --bridge.wait seconds)."""
+    health = retry(f"bridge {s.bridge_url}", lambda: _probe_bridge(s.bridge_url), log,
+                   give_up_after=s.bridge_wait, first=1.0, cap=30.0)
+    netuid = health.get("netuid")
+    if netuid is not None and int(netuid) != s.netuid:
+        raise Misconfigured(Exit.BRIDGE_MISMATCH, (
+            f"the bridge at {s.bridge_url} serves netuid {netuid}, this neuron is set to netuid "
+            f"{s.netuid}; fix --netuid or --bridge.url"))
+    return health["hotkey"]
+
+
+def start_checks(s: NeuronSettings, log: logging.Logger, need_permit: bool = False) -> tuple[Any, Any, int]:
+    """(keypair, chain, uid) after checking the wallet, the chain, the subnet, the registration
+    and, for validators, the permit."""
+    keypair = load_keypair(s)
+    chain = open_chain(s)
+    mg = check_subnet(chain, s.network, s.netuid)
+    uid = check_registered(mg, keypair.ss58_address, s.network, s.netuid, need_permit=need_permit)
+    return keypair, chain, uid

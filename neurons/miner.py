@@ -19,57 +19,65 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+from neurons.cli import (NeuronSettings, connect_bridge, load_settings, resolve_device, setup_logging,
+                         start_checks)
+from protocol.exits import exits_cleanly
+from protocol.settings import build_parser as settings_parser
+from protocol.settings import flag
 
-from neurons import metrics
-from neurons.cli import base_parser, load_keypair, open_chain, parse_args, setup_logging
-from neurons.miner_loop import Miner
-from neurons.transfer import LinkEmulator, ObjectTransfer
-from protocol.client import SignedClient, fetch_receiver_hotkey
-from resbm.train import pick_device
+__all__ = ["main", "build_parser", "MinerSettings"]
 
-__all__ = ["main", "build_parser"]
+DESCRIPTION = "Serve one pipeline stage of a ResBM training run."
+
+
+class MinerSettings(NeuronSettings):
+    """The miner's settings (flags, RESBM_* variables, .env)."""
+
+    dtype: str = flag("float32", "compute dtype (parameters and optimizer state stay float32)",
+                      choices=["float32", "bfloat16", "float16"])
+    max_hops: int = flag(4, "hops leased at once (inputs prefetched in parallel)")
+    threads: int = flag(0, "torch CPU threads (0 = torch default)")
+    status_file: str = flag("", "write a JSON status snapshot here every status interval")
 
 
 def build_parser():
-    """The miner's flags."""
-    p = base_parser("resbm-miner", "Serve one pipeline stage of a ResBM training run.")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (parameters and optimizer state stay float32)")
-    p.add_argument("--max-hops", type=int, default=4, help="hops leased at once (inputs prefetched in parallel)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--status-file", default="", help="write a JSON status snapshot here every status interval")
-    return p
+    """The miner's flags (generated from `MinerSettings`)."""
+    return settings_parser(MinerSettings, "resbm-miner", DESCRIPTION)
 
 
-def main(argv=None, parser=None, make_miner=None) -> int:
-    """Run the miner until stopped (`parser` / `make_miner(args, **kwargs)`: for drills)."""
-    args = parse_args(parser or build_parser(), argv)
-    log = setup_logging(getattr(args, "logging.debug"), "miner")
+@exits_cleanly
+def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "resbm-miner",
+         make_miner=None) -> int:
+    """Run the miner until stopped (`settings` with extra fields and `make_miner(args, **kwargs)`:
+    for drills)."""
+    args = load_settings(settings, argv, prog=prog, description=DESCRIPTION)
+    log = setup_logging(args, "miner")
+    device = resolve_device(args.device)  # before registering: a bad device must not take a stage
+    keypair, _chain, uid = start_checks(args, log)
+    bridge_hotkey = connect_bridge(args, log)
+
+    import torch
+
+    from neurons.miner_loop import Miner
+    from neurons.transfer import LinkEmulator, ObjectTransfer
+    from protocol.client import SignedClient
     if args.threads:
         torch.set_num_threads(args.threads)
-    keypair = load_keypair(args)
-    chain = open_chain(args)
-    uid = chain.uid_of(keypair.ss58_address)
-    if uid is None:
-        log.error("hotkey %s is not registered on netuid %d (%s); register it first",
-                  keypair.ss58_address, args.netuid, getattr(args, "subtensor.network"))
-        return 2
-    bridge_url = getattr(args, "bridge.url")
-    client = SignedClient(keypair, bridge_url, fetch_receiver_hotkey(bridge_url))
-    link = LinkEmulator(getattr(args, "link.mbps"), getattr(args, "link.latency_ms"))
+    client = SignedClient(keypair, args.bridge_url, bridge_hotkey)
+    link = LinkEmulator(args.link_mbps, args.link_latency_ms)
     make = make_miner or (lambda _args, **kw: Miner(**kw))
-    miner = make(args, client=client, transfer=ObjectTransfer(link), device=str(pick_device(args.device)),
+    miner = make(args, client=client, transfer=ObjectTransfer(link), device=device,
                  dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
     miner.status.every = args.status_every
-    metrics.serve(getattr(args, "metrics.port"), metrics.miner_registry(miner.status))
+    from neurons import metrics
+    metrics.serve(args.metrics_port, metrics.miner_registry(miner.status))
     if args.status_file:
         _write_status_periodically(miner, args.status_file, args.status_every)
     a = miner.register()
     n_params = sum(p.numel() for p in miner.worker.module.parameters())
     log.info("uid %d serving stage %d/%d (%.2fM params, code %s %s) on %s, round %d, bridge %s",
              uid, a.stage, a.run.n_stages, n_params / 1e6, "x".join(map(str, miner.shape)), miner.codec,
-             miner.device, a.round, bridge_url)
+             miner.device, a.round, args.bridge_url)
 
     def on_signal(signum, _frame):
         log.info("signal %d: finishing the hops in hand, then exiting", signum)
@@ -80,6 +88,7 @@ def main(argv=None, parser=None, make_miner=None) -> int:
     try:
         miner.run_forever()
     finally:
+        _leave(client, log)
         miner.close()
         if args.status_file:
             _dump_status(miner, args.status_file)
@@ -87,14 +96,23 @@ def main(argv=None, parser=None, make_miner=None) -> int:
     return 0
 
 
-def _dump_status(miner: Miner, path: str) -> None:
+def _leave(client, log) -> None:
+    """Tell the bridge this process is going, so its leases move at once (best effort)."""
+    try:
+        client.post("/v1/miners/leave", {"reason": "shutdown"})
+        log.info("told the bridge we are leaving")
+    except Exception as exc:  # noqa: BLE001 - best effort: shutdown must go on
+        log.warning("could not tell the bridge we are leaving: %s", exc)
+
+
+def _dump_status(miner, path: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(miner.status.summary(), f)
     os.replace(tmp, path)
 
 
-def _write_status_periodically(miner: Miner, path: str, every: float) -> None:
+def _write_status_periodically(miner, path: str, every: float) -> None:
     def loop():
         while not miner.stop.wait(min(every, 2.0)):
             _dump_status(miner, path)

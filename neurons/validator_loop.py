@@ -15,6 +15,7 @@ import httpx
 
 from protocol.client import BridgeError, SignedClient
 from protocol.messages import HopLog, Metrics, RunInfo
+from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
 from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
@@ -107,6 +108,7 @@ class Validator:
     def tick(self, max_rounds: int | None = None) -> None:
         """One pass: process the rounds closed since the last pass (at most `max_rounds`), then maybe set weights."""
         m = Metrics.model_validate(self.client.get("/v1/metrics"))
+        self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
         if m.phase == "merge":
             settle_disputes(self.client, self.transfer, self.run, self.settled)
@@ -172,6 +174,9 @@ class Validator:
             log.info("round %d: the bridge quarantined %s", rnd,
                      ", ".join(f"{h[:10]} until round {u}" for h, u in sorted(quarantined.items())))
 
+    def _why(self, reason: str, rnd: int) -> str:
+        return explain_incomplete(reason, rnd, getattr(self, "bridge_round", rnd), self.run.audit_window_rounds)
+
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
         """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
@@ -179,7 +184,7 @@ class Validator:
             passed, reason, seconds = report.passed, report.reason, report.seconds
             if report.status == "incomplete":
                 self.audits.incomplete += 1
-                log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, reason)
+                log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(reason, rnd))
                 return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
@@ -191,7 +196,7 @@ class Validator:
             passed, reason, seconds = False, f"{type(exc).__name__}: {exc}", 0.0
         except (TransferError, BridgeError) as exc:  # our side could not fetch: not the miner's fault
             self.audits.incomplete += 1
-            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, exc)
+            log.warning("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(str(exc), rnd))
             return True
         self.audits.runs += 1
         self.audits.seconds += seconds

@@ -33,6 +33,8 @@ __all__ = [
     "RunConfig",
     "Health",
     "RunInfo",
+    "LeaveRequest",
+    "LeaveResponse",
     "ErrorBody",
     "ObjectRef",
     "OutputRef",
@@ -102,6 +104,7 @@ class Health(_Model):
     status: Literal["ok"] = "ok"
     hotkey: str = _hotkey()
     protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
+    netuid: Optional[int] = None  # the subnet the bridge serves (neurons check theirs against it)
 
 
 class RunInfo(_Model):
@@ -155,6 +158,18 @@ class RegisterRequest(_Model):
     """POST /v1/miners/register."""
 
     protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
+
+
+class LeaveRequest(_Model):
+    """POST /v1/miners/leave: the miner is stopping; its leases go elsewhere at once."""
+
+    reason: str = Field(default="shutdown", max_length=200)
+
+
+class LeaveResponse(_Model):
+    """Answer to leave: how many leased or queued hops moved to other miners."""
+
+    hops_moved: int = Field(ge=0)
 
 
 class Assignment(_Model):

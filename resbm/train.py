@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import data, outer
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -58,6 +57,24 @@ def _peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def _progress(steps: range, show: bool) -> Any:
+    """A tqdm bar when asked for and installed (the `local` extra); else the plain range."""
+    if show:
+        try:
+            from tqdm import tqdm
+            return tqdm(steps, desc="train", unit="step")
+        except ImportError:
+            pass
+    return _Quiet(steps)
+
+
+class _Quiet(list):
+    """The steps, with tqdm's `set_postfix` as a no-op."""
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -105,7 +122,7 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
     rounds = _OuterRounds(stages, outer_every, outer_lr, outer_momentum, merge_method, clip_factor,
                           accum) if outer_every else None
     t0, done = time.perf_counter(), 0
-    bar = tqdm(range(start, steps), disable=not progress, desc="train", unit="step")
+    bar = _progress(range(start, steps), progress)
     for step in bar:
         opt.zero_grad()
         total = 0.0

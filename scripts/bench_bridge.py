@@ -29,7 +29,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.auth import sign_headers  # noqa: E402
-from tests.servers import code_bytes, make_chain, start_bridge, start_s3, tiny_run_config  # noqa: E402
+from scripts.local_bridge import code_bytes, make_chain, start_bridge, tiny_run_config  # noqa: E402
+from scripts.local_servers import start_s3  # noqa: E402
 
 args_max_hops = 2
 args_poll = 0.05  # seconds an idle miner waits before leasing again (set by --poll)

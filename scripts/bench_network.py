@@ -16,7 +16,6 @@ import datetime
 import json
 import logging
 import platform
-import shutil
 import sqlite3
 import sys
 import time
@@ -113,8 +112,8 @@ def run_subnet(args, boundary: str, workdir: Path) -> tuple[dict, list[dict], di
     from protocol.client import BridgeError, SignedClient
     from protocol.messages import Metrics
     from scripts.localnet_cluster import Cluster
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    from scripts.localnet_workdir import prepare_workdir
+    workdir = prepare_workdir(workdir)  # never wipes a folder the tool did not make
     rc = subnet_run_config(args, boundary)
     cluster = Cluster(workdir, rc, 1, validators=0, link_mbps=args.link_mbps,
                       link_latency_ms=args.link_latency_ms, threads_per_miner=1)

@@ -25,9 +25,11 @@ from tqdm import tqdm
 
 from drills.cheaters import CHEATERS
 from protocol.client import BridgeError, SignedClient
+from protocol.exits import exits_cleanly
 from protocol.messages import Metrics
 from scripts.localnet_cluster import Cluster
 from scripts.localnet_report import build_report, print_report
+from scripts.localnet_workdir import prepare_workdir
 
 __all__ = ["main", "build_parser", "run_config_from_args"]
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localnet", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--workdir", default="localnet-out", help="where data, logs, wallets and the report go (wiped first)")
+    a("--workdir", default="localnet-out", help="where data, logs, wallets and the report go (a new or "
+      "empty folder, or one a previous localnet run made: its contents are replaced)")
     a("--stages", type=int, default=2, help="pipeline stages S")
     a("--miners-per-stage", type=int, default=1, help="replicas per stage")
     a("--rounds", type=int, default=10, help="rounds to train (each ends with a merge)")
@@ -136,16 +139,14 @@ def _validator_caught_up(cluster: Cluster, n) -> bool:
     return state.get("next_round", 0) >= cluster.run_config["total_rounds"] and not state.get("pending_window")
 
 
+@exits_cleanly
 def main(argv=None) -> int:
     """Run the local subnet to the end of its rounds and print the report."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "protocol.chain.local", "matplotlib", "resbm.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    workdir = Path(args.workdir).resolve()
-    if workdir.exists():
-        import shutil
-        shutil.rmtree(workdir)
+    workdir = prepare_workdir(args.workdir)
     run_config = run_config_from_args(args)
     cluster = Cluster(workdir, run_config, args.miners_per_stage, device=args.device,
                       link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms, cheaters=args.cheater,
@@ -206,7 +207,10 @@ def main(argv=None) -> int:
         if not stopping["flag"] and m.phase == "done":
             print("training done; waiting for the validator to audit the last round and set weights ...")
             _wait_for_weights(cluster, timeout=120.0)
-        report = build_report(args, cluster, client, losses, time.monotonic() - t0)
+        train_seconds = time.monotonic() - t0
+        print("building the report (validation curves; the single-process reference run takes a while) ...")
+        report = build_report(args, cluster, client, losses, train_seconds)
+        report["total_seconds"] = round(time.monotonic() - t0, 1)
     finally:
         cluster.stop()
     print_report(report)

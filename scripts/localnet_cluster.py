@@ -171,7 +171,7 @@ class Cluster:
         self.bridge_url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "bridge", "--run-config", str(cfg_path), "--host", "127.0.0.1",
                 "--port", str(port), "--db", str(self.workdir / "bridge.sqlite"),
-                "--chain", f"localchain:{self.chain_path}", "--netuid", str(self.netuid),
+                "--subtensor.network", f"localchain:{self.chain_path}", "--netuid", str(self.netuid),
                 "--wallet.name", "owner", "--wallet.hotkey", "default", "--wallet.path", str(self.wallet_path),
                 "--s3-endpoint", self.s3_endpoint, "--s3-access-key", self.s3_keys[0],
                 "--s3-secret-key", self.s3_keys[1], "--health-timeout", "20"]

@@ -1,6 +1,6 @@
 """The localnet's closing report: validation loss of the merged weights next to the single-process
-reference, bytes moved versus the uncompressed model, miners' scores and weights on the chain,
-and a PNG loss curve.
+reference (as curves over rounds), bytes moved versus the uncompressed model, miners' scores and
+weights on the chain, and a PNG of the curves.
 """
 from __future__ import annotations
 
@@ -19,7 +19,16 @@ from resbm.optim import OptimConfig
 from resbm.stages import build_stages
 from resbm.train import evaluate, train
 
-__all__ = ["build_report", "print_report", "final_states", "validation_loss"]
+__all__ = ["build_report", "print_report", "final_states", "validation_loss", "subnet_val_curve",
+           "reference_val_curve", "COLUMNS"]
+
+COLUMNS = {
+    "hops": "hops the miner completed (forward and backward passes of samples)",
+    "score": "the validator's smoothed score: verified throughput (audited work), an EMA over windows",
+    "weight": "the share of the validator's weights it set on chain for this uid",
+    "compute": "share of the miner's wall time spent computing; the rest is waiting for work, "
+               "inputs and uploads (a tiny model on a CPU waits most of the time)",
+}
 
 log = logging.getLogger("localnet")
 VAL_BATCHES = 8
@@ -60,17 +69,40 @@ def validation_loss(cfg: ModelConfig, thetas: list[dict] | None, batch_size: int
     return evaluate(stages, batches, torch.device("cpu"))
 
 
-def _plot(path: Path, losses: list, ref_val: float | None, val: float | None) -> None:
+def subnet_val_curve(cluster, cfg: ModelConfig) -> list[tuple[int, float]]:
+    """(samples trained, validation loss) of the merged weights at the start of every round, read
+    from the object store; rounds whose state is gone are skipped."""
+    rc = cluster.run_config
+    s3, run_id, per_round = _s3(cluster), rc["run_id"], rc["samples_per_round"]
+    curve = [(0, validation_loss(cfg, None, rc["batch_size"], rc["init_seed"]))]
+    for rnd in range(1, rc["total_rounds"] + 1):
+        thetas = []
+        for stage in range(cfg.n_stages):
+            found = s3.list_objects_v2(Bucket="resbm", Prefix=f"runs/{run_id}/r{rnd}/s{stage}/state/")
+            keys = [o["Key"] for o in found.get("Contents", [])]
+            if not keys:
+                break
+            blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
+            thetas.append(outer.state_from_bytes(blob, max_bytes=rc.get("max_state_bytes", 2**32))[0])
+        if len(thetas) == cfg.n_stages:
+            curve.append((rnd * per_round, validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"])))
+    return curve
+
+
+def _plot(path: Path, losses: list, ref_curve: list, curve: list) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     if losses:
-        ax.plot([x[1] for x in losses], [x[2] for x in losses], label="training loss (last stage, recent mean)")
-    if val is not None:
-        ax.axhline(val, color="C1", ls="--", label=f"subnet validation loss {val:.3f}")
-    if ref_val is not None:
-        ax.axhline(ref_val, color="C2", ls=":", label=f"single-process reference {ref_val:.3f}")
+        ax.plot([x[1] for x in losses], [x[2] for x in losses], color="C0", alpha=0.5,
+                label="training loss (last stage, recent mean)")
+    if curve:
+        ax.plot([x[0] for x in curve], [x[1] for x in curve], "o-", color="C1",
+                label=f"subnet validation loss (merged weights per round), final {curve[-1][1]:.3f}")
+    if ref_curve:
+        ax.plot([x[0] for x in ref_curve], [x[1] for x in ref_curve], "s:", color="C2",
+                label=f"single-process reference, same tokens, final {ref_curve[-1][1]:.3f}")
     ax.set_xlabel("samples finished")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("ResBM local subnet")
@@ -93,8 +125,13 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     thetas = final_states(cluster, m, cfg) if m.phase == "done" else None
     report["val_loss_init"] = validation_loss(cfg, None, rc["batch_size"], rc["init_seed"])
     report["val_loss_final"] = validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"]) if thetas else None
+    curve = subnet_val_curve(cluster, cfg) if thetas else []
+    report["val_curve"] = [[x, round(v, 4)] for x, v in curve]
+    ref_curve: list = []
     if not args.no_reference and thetas:
-        report["val_loss_reference"] = reference_val_loss(cfg, rc, m.completed_total)
+        ref_curve = reference_val_curve(cfg, rc, m.completed_total)
+        report["val_loss_reference"] = ref_curve[-1][1]
+    report["val_curve_reference"] = [[x, round(v, 4)] for x, v in ref_curve]
     shape_k, shape_d = cfg.code_shape(rc["batch_size"]), (rc["batch_size"], cfg.seq_len, cfg.d_model)
     hop_objects = sum(st.hops_done for st in m.stages) - m.completed_total  # stage-0 bwd uploads nothing
     report["bytes"] = {
@@ -131,7 +168,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     report["weights_set"] = bool(weights)
     report["incentives"] = {str(k): round(v, 4) for k, v in cluster.chain.incentives().items()}
     png = cluster.workdir / "loss_curve.png"
-    _plot(png, losses, report.get("val_loss_reference"), report["val_loss_final"])
+    _plot(png, losses, ref_curve, curve)
     report["loss_curve_png"] = str(png)
     report["loss_curve"] = [[round(t, 1), s, round(x, 4)] for t, s, x in losses]
     report["dashboard_url"] = cluster.bridge_url + "/"
@@ -139,20 +176,19 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     return report
 
 
-def reference_val_loss(cfg: ModelConfig, rc: dict, total_samples: int) -> float:
-    """Validation loss of the single-process reference trained on the same samples."""
-    import tempfile
-    from resbm.checkpoint import load_checkpoint
-    from resbm.stages import stage_state_dict
+def reference_val_curve(cfg: ModelConfig, rc: dict, total_samples: int) -> list[tuple[int, float]]:
+    """(samples trained, validation loss) of the single-process reference trained on the same
+    samples, measured at every round boundary (the last point is the final loss)."""
     steps = max(1, total_samples // rc["micro_batches_per_step"])
+    per_round = max(1, rc["samples_per_round"] // rc["micro_batches_per_step"])
     ocfg = OptimConfig(muon_lr=rc["muon_lr"], adamw_lr=rc["adamw_lr"], weight_decay=rc["weight_decay"],
                        warmup_steps=rc["warmup_steps"], total_steps=steps, min_lr_ratio=rc["min_lr_ratio"])
-    with tempfile.TemporaryDirectory() as d:
-        train(cfg, ocfg, steps, batch_size=rc["batch_size"], accum=rc["micro_batches_per_step"],
-              seed=rc["data_seed"], init_seed=rc["init_seed"], device="cpu", progress=False, ckpt_dir=d)
-        ckpt = load_checkpoint(d, expect_config=cfg)
-        thetas = [stage_state_dict(ckpt.state, cfg, s) for s in range(cfg.n_stages)]
-    return validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"])
+    hist = train(cfg, ocfg, steps, batch_size=rc["batch_size"], accum=rc["micro_batches_per_step"],
+                 seed=rc["data_seed"], init_seed=rc["init_seed"], device="cpu", progress=False,
+                 val_every=per_round, val_batches=VAL_BATCHES)
+    start = validation_loss(cfg, None, rc["batch_size"], rc["init_seed"])
+    return [(0, start)] + [(s * rc["micro_batches_per_step"], v)
+                           for s, v in zip(hist["val_step"], hist["val_loss"])]
 
 
 def print_report(r: dict) -> None:
@@ -160,7 +196,9 @@ def print_report(r: dict) -> None:
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
     print("\n=== localnet report ===")
-    print(f"wall time {r['wall_seconds']}s, {r['rounds']} rounds, phase {r['phase']}; samples completed "
+    total = r.get("total_seconds", r["wall_seconds"])
+    print(f"wall time {total}s (training {r['wall_seconds']}s, report and reference run "
+          f"{round(total - r['wall_seconds'], 1)}s), {r['rounds']} rounds, phase {r['phase']}; samples completed "
           f"{r['samples_completed']}, abandoned {r['samples_abandoned']} {r['abandon_reasons'] or ''}")
     print(f"validation loss: start {f(r['val_loss_init'])} -> subnet {f(r['val_loss_final'])}"
           f" | single-process reference, same tokens: {f(r.get('val_loss_reference'))}")
@@ -174,5 +212,7 @@ def print_report(r: dict) -> None:
     for m in r["miners"]:
         print(f"{m['name']:<8} {m['uid']!s:>3} {m['stage']!s:>5} {m['hops']:>5} {m['score']:>8.3f} {m['weight']:>7.3f} "
               f"{100 * m['compute_fraction']:>7.0f}%  {m['cheat']}")
-    print(f"loss curve: {r['loss_curve_png']}")
+    for name, meaning in COLUMNS.items():
+        print(f"  {name}: {meaning}")
+    print(f"loss curves: {r['loss_curve_png']}")
     print(f"dashboard (while the bridge ran): {r.get('dashboard_url', 'n/a')}")

@@ -8,23 +8,18 @@
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from scripts.local_bridge import REPO, BridgeProcess, code_bytes, make_chain, start_bridge, tiny_run_config
 from scripts.local_servers import S3Server as _LauncherS3Server
-from scripts.local_servers import die_with_parent, free_port, rclone_binary, stop_process, wait_http
+from scripts.local_servers import free_port, rclone_binary, wait_http
 from scripts.local_servers import start_s3 as _launcher_start_s3
 
 __all__ = ["free_port", "S3Server", "start_s3", "BridgeProcess", "start_bridge", "make_chain",
            "tiny_run_config", "code_bytes", "wait_http", "rclone_binary", "REPO", "ACCESS_KEY", "SECRET_KEY"]
 
-REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY, SECRET_KEY = "testkey", "testsecret"  # fixed, so tests can build their own clients
 
 
@@ -48,105 +43,3 @@ def start_s3(root: Path) -> S3Server:
                     secret_key=s.secret_key, bucket=s.bucket)
 
 
-def make_chain(path: Path, miners: int = 4, validators: int = 1, netuid: int = 1,
-               prefix: str = "m") -> tuple[Any, dict[str, list[Any]]]:
-    """A LocalChain with an owner, `miners` miner keypairs and staked validators."""
-    from bittensor.sp_core import Keypair
-
-    from protocol.chain import LocalChain
-    chain = LocalChain(path, netuid)
-    owner = Keypair.create_from_uri("//owner")
-    chain.create_subnet(owner, max_uids=max(256, miners + validators + 1))
-    keys: dict[str, list[Any]] = {"owner": [owner], "miners": [], "validators": []}
-    for i in range(miners):
-        kp = Keypair.create_from_uri(f"//{prefix}{i}")
-        chain.register(kp)
-        keys["miners"].append(kp)
-    for i in range(validators):
-        kp = Keypair.create_from_uri(f"//validator{i}")
-        chain.register(kp)
-        chain.add_stake(kp.ss58_address, 1000.0 + i)
-        keys["validators"].append(kp)
-    return chain, keys
-
-
-def tiny_run_config(**over: Any) -> dict[str, Any]:
-    """A small RunConfig mapping for tests (override any field); its code is 422 bytes."""
-    cfg = dict(run_id="test-run", model=_tiny_model(2), n_stages=2,
-               batch_size=1, micro_batches_per_step=2, inner_steps_per_round=2,
-               samples_per_round=8, muon_lr=0.02, adamw_lr=0.003, total_rounds=2,
-               data_seed=1, init_seed=2, lease_seconds=30.0, max_object_bytes=4096,
-               merge_timeout_seconds=30.0, max_attempts=3)
-    cfg.update(over)
-    if "n_stages" in over and "model" not in over:
-        cfg["model"] = _tiny_model(over["n_stages"])
-    return cfg
-
-
-def _tiny_model(n_stages: int) -> dict[str, Any]:
-    return {"d_model": 32, "n_layers": n_stages, "n_heads": 2, "seq_len": 16,
-            "n_stages": n_stages, "bottleneck_dim": 4}
-
-
-def code_bytes(run_config: dict[str, Any]) -> int:
-    """The exact size of one hop output of a run (what a lease must declare)."""
-    from bridge.codespec import code_spec
-    from protocol.messages import RunConfig
-    return code_spec(RunConfig(**run_config)).nbytes
-
-
-@dataclass
-class BridgeProcess:
-    """A `python -m bridge` process on a free loopback port."""
-
-    url: str
-    hotkey: str
-    proc: subprocess.Popen
-    db: Path
-    args: list[str] = field(default_factory=list)
-    log_path: Optional[Path] = None
-
-    def kill(self) -> None:
-        """SIGKILL: the crash case (no clean shutdown)."""
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Terminate cleanly."""
-        stop_process(self.proc)
-
-    def restart(self) -> "BridgeProcess":
-        """Start again with the same flags (same DB, same port)."""
-        return _launch(self.args, self.url, self.hotkey, self.db, self.log_path)
-
-
-def _launch(args: list[str], url: str, hotkey: str, db: Path,
-            log_path: Optional[Path]) -> BridgeProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
-                            stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    wait_http(url + "/health", timeout=30.0, proc=proc)
-    return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
-
-
-def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
-                 s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
-                 extra: tuple[str, ...] = ()) -> BridgeProcess:
-    """Write the run YAML and start the bridge process; returns once /health answers."""
-    from bittensor.sp_core import Keypair
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_path = workdir / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_config))
-    port = free_port()
-    db = workdir / "bridge.sqlite"
-    args = ["--run-config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
-            "--db", str(db), "--chain", f"localchain:{chain_path}", "--netuid", str(netuid),
-            "--hotkey-uri", hotkey_uri, *extra]
-    if s3 is not None:
-        args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
-                 "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key]
-    hotkey = Keypair.create_from_uri(hotkey_uri).ss58_address
-    return _launch(args, f"http://127.0.0.1:{port}", hotkey, db, workdir / "bridge.log")

@@ -40,7 +40,7 @@ def status_of(fn, *a) -> int:
 def test_health_is_unsigned_and_names_the_hotkey(env):
     b, _, _ = env
     body = httpx.get(b.url + "/health").json()
-    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": PROTOCOL_VERSION}
+    assert body == {"status": "ok", "hotkey": b.hotkey, "protocol_version": PROTOCOL_VERSION, "netuid": 1}
 
 
 def test_auth_failures(env):

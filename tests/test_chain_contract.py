@@ -17,7 +17,21 @@ VALI = Keypair.create_from_uri("//Bob")
 MINER1 = Keypair.create_from_uri("//Charlie")
 MINER2 = Keypair.create_from_uri("//Dave")
 STRANGER = Keypair.create_from_uri("//Eve")
+COLD = Keypair.create_from_uri("//Ferdie")  # pays for every registration below
 NETUID = 7
+
+
+@dataclass(frozen=True)
+class DevWallet:
+    """Wallet-shaped dev keys: registration is signed and paid by the coldkey."""
+    coldkey: Keypair
+    coldkeypub: Keypair
+    hotkey: Keypair
+
+
+def w(hotkey: Keypair) -> DevWallet:
+    """The wallet of `hotkey` under the shared test coldkey."""
+    return DevWallet(COLD, COLD, hotkey)
 RATE_LIMIT = 10
 HOME_CACHE = Path.home() / ".bittensor" / "btcli_token_symbols.json"
 
@@ -52,22 +66,34 @@ def backend(request, tmp_path, monkeypatch) -> Iterator[Backend]:
 def test_register_shows_in_metagraph(backend):
     chain = backend.chain
     assert chain.owner_hotkey() == OWNER.ss58_address
-    uid = chain.register(MINER1)
-    assert uid == 1 and chain.register(MINER1) == 1  # idempotent
-    assert chain.register(MINER2) == 2
+    uid = chain.register(w(MINER1))
+    assert uid == 1 and chain.register(w(MINER1)) == 1  # idempotent
+    assert chain.register(w(MINER2)) == 2
     mg = chain.metagraph()
     assert mg.netuid == NETUID and mg.block == chain.current_block()
     assert [n.hotkey for n in mg.neurons] == [OWNER.ss58_address, MINER1.ss58_address,
                                              MINER2.ss58_address]
-    assert mg.by_hotkey(MINER1.ss58_address).coldkey == MINER1.ss58_address
+    assert mg.by_hotkey(MINER1.ss58_address).coldkey == COLD.ss58_address  # the coldkey paid
     assert mg.uid_of(MINER2.ss58_address) == 2 and chain.uid_of(MINER2.ss58_address) == 2
     assert mg.owner_hotkey == OWNER.ss58_address
 
 
+def test_register_refuses_a_bare_keypair_on_a_real_chain():
+    fake = FakeSubstrate()
+    fake.create_subnet(NETUID, OWNER.ss58_address, OWNER.ss58_address)
+    chain = BittensorChain("local", NETUID, substrate=fake)
+    try:
+        with pytest.raises(ChainFailure, match="needs a wallet"):
+            chain.register(MINER1)  # a hotkey alone would pay the burn itself
+        assert chain.uid_of(MINER1.ss58_address) is None
+    finally:
+        chain.close()
+
+
 def test_set_weights_reads_back_normalised(backend):
     chain = backend.chain
-    vali = chain.register(VALI)
-    m1, m2 = chain.register(MINER1), chain.register(MINER2)
+    vali = chain.register(w(VALI))
+    m1, m2 = chain.register(w(MINER1)), chain.register(w(MINER2))
     backend.stake(VALI.ss58_address, 100.0)
     assert chain.metagraph().neurons[vali].validator_permit
     res = chain.set_weights(VALI, [m1, m2], [1.0, 3.0], version_key=0)
@@ -81,8 +107,8 @@ def test_set_weights_reads_back_normalised(backend):
 
 def test_rate_limit_then_allowed_after_waiting(backend):
     chain = backend.chain
-    chain.register(VALI)
-    m1 = chain.register(MINER1)
+    chain.register(w(VALI))
+    m1 = chain.register(w(MINER1))
     backend.stake(VALI.ss58_address, 50.0)
     assert chain.weights_rate_limit() == RATE_LIMIT
     assert chain.set_weights(VALI, [m1], [1.0]).ok
@@ -97,15 +123,15 @@ def test_rate_limit_then_allowed_after_waiting(backend):
 
 def test_weights_without_permit_rejected(backend):
     chain = backend.chain
-    chain.register(MINER1)
-    m2 = chain.register(MINER2)
+    chain.register(w(MINER1))
+    m2 = chain.register(w(MINER2))
     res = chain.set_weights(MINER1, [m2], [1.0])
     assert res.status == "error" and "permit" in res.message
 
 
 def test_serve_publishes_axon(backend):
     chain = backend.chain
-    uid = chain.register(MINER1)
+    uid = chain.register(w(MINER1))
     chain.serve(MINER1, "10.1.2.3", 8091)
     n = chain.metagraph().neurons[uid]
     assert (n.axon_ip, n.axon_port) == ("10.1.2.3", 8091)
@@ -114,7 +140,7 @@ def test_serve_publishes_axon(backend):
 
 def test_unknown_hotkey(backend):
     chain = backend.chain
-    chain.register(MINER1)
+    chain.register(w(MINER1))
     hk = STRANGER.ss58_address
     assert chain.uid_of(hk) is None and chain.metagraph().by_hotkey(hk) is None
     assert chain.blocks_since_last_update(hk) is None and chain.weights_of(hk) == {}

@@ -23,7 +23,7 @@ from resbm import data
 from resbm.config import ModelConfig
 from resbm.dataset import forget_dataset
 from scripts import prepare_dataset
-from tests.servers import ACCESS_KEY, REPO, SECRET_KEY, start_s3
+from tests.servers import ACCESS_KEY, REPO, SECRET_KEY, make_chain, start_s3
 from tests.test_validator_subnet import RATE_LIMIT, run_config, run_subnet
 
 pytestmark = pytest.mark.timeout(400)
@@ -129,6 +129,7 @@ def test_bridge_refuses_a_run_config_whose_vocab_disagrees(dataset, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     s3 = dataset["s3"]
+    make_chain(tmp_path / "chain.db", miners=0, validators=0)  # a chain, so the dataset check is what fails
     proc = subprocess.run([sys.executable, "-m", "bridge", "--run-config", str(path), "--db", str(tmp_path / "b.db"),
                            "--chain", f"localchain:{tmp_path / 'chain.db'}", "--hotkey-uri", "//bridge",
                            "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket, "--s3-access-key", ACCESS_KEY,

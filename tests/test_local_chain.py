@@ -112,8 +112,16 @@ def test_missing_subnet_and_duplicate_create_are_clear_errors(tmp_path):
 def test_open_chain_names_the_same_backends_for_every_process(tmp_path):
     """Bridge, miner and validator share one spelling: localchain:PATH (local:PATH too) or a network."""
     from protocol.chain import BittensorChain, LocalChain, open_chain
+    from protocol.exits import Exit, Misconfigured
     path = tmp_path / "chain.sqlite"
+    with pytest.raises(Misconfigured) as missing:  # a typo must not create an empty chain
+        open_chain(f"localchain:{path}", netuid=3)
+    assert missing.value.code == Exit.LOCALCHAIN_MISSING and not path.exists()
+    LocalChain(path, netuid=3).close()
     for spec in (f"localchain:{path}", f"local:{path}"):
         chain = open_chain(spec, netuid=3)
         assert isinstance(chain, LocalChain)
     assert isinstance(open_chain("finney", netuid=3), BittensorChain)  # lazy: no connection yet
+    with pytest.raises(Misconfigured) as unknown:
+        open_chain("fney", netuid=3)
+    assert unknown.value.code == Exit.NETWORK_NAME

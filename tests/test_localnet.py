@@ -53,6 +53,12 @@ def test_happy_path_trains_and_sets_weights(happy):
     expected = codec.wire_size((4, 64, 8), "bf16") / codec.wire_size((4, 64, 128), "bf16")
     assert r["bytes"]["ratio_vs_uncompressed"] == pytest.approx(expected, rel=1e-6)
     _steps_applied_once(r["_workdir"])
+    # the report plots validation loss per round, ending at the final figure, and times itself
+    curve = r["val_curve"]
+    assert [x for x, _ in curve] == [16 * i for i in range(5)], curve
+    assert curve[0][1] == pytest.approx(r["val_loss_init"], abs=1e-4)
+    assert curve[-1][1] == pytest.approx(r["val_loss_final"], abs=1e-4)
+    assert r["total_seconds"] >= r["wall_seconds"]
 
 
 def test_fault_drill_loses_nothing(tmp_path, happy):

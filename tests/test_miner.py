@@ -148,7 +148,7 @@ class MinerProc:
         self.argv = [sys.executable, str(REPO / "neurons" / "miner.py"), "--wallet.name", f"miner{i}",
                      "--wallet.hotkey", "default", "--wallet.path", str(net.root / "wallets"), "--netuid", "1",
                      "--subtensor.network", f"localchain:{net.chain_path}", "--bridge.url", net.bridge.url,
-                     "--device", "cpu", "--threads", "1", "--status-every", "1", "--env-file", "/nonexistent",
+                     "--device", "cpu", "--threads", "1", "--status-every", "1", "--env-file", os.devnull,
                      "--status-file", str(self.status_file), *extra]
         self.proc: subprocess.Popen | None = None
 
@@ -190,7 +190,8 @@ import re  # noqa: E402
 import pytest  # noqa: E402
 
 from neurons import miner_loop  # noqa: E402
-from neurons.cli import env_name, parse_args  # noqa: E402
+from neurons.cli import env_name, load_settings  # noqa: E402
+from neurons.miner import MinerSettings  # noqa: E402
 from neurons.miner import build_parser as miner_parser  # noqa: E402
 from resbm.train import pick_device  # noqa: E402
 from resbm import codec  # noqa: E402
@@ -255,9 +256,10 @@ def test_corrupted_input_is_reported_and_the_miner_keeps_working(tmp_path, monke
 
 
 def test_env_example_documents_every_setting():
+    from bridge.__main__ import build_parser as bridge_parser
     from neurons.validator import build_parser as validator_parser
     names = set()
-    for parser in (miner_parser(), validator_parser()):
+    for parser in (miner_parser(), validator_parser(), bridge_parser()):
         names |= {env_name(a.option_strings[0].lstrip("-")) for a in parser._actions
                   if a.option_strings and a.dest != "help"}
     text = (REPO / ".env.example").read_text()
@@ -272,12 +274,14 @@ def test_env_file_sets_flags_and_command_line_wins(tmp_path):
     try:
         for k in [k for k in os.environ if k.startswith("RESBM_")]:
             del os.environ[k]
-        args = parse_args(miner_parser(), ["--env-file", str(env_file), "--wallet.name", "from-flag"])
+        os.environ["RESBM_THREADS"] = "3"
+        os.environ["RESBM_MAX_HOPS"] = "5"  # the environment beats the .env file
+        args = load_settings(MinerSettings, ["--env-file", str(env_file), "--wallet.name", "from-flag"])
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    assert args.max_hops == 7 and getattr(args, "logging.debug") is True
-    assert getattr(args, "wallet.name") == "from-flag"
+    assert args.max_hops == 5 and args.threads == 3 and args.logging_debug is True
+    assert args.wallet_name == "from-flag"
     assert args.dtype == "float32"  # untouched default
 
 

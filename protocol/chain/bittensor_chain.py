@@ -106,15 +106,20 @@ class BittensorChain(Chain):
     # -- writes -----------------------------------------------------------------------------
 
     def register(self, keypair: Any) -> int:
-        """Burned-register the hotkey (paid by the coldkey; idempotent); returns its uid."""
+        """Burned-register a wallet's hotkey, paid and signed by its coldkey (idempotent); returns
+        its uid. `keypair` must be wallet-shaped (coldkey + hotkey): a bare keypair is refused,
+        since the SDK would sign the coldkey extrinsic with it and charge the hotkey."""
         import bittensor as bt
 
         hotkey = hotkey_ss58(keypair)
         uid = self.uid_of(hotkey)
         if uid is not None:
             return uid
+        if not all(hasattr(keypair, k) for k in ("coldkey", "coldkeypub", "hotkey")):
+            raise ChainFailure(f"registering {hotkey} needs a wallet (coldkey pays the burn, "
+                               "hotkey is registered), not a bare keypair")
         result = self.client.execute(bt.BurnedRegister(netuid=self.netuid, hotkey_ss58=hotkey),
-                                     keypair)
+                                     keypair)  # wallet-shaped: the SDK signs with its coldkey
         if not result.success:
             raise ChainFailure(f"registering {hotkey} on subnet {self.netuid} failed: "
                                f"{result.message}")
