@@ -20,6 +20,7 @@ from bridge.service import BridgeService
 from bridge.storage import StorageError
 from protocol import integrity as integ
 from protocol import messages as msg
+from resbm.shards import assign_mergers
 
 __all__ = ["add_merge_routes"]
 
@@ -98,6 +99,15 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
             return rounds.merge_set(st, round_, stage)
         items = await svc.apply_async(tx)
         return _json(msg.MergeSet(round=round_, stage=stage, items=[item(i) for i in items]))
+
+    @app.get("/v1/rounds/{round_}/stages/{stage}/shards")
+    async def shard_plan(round_: int, stage: int, caller: str = Depends(miner)) -> Response:
+        def tx(st: Any, now: float, rng: Any) -> list:
+            rounds.maybe_freeze(st, now)
+            return [i["hotkey"] for i in rounds.merge_set(st, round_, stage)]
+        hotkeys = await svc.apply_async(tx)
+        return _json(msg.ShardPlan(round=round_, stage=stage, shards=run.sync_shards, mergers=assign_mergers(
+            round_, stage, hotkeys, run.sync_shards, run.sync_mergers)))
 
     async def late_merged(req: msg.MergedReport, caller: str) -> Response:
         arch = await archive(req.round + 1)

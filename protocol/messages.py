@@ -25,6 +25,7 @@ from protocol.run_config import RunConfig, StrictModel as _Model
 __all__ = [
     "PROTOCOL_VERSION",
     "Vote",
+    "ShardPlan",
     "HopKind",
     "DeviceClass",
     "ComputeDtype",
@@ -337,6 +338,16 @@ class MergeSet(_Model):
     round: int = _round()
     stage: int = Field(ge=0, le=63)
     items: list[MergeItem] = Field(max_length=1024)
+
+
+class ShardPlan(_Model):
+    """GET /v1/rounds/{r}/stages/{s}/shards once frozen: who merges each shard this round
+    (resbm.shards.assign_mergers over the frozen set; a small stage uses the first rows only)."""
+
+    round: int = _round()
+    stage: int = Field(ge=0, le=63)
+    shards: int = Field(ge=1, le=4096)
+    mergers: list[list[str]] = Field(max_length=4096)
 
 
 class MergedReport(_Model):

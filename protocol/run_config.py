@@ -55,6 +55,18 @@ class RunConfig(StrictModel):
         description="how long a disputed stage waits for a validator's recomputation")
     quarantine_rounds: int = Field(default=4, ge=0, le=1_000_000,
                                    description="rounds a miner sits out after a failed audit")
+    sync_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
+        default="fp32", description="pseudo-gradient wire codec (resbm/sync_codec.py; blockwise, per-block fp32 scale)")
+    sync_merged_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
+        default="fp32", description="merged-update wire codec; every replica applies the decoded update")
+    sync_block: int = Field(default=256, ge=8, le=65_536,
+                            description="values per codec block (one fp32 scale each); multiple of 8")
+    sync_shards: int = Field(default=1, ge=1, le=4096,
+                             description="shards of a stage's parameter vector, each merged on its own")
+    sync_mergers: int = Field(default=3, ge=2, le=64,
+                              description="replicas that merge each shard (>= 2: no replica decides alone)")
+    checkpoint_every: int = Field(default=1, ge=1, le=100_000,
+                                  description="K: a full state is written every K rounds; joiners replay updates since")
     data_seed: int = Field(ge=0, le=2**63 - 1)
     dataset: DatasetRef | None = Field(
         default=None, description="the dataset's manifest (URL or bucket key) + sha256; None: the shipped corpus")
@@ -82,6 +94,13 @@ class RunConfig(StrictModel):
         for k in v:
             if not isinstance(k, str) or not 0 < len(k) <= 64:
                 raise ValueError(f"model: bad field name {k!r}")
+        return v
+
+    @field_validator("sync_block")
+    @classmethod
+    def _block_multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"sync_block={v} must be a multiple of 8 (codes pack into whole bytes)")
         return v
 
     @model_validator(mode="after")

@@ -52,6 +52,8 @@ class ProbingWorker(FakeWorker):
                 pass
         mine = next(i for i in ms["items"] if i["hotkey"] == self.c.keypair.ss58_address)
         p["final_key"] = mine["key"]
+        p["plan"] = self.c.get(f"/v1/rounds/{round_}/stages/0/shards")
+        p["plan_hotkeys"] = [i["hotkey"] for i in ms["items"]]
         g = self.c.post("/v1/rounds/upload", {"round": round_, "kind": "pseudograd", "sha256": sha, "size": 32})
         assert self.http.put(g["put_url"], content=b"y" * 32).status_code == 200  # clobber the staging copy
         p["final_after_clobber"] = httpx.get(mine["get_url"]).content
@@ -62,7 +64,8 @@ class ProbingWorker(FakeWorker):
 def test_reports_copy_to_write_once_keys_and_answer_alike_for_any_foreign_key(tmp_path, s3_server):
     _, keys = make_chain(tmp_path / "chain.db", miners=2, validators=0)
     b = start_bridge(tmp_path, tiny_run_config(n_stages=1, total_rounds=1,
-                                               samples_per_round=4, vote_timeout_seconds=5.0), tmp_path / "chain.db", s3_server)
+                                               samples_per_round=4, vote_timeout_seconds=5.0,
+                                               sync_shards=4, sync_mergers=2), tmp_path / "chain.db", s3_server)
     stop, probes = threading.Event(), {"victim": keys["miners"][1].ss58_address}
     ws = [ProbingWorker(keys["miners"][0], b.url, b.hotkey, stop, probes=probes),
           FakeWorker(keys["miners"][1], b.url, b.hotkey, stop)]
@@ -78,6 +81,11 @@ def test_reports_copy_to_write_once_keys_and_answer_alike_for_any_foreign_key(tm
         assert set(probes["answers"]) == {(400, "bad_key")}, probes["answers"]
         assert probes["malformed_merged"] == 400
         assert probes["final_key"].endswith(f"/pg/{hk}-{probes['sha']}")
+        # the bridge serves the round's shard assignment: the pure function of the frozen set
+        from resbm.shards import assign_mergers
+        plan = probes["plan"]
+        assert plan["shards"] == 4 and len(plan["mergers"]) == 4
+        assert plan["mergers"] == assign_mergers(0, 0, probes["plan_hotkeys"], 4, 2)
         assert probes["final_after_clobber"] == b"x" * 32  # the reported bytes, not the clobber
         assert hashlib.sha256(probes["final_after_clobber"]).hexdigest() == probes["sha"]
     finally:

@@ -1,0 +1,182 @@
+"""A replica's part in the sharded, compressed, streamed sync of one round.
+
+1. `upload`: the pseudo-gradient goes up shard by shard, each shard encoded with the run's codec
+   (one shard in memory at a time); the sha256 of every shard is what the replica reports.
+2. `merge`: for each shard the assignment gives it, the replica downloads every replica's piece
+   of that shard (verified against the reported sha256), decodes, screens and robustly merges it
+   (resbm.shard_merge), encodes the merged update and uploads it; its sha256 is its vote.
+3. `apply`: once each shard's merged update is decided (a strict majority of its mergers, or a
+   validator), the replica applies the outer step shard by shard, downloading only the shards it
+   did not merge itself. No state goes on the wire except the full checkpoint every K rounds.
+
+Peak memory beyond the replica's own theta and momentum is one shard's R decoded pieces
+(plus a column chunk of the sort), so it does not grow with the stage.
+
+Object keys are content-addressed and name the writer; where they come from (a bridge grant or,
+in the benchmark, the bridge's own signer) is the `Board`'s business.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from protocol.run_config import RunConfig
+from resbm.outer import OuterError
+from resbm.robust_merge import MergeParams
+from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
+from resbm.shards import ShardLayout, layout, take
+from resbm.sync_codec import Codec, decode, encode, encoded_size
+from neurons.transfer import HashMismatch, ObjectTransfer
+
+__all__ = ["SyncSettings", "sync_settings", "Board", "Piece", "pg_key", "merged_key",
+           "strict_majority", "ReplicaSync"]
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """The run's sync knobs, resolved: codecs, shard count, mergers per shard, checkpoint period."""
+
+    pg: Codec
+    merged: Codec
+    shards: int
+    mergers: int
+    checkpoint_every: int
+    params: MergeParams
+
+    def layout(self, shapes: Mapping[str, Sequence[int]]) -> ShardLayout:
+        """The stage's shard layout (block-aligned)."""
+        return layout(shapes, self.shards, self.pg.block)
+
+
+def sync_settings(run: RunConfig) -> SyncSettings:
+    """SyncSettings from a RunConfig."""
+    return SyncSettings(Codec(run.sync_codec, run.sync_block), Codec(run.sync_merged_codec, run.sync_block),
+                        run.sync_shards, run.sync_mergers, run.checkpoint_every,
+                        MergeParams(clip_factor=run.clip_factor, trim_fraction=run.trim_fraction,
+                                    ref_floor=run.ref_floor, outer_lr=run.outer_lr,
+                                    outer_momentum=run.outer_momentum))
+
+
+class Board(Protocol):
+    """Presigned URLs for the sync's objects."""
+
+    def put_url(self, key: str, size: int) -> str: ...
+    def get_url(self, key: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One replica's reported pseudo-gradient: hotkey, verified samples, sha256 per shard."""
+
+    hotkey: str
+    samples: int
+    shas: tuple[str, ...]
+
+
+def pg_key(prefix: str, rnd: int, stage: int, hotkey: str, shard: int, sha: str) -> str:
+    """Key of a replica's pseudo-gradient shard."""
+    return f"{prefix}/sync/r{rnd}/s{stage}/pg/{hotkey}/{shard:05d}-{sha}"
+
+
+def merged_key(prefix: str, rnd: int, stage: int, shard: int, hotkey: str, sha: str) -> str:
+    """Key of a merger's copy of a merged shard."""
+    return f"{prefix}/sync/r{rnd}/s{stage}/merged/{shard:05d}/{hotkey}-{sha}"
+
+
+def strict_majority(votes: Mapping[str, str], mergers: Sequence[str]) -> str | None:
+    """The sha256 a strict majority of the shard's mergers voted for (None: a dispute)."""
+    counted = Counter(sha for h, sha in votes.items() if h in set(mergers))
+    for sha, n in counted.most_common(1):
+        if 2 * n > len(mergers):
+            return sha
+    return None
+
+
+@dataclass
+class MergedShard:
+    """A shard this replica merged: its vote (sha), key, decoded update and new ref norm."""
+
+    sha: str
+    key: str
+    update: torch.Tensor | None
+    ref: float | None
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+class ReplicaSync:
+    """One replica's sync for one stage."""
+
+    def __init__(self, transfer: ObjectTransfer, board: Board, cfg: SyncSettings, prefix: str,
+                 hotkey: str, stage: int):
+        self.transfer, self.board, self.cfg = transfer, board, cfg
+        self.prefix, self.hotkey, self.stage = prefix, hotkey, stage
+
+    def upload(self, rnd: int, pg: Mapping[str, torch.Tensor], lay: ShardLayout) -> tuple[str, ...]:
+        """Encode and PUT the pseudo-gradient shard by shard; returns the sha256 per shard."""
+        shas = []
+        for s, (a, b) in enumerate(lay):
+            blob = encode(take(pg, a, b), self.cfg.pg)
+            sha = hashlib.sha256(blob).hexdigest()
+            key = pg_key(self.prefix, rnd, self.stage, self.hotkey, s, sha)
+            self.transfer.put(self.board.put_url(key, len(blob)), blob)
+            shas.append(sha)
+        return tuple(shas)
+
+    def _piece(self, rnd: int, p: Piece, s: int, n: int) -> tuple[torch.Tensor | None, str]:
+        key = pg_key(self.prefix, rnd, self.stage, p.hotkey, s, p.shas[s])
+        limit = encoded_size(n, self.cfg.pg)
+        try:
+            blob = self.transfer.get_verified(self.board.get_url(key), p.shas[s], limit,
+                                              f"shard {s} of {p.hotkey}")
+            return decode(blob, n, self.cfg.pg), ""
+        except HashMismatch as exc:
+            return None, f"hash mismatch: {exc}"[:300]
+        except OuterError as exc:
+            return None, f"undecodable: {exc}"[:300]
+
+    def merge_one(self, rnd: int, s: int, rng: tuple[int, int], pieces: Sequence[Piece],
+                  prev_ref: float | None, upload: bool = True) -> MergedShard:
+        """Download, merge, encode and (unless a validator recomputes) upload shard `s`; returns
+        the vote (the empty object's sha256 when nothing was usable: keep the shard)."""
+        n = rng[1] - rng[0]
+        got = [self._piece(rnd, p, s, n) for p in pieces]
+        sm: ShardMerge = merge_shard([(p.samples, v) for p, (v, _) in zip(pieces, got)], n, prev_ref,
+                                     self.cfg.params, self.cfg.merged)
+        excluded = {pieces[i].hotkey: got[i][1] or why for i, why in sm.excluded}
+        del got
+        blob = encode(sm.merged, self.cfg.merged) if sm.merged is not None else b""  # b"": keep
+        sha = hashlib.sha256(blob).hexdigest()
+        key = merged_key(self.prefix, rnd, self.stage, s, self.hotkey, sha)
+        if blob and upload:
+            self.transfer.put(self.board.put_url(key, len(blob)), blob)
+        return MergedShard(sha, key, sm.merged, sm.ref, excluded)
+
+    def merge(self, rnd: int, table: Sequence[Sequence[str]], lay: ShardLayout,
+              pieces: Sequence[Piece], refs: Sequence[float | None]) -> dict[int, MergedShard]:
+        """Merge every shard assigned to this replica (shard by shard)."""
+        return {s: self.merge_one(rnd, s, lay[s], pieces, refs[s])
+                for s, hs in enumerate(table) if self.hotkey in hs}
+
+    def apply(self, rnd: int, theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor],
+              lay: ShardLayout, decided: Sequence[tuple[str, str] | None],
+              mine: Mapping[int, MergedShard]) -> None:
+        """Apply the round's decided update in place: (key, sha) per shard, None to keep it.
+        A shard this replica merged with the decided sha is applied from memory."""
+        for s, (rng, d) in enumerate(zip(lay, decided)):
+            if d is None:
+                continue
+            key, sha = d
+            own = mine.get(s)
+            if own is not None and own.sha == sha:
+                vec = own.update
+            else:
+                n = rng[1] - rng[0]
+                blob = self.transfer.get_verified(self.board.get_url(key), sha,
+                                                  encoded_size(n, self.cfg.merged), f"merged shard {s}")
+                vec = decode(blob, n, self.cfg.merged)
+            apply_shard(theta, momentum, rng, vec, self.cfg.params)
