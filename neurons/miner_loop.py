@@ -59,8 +59,9 @@ class Miner:
     # ----- setup -----
     def register(self) -> Assignment:
         """Register with the bridge, build the stage and load the round's weights."""
-        a = Assignment.model_validate(self.client.post("/v1/miners/register", RegisterRequest(
-            device_class=torch.device(self.device).type, compute_dtype=str(self.dtype).removeprefix("torch."))))
+        req = RegisterRequest(device_class=torch.device(self.device).type,
+                              compute_dtype=str(self.dtype).removeprefix("torch."))
+        a = Assignment.model_validate(self._post_registration(req))
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
         dataset = data.open_run_dataset(run.dataset, self.client.base_url)  # fetches the manifest
@@ -78,6 +79,19 @@ class Miner:
         self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed, init)
         self.status.set_stage(a.stage, a.round)
         return a
+
+    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> dict:
+        """POST register; a 403 `not_allowed` right after a chain registration means the bridge's
+        metagraph snapshot is older than it (the miss makes it refresh): retry for a while."""
+        end = time.monotonic() + patience
+        while True:
+            try:
+                return self.client.post("/v1/miners/register", req)
+            except BridgeError as exc:
+                if exc.status != 403 or "not_allowed" not in exc.detail or time.monotonic() > end:
+                    raise
+                log.info("the bridge has not seen this hotkey's registration yet; retrying")
+                self.stop.wait(1.0)
 
     # ----- main loop -----
     def run_forever(self) -> None:
@@ -100,8 +114,12 @@ class Miner:
                 continue
             self.status.maybe_print(resp.round, resp.inner_step)
             if self.state is not None and resp.round > self.state.round and resp.action in ("work", "step", "wait"):
-                self._drain()  # the run moved past our round (we missed a publication): catch up
-                self.register()
+                try:  # the run moved past our round (we missed a publication): catch up
+                    self._drain()
+                    self.register()
+                except (BridgeError, TransferError, httpx.TransportError) as exc:
+                    log.warning("catching up to round %d failed (%s); retrying", resp.round, exc)
+                    self.stop.wait(1.0)
                 continue
             if self.state is not None and resp.round < self.state.round and resp.action != "done":
                 self.stop.wait(0.2)  # our stage already merged; other stages are still merging
