@@ -8,7 +8,8 @@ Rules (docs/SECURITY.md explains why each holds against one cheating replica):
 * weights: the bridge's verified sample counts, each capped at the lower median of the counts,
   so no replica weighs more than the median one (with 2 replicas: equal weights);
 * clipping: each replica is scaled down to `clip_factor x ref`, where `ref` is the lower median
-  of this round's global norms (an attacker alone cannot raise it above an honest norm), floored
+  of this round's non-zero global norms (an attacker alone cannot raise it above an honest norm,
+  nor set it to zero by sending nothing), floored
   at `ref_floor x` the previous round's `ref` (an attacker alone cannot shrink it to nothing);
   with 2 or fewer replicas the factor is 1, so a liar can at most cancel, never reverse;
 * aggregation: with 3 or more replicas a per-coordinate trimmed mean (drop the `trim` largest
@@ -106,7 +107,8 @@ def robust_merge(kept: Sequence[tuple[int, Tensors]], prev_ref: float | None,
         raise OuterError("robust_merge needs at least one item")
     r = len(kept)
     norms = [_global_norm(d) for _, d in kept]
-    ref = lower_median(norms)
+    moving = [n for n in norms if n > 0]  # an all-zero item (no steps taken) must not set the bound
+    ref = lower_median(moving) if moving else 0.0
     if prev_ref is not None and math.isfinite(prev_ref) and prev_ref > 0:
         ref = max(ref, float(torch.tensor(p.ref_floor * prev_ref, dtype=torch.float32)))
     bound = (p.clip_factor if r >= 3 else 1.0) * ref
