@@ -29,7 +29,10 @@ class CheatingMiner(Miner):
             raise ValueError(f"unknown cheater {kind!r}; choose one of {', '.join(CHEATERS)}")
         self.kind = kind
         self.cheat = Cheat(kind if kind in HOP_KINDS else "honest", seed=seed)
-        self.merge_cls = merge_cheat(kind)
+        self._merge_kind = merge_cheat(kind)
+
+    def _round_merge(self):
+        return self._merge_kind(self.client, self.transfer, self.worker, self.run, self.stop)
 
     def _compute(self, hop, inputs):
         out, loss = super()._compute(hop, inputs)

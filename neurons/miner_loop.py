@@ -33,8 +33,6 @@ log = logging.getLogger("miner")
 class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
-    merge_cls = ReplicaMerge  # drills substitute a cheating merge
-
     def __init__(self, client: SignedClient, transfer: ObjectTransfer, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
         self.client, self.transfer = client, transfer
@@ -55,6 +53,9 @@ class Miner:
         self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
         self._merge_tried: int | None = None  # round whose merge we already attempted
         self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
+
+    def _round_merge(self) -> ReplicaMerge:
+        return ReplicaMerge(self.client, self.transfer, self.worker, self.run, self.stop)
 
     # ----- setup -----
     def register(self) -> Assignment:
@@ -151,8 +152,7 @@ class Miner:
             if self._merge_tried == resp.round:  # done what we could; the stage publishes without us
                 self.stop.wait(0.3)
                 return
-            merge = self.merge_cls(self.client, self.transfer, self.worker, self.run, self.stop)
-            self.state, self._computed = merge.run_round(self.state, resp.round)
+            self.state, self._computed = self._round_merge().run_round(self.state, resp.round)
             self._merge_tried = resp.round
             self.status.set_stage(self.stage, self.state.round)
         elif resp.action == "reassign":

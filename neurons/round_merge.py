@@ -5,9 +5,6 @@ it (the bridge copies it to a final, write-once key and weighs it by the backwar
 waits for the frozen merge set of its stage, computes the deterministic robust merge and
 Nesterov outer step (neurons.merge_compute), uploads the resulting state the same way and reports
 its hash; the bridge publishes round r+1 on a strict majority or a validator's recomputation.
-
-`ReplicaMerge` is a class so that drills (`drills/`) can subclass what a cheater changes; the
-honest miner uses it as it is.
 """
 from __future__ import annotations
 
