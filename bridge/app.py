@@ -25,7 +25,7 @@ from bridge.dataset import add_dataset_route, fetch_manifest
 from bridge.dashboard import add_console_routes
 from bridge.db import Database
 from bridge.durable import DurableNonces, note_nonce
-from bridge.fastpath import FastPath, error_response
+from bridge.fastpath import FastPath, error_response, refusal_response
 from bridge.hop_outputs import look_at, seal
 from bridge.longpoll import Waiters
 from bridge.merge_routes import add_merge_routes
@@ -131,7 +131,7 @@ class BodyCap:
             msg_ = await receive()
             seen += len(msg_.get("body", b""))
             if seen > self.limit:
-                raise TransitionError(413, "body_too_large", f"request body over {self.limit} bytes")
+                raise TransitionError("body_too_large", f"request body over {self.limit} bytes")
             return msg_
         await self.app(scope, counted, send)
 
@@ -186,7 +186,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                          "validator permit and may not serve as a miner; mine "
                                          "with a hotkey that has no validator permit")
         if not limiter.allow(caller):
-            raise TransitionError(429, "rate_limited", f"too many requests from {caller}")
+            raise TransitionError("rate_limited", f"too many requests from {caller}")
         return caller
 
     def role(name: str) -> Any:
@@ -205,7 +205,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
 
     @app.exception_handler(TransitionError)
     async def _te(_: Request, exc: TransitionError) -> Response:
-        return _err(exc.status, exc.code, exc.message, 1.0 if exc.status in (409, 429) else None)
+        return refusal_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _he(_: Request, exc: StarletteHTTPException) -> Response:
@@ -235,7 +235,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     @app.post("/v1/miners/register")
     async def register(req: msg.RegisterRequest, caller: str = Depends(miner)) -> Response:
         if req.protocol_version != msg.PROTOCOL_VERSION:
-            raise TransitionError(400, "bad_version", f"protocol_version must be "
+            raise TransitionError("bad_version", f"protocol_version must be "
                                   f"{msg.PROTOCOL_VERSION}, got {req.protocol_version}")
 
         def tx(st: Any, now: float, rng: Any) -> tuple:
@@ -280,10 +280,10 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
         hop = svc.read(lambda st: copy.copy(state.check_done(st, caller, req.hop_id, time.time())))
         if hop.out_key is not None:
             if req.size != hop.out_size:
-                raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
+                raise TransitionError("bad_size", f"size={req.size}, the lease signed "
                                       f"{hop.out_size} bytes for {hop.out_key}")
             if req.hop_id in sealing:  # a second seal could copy other bytes under a commit
-                raise TransitionError(409, "in_progress", f"a done for hop {req.hop_id} is "
+                raise TransitionError("in_progress", f"a done for hop {req.hop_id} is "
                                       "being applied; retry")
         sealing.add(req.hop_id)
         try:

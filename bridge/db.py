@@ -1,4 +1,8 @@
-"""Thin SQLite persistence: each transition's changed records are written in one transaction.
+"""Thin SQLite persistence: each commit writes the changed records in one transaction.
+
+What changed comes from the records themselves (`State.dirty`, bridge.tracking) and, for the
+global fields, from comparing the meta row with the one last written, so a transition never
+has to say what it changed.
 
 Rows are JSON blobs keyed by id, with the few indexed columns that queries need (hops by round
 and miner). Loading restores the current round fully; the `keep_rounds` rounds before it stay on
@@ -16,6 +20,7 @@ import threading
 from typing import Any, Optional
 
 from bridge.records import Hop, Miner, Sample, State, Tunables
+from bridge.tracking import row_json
 from protocol.messages import RunConfig
 
 __all__ = ["Database"]
@@ -36,11 +41,6 @@ CREATE INDEX IF NOT EXISTS hops_round_miner ON hops (round, miner);
 """
 
 
-def _dump(obj: Any) -> str:
-    # records hold only JSON-able primitives, lists and dicts: vars() avoids asdict's deep copy
-    return json.dumps(vars(obj), separators=(",", ":"))
-
-
 class Database:
     """One SQLite file (WAL, synchronous=NORMAL) holding a run's state."""
 
@@ -59,57 +59,62 @@ class Database:
         self._conn.execute(f"PRAGMA journal_size_limit={4 << 20}")
         self._conn.executescript(_SCHEMA)
         self.writes = 0  # rows written, for the benchmark
+        self._meta: Optional[str] = None  # the meta row as last written or read
 
     def load(self, run: RunConfig, tun: Tunables) -> State:
         """The stored state of `run` (or a fresh one); refuses a DB that holds another run."""
         st = State(run=run, tun=tun)
         row = self._conn.execute("SELECT run, data FROM meta WHERE id = 0").fetchone()
         if row is None:
-            self.commit(st, {("meta", None): None})
+            self._meta = None
+            self.commit(st, {})
             return st
         stored = RunConfig.model_validate_json(row[0])
         if stored != run:
             raise ValueError(f"database {self.path} holds run {stored.run_id!r} with a different "
                              "config: use a new --db or the original run config")
         st.load_meta(json.loads(row[1]))
+        self._meta = json.dumps(st.meta_dict())  # as this code writes it: unchanged -> no write
         for (data,) in self._conn.execute("SELECT data FROM miners"):
-            m = Miner(**json.loads(data))
+            m = Miner.from_row(json.loads(data))
             st.miners[m.hotkey] = m
         for (data,) in self._conn.execute("SELECT data FROM samples WHERE round = ?", (st.round,)):
-            d = json.loads(data)
-            d["fwd_by"] = {int(k): v for k, v in d["fwd_by"].items()}
-            st.samples[d["sample_id"]] = Sample(**d)
+            sample = Sample.from_row(json.loads(data))
+            st.samples[sample.sample_id] = sample
         for (data,) in self._conn.execute("SELECT data FROM hops WHERE round = ?", (st.round,)):
-            h = Hop(**json.loads(data))
+            h = Hop.from_row(json.loads(data))
             st.hops[h.hop_id] = h
         st.reindex()
+        st.dirty = {}  # loading is not a change
         log.info("loaded run %s: round %d, phase %s, %d miners, %d hops", run.run_id, st.round,
                  st.phase, len(st.miners), len(st.hops))
         return st
 
-    def commit(self, st: State, dirty: dict) -> None:
-        """Write every changed record in one transaction (all or nothing)."""
+    def commit(self, st: State, dirty: dict) -> bool:
+        """Write every changed record, and the meta row if it changed, in one transaction (all
+        or nothing); returns whether anything was written."""
         miners, samples, hops, rounds = [], [], [], []
-        meta = False
+        meta_json = json.dumps(st.meta_dict())
+        meta = meta_json != self._meta
         for (kind, ident), rec in dirty.items():
-            if kind == "meta":
-                meta = True
-            elif kind == "miner":
-                miners.append((ident, _dump(rec)))
+            if kind == "miner":
+                miners.append((ident, row_json(rec)))
             elif kind == "sample":
-                samples.append((ident, rec.round, _dump(rec)))
+                samples.append((ident, rec.round, row_json(rec)))
             elif kind == "hop":
-                hops.append((ident, rec.round, rec.leased_to or rec.assigned_to, rec.status,
-                             _dump(rec)))
+                hops.append((ident, rec.round, rec.leased_to or rec.assigned_to, str(rec.status),
+                             row_json(rec)))
             elif kind == "round":
                 rounds.append((ident, json.dumps(rec, separators=(",", ":"))))
+        if not (meta or miners or samples or hops or rounds):
+            return False
         with self._lock:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
                 if meta:
                     c.execute("INSERT OR REPLACE INTO meta (id, run, data) VALUES (0, ?, ?)",
-                              (st.run.model_dump_json(), json.dumps(st.meta_dict())))
+                              (st.run.model_dump_json(), meta_json))
                 if miners:
                     c.executemany("INSERT OR REPLACE INTO miners VALUES (?, ?)", miners)
                 if samples:
@@ -122,9 +127,11 @@ class Database:
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
+            self._meta = meta_json
             self.writes += meta + len(miners) + len(samples) + len(hops) + len(rounds)
         if st.round - self.keep_rounds > self._pruned_below:
             self.prune(st.round - self.keep_rounds)
+        return True
 
     def prune(self, below_round: int) -> int:
         """Delete hop and sample rows of rounds before `below_round` and truncate the WAL;
@@ -152,7 +159,7 @@ class Database:
         if miner is not None:
             q = "SELECT data FROM hops WHERE round = ? AND miner = ? AND status = 'done'"
             args = (round_, miner)
-        hops = [Hop(**json.loads(d)) for (d,) in self._conn.execute(q, args)]
+        hops = [Hop.from_row(json.loads(d)) for (d,) in self._conn.execute(q, args)]
         return sorted(hops, key=lambda h: (h.done_at, h.hop_id))
 
     def round_archive(self, round_: int) -> Optional[dict[str, Any]]:

@@ -18,8 +18,9 @@ from starlette.responses import Response
 from bridge.records import TransitionError
 from protocol import messages as msg
 from protocol.auth import request_target
+from protocol.errors import http_status, retry_after
 
-__all__ = ["FastPath", "error_response"]
+__all__ = ["FastPath", "error_response", "refusal_response"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ def error_response(status: int, code: str, message: str,
     body = msg.ErrorBody(error=code, message=message[:2000], retry_after=retry_after)
     return Response(body.model_dump_json(exclude_none=True), status_code=status,
                     media_type="application/json")
+
+
+def refusal_response(exc: TransitionError) -> Response:
+    """A refused transition's error body, its HTTP status from the one code table."""
+    return error_response(http_status(exc.code), exc.code, exc.message, retry_after(exc.code))
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -79,8 +85,7 @@ class FastPath:
             req = model.model_validate_json(body)
             return await handler(req, caller)
         except TransitionError as exc:
-            return error_response(exc.status, exc.code, exc.message,
-                                  1.0 if exc.status in (409, 429) else None)
+            return refusal_response(exc)
         except StarletteHTTPException as exc:
             return error_response(exc.status_code, "http_error", str(exc.detail))
         except ValidationError as exc:

@@ -46,13 +46,13 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
         """HEAD the staging upload (exact size when given), then copy it to its final key."""
         have = await run_in_threadpool(svc.object_size, staging)
         if have is None:
-            raise TransitionError(400, "missing_object", f"no object at {staging}")
+            raise TransitionError("missing_object", f"no object at {staging}")
         if size is not None and have >= 0 and have != size:
-            raise TransitionError(400, "bad_size", f"object {staging} has {have} bytes, not {size}")
+            raise TransitionError("bad_size", f"object {staging} has {have} bytes, not {size}")
         try:
             await run_in_threadpool(svc.promote, staging, final, max(have, 0))
         except StorageError as exc:  # the store failed, not the caller: retry later
-            raise TransitionError(503, "storage_error", f"could not copy the upload: {exc}"[:500])
+            raise TransitionError("storage_error", f"could not copy the upload: {exc}"[:500])
         return max(have, 0)
 
     def moved_on(round_: int) -> bool:
@@ -61,7 +61,7 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
     @app.post("/v1/rounds/upload")
     async def upload(req: msg.UploadRequest, caller: str = Depends(miner)) -> Response:
         if req.size > run.max_state_bytes:
-            raise TransitionError(400, "oversized",
+            raise TransitionError("oversized",
                                   f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
         key = svc.read(lambda st: rounds.upload_key(st, caller, req.round, req.kind, req.sha256))
         expires = min(ttl, run.merge_timeout_seconds * 2)
@@ -116,7 +116,7 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
         own = await archive(req.round)
         if own is not None and votes.add_late_vote(own, caller, stage, req.sha256):
             # a vote that came after the run moved on is still evidence for the validators
-            await svc.apply_async(lambda st, now, rng: st.touch("round", req.round, own))
+            await svc.apply_async(lambda st, now, rng: st.archive_round(req.round, own))
         ref = views.state_ref(stage, ss, svc.get_url, ttl)
         return _json(msg.MergedAck(published=True, agreed=ss.sha256 == req.sha256, state=ref))
 
@@ -148,7 +148,7 @@ def add_merge_routes(app: FastAPI, svc: BridgeService, ttl: float, miner: Callab
     async def hoplog(round: int, hotkey: Optional[str] = None,
                      caller: str = Depends(validator)) -> Response:
         if round < 0:
-            raise TransitionError(400, "bad_request", "round must be >= 0")
+            raise TransitionError("bad_request", "round must be >= 0")
         hops = await run_in_threadpool(svc.db.done_hops, round, hotkey)
         recs = [views.hop_record(h, svc.get_url, ttl) for h in hops]
         arch = await archive(round) or {}

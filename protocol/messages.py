@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
+from protocol.lifecycle import HopKind, Phase
 from protocol.run_config import MAX_BYTES as _MAX_BYTES
 from protocol.run_config import RunConfig, StrictModel as _Model
 
@@ -67,10 +68,8 @@ __all__ = [
 
 PROTOCOL_VERSION = "resbm/2"
 
-HopKind = Literal["fwd", "bwd", "fwdbwd"]
 LeaseAction = Literal["work", "wait", "step", "merge", "reassign", "done"]
 FailReason = Literal["bad_hash", "bad_shape", "nonfinite", "missing", "other"]
-Phase = Literal["waiting", "train", "merge", "done"]
 
 _SHA = r"^[0-9a-f]{64}$"
 _MAX_INT = 2**62

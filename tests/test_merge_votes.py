@@ -10,6 +10,7 @@ import pytest
 
 from bridge import quarantine, rounds, state, votes
 from bridge.records import State, TransitionError
+from protocol.errors import http_status
 from tests.test_bridge_state import drive, lease, make
 
 
@@ -124,7 +125,7 @@ def test_report_keys_are_checked_before_anything_else_and_are_per_writer():
     for bad in (key_a, "x" * 500, "runs/t/r0/s0/pg/a-" + GOOD, "../../etc"):
         with pytest.raises(TransitionError) as e:  # b naming a's key, or nonsense: same answer
             rounds.check_upload_key(st, "b", 0, "pseudograd", bad, GOOD)
-        assert (e.value.status, e.value.code) == (400, "bad_key")
+        assert (http_status(e.value.code), e.value.code) == (400, "bad_key")
     final = rounds.final_key(st, "a", 0, "state", GOOD)
     assert final == f"runs/t/r1/s0/state/a-{GOOD}" and "/upload/" not in final
 

@@ -1,0 +1,143 @@
+"""Change tracking for the persisted records, done once, by the records and their containers.
+
+A `Tracked` record (miner, sample, hop) that belongs to a state notes itself in the state's
+journal (`State.dirty`) whenever one of its fields is assigned; a `RecordMap` adopts every
+record put into it (and notes it); an `OwnedDict` field notes its owner on every change. So a
+transition only assigns; nothing it changes can miss the next commit. The state's global
+fields are not tracked here: the database diffs their serialized form at each commit.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from typing import Any, ClassVar, Iterable, Optional, Protocol
+
+__all__ = ["Journal", "Tracked", "RecordMap", "OwnedDict", "row_json"]
+
+
+class Journal(Protocol):
+    """What a record reports its changes to (the state): `dirty[(kind, id)] = record`."""
+
+    dirty: dict
+
+
+class Tracked:
+    """Mixin for a persisted dataclass record: assigning any field marks it changed."""
+
+    KIND: ClassVar[str] = ""  # the journal's kind ("miner", "sample", "hop")
+
+    @property
+    def ident(self) -> Any:
+        """The record's primary key."""
+        raise NotImplementedError
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        journal: Optional[Journal] = self.__dict__.get("_journal")
+        if journal is not None:
+            journal.dirty[(self.KIND, self.ident)] = self
+
+    def changed(self) -> None:
+        """Note an in-place change of a field (called by the field's own container)."""
+        journal: Optional[Journal] = self.__dict__.get("_journal")
+        if journal is not None:
+            journal.dirty[(self.KIND, self.ident)] = self
+
+    def adopt(self, journal: Journal) -> None:
+        """Belong to `journal`'s state: every later change is noted there (and this one too)."""
+        object.__setattr__(self, "_journal", journal)
+        journal.dirty[(self.KIND, self.ident)] = self
+
+    def __copy__(self) -> "Tracked":
+        # a copy handed out of the lock is a detached snapshot: changing it changes nothing
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.pop("_journal", None)
+        return new
+
+    def row(self) -> dict[str, Any]:
+        """The persisted fields, by name (what `from_row` reads back)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+class RecordMap(dict):
+    """id -> record map of a state: every record put in is adopted by the state's journal."""
+
+    def __init__(self, journal: Journal, items: Iterable[tuple[Any, Tracked]] = ()) -> None:
+        super().__init__()
+        self._journal = journal
+        for k, v in dict(items).items():
+            self[k] = v
+
+    def __setitem__(self, key: Any, rec: Tracked) -> None:
+        rec.adopt(self._journal)
+        super().__setitem__(key, rec)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:  # pragma: no cover - unused
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        for k, v in dict(*args, **kw).items():
+            self[k] = v
+
+
+class OwnedDict(dict):
+    """A dict field of a tracked record: any change marks the owner changed."""
+
+    def __init__(self, owner: Tracked, items: Any = ()) -> None:
+        super().__init__(items)
+        self._owner = owner
+
+    def _changed(self) -> None:
+        self._owner.changed()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        had = key in self
+        out = super().pop(key, *default)
+        if had:
+            self._changed()
+        return out
+
+    def popitem(self) -> tuple[Any, Any]:
+        out = super().popitem()
+        self._changed()
+        return out
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        super().update(*args, **kw)
+        self._changed()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other: Any) -> "OwnedDict":
+        self.update(other)
+        return self
+
+
+def _encode(obj: Any) -> Any:
+    as_list = getattr(obj, "as_list", None)
+    if as_list is None:
+        raise TypeError(f"cannot store a {type(obj).__name__} in a row")
+    return as_list()
+
+
+def row_json(rec: Tracked) -> str:
+    """The record as its stored JSON row (refs as [..] lists, enums as their strings)."""
+    return json.dumps(rec.row(), separators=(",", ":"), default=_encode)
