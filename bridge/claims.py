@@ -1,4 +1,4 @@
-"""Claims about bad hop outputs, charged to the party the bridge can prove wrong (pure).
+"""Claims about bad hop outputs, charged to the party the bridge can prove wrong (no I/O).
 
 A consumer reports `hops/fail` with a reason. For `bad_hash`, `bad_shape`, `nonfinite` and
 `missing` the I/O shell first looks at every input object of the hop at its sealed key (which
@@ -25,8 +25,9 @@ import random
 from typing import Optional
 
 from bridge import rounds
+from bridge.dispatch import penalize, redo_hop, retry_hop
 from bridge.records import Hop, ObjRef, Sample, State
-from bridge.state import check_done, penalize, redo_hop, retry_hop, tick
+from bridge.state import check_done, tick
 from protocol.lifecycle import HopKind, HopStatus, SampleStatus
 
 __all__ = ["Verdict", "disputed_inputs", "judge_claim", "reject_output"]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from bridge import claims, quarantine, rounds, state, votes
 from bridge.db import Database
-from bridge.records import State, Tunables
+from bridge.records import FwdRecord, State, Tunables
 from bridge.service import BridgeService
 from bridge.tracking import row_json
 from protocol.lifecycle import HopKind, HopStatus, Phase
@@ -144,6 +144,6 @@ def test_in_place_changes_of_a_sample_are_tracked(tmp_path):
     for hk in "ab":
         s(state.register, hk)
     sample = next(iter(s.svc.state.samples.values()))
-    s(lambda st, now, rng: sample.fwd_by.update({5: state.FwdRecord("x", 0, "h0x1")}))
+    s(lambda st, now, rng: sample.fwd_by.update({5: FwdRecord("x", 0, "h0x1")}))
     s(lambda st, now, rng: sample.fwd_by.pop(5))
     assert 5 not in Database(s.db.path).load(RUN, TUN).samples[sample.sample_id].fwd_by
