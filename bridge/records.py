@@ -157,6 +157,12 @@ class Sample(Tracked):
         """Primary key: the sample id."""
         return self.sample_id
 
+    def row(self) -> dict[str, Any]:
+        """The stored form (forward records as lists)."""
+        d = super().row()
+        d["fwd_by"] = {k: v.as_list() for k, v in self.fwd_by.items()}
+        return d
+
     @classmethod
     def from_row(cls, d: dict[str, Any]) -> "Sample":
         """From a stored row (JSON turned the stage keys into strings)."""
@@ -201,6 +207,15 @@ class Hop(Tracked):
     def ident(self) -> str:
         """Primary key: the hop id."""
         return self.hop_id
+
+    def row(self) -> dict[str, Any]:
+        """The stored form (object refs as lists)."""
+        d = super().row()
+        if self.act_in is not None:
+            d["act_in"] = self.act_in.as_list()
+        if self.grad_in is not None:
+            d["grad_in"] = self.grad_in.as_list()
+        return d
 
     @classmethod
     def from_row(cls, d: dict[str, Any]) -> "Hop":

@@ -9,7 +9,6 @@ fields are not tracked here: the database diffs their serialized form at each co
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from typing import Any, ClassVar, Iterable, Optional, Protocol
 
 __all__ = ["Journal", "Tracked", "RecordMap", "OwnedDict", "row_json"]
@@ -56,8 +55,10 @@ class Tracked:
         return new
 
     def row(self) -> dict[str, Any]:
-        """The persisted fields, by name (what `from_row` reads back)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        """The persisted fields, by name, in field order (what `from_row` reads back)."""
+        d = self.__dict__.copy()  # the dataclass fields, then (when owned) the journal
+        d.pop("_journal", None)
+        return d
 
 
 class RecordMap(dict):
@@ -131,13 +132,6 @@ class OwnedDict(dict):
         return self
 
 
-def _encode(obj: Any) -> Any:
-    as_list = getattr(obj, "as_list", None)
-    if as_list is None:
-        raise TypeError(f"cannot store a {type(obj).__name__} in a row")
-    return as_list()
-
-
 def row_json(rec: Tracked) -> str:
-    """The record as its stored JSON row (refs as [..] lists, enums as their strings)."""
-    return json.dumps(rec.row(), separators=(",", ":"), default=_encode)
+    """The record as its stored JSON row (`rec.row()`; enums are their strings)."""
+    return json.dumps(rec.row(), separators=(",", ":"))
