@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from bridge.tracking import OwnedDict, RecordMap, Tracked
+from bridge.tracking import RecordMap, Tracked, record
 from protocol.lifecycle import HOP_OPEN, HopKind, HopStatus, Phase, SampleStatus
 from protocol.messages import RunConfig
 
@@ -87,7 +87,7 @@ class Tunables:
                                       # only max_object_bytes caps a lease; pure tests)
 
 
-@dataclass(eq=False)
+@record
 class Miner(Tracked):
     """One registered miner (a replica of one stage)."""
 
@@ -133,11 +133,12 @@ class Miner(Tracked):
         return cls(**d)
 
 
-@dataclass(eq=False)
+@record
 class Sample(Tracked):
     """One sample of a round; ends `completed` or `abandoned` with a reason."""
 
     KIND = "sample"
+    OWNED = ("fwd_by",)
 
     sample_id: int
     round: int
@@ -146,11 +147,6 @@ class Sample(Tracked):
     fwd_done_stage: int = -1        # highest stage whose forward is done
     # stage -> who did the forward at that stage (changes to it mark the sample changed)
     fwd_by: dict[int, FwdRecord] = field(default_factory=dict)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "fwd_by" and not isinstance(value, OwnedDict):
-            value = OwnedDict(self, value)
-        super().__setattr__(name, value)
 
     @property
     def ident(self) -> int:
@@ -170,7 +166,7 @@ class Sample(Tracked):
         return cls(**{**d, "status": SampleStatus(d["status"])}, fwd_by=fwd_by)
 
 
-@dataclass(eq=False)
+@record
 class Hop(Tracked):
     """One attempt at one unit of work."""
 
@@ -368,6 +364,7 @@ class State:
                 "abandoned_total", "abandon_reasons", "stage_counters", "workers", "frozen",
                 "published", "flagged", "round_states")
         d = {k: getattr(self, k) for k in keep}
+        d["phase"] = self.phase.value  # a plain str: the same JSON, and a cheap fingerprint
         d["stage_states"] = [dict(vars(x)) for x in self.stage_states]
         d["recent_losses"] = self.recent_losses[-256:]
         d["pseudograds"] = self.pseudograds

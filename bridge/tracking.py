@@ -9,9 +9,12 @@ fields are not tracked here: the database diffs their serialized form at each co
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Iterable, Optional, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Protocol, TypeVar
 
-__all__ = ["Journal", "Tracked", "RecordMap", "OwnedDict", "row_json"]
+__all__ = ["Journal", "Tracked", "record", "RecordMap", "OwnedDict", "row_json"]
+
+T = TypeVar("T")
 
 
 class Journal(Protocol):
@@ -21,9 +24,11 @@ class Journal(Protocol):
 
 
 class Tracked:
-    """Mixin for a persisted dataclass record: assigning any field marks it changed."""
+    """Base of a persisted record (declared with `@record`): assigning a field, or changing an
+    `OWNED` dict field in place, marks it changed once a state has adopted it."""
 
-    KIND: ClassVar[str] = ""  # the journal's kind ("miner", "sample", "hop")
+    KIND: ClassVar[str] = ""              # the journal's kind ("miner", "sample", "hop")
+    OWNED: ClassVar[tuple[str, ...]] = ()  # dict fields whose in-place changes are tracked
 
     @property
     def ident(self) -> Any:
@@ -31,34 +36,57 @@ class Tracked:
         raise NotImplementedError
 
     def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        journal: Optional[Journal] = self.__dict__.get("_journal")
-        if journal is not None:
-            journal.dirty[(self.KIND, self.ident)] = self
+        d = self.__dict__
+        if name in self.OWNED and not isinstance(value, OwnedDict):
+            value = OwnedDict(self, value)
+        d[name] = value
+        key = d.get("_key")
+        if key is not None:
+            d["_journal"].dirty[key] = self
 
     def changed(self) -> None:
         """Note an in-place change of a field (called by the field's own container)."""
-        journal: Optional[Journal] = self.__dict__.get("_journal")
-        if journal is not None:
-            journal.dirty[(self.KIND, self.ident)] = self
+        key = self.__dict__.get("_key")
+        if key is not None:
+            self.__dict__["_journal"].dirty[key] = self
 
     def adopt(self, journal: Journal) -> None:
         """Belong to `journal`'s state: every later change is noted there (and this one too)."""
-        object.__setattr__(self, "_journal", journal)
-        journal.dirty[(self.KIND, self.ident)] = self
+        key = (self.KIND, self.ident)
+        self.__dict__.update(_journal=journal, _key=key)
+        journal.dirty[key] = self
 
     def __copy__(self) -> "Tracked":
         # a copy handed out of the lock is a detached snapshot: changing it changes nothing
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.pop("_journal", None)
+        new.__dict__.pop("_key", None)
         return new
 
     def row(self) -> dict[str, Any]:
         """The persisted fields, by name, in field order (what `from_row` reads back)."""
-        d = self.__dict__.copy()  # the dataclass fields, then (when owned) the journal
+        d = self.__dict__.copy()  # the dataclass fields, then (once adopted) journal and key
         d.pop("_journal", None)
+        d.pop("_key", None)
         return d
+
+
+def record(cls: type[T]) -> type[T]:
+    """`@dataclass` for a `Tracked` record: `__init__` stores the fields directly (a new record
+    is noted when a state adopts it), later assignments are tracked."""
+    # frozen=True makes the generated __init__ store with object.__setattr__ (documented
+    # dataclass behaviour), skipping the tracking hook 27 times per hop; the hook is put back
+    # as the class's __setattr__ right after, so instances are not frozen
+    if getattr(cls, "OWNED", ()):
+        def __post_init__(self: Any) -> None:
+            for name in self.OWNED:
+                object.__setattr__(self, name, OwnedDict(self, getattr(self, name)))
+        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    made = dataclass(eq=False, frozen=True)(cls)
+    made.__setattr__ = Tracked.__setattr__  # type: ignore[method-assign]
+    made.__delattr__ = object.__delattr__  # type: ignore[method-assign]
+    return made
 
 
 class RecordMap(dict):
