@@ -19,6 +19,7 @@ from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, 
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
+from neurons.dataset_http import HttpSource
 from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.stage_worker import StageWorker, worker_for_run
@@ -65,7 +66,7 @@ class Miner:
         a = Assignment.model_validate(self._post_registration(req))
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
-        dataset = data.open_run_dataset(run.dataset, self.client.base_url)  # fetches the manifest
+        dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
         if cfg.vocab_size != dataset.vocab_size:
             raise ValueError(f"run model.vocab_size={cfg.vocab_size} but the dataset's vocab is "
                              f"{dataset.vocab_size}: the bridge's run config is wrong")
