@@ -42,6 +42,32 @@ CREATE INDEX IF NOT EXISTS hops_round_miner ON hops (round, miner);
 """
 
 
+_INSERT = {
+    "meta": "INSERT OR REPLACE INTO meta (id, run, data) VALUES (0, ?, ?)",
+    "miners": "INSERT OR REPLACE INTO miners VALUES (?, ?)",
+    "samples": "INSERT OR REPLACE INTO samples VALUES (?, ?, ?)",
+    "hops": "INSERT OR REPLACE INTO hops VALUES (?, ?, ?, ?, ?)",
+    "rounds": "INSERT OR REPLACE INTO rounds VALUES (?, ?)",
+}
+
+
+def _rows(dirty: dict) -> dict[str, list[tuple]]:
+    """table -> rows to write for the changed records (tables with none left out)."""
+    rows: dict[str, list[tuple]] = {}
+    for (kind, ident), rec in dirty.items():
+        if kind == "miner":
+            rows.setdefault("miners", []).append((ident, row_json(rec)))
+        elif kind == "sample":
+            rows.setdefault("samples", []).append((ident, rec.round, row_json(rec)))
+        elif kind == "hop":
+            rows.setdefault("hops", []).append(
+                (ident, rec.round, rec.leased_to or rec.assigned_to, str(rec.status),
+                 row_json(rec)))
+        elif kind == "round":
+            rows.setdefault("rounds", []).append((ident, json.dumps(rec, separators=(",", ":"))))
+    return rows
+
+
 def _fingerprint(meta: dict[str, Any]) -> tuple[bytes, list]:
     """An exact, cheap stand-in for the meta row's content, to tell whether it changed: a pickle
     (compared, never loaded; ~10x cheaper than the JSON) of all but the recent losses, which
@@ -103,43 +129,25 @@ class Database:
     def commit(self, st: State, dirty: dict) -> bool:
         """Write every changed record, and the meta row if it changed, in one transaction (all
         or nothing); returns whether anything was written."""
-        miners, samples, hops, rounds = [], [], [], []
         meta_dict = st.meta_dict()
         fingerprint = _fingerprint(meta_dict)
-        meta = fingerprint != self._meta
-        for (kind, ident), rec in dirty.items():
-            if kind == "miner":
-                miners.append((ident, row_json(rec)))
-            elif kind == "sample":
-                samples.append((ident, rec.round, row_json(rec)))
-            elif kind == "hop":
-                hops.append((ident, rec.round, rec.leased_to or rec.assigned_to, str(rec.status),
-                             row_json(rec)))
-            elif kind == "round":
-                rounds.append((ident, json.dumps(rec, separators=(",", ":"))))
-        if not (meta or miners or samples or hops or rounds):
+        rows = _rows(dirty)
+        if fingerprint != self._meta:
+            rows["meta"] = [(st.run.model_dump_json(), json.dumps(meta_dict))]
+        if not rows:
             return False
         with self._lock:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                if meta:
-                    c.execute("INSERT OR REPLACE INTO meta (id, run, data) VALUES (0, ?, ?)",
-                              (st.run.model_dump_json(), json.dumps(meta_dict)))
-                if miners:
-                    c.executemany("INSERT OR REPLACE INTO miners VALUES (?, ?)", miners)
-                if samples:
-                    c.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?)", samples)
-                if hops:
-                    c.executemany("INSERT OR REPLACE INTO hops VALUES (?, ?, ?, ?, ?)", hops)
-                if rounds:
-                    c.executemany("INSERT OR REPLACE INTO rounds VALUES (?, ?)", rounds)
+                for table, values in rows.items():
+                    c.executemany(_INSERT[table], values)
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
             self._meta = fingerprint
-            self.writes += meta + len(miners) + len(samples) + len(hops) + len(rounds)
+            self.writes += sum(len(v) for v in rows.values())
         if st.round - self.keep_rounds > self._pruned_below:
             self.prune(st.round - self.keep_rounds)
         return True
