@@ -8,10 +8,11 @@ from typing import Any, Callable
 
 from bridge import claims, quarantine, rounds, state, votes
 from bridge.db import Database
-from bridge.records import FwdRecord, State, Tunables
+from bridge.records import FwdRecord, Hop, ObjRef, Sample, State, Tunables
 from bridge.service import BridgeService
 from bridge.tracking import row_json
 from protocol.lifecycle import HopKind, HopStatus, Phase
+from protocol import messages as msg
 from protocol.messages import RunConfig
 
 SHA = "ab" * 32
@@ -147,3 +148,21 @@ def test_in_place_changes_of_a_sample_are_tracked(tmp_path):
     s(lambda st, now, rng: sample.fwd_by.update({5: FwdRecord("x", 0, "h0x1")}))
     s(lambda st, now, rng: sample.fwd_by.pop(5))
     assert 5 not in Database(s.db.path).load(RUN, TUN).samples[sample.sample_id].fwd_by
+
+
+def test_typed_records_store_and_send_the_same_bytes_as_plain_strings_and_lists():
+    ref = ObjRef("runs/p/r0/s0/act/h0x1", SHA, 100)
+    hop = Hop(hop_id="h0x2", sample_id=3, round=0, stage=1, kind=HopKind.FWDBWD,
+              status=HopStatus.LEASED, act_in=ref, avoid=("x",))
+    plain = dict(vars(Hop(hop_id="h0x2", sample_id=3, round=0, stage=1, kind=HopKind.FWDBWD)))
+    plain.update(kind="fwdbwd", status="leased", act_in=[ref.key, SHA, 100], avoid=["x"])
+    assert row_json(hop) == json.dumps(plain, separators=(",", ":"))  # the old stored form
+    assert Hop.from_row(json.loads(row_json(hop))).row() == hop.row()
+    sample = Sample(sample_id=3, round=0, fwd_by={0: FwdRecord("a", 2, "h0x1")})
+    assert json.loads(row_json(sample))["fwd_by"] == {"0": ["a", 2, "h0x1"]}
+    assert json.loads(row_json(sample))["status"] == "active"
+    wire = dict(hop_id="h0x2", sample_id=3, round=0, stage=1, recompute=False, inner_step=0,
+                attempt=1, deadline=5.0)
+    assert msg.Hop(kind=HopKind.FWDBWD, **wire).model_dump_json() == \
+        msg.Hop(kind="fwdbwd", **wire).model_dump_json()
+    assert '"kind":"fwdbwd"' in msg.Hop(kind=HopKind.FWDBWD, **wire).model_dump_json()
