@@ -54,12 +54,12 @@ from dataclasses import dataclass, field
 import torch
 
 from protocol.dataset import DatasetRef
-from resbm import codec, data
+from resbm import codec
 
+from . import hop_exec
 from .stage_worker import StageWorker, WorkerError
 
 __all__ = [
-    "HOP_KINDS",
     "AuditReport",
     "HopCheck",
     "HopRecord",
@@ -71,8 +71,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HOP_KINDS = ("fwd", "bwd", "fwdbwd")
 
 
 @dataclass
@@ -223,49 +221,20 @@ def _replay_hop(worker: StageWorker, i: int, rec: HopRecord, settings: ReplaySet
                 tolerances: Tolerances | Mapping[str, Tolerances]) -> HopCheck:
     tol = _tolerance(tolerances, rec.kind)
     check = HopCheck(index=i, sample_id=rec.sample_id, kind=rec.kind, inner_step=rec.inner_step, ok=True)
-    tokens = targets = None
-    needs_input = rec.kind != "bwd" or rec.recompute
-    if worker.is_first or worker.is_last or (worker.needs_tokens and needs_input):  # public, as the miner's
-        tokens, targets = data.batch(settings.data_seed, rec.sample_id, settings.batch_size, worker.cfg.seq_len,
-                                     dataset=settings.dataset)
-    inp = tokens if worker.is_first else rec.inputs
-    side = tokens if worker.needs_tokens else None
+    public = hop_exec.PublicData(settings.data_seed, settings.batch_size, settings.dataset)
+    res = hop_exec.run_hop(worker, rec.kind, rec.sample_id, rec.recompute, rec.inputs, rec.grad, public)
     if rec.kind == "fwd":
-        if worker.is_last:
-            raise WorkerError("last stage has no fwd hops")
-        if inp is None:
-            raise WorkerError("fwd record has no input code")
-        out = worker.forward(rec.sample_id, inp, side)
-        _check_tensor(check, out, rec.claimed_output, tol)
-    elif rec.kind == "bwd":
-        if rec.grad is None:
-            raise WorkerError("bwd record has no output gradient")
-        recompute_inp = None
-        if rec.recompute:
-            if inp is None:
-                raise WorkerError("recompute bwd record has no input code")
-            worker.release(rec.sample_id)
-            recompute_inp = inp
-        grad = worker.backward(rec.sample_id, rec.grad, recompute_input=recompute_inp, tokens=side)
-        if grad is not None:
-            _check_tensor(check, codec.roundtrip(grad, settings.wire_codec), rec.claimed_output, tol)
-        elif rec.claimed_output is not None:
-            check.ok, check.reason = False, "stage 0 bwd claims an output it cannot have"
-    elif rec.kind == "fwdbwd":
-        if not worker.is_last:
-            raise WorkerError("fwdbwd hops belong to the last stage")
-        if inp is None:
-            raise WorkerError("fwdbwd record has no input code")
-        loss, grad = worker.forward_backward(rec.sample_id, inp, targets, side)
-        if grad is not None:
-            _check_tensor(check, codec.roundtrip(grad, settings.wire_codec), rec.claimed_output, tol)
-        check.loss_replayed, check.loss_claimed = loss, rec.claimed_loss
+        _check_tensor(check, res.out, rec.claimed_output, tol)
+    elif res.out is not None:  # an input gradient: the claim went through the wire codec
+        _check_tensor(check, codec.roundtrip(res.out, settings.wire_codec), rec.claimed_output, tol)
+    elif rec.claimed_output is not None:
+        check.ok, check.reason = False, f"stage 0 {rec.kind} claims an output it cannot have"
+    if rec.kind == "fwdbwd":
+        check.loss_replayed, check.loss_claimed = res.loss, rec.claimed_loss
         if check.ok:
-            bound = tol.loss_abs + tol.loss_rel * abs(loss)
-            if rec.claimed_loss is None or not abs(rec.claimed_loss - loss) <= bound:
-                check.ok, check.reason = False, f"loss {rec.claimed_loss!r} vs replayed {loss:.5f} (> {bound:.3g})"
-    else:
-        raise WorkerError(f"unknown hop kind {rec.kind!r}; expected one of {HOP_KINDS}")
+            bound = tol.loss_abs + tol.loss_rel * abs(res.loss)
+            if rec.claimed_loss is None or not abs(rec.claimed_loss - res.loss) <= bound:
+                check.ok, check.reason = False, f"loss {rec.claimed_loss!r} vs replayed {res.loss:.5f} (> {bound:.3g})"
     return check
 
 

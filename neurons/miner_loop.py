@@ -19,7 +19,8 @@ from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, 
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
-from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
+from neurons import hop_exec
+from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
@@ -216,20 +217,11 @@ class Miner:
             self._queue_upload(hop, out, loss, seconds)
 
     def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
-        w, run = self.worker, self.run
-        recompute = hop.kind == "bwd" and (hop.recompute or hop.sample_id not in w.open_graphs)
-        tokens = targets = None
-        if hop.kind == "fwdbwd" or ((hop.kind == "fwd" or recompute) and (w.is_first or w.needs_tokens)):
-            # The sample's public tokens (stage 0's input, re-injection's ids) and targets, derived once.
-            tokens, targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len, dataset=run.dataset)
-        inp = tokens if w.is_first else inputs.act
-        side = tokens if w.needs_tokens else None
-        if hop.kind == "fwd":
-            return w.forward(hop.sample_id, inp, side), None
-        if hop.kind == "fwdbwd":
-            loss, grad = w.forward_backward(hop.sample_id, inp, targets, side)
-            return grad, loss
-        return w.backward(hop.sample_id, inputs.grad, recompute_input=inp if recompute else None, tokens=side), None
+        """The hop's output and loss, from the one hop executor the validator replays with."""
+        run = self.run
+        res = hop_exec.run_hop(self.worker, hop.kind, hop.sample_id, hop.recompute, inputs.act, inputs.grad,
+                               hop_exec.PublicData(run.data_seed, run.batch_size, run.dataset))
+        return res.out, res.loss
 
     def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
         self._pending = [f for f in self._pending if not f.done()]

@@ -19,7 +19,8 @@ from protocol.client import BridgeError, SignedClient
 from protocol.messages import (Assignment, MergedAck, MergedReport, MergeSet, PseudogradReport,
                                RunConfig, UploadGrant, UploadRequest)
 from resbm import outer
-from neurons.merge_compute import MergeOutcome, compute_merge, fetch_items, fetch_state
+from neurons.merge_compute import MergeOutcome, compute_merge
+from neurons.objects import fetch_items, fetch_state
 from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["RoundState", "load_assigned_state", "ReplicaMerge"]

@@ -193,7 +193,7 @@ from neurons import miner_loop  # noqa: E402
 from neurons.cli import env_name, load_settings  # noqa: E402
 from neurons.miner import MinerSettings  # noqa: E402
 from neurons.miner import build_parser as miner_parser  # noqa: E402
-from resbm.train import pick_device  # noqa: E402
+from resbm.device import pick_device  # noqa: E402
 from resbm import codec  # noqa: E402
 
 
