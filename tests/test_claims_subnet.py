@@ -9,7 +9,7 @@ import pytest
 
 from drills.cheaters import cheating_miner
 from neurons.miner_loop import Miner
-from tests.test_miner import MinerThread, run_config, set_threads, start_subnet
+from tests.harness.miner_subnet import MinerThread, run_config, set_threads, start_subnet
 
 
 @pytest.mark.timeout(150)

@@ -24,7 +24,7 @@ from resbm.config import ModelConfig
 from resbm.dataset import forget_dataset
 from scripts import prepare_dataset
 from tests.servers import ACCESS_KEY, REPO, SECRET_KEY, make_chain, start_s3
-from tests.test_validator_subnet import RATE_LIMIT, run_config, run_subnet
+from tests.harness.validator_subnet import RATE_LIMIT, run_config, run_subnet
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -17,7 +17,7 @@ from neurons.cli import resolve_device
 from protocol.chain.base import MetagraphView, NeuronInfo
 from protocol.exits import Exit, Misconfigured, backoff_delays
 from protocol.messages import RunConfig
-from tests.test_bridge_state import lease, make
+from tests.harness.bridge_state import lease, make
 
 
 # -- device -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.messages import HopLog
-from tests.test_validator_subnet import RATE_LIMIT, run_subnet, throughput_by_miner
+from tests.harness.validator_subnet import RATE_LIMIT, run_subnet, throughput_by_miner
 
 log = logging.getLogger(__name__)
 
