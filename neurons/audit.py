@@ -8,40 +8,9 @@ compares every output (codes, input gradients, losses) and optionally the pseudo
 Comparison per tensor: relative L2 error ||claimed - replay|| / ||replay||, cosine similarity
 and norm ratio ||claimed|| / ||replay||. A hop passes when all three are within `Tolerances`.
 
-Tolerances come from measured honest-vs-honest spread (tiny CPU model: d 32, 3 layers, 3 stages,
-k 4, bf16 wire, batch 2 x 16 tokens, Muon lr 0.02 / AdamW 3e-3, no warm-up, 2 samples per inner
-step; the validator replays in fp32 with one thread; worst over every hop of stages 0, 1 and 2):
-  miner fp32 with 2 threads (5 seeds, 3 steps):  bit-identical (rel err 0), pseudo-grad identical
-  miner bf16 autocast (5 seeds, 3 steps):        hop rel err <= 6.2e-3, cos >= 0.99998,
-                                                 |norm ratio - 1| <= 1.5e-3, |loss diff| <= 2.1e-4,
-                                                 pseudo-grad rel err <= 0.066, cos >= 0.9978
-  miner bf16 autocast (2 seeds, 12 steps):       hop rel err grows with the inner step, <= 0.023
-                                                 by step 8-12; pseudo-grad rel err <= 0.065
-  float64 reference forward vs fp32:            codes identical after the wire (bf16) rounding,
-                                                 loss identical at fp32 precision
-  miner on an H100 GPU (fp32, TF32 or bf16 autocast; d 32 and d 128 / 6 layers, 12 steps)
-  vs the CPU fp32 replay:                        hop rel err <= 0.022, cos >= 0.9997,
-                                                 |norm ratio - 1| <= 6e-3, |loss diff| <= 1.2e-3,
-                                                 pseudo-grad rel err <= 0.061, cos >= 0.998
-Cheaters on the same setup: random outputs rel err ~1.4; another sample's outputs 1.17-1.71;
-x0.5 gradients 0.5; zero gradients 1.0; stale weights (one inner step skipped), max over the
-hops of the next step: 0.13-0.21 on stages 0 and 2, 0.062-0.081 on the middle stage, and
-pseudo-grad rel err >= 0.69 everywhere. So hops use rel err 0.05 (2.2x the worst honest drift),
-cos 0.998, norm ratio within 0.05, loss 0.02 + 1e-2 x |loss|; the pseudo-gradient uses rel err
-0.25 and cos 0.95 (~4x the honest bf16 spread, 2.8x below a one-step stale miner): the
-pseudo-gradient is the robust check for skipped steps, the hops for fabricated outputs.
-Re-measure on the target GPUs and model size before mainnet: drift grows with inner steps.
-These constants are now only the fallback: miners declare their numerics, validators replay like
-for like, and the run config's calibrated `audit_tolerances` (scripts/calibrate_audit.py,
-neurons/audit_tolerances.py) judge each stage and hop kind; on an H200 at d 1024 the honest
-like-for-like spread reaches 0.20 on a middle stage's input gradient (docs/BENCHMARKS.md).
-Re-measured on the same setup for the default boundary, resbm/postnorm with token re-injection
-(tests/test_audit.py's config, 40 data seeds x 3 inner steps; old default resbm/normed in brackets):
-worst hop rel err 0.019 / 0.027 / 0.035 on stages 0 / 1 / 2 (0.007 / 0.005 / 0.041), median ~0.005
-everywhere, cos >= 0.9994, |norm ratio - 1| <= 0.009, pseudo-grad rel err <= 0.097 (<= 0.069); over
-4 seeds x 12 steps hops <= 0.030 (<= 0.039), pseudo-grad <= 0.073 (<= 0.067). The honest tail thus
-reaches ~0.7-0.8 of the 0.05 hop tolerance under either form on this tiny model. A one-step stale
-miner is caught as before (5 seeds: next-step hops >= 0.070-0.146, pseudo-grad rel err >= 0.77).
+`DEFAULT_TOLERANCES` are the fallback; the run config's calibrated `audit_tolerances`
+(scripts/calibrate_audit.py, neurons/audit_tolerances.py) judge each stage and hop kind when set.
+The honest and cheating spreads behind both: docs/BENCHMARKS.md, "Replay audits".
 """
 from __future__ import annotations
 
@@ -98,7 +67,7 @@ class HopRecord:
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Pass thresholds; see the module docstring for the measured honest spread behind them."""
+    """Pass thresholds (the measured honest spread behind them: docs/BENCHMARKS.md, "Replay audits")."""
 
     rel_err: float = 0.05
     min_cosine: float = 0.998
