@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import platform
+import re
 import sqlite3
 import sys
 import time
@@ -28,7 +29,7 @@ __all__ = ["build_parser", "subnet_run_config", "run_single", "run_subnet", "loa
            "analyse_hops", "format_table", "write_markdown", "main"]
 
 log = logging.getLogger("bench_network")
-SECTION = "## Network: local subnet vs single process (CPU)"
+SECTION = "### Network: local subnet vs single process (CPU)"  # a topic under "## Current results"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -248,8 +249,9 @@ def write_markdown(path: Path, body: str) -> None:
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+        nxt = re.search(r"\n#{1,3} ", text[start + len(SECTION):])  # the next topic or part
+        end = start + len(SECTION) + nxt.start() if nxt else -1
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     path.write_text(text)
 
 
