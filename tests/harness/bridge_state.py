@@ -11,14 +11,16 @@ __all__ = ["SHA", "do_hop", "drive", "lease", "make"]
 SHA = "ab" * 32
 
 
-def make(n_stages: int = 2, **over) -> State:
-    """A fresh bridge state for a tiny run (override any RunConfig field)."""
+def make(n_stages: int = 2, code_bytes: int | None = None, **over) -> State:
+    """A fresh bridge state for a tiny run (override any RunConfig field; `code_bytes`: the
+    encoded size of one code, which the bridge checks hop outputs against)."""
     cfg = dict(run_id="t", model={}, n_stages=n_stages, batch_size=1, micro_batches_per_step=2,
                inner_steps_per_round=2, samples_per_round=8, muon_lr=0.02, adamw_lr=0.003,
                total_rounds=2, data_seed=1, init_seed=2, lease_seconds=10.0, max_attempts=3,
                max_object_bytes=1000, merge_timeout_seconds=50.0)
     cfg.update(over)
-    return State(run=RunConfig(**cfg), tun=Tunables(health_timeout=30.0, backoff_seconds=5.0))
+    return State(run=RunConfig(**cfg), tun=Tunables(health_timeout=30.0, backoff_seconds=5.0,
+                                                    code_bytes=code_bytes))
 
 
 def do_hop(st, hk, hop, now, rng):
