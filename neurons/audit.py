@@ -214,6 +214,20 @@ def _step(worker: StageWorker, settings: ReplaySettings, inner_step: int) -> Non
         worker.inner_step(settings.round_index * settings.inner_steps_per_round + inner_step)
 
 
+def _check_pseudo_grad(pg: Mapping[str, torch.Tensor], claimed: Mapping[str, torch.Tensor], tol: Tolerances,
+                       index: int, inner_step: int) -> HopCheck:
+    check = HopCheck(index=index, sample_id=-1, kind="pseudograd", inner_step=inner_step, ok=True)
+    bad = [n for n in sorted(pg) if n not in claimed or tuple(claimed[n].shape) != tuple(pg[n].shape)]
+    if bad or set(claimed) != set(pg):
+        check.ok, check.reason = False, f"pseudo-gradient names or shapes differ from the stage's: {bad[:3]}"
+        return check
+    flat_r = torch.cat([pg[n].reshape(-1) for n in sorted(pg)])
+    flat_c = torch.cat([claimed[n].detach().float().reshape(-1) for n in sorted(pg)])
+    check.rel_err, check.cosine, check.norm_ratio = compare_tensors(flat_r, flat_c)
+    _judge(check, tol.pg_rel_err, tol.pg_min_cosine, tol.pg_rel_err)
+    return check
+
+
 def replay_round(
     worker_factory: Callable[[], StageWorker],
     theta_start: Mapping[str, torch.Tensor],
@@ -267,18 +281,8 @@ def replay_round(
     if claimed_pseudo_grad is not None:
         if records:
             _step(worker, settings, current)
-        pg = worker.pseudo_gradient(theta_start)
-        check = HopCheck(index=len(records), sample_id=-1, kind="pseudograd", inner_step=current, ok=True)
-        bad = [n for n in sorted(pg) if n not in claimed_pseudo_grad
-               or tuple(claimed_pseudo_grad[n].shape) != tuple(pg[n].shape)]
-        if bad or set(claimed_pseudo_grad) != set(pg):
-            check.ok, check.reason = False, f"pseudo-gradient names or shapes differ from the stage's: {bad[:3]}"
-        else:
-            flat_r = torch.cat([pg[n].reshape(-1) for n in sorted(pg)])
-            flat_c = torch.cat([claimed_pseudo_grad[n].detach().float().reshape(-1) for n in sorted(pg)])
-            check.rel_err, check.cosine, check.norm_ratio = compare_tensors(flat_r, flat_c)
-            pg_tol = _tolerance(tolerances, "pseudograd")
-            _judge(check, pg_tol.pg_rel_err, pg_tol.pg_min_cosine, pg_tol.pg_rel_err)
+        check = _check_pseudo_grad(worker.pseudo_gradient(theta_start), claimed_pseudo_grad,
+                                   _tolerance(tolerances, "pseudograd"), len(records), current)
         report.pseudo_grad = check
         if not check.ok:
             return finish("failed", f"pseudo-gradient: {check.reason}")
