@@ -63,6 +63,9 @@ __all__ = [
     "Metrics",
     "HopRecord",
     "HopLog",
+    "HopLogQuery",
+    "StageRound",
+    "DatasetFile",
 ]
 
 PROTOCOL_VERSION = "resbm/2"
@@ -290,6 +293,26 @@ class StepAck(_Model):
 
     round: int = _round()
     inner_step: int = Field(ge=0, le=_MAX_INT)
+
+
+class DatasetFile(_Model):
+    """Path parameter of `GET /v1/dataset/{name}`: a file the run's dataset manifest lists."""
+
+    name: str = Field(min_length=1, max_length=256)
+
+
+class StageRound(_Model):
+    """Path parameters of the per-stage round routes (`/v1/rounds/{round}/stages/{stage}/...`)."""
+
+    round: int = _round()
+    stage: int = Field(ge=0, le=63)
+
+
+class HopLogQuery(_Model):
+    """Query of `GET /v1/validator/hoplog`: one round, optionally one miner."""
+
+    round: int = _round()
+    hotkey: Optional[str] = Field(default=None, max_length=64)
 
 
 class UploadRequest(_Model):
