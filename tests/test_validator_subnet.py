@@ -24,7 +24,7 @@ import torch
 from drills.cheaters import cheating_miner
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
-from protocol.client import SignedClient
+from protocol.bridge_client import BridgeClient
 from protocol.messages import HopLog, Metrics
 from resbm import data
 from resbm.config import ModelConfig
@@ -73,10 +73,10 @@ class JunkTransfer(ObjectTransfer):
         super().put(url, data_)
 
 
-def _wait_done(client: SignedClient, threads: list[threading.Thread], timeout: float) -> Metrics:
+def _wait_done(client: BridgeClient, threads: list[threading.Thread], timeout: float) -> Metrics:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        m = Metrics.model_validate(client.get("/v1/metrics"))
+        m = client.metrics()
         if m.phase == "done":  # miners still retrying a refused merge are stopped by the fixture
             return m
         time.sleep(0.5)
@@ -100,7 +100,7 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
     try:
         for (name, kind, dtype, want_stage), kp in zip(miners, keys["miners"]):
             transfer = JunkTransfer() if kind == "junk" else ObjectTransfer()
-            m = cheating_miner("honest" if kind == "junk" else kind, SignedClient(kp, bridge.url, bridge.hotkey),
+            m = cheating_miner("honest" if kind == "junk" else kind, BridgeClient(kp, bridge.url, bridge.hotkey),
                                transfer, dtype=dtype, max_hops=2)
             a = m.register()
             assert a.stage == want_stage, f"{name} got stage {a.stage}, expected {want_stage}"
@@ -111,7 +111,7 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
         t0 = time.monotonic()
         for t in threads:
             t.start()
-        observer = SignedClient(keys["validators"][0], bridge.url, bridge.hotkey)
+        observer = BridgeClient(keys["validators"][0], bridge.url, bridge.hotkey)
         metrics = _wait_done(observer, threads, timeout=150.0)
         log.warning("subnet run took %.1fs; miners still running at the end: %s", time.monotonic() - t0,
                     [t.name for t in threads if t.is_alive()])
@@ -177,7 +177,7 @@ def validated(subnet):
     vkey = subnet["keys"]["validators"][0]
     settings = ValidatorSettings(state_path=str(subnet["tmp"] / "validator.json"), audit_fraction=1.0,
                                  audit_max_seconds=60.0, burn_share=BURN, ema_alpha=ALPHA, penalty_windows=3)
-    logs = [HopLog.model_validate(client.get("/v1/validator/hoplog", params={"round": r})) for r in (0, 1)]
+    logs = [client.hoplog(r) for r in (0, 1)]
     snap: dict = {"hoplogs": logs}
     v1 = Validator(client, ObjectTransfer(), chain, vkey, settings)
     chain.advance_blocks(RATE_LIMIT)  # the limit also counts from registration
@@ -293,7 +293,7 @@ def test_weights_follow_verified_throughput_and_burn_lands_on_owner(subnet, vali
 
 def test_phantom_claims_are_refused_visible_and_earn_nothing(subnet, validated):
     hk = subnet["names"]["phantom"]
-    mm = next(m for m in Metrics.model_validate(subnet["client"].get("/v1/metrics")).miners if m.hotkey == hk)
+    mm = next(m for m in subnet["client"].metrics().miners if m.hotkey == hk)
     assert mm.hops_done == 0
     assert mm.lease_expiries > 0, "the phantom's refused claims must show as expired leases"
     assert validated["v1"].unverified.get(hk, 0) == mm.lease_expiries
