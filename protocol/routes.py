@@ -42,11 +42,12 @@ class Route:
         names = tuple(f for _, f, _, _ in string.Formatter().parse(self.path) if f)
         object.__setattr__(self, "path_params", names)
 
-    def target(self, req: Optional[BaseModel] = None) -> str:
-        """The concrete path for a request (path parameters filled from its fields)."""
+    def target(self, req: Optional[BaseModel] = None, **params: object) -> str:
+        """The concrete path: path parameters from `req`'s fields, or given by name."""
         if not self.path_params:
             return self.path
-        return self.path.format(**{p: getattr(req, p) for p in self.path_params})
+        return self.path.format(**{p: params[p] if p in params else getattr(req, p)
+                                   for p in self.path_params})
 
 
 ROUTES: tuple[Route, ...] = (
