@@ -20,60 +20,15 @@ models are listed in `protocol.routes`.
 """
 from __future__ import annotations
 
-from protocol.wire_types import (Ack, ComputeDtype, DeviceClass, ErrorBody, FailReason, HopKind,
-                                 LeaseAction, ObjectRef, OutputRef, Phase, PROTOCOL_VERSION,
-                                 StateRef)
-from protocol.hop_messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, LeaseResponse,
-                                   LeaveRequest, LeaveResponse, RegisterRequest, StepAck, StepDone)
-from protocol.round_messages import (MergedAck, MergedReport, MergeItem, MergeSet,
-                                     PseudogradReport, ShardPlan, StageRound, UploadGrant,
-                                     UploadRequest)
-from protocol.status_messages import (DatasetFile, Health, HopLog, HopLogQuery, HopRecord, Metrics,
-                                      MinerMetrics, RunInfo, StageMetrics, Vote)
+from protocol import hop_messages, round_messages, status_messages
+from protocol.hop_messages import *  # noqa: F401,F403 - the facade re-exports every model
+from protocol.round_messages import *  # noqa: F401,F403
 from protocol.run_config import RunConfig
+from protocol.status_messages import *  # noqa: F401,F403
+from protocol.wire_types import (PROTOCOL_VERSION, Ack, ComputeDtype, DeviceClass, ErrorBody,
+                                 FailReason, HopKind, LeaseAction, ObjectRef, OutputRef, Phase,
+                                 StateRef)
 
-__all__ = [
-    "PROTOCOL_VERSION",
-    "Vote",
-    "ShardPlan",
-    "HopKind",
-    "DeviceClass",
-    "ComputeDtype",
-    "LeaseAction",
-    "FailReason",
-    "Phase",
-    "RunConfig",
-    "Health",
-    "RunInfo",
-    "LeaveRequest",
-    "LeaveResponse",
-    "ErrorBody",
-    "ObjectRef",
-    "OutputRef",
-    "StateRef",
-    "RegisterRequest",
-    "Assignment",
-    "LeaseRequest",
-    "Hop",
-    "LeaseResponse",
-    "HopDone",
-    "HopFail",
-    "Ack",
-    "StepDone",
-    "StepAck",
-    "UploadRequest",
-    "UploadGrant",
-    "PseudogradReport",
-    "MergeItem",
-    "MergeSet",
-    "MergedReport",
-    "MergedAck",
-    "StageMetrics",
-    "MinerMetrics",
-    "Metrics",
-    "HopRecord",
-    "HopLog",
-    "HopLogQuery",
-    "StageRound",
-    "DatasetFile",
-]
+__all__ = ["PROTOCOL_VERSION", "Ack", "ComputeDtype", "DeviceClass", "ErrorBody", "FailReason",
+           "HopKind", "LeaseAction", "ObjectRef", "OutputRef", "Phase", "StateRef", "RunConfig",
+           *hop_messages.__all__, *round_messages.__all__, *status_messages.__all__]
