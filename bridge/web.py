@@ -21,7 +21,8 @@ from protocol import messages as msg
 from protocol.auth import AuthFailed, request_target
 from protocol.routes import Route
 
-__all__ = ["Endpoint", "answer", "body_too_large", "json_response", "error_response", "error_response_for", "mount", "BodyCap"]
+__all__ = ["Endpoint", "answer", "body_too_large", "json_response", "error_response",
+           "error_response_for", "mount", "BodyCap"]
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,24 @@ async def answer(ep: Endpoint, headers: Mapping[str, str], body_of: Callable[[],
         return error_response_for(exc, f"{ep.route.method} {ep.route.path}")
 
 
+def _inline(node: Any, defs: dict) -> Any:
+    """A JSON schema with its local `$defs` references replaced by the definitions."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline(defs[ref.split("/")[-1]], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
 def _openapi(route: Route) -> dict:
+    """The route's JSON body in the OpenAPI document (GET parameters are not listed)."""
     if route.method != "POST" or route.request is None:
         return {}
     schema = route.request.model_json_schema()
+    schema = _inline(schema, schema.get("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 

@@ -13,8 +13,8 @@ from bittensor.sp_core import Keypair
 from protocol.auth import sign_headers
 from protocol.bridge_client import BridgeClient
 from protocol.client import BridgeError
-from protocol.messages import PROTOCOL_VERSION
-from protocol.routes import route
+from protocol.messages import PROTOCOL_VERSION, HopLog, Metrics
+from protocol.routes import ROUTES, route
 from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
 
 CODE = code_bytes(tiny_run_config())  # 422: what every hop output of this run is
@@ -92,11 +92,23 @@ def test_bad_input_is_rejected_and_loses_nothing(env, s3_server):
 def test_hoplog_lists_done_hops_with_urls(env):
     b, keys, (c0, _, _) = env
     val = BridgeClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
-    log = val.get(route("hoplog").path, {"round": 0, "hotkey": keys["miners"][0].ss58_address})
-    assert len(log["records"]) == 1
-    rec = log["records"][0]
-    assert rec["kind"] == "fwd" and rec["output"]["key"].startswith("runs/test-run/r0/s0/act/")
-    assert len(httpx.get(rec["output"]["url"]).content) == CODE
+    log = val.hoplog(0, keys["miners"][0].ss58_address)  # typed: a HopLog, not a dict
+    assert isinstance(log, HopLog) and len(log.records) == 1
+    rec = log.records[0]
+    assert rec.kind == "fwd" and rec.output.key.startswith("runs/test-run/r0/s0/act/")
+    assert len(httpx.get(rec.output.url).content) == CODE
+    assert val.hoplog(0, "5NoSuchHotkey").records == []
+    assert status_of(val.get, route("hoplog").path, {"round": -1}) == 400
+
+
+def test_the_bridge_serves_exactly_the_route_table(env):
+    b, keys, (c0, _, _) = env
+    served = {p: set(ops) for p, ops in httpx.get(b.url + "/openapi.json").json()["paths"].items()}
+    table = {r.path: {r.method.lower()} for r in ROUTES if r.in_schema}
+    assert served == table
+    assert isinstance(c0.metrics(), Metrics) and c0.run_info().run.run_id == "test-run"
+    assert status_of(c0.shard_plan, 0, 0) == 409  # typed path parameters; frozen only at merge
+
 
 
 def test_lease_long_poll_holds_then_wakes_when_work_arrives(env):
