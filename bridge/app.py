@@ -33,7 +33,7 @@ from bridge.web import BodyCap, error_response_for, mount
 from protocol import messages as msg
 from protocol.routes import ROUTES
 
-__all__ = ["create_app", "Registry", "RateLimiter", "BodyCap"]
+__all__ = ["create_app"]
 
 
 def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
