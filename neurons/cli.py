@@ -13,6 +13,7 @@ import httpx
 
 from protocol.chain.open import check_registered, check_subnet, load_hotkey, open_chain as open_network
 from protocol.exits import Exit, Misconfigured, Transient, retry
+from protocol.routes import route
 from protocol.settings import DEFAULT_BRIDGE_URL, CommonSettings, env_name, flag, load_settings, setup_logging
 from resbm.device import auto_device, cuda_count as _cuda_count, mps_available as _mps_available
 
@@ -80,7 +81,7 @@ def _probe_bridge(url: str) -> dict:
     unreachable = Misconfigured(Exit.BRIDGE_UNREACHABLE, (
         f"no bridge answers at {url}; check --bridge.url and that the bridge is running"))
     try:
-        resp = httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+        resp = httpx.get(url.rstrip("/") + route("health").path, timeout=10.0)
     except httpx.UnsupportedProtocol:
         raise Misconfigured(Exit.USAGE, f"--bridge.url {url!r} is not an http(s):// URL") from None
     except (httpx.TransportError, OSError) as exc:

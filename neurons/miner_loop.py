@@ -14,7 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 import torch
 
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
 from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, LeaseResponse,
                                RegisterRequest, StepDone)
 from resbm import codec, data
@@ -35,7 +36,7 @@ log = logging.getLogger("miner")
 class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
-    def __init__(self, client: SignedClient, transfer: ObjectTransfer, device: str = "cpu",
+    def __init__(self, client: BridgeClient, transfer: ObjectTransfer, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
@@ -64,7 +65,7 @@ class Miner:
         """Register with the bridge, build the stage and load the round's weights."""
         req = RegisterRequest(device_class=torch.device(self.device).type,
                               compute_dtype=str(self.dtype).removeprefix("torch."))
-        a = Assignment.model_validate(self._post_registration(req))
+        a = self._post_registration(req)
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
         dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
@@ -83,13 +84,13 @@ class Miner:
         self.status.set_stage(a.stage, a.round)
         return a
 
-    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> dict:
+    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> Assignment:
         """POST register; a 403 `not_allowed` right after a chain registration means the bridge's
         metagraph snapshot is older than it (the miss makes it refresh): retry for a while."""
         end = time.monotonic() + patience
         while True:
             try:
-                return self.client.post("/v1/miners/register", req)
+                return self.client.register(req)
             except BridgeError as exc:
                 if exc.status != 403 or "not_allowed" not in exc.detail or time.monotonic() > end:
                     raise
@@ -107,7 +108,7 @@ class Miner:
         outage = 0.0
         while not self.stop.is_set():
             try:
-                resp = self._take_prefetched() or LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
+                resp = self._take_prefetched() or self.client.lease(req)
                 outage = 0.0
             except (BridgeError, httpx.TransportError) as exc:
                 # The bridge may be restarting: keep trying, backing off up to 10 s, never exit.
@@ -177,8 +178,7 @@ class Miner:
     def _lease_now(self) -> LeaseResponse | None:
         """A lease that does not wait (prefetch): a 'work' answer, or None."""
         try:
-            resp = LeaseResponse.model_validate(
-                self.client.post("/v1/hops/lease", self._req.model_copy(update={"wait_ms": 0})))
+            resp = self.client.lease(self._req.model_copy(update={"wait_ms": 0}))
         except (BridgeError, httpx.TransportError):
             return None
         if resp.action != "work":
@@ -252,7 +252,7 @@ class Miner:
         # restart would leave work the bridge never counts, so retry until the lease ends.
         while True:
             try:
-                self.client.post("/v1/hops/done", done)
+                self.client.hop_done(done)
                 return
             except (httpx.TransportError, BridgeError) as exc:
                 transient = not isinstance(exc, BridgeError) or exc.status in (429, 500, 502, 503, 504)
@@ -275,7 +275,7 @@ class Miner:
 
     def _fail(self, hop: Hop, reason: str, detail: str) -> None:
         try:
-            self.client.post("/v1/hops/fail", HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
+            self.client.hop_fail(HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
         except BridgeError as exc:
             log.warning("could not report failure of hop %s: %s", hop.hop_id, exc)
 
@@ -294,8 +294,8 @@ class Miner:
         key = (resp.round, resp.inner_step)
         if self._last_step is not None and self._last_step[0] == key:
             # Asked again for a step we already took (our report was lost): report it, never re-apply.
-            self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step,
-                                                        samples=self._last_step[1]))
+            self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step,
+                                          samples=self._last_step[1]))
             return
         w = self.worker
         for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
@@ -314,4 +314,4 @@ class Miner:
         self.state.samples += samples
         self._last_step = (key, counted)
         self.status.record_step(key)
-        self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))
+        self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))

@@ -110,8 +110,8 @@ def run_single(args) -> dict:
 
 def run_subnet(args, boundary: str, workdir: Path) -> tuple[dict, list[dict], dict[str, dict], dict]:
     """(b)/(c): the whole local subnet (no validator) to the end; returns run config, hops, statuses, names."""
-    from protocol.client import BridgeError, SignedClient
-    from protocol.messages import Metrics
+    from protocol.bridge_client import BridgeClient
+    from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
     workdir = prepare_workdir(workdir)  # never wipes a folder the tool did not make
@@ -122,11 +122,11 @@ def run_subnet(args, boundary: str, workdir: Path) -> tuple[dict, list[dict], di
     phase = "?"
     try:
         cluster.start()
-        client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        client = BridgeClient(cluster.owner_keypair, cluster.bridge_url, None)
         last, last_at = "", 0.0
         while time.monotonic() - t0 < args.timeout:
             try:
-                m = Metrics.model_validate(client.get("/v1/metrics"))
+                m = client.metrics()
             except (BridgeError, OSError):
                 time.sleep(0.5)
                 continue

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bridge import state
-from bridge.app import Registry
+from bridge.auth import Registry
 from bridge.db import Database
 from bridge.records import Hop, State, Tunables
 from neurons.cli import resolve_device

@@ -19,7 +19,7 @@ import torch
 
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
-from protocol.messages import HopLog, Metrics
+from protocol.messages import HopLog
 from tests.harness.validator_subnet import ALPHA, BURN, RATE_LIMIT, run_subnet, throughput_by_miner
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def validated(subnet):
     vkey = subnet["keys"]["validators"][0]
     settings = ValidatorSettings(state_path=str(subnet["tmp"] / "validator.json"), audit_fraction=1.0,
                                  audit_max_seconds=60.0, burn_share=BURN, ema_alpha=ALPHA, penalty_windows=3)
-    logs = [HopLog.model_validate(client.get("/v1/validator/hoplog", params={"round": r})) for r in (0, 1)]
+    logs = [client.hoplog(r) for r in (0, 1)]
     snap: dict = {"hoplogs": logs}
     v1 = Validator(client, ObjectTransfer(), chain, vkey, settings)
     chain.advance_blocks(RATE_LIMIT)  # the limit also counts from registration
@@ -190,7 +190,7 @@ def test_weights_follow_verified_throughput_and_burn_lands_on_owner(subnet, vali
 
 def test_phantom_claims_are_refused_visible_and_earn_nothing(subnet, validated):
     hk = subnet["names"]["phantom"]
-    mm = next(m for m in Metrics.model_validate(subnet["client"].get("/v1/metrics")).miners if m.hotkey == hk)
+    mm = next(m for m in subnet["client"].metrics().miners if m.hotkey == hk)
     assert mm.hops_done == 0
     assert mm.lease_expiries > 0, "the phantom's refused claims must show as expired leases"
     assert validated["v1"].unverified.get(hk, 0) == mm.lease_expiries

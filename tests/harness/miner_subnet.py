@@ -16,7 +16,8 @@ import torch
 
 from neurons.miner_loop import Miner
 from neurons.transfer import ObjectTransfer
-from protocol.client import SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.routes import route
 from tests.servers import REPO, BridgeProcess, S3Server, start_bridge, start_s3
 
 __all__ = ["MODEL", "run_config", "Subnet", "start_subnet", "MinerThread", "MinerProc", "wait_for", "set_threads"]
@@ -57,13 +58,13 @@ class Subnet:
     keys: dict[str, list[Any]]
     procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def client(self, kp: Any) -> SignedClient:
+    def client(self, kp: Any) -> BridgeClient:
         """A signed client for keypair `kp`."""
-        return SignedClient(kp, self.bridge.url, self.bridge.hotkey)
+        return BridgeClient(kp, self.bridge.url, self.bridge.hotkey)
 
     def metrics(self) -> dict:
         """GET /v1/metrics as the first miner."""
-        return self.client(self.keys["miners"][0]).get("/v1/metrics")
+        return self.client(self.keys["miners"][0]).get(route("metrics").path)
 
     def stop(self) -> None:
         """Stop every process started here (miners first)."""

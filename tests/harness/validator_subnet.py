@@ -14,7 +14,7 @@ import torch
 
 from drills.cheaters import cheating_miner
 from neurons.transfer import ObjectTransfer
-from protocol.client import SignedClient
+from protocol.bridge_client import BridgeClient
 from protocol.messages import HopLog, Metrics
 from resbm import data
 from resbm.config import ModelConfig
@@ -52,10 +52,10 @@ class JunkTransfer(ObjectTransfer):
         super().put(url, data_)
 
 
-def _wait_done(client: SignedClient, threads: list[threading.Thread], timeout: float) -> Metrics:
+def _wait_done(client: BridgeClient, threads: list[threading.Thread], timeout: float) -> Metrics:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        m = Metrics.model_validate(client.get("/v1/metrics"))
+        m = client.metrics()
         if m.phase == "done":  # miners still retrying a refused merge are stopped by the fixture
             return m
         time.sleep(0.5)
@@ -79,7 +79,7 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
     try:
         for (name, kind, dtype, want_stage), kp in zip(miners, keys["miners"]):
             transfer = JunkTransfer() if kind == "junk" else ObjectTransfer()
-            m = cheating_miner("honest" if kind == "junk" else kind, SignedClient(kp, bridge.url, bridge.hotkey),
+            m = cheating_miner("honest" if kind == "junk" else kind, BridgeClient(kp, bridge.url, bridge.hotkey),
                                transfer, dtype=dtype, max_hops=2)
             a = m.register()
             assert a.stage == want_stage, f"{name} got stage {a.stage}, expected {want_stage}"
@@ -90,7 +90,7 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
         t0 = time.monotonic()
         for t in threads:
             t.start()
-        observer = SignedClient(keys["validators"][0], bridge.url, bridge.hotkey)
+        observer = BridgeClient(keys["validators"][0], bridge.url, bridge.hotkey)
         metrics = _wait_done(observer, threads, timeout=150.0)
         log.warning("subnet run took %.1fs; miners still running at the end: %s", time.monotonic() - t0,
                     [t.name for t in threads if t.is_alive()])
