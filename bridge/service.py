@@ -32,15 +32,17 @@ class BridgeService:
 
     def __init__(self, run: RunConfig, db: Database, storage: Optional[Storage],
                  tunables: Tunables = Tunables(), seed: Optional[int] = None,
-                 clock: Callable[[], float] = time.time, check_objects: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, check_objects: bool = True,
+                 nonces: Any = None,
+                 on_wake: Optional[Callable[[dict, bool], None]] = None) -> None:
         self.run, self.db, self.storage, self.tun = run, db, storage, tunables
         self.clock = clock
         self.rng = random.Random(seed)
         self.check_objects = check_objects and storage is not None
         self.lock = threading.Lock()
         self.state: State = db.load(run, tunables)
-        self.nonces: Any = None          # a store with flush(), committed with each batch
-        self.on_wake: Optional[Callable[[dict, bool], None]] = None
+        self.nonces = nonces    # a store with flush(), committed with each batch (or None)
+        self.on_wake = on_wake  # told which long-polls a transition woke (or None)
         self.commits = 0
         self._pending: dict = {}
         self._flush_fut: Optional[asyncio.Future] = None

@@ -14,13 +14,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 import torch
 
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
+from protocol.lifecycle import HopKind
 from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, LeaseResponse,
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
+from neurons import hop_exec
 from neurons.dataset_http import HttpSource
-from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
+from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
@@ -34,7 +37,7 @@ log = logging.getLogger("miner")
 class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
-    def __init__(self, client: SignedClient, transfer: ObjectTransfer, device: str = "cpu",
+    def __init__(self, client: BridgeClient, transfer: ObjectTransfer, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
@@ -63,7 +66,7 @@ class Miner:
         """Register with the bridge, build the stage and load the round's weights."""
         req = RegisterRequest(device_class=torch.device(self.device).type,
                               compute_dtype=str(self.dtype).removeprefix("torch."))
-        a = Assignment.model_validate(self._post_registration(req))
+        a = self._post_registration(req)
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
         dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
@@ -82,13 +85,13 @@ class Miner:
         self.status.set_stage(a.stage, a.round)
         return a
 
-    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> dict:
+    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> Assignment:
         """POST register; a 403 `not_allowed` right after a chain registration means the bridge's
         metagraph snapshot is older than it (the miss makes it refresh): retry for a while."""
         end = time.monotonic() + patience
         while True:
             try:
-                return self.client.post("/v1/miners/register", req)
+                return self.client.register(req)
             except BridgeError as exc:
                 if exc.status != 403 or "not_allowed" not in exc.detail or time.monotonic() > end:
                     raise
@@ -106,7 +109,7 @@ class Miner:
         outage = 0.0
         while not self.stop.is_set():
             try:
-                resp = self._take_prefetched() or LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
+                resp = self._take_prefetched() or self.client.lease(req)
                 outage = 0.0
             except (BridgeError, httpx.TransportError) as exc:
                 # The bridge may be restarting: keep trying, backing off up to 10 s, never exit.
@@ -176,8 +179,7 @@ class Miner:
     def _lease_now(self) -> LeaseResponse | None:
         """A lease that does not wait (prefetch): a 'work' answer, or None."""
         try:
-            resp = LeaseResponse.model_validate(
-                self.client.post("/v1/hops/lease", self._req.model_copy(update={"wait_ms": 0})))
+            resp = self.client.lease(self._req.model_copy(update={"wait_ms": 0}))
         except (BridgeError, httpx.TransportError):
             return None
         if resp.action != "work":
@@ -217,20 +219,11 @@ class Miner:
             self._queue_upload(hop, out, loss, seconds)
 
     def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
-        w, run = self.worker, self.run
-        recompute = hop.kind == "bwd" and (hop.recompute or hop.sample_id not in w.open_graphs)
-        tokens = targets = None
-        if hop.kind == "fwdbwd" or ((hop.kind == "fwd" or recompute) and (w.is_first or w.needs_tokens)):
-            # The sample's public tokens (stage 0's input, re-injection's ids) and targets, derived once.
-            tokens, targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len, dataset=run.dataset)
-        inp = tokens if w.is_first else inputs.act
-        side = tokens if w.needs_tokens else None
-        if hop.kind == "fwd":
-            return w.forward(hop.sample_id, inp, side), None
-        if hop.kind == "fwdbwd":
-            loss, grad = w.forward_backward(hop.sample_id, inp, targets, side)
-            return grad, loss
-        return w.backward(hop.sample_id, inputs.grad, recompute_input=inp if recompute else None, tokens=side), None
+        """The hop's output and loss, from the one hop executor the validator replays with."""
+        run = self.run
+        res = hop_exec.run_hop(self.worker, hop.kind, hop.sample_id, hop.recompute, inputs.act, inputs.grad,
+                               hop_exec.PublicData(run.data_seed, run.batch_size, run.dataset))
+        return res.out, res.loss
 
     def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
         self._pending = [f for f in self._pending if not f.done()]
@@ -260,7 +253,7 @@ class Miner:
         # restart would leave work the bridge never counts, so retry until the lease ends.
         while True:
             try:
-                self.client.post("/v1/hops/done", done)
+                self.client.hop_done(done)
                 return
             except (httpx.TransportError, BridgeError) as exc:
                 transient = not isinstance(exc, BridgeError) or exc.status in (429, 500, 502, 503, 504)
@@ -277,13 +270,13 @@ class Miner:
     def _report_bad_input(self, hop: Hop, exc: BadInput) -> None:
         log.warning("hop %s: bad input (%s), reporting it", hop.hop_id, exc)
         self.status.bad_inputs += 1
-        if hop.kind == "bwd" and not hop.recompute:
+        if hop.kind == HopKind.BWD and not hop.recompute:
             self.worker.release(hop.sample_id)
         self._fail(hop, exc.reason, exc.detail)
 
     def _fail(self, hop: Hop, reason: str, detail: str) -> None:
         try:
-            self.client.post("/v1/hops/fail", HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
+            self.client.hop_fail(HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
         except BridgeError as exc:
             log.warning("could not report failure of hop %s: %s", hop.hop_id, exc)
 
@@ -302,8 +295,8 @@ class Miner:
         key = (resp.round, resp.inner_step)
         if self._last_step is not None and self._last_step[0] == key:
             # Asked again for a step we already took (our report was lost): report it, never re-apply.
-            self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step,
-                                                        samples=self._last_step[1]))
+            self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step,
+                                          samples=self._last_step[1]))
             return
         w = self.worker
         for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
@@ -322,4 +315,4 @@ class Miner:
         self.state.samples += samples
         self._last_step = (key, counted)
         self.status.record_step(key)
-        self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))
+        self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))

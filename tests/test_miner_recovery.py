@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from neurons.miner_loop import Miner
-from tests.test_miner import MinerThread, run_config, set_threads, start_subnet
+from tests.harness.miner_subnet import MinerThread, run_config, set_threads, start_subnet
 
 pytestmark = pytest.mark.timeout(150)
 
