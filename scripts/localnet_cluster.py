@@ -73,6 +73,7 @@ class Cluster:
     s3_endpoint: str = ""
     s3_keys: tuple[str, str] = ("", "")
     threads_per_miner: int = 1
+    miner_args: list[str] = field(default_factory=list)  # extra flags for every miner (e.g. --dtype bfloat16)
     s3: Optional[S3Server] = None
     bridge: Optional[Neuron] = None
     miners: list[Neuron] = field(default_factory=list)
@@ -108,7 +109,7 @@ class Cluster:
             script = ["-m", "drills.miner", "--cheat", cheat] if cheat != "honest" else ["neurons/miner.py"]
             self.miners.append(self._neuron(f"miner{i}", script, [
                 "--threads", str(self.threads_per_miner),
-                "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json")]))
+                "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json"), *self.miner_args]))
         for i in range(self.validators):
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
                 "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction",
