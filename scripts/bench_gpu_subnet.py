@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=8, help="sequences per sample")
     a("--device", default="cuda", help="miners', validator's and reference's device")
     a("--dtype", default="bfloat16", help="compute dtype (bfloat16 = autocast on cuda)")
+    a("--sync-codec", default="fp32", help="pseudo-gradient and merged-update codec: fp32 | int8 | int4 | int2")
     a("--audit-fraction", type=float, default=0.5, help="share of miners the validator audits per round")
     a("--audit-tolerances", default="", help="YAML with an audit_tolerances list (calibrate_audit.py output)")
     a("--reference-steps", type=int, default=0, help="reference trainer steps (0 = the subnet's, rounds x H)")
@@ -70,7 +71,8 @@ def _run_config(args, cfg) -> dict:
     rc = run_config_from_args(ns)
     rc["model"] = cfg.to_dict()
     rc.update(max_state_bytes=1 << 36, max_object_bytes=1 << 28, merge_timeout_seconds=300.0,
-              incentives={"audit_fraction": args.audit_fraction})
+              incentives={"audit_fraction": args.audit_fraction}, sync_codec=args.sync_codec,
+              sync_merged_codec=args.sync_codec)
     if args.audit_tolerances:
         rc["audit_tolerances"] = yaml.safe_load(Path(args.audit_tolerances).read_text())["audit_tolerances"]
     return rc
