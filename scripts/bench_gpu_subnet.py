@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--inner-steps", type=int, default=8, help="H: inner steps per round")
     a("--micro-batches-per-step", type=int, default=2, help="A: samples per inner step per replica")
     a("--batch-size", type=int, default=8, help="sequences per sample")
+    a("--gpus", type=int, default=0, help="spread the stages over this many GPUs, one contiguous group of "
+      "stages per GPU (0 = every process on the default GPU)")
     a("--device", default="cuda", help="miners', validator's and reference's device")
     a("--dtype", default="bfloat16", help="compute dtype (bfloat16 = autocast on cuda)")
     a("--sync-codec", default="fp32", help="pseudo-gradient and merged-update codec: fp32 | int8 | int4 | int2")
@@ -101,15 +103,17 @@ class _Gpu:
         try:
             import pynvml
             pynvml.nvmlInit()
-            self.nvml, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         except Exception:
-            self.nvml = None
+            self.nvml, self.handles = None, []
         self.samples: list[float] = []
 
     def sample(self) -> None:
-        """Record the current utilisation percent."""
-        if self.nvml is not None:
-            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.h).gpu / 100)
+        """Record the current utilisation, the mean over the GPUs."""
+        if self.handles:
+            rates = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100 for h in self.handles]
+            self.samples.append(sum(rates) / len(rates))
 
     def busy(self) -> float | None:
         """Mean utilisation over the samples."""
@@ -123,7 +127,7 @@ def subnet(args, cfg, rc) -> dict:
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
     cluster = Cluster(prepare_workdir(args.workdir), rc, args.miners_per_stage, device=args.device,
-                      miner_args=["--dtype", args.dtype, "--status-every", "3"])
+                      miner_args=["--dtype", args.dtype, "--status-every", "3"], gpus=args.gpus)
     phases: list[tuple[float, int, str]] = []
     lags: list[int] = []
     gpu = _Gpu()
@@ -164,7 +168,8 @@ def subnet(args, cfg, rc) -> dict:
     status = cluster.miner_status()
     vlog = (cluster.workdir / "logs" / "validator0.log")
     window = (t_end - t_first) if (t_first and t_end) else 0.0
-    return {"status": status, "phases": phases, "window_seconds": window, "samples": completed,
+    gpus = {n.name: n.env.get("CUDA_VISIBLE_DEVICES", "default") for n in cluster.miners}
+    return {"status": status, "gpus": gpus, "phases": phases, "window_seconds": window, "samples": completed,
             "rounds_done": (m.round + (m.phase == "done")) if m else 0, "phase": m.phase if m else None,
             "lag_max": max(lags) if lags else None, "lag_final": final_lag, "gpu_busy": gpu.busy(),
             "audits": audit_counts(vlog.read_text(errors="replace") if vlog.exists() else "")}
@@ -186,7 +191,7 @@ def summarize(args, cfg, ref: dict, net: dict, peak: float | None) -> dict:
         stage = s.get("stage", -1)
         tokens = s.get("tokens_per_s", 0.0) * s.get("wall_seconds", 0.0)
         fpt = stage_flops_per_token(cfg, stage) if stage >= 0 else 0.0
-        miners.append({"miner": name, "stage": stage, "compute_fraction": s.get("active_compute_fraction", 0.0),
+        miners.append({"miner": name, "stage": stage, "gpu": net["gpus"].get(name), "compute_fraction": s.get("active_compute_fraction", 0.0),
                        "active_s": s.get("active_seconds", 0.0), "compute_s": s.get("compute_seconds", 0.0),
                        "mfu_active": mfu(fpt, tokens, s.get("active_seconds", 0.0), peak),
                        "mfu_compute": mfu(fpt, tokens, s.get("compute_seconds", 0.0), peak)})
@@ -194,7 +199,8 @@ def summarize(args, cfg, ref: dict, net: dict, peak: float | None) -> dict:
     return {"model": {"preset": args.preset, "d_model": cfg.d_model, "layers": cfg.n_layers, "stages": cfg.n_stages,
                       "matmul_params": cfg.matmul_params(), "seq_len": cfg.seq_len, "boundary": cfg.boundary},
             "device": args.device, "dtype": args.dtype, "reference": ref, "subnet_tokens_per_s": tps,
-            "ratio_vs_reference": tps / ref["tokens_per_s"] if ref.get("tokens_per_s") else None,
+            "gpus": max(1, args.gpus),
+            "ratio_vs_reference": tps / max(1, args.gpus) / ref["tokens_per_s"] if ref.get("tokens_per_s") else None,
             "window_seconds": net["window_seconds"], "samples": net["samples"], "rounds_done": net["rounds_done"],
             "phase": net["phase"], "gpu_busy": net["gpu_busy"], "miners": miners,
             "merge_seconds": {str(k): round(v, 2) for k, v in sorted(merges.items())},
@@ -212,12 +218,14 @@ def print_table(r: dict) -> None:
     print(f"{'figure':<44} value")
     print(f"{'reference trainer tokens/s (1 process)':<44} {ref['tokens_per_s']:,.0f} (MFU {pct(ref['mfu'])})")
     ratio = "n/a" if r["ratio_vs_reference"] is None else f"{100 * r['ratio_vs_reference']:.1f}% of reference"
-    print(f"{'subnet tokens/s (first hop to last round)':<44} {r['subnet_tokens_per_s']:,.0f} ({ratio})")
+    print(f"{'subnet tokens/s (first hop to last round)':<44} {r['subnet_tokens_per_s']:,.0f} on {r['gpus']} GPU(s) "
+          f"(per GPU {ratio})")
     print(f"{'rounds done / samples / window':<44} {r['rounds_done']} / {r['samples']} / {r['window_seconds']:.1f}s "
           f"(phase {r['phase']})")
     print(f"{'GPU busy (NVML, mean over the window)':<44} {pct(r['gpu_busy'])}")
     for mm in r["miners"]:
-        print(f"{mm['miner'] + ' stage ' + str(mm['stage']) + ' compute / MFU active / MFU compute':<44} "
+        who = f"{mm['miner']} stage {mm['stage']} gpu {mm['gpu']}"
+        print(f"{who + ' compute / MFU active / MFU compute':<44} "
               f"{pct(mm['compute_fraction'])} / {pct(mm['mfu_active'])} / {pct(mm['mfu_compute'])}")
     merges = " ".join(f"r{k}={v:.1f}s" for k, v in r["merge_seconds"].items()) or "none closed"
     print(f"{'merge seconds per round':<44} {merges}")

@@ -19,9 +19,14 @@ import yaml
 
 from scripts.local_servers import S3Server, die_with_parent, free_port, start_s3, stop_process, wait_http
 
-__all__ = ["Neuron", "Cluster"]
+__all__ = ["Neuron", "Cluster", "gpu_of_stage"]
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_of_stage(stage: int, gpus: int, n_stages: int) -> int:
+    """The GPU of a stage when `gpus` GPUs hold contiguous groups of the `n_stages` stages."""
+    return stage * gpus // n_stages
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Cluster:
     s3_keys: tuple[str, str] = ("", "")
     threads_per_miner: int = 1
     miner_args: list[str] = field(default_factory=list)  # extra flags for every miner (e.g. --dtype bfloat16)
+    gpus: int = 0  # > 0: miners start one at a time (miner i serves stage i mod S) on their stage group's GPU
     s3: Optional[S3Server] = None
     bridge: Optional[Neuron] = None
     miners: list[Neuron] = field(default_factory=list)
@@ -118,10 +124,22 @@ class Cluster:
         # Cheaters register first, one at a time, so the bridge's balancing puts each on its own
         # stage (one adversary per stage) and they are there from round 0; then everyone else.
         for k, n in enumerate(self.miners[n_honest:]):
+            self._pin(n, k)
             n.start()
             self._wait_miners(k + 1)
-        for n in self.validator_procs + self.miners[:n_honest]:
+        for n in self.validator_procs:
             n.start()
+        for i, n in enumerate(self.miners[:n_honest]):
+            self._pin(n, i)
+            n.start()
+            if self.gpus:  # the bridge gives the next stage with the fewest replicas, lowest index first
+                self._wait_miners(len(self.cheaters) + i + 1)
+
+    def _pin(self, n: "Neuron", stage: int) -> None:
+        """Give the miner that will serve `stage` (mod S) its group's GPU when gpus > 0."""
+        if self.gpus:
+            n.env["CUDA_VISIBLE_DEVICES"] = str(gpu_of_stage(stage % self.run_config["n_stages"], self.gpus,
+                                                             self.run_config["n_stages"]))
 
     def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
         from protocol.client import SignedClient

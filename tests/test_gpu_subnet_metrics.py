@@ -20,3 +20,10 @@ def test_merge_seconds_audits_and_lag():
            "x audit of 5EZj1qNp round 1 incomplete: gone\nx audit of 5FLKPz7T round 1: PASS (1.0s)\n")
     assert audit_counts(log) == {"run": 3, "passed": 2, "failed": 1, "incomplete": 1}
     assert validator_lag(3, "train", 1) == 2 and validator_lag(3, "done", 4) == 0 and validator_lag(0, "train", 5) == 0
+
+
+def test_stage_groups_per_gpu():
+    from scripts.localnet_cluster import gpu_of_stage
+    assert [gpu_of_stage(s, 2, 4) for s in range(4)] == [0, 0, 1, 1]
+    assert [gpu_of_stage(s, 4, 4) for s in range(4)] == [0, 1, 2, 3]
+    assert [gpu_of_stage(s, 1, 3) for s in range(3)] == [0, 0, 0]
