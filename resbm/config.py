@@ -16,7 +16,7 @@ BOUNDARY_KINDS: tuple[str, ...] = ("none", "naive", "resbm", "resbm-iota")
 BOUNDARY_VARIANTS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
     "naive": ("normed",),
-    "resbm": ("postnorm", "normed", "literal"),
+    "resbm": ("postnorm", "normed", "literal", "postnorm-fused"),
     "resbm-iota": ("fused-mlp",),
 }
 DEFAULT_BOTTLENECK_RATIO = 128
