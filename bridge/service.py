@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from bridge.db import Database
 from bridge.records import Hop, State, TransitionError, Tunables
-from bridge.storage import Storage
+from bridge.storage import Storage, StorageError
 from protocol.messages import RunConfig
 
 __all__ = ["BridgeService"]
@@ -190,8 +190,8 @@ class BridgeService:
 
     def promote(self, src: str, dst: str, size: int) -> None:
         """Copy a reported upload to its final, grant-less key (skipped when checks are off)."""
-        if self.check_objects and self.storage is not None:
-            self.storage.copy(src, dst, size)
+        if self.check_objects and self.storage is not None and not self.storage.copy(src, dst, size):
+            raise StorageError(f"COPY {src} -> {dst}: no object at {src}")
 
     def object_size(self, key: str) -> Optional[int]:
         """HEAD an object (skipped, trusting the caller, when object checks are off)."""

@@ -19,6 +19,7 @@ from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, 
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
+from neurons.dataset_http import HttpSource
 from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.stage_worker import StageWorker, worker_for_run
@@ -65,7 +66,7 @@ class Miner:
         a = Assignment.model_validate(self._post_registration(req))
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
-        dataset = data.open_run_dataset(run.dataset, self.client.base_url)  # fetches the manifest
+        dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
         if cfg.vocab_size != dataset.vocab_size:
             raise ValueError(f"run model.vocab_size={cfg.vocab_size} but the dataset's vocab is "
                              f"{dataset.vocab_size}: the bridge's run config is wrong")
@@ -244,8 +245,8 @@ class Miner:
                 blob, sha = encode_output(out, self.codec)
                 self._put_output(hop, blob)
                 size = len(blob)
-            self.client.post("/v1/hops/done", HopDone(hop_id=hop.hop_id, sha256=sha, size=size,
-                                                      loss=loss, compute_seconds=seconds))
+            self._report_done(hop, HopDone(hop_id=hop.hop_id, sha256=sha, size=size, loss=loss,
+                                           compute_seconds=seconds))
             self.status.hops_done += 1
         except (TransferError, BridgeError, httpx.TransportError) as exc:
             # The lease will expire and the bridge re-leases the hop elsewhere.
@@ -253,6 +254,21 @@ class Miner:
         except codec.CodecError as exc:  # our own output is unencodable (e.g. NaN): never crash on it
             log.error("hop %s: output cannot be encoded (%s); reporting the hop as failed", hop.hop_id, exc)
             self._fail(hop, "other", f"output not encodable: {exc}")
+
+    def _report_done(self, hop: Hop, done: HopDone) -> None:
+        # The gradient of a backward is already accumulated here: a report lost to a bridge
+        # restart would leave work the bridge never counts, so retry until the lease ends.
+        while True:
+            try:
+                self.client.post("/v1/hops/done", done)
+                return
+            except (httpx.TransportError, BridgeError) as exc:
+                transient = not isinstance(exc, BridgeError) or exc.status in (429, 500, 502, 503, 504)
+                if not transient or time.time() >= hop.deadline or self.stop.is_set():
+                    raise
+                log.warning("hop %s: bridge unreachable (%s); retrying its report until the lease ends",
+                            hop.hop_id, str(exc)[:120])
+                self.stop.wait(1.0)
 
     def _put_output(self, hop: Hop, blob: bytes) -> None:
         """Upload a hop's encoded output to the lease's presigned PUT."""
@@ -293,16 +309,17 @@ class Miner:
         for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
             log.warning("dropping forward graph of sample %d (abandoned by the bridge)", sid)
             w.release(sid)
-        samples = w.samples_since_step
+        samples = counted = w.samples_since_step
         if resp.step_samples and resp.step_samples != samples:
-            # The bridge's count wins at steps/done (it answers 409 otherwise); a mismatch means a
+            # The bridge's count wins at steps/done (it answers 409 otherwise): a mismatch means a
             # hop we computed was not reported, or one was reported that we did not compute.
             log.warning("round %d step %d: %d samples accumulated here, the bridge counted %d",
                         resp.round, resp.inner_step, samples, resp.step_samples)
             self.status.step_mismatches += 1
+            counted = resp.step_samples
         if samples > 0:
             self._apply_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
         self.state.samples += samples
-        self._last_step = (key, samples)
+        self._last_step = (key, counted)
         self.status.record_step(key)
-        self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=samples))
+        self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))

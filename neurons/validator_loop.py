@@ -15,6 +15,7 @@ import httpx
 
 from protocol.client import BridgeError, SignedClient
 from protocol.messages import HopLog, Metrics, RunInfo
+from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
@@ -65,7 +66,7 @@ class Validator:
         self.s = settings
         self.stop = threading.Event()
         self.run = RunInfo.model_validate(client.get("/v1/run")).run
-        data.open_run_dataset(self.run.dataset, client.base_url)  # audits read its tokens
+        data.open_run_dataset(self.run.dataset, client.base_url, HttpSource)  # audits read its tokens
         self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
         self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
         self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from neurons.dataset_http import HttpSource
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.dataset import DatasetRef
@@ -111,7 +112,7 @@ def test_miners_and_validator_read_identical_tokens_and_a_tampered_shard_is_refu
         s3.storage().put(f"datasets/e2e/{victim.name}", bytes(blob))
         monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "fresh-cache"))
         forget_dataset(ref.sha256)
-        data.open_run_dataset(ref, net["bridge"].url)  # the manifest is intact: opening works
+        data.open_run_dataset(ref, net["bridge"].url, HttpSource)  # the manifest is intact: opening works
         with pytest.raises(data.DataError, match=f"{victim.name}.*corrupt or tampered"):
             data.batch(run_cfg.data_seed, sid, run_cfg.batch_size, 16, dataset=ref)
         assert not list((tmp_path / "fresh-cache").glob(f"{victim.sha256}*"))  # nothing bad was kept
