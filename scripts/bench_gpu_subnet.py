@@ -122,8 +122,8 @@ class _Gpu:
 
 def subnet(args, cfg, rc) -> dict:
     """Run the subnet until its rounds are done or `--seconds` pass; return what it measured."""
-    from protocol.client import BridgeError, SignedClient
-    from protocol.messages import Metrics
+    from protocol.bridge_client import BridgeClient
+    from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
     cluster = Cluster(prepare_workdir(args.workdir), rc, args.miners_per_stage, device=args.device,
@@ -135,11 +135,11 @@ def subnet(args, cfg, rc) -> dict:
     completed, m = 0, None
     try:
         cluster.start()
-        client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        client = BridgeClient(cluster.owner_keypair, cluster.bridge_url, None)
         t0 = time.monotonic()
         while time.monotonic() - t0 < args.seconds:
             try:
-                m = Metrics.model_validate(client.get("/v1/metrics"))
+                m = client.metrics()
             except (BridgeError, OSError):
                 time.sleep(0.5)
                 continue
