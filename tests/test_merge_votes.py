@@ -150,7 +150,7 @@ def test_a_failed_verdict_quarantines_work_and_merge_then_expires():
     until = quarantine.record_verdict(st, "val", 0, "b", False, "audit failed")
     assert until == 3 and st.quarantined(st.miners["b"])
     assert lease(st, "b", 1.0, rng)[0] == "wait"
-    now = drive(st, "ab", rng, 1.0)
+    drive(st, "ab", rng, 1.0)
     assert st.workers[0] == ["a"]  # b did nothing this round
     assert quarantine.record_verdict(st, "val", 0, "a", True, "") == -1
     with pytest.raises(TransitionError) as e:
