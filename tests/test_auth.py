@@ -74,11 +74,11 @@ def _make_app(store: BufferedNonceStore, rate: float = 1000.0) -> FastAPI:
     async def flaky_route(caller, req):
         if flaky["left"] > 0:
             flaky["left"] -= 1
-            raise TransitionError(503, "storage_error", "try again")
+            raise TransitionError("storage_error", "try again")
         return await echo(caller, req)
 
     async def bad(caller, req):
-        raise TransitionError(409, "conflict", "hop 7 already done")
+        raise TransitionError("already_reported", "hop 7 already done")
 
     auth = Authenticator(BOB.ss58_address, Registry(_Chain(), background=False), store,
                          RateLimiter(rate, rate))
