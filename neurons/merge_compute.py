@@ -46,7 +46,7 @@ def compute_merge(theta: Tensors, momentum: Tensors | None, ref_norm: float | No
                   items: list[MergeItem], fetched: list[tuple[int, Tensors | None, str]],
                   shapes: dict, run: RunConfig) -> MergeOutcome:
     """The state after the round's outer step (deterministic: bit-identical everywhere)."""
-    sc = screen([(s, t) for s, t, _ in fetched], shapes)
+    sc = screen([(s, t) for s, t, _ in fetched], shapes, drop_zero=True)
     excluded = {}
     for i, reason in sc.excluded:
         excluded[items[i].hotkey] = fetched[i][2] or reason

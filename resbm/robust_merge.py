@@ -4,7 +4,8 @@ Rules (docs/SECURITY.md explains why each holds against one cheating replica):
 
 * screening: an item that is not finite, has other names or shapes than the stage, or covers
   zero verified samples is excluded (and named, so its sender can be charged); it never blocks
-  the merge;
+  the merge; in the whole-state merge an all-zero item is left out too when another item moves
+  (verified work that produced no update only dilutes the others);
 * weights: the bridge's verified sample counts, each capped at the lower median of the counts,
   so no replica weighs more than the median one (with 2 replicas: equal weights);
 * clipping: each replica is scaled down to `clip_factor x ref`, where `ref` is the lower median
@@ -28,7 +29,7 @@ import torch
 
 from resbm.outer import OuterError, _global_norm, nesterov_step
 
-__all__ = ["MergeParams", "Screened", "lower_median", "capped_weights", "screen",
+__all__ = ["ZERO_UPDATE", "MergeParams", "Screened", "lower_median", "capped_weights", "screen",
            "robust_merge", "outer_round"]
 
 Tensors = dict[str, torch.Tensor]
@@ -67,9 +68,15 @@ def capped_weights(samples: Sequence[int]) -> list[float]:
     return [float(min(s, cap)) for s in samples]
 
 
+ZERO_UPDATE = "no update: an all-zero pseudo-gradient"
+
+
 def screen(items: Sequence[tuple[int, Mapping[str, torch.Tensor] | None]],
-           shapes: Mapping[str, Sequence[int]]) -> Screened:
-    """Split (samples, tensors or None for undecodable) into kept and excluded-with-reason."""
+           shapes: Mapping[str, Sequence[int]], drop_zero: bool = False) -> Screened:
+    """Split (samples, tensors or None for undecodable) into kept and excluded-with-reason.
+
+    With `drop_zero`, an all-zero item is excluded when some other item moves: a replica whose
+    verified backwards left no update (it took no steps) would otherwise dilute the others."""
     kept, excluded = [], []
     for i, (samples, tensors) in enumerate(items):
         reason = _problem(samples, tensors, shapes)
@@ -78,6 +85,11 @@ def screen(items: Sequence[tuple[int, Mapping[str, torch.Tensor] | None]],
         else:
             kept.append((i, int(samples), {n: tensors[n].detach().to("cpu", torch.float32).contiguous()
                                            for n in sorted(shapes)}))
+    if drop_zero:
+        zero = {i for i, _, d in kept if not any(bool(t.any()) for t in d.values())}
+        if len(zero) < len(kept):
+            kept = [k for k in kept if k[0] not in zero]
+            excluded = sorted(excluded + [(i, ZERO_UPDATE) for i in zero])
     return Screened(kept, excluded)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from resbm import outer
-from resbm.robust_merge import MergeParams, capped_weights, lower_median, outer_round, robust_merge, screen
+from resbm.robust_merge import (ZERO_UPDATE, MergeParams, capped_weights, lower_median, outer_round, robust_merge,
+                                screen)
 
 SHAPES = {"a.w": (8, 4), "b.b": (5,)}
 P = MergeParams()
@@ -75,6 +76,17 @@ def test_a_zero_liar_cannot_shrink_the_update_below_the_floor():
     floored, ref = robust_merge([(1, h), (1, tiny)], hn, P)
     assert ref == float(torch.tensor(P.ref_floor * hn, dtype=torch.float32))
     assert torch.linalg.vector_norm(flat(floored)) > 0.2 * hn and cos(floored, h) > 0.99
+
+
+def test_a_replica_that_took_no_steps_does_not_dilute_the_merge():
+    h, zero = honest(3), {n: torch.zeros_like(t) for n, t in honest(3).items()}
+    sc = screen([(4, h), (4, zero)], SHAPES, drop_zero=True)
+    assert [i for i, _, _ in sc.kept] == [0] and sc.excluded == [(1, ZERO_UPDATE)]
+    merged, _ = robust_merge([(s, d) for _, s, d in sc.kept], None, P)
+    assert all(torch.equal(merged[n], h[n]) for n in SHAPES)  # not halved by the idle replica
+    assert [i for i, _, _ in screen([(4, h), (4, zero)], SHAPES).kept] == [0, 1]  # shards keep zeros
+    both = screen([(4, zero), (4, dict(zero))], SHAPES, drop_zero=True)  # nobody moved: all stay,
+    assert [i for i, _, _ in both.kept] == [0, 1] and not both.excluded  # so momentum still steps
 
 
 def test_screen_excludes_nan_undecodable_wrong_shape_and_unverified_items():
