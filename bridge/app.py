@@ -29,6 +29,7 @@ from bridge.fastpath import FastPath, error_response
 from bridge.hop_outputs import look_at, seal
 from bridge.longpoll import Waiters
 from bridge.merge_routes import add_merge_routes
+from bridge.shard_routes import add_shard_routes
 from bridge.nonces import BufferedNonceStore
 from bridge.records import TransitionError
 from bridge.service import BridgeService
@@ -321,6 +322,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                           "db_rows_written": svc.db.writes}))
 
     add_merge_routes(app, svc, ttl, miner, validator)
+    add_shard_routes(app, svc, ttl, miner, validator, anyone)
 
     app.add_middleware(FastPath, limit=settings.max_body_bytes, routes={
         "/v1/hops/lease": (msg.LeaseRequest, miner_auth, lease),

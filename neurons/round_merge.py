@@ -37,6 +37,7 @@ class RoundState:
     sha: str | None
     samples: int = 0
     ref_norm: float | None = None
+    shard_refs: list | None = None  # the sharded sync's clip reference per shard
 
 
 def load_assigned_state(worker, a: Assignment, transfer: ObjectTransfer, max_bytes: int,
