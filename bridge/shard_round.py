@@ -22,9 +22,10 @@ from typing import Any, Optional
 from bridge import rounds, shard_votes, votes
 from bridge.records import State, TransitionError
 from bridge.shard_votes import ShardBallot
+from protocol.sync_api import checkpoint_due
 
 __all__ = ["sharded", "need_sharded", "ballot_dict", "stored_ballot", "pieces_sha", "report_pieces", "ballot", "vote", "on_time", "arbitrate",
-           "open_disputes", "updates_since", "checkpoint_round", "keep_rounds"]
+           "open_disputes", "updates_since", "checkpoint_round", "published_round", "keep_rounds"]
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,17 @@ def keep_rounds(st: State) -> int:
 
 
 def checkpoint_round(st: State, round_: int) -> bool:
-    """Whether round `round_` ends with a full checkpoint."""
-    return (round_ + 1) % st.run.checkpoint_every == 0
+    """Whether round `round_` ends with a full checkpoint (every K-th, and the last)."""
+    return checkpoint_due(round_, st.run.checkpoint_every, st.run.total_rounds)
+
+
+def published_round(st: State, stage: int) -> int:
+    """The round a stage's decided updates reach (its checkpoint's round before any; -1: none)."""
+    done = [int(r) for r in st.sync.get("updates", {}).get(str(stage), {})]
+    if done:
+        return max(done) + 1
+    ss = st.stage_states[stage]
+    return ss.round if ss.sha256 else -1
 
 
 def report_pieces(st: State, hotkey: str, round_: int, shas: list[str], sizes: list[int],

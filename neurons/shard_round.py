@@ -20,6 +20,7 @@ import re
 
 from protocol.client import BridgeError
 from protocol.messages import Assignment, UploadGrant
+from protocol.sync_api import checkpoint_due
 from protocol.sync_api import SYNC_PSEUDOGRAD, SYNC_UPLOAD, SYNC_VOTES, ShardVote, SyncPseudograd, SyncUpload, SyncVotes
 from resbm.sync_state import checkpoint_bytes
 from neurons.round_merge import ReplicaMerge, RoundState
@@ -133,7 +134,7 @@ class ShardedMerge(ReplicaMerge):
         new = sync.apply(rnd, theta, momentum, lay, decided, mine)
         refs = [n if n is not None else o for n, o in zip(new, refs)]
         sha = state.sha
-        if (rnd + 1) % run.checkpoint_every == 0:
+        if checkpoint_due(rnd, run.checkpoint_every, run.total_rounds):
             sha = self._checkpoint(rnd, theta, momentum, refs, state.sha)
         self.worker.load_theta(theta)
         kept = sum(1 for d in decided if d is None)
@@ -161,6 +162,7 @@ def load_sharded_state(worker, a: Assignment, client, transfer, run, computed: t
                        init_theta) -> RoundState:
     """The state round `a.round` starts from: ours if we merged into it, else the last checkpoint
     plus the decided updates since (a joiner, a restart, or a replica the round went on without)."""
+    caught_up = None
     if computed is not None and computed[0] == "sharded" and computed[1] == a.round:
         _, _, theta, momentum, refs = computed
     else:
@@ -169,9 +171,11 @@ def load_sharded_state(worker, a: Assignment, client, transfer, run, computed: t
         view = get_view(client, a.round, a.stage)
         st = start_of_round(transfer, view, worker.param_shapes, lay, cfg, run.max_state_bytes, init_theta)
         theta, momentum, refs = st.theta, st.momentum, st.refs
+        caught_up = (view.checkpoint_round, len(view.updates))
         log.info("caught up to round %d from the checkpoint of round %d plus %d update(s)", a.round,
                  view.checkpoint_round, len(view.updates))
     worker.load_theta(theta)
     sha = a.state.sha256 if a.state is not None else None
-    return RoundState(round=a.round, theta_start=worker.theta(), momentum=momentum, sha=sha, shard_refs=refs)
+    return RoundState(round=a.round, theta_start=worker.theta(), momentum=momentum, sha=sha, shard_refs=refs,
+                      caught_up=caught_up)
 

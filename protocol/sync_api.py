@@ -24,7 +24,7 @@ from protocol.run_config import MAX_BYTES as _MAX_BYTES
 from protocol.run_config import StrictModel as _Model
 
 __all__ = ["SYNC_UPLOAD", "SYNC_PSEUDOGRAD", "SYNC_VIEW", "SYNC_VOTES", "SYNC_DISPUTES",
-           "SYNC_ARBITRATE", "sync_view_path", "piece_key", "update_key", "staging_key",
+           "SYNC_ARBITRATE", "checkpoint_due", "sync_view_path", "piece_key", "update_key", "staging_key",
            "SyncUpload", "UploadGrant", "SyncPseudograd", "UpdateRef", "RoundUpdate", "PieceRef",
            "SyncView", "ShardVote", "SyncVotes", "SyncVotesAck", "ShardDispute", "SyncDisputes",
            "ShardArbitration"]
@@ -37,6 +37,11 @@ SYNC_DISPUTES = "/v1/validator/sync/disputes"
 SYNC_ARBITRATE = "/v1/validator/sync/arbitrate"
 
 _SHARDS = 4096
+
+
+def checkpoint_due(round_: int, checkpoint_every: int, total_rounds: int) -> bool:
+    """Whether round `round_` ends with a full checkpoint: every K-th round, and the run's last."""
+    return (round_ + 1) % checkpoint_every == 0 or round_ + 1 == total_rounds
 
 
 def sync_view_path(round_: int, stage: int) -> str:
