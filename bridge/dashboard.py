@@ -7,11 +7,11 @@ for a second so that scraping or many open tabs cost the bridge next to nothing.
 """
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from typing import Any, Callable
 
-from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -21,7 +21,7 @@ from bridge.prometheus import CONTENT_TYPE, BridgeMetrics
 from protocol.console import ValidatorReport
 from protocol.messages import Ack, Metrics, RunConfig
 
-__all__ = ["dashboard_state", "wire_bytes", "add_console_routes", "CACHE_SECONDS"]
+__all__ = ["dashboard_state", "wire_bytes", "console_handlers", "CACHE_SECONDS"]
 
 CACHE_SECONDS = 1.0
 
@@ -89,9 +89,9 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
     }
 
 
-def add_console_routes(app: FastAPI, svc: Any, run: RunConfig, store_path: str,
-                       validator: Callable[..., Any], owner_hotkey: Callable[[], str | None]) -> BridgeMetrics:
-    """Register the dashboard, JSON, Prometheus and validator-report routes; returns the metrics."""
+def console_handlers(svc: Any, run: RunConfig, store_path: str,
+                     owner_hotkey: Callable[[], str | None]) -> tuple[dict[str, Callable], BridgeMetrics]:
+    """Handlers of the dashboard, JSON, Prometheus and validator-report routes, and the metrics."""
     from bridge.views import metrics as metrics_view
     store = ConsoleStore(store_path)
     page = resources.files("bridge").joinpath("static/dashboard.html").read_text(encoding="utf-8")
@@ -126,24 +126,20 @@ def add_console_routes(app: FastAPI, svc: Any, run: RunConfig, store_path: str,
         closed_rounds(read_metrics())  # observes newly closed rounds even when no page is open
         return prom.render()
 
-    @app.get("/", include_in_schema=False)
-    async def dashboard_page() -> HTMLResponse:
+    async def dashboard_page(caller: None, req: None) -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/v1/dashboard")
-    async def dashboard_json() -> Response:
-        import json
+    async def dashboard_json(caller: None, req: None) -> Response:
         body = await cached("state", lambda: json.dumps(build_state()).encode())
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(caller: None, req: None) -> Response:
         return Response(await cached("prom", render_metrics), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/validator/report")
-    async def validator_report(req: ValidatorReport, caller: str = Depends(validator)) -> Response:
+    async def validator_report(caller: str, req: ValidatorReport) -> Ack:
         await run_in_threadpool(store.add, caller, req, time.time())
         prom.validator_reports.inc()
-        return Response(Ack().model_dump_json(), media_type="application/json")
+        return Ack()
 
-    return prom
+    return {"dashboard_page": dashboard_page, "dashboard": dashboard_json,
+            "prometheus": prometheus_metrics, "validator_report": validator_report}, prom

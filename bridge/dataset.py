@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import httpx
-from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response
 
-from bridge.fastpath import error_response
+from bridge.records import TransitionError
+from protocol.messages import DatasetFile
 from protocol.dataset import DEFAULT_VOCAB_SIZE, MANIFEST_MAX_BYTES, DatasetManifest, ManifestError, parse_manifest
 from protocol.run_config import RunConfig
 
-__all__ = ["DatasetConfigError", "check_vocab", "fetch_manifest", "add_dataset_route"]
+__all__ = ["DatasetConfigError", "check_vocab", "fetch_manifest", "dataset_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def fetch_manifest(run: RunConfig, storage: Any, timeout: float = 30.0) -> Optio
     return manifest
 
 
-def add_dataset_route(app: FastAPI, run: RunConfig, storage: Any, manifest: Optional[DatasetManifest],
-                      ttl: float) -> None:
+def dataset_handler(run: RunConfig, storage: Any, manifest: Optional[DatasetManifest],
+                    ttl: float) -> Callable[[None, DatasetFile], Awaitable[Response]]:
     """`GET /v1/dataset/{name}`: 307 to a presigned GET of manifest.json or a file it lists (public data)."""
     files: set[str] = set()
     prefix = ""
@@ -70,12 +70,12 @@ def add_dataset_route(app: FastAPI, run: RunConfig, storage: Any, manifest: Opti
         prefix = run.dataset.manifest.rsplit("/", 1)[0] + "/" if "/" in run.dataset.manifest else ""
         files = {"manifest.json", manifest.tokenizer.name, *(s.name for s in manifest.shards)}
 
-    @app.get("/v1/dataset/{name}")
-    async def get_dataset_file(name: str) -> Response:
+    async def get_dataset_file(caller: None, req: DatasetFile) -> Response:
         if not files:
-            return error_response(404, "no_dataset", "this run's dataset is not served by the bridge "
-                         "(the run config names none, or names it by URL)")
-        if name not in files:
-            return error_response(404, "unknown_file", f"the run's dataset has no file {name!r}")
-        key = run.dataset.manifest if name == "manifest.json" else prefix + name
+            raise TransitionError(404, "no_dataset", "this run's dataset is not served by the bridge "
+                                  "(the run config names none, or names it by URL)")
+        if req.name not in files:
+            raise TransitionError(404, "unknown_file", f"the run's dataset has no file {req.name!r}")
+        key = run.dataset.manifest if req.name == "manifest.json" else prefix + req.name
         return RedirectResponse(storage.presign_get(key, int(ttl)), status_code=307)
+    return get_dataset_file

@@ -1,61 +1,44 @@
-"""A shortcut for the hot signed-JSON POST routes (lease, hop done).
+"""A shortcut for the hot signed-JSON POST routes (the table's `fast` routes: lease, hop done).
 
 Those two routes are most of the bridge's traffic, and FastAPI's per-request machinery
-(routing, exception and exit-stack middleware, dependency solving, response re-encoding) cost
-about as much as the work itself. This ASGI middleware answers them directly: the same auth
-function, the same pydantic request models, the same handler coroutines and the same error
-bodies as the FastAPI routes, which stay registered (OpenAPI, and every other route)."""
+(routing, exception and exit-stack middleware, dependency solving) costs about as much as the
+work itself. This ASGI middleware answers them directly through the same `Endpoint` (auth,
+request model, handler) and the same error mapping as the FastAPI routes, which stay
+registered (OpenAPI, and every other route)."""
 from __future__ import annotations
 
-import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Optional
 
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
 
-from bridge.records import TransitionError
-from protocol import messages as msg
+from bridge.web import Endpoint, answer, body_too_large
 from protocol.auth import request_target
 
-__all__ = ["FastPath", "error_response"]
-
-log = logging.getLogger(__name__)
-
-Handler = Callable[[Any, str], Awaitable[Response]]
-Auth = Callable[[Headers, bytes, str, str], str]
-
-
-def error_response(status: int, code: str, message: str,
-                   retry_after: float | None = None) -> Response:
-    """The bridge's JSON error body (`ErrorBody`)."""
-    body = msg.ErrorBody(error=code, message=message[:2000], retry_after=retry_after)
-    return Response(body.model_dump_json(exclude_none=True), status_code=status,
-                    media_type="application/json")
-
-
-def validation_message(exc: ValidationError) -> str:
-    """`field: problem; ...` for the first few errors of a request body."""
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}"
-                     for e in exc.errors()[:5])
+__all__ = ["FastPath"]
 
 
 class FastPath:
-    """ASGI middleware: `routes` maps a POST path to (request model, auth, handler)."""
+    """ASGI middleware: answers POSTs to the paths of `endpoints` without FastAPI."""
 
-    def __init__(self, app: Any, routes: dict[str, tuple[type[BaseModel], Auth, Handler]],
-                 limit: int) -> None:
-        self.app, self.routes, self.limit = app, routes, limit
+    def __init__(self, app: Any, endpoints: dict[str, Endpoint], limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.endpoints = {p: e for p, e in endpoints.items()
+                          if e.route.fast and e.route.method == "POST"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
+        ep = self.endpoints.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if ep is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        resp = await self._handle(scope, receive, *route)
+
+        async def body() -> bytes:
+            got = await self._read(receive)
+            if got is None:
+                raise body_too_large(self.limit)
+            return got
+        resp = await answer(ep, Headers(scope=scope), body, request_target(scope), {}, {})
         await resp(scope, receive, send)
 
-    async def _read(self, receive: Any) -> bytes | None:
+    async def _read(self, receive: Any) -> Optional[bytes]:
         chunks, size, more = [], 0, True
         while more:
             m = await receive()
@@ -68,23 +51,3 @@ class FastPath:
             chunks.append(chunk)
             more = m.get("more_body", False)
         return b"".join(chunks)
-
-    async def _handle(self, scope: dict, receive: Any, model: type[BaseModel], auth: Auth,
-                      handler: Handler) -> Response:
-        body = await self._read(receive)
-        if body is None:
-            return error_response(413, "body_too_large", f"request body over {self.limit} bytes")
-        try:
-            caller = auth(Headers(scope=scope), body, "POST", request_target(scope))
-            req = model.model_validate_json(body)
-            return await handler(req, caller)
-        except TransitionError as exc:
-            return error_response(exc.status, exc.code, exc.message,
-                                  1.0 if exc.status in (409, 429) else None)
-        except StarletteHTTPException as exc:
-            return error_response(exc.status_code, "http_error", str(exc.detail))
-        except ValidationError as exc:
-            return error_response(400, "bad_request", validation_message(exc))
-        except Exception:
-            log.exception("%s failed", scope.get("path"))
-            return error_response(500, "internal", "internal error; retry")

@@ -22,7 +22,7 @@ def seal(storage: Optional[Storage], out_key: str) -> None:
     if storage is None:
         return
     src = upload_key(out_key)
-    if not storage.copy_one(src, out_key):
+    if not storage.copy(src, out_key):
         raise TransitionError(400, "missing_object", f"no object at {src}: upload the output "
                               "with the lease's put_url before reporting done")
 

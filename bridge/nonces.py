@@ -3,7 +3,7 @@
 The bridge flushes pending nonces in the same group commit as the state changes the requests
 caused, before any of them is answered. A nonce lost in a crash therefore belongs to a request
 whose effect was lost too and which nobody saw answered: replaying it is the same as the
-original arriving late. Same table layout as `protocol.auth.SqliteNonceStore`.
+original arriving late. It is the bridge's only nonce store (`bridge.auth`).
 
 `stored` counts nonces accepted so far and `durable` how many of them are on disk, so a request
 that changed no state (a GET, a refused call) can still wait for its own nonce to be written

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from bridge.db import Database
 from bridge.records import Hop, State, TransitionError, Tunables
-from bridge.storage import Storage
+from bridge.storage import Storage, StorageError
 from protocol.messages import RunConfig
 
 __all__ = ["BridgeService"]
@@ -32,15 +32,17 @@ class BridgeService:
 
     def __init__(self, run: RunConfig, db: Database, storage: Optional[Storage],
                  tunables: Tunables = Tunables(), seed: Optional[int] = None,
-                 clock: Callable[[], float] = time.time, check_objects: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, check_objects: bool = True,
+                 nonces: Any = None,
+                 on_wake: Optional[Callable[[dict, bool], None]] = None) -> None:
         self.run, self.db, self.storage, self.tun = run, db, storage, tunables
         self.clock = clock
         self.rng = random.Random(seed)
         self.check_objects = check_objects and storage is not None
         self.lock = threading.Lock()
         self.state: State = db.load(run, tunables)
-        self.nonces: Any = None          # a store with flush(), committed with each batch
-        self.on_wake: Optional[Callable[[dict, bool], None]] = None
+        self.nonces = nonces    # a store with flush(), committed with each batch (or None)
+        self.on_wake = on_wake  # told which long-polls a transition woke (or None)
         self.commits = 0
         self._pending: dict = {}
         self._flush_fut: Optional[asyncio.Future] = None
@@ -190,8 +192,8 @@ class BridgeService:
 
     def promote(self, src: str, dst: str, size: int) -> None:
         """Copy a reported upload to its final, grant-less key (skipped when checks are off)."""
-        if self.check_objects and self.storage is not None:
-            self.storage.copy(src, dst, size)
+        if self.check_objects and self.storage is not None and not self.storage.copy(src, dst, size):
+            raise StorageError(f"COPY {src} -> {dst}: no object at {src}")
 
     def object_size(self, key: str) -> Optional[int]:
         """HEAD an object (skipped, trusting the caller, when object checks are off)."""

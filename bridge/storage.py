@@ -68,27 +68,20 @@ class Storage:
             raise StorageError(f"HEAD {key}: {exc}") from exc
         return int(r["ContentLength"])
 
-    def copy(self, src: str, dst: str, size: int) -> None:
-        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge); one
-        CopyObject up to S3's 5 GiB limit, a multipart copy above it."""
+    def copy(self, src: str, dst: str, size: int = 0) -> bool:
+        """Server-side copy `src` -> `dst` (the bytes never pass through the bridge): one
+        CopyObject up to S3's 5 GiB limit, a multipart copy above it; False when `src` is missing."""
         source = {"Bucket": self.bucket, "Key": src}
         try:
             if size < 5 * 2**30:
                 self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource=source)
             else:
                 self.client.copy(source, self.bucket, dst)
-        except (ClientError, KeyError) as exc:  # KeyError: a server answering without an ETag
-            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
-
-    def copy_one(self, src: str, dst: str) -> bool:
-        """One CopyObject `src` -> `dst` (objects under 5 GB, no bytes through the bridge);
-        False when `src` is missing."""
-        try:
-            self.client.copy_object(Bucket=self.bucket, Key=dst,
-                                    CopySource={"Bucket": self.bucket, "Key": src})
         except ClientError as exc:
             if _missing(exc):
                 return False
+            raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
+        except KeyError as exc:  # a server answering without an ETag
             raise StorageError(f"COPY {src} -> {dst}: {exc}") from exc
         return True
 

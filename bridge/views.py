@@ -8,7 +8,7 @@ from bridge.records import Hop, StageState, State
 from bridge.state import upload_key
 from protocol import messages as msg
 
-__all__ = ["hop_message", "state_ref", "metrics", "hop_record"]
+__all__ = ["hop_message", "state_ref", "metrics", "hop_record", "merge_item"]
 
 Signer = Callable[[str, float], str]
 
@@ -42,6 +42,13 @@ def state_ref(stage: int, ss: StageState, get_url: Signer, ttl: float) -> Option
     return msg.StateRef(round=ss.round, stage=stage, key=ss.key, url=get_url(ss.key, ttl),
                         sha256=ss.sha256, size=ss.size,
                         alt_urls=[get_url(k, ttl) for k in ss.alt_keys])
+
+
+def merge_item(i: dict, get_url: Signer, ttl: float) -> msg.MergeItem:
+    """A recorded pseudo-gradient (merge set, archive, dispute) as the wire shows it."""
+    return msg.MergeItem(hotkey=i["hotkey"], stage=i.get("stage", 0), key=i["key"],
+                         sha256=i["sha256"], size=i["size"], samples=i["samples"],
+                         epoch=i.get("epoch", 0), get_url=get_url(i["key"], ttl))
 
 
 def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:

@@ -8,7 +8,7 @@ import logging
 from drills.hop_cheats import Cheat
 from drills.merge_cheats import MERGE_CHEATS, merge_cheat
 from drills.shard_cheats import sharded_cheat
-from neurons.hop_io import BadInput
+from neurons.objects import BadInput
 from neurons.miner_loop import Miner
 
 __all__ = ["CHEATERS", "cheating_miner", "CheatingMiner"]

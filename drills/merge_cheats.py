@@ -83,13 +83,12 @@ class _Overwrite(ReplicaMerge):
 
     def _clobber(self) -> None:
         """Re-PUT garbage of the same size through a fresh grant for the last upload."""
-        from protocol.messages import UploadGrant, UploadRequest
+        from protocol.messages import UploadRequest
         if getattr(self, "_last", None) is None:
             return
         rnd, kind, size, sha = self._last
         try:
-            grant = UploadGrant.model_validate(self.client.post(
-                "/v1/rounds/upload", UploadRequest(round=rnd, kind=kind, sha256=sha, size=size)))
+            grant = self.client.upload(UploadRequest(round=rnd, kind=kind, sha256=sha, size=size))
             self.transfer.put(grant.put_url, b"\0" * size)
             log.warning("drill overwrite: clobbered %s", grant.key)
         except Exception as exc:  # refused is the desired outcome

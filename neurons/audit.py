@@ -8,40 +8,9 @@ compares every output (codes, input gradients, losses) and optionally the pseudo
 Comparison per tensor: relative L2 error ||claimed - replay|| / ||replay||, cosine similarity
 and norm ratio ||claimed|| / ||replay||. A hop passes when all three are within `Tolerances`.
 
-Tolerances come from measured honest-vs-honest spread (tiny CPU model: d 32, 3 layers, 3 stages,
-k 4, bf16 wire, batch 2 x 16 tokens, Muon lr 0.02 / AdamW 3e-3, no warm-up, 2 samples per inner
-step; the validator replays in fp32 with one thread; worst over every hop of stages 0, 1 and 2):
-  miner fp32 with 2 threads (5 seeds, 3 steps):  bit-identical (rel err 0), pseudo-grad identical
-  miner bf16 autocast (5 seeds, 3 steps):        hop rel err <= 6.2e-3, cos >= 0.99998,
-                                                 |norm ratio - 1| <= 1.5e-3, |loss diff| <= 2.1e-4,
-                                                 pseudo-grad rel err <= 0.066, cos >= 0.9978
-  miner bf16 autocast (2 seeds, 12 steps):       hop rel err grows with the inner step, <= 0.023
-                                                 by step 8-12; pseudo-grad rel err <= 0.065
-  float64 reference forward vs fp32:            codes identical after the wire (bf16) rounding,
-                                                 loss identical at fp32 precision
-  miner on an H100 GPU (fp32, TF32 or bf16 autocast; d 32 and d 128 / 6 layers, 12 steps)
-  vs the CPU fp32 replay:                        hop rel err <= 0.022, cos >= 0.9997,
-                                                 |norm ratio - 1| <= 6e-3, |loss diff| <= 1.2e-3,
-                                                 pseudo-grad rel err <= 0.061, cos >= 0.998
-Cheaters on the same setup: random outputs rel err ~1.4; another sample's outputs 1.17-1.71;
-x0.5 gradients 0.5; zero gradients 1.0; stale weights (one inner step skipped), max over the
-hops of the next step: 0.13-0.21 on stages 0 and 2, 0.062-0.081 on the middle stage, and
-pseudo-grad rel err >= 0.69 everywhere. So hops use rel err 0.05 (2.2x the worst honest drift),
-cos 0.998, norm ratio within 0.05, loss 0.02 + 1e-2 x |loss|; the pseudo-gradient uses rel err
-0.25 and cos 0.95 (~4x the honest bf16 spread, 2.8x below a one-step stale miner): the
-pseudo-gradient is the robust check for skipped steps, the hops for fabricated outputs.
-Re-measure on the target GPUs and model size before mainnet: drift grows with inner steps.
-These constants are now only the fallback: miners declare their numerics, validators replay like
-for like, and the run config's calibrated `audit_tolerances` (scripts/calibrate_audit.py,
-neurons/audit_tolerances.py) judge each stage and hop kind; on an H200 at d 1024 the honest
-like-for-like spread reaches 0.20 on a middle stage's input gradient (docs/BENCHMARKS.md).
-Re-measured on the same setup for the default boundary, resbm/postnorm with token re-injection
-(tests/test_audit.py's config, 40 data seeds x 3 inner steps; old default resbm/normed in brackets):
-worst hop rel err 0.019 / 0.027 / 0.035 on stages 0 / 1 / 2 (0.007 / 0.005 / 0.041), median ~0.005
-everywhere, cos >= 0.9994, |norm ratio - 1| <= 0.009, pseudo-grad rel err <= 0.097 (<= 0.069); over
-4 seeds x 12 steps hops <= 0.030 (<= 0.039), pseudo-grad <= 0.073 (<= 0.067). The honest tail thus
-reaches ~0.7-0.8 of the 0.05 hop tolerance under either form on this tiny model. A one-step stale
-miner is caught as before (5 seeds: next-step hops >= 0.070-0.146, pseudo-grad rel err >= 0.77).
+`DEFAULT_TOLERANCES` are the fallback; the run config's calibrated `audit_tolerances`
+(scripts/calibrate_audit.py, neurons/audit_tolerances.py) judge each stage and hop kind when set.
+The honest and cheating spreads behind both: docs/BENCHMARKS.md, "Replay audits".
 """
 from __future__ import annotations
 
@@ -54,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from protocol.dataset import DatasetRef
-from resbm import codec, data
+from resbm import codec
 
+from . import hop_exec
 from .stage_worker import StageWorker, WorkerError
 
 __all__ = [
-    "HOP_KINDS",
     "AuditReport",
     "HopCheck",
     "HopRecord",
@@ -71,8 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HOP_KINDS = ("fwd", "bwd", "fwdbwd")
 
 
 @dataclass
@@ -100,7 +67,7 @@ class HopRecord:
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Pass thresholds; see the module docstring for the measured honest spread behind them."""
+    """Pass thresholds (the measured honest spread behind them: docs/BENCHMARKS.md, "Replay audits")."""
 
     rel_err: float = 0.05
     min_cosine: float = 0.998
@@ -223,49 +190,20 @@ def _replay_hop(worker: StageWorker, i: int, rec: HopRecord, settings: ReplaySet
                 tolerances: Tolerances | Mapping[str, Tolerances]) -> HopCheck:
     tol = _tolerance(tolerances, rec.kind)
     check = HopCheck(index=i, sample_id=rec.sample_id, kind=rec.kind, inner_step=rec.inner_step, ok=True)
-    tokens = targets = None
-    needs_input = rec.kind != "bwd" or rec.recompute
-    if worker.is_first or worker.is_last or (worker.needs_tokens and needs_input):  # public, as the miner's
-        tokens, targets = data.batch(settings.data_seed, rec.sample_id, settings.batch_size, worker.cfg.seq_len,
-                                     dataset=settings.dataset)
-    inp = tokens if worker.is_first else rec.inputs
-    side = tokens if worker.needs_tokens else None
+    public = hop_exec.PublicData(settings.data_seed, settings.batch_size, settings.dataset)
+    res = hop_exec.run_hop(worker, rec.kind, rec.sample_id, rec.recompute, rec.inputs, rec.grad, public)
     if rec.kind == "fwd":
-        if worker.is_last:
-            raise WorkerError("last stage has no fwd hops")
-        if inp is None:
-            raise WorkerError("fwd record has no input code")
-        out = worker.forward(rec.sample_id, inp, side)
-        _check_tensor(check, out, rec.claimed_output, tol)
-    elif rec.kind == "bwd":
-        if rec.grad is None:
-            raise WorkerError("bwd record has no output gradient")
-        recompute_inp = None
-        if rec.recompute:
-            if inp is None:
-                raise WorkerError("recompute bwd record has no input code")
-            worker.release(rec.sample_id)
-            recompute_inp = inp
-        grad = worker.backward(rec.sample_id, rec.grad, recompute_input=recompute_inp, tokens=side)
-        if grad is not None:
-            _check_tensor(check, codec.roundtrip(grad, settings.wire_codec), rec.claimed_output, tol)
-        elif rec.claimed_output is not None:
-            check.ok, check.reason = False, "stage 0 bwd claims an output it cannot have"
-    elif rec.kind == "fwdbwd":
-        if not worker.is_last:
-            raise WorkerError("fwdbwd hops belong to the last stage")
-        if inp is None:
-            raise WorkerError("fwdbwd record has no input code")
-        loss, grad = worker.forward_backward(rec.sample_id, inp, targets, side)
-        if grad is not None:
-            _check_tensor(check, codec.roundtrip(grad, settings.wire_codec), rec.claimed_output, tol)
-        check.loss_replayed, check.loss_claimed = loss, rec.claimed_loss
+        _check_tensor(check, res.out, rec.claimed_output, tol)
+    elif res.out is not None:  # an input gradient: the claim went through the wire codec
+        _check_tensor(check, codec.roundtrip(res.out, settings.wire_codec), rec.claimed_output, tol)
+    elif rec.claimed_output is not None:
+        check.ok, check.reason = False, f"stage 0 {rec.kind} claims an output it cannot have"
+    if rec.kind == "fwdbwd":
+        check.loss_replayed, check.loss_claimed = res.loss, rec.claimed_loss
         if check.ok:
-            bound = tol.loss_abs + tol.loss_rel * abs(loss)
-            if rec.claimed_loss is None or not abs(rec.claimed_loss - loss) <= bound:
-                check.ok, check.reason = False, f"loss {rec.claimed_loss!r} vs replayed {loss:.5f} (> {bound:.3g})"
-    else:
-        raise WorkerError(f"unknown hop kind {rec.kind!r}; expected one of {HOP_KINDS}")
+            bound = tol.loss_abs + tol.loss_rel * abs(res.loss)
+            if rec.claimed_loss is None or not abs(rec.claimed_loss - res.loss) <= bound:
+                check.ok, check.reason = False, f"loss {rec.claimed_loss!r} vs replayed {res.loss:.5f} (> {bound:.3g})"
     return check
 
 
@@ -274,6 +212,20 @@ def _step(worker: StageWorker, settings: ReplaySettings, inner_step: int) -> Non
         worker.release(sid)
     if worker.samples_since_step > 0:
         worker.inner_step(settings.round_index * settings.inner_steps_per_round + inner_step)
+
+
+def _check_pseudo_grad(pg: Mapping[str, torch.Tensor], claimed: Mapping[str, torch.Tensor], tol: Tolerances,
+                       index: int, inner_step: int) -> HopCheck:
+    check = HopCheck(index=index, sample_id=-1, kind="pseudograd", inner_step=inner_step, ok=True)
+    bad = [n for n in sorted(pg) if n not in claimed or tuple(claimed[n].shape) != tuple(pg[n].shape)]
+    if bad or set(claimed) != set(pg):
+        check.ok, check.reason = False, f"pseudo-gradient names or shapes differ from the stage's: {bad[:3]}"
+        return check
+    flat_r = torch.cat([pg[n].reshape(-1) for n in sorted(pg)])
+    flat_c = torch.cat([claimed[n].detach().float().reshape(-1) for n in sorted(pg)])
+    check.rel_err, check.cosine, check.norm_ratio = compare_tensors(flat_r, flat_c)
+    _judge(check, tol.pg_rel_err, tol.pg_min_cosine, tol.pg_rel_err)
+    return check
 
 
 def replay_round(
@@ -329,18 +281,8 @@ def replay_round(
     if claimed_pseudo_grad is not None:
         if records:
             _step(worker, settings, current)
-        pg = worker.pseudo_gradient(theta_start)
-        check = HopCheck(index=len(records), sample_id=-1, kind="pseudograd", inner_step=current, ok=True)
-        bad = [n for n in sorted(pg) if n not in claimed_pseudo_grad
-               or tuple(claimed_pseudo_grad[n].shape) != tuple(pg[n].shape)]
-        if bad or set(claimed_pseudo_grad) != set(pg):
-            check.ok, check.reason = False, f"pseudo-gradient names or shapes differ from the stage's: {bad[:3]}"
-        else:
-            flat_r = torch.cat([pg[n].reshape(-1) for n in sorted(pg)])
-            flat_c = torch.cat([claimed_pseudo_grad[n].detach().float().reshape(-1) for n in sorted(pg)])
-            check.rel_err, check.cosine, check.norm_ratio = compare_tensors(flat_r, flat_c)
-            pg_tol = _tolerance(tolerances, "pseudograd")
-            _judge(check, pg_tol.pg_rel_err, pg_tol.pg_min_cosine, pg_tol.pg_rel_err)
+        check = _check_pseudo_grad(worker.pseudo_gradient(theta_start), claimed_pseudo_grad,
+                                   _tolerance(tolerances, "pseudograd"), len(records), current)
         report.pseudo_grad = check
         if not check.ok:
             return finish("failed", f"pseudo-gradient: {check.reason}")

@@ -13,7 +13,9 @@ import httpx
 
 from protocol.chain.open import check_registered, check_subnet, load_hotkey, open_chain as open_network
 from protocol.exits import Exit, Misconfigured, Transient, retry
+from protocol.routes import route
 from protocol.settings import DEFAULT_BRIDGE_URL, CommonSettings, env_name, flag, load_settings, setup_logging
+from resbm.device import auto_device, cuda_count as _cuda_count, mps_available as _mps_available
 
 __all__ = ["NeuronSettings", "env_name", "load_settings", "setup_logging", "load_keypair", "open_chain",
            "resolve_device", "connect_bridge", "start_checks"]
@@ -45,17 +47,6 @@ def open_chain(s: CommonSettings) -> Any:
     return open_network(s.network, s.netuid)
 
 
-def _mps_available() -> bool:
-    import torch
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def _cuda_count() -> int:
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def resolve_device(name: str, cuda_count: Optional[Callable[[], int]] = None,
                    mps_available: Optional[Callable[[], bool]] = None) -> str:
     """'auto' -> cuda, then mps, then cpu; a named device must exist here (`Misconfigured` if not).
@@ -64,7 +55,7 @@ def resolve_device(name: str, cuda_count: Optional[Callable[[], int]] = None,
     mps_available = mps_available or _mps_available
     kind, _, index = name.partition(":")
     if name == "auto":
-        return "cuda" if cuda_count() > 0 else ("mps" if mps_available() else "cpu")
+        return auto_device(cuda_count, mps_available)
     if kind == "cpu" and not index:
         return "cpu"
     if kind == "cuda":
@@ -90,7 +81,7 @@ def _probe_bridge(url: str) -> dict:
     unreachable = Misconfigured(Exit.BRIDGE_UNREACHABLE, (
         f"no bridge answers at {url}; check --bridge.url and that the bridge is running"))
     try:
-        resp = httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+        resp = httpx.get(url.rstrip("/") + route("health").path, timeout=10.0)
     except httpx.UnsupportedProtocol:
         raise Misconfigured(Exit.USAGE, f"--bridge.url {url!r} is not an http(s):// URL") from None
     except (httpx.TransportError, OSError) as exc:

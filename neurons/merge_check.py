@@ -13,7 +13,8 @@ import logging
 from dataclasses import dataclass, field
 
 from protocol.messages import MergeItem, RunConfig, StateRef
-from neurons.merge_compute import MergeOutcome, compute_merge, fetch_items, fetch_state
+from neurons.merge_compute import MergeOutcome, compute_merge
+from neurons.objects import fetch_items, fetch_state
 from neurons.stage_worker import worker_for_run
 from neurons.transfer import ObjectTransfer
 

@@ -1,5 +1,5 @@
-"""The merge as both a replica and a validator compute it: fetch the round's start state and the
-frozen merge set, screen the items, run the robust outer step, serialise the result.
+"""The merge as both a replica and a validator compute it: screen the frozen merge set's items
+(fetched with neurons.objects), run the robust outer step, serialise the result.
 
 Outcomes that are properties of the objects (a hash mismatch, bytes that do not decode, NaN,
 wrong shapes, zero verified samples) exclude the item the same way everywhere, so every honest
@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.messages import MergeItem, RunConfig, StateRef
+from protocol.messages import MergeItem, RunConfig
 from resbm import outer
 from resbm.robust_merge import MergeParams, outer_round, screen
-from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
-__all__ = ["MergeOutcome", "merge_params", "fetch_state", "fetch_items", "compute_merge"]
+__all__ = ["MergeOutcome", "merge_params", "compute_merge"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -41,34 +40,6 @@ def merge_params(run: RunConfig) -> MergeParams:
     return MergeParams(clip_factor=run.clip_factor, trim_fraction=run.trim_fraction,
                        ref_floor=run.ref_floor, outer_lr=run.outer_lr,
                        outer_momentum=run.outer_momentum)
-
-
-def fetch_state(transfer: ObjectTransfer, ref: StateRef, shapes: dict, max_bytes: int) -> outer.OuterState:
-    """Download a published state (from any agreeing voter's copy); check sha, names, shapes."""
-    last: Exception | None = None
-    for url in [ref.url, *ref.alt_urls]:
-        try:
-            blob = transfer.get_verified(url, ref.sha256, max_bytes, what=f"state {ref.key}")
-        except TransferError as exc:  # a bad or missing copy: another voter's copy is identical
-            last = exc
-            continue
-        return outer.load_state(blob, expected=shapes, max_bytes=max_bytes)
-    raise last if last is not None else TransferError(f"state {ref.key}: no copy to fetch")
-
-
-def fetch_items(transfer: ObjectTransfer, items: list[MergeItem], shapes: dict,
-                max_bytes: int) -> list[tuple[int, Tensors | None, str]]:
-    """(verified samples, tensors or None, why None) per merge item, in the set's order."""
-    out = []
-    for it in items:
-        try:
-            blob = transfer.get_verified(it.get_url, it.sha256, max_bytes, f"pseudo-gradient of {it.hotkey}")
-            out.append((it.samples, outer.tensors_from_bytes(blob, shapes, max_bytes=max_bytes), ""))
-        except HashMismatch as exc:
-            out.append((it.samples, None, f"hash mismatch: {exc}"[:300]))
-        except outer.OuterError as exc:
-            out.append((it.samples, None, f"undecodable: {exc}"[:300]))
-    return out
 
 
 def compute_merge(theta: Tensors, momentum: Tensors | None, ref_norm: float | None,

@@ -60,10 +60,10 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
 
     from neurons.miner_loop import Miner
     from neurons.transfer import LinkEmulator, ObjectTransfer
-    from protocol.client import SignedClient
+    from protocol.bridge_client import BridgeClient
     if args.threads:
         torch.set_num_threads(args.threads)
-    client = SignedClient(keypair, args.bridge_url, bridge_hotkey)
+    client = BridgeClient(keypair, args.bridge_url, bridge_hotkey)
     link = LinkEmulator(args.link_mbps, args.link_latency_ms)
     make = make_miner or (lambda _args, **kw: Miner(**kw))
     miner = make(args, client=client, transfer=ObjectTransfer(link), device=device,
@@ -99,7 +99,8 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
 def _leave(client, log) -> None:
     """Tell the bridge this process is going, so its leases move at once (best effort)."""
     try:
-        client.post("/v1/miners/leave", {"reason": "shutdown"})
+        from protocol.messages import LeaveRequest
+        client.leave(LeaveRequest(reason="shutdown"))
         log.info("told the bridge we are leaving")
     except Exception as exc:  # noqa: BLE001 - best effort: shutdown must go on
         log.warning("could not tell the bridge we are leaving: %s", exc)

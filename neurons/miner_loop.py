@@ -14,12 +14,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 import torch
 
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
 from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, LeaseResponse,
                                RegisterRequest, StepDone)
 from resbm import codec, data
 from resbm.config import ModelConfig
-from neurons.hop_io import BadInput, HopInputs, encode_output, fetch_inputs
+from neurons import hop_exec
+from neurons.dataset_http import HttpSource
+from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.shard_round import ShardedMerge, load_sharded_state
 from neurons.stage_worker import StageWorker, worker_for_run
@@ -34,7 +37,7 @@ log = logging.getLogger("miner")
 class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
-    def __init__(self, client: SignedClient, transfer: ObjectTransfer, device: str = "cpu",
+    def __init__(self, client: BridgeClient, transfer: ObjectTransfer, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
@@ -64,10 +67,10 @@ class Miner:
         """Register with the bridge, build the stage and load the round's weights."""
         req = RegisterRequest(device_class=torch.device(self.device).type,
                               compute_dtype=str(self.dtype).removeprefix("torch."))
-        a = Assignment.model_validate(self._post_registration(req))
+        a = self._post_registration(req)
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
-        dataset = data.open_run_dataset(run.dataset, self.client.base_url)  # fetches the manifest
+        dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
         if cfg.vocab_size != dataset.vocab_size:
             raise ValueError(f"run model.vocab_size={cfg.vocab_size} but the dataset's vocab is "
                              f"{dataset.vocab_size}: the bridge's run config is wrong")
@@ -88,13 +91,13 @@ class Miner:
         self.status.set_stage(a.stage, a.round)
         return a
 
-    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> dict:
+    def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> Assignment:
         """POST register; a 403 `not_allowed` right after a chain registration means the bridge's
         metagraph snapshot is older than it (the miss makes it refresh): retry for a while."""
         end = time.monotonic() + patience
         while True:
             try:
-                return self.client.post("/v1/miners/register", req)
+                return self.client.register(req)
             except BridgeError as exc:
                 if exc.status != 403 or "not_allowed" not in exc.detail or time.monotonic() > end:
                     raise
@@ -112,7 +115,7 @@ class Miner:
         outage = 0.0
         while not self.stop.is_set():
             try:
-                resp = self._take_prefetched() or LeaseResponse.model_validate(self.client.post("/v1/hops/lease", req))
+                resp = self._take_prefetched() or self.client.lease(req)
                 outage = 0.0
             except (BridgeError, httpx.TransportError) as exc:
                 # The bridge may be restarting: keep trying, backing off up to 10 s, never exit.
@@ -182,8 +185,7 @@ class Miner:
     def _lease_now(self) -> LeaseResponse | None:
         """A lease that does not wait (prefetch): a 'work' answer, or None."""
         try:
-            resp = LeaseResponse.model_validate(
-                self.client.post("/v1/hops/lease", self._req.model_copy(update={"wait_ms": 0})))
+            resp = self.client.lease(self._req.model_copy(update={"wait_ms": 0}))
         except (BridgeError, httpx.TransportError):
             return None
         if resp.action != "work":
@@ -223,20 +225,11 @@ class Miner:
             self._queue_upload(hop, out, loss, seconds)
 
     def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
-        w, run = self.worker, self.run
-        recompute = hop.kind == "bwd" and (hop.recompute or hop.sample_id not in w.open_graphs)
-        tokens = targets = None
-        if hop.kind == "fwdbwd" or ((hop.kind == "fwd" or recompute) and (w.is_first or w.needs_tokens)):
-            # The sample's public tokens (stage 0's input, re-injection's ids) and targets, derived once.
-            tokens, targets = data.batch(run.data_seed, hop.sample_id, run.batch_size, self.cfg.seq_len, dataset=run.dataset)
-        inp = tokens if w.is_first else inputs.act
-        side = tokens if w.needs_tokens else None
-        if hop.kind == "fwd":
-            return w.forward(hop.sample_id, inp, side), None
-        if hop.kind == "fwdbwd":
-            loss, grad = w.forward_backward(hop.sample_id, inp, targets, side)
-            return grad, loss
-        return w.backward(hop.sample_id, inputs.grad, recompute_input=inp if recompute else None, tokens=side), None
+        """The hop's output and loss, from the one hop executor the validator replays with."""
+        run = self.run
+        res = hop_exec.run_hop(self.worker, hop.kind, hop.sample_id, hop.recompute, inputs.act, inputs.grad,
+                               hop_exec.PublicData(run.data_seed, run.batch_size, run.dataset))
+        return res.out, res.loss
 
     def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
         self._pending = [f for f in self._pending if not f.done()]
@@ -251,8 +244,8 @@ class Miner:
                 blob, sha = encode_output(out, self.codec)
                 self._put_output(hop, blob)
                 size = len(blob)
-            self.client.post("/v1/hops/done", HopDone(hop_id=hop.hop_id, sha256=sha, size=size,
-                                                      loss=loss, compute_seconds=seconds))
+            self._report_done(hop, HopDone(hop_id=hop.hop_id, sha256=sha, size=size, loss=loss,
+                                           compute_seconds=seconds))
             self.status.hops_done += 1
         except (TransferError, BridgeError, httpx.TransportError) as exc:
             # The lease will expire and the bridge re-leases the hop elsewhere.
@@ -260,6 +253,21 @@ class Miner:
         except codec.CodecError as exc:  # our own output is unencodable (e.g. NaN): never crash on it
             log.error("hop %s: output cannot be encoded (%s); reporting the hop as failed", hop.hop_id, exc)
             self._fail(hop, "other", f"output not encodable: {exc}")
+
+    def _report_done(self, hop: Hop, done: HopDone) -> None:
+        # The gradient of a backward is already accumulated here: a report lost to a bridge
+        # restart would leave work the bridge never counts, so retry until the lease ends.
+        while True:
+            try:
+                self.client.hop_done(done)
+                return
+            except (httpx.TransportError, BridgeError) as exc:
+                transient = not isinstance(exc, BridgeError) or exc.status in (429, 500, 502, 503, 504)
+                if not transient or time.time() >= hop.deadline or self.stop.is_set():
+                    raise
+                log.warning("hop %s: bridge unreachable (%s); retrying its report until the lease ends",
+                            hop.hop_id, str(exc)[:120])
+                self.stop.wait(1.0)
 
     def _put_output(self, hop: Hop, blob: bytes) -> None:
         """Upload a hop's encoded output to the lease's presigned PUT."""
@@ -274,7 +282,7 @@ class Miner:
 
     def _fail(self, hop: Hop, reason: str, detail: str) -> None:
         try:
-            self.client.post("/v1/hops/fail", HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
+            self.client.hop_fail(HopFail(hop_id=hop.hop_id, reason=reason, detail=detail[:1000]))
         except BridgeError as exc:
             log.warning("could not report failure of hop %s: %s", hop.hop_id, exc)
 
@@ -293,23 +301,24 @@ class Miner:
         key = (resp.round, resp.inner_step)
         if self._last_step is not None and self._last_step[0] == key:
             # Asked again for a step we already took (our report was lost): report it, never re-apply.
-            self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step,
-                                                        samples=self._last_step[1]))
+            self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step,
+                                          samples=self._last_step[1]))
             return
         w = self.worker
         for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
             log.warning("dropping forward graph of sample %d (abandoned by the bridge)", sid)
             w.release(sid)
-        samples = w.samples_since_step
+        samples = counted = w.samples_since_step
         if resp.step_samples and resp.step_samples != samples:
-            # The bridge's count wins at steps/done (it answers 409 otherwise); a mismatch means a
+            # The bridge's count wins at steps/done (it answers 409 otherwise): a mismatch means a
             # hop we computed was not reported, or one was reported that we did not compute.
             log.warning("round %d step %d: %d samples accumulated here, the bridge counted %d",
                         resp.round, resp.inner_step, samples, resp.step_samples)
             self.status.step_mismatches += 1
+            counted = resp.step_samples
         if samples > 0:
             self._apply_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
         self.state.samples += samples
-        self._last_step = (key, samples)
+        self._last_step = (key, counted)
         self.status.record_step(key)
-        self.client.post("/v1/steps/done", StepDone(round=resp.round, inner_step=resp.inner_step, samples=samples))
+        self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))

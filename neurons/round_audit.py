@@ -10,13 +10,12 @@ from collections import Counter
 
 import torch
 
-from protocol.messages import HopLog, HopRecord as WireRecord, ObjectRef, RunConfig
+from protocol.messages import HopLog, HopRecord as WireRecord, RunConfig
 from resbm import outer
 from resbm.config import ModelConfig
 from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
 from neurons.audit_tolerances import record_numerics, replay_numerics, stage_tolerances, torch_dtype
-from neurons.hop_io import BadInput, fetch_code
-from neurons.merge_compute import fetch_state
+from neurons.objects import BadInput, fetch_code, fetch_inputs, fetch_state, fetch_tensors
 from neurons.stage_worker import worker_for_run
 from neurons.transfer import ObjectTransfer, TransferError
 
@@ -47,25 +46,17 @@ def check_claims(records: list[WireRecord]) -> None:
         raise ClaimError(f"sample {again[0][0]} stage {again[0][1]} {again[0][2]} claimed {work[again[0]]} times")
 
 
-def _fetch(transfer: ObjectTransfer, ref: ObjectRef | None, shape, wire_codec: str) -> torch.Tensor | None:
-    if ref is None:
-        return None
-    try:
-        return fetch_code(transfer, ref, shape, wire_codec)
-    except BadInput as exc:  # what a miner reports as a bad input is a failed claim here
-        raise ClaimError(f"object {exc.detail} ({exc.reason})") from exc
-
-
 def _to_audit_records(transfer: ObjectTransfer, records: list[WireRecord], shape, wire_codec: str) -> list[HopRecord]:
     out = []
-    for r in sorted(records, key=lambda r: (r.inner_step, r.done_at)):
-        needs_act = r.kind in ("fwd", "fwdbwd") or r.recompute
-        out.append(HopRecord(
-            sample_id=r.sample_id, kind=r.kind, inner_step=r.inner_step, recompute=r.recompute,
-            inputs=_fetch(transfer, r.act_in, shape, wire_codec) if needs_act else None,
-            grad=_fetch(transfer, r.grad_in, shape, wire_codec) if r.kind == "bwd" else None,
-            claimed_output=_fetch(transfer, r.output, shape, wire_codec),
-            claimed_loss=r.loss, hop_id=r.hop_id))
+    try:
+        for r in sorted(records, key=lambda r: (r.inner_step, r.done_at)):
+            inputs = fetch_inputs(transfer, r, shape, wire_codec)  # the objects the miner's hop read
+            claimed = None if r.output is None else fetch_code(transfer, r.output, shape, wire_codec)
+            out.append(HopRecord(sample_id=r.sample_id, kind=r.kind, inner_step=r.inner_step, recompute=r.recompute,
+                                 inputs=inputs.act, grad=inputs.grad, claimed_output=claimed,
+                                 claimed_loss=r.loss, hop_id=r.hop_id))
+    except BadInput as exc:  # what a miner reports as a bad input is a failed claim here
+        raise ClaimError(f"object {exc.detail} ({exc.reason})") from exc
     return out
 
 
@@ -97,11 +88,10 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
         theta = fetch_state(transfer, ref, worker.param_shapes, run.max_state_bytes).theta
     if item is not None and inputs is None:
         try:
-            blob = transfer.get_verified(item.get_url, item.sha256, run.max_state_bytes, "pseudo-gradient")
+            pg = fetch_tensors(transfer, item.get_url, item.sha256, worker.param_shapes, run.max_state_bytes,
+                               "pseudo-gradient")
         except TransferError as exc:
             raise ClaimError(f"pseudo-gradient cannot be read or fails its hash: {exc}") from exc
-        try:
-            pg = outer.tensors_from_bytes(blob, worker.param_shapes, max_bytes=run.max_state_bytes)
         except outer.OuterError as exc:
             raise ClaimError(f"pseudo-gradient does not decode: {exc}") from exc
     settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
 from protocol.messages import (Assignment, MergedAck, MergedReport, MergeSet, PseudogradReport,
-                               RunConfig, UploadGrant, UploadRequest)
+                               RunConfig, UploadRequest)
 from resbm import outer
-from neurons.merge_compute import MergeOutcome, compute_merge, fetch_items, fetch_state
+from neurons.merge_compute import MergeOutcome, compute_merge
+from neurons.objects import fetch_items, fetch_state
 from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["RoundState", "load_assigned_state", "ReplicaMerge"]
@@ -64,7 +66,7 @@ def load_assigned_state(worker, a: Assignment, transfer: ObjectTransfer, max_byt
 class ReplicaMerge:
     """One replica's part in round `rnd`'s merge."""
 
-    def __init__(self, client: SignedClient, transfer: ObjectTransfer, worker, run: RunConfig,
+    def __init__(self, client: BridgeClient, transfer: ObjectTransfer, worker, run: RunConfig,
                  stop: threading.Event):
         self.client, self.transfer, self.worker, self.run, self.stop = client, transfer, worker, run, stop
 
@@ -89,8 +91,7 @@ class ReplicaMerge:
     def upload(self, rnd: int, kind: str, blob: bytes, sha: str | None = None) -> tuple[str, str]:
         """PUT `blob` to this replica's staging key; returns (key, sha reported)."""
         sha = sha or hashlib.sha256(blob).hexdigest()
-        grant = UploadGrant.model_validate(self.client.post(
-            "/v1/rounds/upload", UploadRequest(round=rnd, kind=kind, sha256=sha, size=len(blob))))
+        grant = self.client.upload(UploadRequest(round=rnd, kind=kind, sha256=sha, size=len(blob)))
         self.transfer.put(grant.put_url, blob)
         return grant.key, sha
 
@@ -98,7 +99,7 @@ class ReplicaMerge:
     def _wait_merge_set(self, rnd: int, stage: int) -> MergeSet | None:
         while not self.stop.is_set():
             try:
-                return MergeSet.model_validate(self.client.get(f"/v1/rounds/{rnd}/stages/{stage}/pseudograds"))
+                return self.client.merge_set(rnd, stage)
             except BridgeError as exc:
                 if exc.status != 409:
                     raise
@@ -113,8 +114,7 @@ class ReplicaMerge:
         blob = self.pseudo_gradient_bytes(pg)
         try:
             key, sha = self.upload(rnd, "pseudograd", blob)
-            self.client.post("/v1/rounds/pseudograd", PseudogradReport(round=rnd, key=key, sha256=sha,
-                                                                       size=len(blob)))
+            self.client.pseudograd(PseudogradReport(round=rnd, key=key, sha256=sha, size=len(blob)))
         except BridgeError as exc:
             if exc.status != 409:
                 raise
@@ -156,10 +156,11 @@ class ReplicaMerge:
     def _report(self, rnd: int, sha: str, key: str) -> MergedAck | None:
         """Report the vote and wait until the stage is published (None: it moved on first)."""
         try:
-            ack = MergedAck.model_validate(self.client.post("/v1/rounds/merged", MergedReport(round=rnd, sha256=sha, key=key)))
+            report = MergedReport(round=rnd, sha256=sha, key=key)
+            ack = self.client.merged(report)
             while not ack.published and not self.stop.is_set():
                 self.stop.wait(0.2)
-                ack = MergedAck.model_validate(self.client.post("/v1/rounds/merged", MergedReport(round=rnd, sha256=sha, key=key)))
+                ack = self.client.merged(report)
         except BridgeError as exc:
             if exc.status != 409:
                 raise

@@ -19,9 +19,9 @@ import logging
 import re
 
 from protocol.client import BridgeError
-from protocol.messages import Assignment, UploadGrant
-from protocol.sync_api import checkpoint_due
-from protocol.sync_api import SYNC_PSEUDOGRAD, SYNC_UPLOAD, SYNC_VOTES, ShardVote, SyncPseudograd, SyncUpload, SyncVotes
+from protocol.messages import Assignment
+from protocol.routes import route
+from protocol.sync_api import ShardVote, SyncPseudograd, SyncUpload, SyncVotes, checkpoint_due, piece_key
 from resbm.sync_state import checkpoint_bytes
 from neurons.round_merge import ReplicaMerge, RoundState
 from neurons.shard_sync import MergedShard, Piece, ReplicaSync, sync_settings
@@ -49,8 +49,8 @@ class BridgeBoard:
             m, kind = _UPDATE.search(key), "merged"
         if m is None:
             raise ValueError(f"not a sync object key: {key[:120]}")
-        grant = UploadGrant.model_validate(self.client.post(SYNC_UPLOAD, SyncUpload(
-            round=int(m.group(1)), kind=kind, shard=int(m.group(2)), sha256=m.group(3), size=size)))
+        grant = self.client.call(route("sync_upload"), SyncUpload(
+            round=int(m.group(1)), kind=kind, shard=int(m.group(2)), sha256=m.group(3), size=size))
         return grant.put_url
 
     def get_url(self, key: str) -> str:
@@ -62,7 +62,6 @@ class BridgeBoard:
 
     def learn(self, view, run_id: str) -> None:
         """Remember the GET URLs of a view's pieces and decided updates."""
-        from protocol.sync_api import piece_key
         for p in view.pieces:
             for s, (sha, url) in enumerate(zip(p.shas, p.urls)):
                 self.urls[piece_key(run_id, view.round, view.stage, p.hotkey, s, sha)] = url
@@ -101,8 +100,8 @@ class ShardedMerge(ReplicaMerge):
         sized = sync.upload_sized(rnd, pg, lay)
         del pg
         try:
-            self.client.post(SYNC_PSEUDOGRAD, SyncPseudograd(round=rnd, shas=[s for s, _ in sized],
-                                                             sizes=[n for _, n in sized]))
+            self.client.call(route("sync_pseudograd"), SyncPseudograd(
+                round=rnd, shas=[s for s, _ in sized], sizes=[n for _, n in sized]))
         except BridgeError as exc:
             if exc.status != 409:
                 raise
@@ -121,7 +120,7 @@ class ShardedMerge(ReplicaMerge):
             for hk, why in ms.excluded.items():
                 log.warning("round %d shard %d: piece of %s left out: %s", rnd, s, hk[:10], why)
         if mine:
-            self.client.post(SYNC_VOTES, SyncVotes(round=rnd, votes=[
+            self.client.call(route("sync_votes"), SyncVotes(round=rnd, votes=[
                 ShardVote(shard=s, sha256=ms.sha, size=ms.size) for s, ms in sorted(mine.items())]))
         view = wait_view(self.client, rnd, stage, lambda v: v.complete, self.stop)
         if view is None:

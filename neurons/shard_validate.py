@@ -14,10 +14,11 @@ import logging
 
 import torch
 
-from protocol.client import BridgeError, SignedClient
-from protocol.integrity import Arbitration, DisputeList
+from protocol.client import BridgeError
+from protocol.integrity import Arbitration
 from protocol.messages import HopLog, RunConfig
-from protocol.sync_api import SYNC_ARBITRATE, SYNC_DISPUTES, ShardArbitration, SyncDisputes, SyncView, piece_key
+from protocol.routes import route
+from protocol.sync_api import ShardArbitration, SyncView, piece_key
 from resbm.outer import OuterError
 from resbm.sync_codec import decode, encoded_size
 from resbm.sync_state import checkpoint_bytes
@@ -47,7 +48,7 @@ class _ViewBoard:
         return self.urls[key]
 
 
-def round_start(client: SignedClient, transfer: ObjectTransfer, run: RunConfig, rnd: int, stage: int,
+def round_start(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, stage: int,
                 through: int | None = None) -> tuple[SyncView, SyncStart]:
     """(view, state round `rnd` of `stage` starts from; or, with through=rnd, the one after it)."""
     view = get_view(client, rnd, stage)
@@ -76,7 +77,7 @@ def _checkpoint_sha(transfer, run, view: SyncView, start: SyncStart) -> str:
     return hashlib.sha256(checkpoint_bytes(after.theta, after.momentum, after.refs)).hexdigest()
 
 
-def check_sharded_round(client: SignedClient, transfer: ObjectTransfer, run: RunConfig,
+def check_sharded_round(client, transfer: ObjectTransfer, run: RunConfig,
                         hoplog: HopLog) -> dict[str, str]:
     """{hotkey: reason} of every merger (or piece sender) a recomputation of the round fails."""
     failed: dict[str, str] = {}
@@ -101,16 +102,17 @@ def check_sharded_round(client: SignedClient, transfer: ObjectTransfer, run: Run
     return failed
 
 
-def settle_sharded(client: SignedClient, transfer: ObjectTransfer, run: RunConfig, settled: set) -> int:
+def settle_sharded(client, transfer: ObjectTransfer, run: RunConfig, settled: set) -> int:
     """Recompute every disputed shard and disputed checkpoint once and post the result."""
     n = 0
-    for d in SyncDisputes.model_validate(client.get(SYNC_DISPUTES)).disputes:
+    for d in client.call(route("sync_disputes")).disputes:
         if (d.round, d.stage, d.shard) in settled:
             continue
         try:
             view, start = round_start(client, transfer, run, d.round, d.stage)
             sha = _recompute(transfer, run, view, start, d.shard).sha
-            client.post(SYNC_ARBITRATE, ShardArbitration(round=d.round, stage=d.stage, shard=d.shard, sha256=sha))
+            client.call(route("sync_arbitrate"), ShardArbitration(round=d.round, stage=d.stage, shard=d.shard,
+                                                                  sha256=sha))
         except (TransferError, OuterError) as exc:
             log.warning("dispute round %d stage %d shard %d: cannot recompute (%s)", d.round, d.stage, d.shard, exc)
             continue
@@ -120,7 +122,7 @@ def settle_sharded(client: SignedClient, transfer: ObjectTransfer, run: RunConfi
         settled.add((d.round, d.stage, d.shard))
         n += 1
         log.warning("disputed shard %d of round %d stage %d settled: %s..", d.shard, d.round, d.stage, sha[:10])
-    for d in DisputeList.model_validate(client.get("/v1/validator/disputes")).disputes:
+    for d in client.disputes().disputes:
         if (d.round, d.stage) in settled:
             continue
         try:
@@ -128,7 +130,7 @@ def settle_sharded(client: SignedClient, transfer: ObjectTransfer, run: RunConfi
             if not view.complete:
                 continue
             sha = _checkpoint_sha(transfer, run, view, start)
-            client.post("/v1/validator/arbitrate", Arbitration(round=d.round, stage=d.stage, sha256=sha))
+            client.arbitrate(Arbitration(round=d.round, stage=d.stage, sha256=sha))
         except (TransferError, OuterError) as exc:
             log.warning("disputed checkpoint round %d stage %d: cannot recompute (%s)", d.round, d.stage, exc)
             continue
@@ -161,7 +163,7 @@ def sharded_pseudo_gradient(transfer: ObjectTransfer, run: RunConfig, view: Sync
     return out
 
 
-def audit_inputs(client: SignedClient, transfer: ObjectTransfer, run: RunConfig, rnd: int, hotkey: str):
+def audit_inputs(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, hotkey: str):
     """For neurons.round_audit.audit_miner: worker -> (round start theta, claimed pseudo-gradient)."""
     def inputs(worker):
         view, start = round_start(client, transfer, run, rnd, worker.stage_index)

@@ -9,8 +9,8 @@ gradient of an inner step is the mean over the samples whose backward ran since 
 autocast (parameters, gradients and optimizer state stay float32).
 
 Under token re-injection (`needs_tokens`: a stage > 0 with ModelConfig.token_reinject) every
-forward also takes the sample's token ids, `data.batch(data_seed, sample_id, ...)[0]`, which the
-caller derives from public data exactly as it derives the last stage's targets.
+forward also takes the sample's token ids, `data.batch(data_seed, sample_id, ...)[0]`, which
+`neurons.hop_exec.run_hop` derives from public data exactly as it derives the last stage's targets.
 """
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.client import BridgeError, SignedClient
-from protocol.sync_api import SyncView, UpdateRef, sync_view_path
+from protocol.client import BridgeError
+from protocol.messages import StageRound
+from protocol.routes import route
+from protocol.sync_api import SyncView, UpdateRef
 from resbm.outer import OuterError
 from resbm.shard_merge import apply_shard, zero_momentum
 from resbm.shards import ShardLayout
@@ -39,9 +41,9 @@ class SyncStart:
     checkpoint_sha: str | None
 
 
-def get_view(client: SignedClient, rnd: int, stage: int) -> SyncView:
-    """GET the bridge's view of (round, stage) under the sharded sync."""
-    return SyncView.model_validate(client.get(sync_view_path(rnd, stage)))
+def get_view(client, rnd: int, stage: int) -> SyncView:
+    """GET the bridge's view of (round, stage) under the sharded sync (`client`: a BridgeClient)."""
+    return client.call(route("sync_view"), StageRound(round=rnd, stage=stage))
 
 
 def fetch_update(transfer: ObjectTransfer, ref: UpdateRef, rng: tuple[int, int],
@@ -104,7 +106,7 @@ def _checkpoint_blob(transfer: ObjectTransfer, view: SyncView, max_bytes: int) -
     raise TransferError(f"checkpoint {ck.sha256[:10]}.. unreadable ({last})")
 
 
-def wait_view(client: SignedClient, rnd: int, stage: int, ready: Callable[[SyncView], bool],
+def wait_view(client, rnd: int, stage: int, ready: Callable[[SyncView], bool],
               stop, poll: float = 0.2) -> SyncView | None:
     """Poll the view until `ready(view)` (None when `stop` is set first)."""
     while not stop.is_set():

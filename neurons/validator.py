@@ -59,8 +59,8 @@ def main(argv=None) -> int:
 
     from neurons.transfer import LinkEmulator, ObjectTransfer
     from neurons.validator_loop import Validator, ValidatorSettings
-    from protocol.client import SignedClient
-    client = SignedClient(keypair, args.bridge_url, bridge_hotkey)
+    from protocol.bridge_client import BridgeClient
+    client = BridgeClient(keypair, args.bridge_url, bridge_hotkey)
     settings = ValidatorSettings(
         state_path=args.state_path, audit_fraction=args.audit_fraction,
         audit_max_seconds=args.audit_max_seconds, burn_share=args.burn_share,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from protocol.client import BridgeError, SignedClient
-from protocol.integrity import Arbitration, ArbitrationAck, DisputeList, Verdict, VerdictAck, VerdictReport
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
+from protocol.integrity import Arbitration, Verdict, VerdictReport
 from protocol.messages import HopLog, RunConfig
 from neurons.merge_check import judge_merge, recompute_stage
 from neurons.transfer import ObjectTransfer, TransferError
@@ -39,14 +40,14 @@ def check_round_merges(transfer: ObjectTransfer, run: RunConfig, hoplog: HopLog)
     return failed
 
 
-def settle_disputes(client: SignedClient, transfer: ObjectTransfer, run: RunConfig,
+def settle_disputes(client: BridgeClient, transfer: ObjectTransfer, run: RunConfig,
                     settled: set) -> int:
     """Recompute every open dispute once and post the result; returns how many were settled."""
     if run.sync_mode == "sharded":
         from neurons.shard_validate import settle_sharded
         return settle_sharded(client, transfer, run, settled)
     n = 0
-    for d in DisputeList.model_validate(client.get("/v1/validator/disputes")).disputes:
+    for d in client.disputes().disputes:
         if (d.round, d.stage) in settled:
             continue
         try:
@@ -55,8 +56,7 @@ def settle_disputes(client: SignedClient, transfer: ObjectTransfer, run: RunConf
             log.warning("dispute round %d stage %d: cannot recompute (%s)", d.round, d.stage, exc)
             continue
         try:
-            ack = ArbitrationAck.model_validate(client.post(
-                "/v1/validator/arbitrate", Arbitration(round=d.round, stage=d.stage, sha256=outcome.sha)))
+            ack = client.arbitrate(Arbitration(round=d.round, stage=d.stage, sha256=outcome.sha))
         except BridgeError as exc:
             if exc.status != 409:  # settled meanwhile (another validator, or a deadline)
                 raise
@@ -68,10 +68,10 @@ def settle_disputes(client: SignedClient, transfer: ObjectTransfer, run: RunConf
     return n
 
 
-def report_verdicts(client: SignedClient, rnd: int, failed: dict[str, str]) -> dict[str, int]:
+def report_verdicts(client: BridgeClient, rnd: int, failed: dict[str, str]) -> dict[str, int]:
     """Tell the bridge which miners failed in round `rnd` (it quarantines them)."""
     if not failed:
         return {}
     rep = VerdictReport(round=rnd, verdicts=[Verdict(hotkey=h, passed=False, reason=r[:500])
                                              for h, r in sorted(failed.items())])
-    return VerdictAck.model_validate(client.post("/v1/validator/verdicts", rep)).quarantined
+    return client.verdicts(rep).quarantined

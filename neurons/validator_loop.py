@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from protocol.client import BridgeError, SignedClient
-from protocol.messages import HopLog, Metrics, RunInfo
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
+from protocol.messages import HopLog, Metrics
+from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
@@ -61,12 +63,12 @@ class AuditLog:
 class Validator:
     """Audits, scores and sets weights for one run."""
 
-    def __init__(self, client: SignedClient, transfer: ObjectTransfer, chain, keypair, settings: ValidatorSettings):
+    def __init__(self, client: BridgeClient, transfer: ObjectTransfer, chain, keypair, settings: ValidatorSettings):
         self.client, self.transfer, self.chain, self.keypair = client, transfer, chain, keypair
         self.s = settings
         self.stop = threading.Event()
-        self.run = RunInfo.model_validate(client.get("/v1/run")).run
-        data.open_run_dataset(self.run.dataset, client.base_url)  # audits read its tokens
+        self.run = client.run_info().run
+        data.open_run_dataset(self.run.dataset, client.base_url, HttpSource)  # audits read its tokens
         self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
         self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
         self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None
@@ -108,7 +110,7 @@ class Validator:
 
     def tick(self, max_rounds: int | None = None) -> None:
         """One pass: process the rounds closed since the last pass (at most `max_rounds`), then maybe set weights."""
-        m = Metrics.model_validate(self.client.get("/v1/metrics"))
+        m = self.client.metrics()
         self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
         if m.phase == "merge":
@@ -135,7 +137,7 @@ class Validator:
 
     def process_round(self, rnd: int) -> None:
         """Score every miner's verified hops of a closed round and audit a random few."""
-        hoplog = HopLog.model_validate(self.client.get("/v1/validator/hoplog", params={"round": rnd}))
+        hoplog = self.client.hoplog(rnd)
         miners = sorted({r.miner_hotkey for r in hoplog.records})
         by_miner = {hk: [r for r in hoplog.records if r.miner_hotkey == hk] for hk in miners}
         merged = {p.hotkey for p in hoplog.pseudograds}

@@ -47,7 +47,7 @@ class ReportPublisher:
 
     def _post(self, report: ValidatorReport) -> bool:
         try:
-            self.client.post("/v1/validator/report", report)
+            self.client.validator_report(report)
             return True
         except (BridgeError, httpx.TransportError) as exc:
             if not self._warned:

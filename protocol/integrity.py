@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from protocol.messages import MergeItem, StateRef, _hotkey, _round, _sha
+from protocol.round_messages import MergeItem
+from protocol.wire_types import StateRef, hotkey_field, round_field, sha_field
 from protocol.run_config import StrictModel as _Model
 
 __all__ = ["DisputeVote", "Dispute", "DisputeList", "Arbitration", "ArbitrationAck",
@@ -14,14 +15,14 @@ __all__ = ["DisputeVote", "Dispute", "DisputeList", "Arbitration", "ArbitrationA
 class DisputeVote(_Model):
     """One replica's vote in a disputed stage."""
 
-    hotkey: str = _hotkey()
-    sha256: str = _sha()
+    hotkey: str = hotkey_field()
+    sha256: str = sha_field()
 
 
 class Dispute(_Model):
     """A stage whose votes split: recompute its merge from `start` and `items`."""
 
-    round: int = _round()
+    round: int = round_field()
     stage: int = Field(ge=0, le=63)
     deadline: float = Field(ge=0, description="unix time after which the previous state is kept")
     start: StateRef | None = Field(description="state the round started from (None: init_seed)")
@@ -38,9 +39,9 @@ class DisputeList(_Model):
 class Arbitration(_Model):
     """POST /v1/validator/arbitrate: the sha256 of the state this validator recomputed."""
 
-    round: int = _round()
+    round: int = round_field()
     stage: int = Field(ge=0, le=63)
-    sha256: str = _sha()
+    sha256: str = sha_field()
 
 
 class ArbitrationAck(_Model):
@@ -52,7 +53,7 @@ class ArbitrationAck(_Model):
 class Verdict(_Model):
     """One audit or merge-check outcome for a miner in a round."""
 
-    hotkey: str = _hotkey()
+    hotkey: str = hotkey_field()
     passed: bool
     reason: str = Field(default="", max_length=500)
 
@@ -60,7 +61,7 @@ class Verdict(_Model):
 class VerdictReport(_Model):
     """POST /v1/validator/verdicts: a validator's verdicts of one round."""
 
-    round: int = _round()
+    round: int = round_field()
     verdicts: list[Verdict] = Field(max_length=4096)
 
 

@@ -1,16 +1,17 @@
-"""Wire messages, route paths and object keys of the sharded replica sync (issue 13).
+"""Wire messages and object keys of the sharded replica sync (issue 13); the routes are in
+protocol/routes.py (`sync_*`), the typed calls `neurons.sync_follow.call`.
 
 Routes (all signed; miners and validators alike unless noted):
-- `POST SYNC_UPLOAD`: a presigned PUT to the caller's own staging key for one shard object
+- `POST sync_upload`: a presigned PUT to the caller's own staging key for one shard object
   (`kind` pg: a pseudo-gradient shard, merged: a merged update the caller computed).
-- `POST SYNC_PSEUDOGRAD`: the caller's pseudo-gradient, one sha256 and size per shard; the bridge
+- `POST sync_pseudograd`: the caller's pseudo-gradient, one sha256 and size per shard; the bridge
   copies every shard to its write-once final key and enters the replica in the merge set.
-- `GET SYNC_VIEW` (`/v1/rounds/{r}/stages/{s}/sync`): everything about a stage's sharded round:
+- `GET sync_view`: everything about a stage's sharded round:
   the checkpoint it started from and the decided updates since, the frozen pieces with GET URLs,
   the merger table, the votes and each shard's decision.
-- `POST SYNC_VOTES`: the caller's merged shards (sha256 and size each; the empty object's sha256
+- `POST sync_votes`: the caller's merged shards (sha256 and size each; the empty object's sha256
   votes "keep").
-- `GET SYNC_DISPUTES` / `POST SYNC_ARBITRATE`: validators only; disputed shards, and the sha256 a
+- `GET sync_disputes` / `POST sync_arbitrate`: validators only; disputed shards, and the sha256 a
   validator's recomputation of one reached.
 """
 from __future__ import annotations
@@ -19,22 +20,15 @@ from typing import Optional
 
 from pydantic import Field
 
-from protocol.messages import StateRef, UploadGrant, _round, _sha, _url
+from protocol.messages import StateRef, UploadGrant
+from protocol.wire_types import round_field as _round, sha_field as _sha, url_field as _url
 from protocol.run_config import MAX_BYTES as _MAX_BYTES
 from protocol.run_config import StrictModel as _Model
 
-__all__ = ["SYNC_UPLOAD", "SYNC_PSEUDOGRAD", "SYNC_VIEW", "SYNC_VOTES", "SYNC_DISPUTES",
-           "SYNC_ARBITRATE", "checkpoint_due", "sync_view_path", "piece_key", "update_key", "staging_key",
+__all__ = ["checkpoint_due", "piece_key", "update_key", "staging_key",
            "SyncUpload", "UploadGrant", "SyncPseudograd", "UpdateRef", "RoundUpdate", "PieceRef",
            "SyncView", "ShardVote", "SyncVotes", "SyncVotesAck", "ShardDispute", "SyncDisputes",
            "ShardArbitration"]
-
-SYNC_UPLOAD = "/v1/sync/upload"
-SYNC_PSEUDOGRAD = "/v1/sync/pseudograd"
-SYNC_VIEW = "/v1/rounds/{round_}/stages/{stage}/sync"
-SYNC_VOTES = "/v1/sync/votes"
-SYNC_DISPUTES = "/v1/validator/sync/disputes"
-SYNC_ARBITRATE = "/v1/validator/sync/arbitrate"
 
 _SHARDS = 4096
 
@@ -42,11 +36,6 @@ _SHARDS = 4096
 def checkpoint_due(round_: int, checkpoint_every: int, total_rounds: int) -> bool:
     """Whether round `round_` ends with a full checkpoint: every K-th round, and the run's last."""
     return (round_ + 1) % checkpoint_every == 0 or round_ + 1 == total_rounds
-
-
-def sync_view_path(round_: int, stage: int) -> str:
-    """SYNC_VIEW for one round and stage."""
-    return SYNC_VIEW.format(round_=round_, stage=stage)
 
 
 def piece_key(run_id: str, round_: int, stage: int, hotkey: str, shard: int, sha256: str) -> str:
@@ -65,7 +54,7 @@ def staging_key(final: str, hotkey: str) -> str:
 
 
 class SyncUpload(_Model):
-    """POST SYNC_UPLOAD: a PUT grant for one shard object of the merging round."""
+    """POST sync_upload: a PUT grant for one shard object of the merging round."""
 
     round: int = _round()
     kind: str = Field(pattern=r"^(pg|merged)$")
@@ -75,7 +64,7 @@ class SyncUpload(_Model):
 
 
 class SyncPseudograd(_Model):
-    """POST SYNC_PSEUDOGRAD: every shard of the caller's pseudo-gradient was PUT to its grant."""
+    """POST sync_pseudograd: every shard of the caller's pseudo-gradient was PUT to its grant."""
 
     round: int = _round()
     shas: list[str] = Field(min_length=1, max_length=_SHARDS)
@@ -110,7 +99,7 @@ class PieceRef(_Model):
 
 
 class SyncView(_Model):
-    """GET SYNC_VIEW: a stage's sharded round (`frozen` false: only the start is known yet)."""
+    """GET sync_view: a stage's sharded round (`frozen` false: only the start is known yet)."""
 
     round: int = _round()
     stage: int = Field(ge=0, le=63)
@@ -138,7 +127,7 @@ class ShardVote(_Model):
 
 
 class SyncVotes(_Model):
-    """POST SYNC_VOTES: the caller's votes on the shards it merges."""
+    """POST sync_votes: the caller's votes on the shards it merges."""
 
     round: int = _round()
     votes: list[ShardVote] = Field(min_length=1, max_length=_SHARDS)
@@ -160,13 +149,13 @@ class ShardDispute(_Model):
 
 
 class SyncDisputes(_Model):
-    """GET SYNC_DISPUTES."""
+    """GET sync_disputes."""
 
     disputes: list[ShardDispute] = Field(default_factory=list, max_length=_SHARDS * 64)
 
 
 class ShardArbitration(_Model):
-    """POST SYNC_ARBITRATE: the sha256 a validator's recomputation of a disputed shard reached."""
+    """POST sync_arbitrate: the sha256 a validator's recomputation of a disputed shard reached."""
 
     round: int = _round()
     stage: int = Field(ge=0, le=63)

@@ -32,12 +32,8 @@ h' + embed(tokens), added after everything above (after norm_out for `postnorm`)
 after the first adds its own learned embedding of the input tokens. The tokens are public (each
 stage derives them from the sample id, as the last stage does for its targets): no wire bytes.
 
-The default is `resbm` / `postnorm` with token re-injection, the best form measured on an H100
-(docs/BENCHMARKS.md, "Compression quality"; d 1024, 8 layers, 4 stages, 128x, Muon, 1,000 steps):
-`postnorm` alone trails the uncompressed baseline by +7.8% in validation loss, with re-injection it
-is -0.43% (the uncompressed model with re-injection: -0.45%), so compression then costs nothing.
-Under AdamW alone, `postnorm` without re-injection measured worse than `normed`. It also widens the
-bf16-vs-fp32 replay error of the audit (neurons/audit.py).
+The default is `resbm` / `postnorm` with token re-injection, the best form measured (docs/BENCHMARKS.md,
+"Compression quality").
 
 Add a variant by listing it in config.BOUNDARY_VARIANTS and handling it in `build_boundary`.
 """

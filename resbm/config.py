@@ -189,9 +189,8 @@ class ModelConfig:
     @property
     def reinject_rank(self) -> int:
         """Rank of each token re-injection table: 0 = full vocab x d. Auto (None): factored at 256 when
-        vocab > 8192 and d > 256. At V 32768, d 1024 that matched the full table's loss with 26% of
-        its parameters (8.7M vs 33.6M per stage); at V 4096 the full table is small (4.2M) and a rank-64
-        one measured 2.9% worse (docs/BENCHMARKS.md, token re-injection at a real vocabulary)."""
+        vocab > 8192 and d > 256 (the measurements behind the rule: docs/BENCHMARKS.md, "Token
+        re-injection at a real vocabulary")."""
         if self.token_reinject_rank is not None:
             return self.token_reinject_rank
         return 256 if self.vocab_size > 8192 and self.d_model > 256 else 0

@@ -15,7 +15,7 @@ import torch
 
 from protocol.dataset import DEFAULT_VOCAB_SIZE, DatasetRef
 from resbm.dataset import Dataset, open_dataset, open_local
-from resbm.dataset_store import DataError
+from resbm.dataset_store import DataError, SourceFactory
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -50,9 +50,11 @@ def load(data_dir: str | os.PathLike[str] | None = None) -> Dataset:
     return open_local(data_dir if data_dir is not None else default_data_dir())
 
 
-def open_run_dataset(ref: DatasetRef | None, bridge_url: str | None = None) -> Dataset:
-    """The dataset a run config's `dataset` names (None: the local default folder)."""
-    return load() if ref is None else open_dataset(ref, bridge_url)
+def open_run_dataset(ref: DatasetRef | None, bridge_url: str | None = None,
+                     remote: SourceFactory | None = None) -> Dataset:
+    """The dataset a run config's `dataset` names (None: the local default folder); `remote`
+    makes the HTTP source of a remote one (see resbm.dataset.open_dataset)."""
+    return load() if ref is None else open_dataset(ref, bridge_url, remote=remote)
 
 
 def _resolve(dataset: DatasetArg, data_dir: str | os.PathLike[str] | None) -> Dataset:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from protocol.dataset import DatasetManifest, DatasetRef, ManifestError, ShardEntry, parse_manifest
-from resbm.dataset_store import DataError, HttpSource, LocalSource, ShardCache, default_cache, sha256_file
+from resbm.dataset_store import (DataError, LocalSource, ShardCache, Source, SourceFactory, default_cache,
+                                 sha256_file)
 
 __all__ = ["PREFETCH_SAMPLES", "Dataset", "DataError", "bridge_base_url", "forget_dataset", "open_dataset",
            "open_local", "window_positions"]
@@ -53,7 +54,7 @@ def window_positions(seed: int, sample_id: int, batch_size: int, split: str, spa
 class Dataset:
     """One manifest's tokens; `source` gives its files, `cache` holds fetched ones (None: read in place)."""
 
-    def __init__(self, manifest: DatasetManifest, source: LocalSource | HttpSource,
+    def __init__(self, manifest: DatasetManifest, source: Source,
                  cache: ShardCache | None, where: str, prefetch_samples: int = PREFETCH_SAMPLES) -> None:
         if cache is None and not isinstance(source, LocalSource):
             raise DataError("a remote dataset needs a cache")
@@ -244,26 +245,31 @@ def open_local(root: str | os.PathLike[str]) -> Dataset:
         return _OPEN.setdefault(key, ds)
 
 
-def open_dataset(ref: DatasetRef, bridge_url: str | None = None, cache: ShardCache | None = None) -> Dataset:
+def open_dataset(ref: DatasetRef, bridge_url: str | None = None, cache: ShardCache | None = None,
+                 remote: SourceFactory | None = None) -> Dataset:
     """The dataset a run config names: its manifest fetched (or read from the cache) and verified.
 
-    A bucket-key manifest is fetched through `bridge_url`; once opened, the dataset is shared by
-    its manifest sha256 (which pins every byte), so later calls need no URL.
+    `remote` makes the Source for a base URL (neurons.dataset_http.HttpSource). A bucket-key
+    manifest is fetched through `bridge_url`; once opened, the dataset is shared by its manifest
+    sha256 (which pins every byte), so later calls need neither.
     """
     with _OPEN_LOCK:
         ds = _OPEN.get(ref.sha256)
     if ds is not None:
-        if bridge_url is not None and not ref.is_url:
-            ds.source = HttpSource(bridge_base_url(bridge_url))
+        if bridge_url is not None and remote is not None and not ref.is_url:
+            ds.source = remote(bridge_base_url(bridge_url))
         return ds
-    if ref.is_url:
-        source = HttpSource(ref.manifest.rsplit("/", 1)[0] + "/")
-        manifest_name = ref.manifest.rsplit("/", 1)[1]
-    elif bridge_url is not None:
-        source, manifest_name = HttpSource(bridge_base_url(bridge_url)), "manifest.json"
-    else:
+    if not ref.is_url and bridge_url is None:
         raise DataError(f"dataset {ref.manifest} is a key in the bridge's bucket: open it with the "
                         "bridge's URL first (resbm.dataset.open_dataset(ref, bridge_url=...))")
+    if remote is None:
+        raise DataError(f"dataset {ref.manifest} is remote: open it with an HTTP source "
+                        "(open_dataset(ref, ..., remote=neurons.dataset_http.HttpSource))")
+    if ref.is_url:
+        source = remote(ref.manifest.rsplit("/", 1)[0] + "/")
+        manifest_name = ref.manifest.rsplit("/", 1)[1]
+    else:
+        source, manifest_name = remote(bridge_base_url(bridge_url)), "manifest.json"
     cache = cache or default_cache()
     cached = cache.root / f"{ref.sha256}.json"
     raw = cached.read_bytes() if cached.is_file() else source.get_bytes(manifest_name, 16 << 20)

@@ -1,5 +1,5 @@
-"""Where a dataset's files come from: a local folder read in place, or HTTP into a verified,
-size-bounded disk cache (files named by their sha256, least recently used evicted first).
+"""Where a dataset's files come from: a local folder read in place, or a remote Source (HTTP, given by
+the caller: resbm does no network I/O) into a verified, size-bounded disk cache (files named by their sha256, least recently used evicted first).
 
 Every file is checked against the manifest's size and sha256 before it is used: once per process
 for a local or cached file, while downloading for a fetched one. A corrupt cached file is deleted
@@ -11,19 +11,18 @@ import hashlib
 import logging
 import os
 import threading
-import time
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 __all__ = [
     "CACHE_BYTES_ENV",
     "CACHE_DIR_ENV",
     "DataError",
-    "HttpSource",
     "LocalSource",
     "ShardCache",
     "Source",
+    "SourceFactory",
     "default_cache",
     "sha256_file",
 ]
@@ -61,6 +60,13 @@ class Source(Protocol):
     def fetch_to(self, name: str, dest: Path) -> None:
         """Write the file `name` to `dest` (raises DataError if it cannot)."""
 
+    def get_bytes(self, name: str, limit: int) -> bytes:
+        """The whole (small) file, at most `limit` bytes."""
+
+
+SourceFactory = Callable[[str], Source]
+"""Makes the Source of files under a base URL (neurons.dataset_http.HttpSource: resbm does no network I/O)."""
+
 
 class LocalSource:
     """A dataset folder on this machine: files are read in place, never copied."""
@@ -79,63 +85,18 @@ class LocalSource:
             raise DataError(f"dataset file {name!r} listed in the manifest is missing from {self.root}")
         return p
 
+    def get_bytes(self, name: str, limit: int) -> bytes:
+        """The whole (small) file, at most `limit` bytes."""
+        p = self.path(name)
+        if p.stat().st_size > limit:
+            raise DataError(f"{p}: {p.stat().st_size} bytes, more than the {limit} allowed")
+        return p.read_bytes()
+
     def fetch_to(self, name: str, dest: Path) -> None:
         """Copy the file to `dest`."""
         with open(self.path(name), "rb") as src, open(dest, "wb") as out:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 out.write(chunk)
-
-
-class HttpSource:
-    """Files under a base URL (a public bucket, or the bridge's /v1/dataset/ redirecting to S3)."""
-
-    def __init__(self, base_url: str, timeout: float = 60.0, attempts: int = 3) -> None:
-        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.timeout, self.attempts = timeout, attempts
-
-    def describe(self, name: str) -> str:
-        """The file's URL."""
-        return self.base_url + name
-
-    def get_bytes(self, name: str, limit: int) -> bytes:
-        """The whole (small) file, at most `limit` bytes."""
-        import httpx
-
-        url = self.describe(name)
-        for attempt in range(self.attempts):
-            try:
-                r = httpx.get(url, timeout=self.timeout, follow_redirects=True)
-            except httpx.TransportError as exc:
-                if attempt + 1 == self.attempts:
-                    raise DataError(f"cannot fetch {url}: {exc}") from None
-                time.sleep(0.5 * 2**attempt)
-                continue
-            if r.status_code != 200:
-                raise DataError(f"cannot fetch {url}: HTTP {r.status_code} {r.text[:200]!r}")
-            if len(r.content) > limit:
-                raise DataError(f"{url}: {len(r.content)} bytes, more than the {limit} allowed")
-            return r.content
-        raise AssertionError("unreachable")
-
-    def fetch_to(self, name: str, dest: Path) -> None:
-        """Stream the file to `dest`, retrying transport errors with backoff."""
-        import httpx
-
-        url = self.describe(name)
-        for attempt in range(self.attempts):
-            try:
-                with httpx.stream("GET", url, timeout=self.timeout, follow_redirects=True) as r:
-                    if r.status_code != 200:
-                        raise DataError(f"cannot fetch {url}: HTTP {r.status_code}")
-                    with open(dest, "wb") as out:
-                        for chunk in r.iter_bytes(_CHUNK):
-                            out.write(chunk)
-                return
-            except httpx.TransportError as exc:
-                if attempt + 1 == self.attempts:
-                    raise DataError(f"cannot fetch {url}: {exc}") from None
-                log.warning("fetching %s failed (%s); retrying", url, exc)
-                time.sleep(0.5 * 2**attempt)
 
 
 class ShardCache:

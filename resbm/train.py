@@ -29,27 +29,17 @@ from torch import nn
 from . import data, outer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BOUNDARY_KINDS, PRESETS, ModelConfig
+from .device import pick_device
 from .optim import OptimConfig, build_optimizer
 from .robust_merge import MergeParams, robust_merge
 from .stages import build_stages, merge_stage_states, run_pipeline, stage_state_dict
 
-__all__ = ["evaluate", "main", "pick_device", "train"]
+__all__ = ["evaluate", "main", "train"]
 
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by GPU name fragment, for the MFU estimate.
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _peak_flops(device: torch.device) -> float | None:

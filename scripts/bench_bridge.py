@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.auth import sign_headers  # noqa: E402
 from scripts.local_bridge import code_bytes, make_chain, start_bridge, tiny_run_config  # noqa: E402
 from scripts.local_servers import start_s3  # noqa: E402
+from protocol.routes import route  # noqa: E402
 
 args_max_hops = 2
 args_poll = 0.05  # seconds an idle miner waits before leasing again (set by --poll)
@@ -106,7 +107,7 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
     while time.monotonic() < end:
         t0 = time.perf_counter()
         try:
-            r = await call(http, kp, receiver, "/v1/hops/lease", req)
+            r = await call(http, kp, receiver, route("lease").path, req)
         except RuntimeError:
             stats.errors += 1
             await asyncio.sleep(0.05)
@@ -125,14 +126,14 @@ async def miner(http, kp, receiver, stats: Stats, end: float, stages: int, s: in
                     await upload(s3, out["put_url"], data)
                 body = {"hop_id": hop["hop_id"], "size": out["size"] if out else 0,
                         "sha256": sha if out else None}
-                await call(http, kp, receiver, "/v1/hops/done", body)
+                await call(http, kp, receiver, route("hop_done").path, body)
                 t2 = time.perf_counter()
                 stats.lat["done"].append(t2 - t1)
                 stats.ready[hop["sample_id"]] = t2
                 stats.handoffs += 1
         elif r["action"] == "step":
             t1 = time.perf_counter()
-            await call(http, kp, receiver, "/v1/steps/done", {
+            await call(http, kp, receiver, route("step_done").path, {
                 "round": r["round"], "inner_step": r["inner_step"], "samples": r["step_samples"]})
             stats.lat["step"].append(time.perf_counter() - t1)
         else:
@@ -163,7 +164,7 @@ async def drive(bridge, keys, seconds: float, stages: int,
     if s3_url:
         h3, p3 = s3_url.split("//")[1].split(":")
         s3s = [Conn(h3, int(p3)) for _ in keys]
-    stage_of = [(await call(c, k, bridge.hotkey, "/v1/miners/register", {}))["stage"]
+    stage_of = [(await call(c, k, bridge.hotkey, route("register").path, {}))["stage"]
                 for c, k in zip(conns, keys)]  # the last one mints round 0's samples (not timed)
     m0 = await metrics(conns[0], keys[0], bridge.hotkey)
     cpu0, me0 = cpu_seconds(bridge.proc.pid), time.process_time()
@@ -181,8 +182,9 @@ async def drive(bridge, keys, seconds: float, stages: int,
 
 async def metrics(http: Conn, kp, receiver: str) -> dict:
     """GET /v1/metrics over the same minimal client."""
-    headers = sign_headers(kp, "GET", "/v1/metrics", b"", receiver)
-    http.writer.write((f"GET /v1/metrics HTTP/1.1\r\nhost: {http.host}\r\n"
+    path = route("metrics").path
+    headers = sign_headers(kp, "GET", path, b"", receiver)
+    http.writer.write((f"GET {path} HTTP/1.1\r\nhost: {http.host}\r\n"
                        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                        + "\r\n").encode())
     await http.reader.readline()

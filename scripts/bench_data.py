@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protocol.dataset import DatasetRef, parse_manifest  # noqa: E402
 from resbm.dataset import Dataset  # noqa: E402
-from resbm.dataset_store import HttpSource, ShardCache  # noqa: E402
+from neurons.dataset_http import HttpSource  # noqa: E402
+from resbm.dataset_store import ShardCache  # noqa: E402
 
 __all__ = ["main", "measure", "serve_folder"]
 

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import platform
+import re
 import sqlite3
 import sys
 import time
@@ -28,7 +29,7 @@ __all__ = ["build_parser", "subnet_run_config", "run_single", "run_subnet", "loa
            "analyse_hops", "format_table", "write_markdown", "main"]
 
 log = logging.getLogger("bench_network")
-SECTION = "## Network: local subnet vs single process (CPU)"
+SECTION = "### Network: local subnet vs single process (CPU)"  # a topic under "## Current results"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -117,8 +118,8 @@ def run_single(args) -> dict:
 
 def run_subnet(args, boundary: str, workdir: Path, sync: str = "state") -> tuple[dict, list[dict], dict[str, dict], dict]:
     """(b)/(c)/(d): the whole local subnet (no validator) to the end; returns run config, hops, statuses, names."""
-    from protocol.client import BridgeError, SignedClient
-    from protocol.messages import Metrics
+    from protocol.bridge_client import BridgeClient
+    from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
     workdir = prepare_workdir(workdir)  # never wipes a folder the tool did not make
@@ -129,11 +130,11 @@ def run_subnet(args, boundary: str, workdir: Path, sync: str = "state") -> tuple
     phase = "?"
     try:
         cluster.start()
-        client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        client = BridgeClient(cluster.owner_keypair, cluster.bridge_url, None)
         last, last_at = "", 0.0
         while time.monotonic() - t0 < args.timeout:
             try:
-                m = Metrics.model_validate(client.get("/v1/metrics"))
+                m = client.metrics()
             except (BridgeError, OSError):
                 time.sleep(0.5)
                 continue
@@ -256,8 +257,9 @@ def write_markdown(path: Path, body: str) -> None:
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+        nxt = re.search(r"\n#{1,3} ", text[start + len(SECTION):])  # the next topic or part
+        end = start + len(SECTION) + nxt.start() if nxt else -1
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     path.write_text(text)
 
 

@@ -67,7 +67,8 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
     if mode == "today":
         from protocol.messages import MergeItem
         from resbm import outer
-        from neurons.merge_compute import compute_merge, fetch_items
+        from neurons.merge_compute import compute_merge
+        from neurons.objects import fetch_items
         items = []
         for i, h in enumerate(hks[1:], 1):  # the others' whole fp32 pseudo-gradients
             blob = outer.tensors_bytes({n: gen(1000 * i + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())})

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import yaml
 
+from protocol.routes import route
 from scripts.local_servers import S3Server, die_with_parent, free_port, stop_process, wait_http
 
 __all__ = ["REPO", "TINY_MODEL", "make_chain", "tiny_run_config", "code_bytes", "BridgeProcess",
@@ -103,7 +104,7 @@ def _launch(args: list[str], url: str, hotkey: str, db: Path,
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    wait_http(url + "/health", timeout=60.0, proc=proc)
+    wait_http(url + route("health").path, timeout=60.0, proc=proc)
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
 
 

@@ -24,7 +24,8 @@ if __package__ in (None, ""):
 from tqdm import tqdm
 
 from drills.cheaters import CHEATERS
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
 from protocol.exits import exits_cleanly
 from protocol.messages import Metrics
 from scripts.localnet_cluster import Cluster
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     losses: list[tuple[float, int, float]] = []
     try:
         cluster.start()
-        client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        client = BridgeClient(cluster.owner_keypair, cluster.bridge_url, None)
         print(f"dashboard: {cluster.bridge_url}/ (live while the run lasts; Prometheus at {cluster.bridge_url}/metrics)",
               flush=True)
         total = args.rounds * run_config["samples_per_round"]
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
                 bar.write("timeout reached; stopping")
                 break
             try:
-                m = Metrics.model_validate(client.get("/v1/metrics"))
+                m = client.metrics()
             except (BridgeError, OSError):
                 time.sleep(0.5)
                 continue

@@ -17,6 +17,7 @@ from typing import Optional
 
 import yaml
 
+from protocol.routes import route
 from scripts.local_servers import S3Server, die_with_parent, free_port, start_s3, stop_process, wait_http
 
 __all__ = ["Neuron", "Cluster"]
@@ -122,12 +123,11 @@ class Cluster:
             n.start()
 
     def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
-        from protocol.client import SignedClient
-        from protocol.messages import Metrics
-        client = SignedClient(self.owner_keypair, self.bridge_url, None)
+        from protocol.bridge_client import BridgeClient
+        client = BridgeClient(self.owner_keypair, self.bridge_url, None)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if len(Metrics.model_validate(client.get("/v1/metrics")).miners) >= count:
+            if len(client.metrics().miners) >= count:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"only some of {count} miners registered with the bridge in {timeout:.0f}s")
@@ -177,14 +177,14 @@ class Cluster:
                 "--s3-secret-key", self.s3_keys[1], "--health-timeout", "20"]
         self.bridge = Neuron("bridge", argv, self.workdir / "logs" / "bridge.log")
         self.bridge.start()
-        wait_http(self.bridge_url + "/health", timeout=60, proc=self.bridge.proc)
+        wait_http(self.bridge_url + route("health").path, timeout=60, proc=self.bridge.proc)
 
     def restart_bridge(self) -> None:
         """Kill the bridge without warning and start it again on the same database."""
         self.bridge.kill()
         self.bridge.restarts += 1
         self.bridge.start()
-        wait_http(self.bridge_url + "/health", timeout=60, proc=self.bridge.proc)
+        wait_http(self.bridge_url + route("health").path, timeout=60, proc=self.bridge.proc)
 
     def _neuron(self, name: str, script: list[str], extra: list[str]) -> Neuron:
         argv = [sys.executable, *script, "--wallet.name", name, "--wallet.hotkey", "default",

@@ -125,7 +125,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     """Collect every figure of the closing report into one JSON-able dict."""
     rc = cluster.run_config
     cfg = ModelConfig.from_dict(rc["model"])
-    m = Metrics.model_validate(client.get("/v1/metrics"))
+    m = client.metrics()
     report: dict = {"wall_seconds": round(wall, 1), "rounds": rc["total_rounds"], "phase": m.phase,
                     "samples_completed": m.completed_total, "samples_abandoned": m.abandoned_total,
                     "abandon_reasons": m.abandon_reasons, "bridge_restarts": cluster.bridge.restarts,

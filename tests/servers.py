@@ -4,7 +4,7 @@
     s3 = start_s3(tmp_path / "s3")                       # S3Server; s3.stop()
     chain, keys = make_chain(tmp_path / "chain.db", miners=4, validators=1)
     b = start_bridge(tmp_path, run_config, chain_path, s3)  # BridgeProcess; b.url, b.hotkey
-    client = SignedClient(keys["miners"][0], b.url, b.hotkey)
+    client = BridgeClient(keys["miners"][0], b.url, b.hotkey)
 """
 from __future__ import annotations
 

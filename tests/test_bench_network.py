@@ -65,13 +65,13 @@ def test_table_reports_throughput_relative_to_single_process():
 
 def test_markdown_section_is_replaced_and_other_sections_kept(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    path.write_text("# Benchmarks\n\n## Compression\n\nkeep me\n")
+    path.write_text("# Benchmarks\n\n## Current results\n\n### Compression\n\nkeep me\n")
     write_markdown(path, "first table")
-    write_markdown(path, "second table")
-    path.write_text(path.read_text() + "\n## Later section\n\nalso keep\n")
+    write_markdown(path, "second table\n\n#### its own subsection")
+    path.write_text(path.read_text() + "\n### Later topic\n\nalso keep\n\n## Appendix\n\nold\n")
     write_markdown(path, "third table")
     text = path.read_text()
     assert text.count(SECTION) == 1
-    assert "keep me" in text and "also keep" in text and "third table" in text
-    assert "first table" not in text and "second table" not in text
-    assert text.index("## Compression") < text.index(SECTION) < text.index("## Later section")
+    assert "keep me" in text and "also keep" in text and "third table" in text and "old" in text
+    assert "first table" not in text and "second table" not in text and "its own subsection" not in text
+    assert text.index("### Compression") < text.index(SECTION) < text.index("### Later topic") < text.index("## Appendix")

@@ -11,7 +11,9 @@ from collections import Counter
 
 import pytest
 
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
+from protocol.routes import route
 from tests.harness.fake_worker import FakeWorker
 from tests.servers import make_chain, start_bridge, tiny_run_config
 
@@ -27,7 +29,7 @@ def wait_done(client, ws, timeout=60.0):
     while time.monotonic() < end:
         for w in ws:
             assert w.error is None, repr(w.error)
-        m = client.get("/v1/metrics")
+        m = client.get(route("metrics").path)
         if m["phase"] == "done":
             return m
         time.sleep(0.1)
@@ -75,12 +77,12 @@ def check_late_reports(ws, metrics):
     for w in ws:
         for round_, rep in sorted(w.reports.items()):
             if "pg" in rep:
-                assert "already recorded" in w.c.post("/v1/rounds/pseudograd", rep["pg"])["message"]
+                assert "already recorded" in w.c.post(route("pseudograd").path, rep["pg"])["message"]
                 with pytest.raises(BridgeError) as e:
-                    w.c.post("/v1/rounds/pseudograd", dict(rep["pg"], size=33))
+                    w.c.post(route("pseudograd").path, dict(rep["pg"], size=33))
                 assert e.value.status == 409
             if "merged" in rep:
-                ack = w.c.post("/v1/rounds/merged", rep["merged"])
+                ack = w.c.post(route("merged").path, rep["merged"])
                 assert ack["published"] is True and ack["agreed"] is True
                 assert ack["state"]["round"] == round_ + 1
                 if round_ == 2:
@@ -88,7 +90,7 @@ def check_late_reports(ws, metrics):
                 other = hashlib.sha256(b"other").hexdigest()
                 wrong = dict(rep["merged"], sha256=other,
                              key=rep["merged"]["key"].rsplit("/", 1)[0] + "/state-" + other)
-                ack = w.c.post("/v1/rounds/merged", wrong)
+                ack = w.c.post(route("merged").path, wrong)
                 assert ack["published"] is True and ack["agreed"] is False
                 seen += 1
     assert seen >= 4 * 2  # every worker, at least the first and last rounds
@@ -102,8 +104,8 @@ def test_bridge_killed_mid_round_loses_nothing(tmp_path, s3_server):
     stop = threading.Event()
     try:
         ws = run_workers(keys["miners"], b, stop)
-        probe = SignedClient(keys["miners"][0], b.url, b.hotkey)
-        while probe.get("/v1/metrics")["samples_completed"] < 4:
+        probe = BridgeClient(keys["miners"][0], b.url, b.hotkey)
+        while probe.get(route("metrics").path)["samples_completed"] < 4:
             time.sleep(0.02)
         b.kill()  # SIGKILL mid-round: no clean shutdown
         time.sleep(0.3)

@@ -8,45 +8,9 @@ from collections import Counter
 import pytest
 
 from bridge import rounds, state
-from bridge.records import State, TransitionError, Tunables
-from protocol.messages import RunConfig
+from bridge.records import State, TransitionError
+from tests.harness.bridge_state import do_hop, drive, lease, make
 
-SHA = "ab" * 32
-
-
-def make(n_stages: int = 2, **over) -> State:
-    cfg = dict(run_id="t", model={}, n_stages=n_stages, batch_size=1, micro_batches_per_step=2,
-               inner_steps_per_round=2, samples_per_round=8, muon_lr=0.02, adamw_lr=0.003,
-               total_rounds=2, data_seed=1, init_seed=2, lease_seconds=10.0, max_attempts=3,
-               max_object_bytes=1000, merge_timeout_seconds=50.0)
-    cfg.update(over)
-    return State(run=RunConfig(**cfg), tun=Tunables(health_timeout=30.0, backoff_seconds=5.0))
-
-
-def do_hop(st, hk, hop, now, rng):
-    state.complete(st, hk, hop.hop_id, SHA if hop.out_key else None, hop.out_size, 1.5, now, rng)
-
-
-def lease(st, hk, now, rng, n=1):
-    return state.lease(st, hk, n, 100, 100, now, rng)
-
-
-def drive(st, hks, rng, now, max_iter=500, skip=()):
-    """Run honest miners until the round leaves `train`; returns the time reached."""
-    for _ in range(max_iter):
-        if st.phase != "train":
-            return now
-        now += 0.1
-        for hk in hks:
-            if hk in skip:
-                continue
-            action, hops, _ = lease(st, hk, now, rng, 2)
-            for h in hops:
-                do_hop(st, hk, h, now, rng)
-            if action == "step":
-                m = st.miners[hk]
-                state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
-    raise AssertionError("round did not finish")
 
 
 def test_assignment_balances_stages_and_round_starts_when_every_stage_is_served():

@@ -6,21 +6,17 @@ import random
 import pytest
 
 from bridge import claims, state
-from bridge.records import State, TransitionError, Tunables
-from protocol.messages import RunConfig
+from bridge.records import State, TransitionError
+from tests.harness.bridge_state import make as harness_make
 
 SHA = "ab" * 32
 CODE = 422
 
 
 def make(n_stages: int = 3, **over) -> State:
-    cfg = dict(run_id="t", model={}, n_stages=n_stages, batch_size=1, micro_batches_per_step=4,
-               inner_steps_per_round=2, samples_per_round=4, muon_lr=0.02, adamw_lr=0.003,
-               total_rounds=2, data_seed=1, init_seed=2, lease_seconds=10.0, max_attempts=3,
-               max_object_bytes=4096, merge_timeout_seconds=50.0)
+    cfg = dict(micro_batches_per_step=4, samples_per_round=4, max_object_bytes=4096)
     cfg.update(over)
-    return State(run=RunConfig(**cfg), tun=Tunables(health_timeout=30.0, backoff_seconds=5.0,
-                                                    code_bytes=CODE))
+    return harness_make(n_stages, code_bytes=CODE, **cfg)
 
 
 def setup(n_stages=3, replicas=2, **over):

@@ -14,8 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.console_store import ConsoleStore
 from bridge.dashboard_history import busy_seconds, summarise_round
 from bridge.records import Hop
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
 from protocol.console import ValidatorReport
+from protocol.routes import route
 from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
 
 CFG = tiny_run_config(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 8,
@@ -29,22 +31,22 @@ def env(tmp_path_factory, s3_server):
     d = tmp_path_factory.mktemp("console")
     _, keys = make_chain(d / "chain.db", miners=2, validators=1)
     b = start_bridge(d, CFG, d / "chain.db", s3_server)
-    miners = [SignedClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
+    miners = [BridgeClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
     for c in miners:
-        c.post("/v1/miners/register", {})
+        c.post(route("register").path, {})
     for _ in range(2):  # two verified forward hops on stage 0
-        hop = miners[0].post("/v1/hops/lease", LEASE)["hops"][0]
+        hop = miners[0].post(route("lease").path, LEASE)["hops"][0]
         data = os.urandom(CODE)
         assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
-        miners[0].post("/v1/hops/done", {"hop_id": hop["hop_id"], "size": CODE,
+        miners[0].post(route("hop_done").path, {"hop_id": hop["hop_id"], "size": CODE,
                                          "sha256": hashlib.sha256(data).hexdigest()})
-    val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
+    val = BridgeClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
     yield b, keys, miners, val
     b.stop()
 
 
 def _scrape(url: str) -> dict[str, dict[tuple, float]]:
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + route("prometheus").path).text
     out: dict[str, dict[tuple, float]] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -54,7 +56,7 @@ def _scrape(url: str) -> dict[str, dict[tuple, float]]:
 
 def test_prometheus_scrape_matches_the_signed_metrics(env):
     b, keys, miners, val = env
-    m = val.get("/v1/metrics")
+    m = val.get(route("metrics").path)
     prom = _scrape(b.url)
     hk0 = keys["miners"][0].ss58_address
     assert prom["resbm_bridge_stage_hops_total"][(("stage", "0"),)] == m["stages"][0]["hops_done"] == 2
@@ -75,8 +77,8 @@ def test_dashboard_page_and_json_are_public_and_match(env):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="miners"' in page.text and "v1/dashboard" in page.text
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "the page must work offline (no CDN)"
-    d = httpx.get(b.url + "/v1/dashboard").json()
-    m = val.get("/v1/metrics")
+    d = httpx.get(b.url + route("dashboard").path).json()
+    m = val.get(route("metrics").path)
     assert (d["run_id"], d["round"], d["phase"]) == (m["run_id"], m["round"], m["phase"])
     assert {x["hotkey"]: x["hops"] for x in d["miners"]} == {x["hotkey"]: x["hops_done"] for x in m["miners"]}
     assert d["bytes"]["moved"] == sum(s["bytes_moved"] for s in m["stages"])
@@ -92,15 +94,15 @@ def test_validator_report_is_signed_stored_and_shown(env):
                                        {"round": 0, "hotkey": hk1, "passed": False, "reason": "bad output"}],
                              weights={hk0: 0.9, keys["owner"][0].ss58_address: 0.1})
     with pytest.raises(BridgeError) as e:
-        miners[0].post("/v1/validator/report", report)  # no validator permit
+        miners[0].post(route("validator_report").path, report)  # no validator permit
     assert e.value.status == 403
     with pytest.raises(BridgeError) as e:
-        val.post("/v1/validator/report", {"round": 0, "window": 0, "scores": {hk0: float("inf")}})
+        val.post(route("validator_report").path, {"round": 0, "window": 0, "scores": {hk0: float("inf")}})
     assert e.value.status == 400
-    assert httpx.post(b.url + "/v1/validator/report", json=report.model_dump()).status_code == 401
-    val.post("/v1/validator/report", report)
+    assert httpx.post(b.url + route("validator_report").path, json=report.model_dump()).status_code == 401
+    val.post(route("validator_report").path, report)
     time.sleep(1.1)  # the JSON is cached for a second
-    d = httpx.get(b.url + "/v1/dashboard").json()
+    d = httpx.get(b.url + route("dashboard").path).json()
     rows = {x["hotkey"]: x for x in d["miners"]}
     assert rows[hk0]["weight"] == 0.9 and rows[hk0]["score"] == 4.0 and rows[hk0]["audits_passed"] == 1
     assert rows[hk1]["audits_failed"] == 1 and rows[hk1]["last_audit"]["reason"] == "bad output"

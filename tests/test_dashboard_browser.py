@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from protocol.client import SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.routes import route
 from scripts import localnet
 from scripts.localnet_cluster import Cluster
 from tests.browser import Browser, BrowserMissing, find_chromium
@@ -35,7 +36,7 @@ def _page(b: Browser) -> dict:
 def _snapshot_pair(b: Browser, url: str) -> tuple[dict, dict]:
     """The page and the JSON snapshot it rendered (same `generated_at`)."""
     for _ in range(60):
-        j = httpx.get(url + "/v1/dashboard").json()
+        j = httpx.get(url + route("dashboard").path).json()
         p = _page(b)
         if p["head"]["at"] == str(j["generated_at"]):
             return p, j
@@ -70,7 +71,7 @@ def test_dashboard_in_a_real_browser_during_a_localnet_run(tmp_path):
     cluster = Cluster(tmp_path / "net", localnet.run_config_from_args(args), 1)
     try:
         cluster.start()
-        client = SignedClient(cluster.owner_keypair, cluster.bridge_url, None)
+        client = BridgeClient(cluster.owner_keypair, cluster.bridge_url, None)
         with Browser(tmp_path / "chromium") as b:
             b.open(cluster.bridge_url + "/?refresh=500")
             b.wait_for("document.body.dataset.generatedAt")
@@ -89,7 +90,7 @@ def test_dashboard_in_a_real_browser_during_a_localnet_run(tmp_path):
             b.wait_for(f"Number(document.body.dataset.generatedAt) > {caught_up}", timeout=30)
             p, j = _snapshot_pair(b, cluster.bridge_url)
             _check(p, j)
-            m = client.get("/v1/metrics")
+            m = client.get(route("metrics").path)
             assert p["head"]["completed"] == str(m["completed_total"]) == str(ROUNDS * j["progress"]["total"])
             rows = {r["hotkey"]: r for r in p["rows"]}
             assert {hk: r["hops"] for hk, r in rows.items()} == {x["hotkey"]: str(x["hops_done"]) for x in m["miners"]}

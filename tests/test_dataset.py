@@ -14,7 +14,8 @@ from protocol.dataset import DatasetRef, ManifestError, parse_manifest
 from protocol.run_config import RunConfig
 from resbm import data
 from resbm.dataset import Dataset, forget_dataset, open_dataset
-from resbm.dataset_store import DataError, HttpSource, ShardCache
+from neurons.dataset_http import HttpSource
+from resbm.dataset_store import DataError, ShardCache
 from scripts.bench_data import serve_folder
 from scripts.dataset_writer import ShardWriter, write_manifest
 
@@ -122,9 +123,11 @@ def test_open_dataset_checks_the_manifest_sha256_and_caches_it(served, tmp_path,
     monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "cache"))
     bad = DatasetRef(manifest=served["ref"].manifest, sha256="0" * 64)
     with pytest.raises(DataError, match="sha256 .* but the run config says 000"):
-        open_dataset(bad)
+        open_dataset(bad, remote=HttpSource)
     forget_dataset(served["ref"].sha256)
-    ds = open_dataset(served["ref"])
+    with pytest.raises(DataError, match="open it with an HTTP source"):
+        open_dataset(served["ref"])  # resbm does no network I/O of its own
+    ds = open_dataset(served["ref"], remote=HttpSource)
     assert open_dataset(served["ref"]) is ds and ds.vocab_size == 98
     assert (tmp_path / "cache" / f"{served['ref'].sha256}.json").read_bytes() == served["raw"]
     key_ref = DatasetRef(manifest="datasets/x/manifest.json", sha256="1" * 64)

@@ -15,16 +15,16 @@ import pytest
 import torch
 import yaml
 
+from neurons.dataset_http import HttpSource
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.dataset import DatasetRef
-from protocol.messages import HopLog
 from resbm import data
 from resbm.config import ModelConfig
 from resbm.dataset import forget_dataset
 from scripts import prepare_dataset
 from tests.servers import ACCESS_KEY, REPO, SECRET_KEY, make_chain, start_s3
-from tests.test_validator_subnet import RATE_LIMIT, run_config, run_subnet
+from tests.harness.validator_subnet import RATE_LIMIT, run_config, run_subnet
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -96,7 +96,7 @@ def test_miners_and_validator_read_identical_tokens_and_a_tampered_shard_is_refu
         assert v.audits.failed == 0 and all(p for _, _, p, _ in v.audits.verdicts), v.audits.verdicts
         mine = data.open_run_dataset(ref)
         assert mine is not run and list((tmp_path / "validator-cache").glob("*.bin"))
-        hoplog = HopLog.model_validate(net["client"].get("/v1/validator/hoplog", params={"round": 0}))
+        hoplog = net["client"].hoplog(0)
         run_cfg = v.run
         for sid in sorted({r.sample_id for r in hoplog.records}):
             a = run.batch(run_cfg.data_seed, sid, run_cfg.batch_size, 16)
@@ -111,7 +111,7 @@ def test_miners_and_validator_read_identical_tokens_and_a_tampered_shard_is_refu
         s3.storage().put(f"datasets/e2e/{victim.name}", bytes(blob))
         monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "fresh-cache"))
         forget_dataset(ref.sha256)
-        data.open_run_dataset(ref, net["bridge"].url)  # the manifest is intact: opening works
+        data.open_run_dataset(ref, net["bridge"].url, HttpSource)  # the manifest is intact: opening works
         with pytest.raises(data.DataError, match=f"{victim.name}.*corrupt or tampered"):
             data.batch(run_cfg.data_seed, sid, run_cfg.batch_size, 16, dataset=ref)
         assert not list((tmp_path / "fresh-cache").glob(f"{victim.sha256}*"))  # nothing bad was kept

@@ -17,7 +17,9 @@ import torch
 import yaml
 
 from protocol.auth import sign_headers
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
+from protocol.routes import route
 from resbm import codec
 from tests.servers import REPO, code_bytes, make_chain, start_bridge, tiny_run_config
 
@@ -31,8 +33,8 @@ def env(tmp_path_factory, s3_server):
     d = tmp_path_factory.mktemp("integrity")
     _, keys = make_chain(d / "chain.db", miners=6, validators=1)
     b = start_bridge(d, CFG, d / "chain.db", s3_server)
-    cs = [SignedClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
-    stages = [c.post("/v1/miners/register", {})["stage"] for c in cs]
+    cs = [BridgeClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"]]
+    stages = [c.post(route("register").path, {})["stage"] for c in cs]
     assert stages == [0, 1] * 3
     yield b, keys, cs
     b.stop()
@@ -57,7 +59,7 @@ def sha(data: bytes) -> str:
 def lease(c, stage: int) -> dict:
     req = {"max_hops": 1, "fwd_out_bytes": CODE if stage == 0 else 0,
            "bwd_out_bytes": CODE if stage == 1 else 0}
-    r = c.post("/v1/hops/lease", req)
+    r = c.post(route("lease").path, req)
     assert r["action"] == "work", r
     return r["hops"][0]
 
@@ -66,7 +68,7 @@ def produce(c, data: bytes, reported: str | None = None) -> dict:
     """A stage-0 forward: upload `data`, report `reported` (default: its real sha256)."""
     hop = lease(c, 0)
     assert httpx.put(hop["output"]["put_url"], content=data).status_code == 200
-    c.post("/v1/hops/done", {"hop_id": hop["hop_id"], "sha256": reported or sha(data),
+    c.post(route("hop_done").path, {"hop_id": hop["hop_id"], "sha256": reported or sha(data),
                              "size": len(data)})
     return hop
 
@@ -75,7 +77,7 @@ def consume(cs, sample_id: int) -> tuple[int, dict]:
     """The stage-1 replica the sample's next hop went to leases it: (client index, hop)."""
     for _ in range(50):
         for i in (1, 3, 5):
-            r = cs[i].post("/v1/hops/lease", {"max_hops": 1, "fwd_out_bytes": 0,
+            r = cs[i].post(route("lease").path, {"max_hops": 1, "fwd_out_bytes": 0,
                                               "bwd_out_bytes": CODE})
             for hop in r["hops"]:
                 assert hop["sample_id"] == sample_id, "unrelated work leaked into the test"
@@ -86,7 +88,7 @@ def consume(cs, sample_id: int) -> tuple[int, dict]:
 
 def miner(cs, i: int) -> dict:
     hk = cs[i].keypair.ss58_address
-    return next(m for m in cs[0].get("/v1/metrics")["miners"] if m["hotkey"] == hk)
+    return next(m for m in cs[0].get(route("metrics").path)["miners"] if m["hotkey"] == hk)
 
 
 def hops_of(db, sample_id: int) -> list[dict]:
@@ -119,14 +121,14 @@ def test_output_cannot_be_changed_after_done(env):
     assert httpx.get(nxt["act_in"]["url"]).content == a  # consumers read what was sealed
     grad = good_code(5)  # finish the sample: its grad back to stage 0, then stage 0's bwd
     assert httpx.put(nxt["output"]["put_url"], content=grad).status_code == 200
-    cs[who].post("/v1/hops/done", {"hop_id": nxt["hop_id"], "sha256": sha(grad),
+    cs[who].post(route("hop_done").path, {"hop_id": nxt["hop_id"], "sha256": sha(grad),
                                    "size": CODE, "loss": 2.0})
-    bwd = cs[0].post("/v1/hops/lease", {"max_hops": 1, "fwd_out_bytes": CODE,
+    bwd = cs[0].post(route("lease").path, {"max_hops": 1, "fwd_out_bytes": CODE,
                                         "bwd_out_bytes": 0})["hops"][0]
     assert bwd["kind"] == "bwd" and bwd["grad_in"]["sha256"] == sha(grad)
-    cs[0].post("/v1/hops/done", {"hop_id": bwd["hop_id"]})
-    val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
-    rec = [r for r in val.get("/v1/validator/hoplog", {"round": 0})["records"]
+    cs[0].post(route("hop_done").path, {"hop_id": bwd["hop_id"]})
+    val = BridgeClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
+    rec = [r for r in val.get(route("hoplog").path, {"round": 0})["records"]
            if r["hop_id"] == hop["hop_id"]][0]
     assert rec["output"]["key"] == sealed and httpx.get(rec["output"]["url"]).content == a
 
@@ -148,12 +150,12 @@ def test_consumer_claim_proven_charges_the_producer_and_redoes_its_hop(env, liar
     hop = produce(cs[liar], data, reported)
     who, nxt = consume(cs, hop["sample_id"])
     reason = "bad_hash" if reported else "nonfinite"
-    ack = cs[who].post("/v1/hops/fail", {"hop_id": nxt["hop_id"], "reason": reason})
+    ack = cs[who].post(route("hop_fail").path, {"hop_id": nxt["hop_id"], "reason": reason})
     assert "producer_charged" in ack["message"]
     p, c = miner(cs, liar), miner(cs, who)
     assert p["bad_outputs"] == 1 and p["failures"] == 1 and p["health"] < 1.0
     assert c["failures"] == 0 and c["false_claims"] == 0 and c["health"] == 1.0
-    m = cs[0].get("/v1/metrics")
+    m = cs[0].get(route("metrics").path)
     assert m["samples_abandoned"] == 0
     hist = hops_of(b.db, hop["sample_id"])
     assert [(h["stage"], h["status"]) for h in hist[:2]] == [(0, "rejected"), (1, "failed")]
@@ -166,13 +168,13 @@ def test_false_claim_charges_the_consumer_and_retries_elsewhere(env):
     b, _, cs = env
     hop = produce(cs[4], good_code(4))
     who, nxt = consume(cs, hop["sample_id"])
-    ack = cs[who].post("/v1/hops/fail", {"hop_id": nxt["hop_id"], "reason": "nonfinite",
+    ack = cs[who].post(route("hop_fail").path, {"hop_id": nxt["hop_id"], "reason": "nonfinite",
                                          "detail": "a NaN, honestly"})
     assert "consumer_charged" in ack["message"]
     c, p = miner(cs, who), miner(cs, 4)
     assert c["false_claims"] == 1 and c["failures"] == 1 and c["health"] < 1.0
     assert p["bad_outputs"] == 0 and p["health"] == 1.0
-    assert cs[0].get("/v1/metrics")["samples_abandoned"] == 0
+    assert cs[0].get(route("metrics").path)["samples_abandoned"] == 0
     retry = hops_of(b.db, hop["sample_id"])[-1]
     assert (retry["stage"], retry["attempt"]) == (1, 2)
     assert retry["act_in"][0] == nxt["act_in"]["key"]
@@ -183,19 +185,19 @@ def test_grants_follow_the_runs_code_size(env):
     _, _, cs = env
     for fwd in (64 * 2**20, CODE + 1, CODE - 1, 64):
         with pytest.raises(BridgeError) as e:
-            cs[4].post("/v1/hops/lease", {"max_hops": 1, "fwd_out_bytes": fwd, "bwd_out_bytes": 0})
+            cs[4].post(route("lease").path, {"max_hops": 1, "fwd_out_bytes": fwd, "bwd_out_bytes": 0})
         assert e.value.status == 400
     assert f"exactly {CODE} bytes" in e.value.detail
 
 
 def test_validator_hotkey_cannot_register_as_a_miner(env):
     b, keys, _ = env
-    val = SignedClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
+    val = BridgeClient(keys["validators"][0], b.url, b.hotkey, max_tries=1)
     with pytest.raises(BridgeError) as e:
-        val.post("/v1/miners/register", {})
+        val.post(route("register").path, {})
     assert e.value.status == 403 and "validator permit" in e.value.detail
     assert all(m["hotkey"] != keys["validators"][0].ss58_address
-               for m in val.get("/v1/metrics")["miners"])
+               for m in val.get(route("metrics").path)["miners"])
 
 
 def test_no_signed_request_replays_after_a_restart(env):
@@ -203,10 +205,10 @@ def test_no_signed_request_replays_after_a_restart(env):
     val = keys["validators"][0]
     sent = []
     for kp, method, target, body in (
-            (keys["miners"][0], "GET", "/v1/metrics", b""),
-            (keys["miners"][0], "GET", "/v1/run", b""),
-            (val, "GET", "/v1/validator/hoplog?round=0", b""),
-            (keys["miners"][0], "POST", "/v1/hops/done", b'{"hop_id":"h9x999","size":0}')):
+            (keys["miners"][0], "GET", route("metrics").path, b""),
+            (keys["miners"][0], "GET", route("run").path, b""),
+            (val, "GET", route("hoplog").path + "?round=0", b""),
+            (keys["miners"][0], "POST", route("hop_done").path, b'{"hop_id":"h9x999","size":0}')):
         h = sign_headers(kp, method, target, body, b.hotkey)
         if body:
             h["content-type"] = "application/json"

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from protocol.client import BridgeError
+from protocol.routes import route
 from tests.harness.fake_worker import FakeWorker
 from tests.servers import make_chain, start_bridge, tiny_run_config
 
@@ -37,24 +38,24 @@ class ProbingWorker(FakeWorker):
         answers = []
         for k in (other, ghost, key.replace("/upload/", "/pg/"), "runs/../../etc/passwd", "z" * 512):
             with pytest.raises(BridgeError) as e:
-                self.c.post("/v1/rounds/pseudograd", {"round": round_, "key": k, "sha256": sha, "size": 32})
+                self.c.post(route("pseudograd").path, {"round": round_, "key": k, "sha256": sha, "size": 32})
             answers.append((e.value.status, json.loads(e.value.detail)["error"]))
         p["answers"] = answers
         with pytest.raises(BridgeError) as e:
-            self.c.post("/v1/rounds/merged", {"round": round_, "key": "../" * 100, "sha256": sha})
+            self.c.post(route("merged").path, {"round": round_, "key": "../" * 100, "sha256": sha})
         p["malformed_merged"] = e.value.status
-        self.c.post("/v1/rounds/pseudograd", {"round": round_, "key": key, "sha256": sha, "size": 32})
+        self.c.post(route("pseudograd").path, {"round": round_, "key": key, "sha256": sha, "size": 32})
         ms = None
         while ms is None:
             try:
-                ms = self.c.get(f"/v1/rounds/{round_}/stages/0/pseudograds")
+                ms = self.c.get(route("merge_set").target(round=round_, stage=0))
             except BridgeError:
                 pass
         mine = next(i for i in ms["items"] if i["hotkey"] == self.c.keypair.ss58_address)
         p["final_key"] = mine["key"]
-        p["plan"] = self.c.get(f"/v1/rounds/{round_}/stages/0/shards")
+        p["plan"] = self.c.get(route("shard_plan").target(round=round_, stage=0))
         p["plan_hotkeys"] = [i["hotkey"] for i in ms["items"]]
-        g = self.c.post("/v1/rounds/upload", {"round": round_, "kind": "pseudograd", "sha256": sha, "size": 32})
+        g = self.c.post(route("upload").path, {"round": round_, "kind": "pseudograd", "sha256": sha, "size": 32})
         assert self.http.put(g["put_url"], content=b"y" * 32).status_code == 200  # clobber the staging copy
         p["final_after_clobber"] = httpx.get(mine["get_url"]).content
         p["sha"], p["done"] = sha, True

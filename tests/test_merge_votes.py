@@ -10,7 +10,7 @@ import pytest
 
 from bridge import quarantine, rounds, state, votes
 from bridge.records import State, TransitionError
-from tests.test_bridge_state import drive, lease, make
+from tests.harness.bridge_state import drive, lease, make
 
 
 def _pg(st, hk, now):

@@ -13,7 +13,7 @@ from resbm.checkpoint import load_checkpoint
 from resbm.config import ModelConfig
 from resbm.stages import build_stages, stage_state_dict
 from resbm.train import evaluate, train
-from tests.test_miner import MinerThread, run_config, set_threads, start_subnet
+from tests.harness.miner_subnet import MinerThread, run_config, set_threads, start_subnet
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_miner import MinerProc, run_config, start_subnet, wait_for
+from tests.harness.miner_subnet import MinerProc, run_config, start_subnet, wait_for
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from protocol.exits import Exit
+from protocol.routes import route
 from tests.servers import REPO, free_port, make_chain, start_bridge, tiny_run_config
 
 WALLETS = ("miner", "nopermit", "stranger", "other")
@@ -171,7 +172,7 @@ def test_bad_configuration_gets_one_line_and_its_exit_code(world, case):
     _, argv, code, words, retried = case
     if "local with no subtensor node" in case[0]:
         assert _port_is_free(9944), "a node listens on 127.0.0.1:9944; this case needs none"
-    health_before = httpx.get(world["bridge"].url + "/health").json()
+    health_before = httpx.get(world["bridge"].url + route("health").path).json()
     p = _run(argv(world), cwd=world["root"])
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert p.returncode == int(code), (p.returncode, p.stderr[-2000:])
@@ -179,7 +180,7 @@ def test_bad_configuration_gets_one_line_and_its_exit_code(world, case):
     assert len(errors) == 1 and words in errors[0], p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == errors[0]  # the last thing said
     assert ("retrying in" in p.stderr) == retried, p.stderr[-2000:]
-    assert httpx.get(world["bridge"].url + "/health").json() == health_before  # bridge unharmed
+    assert httpx.get(world["bridge"].url + route("health").path).json() == health_before  # bridge unharmed
     if "device" in case[0]:  # checked before registering: the bridge never saw this hotkey
         import sqlite3
         with sqlite3.connect(world["bridge"].db) as db:

@@ -10,14 +10,14 @@ import time
 import pytest
 
 from bridge import state
-from bridge.app import Registry
+from bridge.auth import Registry
 from bridge.db import Database
 from bridge.records import Hop, State, Tunables
 from neurons.cli import resolve_device
 from protocol.chain.base import MetagraphView, NeuronInfo
 from protocol.exits import Exit, Misconfigured, backoff_delays
 from protocol.messages import RunConfig
-from tests.test_bridge_state import lease, make
+from tests.harness.bridge_state import lease, make
 
 
 # -- device -------------------------------------------------------------------------------------

@@ -71,3 +71,4 @@ def test_installed_scripts_never_import_tests():
             importing.append(path.name)
             assert "Run from a checkout" in (ast.get_docstring(ast.parse(text)) or ""), path.name
     assert "bench_bridge.py" not in importing
+

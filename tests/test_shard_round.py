@@ -12,7 +12,8 @@ import pytest
 from bridge import shard_round, state, votes
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
-from tests.test_bridge_state import drive, make
+from bridge import rounds
+from tests.harness.bridge_state import drive, make
 
 GOOD, LIE = "5" * 64, "0" * 64
 
@@ -94,9 +95,9 @@ def test_a_checkpoint_round_publishes_only_on_the_state_vote():
     _vote(st, "a", KEEP_SHA, now)
     _vote(st, "b", KEEP_SHA, now)
     assert st.sync["updates"]["0"]["0"] == [None, None] and st.round == 0  # waits for the checkpoint
-    from tests.test_merge_votes import _vote as state_vote
-    state_vote(st, "a", GOOD, now)
-    state_vote(st, "b", GOOD, now)
+    for hk in "ab":  # the whole-state vote on the checkpoint, through its write-once key
+        final = rounds.check_upload_key(st, hk, 0, "state", rounds.upload_key(st, hk, 0, "state", GOOD), GOOD)
+        votes.report_merged(st, hk, 0, GOOD, final, 7, now)
     assert st.round == 1 and st.stage_states[0].sha256 == GOOD and st.stage_states[0].round == 1
 
 

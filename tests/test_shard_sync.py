@@ -7,34 +7,12 @@ import uuid
 
 import torch
 
-from neurons.shard_sync import Piece, ReplicaSync, SyncSettings, pg_key, strict_majority
+from neurons.shard_sync import Piece, ReplicaSync, pg_key, strict_majority
 from neurons.transfer import ObjectTransfer
-from resbm.robust_merge import MergeParams
 from resbm.shard_merge import zero_momentum
 from resbm.shards import assign_mergers
-from resbm.sync_codec import Codec
+from tests.harness.shard_board import CFG, SHAPES, StorageBoard, tensors
 
-SHAPES = {"a.w": (64, 48), "b.b": (100,), "c.w": (30, 17)}
-CFG = SyncSettings(Codec("int4", 64), Codec("int8", 64), shards=6, mergers=3, checkpoint_every=4,
-                   params=MergeParams(outer_lr=0.7, outer_momentum=0.5))
-
-
-class StorageBoard:
-    """The bridge's signer (bridge.storage.Storage) as a Board."""
-
-    def __init__(self, storage):
-        self.s = storage
-
-    def put_url(self, key: str, size: int) -> str:
-        return self.s.presign_put(key, size, 300)
-
-    def get_url(self, key: str) -> str:
-        return self.s.presign_get(key, 300)
-
-
-def tensors(seed: int, scale: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g) * scale for n, s in SHAPES.items()}
 
 
 def run_round(board, rnd, hks, theta0, pgs, liar=None, corrupt=None, storage=None):

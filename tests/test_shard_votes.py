@@ -101,7 +101,7 @@ def test_validator_recomputes_a_shard_and_fails_exactly_the_liar(s3_server):
     from neurons.shard_sync import Piece, ReplicaSync, pg_key
     from neurons.transfer import ObjectTransfer
     from resbm.shards import assign_mergers
-    from tests.test_shard_sync import CFG, SHAPES, StorageBoard, tensors
+    from tests.harness.shard_board import CFG, SHAPES, StorageBoard, tensors
 
     storage = s3_server.storage()
     board = StorageBoard(storage)

@@ -10,8 +10,7 @@ import torch
 
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
-from protocol.messages import HopLog
-from tests.test_validator_subnet import RATE_LIMIT, run_subnet, throughput_by_miner
+from tests.harness.validator_subnet import RATE_LIMIT, run_subnet, throughput_by_miner
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def result(tmp_path_factory):
         v = Validator(client, ObjectTransfer(), chain, vkey, settings)
         chain.advance_blocks(RATE_LIMIT)
         v.tick()
-        logs = [HopLog.model_validate(client.get("/v1/validator/hoplog", params={"round": r})) for r in range(ROUNDS)]
+        logs = [client.hoplog(r) for r in range(ROUNDS)]
         yield dict(net, v=v, logs=logs, weights=chain.weights_of(vkey.ss58_address))
 
 

@@ -9,7 +9,9 @@ import time
 
 import httpx
 
-from protocol.client import BridgeError, SignedClient
+from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
+from protocol.routes import route
 from tests.servers import code_bytes, tiny_run_config
 
 __all__ = ["FakeWorker", "ACT", "GRAD"]
@@ -23,7 +25,7 @@ class FakeWorker(threading.Thread):
     def __init__(self, keypair, url, hotkey, stop: threading.Event):
         super().__init__(daemon=True)
         # a bridge restart imports torch (the run's code size): allow ~60 s on a loaded box
-        self.c = SignedClient(keypair, url, hotkey, max_tries=120, backoff_s=0.1,
+        self.c = BridgeClient(keypair, url, hotkey, max_tries=120, backoff_s=0.1,
                               max_backoff_s=0.5)
         self.http = httpx.Client(timeout=10)
         self.stop_ev, self.error, self.hops = stop, None, 0
@@ -43,17 +45,17 @@ class FakeWorker(threading.Thread):
         assert hashlib.sha256(body).hexdigest() == ref["sha256"], "input hash mismatch"
 
     def loop(self):
-        a = self.c.post("/v1/miners/register", {})
+        a = self.c.post(route("register").path, {})
         stage, n = a["stage"], a["run"]["n_stages"]
         req = {"max_hops": 2, "fwd_out_bytes": ACT if stage < n - 1 else 0,
                "bwd_out_bytes": GRAD if stage > 0 else 0, "wait_ms": 500}
         while not self.stop_ev.is_set():
-            r = self.c.post("/v1/hops/lease", req)
+            r = self.c.post(route("lease").path, req)
             if r["action"] == "work":
                 for hop in r["hops"]:
                     self.work(hop)
             elif r["action"] == "step":
-                self.c.post("/v1/steps/done", {"round": r["round"], "inner_step": r["inner_step"],
+                self.c.post(route("step_done").path, {"round": r["round"], "inner_step": r["inner_step"],
                                                "samples": r["step_samples"]})
             elif r["action"] == "merge" and r["round"] not in self.merged_rounds:
                 self.merge(r["round"], stage)
@@ -71,7 +73,7 @@ class FakeWorker(threading.Thread):
             assert self.http.put(hop["output"]["put_url"], content=data).status_code == 200
             done.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
         try:
-            self.c.post("/v1/hops/done", done)
+            self.c.post(route("hop_done").path, done)
             self.hops += 1
         except BridgeError as exc:  # a retry after a crash may find it applied already
             if exc.status != 409:
@@ -79,7 +81,7 @@ class FakeWorker(threading.Thread):
 
     def put(self, round_, kind, data):
         sha = hashlib.sha256(data).hexdigest()
-        g = self.c.post("/v1/rounds/upload", {"round": round_, "kind": kind, "sha256": sha,
+        g = self.c.post(route("upload").path, {"round": round_, "kind": kind, "sha256": sha,
                                               "size": len(data)})
         assert self.http.put(g["put_url"], content=data).status_code == 200
         return g["key"], sha
@@ -88,14 +90,14 @@ class FakeWorker(threading.Thread):
         try:
             key, sha = self.put(round_, "pseudograd", os.urandom(32))
             body = {"round": round_, "key": key, "sha256": sha, "size": 32}
-            self.c.post("/v1/rounds/pseudograd", body)
+            self.c.post(route("pseudograd").path, body)
             self.reports.setdefault(round_, {})["pg"] = body
         except BridgeError as exc:
             if exc.status != 409:  # did no work this round: nothing to report
                 raise
         while True:
             try:
-                ms = self.c.get(f"/v1/rounds/{round_}/stages/{stage}/pseudograds")
+                ms = self.c.get(route("merge_set").target(round=round_, stage=stage))
                 break
             except BridgeError as exc:
                 if exc.status != 409 or "not_frozen" not in exc.detail:
@@ -115,7 +117,7 @@ class FakeWorker(threading.Thread):
             self.merged_rounds.add(round_)
             return
         body = {"round": round_, "sha256": sha, "key": key}
-        ack = self.c.post("/v1/rounds/merged", body)
+        ack = self.c.post(route("merged").path, body)
         self.reports.setdefault(round_, {})["merged"] = body
         assert ack["agreed"] in (None, True)
         self.merged_rounds.add(round_)

@@ -21,7 +21,7 @@ import torch
 from drills.cheaters import cheating_miner
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
-from protocol.client import SignedClient
+from protocol.bridge_client import BridgeClient
 from protocol.messages import HopLog, Metrics
 from resbm import data
 from resbm.config import ModelConfig
@@ -96,10 +96,10 @@ class Outcome:
         return [n for n, k in self.kinds.items() if k != "honest"]
 
 
-def _wait_registered(client: SignedClient, count: int, timeout: float = 30.0) -> None:
+def _wait_registered(client: BridgeClient, count: int, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if len(Metrics.model_validate(client.get("/v1/metrics")).miners) >= count:
+        if len(client.metrics().miners) >= count:
             return
         time.sleep(0.1)
     raise TimeoutError(f"{count} miners did not register in {timeout}s")
@@ -127,14 +127,14 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
     chain.advance_blocks(chain.weights_rate_limit())
     bridge = start_bridge(tmp / "bridge", rc, tmp / "chain.db", s3)
     vkey = keys["validators"][0]
-    observer = SignedClient(vkey, bridge.url, bridge.hotkey)
+    observer = BridgeClient(vkey, bridge.url, bridge.hotkey)
     miners, threads, names, stage_of = [], [], {}, {}
     validator = None
     joined = None
 
     def start_miner(i: int, kind: str) -> str:
         kp = keys["miners"][i]
-        m = cheating_miner(kind, SignedClient(kp, bridge.url, bridge.hotkey), ObjectTransfer(), max_hops=2)
+        m = cheating_miner(kind, BridgeClient(kp, bridge.url, bridge.hotkey), ObjectTransfer(), max_hops=2)
         name = f"{kind}{i}" if i < len(kinds) else f"joiner{i}"
         stage_of[name] = m.register().stage
         names[name] = kp.ss58_address
@@ -154,7 +154,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
         vthread.start()
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            m = Metrics.model_validate(observer.get("/v1/metrics"))
+            m = observer.metrics()
             if joined is None and sc.join_round is not None and m.round >= sc.join_round and m.phase == "train":
                 name = start_miner(len(kinds), "honest")
                 kinds.append("honest")
@@ -171,7 +171,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             raise TimeoutError(f"scenario {sc} did not finish in {timeout}s: round {m.round} {m.phase}, "
                                f"validator at round {validator.next_round}")
         by_key = {hk: n for n, hk in names.items()}
-        hoplogs = [HopLog.model_validate(observer.get("/v1/validator/hoplog", params={"round": r}))
+        hoplogs = [observer.hoplog(r)
                    for r in range(sc.rounds)]
         on_chain = chain.weights_of(vkey.ss58_address)
         weights = {n: on_chain.get(chain.uid_of(hk), 0.0) for n, hk in names.items()}

@@ -1,0 +1,51 @@
+"""Driving the bridge's pure state machine in tests: a tiny run's state, leases, hops done by
+honest miners until a round leaves `train`."""
+from __future__ import annotations
+
+from bridge import state
+from bridge.records import State, Tunables
+from protocol.messages import RunConfig
+
+__all__ = ["SHA", "do_hop", "drive", "lease", "make"]
+
+SHA = "ab" * 32
+
+
+def make(n_stages: int = 2, code_bytes: int | None = None, **over) -> State:
+    """A fresh bridge state for a tiny run (override any RunConfig field; `code_bytes`: the
+    encoded size of one code, which the bridge checks hop outputs against)."""
+    cfg = dict(run_id="t", model={}, n_stages=n_stages, batch_size=1, micro_batches_per_step=2,
+               inner_steps_per_round=2, samples_per_round=8, muon_lr=0.02, adamw_lr=0.003,
+               total_rounds=2, data_seed=1, init_seed=2, lease_seconds=10.0, max_attempts=3,
+               max_object_bytes=1000, merge_timeout_seconds=50.0)
+    cfg.update(over)
+    return State(run=RunConfig(**cfg), tun=Tunables(health_timeout=30.0, backoff_seconds=5.0,
+                                                    code_bytes=code_bytes))
+
+
+def do_hop(st, hk, hop, now, rng):
+    """Report `hop` done by `hk` (a fixed sha256 where it has an output)."""
+    state.complete(st, hk, hop.hop_id, SHA if hop.out_key else None, hop.out_size, 1.5, now, rng)
+
+
+def lease(st, hk, now, rng, n=1):
+    """Lease up to `n` hops for `hk`: (action, hops, retry_after)."""
+    return state.lease(st, hk, n, 100, 100, now, rng)
+
+
+def drive(st, hks, rng, now, max_iter=500, skip=()):
+    """Run honest miners until the round leaves `train`; returns the time reached."""
+    for _ in range(max_iter):
+        if st.phase != "train":
+            return now
+        now += 0.1
+        for hk in hks:
+            if hk in skip:
+                continue
+            action, hops, _ = lease(st, hk, now, rng, 2)
+            for h in hops:
+                do_hop(st, hk, h, now, rng)
+            if action == "step":
+                m = st.miners[hk]
+                state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
+    raise AssertionError("round did not finish")
