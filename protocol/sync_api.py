@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
 
 from protocol.messages import StateRef, UploadGrant
 from protocol.wire_types import round_field as _round, sha_field as _sha, url_field as _url
@@ -31,6 +33,8 @@ __all__ = ["checkpoint_due", "piece_key", "update_key", "staging_key",
            "ShardArbitration"]
 
 _SHARDS = 4096
+_Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+_Size = Annotated[int, Field(ge=0, le=_MAX_BYTES)]
 
 
 def checkpoint_due(round_: int, checkpoint_every: int, total_rounds: int) -> bool:
@@ -67,8 +71,8 @@ class SyncPseudograd(_Model):
     """POST sync_pseudograd: every shard of the caller's pseudo-gradient was PUT to its grant."""
 
     round: int = _round()
-    shas: list[str] = Field(min_length=1, max_length=_SHARDS)
-    sizes: list[int] = Field(min_length=1, max_length=_SHARDS)
+    shas: list[_Sha] = Field(min_length=1, max_length=_SHARDS, description="lowercase hex sha256 per shard")
+    sizes: list[_Size] = Field(min_length=1, max_length=_SHARDS)
 
 
 class UpdateRef(_Model):

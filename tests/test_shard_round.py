@@ -112,3 +112,12 @@ def test_outsiders_cannot_vote_and_the_state_mode_refuses_sharded_reports():
         shard_round.report_pieces(plain, "a", plain.round, [GOOD, GOOD], [1, 1], ["k", "k"], now)
     assert e.value.code == "not_sharded"
     assert votes  # the whole-state votes module is what a checkpoint round uses
+
+
+def test_reported_shard_sha256s_must_be_hex_so_no_key_can_be_steered():
+    from pydantic import ValidationError
+    from protocol.sync_api import SyncPseudograd
+    for bad in ("../" * 21 + "x", "A" * 64, "a" * 63):
+        with pytest.raises(ValidationError):
+            SyncPseudograd(round=0, shas=[bad], sizes=[1])
+    assert SyncPseudograd(round=0, shas=[GOOD], sizes=[1]).shas == [GOOD]
