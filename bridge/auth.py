@@ -116,5 +116,5 @@ class Authenticator:
                              "may not serve as a miner; mine with a hotkey that has no validator "
                              "permit")
         if not self.limiter.allow(caller):
-            raise TransitionError(429, "rate_limited", f"too many requests from {caller}")
+            raise TransitionError("rate_limited", f"too many requests from {caller}")
         return caller

@@ -1,4 +1,4 @@
-"""Claims about bad hop outputs, charged to the party the bridge can prove wrong (pure).
+"""Claims about bad hop outputs, charged to the party the bridge can prove wrong (no I/O).
 
 A consumer reports `hops/fail` with a reason. For `bad_hash`, `bad_shape`, `nonfinite` and
 `missing` the I/O shell first looks at every input object of the hop at its sealed key (which
@@ -22,32 +22,34 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Optional
+from typing import Optional
 
 from bridge import rounds
-from bridge.records import Hop, State
-from bridge.state import check_done, penalize, redo_hop, retry_hop, tick
+from bridge.dispatch import penalize, redo_hop, retry_hop
+from bridge.records import Hop, ObjRef, Sample, State
+from bridge.state import check_done, tick
+from protocol.lifecycle import HopKind, HopStatus, SampleStatus
 
 __all__ = ["Verdict", "disputed_inputs", "judge_claim", "reject_output"]
 
 log = logging.getLogger(__name__)
 
-Verdict = tuple[list[Any], str, str]  # (input ref [key, sha256, size], ok|bad|missing|unchecked, detail)
+Verdict = tuple[ObjRef, str, str]  # (input ref, ok|bad|missing|unchecked, detail)
 
 
-def disputed_inputs(hop: Hop) -> list[list[Any]]:
+def disputed_inputs(hop: Hop) -> list[ObjRef]:
     """The recorded input objects of `hop` that a bad-input claim can be about."""
     refs = []
-    if hop.act_in is not None and (hop.kind in ("fwd", "fwdbwd") or hop.recompute):
+    if hop.act_in is not None and (hop.kind.runs_forward or hop.recompute):
         refs.append(hop.act_in)
-    if hop.grad_in is not None and hop.kind == "bwd":
+    if hop.grad_in is not None and hop.kind == HopKind.BWD:
         refs.append(hop.grad_in)
     return refs
 
 
-def _producer(st: State, ref: list[Any]) -> Optional[Hop]:
-    hop = st.hops.get(str(ref[0]).rpartition("/")[2])
-    if hop is None or hop.out_key != ref[0] or hop.status != "done":
+def _producer(st: State, ref: ObjRef) -> Optional[Hop]:
+    hop = st.hops.get(ref.key.rpartition("/")[2])
+    if hop is None or hop.out_key != ref.key or hop.status != HopStatus.DONE:
         return None
     return hop
 
@@ -61,9 +63,8 @@ def judge_claim(st: State, hotkey: str, hop_id: str, reason: str, detail: str,
     m = st.miners[hotkey]
     if reason == "other":
         m.failures += 1
-        st.touch("miner", hotkey, m)
         retry_hop(st, hop, now, rng, f"fail:other: {detail[:100]}", penalize_holder=False,
-                  status="failed", avoid=(hotkey,))
+                  status=HopStatus.FAILED, avoid=(hotkey,))
         return "retried"
     for ref, verdict, why in verdicts:
         if verdict not in ("bad", "missing"):
@@ -72,14 +73,13 @@ def judge_claim(st: State, hotkey: str, hop_id: str, reason: str, detail: str,
         if producer is None:
             break  # not a hop output of this round: nothing to redo, retry the consumer below
         st.unplace(hop)
-        hop.status, hop.note = "failed", f"input {ref[0]} {verdict}: {why}"[:300]
-        st.touch("hop", hop_id, hop)
+        hop.status, hop.note = HopStatus.FAILED, f"input {ref.key} {verdict}: {why}"[:300]
         reject_output(st, producer, f"{verdict} output ({reason} from {hotkey}): {why}",
                       charge=verdict == "bad", now=now, rng=rng)
         return "producer_charged" if verdict == "bad" else "redone"
     if verdicts and any(v == "unchecked" for _, v, _ in verdicts):
         retry_hop(st, hop, now, rng, f"fail:{reason} (unchecked)", penalize_holder=False,
-                  status="failed", avoid=(hotkey,))
+                  status=HopStatus.FAILED, avoid=(hotkey,))
         return "retried"
     m.failures += 1
     m.false_claims += 1
@@ -87,7 +87,7 @@ def judge_claim(st: State, hotkey: str, hop_id: str, reason: str, detail: str,
     log.warning("false claim: %s reported %s on hop %s; its inputs check out", hotkey, reason,
                 hop_id)
     retry_hop(st, hop, now, rng, f"false claim: {reason}", penalize_holder=False,
-              status="failed", avoid=(hotkey,))
+              status=HopStatus.FAILED, avoid=(hotkey,))
     return "consumer_charged"
 
 
@@ -97,28 +97,26 @@ def reject_output(st: State, producer: Hop, why: str, charge: bool, now: float,
     rewind the sample to before it, and do it again on another replica (or abandon the
     sample when that hop has used its attempts)."""
     who = st.miners.get(producer.leased_to or "")
-    producer.status, producer.note = "rejected", why[:300]
-    st.touch("hop", producer.hop_id, producer)
+    producer.status, producer.note = HopStatus.REJECTED, why[:300]
     if who is not None and charge:
         who.failures += 1
         who.bad_outputs += 1
         penalize(st, who, now)
         log.warning("bad output: hop %s by %s: %s", producer.hop_id, who.hotkey, why)
-    if who is not None and producer.kind != "fwd" and producer.epoch == who.epoch \
+    if who is not None and producer.kind != HopKind.FWD and producer.epoch == who.epoch \
             and producer.round == st.round and who.round_samples > 0:
         who.round_samples -= 1  # a rejected backward earns no merge weight
-        st.touch("miner", who.hotkey, who)
     sample = st.samples[producer.sample_id]
-    if producer.kind in ("fwd", "fwdbwd"):
+    if producer.kind.runs_forward:
         _rewind(st, sample, producer.stage)
     if producer.attempt >= st.run.max_attempts:
-        rounds.finish_sample(st, sample, "abandoned",
+        rounds.finish_sample(st, sample, SampleStatus.ABANDONED,
                              f"bad output after {producer.attempt} attempts", now)
         return
     redo_hop(st, producer, now, rng, avoid=(who.hotkey,) if who is not None and charge else ())
 
 
-def _rewind(st: State, sample: Any, stage: int) -> None:
+def _rewind(st: State, sample: Sample, stage: int) -> None:
     """Forget the sample's forwards from `stage` on: they are computed again."""
     last = st.run.n_stages - 1
     for t in range(stage, sample.fwd_done_stage + 1):
@@ -127,5 +125,3 @@ def _rewind(st: State, sample: Any, stage: int) -> None:
             rounds.drop_graph(st, sample, t)
         sample.fwd_by.pop(t, None)
     sample.fwd_done_stage = stage - 1
-    st.touch("sample", sample.sample_id, sample)
-    st.touch("meta", None)

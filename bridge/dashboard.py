@@ -19,6 +19,7 @@ from bridge.console_store import ConsoleStore
 from bridge.dashboard_history import RoundHistory
 from bridge.prometheus import CONTENT_TYPE, BridgeMetrics
 from protocol.console import ValidatorReport
+from protocol.lifecycle import Phase
 from protocol.messages import Ack, Metrics, RunConfig
 
 __all__ = ["dashboard_state", "wire_bytes", "console_handlers", "CACHE_SECONDS"]
@@ -116,7 +117,7 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
         return hit[1]
 
     def closed_rounds(m: Metrics) -> list[dict[str, Any]]:
-        return history.closed(m.round + 1 if m.phase == "done" else m.round)
+        return history.closed(m.round + 1 if m.phase == Phase.DONE else m.round)
 
     def build_state() -> dict[str, Any]:
         m = read_metrics()

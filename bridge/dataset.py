@@ -72,10 +72,10 @@ def dataset_handler(run: RunConfig, storage: Any, manifest: Optional[DatasetMani
 
     async def get_dataset_file(caller: None, req: DatasetFile) -> Response:
         if not files:
-            raise TransitionError(404, "no_dataset", "this run's dataset is not served by the bridge "
+            raise TransitionError("no_dataset", "this run's dataset is not served by the bridge "
                                   "(the run config names none, or names it by URL)")
         if req.name not in files:
-            raise TransitionError(404, "unknown_file", f"the run's dataset has no file {req.name!r}")
+            raise TransitionError("unknown_file", f"the run's dataset has no file {req.name!r}")
         key = run.dataset.manifest if req.name == "manifest.json" else prefix + req.name
         return RedirectResponse(storage.presign_get(key, int(ttl)), status_code=307)
     return get_dataset_file

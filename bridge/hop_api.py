@@ -46,7 +46,7 @@ class HopApi:
     async def register(self, caller: str, req: msg.RegisterRequest) -> msg.Assignment:
         """Assign (or re-assign) the caller a stage."""
         if req.protocol_version != msg.PROTOCOL_VERSION:
-            raise TransitionError(400, "bad_version", f"protocol_version must be "
+            raise TransitionError("bad_version", f"protocol_version must be "
                                   f"{msg.PROTOCOL_VERSION}, got {req.protocol_version}")
 
         def tx(st: Any, now: float, rng: Any) -> tuple:
@@ -95,10 +95,10 @@ class HopApi:
         hop = self._leased(caller, req.hop_id)
         if hop.out_key is not None:
             if req.size != hop.out_size:
-                raise TransitionError(400, "bad_size", f"size={req.size}, the lease signed "
+                raise TransitionError("bad_size", f"size={req.size}, the lease signed "
                                       f"{hop.out_size} bytes for {hop.out_key}")
             if req.hop_id in self._sealing:  # a second seal could copy other bytes under a commit
-                raise TransitionError(409, "in_progress", f"a done for hop {req.hop_id} is "
+                raise TransitionError("in_progress", f"a done for hop {req.hop_id} is "
                                       "being applied; retry")
         self._sealing.add(req.hop_id)
         try:

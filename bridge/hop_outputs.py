@@ -5,11 +5,11 @@ URL is ever issued for a sealed key, so what consumers and validators read canno
 `done`. `look_at` fetches a sealed input (a few KB) to judge a consumer's claim about it."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from bridge.claims import Verdict
 from bridge.codespec import CodeSpec, judge_bytes
-from bridge.records import TransitionError
+from bridge.records import ObjRef, TransitionError
 from bridge.state import upload_key
 from bridge.storage import Storage
 
@@ -23,13 +23,13 @@ def seal(storage: Optional[Storage], out_key: str) -> None:
         return
     src = upload_key(out_key)
     if not storage.copy(src, out_key):
-        raise TransitionError(400, "missing_object", f"no object at {src}: upload the output "
+        raise TransitionError("missing_object", f"no object at {src}: upload the output "
                               "with the lease's put_url before reporting done")
 
 
-def look_at(storage: Optional[Storage], spec: Optional[CodeSpec], ref: list[Any]) -> Verdict:
-    """The bridge's verdict on one sealed input object ([key, sha256, size])."""
+def look_at(storage: Optional[Storage], spec: Optional[CodeSpec], ref: ObjRef) -> Verdict:
+    """The bridge's verdict on one sealed input object."""
     if storage is None or spec is None:
         return ref, "unchecked", "no object store to check against"
-    verdict, detail = judge_bytes(storage.get(ref[0], spec.nbytes), ref[1], spec)
+    verdict, detail = judge_bytes(storage.get(ref.key, spec.nbytes), ref.sha256, spec)
     return ref, verdict, detail

@@ -47,13 +47,13 @@ class MergeApi:
         svc = self.svc
         have = await run_in_threadpool(svc.object_size, staging)
         if have is None:
-            raise TransitionError(400, "missing_object", f"no object at {staging}")
+            raise TransitionError("missing_object", f"no object at {staging}")
         if size is not None and have >= 0 and have != size:
-            raise TransitionError(400, "bad_size", f"object {staging} has {have} bytes, not {size}")
+            raise TransitionError("bad_size", f"object {staging} has {have} bytes, not {size}")
         try:
             await run_in_threadpool(svc.promote, staging, final, max(have, 0))
         except StorageError as exc:  # the store failed, not the caller: retry later
-            raise TransitionError(503, "storage_error", f"could not copy the upload: {exc}"[:500])
+            raise TransitionError("storage_error", f"could not copy the upload: {exc}"[:500])
         return max(have, 0)
 
     async def _unless_moved_on(self, round_: int, live: Callable[[], Awaitable[T]],
@@ -72,7 +72,7 @@ class MergeApi:
         """A presigned PUT to the caller's staging key for this round's upload."""
         run = self.run_cfg
         if req.size > run.max_state_bytes:
-            raise TransitionError(400, "oversized",
+            raise TransitionError("oversized",
                                   f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
         key = self.svc.read(lambda st: rounds.upload_key(st, caller, req.round, req.kind,
                                                          req.sha256))
@@ -149,7 +149,7 @@ class MergeApi:
         own = await self._archive(req.round)
         if own is not None and votes.add_late_vote(own, caller, stage, req.sha256):
             # a vote that came after the run moved on is still evidence for the validators
-            await svc.apply_async(lambda st, now, rng: st.touch("round", req.round, own))
+            await svc.apply_async(lambda st, now, rng: st.archive_round(req.round, own))
         ref = views.state_ref(stage, ss, svc.get_url, self.ttl)
         return msg.MergedAck(published=True, agreed=ss.sha256 == req.sha256, state=ref)
 

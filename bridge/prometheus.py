@@ -12,12 +12,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.lifecycle import Phase
 from protocol.messages import Metrics
 
 __all__ = ["BridgeMetrics", "StateCollector", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_PHASES = ("waiting", "train", "merge", "done")
+_PHASES = tuple(p.value for p in Phase)
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BYTES = tuple(float(4**i * 1024) for i in range(1, 12))  # 4 KiB .. 4 GiB
 

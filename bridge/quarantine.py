@@ -21,16 +21,15 @@ def record_verdict(st: State, validator: str, round_: int, hotkey: str, passed: 
     """Apply one verdict; returns the round the miner's quarantine lasts until (-1: none)."""
     m = st.miners.get(hotkey)
     if m is None:
-        raise TransitionError(404, "unknown_hotkey", f"{hotkey} is not a registered miner")
+        raise TransitionError("unknown_hotkey", f"{hotkey} is not a registered miner")
     if round_ > st.round:
-        raise TransitionError(409, "future_round", f"round {round_} has not happened yet "
+        raise TransitionError("future_round", f"round {round_} has not happened yet "
                               f"(run at round {st.round})")
     if passed or st.run.quarantine_rounds == 0:
         return m.quarantined_until
     until = max(m.quarantined_until, st.round + 1 + st.run.quarantine_rounds)
     if until != m.quarantined_until:
         m.quarantined_until = until
-        st.touch("miner", hotkey, m)
         st.wake_all = True
         log.warning("miner %s quarantined until round %d: validator %s failed it in round %d "
                     "(%s)", hotkey[:10], until, validator[:10], round_, reason[:200])

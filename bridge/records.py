@@ -1,8 +1,10 @@
 """The bridge's state record: miners, samples, hops, merge bookkeeping, and in-memory indexes.
 
-`State` is plain data. Transitions (bridge.state, bridge.rounds) mutate it and mark what they
-touched in `state.dirty`, which the SQLite layer writes in one transaction. Indexes (pools,
-queues, deadline heap) are derived and rebuilt by `State.reindex()` after loading.
+`State` is plain data that transitions (bridge.state, bridge.rounds, ...) change in place.
+What they change is tracked for them (bridge.tracking): miners, samples and hops note every
+assignment in `state.dirty`, and the database diffs the global fields at each commit; the SQLite
+layer writes one transaction per commit. Indexes (pools, queues, deadline heap) are derived and
+rebuilt by `State.reindex()` after loading.
 """
 from __future__ import annotations
 
@@ -11,22 +13,66 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from bridge.tracking import RecordMap, Tracked, record
+from protocol.lifecycle import HOP_OPEN, HopKind, HopStatus, Phase, SampleStatus
 from protocol.messages import RunConfig
 
-__all__ = ["TransitionError", "Tunables", "Miner", "Sample", "Hop", "StageState", "State",
-           "HOP_OPEN"]
+__all__ = ["TransitionError", "Tunables", "ObjRef", "FwdRecord", "Miner", "Sample", "Hop",
+           "StageState", "State", "HOP_OPEN"]
 
-HOP_OPEN = ("pool", "assigned", "leased")  # hop statuses that still need work
+
+_RECORD_MAPS = ("miners", "samples", "hops")
 
 
 class TransitionError(Exception):
-    """A transition refused: `status` is the HTTP status the API answers with."""
+    """A transition refused, with an error code (protocol.errors maps it to an HTTP status)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True)
+class ObjRef:
+    """An object a hop reads: its sealed key, sha256 and size (stored as `[key, sha256, size]`)."""
+
+    key: str
+    sha256: Optional[str]
+    size: int
+
+    def as_list(self) -> list[Any]:
+        """The stored form."""
+        return [self.key, self.sha256, self.size]
+
+    @classmethod
+    def of(cls, row: Optional[list[Any]]) -> Optional["ObjRef"]:
+        """From the stored form (None stays None)."""
+        return None if row is None else cls(*row)
+
+
+@dataclass(frozen=True)
+class FwdRecord:
+    """Who did a sample's forward at a stage and still holds its graph (stored as a list).
+
+    `epoch` is the holder's registration epoch then; -1 once the graph is used up or lost."""
+
+    hotkey: str
+    epoch: int
+    hop_id: str
+
+    def as_list(self) -> list[Any]:
+        """The stored form."""
+        return [self.hotkey, self.epoch, self.hop_id]
+
+    @property
+    def holds_graph(self) -> bool:
+        """False once the graph was released (used by its backward, or lost)."""
+        return self.epoch >= 0
+
+    def released(self) -> "FwdRecord":
+        """The same record with its graph released."""
+        return FwdRecord(self.hotkey, -1, self.hop_id)
 
 
 @dataclass(frozen=True)
@@ -41,9 +87,11 @@ class Tunables:
                                       # only max_object_bytes caps a lease; pure tests)
 
 
-@dataclass
-class Miner:
+@record
+class Miner(Tracked):
     """One registered miner (a replica of one stage)."""
+
+    KIND = "miner"
 
     hotkey: str
     stage: int
@@ -74,32 +122,64 @@ class Miner:
     device_class: str = "cpu"       # declared at registration: audits replay like for like
     compute_dtype: str = "float32"
 
+    @property
+    def ident(self) -> str:
+        """Primary key: the hotkey."""
+        return self.hotkey
 
-@dataclass
-class Sample:
+    @classmethod
+    def from_row(cls, d: dict[str, Any]) -> "Miner":
+        """From a stored row."""
+        return cls(**d)
+
+
+@record
+class Sample(Tracked):
     """One sample of a round; ends `completed` or `abandoned` with a reason."""
+
+    KIND = "sample"
+    OWNED = ("fwd_by",)
 
     sample_id: int
     round: int
-    status: str = "active"          # active | completed | abandoned
+    status: SampleStatus = SampleStatus.ACTIVE
     reason: str = ""
     fwd_done_stage: int = -1        # highest stage whose forward is done
-    # stage -> [hotkey, epoch, fwd hop_id] of the forward done at that stage
-    fwd_by: dict[int, list[Any]] = field(default_factory=dict)
+    # stage -> who did the forward at that stage (changes to it mark the sample changed)
+    fwd_by: dict[int, FwdRecord] = field(default_factory=dict)
+
+    @property
+    def ident(self) -> int:
+        """Primary key: the sample id."""
+        return self.sample_id
+
+    def row(self) -> dict[str, Any]:
+        """The stored form (forward records as lists)."""
+        d = super().row()
+        d["fwd_by"] = {k: v.as_list() for k, v in self.fwd_by.items()}
+        return d
+
+    @classmethod
+    def from_row(cls, d: dict[str, Any]) -> "Sample":
+        """From a stored row (JSON turned the stage keys into strings)."""
+        fwd_by = {int(k): FwdRecord(*v) for k, v in d.pop("fwd_by").items()}
+        return cls(**{**d, "status": SampleStatus(d["status"])}, fwd_by=fwd_by)
 
 
-@dataclass
-class Hop:
-    """One attempt at one unit of work. Object refs are [key, sha256, size] lists."""
+@record
+class Hop(Tracked):
+    """One attempt at one unit of work."""
+
+    KIND = "hop"
 
     hop_id: str
     sample_id: int
     round: int
     stage: int
-    kind: str                       # fwd | bwd | fwdbwd
+    kind: HopKind
     attempt: int = 1
     recompute: bool = False
-    status: str = "pool"            # pool | assigned | leased | done | expired | failed | dropped
+    status: HopStatus = HopStatus.POOL
     assigned_to: Optional[str] = None
     leased_to: Optional[str] = None
     leased_at: float = 0.0
@@ -107,8 +187,8 @@ class Hop:
     inner_step: int = 0
     epoch: int = 0                  # the leasing miner's registration epoch (a restart starts anew)
     fwd_hop_id: Optional[str] = None
-    act_in: Optional[list[Any]] = None
-    grad_in: Optional[list[Any]] = None
+    act_in: Optional[ObjRef] = None
+    grad_in: Optional[ObjRef] = None
     out_key: Optional[str] = None
     out_size: int = 0
     out_sha: Optional[str] = None
@@ -117,7 +197,28 @@ class Hop:
     device_class: str = "cpu"       # the leasing miner's declared numerics, for the audit
     compute_dtype: str = "float32"
     note: str = ""
-    avoid: list[str] = field(default_factory=list)  # replicas charged on this work: not again
+    avoid: tuple[str, ...] = ()     # replicas charged on this work: not again
+
+    @property
+    def ident(self) -> str:
+        """Primary key: the hop id."""
+        return self.hop_id
+
+    def row(self) -> dict[str, Any]:
+        """The stored form (object refs as lists)."""
+        d = super().row()
+        if self.act_in is not None:
+            d["act_in"] = self.act_in.as_list()
+        if self.grad_in is not None:
+            d["grad_in"] = self.grad_in.as_list()
+        return d
+
+    @classmethod
+    def from_row(cls, d: dict[str, Any]) -> "Hop":
+        """From a stored row."""
+        return cls(**{**d, "kind": HopKind(d["kind"]), "status": HopStatus(d["status"]),
+                      "act_in": ObjRef.of(d["act_in"]), "grad_in": ObjRef.of(d["grad_in"]),
+                      "avoid": tuple(d["avoid"])})
 
 
 @dataclass
@@ -137,7 +238,10 @@ class State:
 
     run: RunConfig
     tun: Tunables = field(default_factory=Tunables)
-    phase: str = "waiting"          # waiting | train | merge | done
+    # (kind, id) -> record changed since the last commit (filled by the records themselves;
+    # ("round", r) -> archive row written explicitly); the database diffs the global fields
+    dirty: dict = field(default_factory=dict)
+    phase: Phase = Phase.WAITING
     round: int = 0
     seq: int = 0                    # hop id counter
     merge_started: float = 0.0
@@ -172,7 +276,6 @@ class State:
     queue: dict[str, OrderedDict] = field(default_factory=dict)   # hotkey -> assigned hops
     leased: dict[str, set] = field(default_factory=dict)          # hotkey -> leased hop ids
     heap: list[tuple[float, str]] = field(default_factory=list)
-    dirty: dict = field(default_factory=dict)   # (kind, id) -> record changed by this transition
     events: list[tuple[str, Any]] = field(default_factory=list)   # side effects for the I/O shell
     # long-polls to wake after this transition: ("stage", s) or ("miner", hotkey) -> True
     wake: dict = field(default_factory=dict)
@@ -191,40 +294,44 @@ class State:
             self.fwd_pool = [OrderedDict() for _ in range(s)]
             self.bwd_pool = [OrderedDict() for _ in range(s)]
 
-    # ---- marking and ids -------------------------------------------------------------------
-    def touch(self, kind: str, ident: Any, record: Any = None) -> None:
-        """Mark a record ("miner", "sample", "hop" or "meta") as changed by this transition."""
-        self.dirty[(kind, ident)] = record
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _RECORD_MAPS and not isinstance(value, RecordMap):
+            value = RecordMap(self, value.items())  # records put in are tracked from then on
+        object.__setattr__(self, name, value)
+
+    # ---- explicit rows and ids -------------------------------------------------------------
+    def archive_round(self, round_: int, data: dict[str, Any]) -> None:
+        """Write round `round_`'s archive row (what validators need once the round is gone)."""
+        self.dirty[("round", round_)] = data
 
     def next_hop_id(self) -> str:
         """A fresh, never reused hop id."""
         self.seq += 1
-        self.touch("meta", None)
         return f"h{self.round}x{self.seq}"
 
     # ---- index maintenance -----------------------------------------------------------------
     def place(self, hop: Hop) -> None:
         """Put an open hop into the index that matches its status."""
-        if hop.status == "pool":
-            pool = self.bwd_pool if hop.kind == "bwd" else self.fwd_pool
+        if hop.status == HopStatus.POOL:
+            pool = self.bwd_pool if hop.kind == HopKind.BWD else self.fwd_pool
             pool[hop.stage][hop.hop_id] = None
             self.wake[("stage", hop.stage)] = True
-        elif hop.status == "assigned":
+        elif hop.status == HopStatus.ASSIGNED:
             self.queue.setdefault(hop.assigned_to, OrderedDict())[hop.hop_id] = None
             self.wake[("miner", hop.assigned_to)] = True
-        elif hop.status == "leased":
+        elif hop.status == HopStatus.LEASED:
             self.leased.setdefault(hop.leased_to, set()).add(hop.hop_id)
-        if hop.status in ("assigned", "leased"):
+        if hop.status in (HopStatus.ASSIGNED, HopStatus.LEASED):
             heapq.heappush(self.heap, (hop.deadline, hop.hop_id))
 
     def unplace(self, hop: Hop) -> None:
         """Remove an open hop from its index (the heap entry goes stale and is skipped)."""
-        if hop.status == "pool":
-            pool = self.bwd_pool if hop.kind == "bwd" else self.fwd_pool
+        if hop.status == HopStatus.POOL:
+            pool = self.bwd_pool if hop.kind == HopKind.BWD else self.fwd_pool
             pool[hop.stage].pop(hop.hop_id, None)
-        elif hop.status == "assigned" and hop.assigned_to in self.queue:
+        elif hop.status == HopStatus.ASSIGNED and hop.assigned_to in self.queue:
             self.queue[hop.assigned_to].pop(hop.hop_id, None)
-        elif hop.status == "leased" and hop.leased_to in self.leased:
+        elif hop.status == HopStatus.LEASED and hop.leased_to in self.leased:
             self.leased[hop.leased_to].discard(hop.hop_id)
 
     def reindex(self) -> None:
@@ -258,6 +365,7 @@ class State:
                 "abandoned_total", "abandon_reasons", "stage_counters", "workers", "frozen",
                 "published", "flagged", "round_states")
         d = {k: getattr(self, k) for k in keep}
+        d["phase"] = self.phase.value  # a plain str: the same JSON, and a cheap fingerprint
         d["stage_states"] = [dict(vars(x)) for x in self.stage_states]
         d["recent_losses"] = self.recent_losses[-256:]
         d["pseudograds"] = self.pseudograds
@@ -270,7 +378,8 @@ class State:
 
     def load_meta(self, d: dict[str, Any]) -> None:
         """Restore the global fields from a meta row (JSON turns int keys into strings)."""
-        for k in ("phase", "round", "seq", "merge_started", "fwd_pending", "completed_total",
+        self.phase = Phase(d["phase"])
+        for k in ("round", "seq", "merge_started", "fwd_pending", "completed_total",
                   "r_completed", "r_abandoned",
                   "abandoned_total", "abandon_reasons", "stage_counters", "flagged", "round_states",
                   "recent_losses"):

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from bridge import votes
 from bridge.records import Hop, Sample, StageState, State, TransitionError
+from protocol.lifecycle import HopKind, Phase, SampleStatus
 
 __all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph",
            "maybe_freeze", "stage_prefix", "upload_key", "final_key", "check_upload_key",
@@ -25,18 +26,17 @@ MINT_CHUNK = 512  # samples minted at a time; refilled when stage 0's pool runs 
 def start_round(st: State, r: int, now: float) -> None:
     """Mint samples [r*N, (r+1)*N) with their stage-0 forwards, reset every miner's step."""
     if r >= st.run.total_rounds:
-        if st.phase == "merge":
+        if st.phase == Phase.MERGE:
             _archive(st)
-        st.phase = "done"
-        st.touch("meta", None)
+        st.phase = Phase.DONE
         st.events.append(("run_done", r))
         log.info("run %s done after %d rounds", st.run.run_id, r)
         return
-    if st.phase == "merge":
+    if st.phase == Phase.MERGE:
         _archive(st)
     n, s = st.run.samples_per_round, st.run.n_stages
     st.round_states = [dict(vars(x)) for x in st.stage_states]
-    st.phase, st.round, st.merge_started = "train", r, 0.0
+    st.phase, st.round, st.merge_started = Phase.TRAIN, r, 0.0
     st.r_completed = st.r_abandoned = 0
     st.fwd_pending = [n] * s
     st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
@@ -50,8 +50,6 @@ def start_round(st: State, r: int, now: float) -> None:
     for m in st.miners.values():
         m.round, m.inner_step, m.quota_used, m.step_samples = r, 0, 0, 0
         m.open_graphs = m.round_steps = m.round_samples = 0
-        st.touch("miner", m.hotkey, m)
-    st.touch("meta", None)
     _archive(st)
     st.events.append(("round_start", r))
     log.info("round %d started: %d samples over %d stages", r, n, s)
@@ -64,17 +62,14 @@ def mint_more(st: State) -> int:
     that writes every sample of the round while every request waits."""
     n, r = st.run.samples_per_round, st.round
     k = min(MINT_CHUNK, n - st.minted)
-    kind = "fwdbwd" if st.run.n_stages == 1 else "fwd"
+    kind = HopKind.FWDBWD if st.run.n_stages == 1 else HopKind.FWD
     for sid in range(r * n + st.minted, r * n + st.minted + k):
         sample = Sample(sample_id=sid, round=r)
         st.samples[sid] = sample
-        st.touch("sample", sid, sample)
         hop = Hop(hop_id=st.next_hop_id(), sample_id=sid, round=r, stage=0, kind=kind)
         st.hops[hop.hop_id] = hop
-        st.touch("hop", hop.hop_id, hop)
         st.place(hop)
     st.minted += k
-    st.touch("meta", None)
     return k
 
 
@@ -84,31 +79,28 @@ def _archive(st: State) -> None:
              for s in sorted(st.frozen) for h in st.frozen[s]]
     cast = [dict(hotkey=h, stage=s, sha256=v["sha256"])
             for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
-    st.touch("round", st.round, {"round": st.round, "states": st.round_states,
+    st.archive_round(st.round, {"round": st.round, "states": st.round_states,
                                  "pseudograds": items, "votes": cast, "flagged": list(st.flagged)})
 
 
 def drop_graph(st: State, sample: Sample, stage: int) -> None:
     """The forward graph held for (sample, stage) is used up or lost: release it once."""
     rec = sample.fwd_by.get(stage)
-    if rec is None or rec[1] < 0:
+    if rec is None or not rec.holds_graph:
         return
-    holder = st.miners.get(rec[0])
-    if holder is not None and holder.epoch == rec[1] and holder.open_graphs > 0:
+    holder = st.miners.get(rec.hotkey)
+    if holder is not None and holder.epoch == rec.epoch and holder.open_graphs > 0:
         holder.open_graphs -= 1
-        st.touch("miner", holder.hotkey, holder)
-    rec[1] = -1
-    st.touch("sample", sample.sample_id, sample)
+    sample.fwd_by[stage] = rec.released()
 
 
-def finish_sample(st: State, sample: Sample, status: str, reason: str, now: float) -> None:
+def finish_sample(st: State, sample: Sample, status: SampleStatus, reason: str,
+                  now: float) -> None:
     """End a sample (completed or abandoned with a reason); close the round when all ended."""
-    if sample.status != "active":
+    if sample.status != SampleStatus.ACTIVE:
         return
     sample.status, sample.reason = status, reason
-    st.touch("sample", sample.sample_id, sample)
-    st.touch("meta", None)
-    if status == "completed":
+    if status == SampleStatus.COMPLETED:
         st.r_completed += 1
         st.completed_total += 1
     else:
@@ -125,11 +117,10 @@ def finish_sample(st: State, sample: Sample, status: str, reason: str, now: floa
 
 
 def _close_round(st: State, now: float) -> None:
-    st.phase, st.merge_started = "merge", now
+    st.phase, st.merge_started = Phase.MERGE, now
     for s in range(st.run.n_stages):
         st.workers[s] = [m.hotkey for m in st.stage_miners(s)
                          if m.round_steps > 0 or m.step_samples > 0]
-    st.touch("meta", None)
     st.events.append(("round_close", st.round))
     log.info("round %d closed: %d completed, %d abandoned; merge begins", st.round,
              st.r_completed, st.r_abandoned)
@@ -141,7 +132,7 @@ def maybe_freeze(st: State, now: float) -> None:
     them reported ended, or the merge timeout passed; then apply the vote deadlines."""
     timed_out = now >= st.merge_started + st.run.merge_timeout_seconds
     for s in range(st.run.n_stages):
-        if st.phase != "merge":
+        if st.phase != Phase.MERGE:
             return  # a publish below completed the round: the next one began
         if s in st.frozen:
             if not st.published.get(s):
@@ -155,11 +146,9 @@ def maybe_freeze(st: State, now: float) -> None:
             # half the workers reported: the rest get vote_timeout_seconds more, so one that
             # withholds its report cannot hold the stage for the whole merge timeout
             st.report_grace[s] = now + min(st.run.vote_timeout_seconds, st.run.merge_timeout_seconds)
-            st.touch("meta", None)
         if timed_out or not waiting or now >= st.report_grace.get(s, float("inf")):
             st.frozen[s] = sorted(reported)
             st.vote_deadline[s] = now + st.run.vote_timeout_seconds
-            st.touch("meta", None)
             log.info("round %d stage %d merge set frozen with %d items%s", st.round, s,
                      len(st.frozen[s]), " (timeout)" if timed_out else "")
             if not st.frozen[s]:
@@ -199,7 +188,7 @@ def check_upload_key(st: State, hotkey: str, round_: int, kind: str, key: str,
     """The final key for a report naming staging `key`; 400 bad_key for any other key, before
     anything looks at the store (the answer never depends on which objects exist)."""
     if key != upload_key(st, hotkey, round_, kind, sha256):
-        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not your {kind} upload key "
+        raise TransitionError("bad_key", f"key {key[:200]!r} is not your {kind} upload key "
                               f"for this sha256 (ask POST /v1/rounds/upload for it)")
     return final_key(st, hotkey, round_, kind, sha256)
 
@@ -207,9 +196,9 @@ def check_upload_key(st: State, hotkey: str, round_: int, kind: str, key: str,
 def _member(st: State, hotkey: str, round_: int) -> Any:
     m = st.miners.get(hotkey)
     if m is None:
-        raise TransitionError(409, "not_registered", f"hotkey {hotkey} is not registered")
-    if st.phase != "merge" or round_ != st.round:
-        raise TransitionError(409, "not_merging",
+        raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
+    if st.phase != Phase.MERGE or round_ != st.round:
+        raise TransitionError("not_merging",
                               f"round {round_} is not merging (run at round {st.round}, {st.phase})")
     return m
 
@@ -221,39 +210,38 @@ def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
     no-op)."""
     m = _member(st, hotkey, round_)
     if key != final_key(st, hotkey, round_, "pseudograd", sha256):
-        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
+        raise TransitionError("bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
     have = st.pseudograds.get(m.stage, {}).get(hotkey)
     if have is not None:
         if have["sha256"] == sha256:
             return
-        raise TransitionError(409, "already_reported", "a different pseudo-gradient was reported")
+        raise TransitionError("already_reported", "a different pseudo-gradient was reported")
     if st.quarantined(m):
-        raise TransitionError(409, "quarantined", f"{hotkey} failed an audit and sits out merges "
+        raise TransitionError("quarantined", f"{hotkey} failed an audit and sits out merges "
                               f"until round {m.quarantined_until}")
     if m.stage in st.frozen:
-        raise TransitionError(409, "frozen", f"stage {m.stage} merge set is already frozen")
+        raise TransitionError("frozen", f"stage {m.stage} merge set is already frozen")
     if hotkey not in st.workers.get(m.stage, []):
-        raise TransitionError(409, "no_work", f"{hotkey} did no work in round {round_}")
+        raise TransitionError("no_work", f"{hotkey} did no work in round {round_}")
     st.pseudograds.setdefault(m.stage, {})[hotkey] = {
         "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch}
-    st.touch("meta", None)
     maybe_freeze(st, now)
 
 
 def merge_set(st: State, round_: int, stage: int) -> list[dict[str, Any]]:
     """The frozen merge set of a stage in fixed (hotkey) order; 409 until frozen."""
-    if round_ != st.round or st.phase != "merge":
-        raise TransitionError(409, "not_merging", f"round {round_} is not merging")
+    if round_ != st.round or st.phase != Phase.MERGE:
+        raise TransitionError("not_merging", f"round {round_} is not merging")
     if not 0 <= stage < st.run.n_stages:
-        raise TransitionError(404, "unknown_stage", f"stage {stage} does not exist")
+        raise TransitionError("unknown_stage", f"stage {stage} does not exist")
     if stage not in st.frozen:
-        raise TransitionError(409, "not_frozen", f"stage {stage} merge set is not frozen yet")
+        raise TransitionError("not_frozen", f"stage {stage} merge set is not frozen yet")
     return [dict(hotkey=h, stage=stage, **st.pseudograds[stage][h]) for h in st.frozen[stage]]
 
 
 def moved_on(st: State, round_: int) -> bool:
     """True when round `round_`'s merge is over: every stage published and the run moved on."""
-    return round_ < st.round or (round_ == st.round and st.phase == "done")
+    return round_ < st.round or (round_ == st.round and st.phase == Phase.DONE)
 
 
 def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
@@ -262,16 +250,16 @@ def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
     `archive_next` is round `round_ + 1`'s archive, needed for rounds older than the last."""
     m = st.miners.get(hotkey)
     if m is None:
-        raise TransitionError(409, "not_registered", f"hotkey {hotkey} is not registered")
+        raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
     if key != f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/state-{sha256}":
-        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not this state's upload key")
-    if round_ == st.round and st.phase == "done":
+        raise TransitionError("bad_key", f"key {key[:200]!r} is not this state's upload key")
+    if round_ == st.round and st.phase == Phase.DONE:
         return m.stage, st.stage_states[m.stage]
     if round_ == st.round - 1:
         return m.stage, StageState(**st.round_states[m.stage])
     states = (archive_next or {}).get("states", [])
     if m.stage >= len(states):
-        raise TransitionError(409, "stale_round", f"round {round_} is too old to report on")
+        raise TransitionError("stale_round", f"round {round_} is too old to report on")
     return m.stage, StageState(**states[m.stage])
 
 
@@ -284,7 +272,7 @@ def check_archived_pseudograd(archive: Optional[dict[str, Any]], hotkey: str, ro
         if item["hotkey"] == hotkey and staged == key:
             if (item["sha256"], item["size"]) == (sha256, size):
                 return
-            raise TransitionError(409, "already_reported",
+            raise TransitionError("already_reported",
                                   "a different pseudo-gradient was reported for this round")
-    raise TransitionError(409, "not_merging", f"round {round_} is over and its merge set does "
+    raise TransitionError("not_merging", f"round {round_} is over and its merge set does "
                           f"not hold this pseudo-gradient from {hotkey}")

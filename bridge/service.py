@@ -82,8 +82,7 @@ class BridgeService:
         st = self.state
         dirty = {**self._pending, **st.dirty} if self._pending else st.dirty
         self._pending = {}
-        if dirty:
-            self.db.commit(st, dirty)
+        if self.db.commit(st, dirty):  # the global fields may have changed with no record
             self.commits += 1
 
     async def apply_async(self, fn: Callable[..., T], *args: Any) -> T:
@@ -99,8 +98,7 @@ class BridgeService:
             st = self.state
             self._pending.update(st.dirty)
             events, wake, wake_all = st.events, st.wake, st.wake_all
-        if self._pending or self._flush_fut is not None:
-            await asyncio.shield(self._batch())
+        await asyncio.shield(self._batch())  # the commit diffs the globals: always join it
         self._effects(events, wake, wake_all)
         if err is not None:
             raise err

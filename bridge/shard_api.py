@@ -28,13 +28,13 @@ async def _seal(svc: BridgeService, staging: str, final: str, size: int) -> None
     """Copy one staged upload of exactly `size` bytes to its final key."""
     have = await run_in_threadpool(svc.object_size, staging)
     if have is None:
-        raise TransitionError(400, "missing_object", f"nothing was uploaded to {staging}")
+        raise TransitionError("missing_object", f"nothing was uploaded to {staging}")
     if have >= 0 and have != size:
-        raise TransitionError(400, "bad_size", f"{staging} holds {have} bytes, not {size}")
+        raise TransitionError("bad_size", f"{staging} holds {have} bytes, not {size}")
     try:
         await run_in_threadpool(svc.promote, staging, final, size)
     except StorageError as exc:
-        raise TransitionError(503, "storage_error", f"could not copy the upload: {exc}"[:500])
+        raise TransitionError("storage_error", f"could not copy the upload: {exc}"[:500])
 
 
 def _final(st: Any, caller: str, round_: int, kind: str, shard: int, sha: str) -> str:
@@ -62,7 +62,7 @@ class ShardApi:
         """A PUT grant to the caller's staging key of one shard object."""
         svc, run = self.svc, self.run
         if req.size > run.max_state_bytes:
-            raise TransitionError(400, "oversized", f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
+            raise TransitionError("oversized", f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
         final = svc.read(lambda st: _final(st, caller, req.round, req.kind, req.shard, req.sha256))
         expires = min(self.ttl, run.merge_timeout_seconds * 2)
         staging = api.staging_key(final, caller)
@@ -73,10 +73,10 @@ class ShardApi:
         """Seal every shard of the caller's pseudo-gradient and enter it in the merge set."""
         svc, run = self.svc, self.run
         if len(req.shas) != run.sync_shards or len(req.sizes) != len(req.shas):
-            raise TransitionError(400, "bad_shards", f"{len(req.shas)} sha256s and {len(req.sizes)} sizes; "
+            raise TransitionError("bad_shards", f"{len(req.shas)} sha256s and {len(req.sizes)} sizes; "
                                   f"the run has sync_shards={run.sync_shards}")
         if any(not 0 < n <= run.max_state_bytes for n in req.sizes):
-            raise TransitionError(400, "bad_size", "every shard size must be in 1..max_state_bytes")
+            raise TransitionError("bad_size", "every shard size must be in 1..max_state_bytes")
         finals = svc.read(lambda st: [_final(st, caller, req.round, "pg", s, sha)
                                       for s, sha in enumerate(req.shas)])
         have = svc.read(lambda st: st.pseudograds.get(st.miners[caller].stage, {}).get(caller)
@@ -109,7 +109,7 @@ class ShardApi:
         """A stage's sharded round: start checkpoint and updates since, pieces, ballot, decision."""
         svc, run, round_, stage = self.svc, self.run, req.round, req.stage
         if not 0 <= stage < run.n_stages:
-            raise TransitionError(404, "unknown_stage", f"stage {stage} does not exist")
+            raise TransitionError("unknown_stage", f"stage {stage} does not exist")
         past = await run_in_threadpool(svc.db.round_archive, round_) if round_ < svc.read(lambda st: st.round) else None
         d = await svc.apply_async(lambda st, now, rng: _view_data(st, now, round_, stage, past))
         b = d["ballot"] or {}
@@ -149,19 +149,19 @@ def _view_data(st: Any, now: float, round_: int, stage: int, past: Optional[dict
     """Plain data of a view, read in one transaction (the ballot opens once the set froze)."""
     shard_round.need_sharded(st)
     if round_ > st.round:
-        raise TransitionError(409, "future_round", f"round {round_} has not started (at {st.round})")
+        raise TransitionError("future_round", f"round {round_} has not started (at {st.round})")
     current = round_ == st.round
     if current:
         rounds.maybe_freeze(st, now)
         if st.round != round_:  # the freeze published the stage and the round moved on
-            raise TransitionError(409, "moved_on", f"round {round_} just ended; ask again")
+            raise TransitionError("moved_on", f"round {round_} just ended; ask again")
         start = st.round_states[stage] if st.round_states else vars(StageState())
         frozen = stage in st.frozen
         items = [dict(hotkey=h, **st.pseudograds[stage][h]) for h in st.frozen.get(stage, [])]
         b = shard_round.ballot(st, round_, stage, now) if st.phase == "merge" else None
     else:
         if past is None or stage >= len(past.get("states", [])):
-            raise TransitionError(409, "not_kept", f"round {round_} is not kept")
+            raise TransitionError("not_kept", f"round {round_} is not kept")
         start, frozen = past["states"][stage], True
         items = [p for p in past.get("pseudograds", []) if p.get("stage") == stage]
         b = shard_round.stored_ballot(st, round_, stage)

@@ -38,7 +38,7 @@ def sharded(st: State) -> bool:
 def need_sharded(st: State) -> None:
     """409 unless the run uses the sharded sync."""
     if not sharded(st):
-        raise TransitionError(409, "not_sharded", "this run's sync_mode is 'state': use /v1/rounds/pseudograd")
+        raise TransitionError("not_sharded", "this run's sync_mode is 'state': report through the pseudograd route")
 
 
 def pieces_sha(shas: list[str]) -> str:
@@ -70,7 +70,7 @@ def report_pieces(st: State, hotkey: str, round_: int, shas: list[str], sizes: l
     """Enter a replica's sharded pseudo-gradient (shards already at `finals`) in the merge set."""
     need_sharded(st)
     if len(shas) != st.run.sync_shards or len(sizes) != len(shas) or len(finals) != len(shas):
-        raise TransitionError(400, "bad_shards", f"{len(shas)} shard sha256s / {len(sizes)} sizes; "
+        raise TransitionError("bad_shards", f"{len(shas)} shard sha256s / {len(sizes)} sizes; "
                               f"the run has sync_shards={st.run.sync_shards}")
     sha = pieces_sha(shas)
     key = rounds.final_key(st, hotkey, round_, "pseudograd", sha)
@@ -79,7 +79,6 @@ def report_pieces(st: State, hotkey: str, round_: int, shas: list[str], sizes: l
     rec = st.pseudograds.get(m.stage, {}).get(hotkey)
     if rec is not None and "shards" not in rec:
         rec["shards"], rec["sizes"], rec["finals"] = list(shas), list(sizes), list(finals)
-        st.touch("meta", None)
 
 
 def _bkey(round_: int, stage: int) -> str:
@@ -109,7 +108,6 @@ def stored_ballot(st: State, round_: int, stage: int) -> Optional[ShardBallot]:
 
 def _save(st: State, b: ShardBallot) -> None:
     st.sync.setdefault("ballots", {})[_bkey(b.round, b.stage)] = ballot_dict(b)
-    st.touch("meta", None)
 
 
 def ballot(st: State, round_: int, stage: int, now: float) -> Optional[ShardBallot]:
@@ -126,10 +124,10 @@ def ballot(st: State, round_: int, stage: int, now: float) -> Optional[ShardBall
 
 def _merging_ballot(st: State, round_: int, stage: int, now: float) -> ShardBallot:
     if round_ != st.round or st.phase != "merge":
-        raise TransitionError(409, "not_merging", f"round {round_} is not merging")
+        raise TransitionError("not_merging", f"round {round_} is not merging")
     b = ballot(st, round_, stage, now)
     if b is None:
-        raise TransitionError(409, "not_frozen", f"stage {stage} merge set is not frozen yet")
+        raise TransitionError("not_frozen", f"stage {stage} merge set is not frozen yet")
     return b
 
 
@@ -139,7 +137,7 @@ def vote(st: State, hotkey: str, round_: int, cast: list[tuple[int, str, str, in
     need_sharded(st)
     m = st.miners.get(hotkey)
     if m is None:
-        raise TransitionError(409, "not_registered", f"hotkey {hotkey} is not registered")
+        raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
     b = _merging_ballot(st, round_, m.stage, now)
     for shard, sha, key, size in cast:
         shard_votes.vote(b, hotkey, shard, sha, key, size, now, st.run.arbitration_timeout_seconds)
@@ -160,11 +158,9 @@ def _after(st: State, b: ShardBallot, now: float) -> None:
         if h in st.miners and h not in st.flagged:
             st.flagged.append(h)
             st.miners[h].disagreements += 1
-            st.touch("miner", h, st.miners[h])
     kept = sum(1 for d in log_[str(b.round)] if d is None)
     log.info("round %d stage %d: all %d shards decided (%d kept)", b.round, b.stage, len(b.mergers), kept)
     _prune(st)
-    st.touch("meta", None)
     if checkpoint_round(st, b.round):
         st.vote_deadline[b.stage] = now + st.run.vote_timeout_seconds  # for the checkpoint vote
         return
@@ -226,6 +222,6 @@ def updates_since(st: State, stage: int, first: int, end: int) -> list[list[Opti
     log_ = st.sync.get("updates", {}).get(str(stage), {})
     missing = [r for r in range(first, end) if str(r) not in log_]
     if missing:
-        raise TransitionError(409, "updates_pruned", f"stage {stage}: the updates of rounds "
+        raise TransitionError("updates_pruned", f"stage {stage}: the updates of rounds "
                               f"{missing[:5]} are not kept; load a later checkpoint")
     return [log_[str(r)] for r in range(first, end)]

@@ -58,13 +58,13 @@ def vote(b: ShardBallot, hotkey: str, shard: int, sha256: str, key: str, size: i
     """Record a merger's vote on a shard; returns whether it agrees with the decision (None:
     undecided yet). 400 for a shard out of range, 409 for a non-merger or a changed vote."""
     if not 0 <= shard < len(b.mergers):
-        raise TransitionError(400, "bad_shard", f"shard {shard} is not in 0..{len(b.mergers) - 1}")
+        raise TransitionError("bad_shard", f"shard {shard} is not in 0..{len(b.mergers) - 1}")
     if hotkey not in b.mergers[shard]:
-        raise TransitionError(409, "not_a_merger", f"{hotkey} does not merge shard {shard} of stage "
+        raise TransitionError("not_a_merger", f"{hotkey} does not merge shard {shard} of stage "
                               f"{b.stage} in round {b.round}: download the decided update instead")
     cast = b.votes.setdefault(shard, {})
     if hotkey in cast and cast[hotkey]["sha256"] != sha256:
-        raise TransitionError(409, "already_voted", "a different merged shard was reported")
+        raise TransitionError("already_voted", "a different merged shard was reported")
     cast[hotkey] = {"sha256": sha256, "key": key, "size": size}
     if shard not in b.decided:
         _settle(b, shard, now, arbitration_timeout)
@@ -124,7 +124,7 @@ def on_time(b: ShardBallot, now: float, arbitration_timeout: float) -> None:
 def arbitrate(b: ShardBallot, shard: int, sha256: str) -> bool:
     """A validator's recomputed sha settles a disputed shard; returns whether a voter agreed."""
     if shard not in b.disputes or shard in b.decided:
-        raise TransitionError(409, "no_dispute", f"shard {shard} of stage {b.stage} is not in dispute")
+        raise TransitionError("no_dispute", f"shard {shard} of stage {b.stage} is not in dispute")
     voters = _groups(b, shard).get(sha256, [])
     _decide(b, shard, voters)
     return bool(voters)
@@ -138,7 +138,7 @@ def complete(b: ShardBallot) -> bool:
 def update_refs(b: ShardBallot) -> list[Optional[dict[str, Any]]]:
     """The decided update per shard ({sha256, key, size, alt_keys}, or None to keep it)."""
     if not complete(b):
-        raise TransitionError(409, "not_decided", f"stage {b.stage}: shards "
+        raise TransitionError("not_decided", f"stage {b.stage}: shards "
                               f"{[s for s in range(len(b.mergers)) if s not in b.decided][:10]} undecided")
     return [b.decided[s] for s in range(len(b.mergers))]
 

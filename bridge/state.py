@@ -1,23 +1,27 @@
-"""Training transitions (pure: state record in, state record out; `now` and the RNG passed in).
+"""Training transitions: register, leave, lease, complete (hop done), step_done and tick.
 
-register, lease, complete (hop done), step_done and expire; claims about bad hop outputs are
-judged in bridge.claims. Every transition validates before it mutates, so a refused call
-(TransitionError) leaves the state untouched.
+They change the state record in place and do no I/O: time (`now`) and randomness (`rng`) are
+passed in, so the same calls on the same state give the same result, and the caller (the
+service) persists what changed. Hops are placed and re-placed by bridge.dispatch; claims about
+bad hop outputs are judged in bridge.claims. A transition checks what it was asked before it
+changes anything, so a refusal (TransitionError) keeps only what `tick` applied first (lease
+expiries and merge timeouts, which the clock alone would have applied).
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 from itertools import islice
 from typing import Any, Optional
 
 from bridge import rounds
-from bridge.records import Hop, Miner, State, TransitionError
-from bridge.routing import choose_stage, pick_replica
+from bridge.dispatch import expire, make_bwd, new_hop, retry_hop, route_fwd
+from bridge.records import FwdRecord, Hop, Miner, ObjRef, State, TransitionError
+from bridge.routing import choose_stage
+from protocol.lifecycle import HopKind, HopStatus, Phase, SampleStatus
 
-__all__ = ["register", "leave", "lease", "check_done", "complete", "step_done", "expire",
-           "tick", "LeaseResult", "output_key", "upload_key", "penalize", "retry_hop", "redo_hop"]
+__all__ = ["register", "leave", "lease", "check_done", "complete", "step_done", "tick",
+           "LeaseResult", "output_key", "upload_key"]
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +31,9 @@ LeaseResult = tuple[str, list[Hop], float]  # action, hops, retry_after
 def output_key(st: State, hop: Hop) -> Optional[str]:
     """`runs/{run}/r{round}/s{stage}/{act|grad}/{hop_id}`, or None for a stage-0 backward.
     The sealed key: only the bridge writes it (a server-side copy at `done`)."""
-    if hop.stage == 0 and hop.kind in ("bwd", "fwdbwd"):
+    if hop.stage == 0 and hop.kind in (HopKind.BWD, HopKind.FWDBWD):
         return None
-    part = "act" if hop.kind == "fwd" else "grad"
+    part = "act" if hop.kind == HopKind.FWD else "grad"
     return f"runs/{st.run.run_id}/r{hop.round}/s{hop.stage}/{part}/{hop.hop_id}"
 
 
@@ -43,7 +47,7 @@ def upload_key(out_key: str) -> str:
 def _miner(st: State, hotkey: str) -> Miner:
     m = st.miners.get(hotkey)
     if m is None:
-        raise TransitionError(409, "not_registered",
+        raise TransitionError("not_registered",
                               f"hotkey {hotkey} has no stage: POST /v1/miners/register first")
     return m
 
@@ -51,7 +55,7 @@ def _miner(st: State, hotkey: str) -> Miner:
 def tick(st: State, now: float, rng: random.Random) -> None:
     """Apply everything that happens with time: lease expiries and merge-set timeouts."""
     expire(st, now, rng)
-    if st.phase == "merge":
+    if st.phase == Phase.MERGE:
         rounds.maybe_freeze(st, now)
 
 
@@ -72,7 +76,6 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
         m.quota_used = m.step_samples = m.open_graphs = m.round_samples = 0
-        st.touch("miner", hotkey, m)
         log.info("miner %s rejoined stage %d (epoch %d)", hotkey, m.stage, m.epoch)
         return m
     stage = choose_stage(st, now)
@@ -81,9 +84,8 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
               throughput=sum(peers) / len(peers) if peers else 1.0,
               device_class=numerics[0], compute_dtype=numerics[1])
     st.miners[hotkey] = m
-    st.touch("miner", hotkey, m)
     log.info("miner %s registered on stage %d", hotkey, stage)
-    if st.phase == "waiting" and all(st.stage_miners(s) for s in range(st.run.n_stages)):
+    if st.phase == Phase.WAITING and all(st.stage_miners(s) for s in range(st.run.n_stages)):
         rounds.start_round(st, 0, now)
     return m
 
@@ -96,7 +98,6 @@ def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:
     for hid in held:
         retry_hop(st, st.hops[hid], now, rng, "miner left", penalize_holder=False)
     m.active, m.last_seen = False, now
-    st.touch("miner", hotkey, m)
     log.info("miner %s left stage %d (%d hops moved)", hotkey, m.stage, len(held))
     return len(held)
 
@@ -108,12 +109,12 @@ def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:
     for name, val, needed in (("fwd_out_bytes", fwd_bytes, stage < last),
                               ("bwd_out_bytes", bwd_bytes, stage > 0)):
         if val > cap:
-            raise TransitionError(400, "oversized",
+            raise TransitionError("oversized",
                                   f"{name}={val} exceeds max_object_bytes={cap}")
         if needed and val <= 0:
-            raise TransitionError(400, "bad_size", f"{name} must be > 0 for stage {stage}")
+            raise TransitionError("bad_size", f"{name} must be > 0 for stage {stage}")
         if code is not None and val not in ((code,) if needed else (0, code)):
-            raise TransitionError(400, "bad_size", f"{name}={val}, but this run's code is "
+            raise TransitionError("bad_size", f"{name}={val}, but this run's code is "
                                   f"exactly {code} bytes (model config, batch_size, wire codec)"
                                   + ("" if needed else f"; send 0 at stage {stage}"))
 
@@ -125,16 +126,15 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     _check_sizes(st, m.stage, fwd_bytes, bwd_bytes)
     tick(st, now, rng)
     m.last_seen = now
-    st.touch("miner", hotkey, m)
     if not m.active:
         return "reassign", [], 0.0
-    if st.quarantined(m) and st.phase in ("train", "merge"):
+    if st.quarantined(m) and st.phase in (Phase.TRAIN, Phase.MERGE):
         return "wait", [], 5.0  # a validator failed it: no work until the quarantine ends
-    if st.phase == "waiting":
+    if st.phase == Phase.WAITING:
         return "wait", [], 1.0
-    if st.phase == "done":
+    if st.phase == Phase.DONE:
         return "done", [], 0.0
-    if st.phase == "merge":
+    if st.phase == Phase.MERGE:
         return ("step" if m.step_samples > 0 else "merge"), [], 0.0
     quota = st.run.micro_batches_per_step
     got: list[Hop] = []
@@ -145,7 +145,7 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
             if len(got) >= max_hops:
                 break
             hop = st.hops[hid]
-            if (hop.kind == "bwd") == want_bwd:
+            if (hop.kind == HopKind.BWD) == want_bwd:
                 got.append(hop)
         if want_bwd:
             room = min(max_hops - len(got), quota - m.quota_used)
@@ -187,27 +187,26 @@ def _claimable(st: State, pool: Any, m: Miner, now: float, room: int) -> list[st
 def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
                now: float) -> None:
     st.unplace(hop)
-    hop.status, hop.leased_to, hop.assigned_to = "leased", m.hotkey, m.hotkey
+    hop.status, hop.leased_to, hop.assigned_to = HopStatus.LEASED, m.hotkey, m.hotkey
     hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
     hop.inner_step, hop.epoch = m.inner_step, m.epoch
     hop.device_class, hop.compute_dtype = m.device_class, m.compute_dtype
     hop.out_key = output_key(st, hop)
-    hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == "fwd" else bwd_bytes)
+    hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == HopKind.FWD else bwd_bytes)
     st.place(hop)
-    st.touch("hop", hop.hop_id, hop)
 
 
 def check_done(st: State, hotkey: str, hop_id: str, now: float) -> Hop:
     """The hop `hotkey` may report done now (409 otherwise); no mutation."""
     hop = st.hops.get(hop_id)
     if hop is None:
-        raise TransitionError(404, "unknown_hop", f"hop_id {hop_id} is not an open hop")
+        raise TransitionError("unknown_hop", f"hop_id {hop_id} is not an open hop")
     if hop.leased_to != hotkey:
-        raise TransitionError(409, "not_yours", f"hop {hop_id} is not leased to {hotkey}")
-    if hop.status != "leased":
-        raise TransitionError(409, "not_leased", f"hop {hop_id} is {hop.status}, not leased")
+        raise TransitionError("not_yours", f"hop {hop_id} is not leased to {hotkey}")
+    if hop.status != HopStatus.LEASED:
+        raise TransitionError("not_leased", f"hop {hop_id} is {hop.status}, not leased")
     if now > hop.deadline:
-        raise TransitionError(409, "expired", f"lease of hop {hop_id} expired")
+        raise TransitionError("expired", f"lease of hop {hop_id} expired")
     return hop
 
 
@@ -217,13 +216,12 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
     tick(st, now, rng)
     hop = check_done(st, hotkey, hop_id, now)
     if hop.out_key is not None and (sha256 is None or size != hop.out_size):
-        raise TransitionError(400, "bad_size", f"hop {hop_id}: size must be {hop.out_size} "
+        raise TransitionError("bad_size", f"hop {hop_id}: size must be {hop.out_size} "
                               f"with a sha256, got size={size} sha256={sha256}")
     m = st.miners[hotkey]
     st.unplace(hop)
-    hop.status, hop.done_at, hop.out_sha = "done", now, sha256
-    hop.loss = loss if hop.kind == "fwdbwd" else None
-    st.touch("hop", hop_id, hop)
+    hop.status, hop.done_at, hop.out_sha = HopStatus.DONE, now, sha256
+    hop.loss = loss if hop.kind == HopKind.FWDBWD else None
     dt = max(1e-3, now - max(m.last_done_at, hop.leased_at))
     m.throughput = (1 - st.tun.ema) * m.throughput + st.tun.ema / dt
     m.health = min(1.0, m.health + 0.2 * (1.0 - m.health))
@@ -232,152 +230,28 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
     m.bytes_moved += size
     st.stage_counters[hop.stage]["hops_done"] += 1
     st.stage_counters[hop.stage]["bytes"] += size
-    st.touch("miner", hotkey, m)
     sample = st.samples[hop.sample_id]
-    st.touch("sample", sample.sample_id, sample)
-    st.touch("meta", None)
-    out = [hop.out_key, sha256, size]
-    if hop.kind in ("fwd", "fwdbwd"):
+    out = None if hop.out_key is None else ObjRef(hop.out_key, sha256, size)
+    if hop.kind.runs_forward:
         sample.fwd_done_stage = hop.stage
-        sample.fwd_by[hop.stage] = [hotkey, m.epoch, hop_id]
+        sample.fwd_by[hop.stage] = FwdRecord(hotkey, m.epoch, hop_id)
         st.fwd_pending[hop.stage] -= 1
-    if hop.kind == "fwd":
+    if hop.kind == HopKind.FWD:
         m.open_graphs += 1
-        nxt = "fwdbwd" if hop.stage + 1 == st.run.n_stages - 1 else "fwd"
-        _route_fwd(st, _new_hop(st, hop, hop.stage + 1, nxt, act_in=out), now, rng)
+        nxt = HopKind.FWDBWD if hop.stage + 1 == st.run.n_stages - 1 else HopKind.FWD
+        route_fwd(st, new_hop(st, hop, hop.stage + 1, nxt, act_in=out), now, rng)
         return hop
     m.step_samples += 1
     m.round_samples += 1
-    if hop.kind == "fwdbwd":
+    if hop.kind == HopKind.FWDBWD:
         st.recent_losses = (st.recent_losses + [loss])[-256:] if loss is not None else st.recent_losses
     elif not hop.recompute:
         rounds.drop_graph(st, sample, hop.stage)
     if hop.stage == 0:
-        rounds.finish_sample(st, sample, "completed", "", now)
+        rounds.finish_sample(st, sample, SampleStatus.COMPLETED, "", now)
     else:
-        _make_bwd(st, sample, hop, out, now, rng)
+        make_bwd(st, sample, hop, out, now, rng)
     return hop
-
-
-def _new_hop(st: State, src: Hop, stage: int, kind: str, act_in: Any = None,
-             grad_in: Any = None, attempt: int = 1, avoid: tuple = ()) -> Hop:
-    hop = Hop(hop_id=st.next_hop_id(), sample_id=src.sample_id, round=src.round, stage=stage,
-              kind=kind, attempt=attempt, act_in=act_in, grad_in=grad_in, avoid=list(avoid))
-    st.hops[hop.hop_id] = hop
-    st.touch("hop", hop.hop_id, hop)
-    return hop
-
-
-def _assign(st: State, hop: Hop, m: Miner, now: float) -> None:
-    hop.status, hop.assigned_to = "assigned", m.hotkey
-    hop.deadline = now + st.run.lease_seconds  # claim deadline
-    st.place(hop)
-
-
-def _route_fwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
-    """Stage-0 forwards wait in the pool; later ones go to a replica picked by pathfinding."""
-    m = pick_replica(st, hop.stage, now, rng, hop.avoid) if hop.stage > 0 else None
-    if m is None:
-        st.place(hop)  # pool: any eligible replica claims it at lease time
-        return
-    m.quota_used += 1
-    st.touch("miner", m.hotkey, m)
-    _assign(st, hop, m, now)
-
-
-def _make_bwd(st: State, sample: Any, src: Hop, grad: Any, now: float,
-              rng: random.Random, attempt: int = 1, avoid: tuple = ()) -> None:
-    """The stage s-1 backward: to the forward's replica if it still holds the graph, else
-    recompute elsewhere (routed like a forward, counted against quota)."""
-    stage = src.stage - 1
-    key = sample.fwd_by[stage]
-    fwd_hop = st.hops[key[2]]
-    hop = _new_hop(st, src, stage, "bwd", grad_in=grad, attempt=attempt, avoid=avoid)
-    hop.fwd_hop_id = fwd_hop.hop_id
-    holder = st.miners.get(key[0])
-    if holder is not None and key[1] == holder.epoch and st.healthy(holder, now) \
-            and holder.hotkey not in hop.avoid:
-        _assign(st, hop, holder, now)
-        return
-    rounds.drop_graph(st, sample, stage)
-    hop.recompute, hop.act_in = True, fwd_hop.act_in
-    st.stage_counters[stage]["reroutes"] += 1
-    log.info("reroute: bwd %s of sample %d at stage %d recomputes elsewhere",
-             hop.hop_id, sample.sample_id, stage)
-    _route_fwd(st, hop, now, rng) if stage > 0 else _route_stage0_bwd(st, hop, now, rng)
-
-
-def _route_stage0_bwd(st: State, hop: Hop, now: float, rng: random.Random) -> None:
-    m = pick_replica(st, 0, now, rng, hop.avoid)
-    if m is None:
-        st.place(hop)
-        return
-    m.quota_used += 1
-    st.touch("miner", m.hotkey, m)
-    _assign(st, hop, m, now)
-
-
-def penalize(st: State, m: Miner, now: float) -> None:
-    """Halve a miner's health (routing weight) and keep routed work off it for a while."""
-    m.health = max(st.tun.min_health, m.health * 0.5)
-    m.backoff_until = now + st.tun.backoff_seconds
-    st.touch("miner", m.hotkey, m)
-
-
-def retry_hop(st: State, hop: Hop, now: float, rng: random.Random, why: str,
-              penalize_holder: bool = True, status: str = "expired",
-              avoid: tuple = ()) -> None:
-    """Close a hop attempt and send the work elsewhere (attempt+1, never to a hotkey in
-    `avoid` while another replica can take it), or abandon the sample once attempts are
-    used up."""
-    holder = st.miners.get(hop.leased_to or hop.assigned_to or "")
-    st.unplace(hop)
-    hop.status, hop.note = status, why
-    st.touch("hop", hop.hop_id, hop)
-    if holder is not None and penalize_holder:
-        holder.expiries += status == "expired"
-        penalize(st, holder, now)
-    st.stage_counters[hop.stage]["expiries"] += status == "expired"
-    st.touch("meta", None)
-    sample = st.samples[hop.sample_id]
-    if hop.attempt >= st.run.max_attempts:
-        rounds.finish_sample(st, sample, "abandoned", f"{why} after {hop.attempt} attempts", now)
-        return
-    redo_hop(st, hop, now, rng, avoid)
-
-
-def redo_hop(st: State, hop: Hop, now: float, rng: random.Random, avoid: tuple = ()) -> None:
-    """Route `hop`'s work again as attempt+1: a forward from the same input, a backward
-    (recomputed when its graph is gone) from the same incoming gradient."""
-    sample = st.samples[hop.sample_id]
-    st.stage_counters[hop.stage]["reroutes"] += 1
-    st.touch("meta", None)
-    av = tuple(dict.fromkeys([*hop.avoid, *avoid]))
-    if hop.kind == "bwd":
-        if not hop.recompute:
-            rounds.drop_graph(st, sample, hop.stage)
-        src = Hop(hop_id="", sample_id=hop.sample_id, round=hop.round, stage=hop.stage + 1,
-                  kind="bwd")
-        _make_bwd(st, sample, src, hop.grad_in, now, rng, attempt=hop.attempt + 1, avoid=av)
-        return
-    _route_fwd(st, _new_hop(st, hop, hop.stage, hop.kind, act_in=hop.act_in,
-                            attempt=hop.attempt + 1, avoid=av), now, rng)
-
-
-def expire(st: State, now: float, rng: random.Random) -> int:
-    """Expire every lease (and unclaimed assignment) past its deadline; returns how many."""
-    n = 0
-    while st.heap and st.heap[0][0] < now:
-        deadline, hid = st.heap[0]
-        heapq.heappop(st.heap)
-        hop = st.hops.get(hid)
-        if hop is None or hop.status not in ("assigned", "leased") or hop.deadline != deadline:
-            continue
-        log.info("lease expiry: hop %s (%s stage %d) held by %s", hid, hop.kind, hop.stage,
-                 hop.leased_to or hop.assigned_to)
-        retry_hop(st, hop, now, rng, "lease expired")
-        n += 1
-    return n
 
 
 def step_done(st: State, hotkey: str, round_: int, inner_step: int, samples: int,
@@ -385,19 +259,18 @@ def step_done(st: State, hotkey: str, round_: int, inner_step: int, samples: int
     """Advance a miner's inner step once (a repeated report of the last step is a no-op)."""
     m = _miner(st, hotkey)
     if round_ != st.round:
-        raise TransitionError(409, "wrong_round", f"round={round_} but the run is at {st.round}")
+        raise TransitionError("wrong_round", f"round={round_} but the run is at {st.round}")
     if inner_step == m.inner_step - 1 and m.step_samples == 0:
         return m  # the same report again (client retry): applied once already
     if inner_step != m.inner_step:
-        raise TransitionError(409, "wrong_step", f"inner_step={inner_step}, expected {m.inner_step}")
+        raise TransitionError("wrong_step", f"inner_step={inner_step}, expected {m.inner_step}")
     if st.leased.get(hotkey) or m.open_graphs:
-        raise TransitionError(409, "open_work", "finish leased hops and backwards before stepping")
+        raise TransitionError("open_work", "finish leased hops and backwards before stepping")
     if m.step_samples == 0 or samples != m.step_samples:
-        raise TransitionError(409, "wrong_samples",
+        raise TransitionError("wrong_samples",
                               f"samples={samples}, the bridge counted {m.step_samples}")
     m.inner_step += 1
     m.round_steps += 1
     m.quota_used = m.step_samples = 0
     m.last_seen = now
-    st.touch("miner", hotkey, m)
     return m

@@ -1,10 +1,11 @@
 """Turn state records into wire messages (presigning URLs). Pure apart from URL signing."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from bridge import shard_round
-from bridge.records import Hop, StageState, State
+from bridge.records import Hop, ObjRef, StageState, State
+from protocol.lifecycle import Phase
 from bridge.state import upload_key
 from protocol import messages as msg
 
@@ -13,10 +14,10 @@ __all__ = ["hop_message", "state_ref", "metrics", "hop_record", "merge_item"]
 Signer = Callable[[str, float], str]
 
 
-def _obj(ref: Optional[list[Any]], get_url: Signer, ttl: float) -> Optional[msg.ObjectRef]:
-    if ref is None or ref[0] is None:
+def _obj(ref: Optional[ObjRef], get_url: Signer, ttl: float) -> Optional[msg.ObjectRef]:
+    if ref is None:
         return None
-    return msg.ObjectRef(key=ref[0], url=get_url(ref[0], ttl), sha256=ref[1], size=ref[2])
+    return msg.ObjectRef(key=ref.key, url=get_url(ref.key, ttl), sha256=ref.sha256, size=ref.size)
 
 
 def hop_message(hop: Hop, get_url: Signer, put_url: Callable[[str, int, float], str],
@@ -53,7 +54,7 @@ def merge_item(i: dict, get_url: Signer, ttl: float) -> msg.MergeItem:
 
 def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
     """A completed hop for the validator's hop log."""
-    out = None if hop.out_key is None else [hop.out_key, hop.out_sha, hop.out_size]
+    out = None if hop.out_key is None else ObjRef(hop.out_key, hop.out_sha, hop.out_size)
     return msg.HopRecord(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,
                          stage=hop.stage, kind=hop.kind, inner_step=hop.inner_step, epoch=hop.epoch,
                          recompute=hop.recompute, miner_hotkey=hop.leased_to or "",
@@ -86,7 +87,7 @@ def metrics(st: State, now: float) -> msg.Metrics:
                                                               key=lambda m: m.hotkey)]
     return msg.Metrics(
         run_id=st.run.run_id, round=st.round, phase=st.phase,
-        samples_total=st.run.samples_per_round if st.phase != "waiting" else 0,
+        samples_total=st.run.samples_per_round if st.phase != Phase.WAITING else 0,
         samples_completed=st.r_completed, samples_abandoned=st.r_abandoned,
         abandoned_total=st.abandoned_total, completed_total=st.completed_total,
         abandon_reasons=dict(st.abandon_reasons), stages=stages, miners=miners,

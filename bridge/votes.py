@@ -15,6 +15,7 @@ import logging
 from typing import Any, Optional
 
 from bridge.records import StageState, State, TransitionError
+from protocol.lifecycle import Phase
 
 __all__ = ["report_merged", "add_late_vote", "recorded_size", "on_time", "arbitrate", "publish", "open_disputes"]
 
@@ -29,17 +30,16 @@ def report_merged(st: State, hotkey: str, round_: int, sha256: str, key: str, si
     from bridge.rounds import _member, final_key
     m = _member(st, hotkey, round_)
     if key != final_key(st, hotkey, round_, "state", sha256):
-        raise TransitionError(400, "bad_key", f"key {key[:200]!r} is not this state's key")
+        raise TransitionError("bad_key", f"key {key[:200]!r} is not this state's key")
     if m.stage not in st.frozen:
-        raise TransitionError(409, "not_frozen", f"stage {m.stage} merge set is not frozen yet")
+        raise TransitionError("not_frozen", f"stage {m.stage} merge set is not frozen yet")
     if hotkey not in st.frozen[m.stage]:
-        raise TransitionError(409, "not_in_merge_set", f"{hotkey} is not in stage {m.stage}'s "
+        raise TransitionError("not_in_merge_set", f"{hotkey} is not in stage {m.stage}'s "
                               "merge set: load the published state when it comes")
     cast = st.votes.setdefault(m.stage, {})
     if hotkey in cast and cast[hotkey]["sha256"] != sha256:
-        raise TransitionError(409, "already_voted", "a different merged state was reported")
+        raise TransitionError("already_voted", "a different merged state was reported")
     cast[hotkey] = {"sha256": sha256, "key": key, "size": size}
-    st.touch("meta", None)
     if st.published.get(m.stage):
         return sha256 == st.stage_states[m.stage].sha256
     _settle(st, m.stage, now)
@@ -61,7 +61,7 @@ def add_late_vote(archive: dict[str, Any], hotkey: str, stage: int, sha256: str)
 def recorded_size(st: State, hotkey: str, sha256: str) -> Optional[int]:
     """Size of `hotkey`'s recorded vote for `sha256` in the merging round (None: not recorded)."""
     m = st.miners.get(hotkey)
-    if m is None or st.phase != "merge":
+    if m is None or st.phase != Phase.MERGE:
         return None
     v = st.votes.get(m.stage, {}).get(hotkey)
     return v["size"] if v is not None and v["sha256"] == sha256 else None
@@ -90,7 +90,6 @@ def _settle(st: State, stage: int, now: float) -> None:
 
 def _open_dispute(st: State, stage: int, now: float, why: str) -> None:
     st.disputes[stage] = now + st.run.arbitration_timeout_seconds
-    st.touch("meta", None)
     st.events.append(("dispute", (st.round, stage)))
     log.warning("round %d stage %d: %s (%s); waiting up to %.0fs for a validator's "
                 "recomputation", st.round, stage, why,
@@ -119,7 +118,7 @@ def on_time(st: State, stage: int, now: float) -> None:
 
 def open_disputes(st: State) -> list[dict[str, Any]]:
     """Disputed stages of the merging round, with their frozen sets and votes."""
-    if st.phase != "merge":
+    if st.phase != Phase.MERGE:
         return []
     out = []
     for stage in sorted(st.disputes):
@@ -137,9 +136,9 @@ def arbitrate(st: State, validator: str, round_: int, stage: int, sha256: str,
               now: float) -> bool:
     """A validator's recomputed sha settles a dispute: the agreeing voters' state is published,
     or, when no voter agrees, the previous state is kept. Returns whether a vote agreed."""
-    if round_ != st.round or st.phase != "merge" or stage not in st.disputes \
+    if round_ != st.round or st.phase != Phase.MERGE or stage not in st.disputes \
             or st.published.get(stage):
-        raise TransitionError(409, "no_dispute", f"round {round_} stage {stage} is not in dispute")
+        raise TransitionError("no_dispute", f"round {round_} stage {stage} is not in dispute")
     voters = _groups(st, stage).get(sha256, [])
     log.warning("round %d stage %d: validator %s recomputed %s; %s", round_, stage,
                 validator[:10], sha256[:12],
@@ -164,10 +163,8 @@ def publish(st: State, stage: int, voters: list[str], now: float) -> None:
             st.flagged.append(h)
             if h in st.miners:
                 st.miners[h].disagreements += 1
-                st.touch("miner", h, st.miners[h])
     st.published[stage] = True
     st.disputes.pop(stage, None)
-    st.touch("meta", None)
     st.events.append(("published", (st.round, stage)))
     log.info("round %d stage %d: state for round %d published (%s)", st.round, stage,
              st.round + 1, (st.stage_states[stage].sha256 or "init")[:12])

@@ -19,6 +19,7 @@ from bridge.auth import Authenticator
 from bridge.records import TransitionError
 from protocol import messages as msg
 from protocol.auth import AuthFailed, request_target
+from protocol.errors import http_status, retry_after
 from protocol.routes import Route
 
 __all__ = ["Endpoint", "answer", "body_too_large", "json_response", "error_response",
@@ -40,8 +41,7 @@ def error_response(status: int, code: str, message: str,
 def error_response_for(exc: Exception, where: str = "") -> Response:
     """The one mapping of an exception to an HTTP error answer."""
     if isinstance(exc, TransitionError):
-        return error_response(exc.status, exc.code, exc.message,
-                              1.0 if exc.status in (409, 429) else None)
+        return error_response(http_status(exc.code), exc.code, exc.message, retry_after(exc.code))
     if isinstance(exc, AuthFailed):
         return error_response(exc.status_code, "http_error", str(exc))
     if isinstance(exc, StarletteHTTPException):
@@ -56,7 +56,7 @@ def error_response_for(exc: Exception, where: str = "") -> Response:
 
 def body_too_large(limit: int) -> TransitionError:
     """The refusal of a request body over `limit` bytes."""
-    return TransitionError(413, "body_too_large", f"request body over {limit} bytes")
+    return TransitionError("body_too_large", f"request body over {limit} bytes")
 
 
 def json_response(model: BaseModel) -> Response:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protocol.dataset import DatasetRef
+from protocol.lifecycle import HopKind
 from resbm import codec
 
 from . import hop_exec
@@ -192,13 +193,13 @@ def _replay_hop(worker: StageWorker, i: int, rec: HopRecord, settings: ReplaySet
     check = HopCheck(index=i, sample_id=rec.sample_id, kind=rec.kind, inner_step=rec.inner_step, ok=True)
     public = hop_exec.PublicData(settings.data_seed, settings.batch_size, settings.dataset)
     res = hop_exec.run_hop(worker, rec.kind, rec.sample_id, rec.recompute, rec.inputs, rec.grad, public)
-    if rec.kind == "fwd":
+    if rec.kind == HopKind.FWD:
         _check_tensor(check, res.out, rec.claimed_output, tol)
     elif res.out is not None:  # an input gradient: the claim went through the wire codec
         _check_tensor(check, codec.roundtrip(res.out, settings.wire_codec), rec.claimed_output, tol)
     elif rec.claimed_output is not None:
         check.ok, check.reason = False, f"stage 0 {rec.kind} claims an output it cannot have"
-    if rec.kind == "fwdbwd":
+    if rec.kind == HopKind.FWDBWD:
         check.loss_replayed, check.loss_claimed = res.loss, rec.claimed_loss
         if check.ok:
             bound = tol.loss_abs + tol.loss_rel * abs(res.loss)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protocol.audit_tolerances import AuditTolerance
+from protocol.lifecycle import HopKind
 
 __all__ = ["HopError", "Spread", "honest_spread", "derive_tolerances", "passes", "separation"]
 
@@ -80,7 +81,7 @@ def passes(e: HopError, tol: AuditTolerance) -> bool:
         ok = ok and abs(e.norm_ratio - 1.0) <= tol.norm_ratio
     else:
         ok = ok and abs(e.norm_ratio - 1.0) <= tol.rel_err
-    if tol.kind == "fwdbwd":
+    if tol.kind == HopKind.FWDBWD:
         ok = ok and abs(e.loss_diff) <= tol.loss_abs
     return ok
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from protocol.dataset import DatasetRef
+from protocol.lifecycle import HopKind
 from resbm import data
 from neurons.stage_worker import StageWorker, WorkerError
 
 __all__ = ["HOP_KINDS", "HopOutput", "PublicData", "needs_activation", "needs_gradient", "run_hop"]
 
-HOP_KINDS = ("fwd", "bwd", "fwdbwd")
+HOP_KINDS = tuple(k.value for k in HopKind)
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,12 @@ class HopOutput:
 
 def needs_activation(kind: str, recompute: bool) -> bool:
     """True when the hop runs a forward: it needs the stage input (an activation on stages > 0)."""
-    return kind != "bwd" or recompute
+    return kind != HopKind.BWD or recompute
 
 
 def needs_gradient(kind: str) -> bool:
     """True when the hop needs the gradient of the stage output (from the next stage)."""
-    return kind == "bwd"
+    return kind == HopKind.BWD
 
 
 def run_hop(worker: StageWorker, kind: str, sample_id: int, recompute: bool, act: torch.Tensor | None,
@@ -62,17 +63,17 @@ def run_hop(worker: StageWorker, kind: str, sample_id: int, recompute: bool, act
     graph is open for the sample: stage 0 from the public tokens, other stages only from `act`."""
     if kind not in HOP_KINDS:
         raise WorkerError(f"unknown hop kind {kind!r}; expected one of {HOP_KINDS}")
-    recompute = kind == "bwd" and (recompute or sample_id not in worker.open_graphs)
+    recompute = kind == HopKind.BWD and (recompute or sample_id not in worker.open_graphs)
     tokens = targets = None
-    if kind == "fwdbwd" or (needs_activation(kind, recompute) and (worker.is_first or worker.needs_tokens)):
+    if kind == HopKind.FWDBWD or (needs_activation(kind, recompute) and (worker.is_first or worker.needs_tokens)):
         tokens, targets = public.batch(sample_id, worker.cfg.seq_len)
     inp = tokens if worker.is_first else act
     side = tokens if worker.needs_tokens else None
-    if kind != "bwd" and inp is None:
+    if kind != HopKind.BWD and inp is None:
         raise WorkerError(f"sample {sample_id}: {kind} hop has no input code")
-    if kind == "fwd":
+    if kind == HopKind.FWD:
         return HopOutput(worker.forward(sample_id, inp, side))
-    if kind == "fwdbwd":
+    if kind == HopKind.FWDBWD:
         loss, input_grad = worker.forward_backward(sample_id, inp, targets, side)
         return HopOutput(input_grad, loss)
     if grad is None:

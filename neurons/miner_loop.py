@@ -16,6 +16,7 @@ import torch
 
 from protocol.bridge_client import BridgeClient
 from protocol.client import BridgeError
+from protocol.lifecycle import HopKind
 from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, LeaseResponse,
                                RegisterRequest, StepDone)
 from resbm import codec, data
@@ -276,7 +277,7 @@ class Miner:
     def _report_bad_input(self, hop: Hop, exc: BadInput) -> None:
         log.warning("hop %s: bad input (%s), reporting it", hop.hop_id, exc)
         self.status.bad_inputs += 1
-        if hop.kind == "bwd" and not hop.recompute:
+        if hop.kind == HopKind.BWD and not hop.recompute:
             self.worker.release(hop.sample_id)
         self._fail(hop, exc.reason, exc.detail)
 

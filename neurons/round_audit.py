@@ -10,6 +10,7 @@ from collections import Counter
 
 import torch
 
+from protocol.lifecycle import HopKind
 from protocol.messages import HopLog, HopRecord as WireRecord, RunConfig
 from resbm import outer
 from resbm.config import ModelConfig
@@ -30,7 +31,7 @@ def hop_counts(records: list[WireRecord]) -> dict[str, int]:
     """Hops per compute class for scoring (fwd, bwd, fwdbwd, bwd_recompute)."""
     c: Counter = Counter()
     for r in records:
-        c["bwd_recompute" if (r.kind == "bwd" and r.recompute) else r.kind] += 1
+        c["bwd_recompute" if (r.kind == HopKind.BWD and r.recompute) else r.kind] += 1
     return dict(c)
 
 

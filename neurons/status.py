@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
+from protocol.lifecycle import HopKind
+
 __all__ = ["MinerStatus"]
 
 log = logging.getLogger("miner")
@@ -49,7 +51,7 @@ class MinerStatus:
         self.last_hop_at = now
         self.compute_seconds += seconds
         self.hops_computed += 1
-        if hop.kind in ("fwd", "fwdbwd"):
+        if hop.kind != HopKind.BWD:
             self.tokens += tokens
         if loss is not None:
             self.last_loss = loss

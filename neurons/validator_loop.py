@@ -15,6 +15,7 @@ import httpx
 
 from protocol.bridge_client import BridgeClient
 from protocol.client import BridgeError
+from protocol.lifecycle import Phase
 from protocol.messages import HopLog, Metrics
 from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
@@ -113,9 +114,9 @@ class Validator:
         m = self.client.metrics()
         self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
-        if m.phase == "merge":
+        if m.phase == Phase.MERGE:
             settle_disputes(self.client, self.transfer, self.run, self.settled)
-        closed = m.round if m.phase != "done" else m.round + 1
+        closed = m.round if m.phase != Phase.DONE else m.round + 1
         done = 0
         while self.next_round < closed and not self.stop.is_set() and (max_rounds is None or done < max_rounds):
             self.process_round(self.next_round)

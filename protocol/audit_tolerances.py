@@ -10,9 +10,11 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.lifecycle import HopKind
+
 __all__ = ["AUDIT_KINDS", "NUMERICS_PATTERN", "AuditTolerance"]
 
-AUDIT_KINDS = ("fwd", "bwd", "fwdbwd", "pseudograd")
+AUDIT_KINDS = (*(k.value for k in HopKind), "pseudograd")  # every hop kind, and the merge input
 NUMERICS_PATTERN = r"^(\*|(cpu|cuda|mps)/(float32|bfloat16|float16))$"
 """'device_class/compute_dtype', e.g. 'cuda/bfloat16', or '*' for any."""
 
@@ -26,7 +28,7 @@ class AuditTolerance(BaseModel):
     miner: str = Field(pattern=NUMERICS_PATTERN, description="the miner's declared 'device/dtype' or '*'")
     replay: str = Field(pattern=NUMERICS_PATTERN, description="the validator's replay 'device/dtype' or '*'")
     stage: Optional[int] = Field(default=None, ge=0, le=63, description="None = every stage")
-    kind: Literal["fwd", "bwd", "fwdbwd", "pseudograd"]
+    kind: Literal[AUDIT_KINDS]  # type: ignore[valid-type]
     rel_err: float = Field(gt=0, le=10, description="largest ||claimed - replay|| / ||replay||")
     min_cosine: float = Field(ge=-1, le=1, description="smallest cosine(claimed, replay)")
     norm_ratio: float = Field(gt=0, le=10, description="largest |norm(claimed) / norm(replay) - 1|")

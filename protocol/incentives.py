@@ -11,9 +11,11 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.lifecycle import HopKind
+
 __all__ = ["HOP_KINDS", "IncentiveParams", "DEFAULT_INCENTIVES"]
 
-HOP_KINDS = ("fwd", "bwd", "fwdbwd", "bwd_recompute")
+HOP_KINDS = (*(k.value for k in HopKind), "bwd_recompute")  # credit kinds: a recompute costs more
 
 
 class IncentiveParams(BaseModel):

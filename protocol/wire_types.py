@@ -6,6 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
+from protocol.lifecycle import HopKind, Phase
 from protocol.run_config import MAX_BYTES
 from protocol.run_config import StrictModel as _Model
 
@@ -34,10 +35,8 @@ __all__ = [
 
 PROTOCOL_VERSION = "resbm/2"
 
-HopKind = Literal["fwd", "bwd", "fwdbwd"]
 LeaseAction = Literal["work", "wait", "step", "merge", "reassign", "done"]
 FailReason = Literal["bad_hash", "bad_shape", "nonfinite", "missing", "other"]
-Phase = Literal["waiting", "train", "merge", "done"]
 
 SHA_PATTERN = r"^[0-9a-f]{64}$"
 MAX_INT = 2**62

@@ -14,6 +14,8 @@ Kinds and variants (ModelConfig.boundary / boundary_variant):
   Init: E ~ N(0, 1/sqrt(d)), D ~ N(0, 1/sqrt(k)), so z and h' start at about unit RMS.
 - `resbm` / `postnorm` (default): hn = norm(h), z = E(hn) + hn[:k], then the decoder normalises
   its output: h' = norm_out(D(z) + pad(z)), norm_out an RMSNorm with a learned gain (init 1).
+- `resbm` / `postnorm-fused`: `postnorm` computed by two fused autograd functions that keep less
+  for the backward (boundary_fused.py); same parameters and formula, rounding aside.
 - `resbm` / `normed`: as `postnorm` without norm_out: h' = D(z) + pad(z).
 - `resbm` / `literal`: z = E(h) + h[:k], h' = D(z) + pad(z) (the paper read literally).
   Init for all three: E ~ N(0, init_std), D = 0, so at step 0 the boundary is the identity path
@@ -207,6 +209,10 @@ def build_boundary(cfg: ModelConfig, encoder: bool = True, decoder: bool = True)
         enc, dec = (lambda: IdentityEncoder(cfg)), (lambda: Decoder(cfg, False, False))
     elif kind == "naive":
         enc, dec = (lambda: NaiveEncoder(cfg)), (lambda: Decoder(cfg, True, False))
+    elif kind == "resbm" and variant == "postnorm-fused":
+        from .boundary_fused import FusedPostnormDecoder, FusedResBMEncoder  # it subclasses this module's classes
+        enc = lambda: FusedResBMEncoder(cfg, normed=True)  # noqa: E731
+        dec = lambda: FusedPostnormDecoder(cfg, True, True, post_norm=True)  # noqa: E731
     elif kind == "resbm":
         enc = lambda: ResBMEncoder(cfg, normed=(variant != "literal"))  # noqa: E731
         dec = lambda: Decoder(cfg, True, True, post_norm=(variant == "postnorm"))  # noqa: E731

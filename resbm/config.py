@@ -16,7 +16,7 @@ BOUNDARY_KINDS: tuple[str, ...] = ("none", "naive", "resbm", "resbm-iota")
 BOUNDARY_VARIANTS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
     "naive": ("normed",),
-    "resbm": ("postnorm", "normed", "literal"),
+    "resbm": ("postnorm", "normed", "literal", "postnorm-fused"),
     "resbm-iota": ("fused-mlp",),
 }
 DEFAULT_BOTTLENECK_RATIO = 128
@@ -248,4 +248,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=256, n_layers=4, n_heads=4, seq_len=128, n_stages=2, bottleneck_ratio=32),
     # The GPU benchmark standard (8 layers, d 1024, 16 heads, seq 512, 4 stages, r 128 -> k 8).
     "bench": dict(d_model=1024, n_layers=8, n_heads=16, seq_len=512, n_stages=4, bottleneck_ratio=128),
+    # The GPU subnet benchmark: ~1.0B matmul parameters (20 blocks at d 2048), 5 blocks per stage.
+    "1b": dict(d_model=2048, n_layers=20, n_heads=16, seq_len=1024, n_stages=4, bottleneck_ratio=128),
 }

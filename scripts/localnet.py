@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--outer-momentum", type=float, default=0.5, help="outer Nesterov momentum")
     a("--seed", type=int, default=1, help="data and init seed")
     a("--device", default="cpu", help="miners' device (cpu, cuda, mps, auto)")
+    a("--dtype", default="float32", help="miners' compute dtype (float32, or bfloat16 autocast on cuda)")
     a("--link-mbps", type=float, default=0.0, help="emulated link bandwidth for object transfers (0 = off)")
     a("--link-latency-ms", type=float, default=0.0, help="emulated link latency per transfer")
     a("--kill-miner-at", type=int, default=-1, help="in this round, kill one replica of every stage, restart it later")
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     workdir = prepare_workdir(args.workdir)
     run_config = run_config_from_args(args)
-    cluster = Cluster(workdir, run_config, args.miners_per_stage, device=args.device,
+    cluster = Cluster(workdir, run_config, args.miners_per_stage, device=args.device, miner_args=["--dtype", args.dtype],
                       link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms, cheaters=args.cheater,
                       s3_endpoint=args.s3_endpoint, s3_keys=(args.s3_access_key, args.s3_secret_key))
     stopping = {"flag": False}

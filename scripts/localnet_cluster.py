@@ -20,9 +20,14 @@ import yaml
 from protocol.routes import route
 from scripts.local_servers import S3Server, die_with_parent, free_port, start_s3, stop_process, wait_http
 
-__all__ = ["Neuron", "Cluster"]
+__all__ = ["Neuron", "Cluster", "gpu_of_stage"]
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_of_stage(stage: int, gpus: int, n_stages: int) -> int:
+    """The GPU of a stage when `gpus` GPUs hold contiguous groups of the `n_stages` stages."""
+    return stage * gpus // n_stages
 
 
 @dataclass
@@ -38,7 +43,8 @@ class Neuron:
 
     def start(self) -> None:
         """Start (or restart) the process, appending to its log."""
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **self.env)
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
@@ -74,6 +80,8 @@ class Cluster:
     s3_endpoint: str = ""
     s3_keys: tuple[str, str] = ("", "")
     threads_per_miner: int = 1
+    miner_args: list[str] = field(default_factory=list)  # extra flags for every miner (e.g. --dtype bfloat16)
+    gpus: int = 0  # > 0: miners start one at a time (miner i serves stage i mod S) on their stage group's GPU
     s3: Optional[S3Server] = None
     bridge: Optional[Neuron] = None
     miners: list[Neuron] = field(default_factory=list)
@@ -109,7 +117,7 @@ class Cluster:
             script = ["-m", "drills.miner", "--cheat", cheat] if cheat != "honest" else ["neurons/miner.py"]
             self.miners.append(self._neuron(f"miner{i}", script, [
                 "--threads", str(self.threads_per_miner),
-                "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json")]))
+                "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json"), *self.miner_args]))
         for i in range(self.validators):
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
                 "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction",
@@ -117,10 +125,22 @@ class Cluster:
         # Cheaters register first, one at a time, so the bridge's balancing puts each on its own
         # stage (one adversary per stage) and they are there from round 0; then everyone else.
         for k, n in enumerate(self.miners[n_honest:]):
+            self._pin(n, k)
             n.start()
             self._wait_miners(k + 1)
-        for n in self.validator_procs + self.miners[:n_honest]:
+        for n in self.validator_procs:
             n.start()
+        for i, n in enumerate(self.miners[:n_honest]):
+            self._pin(n, i)
+            n.start()
+            if self.gpus:  # the bridge gives the next stage with the fewest replicas, lowest index first
+                self._wait_miners(len(self.cheaters) + i + 1)
+
+    def _pin(self, n: "Neuron", stage: int) -> None:
+        """Give the miner that will serve `stage` (mod S) its group's GPU when gpus > 0."""
+        if self.gpus:
+            n.env["CUDA_VISIBLE_DEVICES"] = str(gpu_of_stage(stage % self.run_config["n_stages"], self.gpus,
+                                                             self.run_config["n_stages"]))
 
     def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
         from protocol.bridge_client import BridgeClient

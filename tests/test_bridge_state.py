@@ -9,6 +9,7 @@ import pytest
 
 from bridge import rounds, state
 from bridge.records import State, TransitionError
+from protocol.errors import http_status
 from tests.harness.bridge_state import do_hop, drive, lease, make
 
 
@@ -27,7 +28,7 @@ def test_waiting_until_every_stage_has_a_miner():
     assert lease(st, "a", 1.0, rng)[0] == "wait" and st.phase == "waiting"
     with pytest.raises(TransitionError) as e:
         lease(st, "nobody", 1.0, rng)
-    assert e.value.status == 409
+    assert http_status(e.value.code) == 409
 
 
 def test_lease_done_creates_next_stage_hop_and_backward_returns_to_forward_replica():
@@ -40,7 +41,7 @@ def test_lease_done_creates_next_stage_hop_and_backward_returns_to_forward_repli
     assert fwd.out_key == f"runs/t/r0/s0/act/{fwd.hop_id}" and fwd.out_size == 100
     do_hop(st, "a", fwd, 1.5, rng)
     nxt = [h for h in st.hops.values() if h.stage == 1]
-    assert len(nxt) == 1 and nxt[0].kind == "fwdbwd" and nxt[0].act_in[0] == fwd.out_key
+    assert len(nxt) == 1 and nxt[0].kind == "fwdbwd" and nxt[0].act_in.key == fwd.out_key
     target = nxt[0].assigned_to or "b"
     _, hops, _ = lease(st, target, 2.0, rng)
     do_hop(st, target, hops[0], 2.5, rng)
@@ -48,14 +49,14 @@ def test_lease_done_creates_next_stage_hop_and_backward_returns_to_forward_repli
     assert bwd.assigned_to == "a" and not bwd.recompute and bwd.fwd_hop_id == fwd.hop_id
     with pytest.raises(TransitionError) as e:
         state.complete(st, "b", bwd.hop_id, None, 0, None, 3.0, rng)
-    assert e.value.status == 409  # assigned, not leased to b
+    assert http_status(e.value.code) == 409  # assigned, not leased to b
     action, hops, _ = lease(st, "a", 3.0, rng)
     assert hops[0].hop_id == bwd.hop_id and hops[0].out_key is None  # bwd first, stage 0
     do_hop(st, "a", hops[0], 3.2, rng)
     assert st.samples[fwd.sample_id].status == "completed"
     with pytest.raises(TransitionError) as e:
         do_hop(st, "a", hops[0], 3.3, rng)
-    assert e.value.status == 409  # applied once
+    assert http_status(e.value.code) == 409  # applied once
 
 
 def test_routing_distribution_follows_throughput_and_is_seeded():
@@ -111,7 +112,7 @@ def test_lease_expiry_releases_to_another_replica_with_penalty():
     assert st.miners["a"].backoff_until > 12.0
     with pytest.raises(TransitionError) as e:
         do_hop(st, "a", h, 12.5, rng)
-    assert e.value.status == 409
+    assert http_status(e.value.code) == 409
 
 
 def test_abandon_after_max_attempts_and_round_still_closes():

@@ -10,6 +10,7 @@ import pytest
 
 from bridge import quarantine, rounds, state, votes
 from bridge.records import State, TransitionError
+from protocol.errors import http_status
 from tests.harness.bridge_state import drive, lease, make
 
 
@@ -124,7 +125,7 @@ def test_report_keys_are_checked_before_anything_else_and_are_per_writer():
     for bad in (key_a, "x" * 500, "runs/t/r0/s0/pg/a-" + GOOD, "../../etc"):
         with pytest.raises(TransitionError) as e:  # b naming a's key, or nonsense: same answer
             rounds.check_upload_key(st, "b", 0, "pseudograd", bad, GOOD)
-        assert (e.value.status, e.value.code) == (400, "bad_key")
+        assert (http_status(e.value.code), e.value.code) == (400, "bad_key")
     final = rounds.final_key(st, "a", 0, "state", GOOD)
     assert final == f"runs/t/r1/s0/state/a-{GOOD}" and "/upload/" not in final
 
@@ -149,7 +150,7 @@ def test_a_failed_verdict_quarantines_work_and_merge_then_expires():
     until = quarantine.record_verdict(st, "val", 0, "b", False, "audit failed")
     assert until == 3 and st.quarantined(st.miners["b"])
     assert lease(st, "b", 1.0, rng)[0] == "wait"
-    now = drive(st, "ab", rng, 1.0)
+    drive(st, "ab", rng, 1.0)
     assert st.workers[0] == ["a"]  # b did nothing this round
     assert quarantine.record_verdict(st, "val", 0, "a", True, "") == -1
     with pytest.raises(TransitionError) as e:
