@@ -264,6 +264,7 @@ class State:
     vote_deadline: dict[int, float] = field(default_factory=dict)  # stage -> settle split votes
     disputes: dict[int, float] = field(default_factory=dict)  # stage -> arbitration deadline
     report_grace: dict[int, float] = field(default_factory=dict)  # stage -> freeze without laggards
+    sync: dict[str, Any] = field(default_factory=dict)  # sharded sync (bridge/shard_round.py), JSON
     flagged: list[str] = field(default_factory=list)
     miners: dict[str, Miner] = field(default_factory=dict)
     samples: dict[int, Sample] = field(default_factory=dict)
@@ -372,6 +373,7 @@ class State:
         d["vote_deadline"] = self.vote_deadline
         d["disputes"] = self.disputes
         d["report_grace"] = self.report_grace
+        d["sync"] = self.sync
         return d
 
     def load_meta(self, d: dict[str, Any]) -> None:
@@ -390,5 +392,6 @@ class State:
         self.vote_deadline = {int(k): v for k, v in d.get("vote_deadline", {}).items()}
         self.disputes = {int(k): v for k, v in d.get("disputes", {}).items()}
         self.report_grace = {int(k): v for k, v in d.get("report_grace", {}).items()}
+        self.sync = d.get("sync", {})
         self.minted = d.get("minted", self.run.samples_per_round)  # older DBs minted all at once
         self.stage_states = [StageState(**x) for x in d["stage_states"]]

@@ -136,7 +136,7 @@ def maybe_freeze(st: State, now: float) -> None:
             return  # a publish below completed the round: the next one began
         if s in st.frozen:
             if not st.published.get(s):
-                votes.on_time(st, s, now)
+                _on_time(st, s, now)
             continue
         reported = st.pseudograds.get(s, {})
         workers = st.workers.get(s, [])
@@ -153,6 +153,14 @@ def maybe_freeze(st: State, now: float) -> None:
                      len(st.frozen[s]), " (timeout)" if timed_out else "")
             if not st.frozen[s]:
                 votes.publish(st, s, [], now)  # no work: the stage keeps its previous state
+
+
+def _on_time(st: State, stage: int, now: float) -> None:
+    if st.run.sync_mode == "sharded":
+        from bridge import shard_round  # the sharded sync decides shard by shard first
+        shard_round.on_time(st, stage, now)
+    else:
+        votes.on_time(st, stage, now)
 
 
 def stage_prefix(st: State, round_: int, stage: int) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from bridge.records import TransitionError
 from resbm.shards import assign_mergers
 
-__all__ = ["KEEP_SHA", "ShardBallot", "new_ballot", "vote", "on_time", "arbitrate", "complete",
+__all__ = ["KEEP_SHA", "ShardBallot", "new_ballot", "vote", "agrees", "on_time", "arbitrate", "complete",
            "update_refs", "open_disputes"]
 
 KEEP_SHA = hashlib.sha256(b"").hexdigest()
@@ -68,10 +68,11 @@ def vote(b: ShardBallot, hotkey: str, shard: int, sha256: str, key: str, size: i
     cast[hotkey] = {"sha256": sha256, "key": key, "size": size}
     if shard not in b.decided:
         _settle(b, shard, now, arbitration_timeout)
-    return _agrees(b, shard, sha256)
+    return agrees(b, shard, sha256)
 
 
-def _agrees(b: ShardBallot, shard: int, sha256: str) -> Optional[bool]:
+def agrees(b: ShardBallot, shard: int, sha256: str) -> Optional[bool]:
+    """Whether `sha256` matches the shard's decision (None: undecided yet)."""
     if shard not in b.decided:
         return None
     d = b.decided[shard]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from bridge import shard_round
 from bridge.records import Hop, ObjRef, StageState, State
 from protocol.lifecycle import Phase
 from bridge.state import upload_key
@@ -75,7 +76,8 @@ def metrics(st: State, now: float) -> msg.Metrics:
             hops_done=c["hops_done"], throughput=sum(m.throughput for m in ms),
             lease_expiries=c["expiries"], reroutes=c["reroutes"], bytes_moved=c["bytes"],
             state_sha=st.stage_states[s].sha256,
-            published_round=st.stage_states[s].round if st.stage_states[s].sha256 else -1))
+            published_round=(shard_round.published_round(st, s) if st.run.sync_mode == "sharded"
+                             else st.stage_states[s].round if st.stage_states[s].sha256 else -1)))
     miners = [msg.MinerMetrics(
         hotkey=m.hotkey, stage=m.stage, healthy=st.healthy(m, now), health=m.health,
         throughput=m.throughput, hops_done=m.hops_done, lease_expiries=m.expiries,

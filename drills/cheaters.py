@@ -7,6 +7,7 @@ import logging
 
 from drills.hop_cheats import Cheat
 from drills.merge_cheats import MERGE_CHEATS, merge_cheat
+from drills.shard_cheats import sharded_cheat
 from neurons.objects import BadInput
 from neurons.miner_loop import Miner
 
@@ -32,7 +33,8 @@ class CheatingMiner(Miner):
         self._merge_kind = merge_cheat(kind)
 
     def _round_merge(self):
-        return self._merge_kind(self.client, self.transfer, self.worker, self.run, self.stop)
+        cls = sharded_cheat(self.kind) if self.run.sync_mode == "sharded" else self._merge_kind
+        return cls(self.client, self.transfer, self.worker, self.run, self.stop)
 
     def _compute(self, hop, inputs):
         out, loss = super()._compute(hop, inputs)

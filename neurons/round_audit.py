@@ -62,8 +62,9 @@ def _to_audit_records(transfer: ObjectTransfer, records: list[WireRecord], shape
 
 
 def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: str,
-                device: str = "cpu", max_seconds: float = 60.0) -> AuditReport:
+                device: str = "cpu", max_seconds: float = 60.0, inputs=None) -> AuditReport:
     """Replay `hotkey`'s round from public data; raises ClaimError for claims that fail outright.
+    `inputs(worker) -> (theta_start, claimed pseudo-gradient)` replaces the whole-state reads.
 
     Each epoch replays in the numerics the miner declared when this validator's `device` allows
     (neurons.audit_tolerances), judged by the run's calibrated tolerances for that pair."""
@@ -78,13 +79,15 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     shape = tuple(cfg.code_shape(run.batch_size))
     worker = worker_for_run(run, stage, device)
     ref = next((s for s in log.states if s.stage == stage), None)
-    if ref is None:
+    item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
+    pg = None
+    if inputs is not None:  # the sharded sync: start state and pseudo-gradient come from its view
+        theta, pg = inputs(worker)
+    elif ref is None:
         theta = worker.theta()
     else:
         theta = fetch_state(transfer, ref, worker.param_shapes, run.max_state_bytes).theta
-    pg = None
-    item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
-    if item is not None:
+    if item is not None and inputs is None:
         try:
             pg = fetch_tensors(transfer, item.get_url, item.sha256, worker.param_shapes, run.max_state_bytes,
                                "pseudo-gradient")

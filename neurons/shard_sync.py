@@ -26,11 +26,13 @@ from typing import Protocol
 import torch
 
 from protocol.run_config import RunConfig
+from protocol.sync_api import piece_key, update_key
 from resbm.outer import OuterError
 from resbm.robust_merge import MergeParams
 from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
 from resbm.shards import ShardLayout, layout, take
 from resbm.sync_codec import Codec, decode, encode, encoded_size
+from resbm.sync_state import fp32, pack_update, unpack_update, update_size
 from neurons.transfer import HashMismatch, ObjectTransfer
 
 __all__ = ["SyncSettings", "sync_settings", "Board", "Piece", "pg_key", "merged_key",
@@ -79,13 +81,13 @@ class Piece:
 
 
 def pg_key(prefix: str, rnd: int, stage: int, hotkey: str, shard: int, sha: str) -> str:
-    """Key of a replica's pseudo-gradient shard."""
-    return f"{prefix}/sync/r{rnd}/s{stage}/pg/{hotkey}/{shard:05d}-{sha}"
+    """Key of a replica's pseudo-gradient shard (`prefix`: the run id)."""
+    return piece_key(prefix, rnd, stage, hotkey, shard, sha)
 
 
 def merged_key(prefix: str, rnd: int, stage: int, shard: int, hotkey: str, sha: str) -> str:
-    """Key of a merger's copy of a merged shard."""
-    return f"{prefix}/sync/r{rnd}/s{stage}/merged/{shard:05d}/{hotkey}-{sha}"
+    """Key of a merger's copy of a merged shard (`prefix`: the run id)."""
+    return update_key(prefix, rnd, stage, shard, hotkey, sha)
 
 
 def strict_majority(votes: Mapping[str, str], mergers: Sequence[str]) -> str | None:
@@ -106,26 +108,32 @@ class MergedShard:
     update: torch.Tensor | None
     ref: float | None
     excluded: dict[str, str] = field(default_factory=dict)
+    size: int = 0
 
 
 class ReplicaSync:
     """One replica's sync for one stage."""
 
     def __init__(self, transfer: ObjectTransfer, board: Board, cfg: SyncSettings, prefix: str,
-                 hotkey: str, stage: int):
+                 hotkey: str, stage: int, encoder=None):
         self.transfer, self.board, self.cfg = transfer, board, cfg
         self.prefix, self.hotkey, self.stage = prefix, hotkey, stage
+        self.encoder = encoder or (lambda vec: encode(vec, self.cfg.pg))  # drills send other bytes
 
     def upload(self, rnd: int, pg: Mapping[str, torch.Tensor], lay: ShardLayout) -> tuple[str, ...]:
         """Encode and PUT the pseudo-gradient shard by shard; returns the sha256 per shard."""
-        shas = []
+        return tuple(sha for sha, _ in self.upload_sized(rnd, pg, lay))
+
+    def upload_sized(self, rnd: int, pg: Mapping[str, torch.Tensor], lay: ShardLayout) -> list[tuple[str, int]]:
+        """Like `upload`, returning (sha256, size) per shard."""
+        out = []
         for s, (a, b) in enumerate(lay):
-            blob = encode(take(pg, a, b), self.cfg.pg)
+            blob = self.encoder(take(pg, a, b))
             sha = hashlib.sha256(blob).hexdigest()
             key = pg_key(self.prefix, rnd, self.stage, self.hotkey, s, sha)
             self.transfer.put(self.board.put_url(key, len(blob)), blob)
-            shas.append(sha)
-        return tuple(shas)
+            out.append((sha, len(blob)))
+        return out
 
     def _piece(self, rnd: int, p: Piece, s: int, n: int) -> tuple[torch.Tensor | None, str]:
         key = pg_key(self.prefix, rnd, self.stage, p.hotkey, s, p.shas[s])
@@ -149,12 +157,14 @@ class ReplicaSync:
                                      self.cfg.params, self.cfg.merged)
         excluded = {pieces[i].hotkey: got[i][1] or why for i, why in sm.excluded}
         del got
-        blob = encode(sm.merged, self.cfg.merged) if sm.merged is not None else b""  # b"": keep
+        ref = fp32(sm.ref)
+        # b"": keep the shard. Otherwise the clip reference rides in the voted bytes.
+        blob = pack_update(sm.merged, ref, self.cfg.merged) if sm.merged is not None else b""
         sha = hashlib.sha256(blob).hexdigest()
         key = merged_key(self.prefix, rnd, self.stage, s, self.hotkey, sha)
         if blob and upload:
             self.transfer.put(self.board.put_url(key, len(blob)), blob)
-        return MergedShard(sha, key, sm.merged, sm.ref, excluded)
+        return MergedShard(sha, key, sm.merged, ref, excluded, len(blob))
 
     def merge(self, rnd: int, table: Sequence[Sequence[str]], lay: ShardLayout,
               pieces: Sequence[Piece], refs: Sequence[float | None]) -> dict[int, MergedShard]:
@@ -164,19 +174,28 @@ class ReplicaSync:
 
     def apply(self, rnd: int, theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor],
               lay: ShardLayout, decided: Sequence[tuple[str, str] | None],
-              mine: Mapping[int, MergedShard]) -> None:
+              mine: Mapping[int, MergedShard]) -> list[float | None]:
         """Apply the round's decided update in place: (key, sha) per shard, None to keep it.
-        A shard this replica merged with the decided sha is applied from memory."""
+        A shard this replica merged with the decided sha is applied from memory. Returns each
+        shard's new clip reference (None where the shard was kept)."""
+        refs: list[float | None] = []
         for s, (rng, d) in enumerate(zip(lay, decided)):
             if d is None:
+                refs.append(None)
                 continue
             key, sha = d
             own = mine.get(s)
             if own is not None and own.sha == sha:
-                vec = own.update
+                ref, vec = own.ref, own.update
             else:
-                n = rng[1] - rng[0]
-                blob = self.transfer.get_verified(self.board.get_url(key), sha,
-                                                  encoded_size(n, self.cfg.merged), f"merged shard {s}")
-                vec = decode(blob, n, self.cfg.merged)
+                ref, vec = self.fetch_update(s, rng, key, sha)
             apply_shard(theta, momentum, rng, vec, self.cfg.params)
+            refs.append(ref)
+        return refs
+
+    def fetch_update(self, s: int, rng: tuple[int, int], key: str, sha: str) -> tuple[float, torch.Tensor]:
+        """(clip reference, vector) of a decided merged shard, downloaded and verified."""
+        n = rng[1] - rng[0]
+        blob = self.transfer.get_verified(self.board.get_url(key), sha, update_size(n, self.cfg.merged),
+                                          f"merged shard {s}")
+        return unpack_update(blob, n, self.cfg.merged)

@@ -21,6 +21,7 @@ from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
+from neurons.shard_validate import audit_inputs, check_sharded_round
 from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
@@ -150,7 +151,10 @@ class Validator:
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
-        failed = check_round_merges(self.transfer, self.run, hoplog)
+        if self.run.sync_mode == "sharded":
+            failed = check_sharded_round(self.client, self.transfer, self.run, hoplog)
+        else:
+            failed = check_round_merges(self.transfer, self.run, hoplog)
         for hk, reason in sorted(failed.items()):
             self.book.record_audit(hk, rnd, False, reason)
             self.audits.verdicts.append((rnd, hk, False, reason))
@@ -183,7 +187,10 @@ class Validator:
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
         """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
-            report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device, self.s.audit_max_seconds)
+            inputs = (audit_inputs(self.client, self.transfer, self.run, rnd, hotkey)
+                      if self.run.sync_mode == "sharded" else None)
+            report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device,
+                                 self.s.audit_max_seconds, inputs=inputs)
             passed, reason, seconds = report.passed, report.reason, report.seconds
             if report.status == "incomplete":
                 self.audits.incomplete += 1

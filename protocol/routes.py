@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from protocol import integrity as integ
 from protocol import messages as msg
+from protocol import sync_api as sync
 from protocol.console import ValidatorReport
 
 __all__ = ["Role", "Route", "ROUTES", "BY_NAME", "route"]
@@ -80,6 +81,16 @@ ROUTES: tuple[Route, ...] = (
     Route("verdicts", "POST", "/v1/validator/verdicts", integ.VerdictReport, integ.VerdictAck,
           "validator"),
     Route("validator_report", "POST", "/v1/validator/report", ValidatorReport, msg.Ack,
+          "validator"),
+    # the sharded sync (run config sync_mode: sharded; protocol/sync_api.py)
+    Route("sync_upload", "POST", "/v1/sync/upload", sync.SyncUpload, msg.UploadGrant, "miner"),
+    Route("sync_pseudograd", "POST", "/v1/sync/pseudograd", sync.SyncPseudograd, msg.Ack, "miner"),
+    Route("sync_view", "GET", "/v1/rounds/{round}/stages/{stage}/sync", msg.StageRound,
+          sync.SyncView, "registered"),
+    Route("sync_votes", "POST", "/v1/sync/votes", sync.SyncVotes, sync.SyncVotesAck, "miner"),
+    Route("sync_disputes", "GET", "/v1/validator/sync/disputes", None, sync.SyncDisputes,
+          "validator"),
+    Route("sync_arbitrate", "POST", "/v1/validator/sync/arbitrate", sync.ShardArbitration, msg.Ack,
           "validator"),
 )
 

@@ -55,6 +55,9 @@ class RunConfig(StrictModel):
         description="how long a disputed stage waits for a validator's recomputation")
     quarantine_rounds: int = Field(default=4, ge=0, le=1_000_000,
                                    description="rounds a miner sits out after a failed audit")
+    sync_mode: Literal["state", "sharded"] = Field(
+        default="state", description="round-end sync: whole-state merge and vote, or the sharded, "
+        "compressed sync of merged updates (docs/CONTRACTS.md, 'Sharded replica sync')")
     sync_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
         default="fp32", description="pseudo-gradient wire codec (resbm/sync_codec.py; blockwise, per-block fp32 scale)")
     sync_merged_codec: Literal["fp32", "int8", "int4", "int2"] = Field(

@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_network", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--configs", default="a,b,c", help="which of a (single process), b (subnet, none), c (subnet, resbm) to run")
+    a("--configs", default="a,b,c", help="which of a (single process), b (subnet, none), c (subnet, resbm, "
+      "whole-state merge), d (c with the sharded, compressed sync) to run")
+    a("--miners-per-stage", type=int, default=1, help="R: replicas per stage of the subnet runs")
+    a("--sync-shards", type=int, default=4, help="(d): shards per stage")
+    a("--sync-codec", default="int4", help="(d): pseudo-gradient codec")
+    a("--sync-merged-codec", default="int8", help="(d): merged-update codec")
+    a("--checkpoint-every", type=int, default=4, help="(d): K, a full checkpoint every K rounds (and at the end)")
     a("--workdir", default="/tmp/bench-network", help="scratch directory (wiped first)")
     a("--d-model", type=int, default=512, help="model width d")
     a("--layers", type=int, default=5, help="transformer blocks")
@@ -70,13 +76,15 @@ def _model_dict(args, boundary: str) -> dict:
                        wire_codec=args.codec, stage_layers=layers).to_dict()
 
 
-def subnet_run_config(args, boundary: str) -> dict:
-    """The RunConfig mapping of one subnet run: localnet's, with this benchmark's model."""
+def subnet_run_config(args, boundary: str, sync: str = "state") -> dict:
+    """The RunConfig mapping of one subnet run: localnet's, with this benchmark's model and sync."""
     from scripts.localnet import build_parser as localnet_parser, run_config_from_args
     ns = localnet_parser().parse_args([
-        "--stages", "2", "--miners-per-stage", "1", "--rounds", str(args.rounds),
+        "--stages", "2", "--miners-per-stage", str(args.miners_per_stage), "--rounds", str(args.rounds),
         "--batch-size", str(args.batch_size), "--micro-batches-per-step", str(args.micro_batches),
-        "--inner-steps", str(args.inner_steps), "--seed", str(args.seed), "--lease-seconds", "60"])
+        "--inner-steps", str(args.inner_steps), "--seed", str(args.seed), "--lease-seconds", "60",
+        "--sync", sync, "--sync-shards", str(args.sync_shards), "--sync-codec", args.sync_codec,
+        "--sync-merged-codec", args.sync_merged_codec, "--checkpoint-every", str(args.checkpoint_every)])
     rc = run_config_from_args(ns)
     rc["model"] = _model_dict(args, boundary)
     rc["merge_timeout_seconds"] = 120.0
@@ -108,15 +116,15 @@ def run_single(args) -> dict:
             "final_loss": hist["loss"][-1]}
 
 
-def run_subnet(args, boundary: str, workdir: Path) -> tuple[dict, list[dict], dict[str, dict], dict]:
-    """(b)/(c): the whole local subnet (no validator) to the end; returns run config, hops, statuses, names."""
+def run_subnet(args, boundary: str, workdir: Path, sync: str = "state") -> tuple[dict, list[dict], dict[str, dict], dict]:
+    """(b)/(c)/(d): the whole local subnet (no validator) to the end; returns run config, hops, statuses, names."""
     from protocol.bridge_client import BridgeClient
     from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
     workdir = prepare_workdir(workdir)  # never wipes a folder the tool did not make
-    rc = subnet_run_config(args, boundary)
-    cluster = Cluster(workdir, rc, 1, validators=0, link_mbps=args.link_mbps,
+    rc = subnet_run_config(args, boundary, sync)
+    cluster = Cluster(workdir, rc, args.miners_per_stage, validators=0, link_mbps=args.link_mbps,
                       link_latency_ms=args.link_latency_ms, threads_per_miner=1)
     t0 = time.monotonic()
     phase = "?"
@@ -277,9 +285,9 @@ def main(argv=None) -> int:
     for noisy in ("httpx", "httpcore", "protocol.chain.local", "resbm.data", "resbm.train"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in wanted if c not in ("a", "b", "c")]
+    bad = [c for c in wanted if c not in ("a", "b", "c", "d")]
     if bad or not wanted:
-        raise SystemExit(f"--configs takes a comma list of a, b, c; got {args.configs!r}")
+        raise SystemExit(f"--configs takes a comma list of a, b, c, d; got {args.configs!r}")
     workdir = Path(args.workdir).resolve()
     tokens_per_sample = args.batch_size * args.seq_len
     results = []
@@ -292,10 +300,13 @@ def main(argv=None) -> int:
             boundary = "none" if name == "b" else "resbm"
             log.info("(%s) local subnet, boundary %s, link %.0f Mbit/s %.0f ms ...", name, boundary,
                      args.link_mbps, args.link_latency_ms)
-            _rc, hops, status, names = run_subnet(args, boundary, workdir / name)
+            sync = "sharded" if name == "d" else "state"
+            _rc, hops, status, names = run_subnet(args, boundary, workdir / name, sync)
             r = analyse_hops(hops, status, names, tokens_per_sample=tokens_per_sample, mbps=args.link_mbps,
                              latency_ms=args.link_latency_ms)
-            label = "subnet none" if name == "b" else f"subnet resbm r={args.ratio}"
+            label = {"b": "subnet none", "c": f"subnet resbm r={args.ratio}, whole-state merge",
+                     "d": f"subnet resbm r={args.ratio}, sharded sync {args.sync_codec}/{args.sync_merged_codec} "
+                          f"S={args.sync_shards} K={args.checkpoint_every}"}[name]
             r.update(name=name, label=label, wall_s=time.monotonic() - t0)
             results.append(r)
         log.info("(%s) done in %.0f s", name, time.monotonic() - t0)
@@ -312,7 +323,7 @@ def main(argv=None) -> int:
                 f"shared with other work); date {datetime.date.today().isoformat()}.  \n"
                 f"Model: d {args.d_model}, {args.layers} layers split {stage_layers}, {args.heads} heads, seq {args.seq_len}, "
                 f"batch {args.batch_size}; A = {args.micro_batches} samples per inner step, H = {args.inner_steps}, "
-                f"{args.rounds} rounds; 2 stages x 1 miner, 1 thread each, no validator; link {args.link_mbps:g} Mbit/s, "
+                f"{args.rounds} rounds; 2 stages x {args.miners_per_stage} miner(s), 1 thread each, no validator; link {args.link_mbps:g} Mbit/s, "
                 f"{args.link_latency_ms:g} ms per transfer; codec {args.codec}.\n\n{table}\n\n{explain}\n")
         write_markdown(Path(args.write_md), body)
     return 0

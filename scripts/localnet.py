@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cheater", default=[], action="append", choices=list(CHEATERS),
       help="add an adversarial miner of this kind (drills.miner; docs/SECURITY.md); repeat to add "
            "one per stage, each joining after the honest replicas")
+    a("--sync", default="sharded", choices=("sharded", "state"),
+      help="replica sync at a round's end: sharded, compressed merged updates, or the whole-state merge")
+    a("--sync-shards", type=int, default=4, help="shards of each stage's parameters (--sync sharded)")
+    a("--sync-codec", default="int4", help="pseudo-gradient codec: fp32 | int8 | int4 | int2")
+    a("--sync-merged-codec", default="int8", help="merged-update codec: fp32 | int8 | int4 | int2")
+    a("--checkpoint-every", type=int, default=1, help="K: a full checkpoint every K rounds (and at the end)")
     a("--lease-seconds", type=float, default=20.0, help="hop lease length")
     a("--s3-endpoint", default="", help="use this S3 endpoint instead of starting rclone")
     a("--s3-access-key", default="", help="access key for --s3-endpoint")
@@ -95,7 +101,9 @@ def run_config_from_args(args: argparse.Namespace) -> dict:
                 outer_momentum=args.outer_momentum, data_seed=args.seed, init_seed=args.seed,
                 lease_seconds=args.lease_seconds, max_object_bytes=64 * 2**20, max_state_bytes=1 << 30, max_attempts=5,
                 merge_timeout_seconds=30.0, audit_window_rounds=max(4, args.rounds + 1), version_key=1,
-                incentives={"audit_fraction": 1.0})  # a drill: audit every miner every round
+                incentives={"audit_fraction": 1.0},  # a drill: audit every miner every round
+                sync_mode=args.sync, sync_shards=args.sync_shards, sync_codec=args.sync_codec,
+                sync_merged_codec=args.sync_merged_codec, checkpoint_every=args.checkpoint_every)
 
 
 def _drills(args, cluster: Cluster, m: Metrics, done: set, bar) -> None:

@@ -40,6 +40,15 @@ def _s3(cluster):
                         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 
 
+def _theta(blob: bytes, max_bytes: int) -> dict:
+    """The weights of a published state: a whole-state merge's, or a sharded sync's checkpoint
+    (which also holds `sync.refs`, one clip reference per shard)."""
+    if len(blob) > max_bytes:
+        raise ValueError(f"state of {len(blob)} bytes is over {max_bytes}")
+    from safetensors.torch import load  # safetensors, never pickle
+    return {k[len("theta."):]: v for k, v in load(blob).items() if k.startswith("theta.")}
+
+
 def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
     """Each stage's last published theta, read from the object store (None if any is missing)."""
     s3 = _s3(cluster)
@@ -54,7 +63,7 @@ def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
         if not keys:
             return None
         blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
-        theta, _ = outer.state_from_bytes(blob, max_bytes=cluster.run_config.get("max_state_bytes", 2**32))
+        theta = _theta(blob, cluster.run_config.get("max_state_bytes", 2**32))
         thetas.append(theta)
     return thetas
 
@@ -83,7 +92,7 @@ def subnet_val_curve(cluster, cfg: ModelConfig) -> list[tuple[int, float]]:
             if not keys:
                 break
             blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
-            thetas.append(outer.state_from_bytes(blob, max_bytes=rc.get("max_state_bytes", 2**32))[0])
+            thetas.append(_theta(blob, rc.get("max_state_bytes", 2**32)))
         if len(thetas) == cfg.n_stages:
             curve.append((rnd * per_round, validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"])))
     return curve

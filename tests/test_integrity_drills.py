@@ -5,6 +5,7 @@ lost, and the validation loss stays within noise of the same subnet with the che
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.harness.subnet import Outcome, Scenario, run_scenario
 
@@ -38,11 +39,34 @@ CASES = [(p, r) for r in (2, 3) for p in PAIRS] + [(("withhold", "stale"), 2)]
 @pytest.mark.parametrize("pair,replicas", CASES, ids=[f"{'+'.join(p)}-R{r}" for p, r in CASES])
 def test_one_cheater_per_stage_cannot_capture_poison_or_stall(tmp_path, honest_runs, pair, replicas):
     out = run_scenario(tmp_path, Scenario(honest_per_stage=replicas - 1, cheaters=pair, rounds=ROUNDS))
-    base = honest_runs[replicas]
+    _check(out, honest_runs[replicas], ROUNDS)
+
+
+# The sharded sync (issue 13): a merger lies about the shards it is assigned and a sender's shards
+# decode to NaN, at R = 2 (every shard disputed, settled by the validator); an honest replica joins
+# in round 3, catches up from the checkpoint of round 2 plus round 2's merged update, and earns weight.
+SHARDED = (("sync_mode", "sharded"), ("sync_shards", 4), ("sync_codec", "int4"), ("sync_merged_codec", "int8"),
+           ("sync_block", 64), ("sync_mergers", 3), ("checkpoint_every", 2))
+
+
+def test_sharded_sync_liar_and_nan_are_defeated_and_a_joiner_catches_up(tmp_path, honest_runs):
+    rounds = ROUNDS + 1
+    out = run_scenario(tmp_path, Scenario(honest_per_stage=1, cheaters=("liar", "nan"), rounds=rounds,
+                                          run=SHARDED, join_round=3))
+    _check(out, honest_runs[2], rounds)
+    j = out.joined
+    assert j is not None and j["round"] >= 3 and j["caught_up"] is not None
+    ckpt, replayed = j["caught_up"]
+    assert ckpt == 2 and replayed == j["round"] - ckpt >= 1, j["caught_up"]
+    assert out.weights[j["name"]] > 0, out.weights
+    assert all(torch.equal(j["theta"][n], j["peer_theta"][n]) for n in j["theta"]), "the joiner diverged"
+
+
+def _check(out: Outcome, base: Outcome, rounds: int) -> None:
     honest = {out.names[n] for n in out.honest()}
     assert sorted(out.stage_of[n] for n in out.cheaters()) == [0, 1], "one cheater per stage"
     assert out.metrics.phase == "done" and out.metrics.abandoned_total == 0
-    assert all(s.published_round == ROUNDS for s in out.metrics.stages), "a stage stalled"
+    assert all(s.published_round == rounds for s in out.metrics.stages), "a stage stalled"
     for log in out.hoplogs:  # every published state is the one the honest replicas voted for
         assert not honest & set(log.flagged), f"round {log.round}: honest voters flagged {log.flagged}"
     assert not [v for v in out.verdicts if v[1] in out.honest() and not v[2]], "an honest miner failed"

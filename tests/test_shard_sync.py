@@ -7,7 +7,7 @@ import uuid
 
 import torch
 
-from neurons.shard_sync import Piece, ReplicaSync, strict_majority
+from neurons.shard_sync import Piece, ReplicaSync, pg_key, strict_majority
 from neurons.transfer import ObjectTransfer
 from resbm.shard_merge import zero_momentum
 from resbm.shards import assign_mergers
@@ -23,7 +23,7 @@ def run_round(board, rnd, hks, theta0, pgs, liar=None, corrupt=None, storage=Non
     syncs = {h: ReplicaSync(xfer[h], board, CFG, prefix, h, 0) for h in hks}
     pieces = [Piece(h, 10, syncs[h].upload(rnd, pgs[h], lay)) for h in hks]
     if corrupt is not None:  # overwrite one shard of one replica with other bytes: hash mismatch
-        key = f"{prefix}/sync/r{rnd}/s0/pg/{corrupt}/00001-{pieces[hks.index(corrupt)].shas[1]}"
+        key = pg_key(prefix, rnd, 0, corrupt, 1, pieces[hks.index(corrupt)].shas[1])
         storage.put(key, b"not the reported bytes")
     table = assign_mergers(rnd, 0, hks, len(lay), CFG.mergers)
     merged = {h: syncs[h].merge(rnd, table, lay, pieces, [None] * len(lay)) for h in hks}

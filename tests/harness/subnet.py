@@ -52,6 +52,7 @@ class Scenario:
     seed: int = 1
     samples_per_replica: int = 4
     run: tuple[tuple[str, Any], ...] = ()
+    join_round: int | None = None  # an honest replica joins once the run reaches this round
 
     @property
     def replicas(self) -> int:
@@ -84,6 +85,7 @@ class Outcome:
     weights: dict[str, float]            # miner name -> weight on chain
     val_loss: float
     init_loss: float
+    joined: dict[str, Any] | None = None  # the late joiner: name, round, (checkpoint round, updates replayed)
 
     def honest(self) -> list[str]:
         """Names of the honest miners."""
@@ -120,24 +122,31 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
     n_honest = sc.stages * sc.honest_per_stage
     kinds = ["honest"] * n_honest + list(sc.cheaters)
     s3 = start_s3(tmp / "s3")
-    chain, keys = make_chain(tmp / "chain.db", miners=len(kinds), validators=1, prefix=f"s{sc.seed}m")
+    chain, keys = make_chain(tmp / "chain.db", miners=len(kinds) + (sc.join_round is not None), validators=1,
+                             prefix=f"s{sc.seed}m")
     chain.advance_blocks(chain.weights_rate_limit())
     bridge = start_bridge(tmp / "bridge", rc, tmp / "chain.db", s3)
     vkey = keys["validators"][0]
     observer = BridgeClient(vkey, bridge.url, bridge.hotkey)
     miners, threads, names, stage_of = [], [], {}, {}
     validator = None
+    joined = None
+
+    def start_miner(i: int, kind: str) -> str:
+        kp = keys["miners"][i]
+        m = cheating_miner(kind, BridgeClient(kp, bridge.url, bridge.hotkey), ObjectTransfer(), max_hops=2)
+        name = f"{kind}{i}" if i < len(kinds) else f"joiner{i}"
+        stage_of[name] = m.register().stage
+        names[name] = kp.ss58_address
+        miners.append(m)
+        threads.append(threading.Thread(target=m.run_forever, name=name, daemon=True))
+        threads[-1].start()
+        return name
     try:
-        for i, (kind, kp) in enumerate(zip(kinds, keys["miners"])):
+        for i, kind in enumerate(list(kinds)):
             if i >= n_honest:
                 _wait_registered(observer, i)  # one cheater per stage: join after the others
-            m = cheating_miner(kind, BridgeClient(kp, bridge.url, bridge.hotkey), ObjectTransfer(), max_hops=2)
-            name = f"{kind}{i}"
-            stage_of[name] = m.register().stage
-            names[name] = kp.ss58_address
-            miners.append(m)
-            threads.append(threading.Thread(target=m.run_forever, name=name, daemon=True))
-            threads[-1].start()
+            start_miner(i, kind)
         settings = ValidatorSettings(state_path=str(tmp / "validator.json"), audit_fraction=1.0,
                                      audit_max_seconds=60.0, poll_seconds=0.3, seed=sc.seed)
         validator = Validator(observer, ObjectTransfer(), chain, vkey, settings)
@@ -146,8 +155,15 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             m = observer.metrics()
+            if joined is None and sc.join_round is not None and m.round >= sc.join_round and m.phase == "train":
+                name = start_miner(len(kinds), "honest")
+                kinds.append("honest")
+                joined = {"name": name, "round": miners[-1].state.round,
+                          "caught_up": miners[-1].state.caught_up}
             if m.phase == "done" and validator.next_round >= sc.rounds:
                 if not validator.pending_window:
+                    for t in threads:  # each miner ends its last round (it leaves on `done`)
+                        t.join(timeout=max(0.0, min(10.0, end - time.monotonic())))
                     break
                 chain.advance_blocks(chain.weights_rate_limit())  # let the last window's weights land
             time.sleep(0.3)
@@ -169,7 +185,9 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             verdicts=[(r, by_key.get(hk, hk), ok, why) for r, hk, ok, why in validator.audits.verdicts],
             weights=weights,
             val_loss=_val_loss(rc["model"], rc["init_seed"], thetas),
-            init_loss=_val_loss(rc["model"], rc["init_seed"], None))
+            init_loss=_val_loss(rc["model"], rc["init_seed"], None),
+            joined=None if joined is None else {**joined, "theta": miners[-1].worker.theta(),
+                                                "peer_theta": final.get(stage_of[joined["name"]])})
     finally:
         if validator is not None:
             validator.stop.set()

@@ -1,0 +1,129 @@
+"""Following a stage under the sharded sync: the state a round starts from, rebuilt from the
+last full checkpoint plus the decided merged updates since (what a joiner, a restarted miner and
+a validator's audit all need), and the bridge's view of a round, fetched.
+
+The outer step is deterministic and element-wise, so replaying the same decided updates from the
+same checkpoint reaches the bytes the replicas that lived through those rounds hold.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from protocol.client import BridgeError
+from protocol.messages import StageRound
+from protocol.routes import route
+from protocol.sync_api import SyncView, UpdateRef
+from resbm.outer import OuterError
+from resbm.shard_merge import apply_shard, zero_momentum
+from resbm.shards import ShardLayout
+from resbm.sync_state import load_checkpoint, unpack_update, update_size
+from neurons.shard_sync import SyncSettings
+from neurons.transfer import ObjectTransfer, TransferError
+
+__all__ = ["SyncStart", "get_view", "wait_view", "fetch_update", "start_of_round", "advance", "state_sha"]
+
+log = logging.getLogger("sync")
+
+
+@dataclass
+class SyncStart:
+    """A stage's outer state at the start of `round`: weights, momentum, clip reference per shard."""
+
+    round: int
+    theta: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor]
+    refs: list[float | None]
+    checkpoint_sha: str | None
+
+
+def get_view(client, rnd: int, stage: int) -> SyncView:
+    """GET the bridge's view of (round, stage) under the sharded sync (`client`: a BridgeClient)."""
+    return client.call(route("sync_view"), StageRound(round=rnd, stage=stage))
+
+
+def fetch_update(transfer: ObjectTransfer, ref: UpdateRef, rng: tuple[int, int],
+                 cfg: SyncSettings, what: str) -> tuple[float, torch.Tensor]:
+    """(clip reference, vector) of a decided update, from any agreeing merger's copy."""
+    n = rng[1] - rng[0]
+    last: Exception | None = None
+    for url in [ref.url, *ref.alt_urls]:
+        try:
+            blob = transfer.get_verified(url, ref.sha256, update_size(n, cfg.merged), what)
+            return unpack_update(blob, n, cfg.merged)
+        except (TransferError, OuterError) as exc:
+            last = exc
+    raise TransferError(f"{what}: no copy is readable ({last})")
+
+
+def advance(transfer: ObjectTransfer, state: SyncStart, lay: ShardLayout, cfg: SyncSettings,
+            shards: Sequence[UpdateRef | None], rnd: int) -> None:
+    """Apply round `rnd`'s decided update to `state` in place (state.round becomes rnd + 1)."""
+    for s, (rng, ref) in enumerate(zip(lay, shards)):
+        if ref is None:
+            continue
+        r, vec = fetch_update(transfer, ref, rng, cfg, f"round {rnd} shard {s} update")
+        apply_shard(state.theta, state.momentum, rng, vec, cfg.params)
+        state.refs[s] = r
+    state.round = rnd + 1
+
+
+def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str, Sequence[int]],
+                   lay: ShardLayout, cfg: SyncSettings, max_bytes: int,
+                   init_theta: Callable[[], Mapping[str, torch.Tensor]],
+                   through: int | None = None) -> SyncStart:
+    """The state round `view.round` starts from (or, with `through`, the one after round
+    `through`'s update when the view is of that round and complete): the checkpoint plus every
+    decided update since."""
+    if view.checkpoint is None:
+        theta = {n: t.detach().to("cpu", torch.float32).clone() for n, t in init_theta().items()}
+        st = SyncStart(view.checkpoint_round, theta, zero_momentum(theta), [None] * len(lay), None)
+    else:
+        blob = _checkpoint_blob(transfer, view, max_bytes)
+        theta, momentum, refs = load_checkpoint(blob, shapes, len(lay), max_bytes)
+        st = SyncStart(view.checkpoint_round, theta, momentum, refs, view.checkpoint.sha256)
+    for upd in view.updates:
+        advance(transfer, st, lay, cfg, upd.shards, upd.round)
+    if st.round != view.round:
+        raise TransferError(f"catch-up reached round {st.round}, not {view.round}: updates missing")
+    if through is not None and through == view.round and view.complete:
+        advance(transfer, st, lay, cfg, view.decided, view.round)
+    return st
+
+
+def _checkpoint_blob(transfer: ObjectTransfer, view: SyncView, max_bytes: int) -> bytes:
+    ck = view.checkpoint
+    last: Exception | None = None
+    for url in [ck.url, *ck.alt_urls]:
+        try:
+            return transfer.get_verified(url, ck.sha256, max_bytes, "checkpoint")
+        except TransferError as exc:
+            last = exc
+    raise TransferError(f"checkpoint {ck.sha256[:10]}.. unreadable ({last})")
+
+
+def wait_view(client, rnd: int, stage: int, ready: Callable[[SyncView], bool],
+              stop, poll: float = 0.2) -> SyncView | None:
+    """Poll the view until `ready(view)` (None when `stop` is set first)."""
+    while not stop.is_set():
+        try:
+            v = get_view(client, rnd, stage)
+            if ready(v):
+                return v
+        except BridgeError as exc:
+            if exc.status != 409:
+                raise
+        stop.wait(poll)
+    return None
+
+
+def state_sha(theta: Mapping[str, torch.Tensor]) -> str:
+    """A short fingerprint of weights for logs (sha256 of their bytes in sorted-name order)."""
+    h = hashlib.sha256()
+    for n in sorted(theta):
+        h.update(theta[n].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
