@@ -13,7 +13,7 @@ import torch
 from botocore.config import Config
 
 from protocol.messages import Metrics
-from resbm import codec, data, outer
+from resbm import codec, data
 from resbm.config import ModelConfig
 from resbm.optim import OptimConfig
 from resbm.stages import build_stages
