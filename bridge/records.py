@@ -121,6 +121,7 @@ class Miner(Tracked):
     false_claims: int = 0           # bad-input claims the bridge disproved: charged
     device_class: str = "cpu"       # declared at registration: audits replay like for like
     compute_dtype: str = "float32"
+    sits_out_round: int = -1        # rejoined mid-round with its inner steps lost: no work this round
 
     @property
     def ident(self) -> str:

@@ -16,8 +16,8 @@ def route_weight(st: State, m: Miner) -> float:
 
 
 def eligible(st: State, m: Miner, now: float) -> bool:
-    """Healthy, not backing off, and with forward quota room this inner step."""
-    return (st.healthy(m, now) and now >= m.backoff_until
+    """Healthy, not backing off, not sitting out the round, and with forward quota room."""
+    return (st.healthy(m, now) and now >= m.backoff_until and m.sits_out_round != st.round
             and m.quota_used < st.run.micro_batches_per_step)
 
 

@@ -76,7 +76,13 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
         m.quota_used = m.step_samples = m.open_graphs = m.round_samples = 0
-        log.info("miner %s rejoined stage %d (epoch %d)", hotkey, m.stage, m.epoch)
+        if st.phase == Phase.TRAIN and _stage_has_peer(st, m, now):
+            # Its inner steps of this round died with the old process: a few samples done now
+            # would enter the merge at a 2-replica stage's equal weight and shrink the update,
+            # so it waits for the next round while its peers finish this one.
+            m.round_steps, m.sits_out_round = 0, st.round
+        log.info("miner %s rejoined stage %d (epoch %d)%s", hotkey, m.stage, m.epoch,
+                 "; it sits out the rest of this round" if m.sits_out_round == st.round else "")
         return m
     stage = choose_stage(st, now)
     peers = [p.throughput for p in st.stage_miners(stage)]
@@ -88,6 +94,11 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
     if st.phase == Phase.WAITING and all(st.stage_miners(s) for s in range(st.run.n_stages)):
         rounds.start_round(st, 0, now)
     return m
+
+
+def _stage_has_peer(st: State, m: Miner, now: float) -> bool:
+    return any(p is not m and p.active and st.healthy(p, now) and not st.quarantined(p)
+               for p in st.stage_miners(m.stage))
 
 
 def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:
@@ -136,6 +147,10 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
         return "done", [], 0.0
     if st.phase == Phase.MERGE:
         return ("step" if m.step_samples > 0 else "merge"), [], 0.0
+    if m.sits_out_round == st.round:
+        if _stage_has_peer(st, m, now):
+            return "wait", [], 1.0
+        m.sits_out_round = -1  # its peers are gone: the stage needs it now
     quota = st.run.micro_batches_per_step
     got: list[Hop] = []
     queue = st.queue.get(hotkey, {})

@@ -56,8 +56,9 @@ def test_killed_miner_is_replaced_and_rejoins_after_restart(tmp_path):
     # every sample of every closed round completed (none abandoned, none lost)
     assert final["abandoned_total"] == 0, final["abandon_reasons"]
     assert final["completed_total"] == final["round"] * n + final["samples_completed"], final
-    # the restarted process (fresh status file) did and reported hops of its own
-    assert _status(victim).get("hops_done", 0) > 0 and victim.text().count("serving stage") == 2
+    # the restarted process (fresh status file) served and did hops of its own (the first one may
+    # have been killed before it logged that it was serving)
+    assert _status(victim).get("hops_done", 0) > 0 and victim.text().count("serving stage") >= 1
 
 
 def test_sigterm_exits_cleanly_within_seconds(tmp_path):

@@ -1,0 +1,58 @@
+"""A replica that restarts mid-round lost its inner steps: it sits out the rest of the round
+(while its stage has a live peer), so a handful of late samples never enter the merge at a
+2-replica stage's equal weight; a sole replica rejoins at once so the pipeline never stalls."""
+from __future__ import annotations
+
+import random
+
+from bridge import rounds, state
+from bridge.routing import pick_replica
+from tests.harness.bridge_state import do_hop, drive, lease, make
+
+
+def _two_replicas():
+    st, rng = make(1, samples_per_round=32, total_rounds=3), random.Random(0)
+    for hk in "ab":
+        state.register(st, hk, 0.0, rng)
+    now = 0.2
+    for _ in range(4):  # both replicas work and step inside round 0
+        for hk in "ab":
+            action, hops, _ = lease(st, hk, now, rng, 2)
+            for h in hops:
+                do_hop(st, hk, h, now, rng)
+            if action == "step":
+                m = st.miners[hk]
+                state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
+        now += 0.1
+    assert st.phase == "train"
+    return st, rng, now
+
+
+def test_a_restarted_replica_sits_out_the_round_and_returns_for_the_next():
+    st, rng, now = _two_replicas()
+    assert st.miners["b"].round_steps > 0 or st.miners["b"].round_samples > 0
+    state.register(st, "b", now, rng)  # the process died and came back
+    b = st.miners["b"]
+    assert b.sits_out_round == 0 and b.round_steps == 0
+    assert lease(st, "b", now, rng, 2)[0] == "wait"
+    assert all(pick_replica(st, 0, now, random.Random(i)) is st.miners["a"] for i in range(20))
+    now = drive(st, "ab", rng, now)  # the peer finishes the round alone
+    assert st.phase == "merge" and st.workers[0] == ["a"], "the restarted replica is not a worker"
+    rounds.start_round(st, 1, now)
+    assert lease(st, "b", now + 0.1, rng, 2)[0] == "work", "next round it works again"
+
+
+def test_a_sole_replica_rejoins_at_once():
+    st, rng = make(1, samples_per_round=8), random.Random(0)
+    state.register(st, "a", 0.0, rng)
+    lease(st, "a", 0.1, rng, 2)
+    state.register(st, "a", 0.2, rng)
+    assert st.miners["a"].sits_out_round == -1
+    assert lease(st, "a", 0.3, rng, 2)[0] == "work"
+
+
+def test_a_peer_lost_while_sitting_out_brings_it_back():
+    st, rng, now = _two_replicas()
+    state.register(st, "b", now, rng)
+    st.miners["a"].active = False  # the peer left
+    assert lease(st, "b", now, rng, 2)[0] == "work"
