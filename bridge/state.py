@@ -75,8 +75,9 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
+        worked = m.round_steps + m.step_samples + m.round_samples + m.open_graphs > 0
         m.quota_used = m.step_samples = m.open_graphs = m.round_samples = 0
-        if st.phase == Phase.TRAIN and _stage_has_peer(st, m, now):
+        if worked and st.phase == Phase.TRAIN and _stage_has_peer(st, m, now):
             # Its inner steps of this round died with the old process: a few samples done now
             # would enter the merge at a 2-replica stage's equal weight and shrink the update,
             # so it waits for the next round while its peers finish this one.

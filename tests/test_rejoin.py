@@ -1,6 +1,7 @@
 """A replica that restarts mid-round lost its inner steps: it sits out the rest of the round
 (while its stage has a live peer), so a handful of late samples never enter the merge at a
-2-replica stage's equal weight; a sole replica rejoins at once so the pipeline never stalls."""
+2-replica stage's equal weight; a sole replica rejoins at once so the pipeline never stalls, and a
+replica that registers again only to catch up (no work of its own in this round) is no restart."""
 from __future__ import annotations
 
 import random
@@ -40,6 +41,15 @@ def test_a_restarted_replica_sits_out_the_round_and_returns_for_the_next():
     assert st.phase == "merge" and st.workers[0] == ["a"], "the restarted replica is not a worker"
     rounds.start_round(st, 1, now)
     assert lease(st, "b", now + 0.1, rng, 2)[0] == "work", "next round it works again"
+
+
+def test_registering_again_to_catch_up_is_not_a_restart():
+    st, rng, now = _two_replicas()
+    now = drive(st, "a", rng, now, skip="b")  # b did work in round 0 ... then round 1 starts
+    rounds.start_round(st, 1, now)
+    state.register(st, "b", now + 0.1, rng)  # b had done nothing in round 1: it just catches up
+    assert st.miners["b"].sits_out_round == -1
+    assert lease(st, "b", now + 0.2, rng, 2)[0] == "work"
 
 
 def test_a_sole_replica_rejoins_at_once():
