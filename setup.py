@@ -33,6 +33,7 @@ LOCAL_REQUIRES = [
 DEV_REQUIRES = LOCAL_REQUIRES + [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "pytest-xdist>=3.5",  # scripts/test.sh runs the suite on 2 workers (one test file per worker)
     "tokenizers>=0.19",
     "pyarrow>=14",
     "websockets>=12",  # tests/browser.py drives headless chromium over the DevTools protocol
