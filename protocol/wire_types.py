@@ -33,7 +33,7 @@ __all__ = [
     "Ack",
 ]
 
-PROTOCOL_VERSION = "resbm/2"
+PROTOCOL_VERSION = "resbm/3"  # 3: sharded sync, zero-update screening, rejoin rule: merges must agree
 
 LeaseAction = Literal["work", "wait", "step", "merge", "reassign", "done"]
 FailReason = Literal["bad_hash", "bad_shape", "nonfinite", "missing", "other"]
