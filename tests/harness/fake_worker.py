@@ -93,8 +93,12 @@ class FakeWorker(threading.Thread):
             self.c.post(route("pseudograd").path, body)
             self.reports.setdefault(round_, {})["pg"] = body
         except BridgeError as exc:
-            if exc.status != 409:  # did no work this round: nothing to report
+            if exc.status != 409:
                 raise
+            # no work of ours in this round (or the set froze without us): like a real miner,
+            # no vote; the published state comes with the next round
+            self.merged_rounds.add(round_)
+            return
         while True:
             try:
                 ms = self.c.get(route("merge_set").target(round=round_, stage=stage))
