@@ -20,7 +20,9 @@ CHEATERS = {2: ("bad-sha", "bad_outputs"), 3: ("false-claim", "false_claims")}
 @pytest.mark.timeout(150)
 def test_claim_cheaters_are_charged_and_no_sample_is_lost(tmp_path):
     set_threads()
-    cfg = run_config(run_id="claims", samples_per_round=6, inner_steps_per_round=1,
+    # 12 samples: each of the 2 stage-1 replicas is leased inputs many times, so the consumer that
+    # lies gets its chance (with 6 it sometimes got none and made no claim to charge)
+    cfg = run_config(run_id="claims", samples_per_round=12, inner_steps_per_round=1,
                      total_rounds=1, micro_batches_per_step=2)
     net = start_subnet(tmp_path, cfg, miners=4)
     try:
@@ -34,7 +36,7 @@ def test_claim_cheaters_are_charged_and_no_sample_is_lost(tmp_path):
         metrics = net.metrics()
     finally:
         net.stop()
-    assert metrics["completed_total"] == 6 and metrics["abandoned_total"] == 0, metrics["abandon_reasons"]
+    assert metrics["completed_total"] == 12 and metrics["abandoned_total"] == 0, metrics["abandon_reasons"]
     by_key = {m["hotkey"]: m for m in metrics["miners"]}
     for i, (kind, counter) in CHEATERS.items():
         bad = by_key.pop(net.keys["miners"][i].ss58_address)
