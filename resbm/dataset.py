@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from protocol.dataset import DatasetManifest, DatasetRef, ManifestError, ShardEntry, parse_manifest
+from protocol.routes import route
 from resbm.dataset_store import (DataError, LocalSource, ShardCache, Source, SourceFactory, default_cache,
                                  sha256_file)
 
@@ -223,7 +224,7 @@ _OPEN_LOCK = threading.Lock()
 
 def bridge_base_url(bridge_url: str) -> str:
     """Where a bridge serves its run's dataset files (redirects to presigned S3 GETs)."""
-    return bridge_url.rstrip("/") + "/v1/dataset/"
+    return bridge_url.rstrip("/") + route("dataset_file").target(name="")
 
 
 def open_local(root: str | os.PathLike[str]) -> Dataset:

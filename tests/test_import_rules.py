@@ -57,7 +57,7 @@ def test_test_modules_share_helpers_through_the_harness_not_each_other():
     assert offenders == []
 
 
-@pytest.mark.parametrize("package", ["bridge", "neurons", "drills", "scripts"])
+@pytest.mark.parametrize("package", ["bridge", "neurons", "drills", "resbm", "scripts"])
 def test_route_paths_are_written_only_in_the_route_table(package):
     """protocol/routes.py is the whole wire contract: no other shipped package spells a path."""
     hits = {}

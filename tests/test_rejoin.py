@@ -8,7 +8,7 @@ import random
 
 from bridge import rounds, state
 from bridge.routing import pick_replica
-from tests.harness.bridge_state import do_hop, drive, lease, make
+from tests.harness.bridge_state import drive, lease, make
 
 
 def _two_replicas():
@@ -17,14 +17,7 @@ def _two_replicas():
         state.register(st, hk, 0.0, rng)
     now = 0.2
     for _ in range(4):  # both replicas work and step inside round 0
-        for hk in "ab":
-            action, hops, _ = lease(st, hk, now, rng, 2)
-            for h in hops:
-                do_hop(st, hk, h, now, rng)
-            if action == "step":
-                m = st.miners[hk]
-                state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
-        now += 0.1
+        now = drive(st, "ab", rng, now, max_iter=1, finish=False)
     assert st.phase == "train"
     return st, rng, now
 

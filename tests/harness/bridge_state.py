@@ -33,8 +33,9 @@ def lease(st, hk, now, rng, n=1):
     return state.lease(st, hk, n, 100, 100, now, rng)
 
 
-def drive(st, hks, rng, now, max_iter=500, skip=()):
-    """Run honest miners until the round leaves `train`; returns the time reached."""
+def drive(st, hks, rng, now, max_iter=500, skip=(), finish=True):
+    """Run honest miners until the round leaves `train` (or for `max_iter` ticks when not
+    `finish`); returns the time reached."""
     for _ in range(max_iter):
         if st.phase != "train":
             return now
@@ -48,4 +49,6 @@ def drive(st, hks, rng, now, max_iter=500, skip=()):
             if action == "step":
                 m = st.miners[hk]
                 state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
+    if not finish:
+        return now
     raise AssertionError("round did not finish")
