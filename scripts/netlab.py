@@ -16,6 +16,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,16 +34,11 @@ __all__ = ["NetlabUnavailable", "probe", "sweep", "host_ifaces", "NetLab", "ente
 log = logging.getLogger("netlab")
 REPO = Path(__file__).resolve().parent.parent
 CLONE_NEWNET = 0x40000000
-_HOLDER = r"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.unshare(0x40000000) != 0:
-    print("error unshare(CLONE_NEWNET) failed: " + os.strerror(ctypes.get_errno()), flush=True)
-    sys.exit(1)
-print("ok", os.stat("/proc/self/ns/net").st_ino, flush=True)
-while os.read(0, 4096):
-    pass
-"""
+# A holder: a new network namespace with one process in it, reading its stdin until the owner goes.
+_HOLDER = ["unshare", "--net", "--", "sh", "-c", "readlink /proc/self/ns/net && exec cat >/dev/null"]
+
+
+_ALT = " (bench_network --link-mode process; localnet without --link-netns)"
 
 
 class NetlabUnavailable(RuntimeError):
@@ -92,15 +88,17 @@ class _Holder:
 
     @classmethod
     def start(cls) -> "_Holder":
-        proc = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(_HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent_hard, text=True)
         line = proc.stdout.readline().strip()
-        if not line.startswith("ok "):
+        m = re.fullmatch(r"net:\[(\d+)\]", line)
+        if m is None:
             proc.kill()
             proc.wait()
-            raise NetlabUnavailable(f"kernel links need root to create network namespaces ({line[6:] or 'no answer'}); "
-                                    "run as root (CAP_NET_ADMIN, CAP_SYS_ADMIN), or use --link-mode process")
-        return cls(proc, int(line.split()[1]))
+            why = line.removeprefix("unshare: ") or "no answer"
+            raise NetlabUnavailable(f"kernel links need root to create network namespaces ({why}); "
+                                    "run as root (CAP_NET_ADMIN, CAP_SYS_ADMIN), or use the in-process emulator" + _ALT)
+        return cls(proc, int(m.group(1)))
 
     @property
     def pid(self) -> int:
@@ -113,10 +111,10 @@ class _Holder:
 
 
 def _need_tools() -> None:
-    missing = [t for t in ("ip", "tc", "nsenter") if shutil.which(t) is None]
+    missing = [t for t in ("ip", "tc", "nsenter", "unshare") if shutil.which(t) is None]
     if missing:
         raise NetlabUnavailable(f"kernel links need {', '.join(missing)} (apt-get install -y iproute2 util-linux); "
-                                "or use --link-mode process")
+                                "or use the in-process emulator" + _ALT)
 
 
 def probe() -> str:
@@ -132,10 +130,10 @@ def probe() -> str:
                     "latency", "50ms"], h.pid, check=False)
         if tbf.returncode != 0:
             raise NetlabUnavailable("this kernel has neither the netem nor the tbf qdisc, so links cannot be shaped; "
-                                    "use --link-mode process")
+                                    "use the in-process emulator" + _ALT)
         if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
             raise NetlabUnavailable("this kernel has no netem qdisc and /dev/net/tun is missing, so no delay can be "
-                                    "added; use --link-mode process")
+                                    "added; use the in-process emulator" + _ALT)
         return "tbf"
     finally:
         h.stop()
