@@ -7,8 +7,11 @@ delay_line.py, TUN devices) adds the delay, jitter and loss. `probe` says which,
 `NetlabUnavailable` with one line where namespaces cannot be made (not root, no iproute2).
 
 Nothing outlives the run: the namespaces are unnamed and held by child processes that the kernel
-kills with their parent (PR_SET_PDEATHSIG), so a SIGKILLed owner leaves no namespace, interface or
-qdisc behind; `sweep` removes a host interface whose owner is dead, should one ever remain.
+kills with their parent (PR_SET_PDEATHSIG), and a reaper in a session of its own (scripts/
+netlab_reaper.py) waits for the owner to go, however it goes, then SIGKILLs whatever still sits in
+those namespaces after a grace period and deletes the host interface; so a SIGKILLed owner leaves no
+namespace, interface or qdisc behind. `sweep` removes a host interface whose owner is dead,
+should one ever remain (say the reaper was killed too).
 """
 from __future__ import annotations
 
@@ -189,6 +192,8 @@ class NetLab:
     hub: Optional[_Holder] = None
     holders: list[_Holder] = field(default_factory=list)
     lines: list[subprocess.Popen] = field(default_factory=list)
+    reaper: Optional[subprocess.Popen] = None
+    grace: float = 10.0  # seconds a neuron gets to leave after its owner died, before the reaper kills it
 
     def start(self) -> "NetLab":
         """Sweep leftovers, probe the kernel, build the hub and every link; NetlabUnavailable if impossible."""
@@ -216,9 +221,21 @@ class NetLab:
         """The address the bridge and S3 listen on (reachable from the host and every neuron)."""
         return self.plan.services_addr
 
+    def _tell_reaper(self, line: str) -> None:
+        self.reaper.stdin.write(line + "\n")
+        self.reaper.stdin.flush()
+
+    def _holder(self) -> _Holder:
+        h = _Holder.start()
+        self._tell_reaper(f"netns {h.inode}")
+        return h
+
     def _build(self) -> None:
         self.plan = p = plan(os.getpid(), next(_SEQ), self.neurons, _host_addrs())
-        self.hub = _Holder.start()
+        self.reaper = subprocess.Popen([sys.executable, str(REPO / "scripts" / "netlab_reaper.py"), "--grace",
+                                        str(self.grace)], stdin=subprocess.PIPE, text=True, start_new_session=True)
+        self._tell_reaper(f"iface {p.host_iface}")
+        self.hub = self._holder()
         hub = self.hub.pid
         _run(["ip", "link", "add", p.host_iface, "type", "veth", "peer", "name", "up0", "netns", str(hub)])
         _run(["ip", "addr", "add", p.host_addr, "peer", p.services_addr, "dev", p.host_iface])
@@ -232,7 +249,7 @@ class NetLab:
         self._write_manifest()
 
     def _link(self, i: int) -> None:
-        h = _Holder.start()
+        h = self._holder()
         self.holders.append(h)
         hub_dev, mtu = f"n{i}", 1500
         if self.backend == "netem":
@@ -275,7 +292,7 @@ class NetLab:
                 "host_iface": self.plan.host_iface, "services_addr": self.plan.services_addr,
                 "holders": [h.pid for h in [self.hub, *self.holders] if h],
                 "netns_inodes": [h.inode for h in [self.hub, *self.holders] if h],
-                "delay_lines": [p.pid for p in self.lines]}
+                "delay_lines": [p.pid for p in self.lines], "reaper": self.reaper.pid if self.reaper else None}
         fd, tmp = tempfile.mkstemp(dir=str(Path(self.manifest).parent))
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
@@ -294,3 +311,7 @@ class NetLab:
             # the hub namespace lives on while a process sits in it; the link must not
             _run(["ip", "link", "del", self.plan.host_iface], check=False)
         self.hub = None
+        if self.reaper is not None:  # nothing is left for it to do: let it go
+            self.reaper.stdin.close()
+            self.reaper.wait()
+            self.reaper = None

@@ -50,7 +50,7 @@ def leftovers(manifest: dict) -> list[str]:
     left = []
     if manifest["host_iface"] in host_ifaces():
         left.append(f"host interface {manifest['host_iface']}")
-    for pid in manifest["holders"] + manifest["delay_lines"]:
+    for pid in manifest["holders"] + manifest["delay_lines"] + ([manifest["reaper"]] if manifest.get("reaper") else []):
         if _alive(pid):
             left.append(f"process {pid}")
     for ino, pids in _netns_users(set(manifest["netns_inodes"])).items():
