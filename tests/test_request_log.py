@@ -139,3 +139,24 @@ def test_round_trips_per_hop_sum_replicas_and_price_the_link():
     assert len(table) == 3 and all(line.count("|") == table[0].count("|") for line in table)
     assert "3.25" in table[2] and "50% ovl" in table[2]
     assert format_other_table("(d)", other).count("\n") == 2 and format_other_table("(d)", {}) == ""
+
+
+def test_miner_metrics_export_round_trips_by_route_and_hop_kind():
+    from prometheus_client import generate_latest
+
+    from neurons.metrics import miner_registry
+    from neurons.status import MinerStatus
+    from neurons.transfer import TransferStats
+
+    log = RequestLog(Clock())
+    req, resp = _lease(_hop("h", "fwd", put="http://s3/o"))
+    log.on_call("lease", req, resp, 0.0, 0.1, True)
+    log.on_transfer("PUT", "http://s3/o", 5, 0.1, 0.2, True)
+    log.on_call("hop_done", NS(hop_id="h"), NS(), 0.2, 0.3, True, 3)
+    log.settle()
+    status = MinerStatus(TransferStats())
+    status.requests = log
+    text = generate_latest(miner_registry(status)).decode()
+    assert 'resbm_miner_requests_total{route="hop_done"} 3.0' in text
+    assert 'resbm_miner_hop_requests_total{kind="fwd",route="object_put"} 1.0' in text
+    assert status.summary()["requests"]["hop_kinds"]["fwd"]["hops"] == 1
