@@ -39,7 +39,7 @@ __all__ = ["build_parser", "subnet_run_config", "run_single", "run_subnet", "loa
 
 log = logging.getLogger("bench_network")
 SECTION = "### Network: local subnet vs single process (CPU)"  # a topic under "## Current results"
-KERNEL_SECTION = "### Network over kernel-emulated links (CPU)"  # the same runs, every request shaped
+KERNEL_SECTION = "### Network over kernel-emulated links (CPU, issue 24)"  # the same runs, every request shaped
 REPO = Path(__file__).resolve().parent.parent
 
 
