@@ -252,7 +252,8 @@ class NetLab:
         h = self._holder()
         self.holders.append(h)
         hub_dev, mtu = f"n{i}", 1500
-        if self.backend == "netem":
+        timed = self.shape.rtt_ms or self.shape.jitter_ms or self.shape.loss
+        if self.backend == "netem" or not timed:  # tbf alone shapes a rate-only link: no delay line needed
             _run(["ip", "link", "add", hub_dev, "type", "veth", "peer", "name", "eth0", "netns", str(h.pid)], self.hub.pid)
         else:
             mtu = TUN_MTU
