@@ -213,14 +213,14 @@ class Cluster:
         self.bridge = Neuron("bridge", argv, self.workdir / "logs" / "bridge.log",
                              preexec=self.netlab.in_hub(die_with_parent) if self.netlab else None)
         self.bridge.start()
-        wait_http(self.bridge_url + route("health").path, timeout=60, proc=self.bridge.proc)
+        wait_http(self.bridge_url + route("health").path, timeout=180, proc=self.bridge.proc)  # a loaded box is slow
 
     def restart_bridge(self) -> None:
         """Kill the bridge without warning and start it again on the same database."""
         self.bridge.kill()
         self.bridge.restarts += 1
         self.bridge.start()
-        wait_http(self.bridge_url + route("health").path, timeout=60, proc=self.bridge.proc)
+        wait_http(self.bridge_url + route("health").path, timeout=180, proc=self.bridge.proc)  # a loaded box is slow
 
     def _neuron(self, name: str, script: list[str], extra: list[str]) -> Neuron:
         argv = [sys.executable, *script, "--wallet.name", name, "--wallet.hotkey", "default",
