@@ -209,3 +209,16 @@ def test_netem_lines_pass_tc_s_parser(backend, shape):
     assert "What is" not in res.stderr and "Usage" not in res.stderr, res.stderr
     assert res.returncode == 0 or "qdisc kind is unknown" in res.stderr, res.stderr
     assert (res.returncode == 0) == (backend == "netem")
+
+
+def test_auto_link_mode_falls_back_to_the_in_process_emulator_and_says_why(tmp_path):
+    require_netns()
+    code = ("from scripts.bench_network import build_parser, resolve_link_mode\n"
+            "a = build_parser().parse_args(['--link-mode', 'auto'])\n"
+            "print(resolve_link_mode(a)); print(a.link_mode)")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, HOME=str(tmp_path)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    said, mode = res.stdout.strip().splitlines()[-2:]
+    assert mode == "process"
+    assert said.startswith("link: in-process emulator") and "bridge calls pay nothing" in said and "need root" in said
