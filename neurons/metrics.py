@@ -49,6 +49,19 @@ class MinerCollector(Collector):
         b.add_metric(["down"], s["bytes_down"])
         yield b
         yield _one(g, "resbm_miner_compute_fraction", "compute seconds over wall seconds", s["compute_fraction"])
+        req = s.get("requests")
+        if req is not None:
+            rt = CounterMetricFamily("resbm_miner_requests", "HTTP round trips by route (retries included)",
+                                     labels=["route"])
+            for route, t in sorted(req["routes"].items()):
+                rt.add_metric([route], t["count"])
+            yield rt
+            hk = CounterMetricFamily("resbm_miner_hop_requests", "round trips on done hops' paths, by hop kind "
+                                     "and route", labels=["kind", "route"])
+            for kind, k in sorted(req["hop_kinds"].items()):
+                for route, t in sorted(k["requests"].items()):
+                    hk.add_metric([kind, route], t["count"])
+            yield hk
         yield _one(g, "resbm_miner_stage", "pipeline stage served", s["stage"])
         yield _one(g, "resbm_miner_round", "current round", s["round"])
         if s["last_loss"] is not None:

@@ -75,13 +75,31 @@ class TransferStats:
 
 
 class ObjectTransfer:
-    """GET and PUT against presigned URLs with retries and a hard size cap on downloads."""
+    """GET and PUT against presigned URLs with retries and a hard size cap on downloads.
+
+    `on_request(method, url, nbytes, t0, t1, ok, tries)`, when set, hears of every GET and PUT as
+    it ends (the miner's request counters); it must be quick and must not raise."""
 
     def __init__(self, link: LinkEmulator | None = None, tries: int = 5, timeout: float = 60.0):
         self.link = link or LinkEmulator()
         self.tries = tries
         self.stats = TransferStats()
         self._http = httpx.Client(timeout=timeout)
+        self.on_request = None
+        self._attempts = threading.local()
+
+    def _observed(self, method: str, url: str, fn, sent: int = 0):
+        """Run `fn` (one whole GET or PUT of `sent` bytes) and tell `on_request` how it went."""
+        if self.on_request is None:
+            return fn()
+        t0, ok, result = time.monotonic(), False, None
+        try:
+            result = fn()
+            ok = True
+            return result
+        finally:
+            n = len(result) if isinstance(result, bytes) else sent
+            self.on_request(method, url, n, t0, time.monotonic(), ok, getattr(self._attempts, "n", 1))
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -89,6 +107,9 @@ class ObjectTransfer:
 
     def get(self, url: str, max_bytes: int) -> bytes:
         """Download at most `max_bytes`; a larger object raises TransferError without reading it all."""
+        return self._observed("GET", url, lambda: self._get(url, max_bytes))
+
+    def _get(self, url: str, max_bytes: int) -> bytes:
         def once() -> bytes:
             with self._http.stream("GET", url) as r:
                 if r.status_code != 200:
@@ -119,6 +140,9 @@ class ObjectTransfer:
 
     def put(self, url: str, data: bytes) -> None:
         """Upload `data` to a presigned PUT URL (signed for exactly this length)."""
+        self._observed("PUT", url, lambda: self._put(url, data), sent=len(data))
+
+    def _put(self, url: str, data: bytes) -> None:
         def once() -> None:
             r = self._http.put(url, content=data, headers={"content-length": str(len(data))})
             if r.status_code not in (200, 201, 204):
@@ -132,6 +156,7 @@ class ObjectTransfer:
     def _retry(self, fn, what: str):
         delay = 0.2
         for attempt in range(1, self.tries + 1):
+            self._attempts.n = attempt
             try:
                 return fn()
             except TransferError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from typing import Any
 
@@ -72,6 +73,12 @@ class SignedClient:
         self.max_backoff_s = max_backoff_s
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._receiver = receiver_ss58
+        self._tries = threading.local()
+
+    @property
+    def last_tries(self) -> int:
+        """HTTP round trips the calling thread's last request took (retries included)."""
+        return getattr(self._tries, "n", 1)
 
     @property
     def receiver_ss58(self) -> str:
@@ -95,6 +102,7 @@ class SignedClient:
         headers = {"content-type": "application/json"} if body is not None else {}
         last_exc: Exception | None = None
         for attempt in range(1, self.max_tries + 1):
+            self._tries.n = attempt
             req = self._http.build_request(method, path, params=params, content=content,
                                            headers=headers)
             target = req.url.raw_path.decode("ascii")  # path + ?query exactly as sent

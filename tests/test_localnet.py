@@ -10,6 +10,7 @@ import pytest
 
 from resbm import codec
 from scripts import localnet
+from tests.harness.netns import require_netns, wait_nothing_left
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -62,8 +63,13 @@ def test_happy_path_trains_and_sets_weights(happy):
 
 
 def test_fault_drill_loses_nothing(tmp_path, happy):
-    r = _run(tmp_path, "faults", "--kill-miner-at", "1", "--restart-bridge-at", "2")
+    # on kernel links (unshaped): every miner and the validator in a namespace of its own, the bridge
+    # and S3 in the hub; the killed miners restart into their namespaces, the bridge into the hub
+    require_netns()
+    r = _run(tmp_path, "faults", "--kill-miner-at", "1", "--restart-bridge-at", "2", "--link-netns")
     assert r["_code"] == 0 and r["phase"] == "done"
+    manifest = wait_nothing_left(r["_workdir"] / "netlab.json", timeout=30)
+    assert len(manifest["netns_inodes"]) == 1 + 4 + 1  # the hub, 4 miners, 1 validator
     assert r["bridge_restarts"] == 1 and r["miner_restarts"] == 2
     assert r["samples_completed"] == 4 * 16 and r["samples_abandoned"] == 0
     _steps_applied_once(r["_workdir"])
