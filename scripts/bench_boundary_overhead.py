@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per run (3 on CUDA, 1 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (8 on CUDA, 2 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    p.add_argument("--budget-s", type=float, default=170.0, help="start no run after this many seconds")
     p.add_argument("--out", default=None, help="write every run and the summary as JSON here")
     args = p.parse_args(argv)
     confs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -122,8 +123,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for rep in range(args.repeats):
             for setting in names[rep % len(names):] + names[:rep % len(names)]:
                 cfg = ModelConfig.preset(preset, **SETTINGS[setting])
-                rec = run_setting(cfg, Run(f"{conf}/{setting}", batch, accum), dev, warmup=warmup, steps=steps,
-                                  seed=args.seed, cache=cache, amp=cuda)
+                if time.perf_counter() - t0 > args.budget_s:
+                    rec = {"error": f"skipped: past the {args.budget_s:.0f} s budget"}
+                else:
+                    rec = run_setting(cfg, Run(f"{conf}/{setting}", batch, accum), dev, warmup=warmup,
+                                      steps=steps, seed=args.seed, cache=cache, amp=cuda)
                 rec.update(bench_config=conf, setting=setting, repeat=rep)
                 records.append(rec)
                 print(f"  {conf} {setting} repeat {rep + 1}: " + (rec.get("error") or
