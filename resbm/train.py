@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,26 @@ class _Clock:
         return time.perf_counter() - self.start - self.paused
 
 
+def _check_settings(*, steps: int, batch_size: int, accum: int, log_every: int, timing_warmup: int,
+                    outer_every: int, resume: str | None, merge_method: str, clip_factor: float, muon_impl: str,
+                    amp: bool, dev: torch.device) -> None:
+    """Raise ValueError naming the first setting train() cannot run with."""
+    if steps < 0 or batch_size < 1 or accum < 1 or log_every < 1 or timing_warmup < 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, accum >= 1, log_every >= 1, timing_warmup >= 0; "
+                         f"got {steps}, {batch_size}, {accum}, {log_every}, {timing_warmup}")
+    if outer_every < 0:
+        raise ValueError(f"outer_every must be >= 0 (0 = no outer step), got {outer_every}")
+    if outer_every and resume:
+        raise ValueError("resume with outer_every is not supported: checkpoints hold no outer momentum")
+    if outer_every and not one_replica_merge_is_identity(merge_method, clip_factor):
+        raise ValueError(f"merge_method {merge_method!r} with clip_factor {clip_factor} does not apply to the "
+                         "reference's one replica per stage; use robust, mean, or clipped-mean with clip_factor >= 1")
+    if muon_impl not in MUON_IMPLS:
+        raise ValueError(f"muon_impl must be one of {list(MUON_IMPLS)}, got {muon_impl!r}")
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) needs a CUDA device, got {dev}; drop --amp or pick a CUDA device")
+
+
 def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 8, accum: int = 1,
           seed: int = 0, init_seed: int = 0, device: str = "auto", val_every: int = 0,
           val_batches: int = 4, ckpt_dir: str | None = None, ckpt_every: int = 0,
@@ -113,21 +134,10 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
     the exactness tests use fp32). `outer_every` > 0 adds an outer step (outer_lr, outer_momentum,
     merge_method, clip_factor as in RunConfig) after every `outer_every` inner steps, with a fresh inner
     optimizer each round. `compile` torch.compiles the blocks; losses are read every `log_every` steps."""
-    if steps < 0 or batch_size < 1 or accum < 1 or log_every < 1 or timing_warmup < 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, accum >= 1, log_every >= 1, timing_warmup >= 0; "
-                         f"got {steps}, {batch_size}, {accum}, {log_every}, {timing_warmup}")
-    if outer_every < 0:
-        raise ValueError(f"outer_every must be >= 0 (0 = no outer step), got {outer_every}")
-    if outer_every and resume:
-        raise ValueError("resume with outer_every is not supported: checkpoints hold no outer momentum")
-    if outer_every and not one_replica_merge_is_identity(merge_method, clip_factor):
-        raise ValueError(f"merge_method {merge_method!r} with clip_factor {clip_factor} does not apply to the "
-                         "reference's one replica per stage; use robust, mean, or clipped-mean with clip_factor >= 1")
-    if muon_impl not in MUON_IMPLS:
-        raise ValueError(f"muon_impl must be one of {list(MUON_IMPLS)}, got {muon_impl!r}")
     dev = pick_device(device)
-    if amp and dev.type != "cuda":
-        raise ValueError(f"amp (bf16 autocast) needs a CUDA device, got {dev}")
+    _check_settings(steps=steps, batch_size=batch_size, accum=accum, log_every=log_every,
+                    timing_warmup=timing_warmup, outer_every=outer_every, resume=resume,
+                    merge_method=merge_method, clip_factor=clip_factor, muon_impl=muon_impl, amp=amp, dev=dev)
     stages = build_stages(cfg, seed=init_seed)
     for stage in stages:
         stage.to(dev)
@@ -277,7 +287,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, ocfg = config_from_args(args)
+    try:  # a bad setting is one line and exit code 2 (USAGE, as argparse's own errors), no traceback
+        cfg, ocfg = config_from_args(args)
+        _check_settings(steps=args.steps, batch_size=args.batch_size, accum=args.accum, log_every=args.log_every,
+                        timing_warmup=args.timing_warmup, outer_every=0, resume=args.resume,
+                        merge_method="clipped-mean", clip_factor=2.0, muon_impl=args.muon_impl, amp=args.amp,
+                        dev=pick_device(args.device))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if pick_device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (CLI only)
     hist = train(cfg, ocfg, args.steps, batch_size=args.batch_size, accum=args.accum, seed=args.seed,

@@ -49,10 +49,13 @@ def default_grid() -> list[Run]:
         Run("fast-64k", 8, 8),
         Run("fast-64k-b16", 16, 4),
         Run("fast-128k-b16", 16, 8),
-        Run("fast-64k-b16-outer4", 16, 4, outer_every=4, note="outer step after every 4th step (timed window: 1 of 5 steps)"),
+        Run("fast-64k-b16-outer4", 16, 4, outer_every=4,
+            note="outer step after every 4th step (timed window: 1 of 5 steps)"),
         Run("fast-64k-b16-cudnn", 16, 4, sdpa="cudnn", cuda_only=True, note="cuDNN attention forced"),
         Run("fast-64k-b16-compile", 16, 4, compile=True, cuda_only=True,
             note="torch.compile per block; warm-up s = compile"),
+        Run("fast-128k-b16-compile", 16, 8, compile=True, cuda_only=True,
+            note="torch.compile per block (compiler caches warm)"),
     ]
 
 

@@ -128,3 +128,14 @@ def test_peak_flops_by_gpu_name():
     assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_of("NVIDIA H200") == peak_flops_of("NVIDIA GH200 480GB") == 989e12
     assert peak_flops_of("Some Future GPU") is None
+
+
+@pytest.mark.parametrize("argv,needle", [(["--amp"], "amp"), (["--ratio", "7"], "bottleneck_ratio"),
+                                         (["--log-every", "0"], "log_every")])
+def test_cli_misconfiguration_is_one_line_and_exit_code_2(argv, needle, capsys):
+    from resbm.train import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--no-progress", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
