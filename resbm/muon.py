@@ -100,10 +100,11 @@ class BatchedMuon(torch.optim.Optimizer):
             mu = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             lr, wd = group["lr"], group["weight_decay"]
+            lr = float(lr) if isinstance(lr, Tensor) else lr  # as torch's Muon (a tensor lr is read once)
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             for chunk in self._chunks(params):
-                self._orthogonal_update(group, [params[i] for i in chunk], [grads[i] for i in chunk],
+                self._orthogonal_update(group, lr, [params[i] for i in chunk], [grads[i] for i in chunk],
                                         [bufs[i] for i in chunk])
         return loss
 
@@ -124,7 +125,7 @@ class BatchedMuon(torch.optim.Optimizer):
             out.extend(idx[j:j + per] for j in range(0, len(idx), per))
         return out
 
-    def _orthogonal_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _orthogonal_update(self, group: dict[str, Any], lr: float, params: list[Tensor], grads: list[Tensor],
                            bufs: list[Tensor]) -> None:
         mu = group["momentum"]
         updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
@@ -137,5 +138,5 @@ class BatchedMuon(torch.optim.Optimizer):
         # A tall batch is iterated as its transposed view, as torch's Muon iterates `grad.T`.
         x = newton_schulz(x.mT if tall else x, group["ns_coefficients"], group["ns_steps"], group["eps"])
         out = x.mT if tall else x
-        alpha = -_adjusted_lr(group["lr"], group["adjust_lr_fn"], params[0].shape)
+        alpha = -_adjusted_lr(lr, group["adjust_lr_fn"], params[0].shape)
         torch._foreach_add_(params, list(out.unbind(0)), alpha=alpha)

@@ -41,11 +41,14 @@ def default_grid() -> list[Run]:
     """Baseline (the loop before issue 22) at 16K tokens per step, then one change at a time, then
     larger steps (tokens per step = batch x accum x seq: 8 x 2 x 1024 = 16K at the 1b preset)."""
     return [
-        Run("legacy-16k", 8, 2, loop="legacy", muon="torch", fused_proj=False,
-            note="before issue 22: 2 syncs per micro-batch, torch Muon, foreach AdamW"),
-        Run("fast-16k-torchmuon", 8, 2, muon="torch", note="new loop, torch.optim.Muon"),
-        Run("fast-16k-unfusedproj", 8, 2, fused_proj=False, note="separate q/k/v and gate/up products"),
-        Run("fast-16k", 8, 2, note="new loop, batched Muon, fused AdamW and projections"),
+        Run("legacy-16k", 8, 2, loop="legacy", muon="torch", fused_adamw=False, fused_proj=False,
+            note="the loop before issue 22: a batch copy and a loss read-back (2 host syncs) per micro-batch, "
+                 "a division per gradient; torch.optim.Muon, foreach AdamW, separate q/k/v and gate/up products"),
+        Run("fast-16k-oldopt", 8, 2, muon="torch", fused_adamw=False, fused_proj=False,
+            note="legacy-16k with the new loop only (no syncs, batches read ahead, one foreach division)"),
+        Run("fast-16k-torchmuon", 8, 2, muon="torch", note="+ fused AdamW and fused projections"),
+        Run("fast-16k", 8, 2, note="+ batched Muon: the new default"),
+        Run("fast-16k-unfusedproj", 8, 2, fused_proj=False, note="fast-16k with separate q/k/v and gate/up products"),
         Run("fast-64k", 8, 8),
         Run("fast-64k-b16", 16, 4),
         Run("fast-128k-b16", 16, 8),
@@ -97,7 +100,7 @@ def _row(rec: dict[str, Any]) -> list[str]:
     run = rec["run"]
     tok = f"{rec['tokens_per_step'] // 1024}K"
     if "error" in rec or "skipped" in rec:
-        return [run["name"], tok, *["-"] * 10, rec.get("error") or rec["skipped"]]
+        return [run["name"], tok, *["-"] * (len(HEADER) - 3), rec.get("error") or rec["skipped"]]
     step = rec["step_s"]
     ph = rec["phase_s_per_step"]
     pct = lambda v: f"{100 * v / step:.1f}%"  # noqa: E731
@@ -105,13 +108,13 @@ def _row(rec: dict[str, Any]) -> list[str]:
     peak = f"{rec['peak_gib']:.1f}" if rec.get("peak_gib") is not None else "-"
     return [run["name"], tok, f"{rec['tokens_per_s']:,.0f}",
             f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a", f"{1e3 * step:.0f}",
-            pct(ph["fwd_bwd"]), f"{1e3 * ph['muon']:.0f} ({pct(ph['muon'])})", pct(ph["adamw"]),
-            pct(ph["data"] + ph["grad_mean"] + ph["outer"]), pct(rec["other_s_per_step"]), str(syncs),
-            f"{peak} / {rec['warmup_s']:.0f}", f"{rec['loss_last']:.3f} {run['note']}".strip()]
+            pct(ph["fwd_bwd"]), f"{1e3 * ph['muon']:.0f} ({pct(ph['muon'])})", pct(ph["adamw"]), pct(ph["data"]),
+            pct(ph["grad_mean"]), pct(ph["outer"]), pct(rec["other_s_per_step"]), str(syncs), peak,
+            f"{rec['warmup_s']:.1f}", f"{rec['loss_last']:.3f}"]
 
 
-HEADER = ["variant", "tok/step", "tok/s", "MFU", "step ms", "fwd+bwd", "muon ms (%)", "adamw",
-          "data+mean+outer", "other", "syncs", "peak GiB / warm-up s", "loss, note"]
+HEADER = ["variant", "tok/step", "tok/s", "MFU", "step ms", "fwd+bwd", "muon ms (%)", "adamw", "data", "grad mean",
+          "outer", "other", "syncs/step", "peak GiB", "warm-up s", "loss"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,7 +187,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"Muon, stage 1's {muon['matrices']} matrices, one step: batched {1e3 * muon['batched_step_s']:.1f} ms, "
               f"torch.optim.Muon {1e3 * muon['torch_step_s']:.1f} ms; largest relative difference of an update "
               f"{muon['max_rel_update_diff']:.2e} (bf16 Newton-Schulz in both)")
-    print(f"grid done in {total:.0f} s; phases are % of the step's wall time; other = wall minus timed phases")
+    for r in grid:
+        print(f"  {r.name}: batch {r.batch} x accum {r.accum}" + (f"; {r.note}" if r.note else ""))
+    print(f"grid done in {total:.0f} s; phases are % of the step's wall time (CUDA events); other = the rest "
+          f"of the wall time; warm-up s = the {args.warmup} untimed steps (compilation included)")
     print(format_table(HEADER, [_row(r) for r in records]))
     return records
 

@@ -166,7 +166,7 @@ def _measure(cfg: ModelConfig, run: Run, dev: torch.device, warmup: int, steps: 
     timer = PhaseTimer(dev)
     settings = LoopSettings(batch_size=run.batch, accum=run.accum, amp=amp, compile=run.compile,
                             outer_every=run.outer_every, outer_lr=0.7, outer_momentum=0.9, muon_impl=run.muon,
-                            fused_adamw=False if run.loop == "legacy" else run.fused_adamw)
+                            fused_adamw=run.fused_adamw)
     trainer = Trainer(build_stages_on(cfg, seed, dev, cache), cfg, ocfg, dev, settings, timer=timer)
     out: dict[str, Any] = {"build_s": time.perf_counter() - t_build}
     try:
