@@ -9,6 +9,7 @@ move between the model and its stages by key.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from .boundary import RMSNorm, build_boundary
 from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
 
-__all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "run_pipeline",
+__all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "pipeline_loss", "run_pipeline",
            "stage_param_names", "stage_state_dict"]
 
 
@@ -130,27 +131,41 @@ class PipelineResult:
     code_grads: list[torch.Tensor] = field(default_factory=list)
 
 
-def run_pipeline(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
-                 backward: bool = True) -> PipelineResult:
-    """Run the stages in sequence as the network would: each stage gets a detached copy of the
-    code (and the tokens, for re-injection); backward goes last to first, passing each boundary's
-    input gradient (accumulating .grad)."""
+def _forward_backward(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor, backward: bool,
+                      amp: torch.dtype | None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(loss, codes sent forward, code gradients sent back); forwards under autocast(amp) when given,
+    backwards outside it (as a miner runs them)."""
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     x = tokens
-    for stage in stages[:-1]:
-        out = stage(x, tokens=tokens)
-        outputs.append(out)
-        x = out.detach().requires_grad_(backward)
-        inputs.append(x)
-    loss = stages[-1](x, targets, tokens=tokens)
-    result = PipelineResult(loss=float(loss.detach()), codes=[o.detach() for o in outputs])
+    with torch.autocast(tokens.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        for stage in stages[:-1]:
+            out = stage(x, tokens=tokens)
+            outputs.append(out)
+            x = out.detach().requires_grad_(backward)
+            inputs.append(x)
+        loss = stages[-1](x, targets, tokens=tokens)
     if not backward:
-        return result
+        return loss.detach(), outputs, []
     loss.backward()
     grads: list[torch.Tensor] = [torch.empty(0)] * len(outputs)
     for b in reversed(range(len(outputs))):
         grads[b] = inputs[b].grad
         outputs[b].backward(grads[b])
-    result.code_grads = grads
-    return result
+    return loss.detach(), outputs, grads
+
+
+def run_pipeline(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
+                 backward: bool = True) -> PipelineResult:
+    """Run the stages in sequence as the network would: each stage gets a detached copy of the
+    code (and the tokens, for re-injection); backward goes last to first, passing each boundary's
+    input gradient (accumulating .grad)."""
+    loss, outputs, grads = _forward_backward(stages, tokens, targets, backward, None)
+    return PipelineResult(loss=float(loss), codes=[o.detach() for o in outputs], code_grads=grads)
+
+
+def pipeline_loss(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
+                  amp: torch.dtype | None = None) -> torch.Tensor:
+    """run_pipeline's forward and backward of one micro-batch (forwards under autocast to `amp` when
+    given), returning the detached loss as a tensor: nothing is read back, so no device sync."""
+    return _forward_backward(stages, tokens, targets, True, amp)[0]
