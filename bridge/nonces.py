@@ -95,6 +95,19 @@ class BufferedNonceStore:
         self.durable = max(self.durable, upto)
         return len(pending)
 
+    def settle(self, tx: object = None) -> dict[int, Exception]:
+        """Flush before the state commit (`BridgeService`): this process is the only one that
+        sees these nonces, so nothing is refused here."""
+        self.flush()
+        return {}
+
+    def settled(self, ok: bool) -> None:
+        """Nothing to do: `settle` committed its own transaction."""
+
+    def verdict(self, seq: int) -> None:
+        """No refusals are decided after the in-memory check."""
+        return None
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._seen)
