@@ -88,6 +88,7 @@ class PgTxn:
             meta_changed = fp != db.meta_fp
             if not rows and not meta_changed:
                 c.commit()  # releases the lock; the version stays
+                self._release(ok=True)
                 return False
             new = self.version + 1
             with c.cursor() as cur:

@@ -79,7 +79,7 @@ class BridgeProcess:
     url: str
     hotkey: str
     proc: subprocess.Popen
-    db: Path
+    db: Path | str  # the SQLite file, or the postgresql:// URL
     args: list[str] = field(default_factory=list)
     log_path: Optional[Path] = None
 
@@ -97,28 +97,31 @@ class BridgeProcess:
         return _launch(self.args, self.url, self.hotkey, self.db, self.log_path)
 
 
-def _launch(args: list[str], url: str, hotkey: str, db: Path,
-            log_path: Optional[Path]) -> BridgeProcess:
+def _launch(args: list[str], url: str, hotkey: str, db: Path | str,
+            log_path: Optional[Path], timeout: float = 60.0) -> BridgeProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    wait_http(url + route("health").path, timeout=60.0, proc=proc)
+    wait_http(url + route("health").path, timeout=timeout, proc=proc)
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
 
 
 def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
                  s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
-                 extra: tuple[str, ...] = ()) -> BridgeProcess:
-    """Write the run YAML and start the bridge process; returns once /health answers."""
+                 extra: tuple[str, ...] = (), db_url: Optional[str] = None,
+                 timeout: float = 60.0) -> BridgeProcess:
+    """Write the run YAML and start the bridge process; returns once /health answers.
+    `db_url`: a postgresql:// URL to keep the state in (default: a SQLite file in `workdir`);
+    several bridges started on one URL, each with its own `workdir`, serve one run."""
     from bittensor.sp_core import Keypair
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_config))
     port = free_port()
-    db = workdir / "bridge.sqlite"
+    db: Path | str = db_url or workdir / "bridge.sqlite"
     args = ["--run-config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
             "--db", str(db), "--subtensor.network", f"localchain:{chain_path}", "--netuid", str(netuid),
             "--hotkey-uri", hotkey_uri, *extra]
@@ -126,4 +129,4 @@ def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
         args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
                  "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key]
     hotkey = Keypair.create_from_uri(hotkey_uri).ss58_address
-    return _launch(args, f"http://127.0.0.1:{port}", hotkey, db, workdir / "bridge.log")
+    return _launch(args, f"http://127.0.0.1:{port}", hotkey, db, workdir / "bridge.log", timeout)
