@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sys
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -49,6 +50,9 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     db, waiters = open_database(settings.db_path, settings.keep_rounds), Waiters()
     if db.shared:  # PostgreSQL: nonces and rates are settled in the state's transactions
         from bridge.pg_nonces import PgNonceStore
+        # The transaction thread holds the run's lock for every bridge process: let it have
+        # the GIL back within 1 ms of each database answer, not the default 5 ms.
+        sys.setswitchinterval(0.001)
         nonces: Any = PgNonceStore(db.pool, rate=settings.rate_per_second,
                                    burst=settings.rate_burst)
     else:

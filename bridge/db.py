@@ -8,7 +8,8 @@ several bridge processes serving one run). Both store the tables of `bridge.tabl
 - `begin()`: a transaction (`Txn`): `fold(state)` brings the live state up to what is committed
   (PostgreSQL: under the run's lock, with the rows other processes wrote), transitions run,
   `commit(state, dirty, wake)` writes exactly what changed, all or nothing;
-- `refresh(state)`: the same catch-up for a read, without the lock;
+- `changes(seen)` and `fold_changes(state, seen, got)`: the same catch-up for a read, without
+  the lock (PostgreSQL only: with SQLite the live state is always current);
 - `done_hops`, `round_archive`, `prune`, `close`; `shared` says whether other processes write
   (reads must refresh), `blocking` whether a transaction waits on the network (run it off the
   event loop).
@@ -157,10 +158,6 @@ class Database:
     def begin(self) -> _SqliteTxn:
         """A transaction over the state (see the module docstring)."""
         return _SqliteTxn(self)
-
-    def refresh(self, st: State) -> State:
-        """The live state is current: this process is the only writer."""
-        return st
 
     def commit(self, st: State, dirty: dict) -> bool:
         """Write every changed record, and the meta row if it changed, in one transaction (all

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from typing import Any, Optional
 
 from bridge.db import schema_sql
@@ -91,7 +92,7 @@ class PgTxn:
                 self._release(ok=True)
                 return False
             new = self.version + 1
-            with c.cursor() as cur:
+            with c.pipeline(), c.cursor() as cur:  # one round trip for all of it, then COMMIT
                 for table, values in rows.items():
                     cur.executemany(db.upsert[table], [(*v, new) for v in values])
                 if meta_changed:
@@ -169,7 +170,8 @@ class PostgresDatabase:
              f"FROM {META} WHERE id = 0"]
             + [f"SELECT '{t.kind}', version, data FROM {t.name} WHERE version > %s" for t in loaded])
         self._fetch_args = 1 + len(loaded)
-        self._reader: Any = None  # autocommit connection for reads (used under the service lock)
+        self._reader: Any = None  # autocommit connection for reads' catch-up
+        self._reader_lock = threading.Lock()
         with self.pool.connection() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for stmt in schema_sql(_TYPES, versioned=True):
@@ -218,16 +220,18 @@ class PostgresDatabase:
     def fetch_since(self, conn: Any, seen: int, lock: bool) -> tuple[int, Optional[dict], list]:
         """(version, meta if it changed, [(kind, row)] changed) since version `seen`. `lock`
         first takes the run's lock (held until the transaction ends); the rows then come from
-        one statement, so from one snapshot."""
+        one statement, run once the lock is ours, so from one snapshot that includes every
+        commit before ours (both statements go in one round trip)."""
         if lock:
-            row = conn.execute(f"SELECT version FROM {META} WHERE id = 0 FOR UPDATE").fetchone()
-            if row is None:
+            with conn.pipeline():
+                locked = conn.execute(f"SELECT version FROM {META} WHERE id = 0 FOR UPDATE")
+                cur = conn.execute(self._fetch_sql, (seen,) * self._fetch_args)
+            if locked.fetchone() is None:
                 raise DatabaseUnavailable(f"database {self.path} has no run (meta row missing)")
-            if int(row[0]) == seen:
-                return seen, None, []
-        got = conn.execute(self._fetch_sql, (seen,) * self._fetch_args).fetchall()
+        else:
+            cur = conn.execute(self._fetch_sql, (seen,) * self._fetch_args)
         version, meta, rows = seen, None, []
-        for kind, ver, data in got:
+        for kind, ver, data in cur.fetchall():
             if kind == META:
                 version, meta = int(ver), (json.loads(data) if data is not None else None)
             else:
@@ -251,19 +255,30 @@ class PostgresDatabase:
         """A locked transaction with the rows committed since we last looked."""
         return PgTxn(self, reload)
 
-    def refresh(self, st: State) -> State:
-        """`st` with what other processes committed folded in (for reads: no lock taken; one
-        statement, so one snapshot). Call under the service lock."""
+    def changes(self, seen: int) -> tuple[int, Optional[dict], list]:
+        """What other processes committed since version `seen` (for reads: no lock taken; one
+        statement, so one snapshot); fold it with `fold_changes` under the service lock."""
         import psycopg
-        if self._reader is None or self._reader.closed:
-            self._reader = psycopg.connect(self.url, autocommit=True,
-                                           options="-c statement_timeout=10000")
-        try:
-            version, meta, rows = self.fetch_since(self._reader, self.version, lock=False)
-            return self.fold(self._reader, st, version, meta, rows)
-        except psycopg.OperationalError:
-            self._reader.close()
-            raise
+        with self._reader_lock:
+            if self._reader is None or self._reader.closed:
+                self._reader = psycopg.connect(self.url, autocommit=True,
+                                               options="-c statement_timeout=10000")
+            try:
+                return self.fetch_since(self._reader, seen, lock=False)
+            except psycopg.OperationalError:
+                self._reader.close()
+                raise
+
+    def fold_changes(self, st: State, seen: int, got: tuple[int, Optional[dict], list]) -> State:
+        """`st` with the result of `changes(seen)` folded in, unless the state moved on since
+        (a transaction of ours committed meanwhile: then it is at least as new)."""
+        if self.version != seen:
+            return st
+        version, meta, rows = got
+        if meta is not None and int(meta["round"]) != st.round:
+            with self.pool.connection() as conn:  # a round change: reload it all
+                return self._load(conn, st.run, st.tun)
+        return self.fold(None, st, version, meta, rows)
 
     # ---- notifications, pruning, readers' queries --------------------------------------------
     def wake_payload(self, version: int, wake: dict) -> str:

@@ -34,6 +34,22 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS btauth_nonces_by_nonce ON btauth_nonces (nonce)",
 )
 _SCHEMA_LOCK = 0x6e6f6e6365  # "nonce"
+# One statement: count each hotkey's accepted requests in the window, accept the batch's in
+# order while under `burst`, insert every nonce (a used one is skipped), and say for each
+# request whether it was inserted and accepted.
+_SETTLE = """
+WITH b AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[], %s::bigint[])
+           AS b(hotkey, nonce, at, seq)),
+used AS (SELECT hotkey, count(*) AS n FROM btauth_nonces
+         WHERE hotkey IN (SELECT hotkey FROM b) AND ok AND at > %s GROUP BY hotkey),
+dec AS (SELECT b.*, coalesce(used.n, 0)
+               + row_number() OVER (PARTITION BY b.hotkey ORDER BY b.seq) <= %s AS ok
+        FROM b LEFT JOIN used USING (hotkey)),
+ins AS (INSERT INTO btauth_nonces (hotkey, nonce, at, ok)
+        SELECT hotkey, nonce, at, ok FROM dec ON CONFLICT DO NOTHING RETURNING hotkey, nonce)
+SELECT dec.seq, dec.ok, ins.hotkey IS NOT NULL, dec.hotkey
+FROM dec LEFT JOIN ins USING (hotkey, nonce)
+"""
 
 
 class PgNonceStore:
@@ -82,29 +98,16 @@ class PgNonceStore:
         if not batch:
             return {}
         conn, now = tx.conn, self.clock()
-        hotkeys = sorted({b[1] for b in batch})
-        used = dict(conn.execute(
-            "SELECT hotkey, count(*) FROM btauth_nonces WHERE hotkey = ANY(%s) AND ok AND at > %s "
-            "GROUP BY hotkey", (hotkeys, now - self.window)).fetchall())
         verdicts: dict[int, Exception] = {}
-        oks = []
-        for seq, hk, _, _ in batch:
-            n = used.get(hk, 0)
-            ok = n < self.burst
-            used[hk] = n + ok
-            oks.append(ok)
-            if not ok:
-                verdicts[seq] = TransitionError("rate_limited", f"too many requests from {hk} "
-                                                "(counted over every bridge process)")
-        inserted = set(conn.execute(
-            "INSERT INTO btauth_nonces (hotkey, nonce, at, ok) SELECT * FROM "
-            "unnest(%s::text[], %s::bigint[], %s::float8[], %s::bool[]) "
-            "ON CONFLICT DO NOTHING RETURNING hotkey, nonce",
-            ([b[1] for b in batch], [b[2] for b in batch], [b[3] for b in batch], oks)).fetchall())
-        for seq, hk, nonce, _ in batch:
-            if (hk, nonce) not in inserted:
+        for seq, ok, inserted, hk in conn.execute(_SETTLE, (
+                [b[1] for b in batch], [b[2] for b in batch], [b[3] for b in batch],
+                [b[0] for b in batch], now - self.window, self.burst)).fetchall():
+            if not inserted:
                 verdicts[seq] = AuthFailed("replayed", "nonce already used (seen by another "
                                            "bridge process)")
+            elif not ok:
+                verdicts[seq] = TransitionError("rate_limited", f"too many requests from {hk} "
+                                                "(counted over every bridge process)")
         if now - self._pruned_at > 5.0:
             conn.execute("DELETE FROM btauth_nonces WHERE nonce < %s", (self._cutoff(),))
             self._pruned_at = now

@@ -228,16 +228,24 @@ class BridgeService:
         """Run a read-only function over the state under the lock; with a shared database, over
         the state brought up to what every process committed (a failed catch-up is logged and
         the live state read)."""
+        if not self.db.shared:
+            with self.lock:
+                return fn(self.state)
+        seen, got = self.db.version, None
+        try:
+            got = self.db.changes(seen)  # the round trip without the lock: transactions go on
+        except Exception as exc:  # noqa: BLE001 - serve what we have; writes are safe
+            log.warning("catching up with the database failed (%s); answering from this "
+                        "process's state", exc)
         with self.lock:
-            if self.db.shared and not self._uncommitted:
-                try:
-                    if self._stale:
-                        self.state, self._stale = self.db.load(self.run, self.tun), False
-                    else:
-                        self.state = self.db.refresh(self.state)
-                except Exception as exc:  # noqa: BLE001 - serve what we have; writes are safe
-                    log.warning("catching up with the database failed (%s); answering from "
-                                "this process's state", exc)
+            try:
+                if self._stale:
+                    self.state, self._stale = self.db.load(self.run, self.tun), False
+                elif got is not None and not self._uncommitted:
+                    self.state = self.db.fold_changes(self.state, seen, got)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("catching up with the database failed (%s); answering from this "
+                            "process's state", exc)
             return fn(self.state)
 
     def _effects(self, it: _Item) -> None:

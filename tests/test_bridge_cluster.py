@@ -19,18 +19,15 @@ from protocol.auth import sign_headers
 from protocol.bridge_client import BridgeClient
 from protocol.routes import route
 from tests.harness.fake_worker import FakeWorker
-from tests.servers import make_chain, start_bridge, tiny_run_config
+from tests.servers import make_chain, start_bridges, tiny_run_config
 
 N_BRIDGES, N_WORKERS, SAMPLES, ROUNDS = 3, 12, 400, 2
 
 
 def start_cluster(tmp_path, cfg, db_url, s3, n=N_BRIDGES):
     """`n` bridge processes on one database, each in its own folder (log, run YAML)."""
-    def one(i):
-        return start_bridge(tmp_path / f"bridge{i}", cfg, tmp_path / "chain.db", s3, db_url=db_url,
-                            timeout=180.0)  # three torch imports at once on a loaded box
-    with ThreadPoolExecutor(n) as pool:  # they start (and import torch) side by side
-        return list(pool.map(one, range(n)))
+    return start_bridges([tmp_path / f"bridge{i}" for i in range(n)], cfg, tmp_path / "chain.db",
+                         s3, db_url)
 
 
 def rotated(urls, i):
