@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
+import pytest
 
 from protocol.auth import sign_headers
 from protocol.bridge_client import BridgeClient
@@ -21,7 +22,7 @@ from protocol.routes import route
 from tests.harness.fake_worker import FakeWorker
 from tests.servers import make_chain, start_bridges, tiny_run_config
 
-N_BRIDGES, N_WORKERS, SAMPLES, ROUNDS = 3, 12, 400, 2
+N_BRIDGES, N_WORKERS, SAMPLES, ROUNDS = 3, 12, 340, 2  # 2,040 hop leases
 
 
 def start_cluster(tmp_path, cfg, db_url, s3, n=N_BRIDGES):
@@ -70,6 +71,8 @@ def transitions_logged(bridges):
     return seen
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # three bridge start-ups (torch imports) side by side on a loaded box
 def test_three_bridges_one_run_invariants_hold_and_a_sigkilled_bridge_loses_nothing(
         tmp_path, s3_server, pg_url):
     _, keys = make_chain(tmp_path / "chain.db", miners=N_WORKERS + 1, validators=0)
