@@ -92,14 +92,21 @@ def open_storage(cfg: BridgeConfig, log: logging.Logger) -> Any:
                  first=1.0, cap=30.0)
 
 
-def check_postgres_driver() -> None:
-    """`Misconfigured` (one line) when psycopg, needed for a postgresql:// --db, is missing."""
+def check_postgres(url: str) -> None:
+    """`Misconfigured` (one line) when a postgresql:// --db cannot be used: psycopg missing, or
+    the server does not answer or refuses us."""
     try:
-        import psycopg  # noqa: F401
+        import psycopg
         import psycopg_pool  # noqa: F401
     except ImportError:
         raise Misconfigured(Exit.DATABASE, "--db postgresql://... needs psycopg 3 and "
                             "psycopg_pool: pip install 'resbm-subnet[postgres]'") from None
+    from bridge.db_postgres import DatabaseUnavailable, first_line, redact
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+    except (psycopg.Error, DatabaseUnavailable) as exc:
+        raise Misconfigured(Exit.DATABASE, f"PostgreSQL at {redact(url)}: {first_line(exc)}; "
+                            "check --db and that the server runs and accepts this user") from None
 
 
 @exits_cleanly
@@ -112,13 +119,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = load_run_config(cfg.run_config)
     if not cfg.s3_endpoint and not cfg.no_head_check:
         raise Misconfigured(Exit.USAGE, "--s3-endpoint is required (or --no-head-check for benchmarks)")
+    postgres = is_postgres_url(cfg.db)
+    if postgres:
+        check_postgres(cfg.db)  # before the slower checks: a wrong URL is told at once
     keypair = load_keypair(cfg)
     chain = open_chain(cfg.network, cfg.netuid)
     check_subnet(chain, cfg.network, cfg.netuid)
     storage = open_storage(cfg, log) if cfg.s3_endpoint else None
-    postgres = is_postgres_url(cfg.db)
-    if postgres:
-        check_postgres_driver()
     if postgres or not os.path.exists(cfg.db):  # a resumed SQLite file holds this same run
         check_model(run, cfg.run_config)
     import uvicorn

@@ -27,7 +27,8 @@ from bridge.refresh import fold_meta, fold_records
 from bridge.tables import META, TABLES, fingerprint, rows_for
 from protocol.messages import RunConfig
 
-__all__ = ["PostgresDatabase", "PgTxn", "channel_name", "DatabaseUnavailable"]
+__all__ = ["PostgresDatabase", "PgTxn", "channel_name", "DatabaseUnavailable", "redact",
+           "first_line"]
 
 log = logging.getLogger(__name__)
 _TYPES = {"INTEGER": "BIGINT", "INTEGER NOT NULL": "BIGINT NOT NULL"}
@@ -44,7 +45,7 @@ def channel_name(run_id: str) -> str:
     return "resbm_" + hashlib.sha256(run_id.encode()).hexdigest()[:24]
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """The URL without its password, for messages."""
     from psycopg.conninfo import conninfo_to_dict
     try:
@@ -142,7 +143,7 @@ class PostgresDatabase:
         if keep_rounds < 1:
             raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
         self.url, self.keep_rounds = url, keep_rounds
-        self.path = _redact(url)  # what messages show
+        self.path = redact(url)  # what messages show
         try:  # one direct attempt first: a clear one-line error instead of a pool timeout
             psycopg.connect(url, connect_timeout=int(connect_timeout)).close()
         except psycopg.Error as exc:
