@@ -87,8 +87,8 @@ class HopApi:
                                  retry_after=retry)
 
     def _leased(self, caller: str, hop_id: str) -> Any:
-        return self.svc.read(lambda st: copy.copy(state.check_done(st, caller, hop_id,
-                                                                   time.time())))
+        return self.svc.check(lambda st: copy.copy(state.check_done(st, caller, hop_id,
+                                                                    time.time())))
 
     async def hop_done(self, caller: str, req: msg.HopDone) -> msg.Ack:
         """Seal the hop's upload at its final key, then record it done."""

@@ -248,6 +248,18 @@ class BridgeService:
                             "process's state", exc)
             return fn(self.state)
 
+    def check(self, fn: Callable[[State], T]) -> T:
+        """A pre-check before slow work (a hop's seal): `fn` over the live state as it is, and
+        only when it refuses (TransitionError) over the state brought up to date, so the common
+        case costs no database round trip. The transition that follows decides for certain."""
+        if self.db.shared:
+            try:
+                with self.lock:
+                    return fn(self.state)
+            except TransitionError:
+                pass  # maybe only stale: another process changed it; look again
+        return self.read(fn)
+
     def _effects(self, it: _Item) -> None:
         if self.on_wake is not None and (it.wake or it.wake_all):
             self.on_wake(it.wake, it.wake_all, it.version)
