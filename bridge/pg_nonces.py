@@ -21,7 +21,8 @@ import time
 from typing import Any, Optional
 
 from bridge.records import TransitionError
-from protocol.auth import ALLOWED_SKEW, DEFAULT_MAX_AGE, AuthFailed
+from bridge.nonces import RecentNonces
+from protocol.auth import DEFAULT_MAX_AGE, AuthFailed
 
 __all__ = ["PgNonceStore"]
 
@@ -57,13 +58,10 @@ class PgNonceStore:
 
     def __init__(self, pool: Any, max_age: float = DEFAULT_MAX_AGE, rate: float = 200.0,
                  burst: float = 400.0, clock: Any = time.time) -> None:
-        if max_age <= 0:
-            raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
+        self._recent = RecentNonces(max_age)  # this process's: its replays are refused at once
         self.pool, self.clock = pool, clock
-        self.retention = float(max_age) + ALLOWED_SKEW + 5.0
         self.burst, self.window = int(burst), float(burst) / float(rate)
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, int], None] = {}   # this process's recent nonces
         self._pending: list[tuple[int, str, int, float]] = []  # (seq, hotkey, nonce, at)
         self._settling: list[tuple[int, str, int, float]] = []
         self._upto = 0
@@ -81,9 +79,8 @@ class PgNonceStore:
         """Record (hotkey, nonce) locally; True when new here (the database has the last word)."""
         key = (hotkey_ss58, int(nonce_ns))
         with self._lock:
-            if key in self._seen:
+            if not self._recent.add(key):
                 return False
-            self._seen[key] = None
             self.stored += 1
             self._pending.append((self.stored, key[0], key[1], self.clock()))
         return True
@@ -109,7 +106,7 @@ class PgNonceStore:
                 verdicts[seq] = TransitionError("rate_limited", f"too many requests from {hk} "
                                                 "(counted over every bridge process)")
         if now - self._pruned_at > 5.0:
-            conn.execute("DELETE FROM btauth_nonces WHERE nonce < %s", (self._cutoff(),))
+            conn.execute("DELETE FROM btauth_nonces WHERE nonce < %s", (self._recent.cutoff(),))
             self._pruned_at = now
         with self._lock:
             self._verdicts.update(verdicts)
@@ -133,23 +130,15 @@ class PgNonceStore:
         with self._lock:
             return self._verdicts.pop(seq, None)
 
-    def _cutoff(self) -> int:
-        return time.time_ns() - int(self.retention * 1e9)
-
     def _forget_expired(self) -> None:
-        cutoff = self._cutoff()
-        while self._seen:
-            first = next(iter(self._seen))
-            if first[1] >= cutoff:
-                break
-            del self._seen[first]
+        self._recent.forget_expired()
         if len(self._verdicts) > 100_000:  # answers never asked for (clients gone): drop oldest
             for seq in sorted(self._verdicts)[:50_000]:
                 del self._verdicts[seq]
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._seen)
+            return len(self._recent)
 
     def close(self) -> None:
         """Nothing of its own to close (the pool belongs to the database)."""

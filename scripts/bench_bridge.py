@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol.auth import sign_headers  # noqa: E402
 from scripts.local_bridge import (code_bytes, make_chain, start_bridge, start_bridges,  # noqa: E402
                                   tiny_run_config)
+from scripts.local_postgres import fresh_database  # noqa: E402
 from scripts.local_servers import start_s3  # noqa: E402
 from protocol.routes import route  # noqa: E402
 
@@ -328,16 +329,6 @@ def main() -> None:
     for name in names:
         print(f"{name:<42}" + "".join(f"{fmt.format(col[name][0]):>16}"
                                       for col in cols.values() for fmt in [col[name][1]]))
-
-
-def fresh_database(url: str, name: str) -> str:
-    """Create database `name` next to the one `url` names; returns its URL."""
-    from urllib.parse import urlsplit
-
-    import psycopg
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlsplit(url)._replace(path="/" + name).geturl()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from typing import Optional
 
 from scripts.local_servers import free_port
 
-__all__ = ["PostgresServer", "PostgresUnavailable", "start_postgres", "pg_bindir"]
+__all__ = ["PostgresServer", "PostgresUnavailable", "start_postgres", "pg_bindir",
+           "fresh_database"]
 
 INSTALL_HINT = "install it with: apt-get install -y postgresql"
 
@@ -155,3 +156,14 @@ def _wait_ready(server: PostgresServer, timeout: float = 30.0) -> None:
             time.sleep(0.1)
     raise PostgresUnavailable(f"PostgreSQL on port {server.port} did not accept connections "
                               f"within {timeout:.0f} s: {str(last).strip().splitlines()[0]}")
+
+
+def fresh_database(url: str, name: str) -> str:
+    """Create database `name` on the server `url` points at (its user needs CREATEDB); returns
+    the URL of the new database."""
+    from urllib.parse import urlsplit
+
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlsplit(url)._replace(path="/" + name).geturl()
