@@ -194,3 +194,14 @@ def test_bridge_urls_fail_over_and_back_off():
     assert urls.pick() == 1 and not urls.all_down()
     with pytest.raises(ValueError):
         split_urls(" , ")
+
+
+def test_bridge_url_may_be_repeated_or_comma_separated(monkeypatch, tmp_path):
+    from neurons.cli import NeuronSettings
+    from protocol.settings import load_settings
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.delenv("RESBM_BRIDGE_URL", raising=False)
+    s = load_settings(NeuronSettings, ["--bridge.url", "http://a:1", "--bridge.url", "http://b:2"])
+    assert split_urls(s.bridge_url) == ["http://a:1", "http://b:2"]
+    monkeypatch.setenv("RESBM_BRIDGE_URL", "http://c:3,http://d:4")
+    assert split_urls(load_settings(NeuronSettings, []).bridge_url) == ["http://c:3", "http://d:4"]
