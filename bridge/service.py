@@ -83,6 +83,7 @@ class BridgeService:
         self._worker = ThreadPoolExecutor(1, "bridge-tx") if db.blocking else None
         self._uncommitted = False  # the live state holds changes not committed yet
         self._stale = False        # a failed commit left changes in memory: reload first
+        self._slow, self._slow_logged = 0, -1e9
 
     def _run(self, fn: Callable[..., T], args: tuple) -> tuple[Any, Optional[TransitionError]]:
         """Run one transition on the live state (lock held): (result, refusal or None)."""
@@ -144,9 +145,19 @@ class BridgeService:
                 self._uncommitted = False
             for it in items:
                 it.version = tx.version
-            dt = time.perf_counter() - t0
-            if dt > SLOW_COMMIT_S:
-                log.warning("slow transaction: %d transitions in %.0f ms", len(items), dt * 1000)
+            self._note_time(time.perf_counter() - t0, len(items))
+
+    def _note_time(self, dt: float, n: int) -> None:
+        """Log slow transactions: each on its own, then at most one summary line per 10 s."""
+        if dt <= SLOW_COMMIT_S:
+            return
+        self._slow += 1
+        now = time.monotonic()
+        if now - self._slow_logged >= 10.0:
+            log.warning("slow transaction: %d transitions in %.0f ms (%d slower than %.0f ms "
+                        "since the last such line)", n, dt * 1000, self._slow,
+                        SLOW_COMMIT_S * 1000)
+            self._slow, self._slow_logged = 0, now
 
     def _reload(self) -> None:
         """Drop what is in memory for what is committed (lock held); when the database cannot

@@ -205,3 +205,11 @@ def test_bridge_url_may_be_repeated_or_comma_separated(monkeypatch, tmp_path):
     assert split_urls(s.bridge_url) == ["http://a:1", "http://b:2"]
     monkeypatch.setenv("RESBM_BRIDGE_URL", "http://c:3,http://d:4")
     assert split_urls(load_settings(NeuronSettings, []).bridge_url) == ["http://c:3", "http://d:4"]
+
+
+def test_a_cluster_that_cannot_start_says_why_in_one_line(monkeypatch, tmp_path):
+    from scripts.local_postgres import PostgresUnavailable, start_postgres
+    monkeypatch.setenv("PG_BIN", str(tmp_path))  # no initdb there
+    with pytest.raises(PostgresUnavailable) as e:
+        start_postgres(tmp_path)
+    assert "\n" not in str(e.value) and "apt-get install -y postgresql" in str(e.value)
