@@ -30,7 +30,9 @@ LOCAL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
 ]
-DEV_REQUIRES = LOCAL_REQUIRES + [
+# The bridge's PostgreSQL backend (`--db postgresql://...`: several bridge processes, one run).
+POSTGRES_REQUIRES = ["psycopg[binary]>=3.1", "psycopg-pool>=3.2"]
+DEV_REQUIRES = LOCAL_REQUIRES + POSTGRES_REQUIRES + [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "pytest-xdist>=3.5",  # scripts/test.sh runs the suite on 2 workers (one test file per worker)
@@ -48,7 +50,8 @@ setup(
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
     package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES, "data": DATA_REQUIRES},
+    extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES, "data": DATA_REQUIRES,
+                    "postgres": POSTGRES_REQUIRES},
     entry_points={
         "console_scripts": [
             "resbm-train=resbm.train:main",

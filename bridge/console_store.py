@@ -1,7 +1,9 @@
 """Validators' published reports (verdicts, scores, weights), kept for the dashboard; JSON on disk.
 
 Written atomically after every report, so a bridge restart loses nothing; a corrupt file is moved
-aside (never parsed as anything but JSON) and the store starts empty.
+aside (never parsed as anything but JSON) and the store starts empty. With several bridge
+processes the document lives in the shared database instead (`docs`: `read_doc(name)` and
+`update_doc(name, fn)`, a locked read-modify-write), so every process shows every report.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from protocol.console import ValidatorReport
 
@@ -24,15 +26,27 @@ RECENT_VERDICTS = 200
 class ConsoleStore:
     """Latest report per validator, audit tallies per miner, and the most recent verdicts."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, docs: Any = None) -> None:
+        self.path, self.docs = path, docs
         self._lock = threading.Lock()
         self.validators: dict[str, dict[str, Any]] = {}
         self.audits: dict[str, dict[str, Any]] = {}
         self.verdicts: list[dict[str, Any]] = []
         self._load()
 
+    def _take(self, text: Optional[str]) -> None:
+        doc = json.loads(text) if text else {}
+        self.validators, self.audits = dict(doc.get("validators", {})), dict(doc.get("audits", {}))
+        self.verdicts = list(doc.get("verdicts", []))[-RECENT_VERDICTS:]
+
+    def _dump(self) -> str:
+        return json.dumps({"validators": self.validators, "audits": self.audits,
+                           "verdicts": self.verdicts})
+
     def _load(self) -> None:
+        if self.docs is not None:
+            self._take(self.docs.read_doc("console"))
+            return
         if not os.path.exists(self.path):
             return
         try:
@@ -49,23 +63,37 @@ class ConsoleStore:
 
     def add(self, validator: str, report: ValidatorReport, now: float) -> None:
         """Fold one validator's report in and persist."""
+        if self.docs is not None:
+            def fold(text: Optional[str]) -> str:
+                self._take(text)
+                self._fold(validator, report, now)
+                return self._dump()
+            with self._lock:
+                self.docs.update_doc("console", fold)
+            return
         with self._lock:
-            v = self.validators.setdefault(validator, {"weights": None, "weights_at": None})
-            v.update(at=now, round=report.round, window=report.window, scores=dict(report.scores))
-            if report.weights is not None:
-                v.update(weights=dict(report.weights), weights_at=now)
-            for verdict in report.verdicts:
-                a = self.audits.setdefault(verdict.hotkey, {"passed": 0, "failed": 0})
-                a["passed" if verdict.passed else "failed"] += 1
-                a.update(last_round=verdict.round, last_passed=verdict.passed,
-                         last_reason=verdict.reason)
-                self.verdicts.append({"validator": validator, "at": now, **verdict.model_dump()})
-            self.verdicts = self.verdicts[-RECENT_VERDICTS:]
+            self._fold(validator, report, now)
             self._save()
+
+    def _fold(self, validator: str, report: ValidatorReport, now: float) -> None:
+        """Fold one report into the in-memory document."""
+        v = self.validators.setdefault(validator, {"weights": None, "weights_at": None})
+        v.update(at=now, round=report.round, window=report.window, scores=dict(report.scores))
+        if report.weights is not None:
+            v.update(weights=dict(report.weights), weights_at=now)
+        for verdict in report.verdicts:
+            a = self.audits.setdefault(verdict.hotkey, {"passed": 0, "failed": 0})
+            a["passed" if verdict.passed else "failed"] += 1
+            a.update(last_round=verdict.round, last_passed=verdict.passed,
+                     last_reason=verdict.reason)
+            self.verdicts.append({"validator": validator, "at": now, **verdict.model_dump()})
+        self.verdicts = self.verdicts[-RECENT_VERDICTS:]
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy for the dashboard view."""
         with self._lock:
+            if self.docs is not None:
+                self._load()  # other bridge processes may have added reports
             return json.loads(json.dumps({"validators": self.validators, "audits": self.audits,
                                           "verdicts": self.verdicts}))
 

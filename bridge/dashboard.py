@@ -91,10 +91,12 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
 
 
 def console_handlers(svc: Any, run: RunConfig, store_path: str,
-                     owner_hotkey: Callable[[], str | None]) -> tuple[dict[str, Callable], BridgeMetrics]:
-    """Handlers of the dashboard, JSON, Prometheus and validator-report routes, and the metrics."""
+                     owner_hotkey: Callable[[], str | None],
+                     docs: Any = None) -> tuple[dict[str, Callable], BridgeMetrics]:
+    """Handlers of the dashboard, JSON, Prometheus and validator-report routes, and the metrics
+    (`docs`: the shared database holding validators' reports, else a file at `store_path`)."""
     from bridge.views import metrics as metrics_view
-    store = ConsoleStore(store_path)
+    store = ConsoleStore(store_path, docs)
     page = resources.files("bridge").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
     def read_metrics() -> Metrics:

@@ -13,7 +13,7 @@ from bridge import claims, state, views
 from bridge.hop_outputs import look_at, seal
 from bridge.longpoll import Waiters
 from bridge.records import TransitionError
-from bridge.service import BridgeService
+from bridge.service import BridgeService, seen_version
 from protocol import messages as msg
 
 __all__ = ["HopApi"]
@@ -76,7 +76,7 @@ class HopApi:
             left = end - time.monotonic()
             if action != "wait" or left <= 0.001:
                 break
-            await self.waiters.wait(caller, stage, left)  # registered before any other task runs
+            await self.waiters.wait(caller, stage, left, seen_version())  # no wake since is lost
         if action == "wait" and req.wait_ms > 0:
             retry = 0.0  # the bridge already held the request: poll again at once
         svc = self.svc
@@ -87,8 +87,8 @@ class HopApi:
                                  retry_after=retry)
 
     def _leased(self, caller: str, hop_id: str) -> Any:
-        return self.svc.read(lambda st: copy.copy(state.check_done(st, caller, hop_id,
-                                                                   time.time())))
+        return self.svc.check(lambda st: copy.copy(state.check_done(st, caller, hop_id,
+                                                                    time.time())))
 
     async def hop_done(self, caller: str, req: msg.HopDone) -> msg.Ack:
         """Seal the hop's upload at its final key, then record it done."""

@@ -43,7 +43,14 @@ class Storage:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as exc:  # another bridge process created it just now
+                if exc.response.get("Error", {}).get("Code") not in (
+                        "BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                    raise
+                self.client.head_bucket(Bucket=self.bucket)  # ours to use after all?
+                return
             log.info("created bucket %s at %s", self.bucket, self.endpoint)
 
     def presign_get(self, key: str, expires: int) -> str:

@@ -38,6 +38,7 @@ class Exit(enum.IntEnum):
     DEVICE = 15               # --device names a device this machine lacks
     BRIDGE_MISMATCH = 16      # the bridge serves another netuid or chain than the neuron's
     NO_NETNS = 17             # kernel links asked for, but network namespaces cannot be made here
+    DATABASE = 18             # the bridge's --db cannot be opened (PostgreSQL down, refused, no driver)
 
 
 class Misconfigured(Exception):

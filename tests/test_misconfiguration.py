@@ -150,6 +150,13 @@ CASES = [
     ("bridge: S3 unreachable",
      lambda w: _bridge(w, s3_endpoint=f"http://127.0.0.1:{free_port()}"), Exit.S3_UNREACHABLE,
      "no S3 server answers", True),
+    ("bridge: a --db PostgreSQL server that does not answer",
+     lambda w: _bridge(w, db=f"postgresql://resbm@127.0.0.1:{free_port()}/state"), Exit.DATABASE,
+     "PostgreSQL at postgresql://resbm@127.0.0.1", False),
+    ("miner: none of several bridge URLs answers",
+     lambda w: _neuron(w, "miner.py", bridge__url=f"http://127.0.0.1:{free_port()},"
+                                                  f"http://127.0.0.1:{free_port()}"),
+     Exit.BRIDGE_UNREACHABLE, "no bridge answers at any of", True),
     ("bridge: wrong S3 secret",
      lambda w: _bridge(w, s3_secret_key="wrong"), Exit.S3_CREDENTIALS, "rejected the credentials", False),
     ("bridge: unknown network name",
