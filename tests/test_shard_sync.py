@@ -34,7 +34,7 @@ def run_round(board, rnd, hks, theta0, pgs, liar=None, corrupt=None, storage=Non
     for s, mergers in enumerate(table):
         sha = strict_majority({h: merged[h][s].sha for h in mergers}, mergers)
         holder = next(h for h in mergers if merged[h][s].sha == sha)
-        decided.append((merged[holder][s].key, sha))
+        decided.append(([board.get_url(merged[holder][s].key)], sha))
     thetas = {}
     for h in hks:
         th = {n: t.clone() for n, t in theta0.items()}
