@@ -168,6 +168,11 @@ class BridgeService:
             return
         keep = {k for s in self.state.stage_states for k in [s.key, *s.alt_keys] if k}
         try:
+            # a round still in the audit window may start from an older state (a sharded run's
+            # checkpoint every K rounds, a stage that kept its state): audits rebuild from it
+            for r in range(old + 1, round_ + 1):
+                for d in (self.db.round_archive(r) or {}).get("states", []):
+                    keep.update(k for k in [d.get("key"), *d.get("alt_keys", [])] if k)
             for r in range(max(0, old - 2), old + 1):
                 n = self.storage.delete_prefix(f"runs/{self.run.run_id}/r{r}/", keep=keep)
                 if n:

@@ -169,7 +169,8 @@ def _view_data(st: Any, now: float, round_: int, stage: int, past: Optional[dict
         frozen = stage in st.frozen
         items = [dict(hotkey=h, **st.pseudograds[stage][h]) for h in st.frozen.get(stage, [])]
         items = [i for i in items if len(i.get("shards", ())) == st.run.sync_shards]  # pieces only
-        b = shard_round.ballot(st, round_, stage, now) if st.phase == "merge" else None
+        b = (shard_round.ballot(st, round_, stage, now) if st.phase == "merge"
+             else shard_round.stored_ballot(st, round_, stage))  # the run's last round, once done
     else:
         if past is None or stage >= len(past.get("states", [])):
             raise TransitionError("not_kept", f"round {round_} is not kept")
