@@ -140,8 +140,10 @@ def maybe_freeze(st: State, now: float) -> None:
             continue
         reported = st.pseudograds.get(s, {})
         workers = st.workers.get(s, [])
-        waiting = [h for h in workers
-                   if h not in reported and not (h in st.miners and st.quarantined(st.miners[h]))]
+        # a quarantined worker, or one with no verified backward since it registered again,
+        # cannot enter the set: nobody waits for it
+        waiting = [h for h in workers if h not in reported and h in st.miners
+                   and not st.quarantined(st.miners[h]) and st.miners[h].round_samples > 0]
         if waiting and 2 * len(reported) >= len(workers) and s not in st.report_grace:
             # half the workers reported: the rest get vote_timeout_seconds more, so one that
             # withholds its report cannot hold the stage for the whole merge timeout
@@ -224,13 +226,13 @@ def check_report(st: State, hotkey: str, round_: int, sha256: str) -> bool:
     if st.quarantined(m):
         raise TransitionError("quarantined", f"{hotkey} failed an audit and sits out merges "
                               f"until round {m.quarantined_until}")
-    if m.stage in st.frozen:
-        raise TransitionError("frozen", f"stage {m.stage} merge set is already frozen")
     if hotkey not in st.workers.get(m.stage, []):
         raise TransitionError("no_work", f"{hotkey} did no work in round {round_}")
     if m.round_samples <= 0:
         raise TransitionError("no_work", f"{hotkey} has no verified backward in round {round_} since "
                               f"its last registration (epoch {m.epoch}): nothing of it can be merged")
+    if m.stage in st.frozen:
+        raise TransitionError("frozen", f"stage {m.stage} merge set is already frozen")
     return False
 
 

@@ -215,3 +215,17 @@ def test_a_withheld_report_holds_the_merge_set_only_for_the_grace_period():
     assert 0 not in st.frozen
     state.tick(st, now + 10.5, rng)
     assert st.frozen[0] == ["a"]  # long before the 300 s merge timeout
+
+
+def test_a_replica_that_registers_again_after_its_work_merges_nothing():
+    """Its weight is the backwards verified since its last registration: none after registering
+    again, so its report is refused (no weight in the merge, no credit) and the set does not wait
+    for it; a peer that did not re-register reports as usual."""
+    st, rng, now = _round(miners="ab")
+    assert st.miners["a"].round_samples > 0 and "a" in st.workers[0]
+    state.register(st, "a", now, rng)  # between its work and its report
+    with pytest.raises(TransitionError) as e:
+        _pg(st, "a", now)
+    assert e.value.code == "no_work" and http_status(e.value.code) == 409 and "registration" in e.value.message
+    _pg(st, "b", now)
+    assert st.frozen[0] == ["b"] and st.pseudograds[0]["b"]["samples"] > 0  # "a" is not awaited
