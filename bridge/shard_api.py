@@ -102,7 +102,8 @@ class ShardApi:
             return api.SyncVotesAck(agreed=await svc.apply_async(tx))
         except TransitionError:
             def held(st: Any) -> set:
-                return shard_checks.recorded_keys(st, req.round, st.miners[caller].stage)
+                m = st.miners.get(caller)
+                return set() if m is None else shard_checks.recorded_keys(st, req.round, m.stage)
             keep = svc.read(held)
             await run_in_threadpool(svc.drop, [f for f, _ in sealed if f not in keep])
             raise
