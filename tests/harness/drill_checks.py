@@ -44,7 +44,8 @@ def check_drill(out: Outcome, base: Outcome | None, rounds: int) -> None:
     assert out.val_loss < out.init_loss, "the model did not train"
     if base is not None:
         assert out.val_loss <= base.val_loss * (1 + LOSS_TOLERANCE), (out.val_loss, base.val_loss)
-    check_honest_updates(out)
+    if out.views:  # the sharded sync: shard by shard too
+        check_honest_updates(out)
 
 
 def check_honest_updates(out: Outcome) -> None:
