@@ -193,21 +193,12 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             if kinds[list(names).index(name)] == "honest" and stage_of[name] not in final:
                 final[stage_of[name]] = miner.worker.theta()
         thetas = [final[s] for s in range(sc.stages)] if len(final) == sc.stages else None
-        views = {}
-        if rc.get("sync_mode") == "sharded":  # every kept round's decisions, from the bridge's archive
-            for r in range(sc.rounds):
-                for s in range(sc.stages):
-                    try:
-                        views[(r, s)] = get_view(observer, r, s)
-                    except BridgeError as exc:
-                        if exc.code not in GONE:
-                            raise
+        views = _sync_views(observer, sc) if rc.get("sync_mode") == "sharded" else {}
         laggard = None
         if lag is not None:
             lm, ln = miners[lag], list(names)[lag]
-            peer = next(n for n in names if n != ln and stage_of[n] == stage_of[ln] and kinds[list(names).index(n)] == "honest")
             laggard = {"name": ln, "seen": list(lm.seen), "catch_ups": list(lm.catch_ups), "theta": lm.worker.theta(),
-                       "peer_theta": miners[list(names).index(peer)].worker.theta()}
+                       "peer_theta": final[stage_of[ln]]}
         return Outcome(
             names=names, kinds=dict(zip(names, kinds)), stage_of=stage_of, metrics=m, hoplogs=hoplogs,
             verdicts=[(r, by_key.get(hk, hk), ok, why) for r, hk, ok, why in validator.audits.verdicts],
@@ -230,3 +221,16 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
         bridge.stop()
         s3.stop()
         torch.set_num_threads(old_threads)
+
+
+def _sync_views(observer: BridgeClient, sc: Scenario) -> dict[tuple[int, int], Any]:
+    """Every kept round's sync view per stage (decisions, votes), from the bridge's archive."""
+    views = {}
+    for r in range(sc.rounds):
+        for s in range(sc.stages):
+            try:
+                views[(r, s)] = get_view(observer, r, s)
+            except BridgeError as exc:
+                if exc.code not in GONE:
+                    raise
+    return views
