@@ -33,6 +33,7 @@ from bridge.nonces import BufferedNonceStore
 from bridge.service import BridgeService
 from bridge.settings import BridgeSettings
 from bridge.storage import Storage
+from bridge.syncspec import sync_spec
 from bridge.web import BodyCap, error_response_for, mount
 from protocol import messages as msg
 from protocol.routes import ROUTES
@@ -45,7 +46,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     """Build the bridge app over a chain, a storage (None: URLs are not signed) and a keypair."""
     hotkey, run, ttl = keypair.ss58_address, settings.run, settings.url_ttl
     spec = code_spec(run)  # ValueError naming the field when run.model is not a valid model
-    tun = dataclasses.replace(settings.tunables, code_bytes=spec.nbytes)
+    tun = dataclasses.replace(settings.tunables, code_bytes=spec.nbytes, sync=sync_spec(run))
     manifest = fetch_manifest(run, storage)  # refuses a dataset that disagrees with the model
     db, waiters = open_database(settings.db_path, settings.keep_rounds), Waiters()
     if db.shared:  # PostgreSQL: nonces and rates are settled in the state's transactions

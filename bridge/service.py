@@ -284,12 +284,38 @@ class BridgeService:
             return
         keep = {k for s in self.state.stage_states for k in [s.key, *s.alt_keys] if k}
         try:
+            # a round still in the audit window may start from an older state (a sharded run's
+            # checkpoint every K rounds, a stage that kept its state): audits rebuild from it
+            for r in range(old + 1, round_ + 1):
+                for d in (self.db.round_archive(r) or {}).get("states", []):
+                    keep.update(k for k in [d.get("key"), *d.get("alt_keys", [])] if k)
             for r in range(max(0, old - 2), old + 1):
                 n = self.storage.delete_prefix(f"runs/{self.run.run_id}/r{r}/", keep=keep)
                 if n:
                     log.info("gc: deleted %d objects of round %d", n, r)
+            if self.run.sync_mode == "sharded":
+                self._gc_sync(old)
         except Exception:  # GC is best effort; the next round start tries again
             log.exception("gc of round %d failed", old)
+
+    GC_SYNC_ROUNDS = 64  # sync/ rounds deleted per round start at most (one LIST each)
+
+    def _gc_sync(self, old: int) -> None:
+        """Delete the merged updates (`runs/{run}/sync/r{r}/`) of rounds up to `old` that no kept
+        update log names any more (a checkpoint superseded them), from where the last GC stopped."""
+        def bounds(st: State) -> tuple[int, int]:
+            logged = [int(r) for log_ in st.sync.get("updates", {}).values() for r in log_]
+            return int(st.sync.get("gc_from", 0)), min(old + 1, min(logged, default=st.round))
+        start, end = self.read(bounds)
+        end = min(end, start + self.GC_SYNC_ROUNDS)
+        if end <= start:
+            return
+        for r in range(start, end):
+            n = self.storage.delete_prefix(f"runs/{self.run.run_id}/sync/r{r}/")
+            if n:
+                log.info("gc: deleted %d merged-update objects of round %d", n, r)
+        with self.lock:  # part of the meta row: the next commit persists it
+            self.state.sync["gc_from"] = max(int(self.state.sync.get("gc_from", 0)), end)
 
     # ---- URL helpers ---------------------------------------------------------------------
     def get_url(self, key: str, expires: float) -> str:
@@ -308,6 +334,15 @@ class BridgeService:
         """Copy a reported upload to its final, grant-less key (skipped when checks are off)."""
         if self.check_objects and self.storage is not None and not self.storage.copy(src, dst, size):
             raise StorageError(f"COPY {src} -> {dst}: no object at {src}")
+
+    def drop(self, keys: list[str]) -> None:
+        """Delete objects the bridge copied for a request it then refused (best effort)."""
+        if not keys or not self.check_objects or self.storage is None:
+            return
+        try:
+            self.storage.delete(keys)
+        except Exception:  # a leftover copy is unreferenced: GC of its round removes it
+            log.exception("could not delete %d refused object(s)", len(keys))
 
     def object_size(self, key: str) -> Optional[int]:
         """HEAD an object (skipped, trusting the caller, when object checks are off)."""

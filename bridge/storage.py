@@ -125,11 +125,15 @@ class Storage:
                 return keys
             token = r.get("NextContinuationToken")
 
-    def delete_prefix(self, prefix: str, keep: Iterable[str] = ()) -> int:
-        """Delete every key under `prefix` except those in `keep`; returns how many went."""
-        keep = set(keep)
-        doomed = [k for k in self.list(prefix) if k not in keep]
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete the given keys (missing ones are no error); returns how many were asked."""
+        doomed = list(keys)
         for i in range(0, len(doomed), 1000):
             batch = [{"Key": k} for k in doomed[i:i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(doomed)
+
+    def delete_prefix(self, prefix: str, keep: Iterable[str] = ()) -> int:
+        """Delete every key under `prefix` except those in `keep`; returns how many went."""
+        keep = set(keep)
+        return self.delete(k for k in self.list(prefix) if k not in keep)

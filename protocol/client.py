@@ -83,6 +83,15 @@ class BridgeError(Exception):
         self.status = status
         self.detail = detail
 
+    @property
+    def code(self) -> str:
+        """The refusal's error code (`ErrorBody.error`, protocol/errors.py), or "" when none."""
+        try:
+            body = json.loads(self.detail)
+        except ValueError:
+            return ""
+        return str(body.get("error", "")) if isinstance(body, dict) else ""
+
 
 def _detail(resp: httpx.Response) -> str:
     try:

@@ -19,7 +19,8 @@ _BY_STATUS: dict[int, tuple[str, ...]] = {
           "not_in_merge_set", "not_leased", "not_merging", "not_registered", "not_yours",
           "open_work", "quarantined", "stale_round", "wrong_round", "wrong_samples",
           "wrong_step",
-          "moved_on", "not_kept", "not_sharded", "updates_pruned"),  # the sharded sync
+          "moved_on", "not_checkpoint", "not_kept", "not_sharded", "sharded_run",
+          "updates_pruned"),  # the sharded sync
     413: ("body_too_large",),
     429: ("rate_limited",),
     503: ("storage_error",),

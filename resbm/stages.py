@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
 
 __all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "pipeline_loss", "run_pipeline",
-           "stage_param_names", "stage_state_dict"]
+           "stage_param_names", "stage_param_shapes", "stage_state_dict"]
 
 
 class Stage(nn.Module):
@@ -93,6 +93,12 @@ def stage_param_names(cfg: ModelConfig, stage: int) -> list[str]:
     """State-dict keys of `stage`, in order (built on the meta device: no memory, no init)."""
     with torch.device("meta"):
         return list(Stage(cfg, stage).state_dict().keys())
+
+
+def stage_param_shapes(cfg: ModelConfig, stage: int) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of `stage` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return {n: tuple(t.shape) for n, t in Stage(cfg, stage).state_dict().items()}
 
 
 def stage_state_dict(model_state: dict[str, torch.Tensor], cfg: ModelConfig, stage: int
