@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.dataset import DatasetRef
 from protocol.lifecycle import HopKind
 from resbm import codec
+from spec.dataset import DatasetRef
 
 from . import hop_exec
 from .stage_worker import StageWorker, WorkerError

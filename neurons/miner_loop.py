@@ -71,7 +71,7 @@ class Miner:
         a = self._post_registration(req)
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
-        dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
+        dataset = data.open_run_dataset(run.dataset, self.client.dataset_url, HttpSource)  # fetches the manifest
         if cfg.vocab_size != dataset.vocab_size:
             raise ValueError(f"run model.vocab_size={cfg.vocab_size} but the dataset's vocab is "
                              f"{dataset.vocab_size}: the bridge's run config is wrong")

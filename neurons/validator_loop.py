@@ -69,7 +69,7 @@ class Validator:
         self.s = settings
         self.stop = threading.Event()
         self.run = client.run_info().run
-        data.open_run_dataset(self.run.dataset, client.base_url, HttpSource)  # audits read its tokens
+        data.open_run_dataset(self.run.dataset, client.dataset_url, HttpSource)  # audits read its tokens
         self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
         self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
         self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None

@@ -18,7 +18,7 @@ import yaml
 from neurons.dataset_http import HttpSource
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
-from protocol.dataset import DatasetRef
+from spec.dataset import DatasetRef
 from resbm import data
 from resbm.config import ModelConfig
 from resbm.dataset import forget_dataset
@@ -111,7 +111,7 @@ def test_miners_and_validator_read_identical_tokens_and_a_tampered_shard_is_refu
         s3.storage().put(f"datasets/e2e/{victim.name}", bytes(blob))
         monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "fresh-cache"))
         forget_dataset(ref.sha256)
-        data.open_run_dataset(ref, net["bridge"].url, HttpSource)  # the manifest is intact: opening works
+        data.open_run_dataset(ref, net["client"].dataset_url, HttpSource)  # the manifest is intact: opening works
         with pytest.raises(data.DataError, match=f"{victim.name}.*corrupt or tampered"):
             data.batch(run_cfg.data_seed, sid, run_cfg.batch_size, 16, dataset=ref)
         assert not list((tmp_path / "fresh-cache").glob(f"{victim.sha256}*"))  # nothing bad was kept
