@@ -44,6 +44,7 @@ class BridgeService:
         self.nonces = nonces    # a store with flush(), committed with each batch (or None)
         self.on_wake = on_wake  # told which long-polls a transition woke (or None)
         self.commits = 0
+        self.listeners: list[Callable[[str, Any], None]] = []  # told every event after its commit
         self._pending: dict = {}
         self._flush_fut: Optional[asyncio.Future] = None
 
@@ -161,6 +162,8 @@ class BridgeService:
         for kind, arg in events:
             if kind == "round_start":
                 self._gc(int(arg))
+            for listener in self.listeners:
+                listener(kind, arg)
 
     def _gc(self, round_: int) -> None:
         old = round_ - self.run.audit_window_rounds - 1
