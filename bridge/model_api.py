@@ -16,9 +16,10 @@ from typing import Any, Callable, Optional
 from starlette.concurrency import run_in_threadpool
 
 from bridge import model_view, views
+from bridge.codespec import code_spec
 from bridge.console_store import ConsoleStore
 from bridge.records import TransitionError
-from protocol.console import ValidationLossReport
+from protocol.console import ValidationLossReport, validation_tokens
 from protocol.messages import Ack, RunConfig
 from protocol.model_messages import (ModelQuery, ModelStage, PublishedModel, ValidationFigure,
                                      latest_model_key, model_key)
@@ -36,6 +37,7 @@ class ModelApi:
                  training_loss: Callable[[int], Optional[float]]) -> None:
         self.svc, self.run, self.store, self.ttl = svc, run, store, ttl
         self.training_loss = training_loss
+        self.seq_len = code_spec(run).shape[1]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="model-copy")
         self._latest_written = -1
         svc.listeners.append(self._on_event)
@@ -75,9 +77,13 @@ class ModelApi:
         latest = self.svc.read(model_view.latest_round)
         if latest is None or req.round > latest:
             raise TransitionError("not_published", f"round {req.round} has no published model yet")
-        if req.tokens != self.run.val_tokens:
+        want = validation_tokens(self.run.val_tokens, self.seq_len)
+        if want == 0:
+            raise TransitionError("bad_tokens", "this run has the live validation loss off (val_tokens: 0)")
+        if req.tokens != want:
             raise TransitionError("bad_tokens", f"tokens={req.tokens}, but this run evaluates every round on "
-                                  f"val_tokens={self.run.val_tokens} (the same windows for every validator)")
+                                  f"{want} held-out tokens (val_tokens={self.run.val_tokens} in whole windows of "
+                                  f"{self.seq_len}; the same windows for every validator)")
         await run_in_threadpool(self.store.add_validation, caller, req, time.time())
         return Ack()
 

@@ -8,6 +8,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -81,6 +82,7 @@ class ObjectTransfer:
         self.link = link or LinkEmulator()
         self.tries = tries
         self.stats = TransferStats()
+        self.on_bytes: Callable[[int], None] | None = None  # told each chunk a download receives (progress)
         self._http = httpx.Client(timeout=timeout)
 
     def close(self) -> None:
@@ -102,6 +104,8 @@ class ObjectTransfer:
                     if n > max_bytes:
                         raise TransferError(f"object exceeds {max_bytes} bytes", 413)
                     chunks.append(chunk)
+                    if self.on_bytes is not None:
+                        self.on_bytes(len(chunk))
                 return b"".join(chunks)
 
         t0 = time.monotonic()

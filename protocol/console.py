@@ -12,10 +12,16 @@ from pydantic import Field, field_validator
 
 from protocol.run_config import StrictModel
 
-__all__ = ["AuditVerdict", "ValidatorReport", "ValidationLossReport", "MAX_VERDICTS", "MAX_LOSS"]
+__all__ = ["AuditVerdict", "ValidatorReport", "ValidationLossReport", "MAX_VERDICTS", "MAX_LOSS",
+           "validation_tokens"]
 
 MAX_VERDICTS = 1024
 MAX_LOSS = 1000.0  # nats per token: far above ln(vocab) of any vocabulary a run can have
+
+
+def validation_tokens(val_tokens: int, seq_len: int) -> int:
+    """Target tokens of a run's validation windows: ceil(val_tokens / seq_len) whole windows."""
+    return -(-val_tokens // seq_len) * seq_len
 
 
 class AuditVerdict(StrictModel):
@@ -56,7 +62,7 @@ class ValidationLossReport(StrictModel):
 
     round: int = Field(ge=0, le=2**62, description="the model after this round's merge")
     loss: float = Field(gt=0, le=MAX_LOSS, description="mean cross-entropy, nats per token")
-    tokens: int = Field(ge=1, le=2**40, description="validation tokens evaluated")
+    tokens: int = Field(ge=1, le=2**40, description="validation tokens evaluated: validation_tokens(run)")
 
     @field_validator("loss")
     @classmethod

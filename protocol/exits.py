@@ -37,6 +37,7 @@ class Exit(enum.IntEnum):
     S3_CREDENTIALS = 14       # S3 rejects the access key or secret
     DEVICE = 15               # --device names a device this machine lacks
     BRIDGE_MISMATCH = 16      # the bridge serves another netuid or chain than the neuron's
+    MODEL_UNAVAILABLE = 17    # no verifiable published model for the round asked (resbm-export)
 
 
 class Misconfigured(Exception):

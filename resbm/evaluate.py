@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,13 +81,16 @@ def evaluate_lm(logits_of: Callable[[torch.Tensor], torch.Tensor], batches: Iter
     return EvalResult(nll, count, nbytes if token_bytes is not None else None)
 
 
-def held_out_batches(dataset, tokens: int, batch_size: int, seq_len: int) -> list[Batch]:
-    """The fixed validation windows covering at least `tokens` target tokens (`dataset`: a
-    resbm.dataset.Dataset): the same windows for everyone with the same manifest and sizes."""
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    n = math.ceil(tokens / (batch_size * seq_len))
-    return dataset.validation_batches(n, batch_size, seq_len)
+def held_out_batches(dataset, tokens: int, seq_len: int, batch: int = 32) -> list[Batch]:
+    """The fixed validation windows covering `tokens` target tokens (ceil(tokens / seq_len) windows of
+    seq_len, evenly spaced over the split: resbm.dataset.Dataset.validation_batches), stacked `batch`
+    windows per forward pass. The windows depend only on their count, so everyone with the same
+    manifest and sizes evaluates the same tokens, however they batch them."""
+    if tokens < 1 or batch < 1:
+        raise ValueError(f"tokens and batch must be >= 1, got {tokens} and {batch}")
+    rows = dataset.validation_batches(math.ceil(tokens / seq_len), 1, seq_len)
+    return [(torch.cat([x for x, _ in rows[i:i + batch]]), torch.cat([y for _, y in rows[i:i + batch]]))
+            for i in range(0, len(rows), batch)]
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -122,8 +125,3 @@ def token_byte_lengths(tokenizer_file: str | Path, vocab_size: int) -> np.ndarra
         else:
             out[i] = len(tok.decode([i], skip_special_tokens=False).encode("utf-8"))
     return out
-
-
-def tokens_bytes(ids: Sequence[int], lengths: np.ndarray) -> int:
-    """Bytes a sequence of token ids stands for."""
-    return int(lengths[np.asarray(ids, dtype=np.int64)].sum())

@@ -29,7 +29,8 @@ from .model import ResBM
 from .model_card import model_card
 from .stages import merge_stage_states
 
-__all__ = ["FORMAT", "FILES", "ExportError", "Exported", "stitch", "write_export", "load_export"]
+__all__ = ["FORMAT", "FILES", "ExportError", "Exported", "check_target", "model_shapes", "stitch", "write_export",
+           "load_export"]
 
 FORMAT = "resbm-export/1"
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "export.json", "README.md")
@@ -60,7 +61,8 @@ def stitch(thetas: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str,
     return {n: state[n].detach().to("cpu", torch.float32).contiguous() for n in sorted(state)}
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool) -> None:
+    """ExportError unless `out` is absent, an empty folder, or (with `force`) a folder to replace."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -75,7 +77,7 @@ def write_export(out: str | os.PathLike[str], state: dict[str, torch.Tensor], cf
                  tokenizer_file: str | os.PathLike[str], info: dict[str, Any], force: bool = False) -> Path:
     """Write the export folder at `out` in one rename; `info` becomes export.json and the card."""
     out = Path(out).resolve()
-    _check_target(out, force)
+    check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -88,7 +90,7 @@ def write_export(out: str | os.PathLike[str], state: dict[str, torch.Tensor], cf
         for name in FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        _check_target(out, force)  # nothing appeared meanwhile
+        check_target(out, force)  # nothing appeared meanwhile
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"

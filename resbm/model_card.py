@@ -11,9 +11,10 @@ from .model import ResBM
 __all__ = ["boundary_summary", "model_card"]
 
 
-def boundary_summary(cfg: ModelConfig) -> dict[str, Any]:
-    """The stage boundary and what it saves on the wire, per token and boundary, one way."""
-    wire = cfg.wire_bytes_per_token(batch_size=1, direction="fwd")
+def boundary_summary(cfg: ModelConfig, batch_size: int = 1) -> dict[str, Any]:
+    """The stage boundary and what it saves on the wire, per token and boundary, one way (the
+    code's header amortised over one micro-batch of `batch_size` sequences)."""
+    wire = cfg.wire_bytes_per_token(batch_size=batch_size, direction="fwd")
     raw = cfg.d_model * 2  # the residual in bf16
     return {"kind": cfg.boundary, "variant": cfg.boundary_variant, "boundaries": cfg.n_stages - 1,
             "d_model": cfg.d_model, "code_dim": cfg.code_dim,
@@ -45,7 +46,7 @@ def _loss_lines(info: dict[str, Any]) -> list[str]:
 
 def model_card(info: dict[str, Any], cfg: ModelConfig) -> str:
     """Markdown describing the export: provenance, size, boundary, losses, how to use it."""
-    b = boundary_summary(cfg)
+    b = boundary_summary(cfg, info.get("batch_size") or 1)
     d, h, L, V = cfg.d_model, cfg.mlp_hidden, cfg.n_layers, cfg.vocab_size
     with torch.device("meta"):
         n_params = sum(p.numel() for p in ResBM(cfg).parameters())

@@ -95,7 +95,8 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
         log.warning("subnet run took %.1fs; miners still running at the end: %s", time.monotonic() - t0,
                     [t.name for t in threads if t.is_alive()])
         yield dict(tmp=tmp, chain=chain, keys=keys, bridge=bridge, names=names, metrics=metrics,
-                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()})
+                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()}, s3=s3,
+                   miners={name: m for (name, *_), m in zip(miners, running)})
     finally:
         for m in running:
             m.stop.set()
