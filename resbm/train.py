@@ -32,7 +32,8 @@ from .config import BOUNDARY_KINDS, PRESETS, ModelConfig
 from .device import pick_device
 from .optim import OptimConfig, build_optimizer
 from .robust_merge import MergeParams, robust_merge
-from .stages import build_stages, merge_stage_states, run_pipeline, stage_state_dict
+from .evaluate import evaluate_lm
+from .stages import build_stages, merge_stage_states, pipeline_logits, run_pipeline, stage_state_dict
 
 __all__ = ["evaluate", "main", "train"]
 
@@ -67,12 +68,10 @@ class _Quiet(list):
         pass
 
 
-@torch.no_grad()
 def evaluate(stages: list[nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device) -> float:
-    """Mean loss of the stages over (tokens, targets) batches."""
-    losses = [run_pipeline(stages, t.to(device), y.to(device), backward=False).loss for t, y in batches]
-    return sum(losses) / len(losses)
+    """Mean held-out loss (nats/token) of the stages run in sequence: resbm.evaluate's figure."""
+    return evaluate_lm(lambda t: pipeline_logits(stages, t), batches, device=device).loss
 
 
 def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 8, accum: int = 1,
