@@ -203,3 +203,14 @@ def test_the_validators_held_out_loss_is_the_dashboards_and_the_metrics(net, tmp
     assert prom["resbm_bridge_validation_loss"] == v.live.reported[ROUNDS - 1]
     assert prom["resbm_bridge_validation_round"] == ROUNDS - 1 and prom["resbm_bridge_validation_validators"] == 1
     assert prom["resbm_bridge_training_loss_round"] == ROUNDS - 1
+    from protocol.bridge_client import BridgeClient
+    from protocol.client import BridgeError
+    from protocol.console import ValidationLossReport
+    with pytest.raises(BridgeError) as e:  # other windows than the run's: not comparable, refused
+        net["client"].call(route("validation_loss"), ValidationLossReport(round=0, loss=3.0, tokens=16))
+    assert e.value.status == 400 and "512" in str(e.value)
+    miner = BridgeClient(net["keys"]["miners"][0], url, net["bridge"].hotkey, max_tries=1)
+    with pytest.raises(BridgeError) as e:
+        miner.call(route("validation_loss"), ValidationLossReport(round=0, loss=0.01, tokens=512))
+    assert e.value.status == 403
+    assert httpx.get(url + route("dashboard").path).json()["val_curve"][0]["loss"] == v.live.reported[0]
