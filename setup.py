@@ -23,9 +23,8 @@ INSTALL_REQUIRES = [
     "pydantic-settings>=2.2",
     "python-dotenv>=1.0",
     "prometheus_client>=0.20",
-    # resbm-generate / resbm-eval decode text and count bytes per token; long downloads show progress
+    # resbm-generate / resbm-eval decode text and count the bytes each token stands for
     "tokenizers>=0.19",
-    "tqdm>=4.66",
 ]
 # The localnet, the reference trainer's progress bar and the benchmarks; no role needs them.
 LOCAL_REQUIRES = [

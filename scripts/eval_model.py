@@ -17,7 +17,7 @@ from protocol.exits import Exit, Misconfigured, exits_cleanly
 from protocol.settings import load_settings
 from resbm.evaluate import SPLIT_ALIASES, evaluate_lm, held_out_batches, token_byte_lengths
 from scripts.model_cli import (ModelToolSettings, check_same_tokenizer, device_of, flag, open_export,
-                               open_manifest, quiet_logs)
+                               open_manifest, progress_bar, quiet_logs)
 
 __all__ = ["EvalSettings", "main"]
 
@@ -55,9 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokens = s.tokens or max(1, ds.manifest.split_tokens("val") // (T + 1)) * T
     batches = held_out_batches(ds, tokens, T, s.batch_size)
     lengths = token_byte_lengths(ds.file_path(ds.manifest.tokenizer.name), ex.config.vocab_size)
-    from tqdm import tqdm
     total = sum(y.numel() for _, y in batches)
-    with tqdm(total=total, unit="tok", desc=f"eval {ds.name}/{s.split}", disable=s.json, file=sys.stderr) as bar:
+    with progress_bar(total, f"eval {ds.name}/{s.split}", "tok", disable=s.json) as bar:
         result = evaluate_lm(lambda t: ex.model(t), batches, lengths, device, progress=bar.update)
     out = {"model": s.model, "run_id": ex.info.get("run_id"), "round": ex.info.get("round"),
            "dataset": ds.name, "split": s.split, **result.as_dict()}

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from neurons.dataset_http import HttpSource
-from neurons.model_fetch import (BucketObjects, BucketSource, FetchedModel, ModelUnavailable, download_bytes,
-                                 fetch_weights, published_from_bridge, published_from_bucket)
+from neurons.model_fetch import FetchedModel, ModelUnavailable, download_bytes, fetch_weights, published_from_bridge
 from neurons.transfer import ObjectTransfer
 from protocol.exits import Exit, Misconfigured, exits_cleanly
 from protocol.model_messages import PublishedModel
@@ -30,7 +29,8 @@ from resbm.dataset_store import DataError
 from resbm.evaluate import evaluate_lm, held_out_batches, token_byte_lengths
 from resbm.export import ExportError, check_target, stitch, write_export
 from resbm.model import ResBM
-from scripts.model_cli import ModelToolSettings, device_of, flag, quiet_logs
+from scripts.bucket_model import BucketObjects, BucketSource, published_from_bucket
+from scripts.model_cli import ModelToolSettings, device_of, flag, progress_bar, quiet_logs
 
 __all__ = ["ExportSettings", "export_info", "run_dataset", "write_model", "main"]
 
@@ -156,9 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"run {pm.run.run_id}: the model after round {pm.round} (latest published: {pm.latest}), "
           f"{len(pm.stages)} stages, sync {pm.run.sync_mode}; {download_bytes(pm) / 1e6:.1f} MB to fetch and verify",
           file=sys.stderr)
-    from tqdm import tqdm
     try:
-        with tqdm(total=download_bytes(pm), unit="B", unit_scale=True, desc="download", file=sys.stderr) as bar:
+        with progress_bar(download_bytes(pm), "download", "B") as bar:
             getter.on_bytes = bar.update
             fetched = fetch_weights(getter, pm)
         ds = run_dataset(pm, s.bridge, objects)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ from resbm.dataset_store import DataError
 from resbm.export import ExportError, Exported, load_export
 
 __all__ = ["ModelToolSettings", "flag", "device_of", "open_export", "open_manifest", "quiet_logs",
-           "check_same_tokenizer"]
+           "check_same_tokenizer", "progress_bar"]
 
 
 class ModelToolSettings(BaseSettings):
@@ -82,3 +83,32 @@ def check_same_tokenizer(ds: Dataset, tokenizer_file: Path, vocab_size: int) -> 
     if theirs != ours:
         return "the dataset's tokenizer differs from the model's: its token ids stand for other text"
     return None
+
+
+class _Percent:
+    """A progress line every 10% on stderr, where tqdm (a localnet extra) is not installed."""
+
+    def __init__(self, total: int, desc: str, quiet: bool) -> None:
+        self.total, self.desc, self.n, self.shown, self.quiet = max(1, total), desc, 0, -1, quiet
+
+    def update(self, n: int) -> None:
+        self.n += n
+        tenth = min(10, 10 * self.n // self.total)
+        if tenth > self.shown and not self.quiet:
+            self.shown = tenth
+            print(f"{self.desc}: {10 * tenth}%", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_Percent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str, disable: bool = False):
+    """A tqdm bar on stderr (bytes or tokens), or a percent line per 10% without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Percent(total, desc, disable)
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, file=sys.stderr, disable=disable)
