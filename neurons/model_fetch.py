@@ -79,7 +79,10 @@ def _whole_state(getter: Getter, pm: PublishedModel, st: ModelStage, shapes: dic
             return load_state(blob, shapes, pm.run.max_state_bytes).theta
         except HashMismatch as exc:
             last = f"fails its hash ({exc})"
-        except (TransferError, OuterError) as exc:
+        except TransferError as exc:
+            last = str(exc) if exc.status != 404 else ("gone (a round's states are deleted after the run's "
+                                                       "audit_window_rounds: export a later round)")
+        except OuterError as exc:
             last = str(exc)
     raise ModelUnavailable(f"stage {st.stage}: no copy of the state the replicas voted for "
                            f"({ref.sha256[:12]}..) is usable: {last}")

@@ -30,7 +30,7 @@ class EvalSettings(ModelToolSettings):
     split: str = flag("validation", "the held-out split (validation, also called val)")
     tokens: int = flag(0, "target tokens to evaluate (0 = the whole split, once)")
     batch_size: int = flag(32, "windows (sequences) per forward pass")
-    json: bool = flag(False, "print the figures as one JSON object instead of text")
+    as_json: bool = flag(False, "print the figures as one JSON object instead of text", name="json")
 
 
 @exits_cleanly
@@ -56,11 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batches = held_out_batches(ds, tokens, T, s.batch_size)
     lengths = token_byte_lengths(ds.file_path(ds.manifest.tokenizer.name), ex.config.vocab_size)
     total = sum(y.numel() for _, y in batches)
-    with progress_bar(total, f"eval {ds.name}/{s.split}", "tok", disable=s.json) as bar:
+    with progress_bar(total, f"eval {ds.name}/{s.split}", "tok", disable=s.as_json) as bar:
         result = evaluate_lm(lambda t: ex.model(t), batches, lengths, device, progress=bar.update)
     out = {"model": s.model, "run_id": ex.info.get("run_id"), "round": ex.info.get("round"),
            "dataset": ds.name, "split": s.split, **result.as_dict()}
-    if s.json:
+    if s.as_json:
         print(json.dumps(out))
     else:
         bpb = "n/a" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}"
