@@ -39,7 +39,7 @@ def run_config() -> dict:
                 inner_steps_per_round=2, samples_per_round=12, muon_lr=0.02, adamw_lr=3e-3,
                 warmup_steps=0, total_rounds=2, data_seed=3, init_seed=4, lease_seconds=4.0,
                 max_object_bytes=16 * 2**20, merge_timeout_seconds=30.0, max_attempts=5,
-                audit_window_rounds=4, version_key=7,
+                audit_window_rounds=4, version_key=7, val_tokens=1024,  # the live held-out loss: 64 windows
                 incentives={"audit_fraction": 1.0, "burn_share": BURN, "ema_alpha": ALPHA})
 
 
