@@ -67,14 +67,10 @@ def _bucket(s: ExportSettings) -> tuple[BucketObjects, str]:
 def run_dataset(pm: PublishedModel, bridge_url: str = "", objects: Optional[BucketObjects] = None) -> Dataset:
     """The run's dataset (for its tokenizer and validation split), through the bridge or the bucket."""
     ref = pm.run.dataset
-    if ref is None:
-        return data.load()
-    if ref.is_url:
-        return open_dataset(ref, remote=HttpSource)
-    if objects is not None:
+    if ref is not None and not ref.is_url and objects is not None:  # a bucket key: read it next door
         folder = ref.manifest.rsplit("/", 1)[0] if "/" in ref.manifest else ""
         return open_dataset(ref, bridge_url=f"s3://{objects.bucket}", remote=lambda _: BucketSource(objects, folder))
-    return open_dataset(ref, bridge_url=bridge_url, remote=HttpSource)
+    return data.open_run_dataset(ref, bridge_url or None, HttpSource)  # as the validators open it
 
 
 def export_info(pm: PublishedModel, source: str, ds: Dataset, measured: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -214,3 +214,25 @@ def test_the_validators_held_out_loss_is_the_dashboards_and_the_metrics(net, tmp
         miner.call(route("validation_loss"), ValidationLossReport(round=0, loss=0.01, tokens=512))
     assert e.value.status == 403
     assert httpx.get(url + route("dashboard").path).json()["val_curve"][0]["loss"] == v.live.reported[0]
+
+
+def test_the_runs_dataset_is_read_from_the_bucket_next_to_its_manifest(net, tmp_path, monkeypatch):
+    """With --s3 and a run whose dataset is a key in the bucket, the tokenizer comes from the bucket,
+    verified against the manifest the run config pins."""
+    from protocol.dataset import DatasetRef
+    from neurons.model_fetch import published_from_bridge
+    from scripts.bucket_model import BucketObjects
+    from scripts.export_model import run_dataset
+    from scripts.prepare_dataset import upload_folder
+    s3 = net["s3"]
+    monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "cache"))
+    ref = DatasetRef(**upload_folder(data.default_data_dir(), f"s3://{s3.bucket}/datasets/bucket-test",
+                                     s3.endpoint, (s3.access_key, s3.secret_key)))
+    pm = published_from_bridge(net["url"])
+    pm = pm.model_copy(update={"run": pm.run.model_copy(update={"dataset": ref})})
+    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                          aws_secret_access_key=s3.secret_key, region_name="us-east-1")
+    ds = run_dataset(pm, objects=BucketObjects(client, s3.bucket))
+    got = ds.file_path(ds.manifest.tokenizer.name)
+    assert got.read_bytes() == (data.default_data_dir() / "tokenizer.json").read_bytes()
+    assert str(tmp_path / "cache") in str(got)  # fetched from the bucket, not read from the checkout
