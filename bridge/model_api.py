@@ -25,9 +25,10 @@ from protocol.model_messages import (ModelQuery, ModelStage, PublishedModel, Val
                                      latest_model_key, model_key)
 from protocol.sync_api import RoundUpdate
 
-__all__ = ["ModelApi"]
+__all__ = ["ModelApi", "CACHE_SECONDS"]
 
 log = logging.getLogger(__name__)
+CACHE_SECONDS = 1.0
 
 
 class ModelApi:
@@ -40,6 +41,7 @@ class ModelApi:
         self.seq_len = code_spec(run).shape[1]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="model-copy")
         self._latest_written = -1
+        self._answers: dict[Optional[int], tuple[float, PublishedModel]] = {}
         svc.listeners.append(self._on_event)
 
     def data(self, round_: Optional[int]) -> dict[str, Any]:
@@ -68,9 +70,17 @@ class ModelApi:
                               validation=ValidationFigure(**val) if val else None, stages=stages)
 
     async def model(self, caller: None, req: ModelQuery) -> PublishedModel:
-        """GET /v1/model: the model after a round (default: the latest), verifiable stage by stage."""
+        """GET /v1/model: the model after a round (default: the latest), verifiable stage by stage.
+        Answers are kept for a second per round, so a crowd of downloaders costs the bridge little."""
+        hit = self._answers.get(req.round)
+        if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
+            return hit[1]
         d = await run_in_threadpool(self.data, req.round)
-        return await run_in_threadpool(self.message, d, self.svc.get_url)
+        out = await run_in_threadpool(self.message, d, self.svc.get_url)
+        if len(self._answers) > 64:
+            self._answers.clear()
+        self._answers[req.round] = (time.monotonic(), out)
+        return out
 
     async def validation_loss(self, caller: str, req: ValidationLossReport) -> Ack:
         """POST /v1/validator/validation: keep a validator's held-out loss of a published round."""
