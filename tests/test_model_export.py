@@ -138,6 +138,10 @@ def test_an_earlier_round_replays_exactly_the_updates_the_bridge_decided(net, tm
                         "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key,
                         "--out", str(tmp_path / "from-s3")]) == 0
     assert (tmp_path / "from-s3" / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
+    assert export_main(["--s3", f"s3://{s3.bucket}/runs/val-test", "--round", "1", "--s3-endpoint", s3.endpoint,
+                        "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key,
+                        "--out", str(tmp_path / "from-s3-r1")]) == 0  # the copy written when round 2 began
+    assert (tmp_path / "from-s3-r1" / "model.safetensors").read_bytes() == (tmp_path / "r1" / "model.safetensors").read_bytes()
 
 
 def _one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
