@@ -61,17 +61,21 @@ def _published(cluster, rnd: int | None):
         return None
 
 
-def subnet_val_curve(cluster, cfg: ModelConfig) -> list[tuple[int, float]]:
-    """(samples trained, validation loss) of the published model after every round; rounds
-    whose model is not exportable are skipped."""
+def subnet_val_curve(cluster, cfg: ModelConfig) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(samples trained, validation loss) of the published model after every round, and the
+    validators' live figure of the rounds they reported so far; rounds whose model is not
+    exportable are skipped."""
     rc = cluster.run_config
     per_round = rc["samples_per_round"]
     curve = [(0, validation_loss(cfg, None, rc["batch_size"], rc["init_seed"]))]
+    live = []
     for rnd in range(rc["total_rounds"]):
         got = _published(cluster, rnd)
         if got is not None:
             curve.append(((rnd + 1) * per_round, validation_loss(cfg, got.thetas, rc["batch_size"], rc["init_seed"])))
-    return curve
+            if got.published.validation is not None:
+                live.append(((rnd + 1) * per_round, got.published.validation.loss))
+    return curve, live
 
 
 def _plot(path: Path, losses: list, ref_curve: list, curve: list) -> None:
@@ -118,8 +122,10 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     if final is not None:
         report["model_dir"] = str(write_model(final, data.load(), str(cluster.workdir / "model"),
                                               cluster.bridge_url, force=True))
-    curve = subnet_val_curve(cluster, cfg) if thetas else []
+    curve, live = subnet_val_curve(cluster, cfg) if thetas else ([], [])
     report["val_curve"] = [[x, round(v, 4)] for x, v in curve]
+    report["val_curve_validators"] = [[x, v] for x, v in live]  # unrounded: tests compare them
+    report["val_curve_exact"] = [[x, v] for x, v in curve]
     ref_curve: list = []
     if not args.no_reference and thetas:
         ref_curve = reference_val_curve(cfg, rc, m.completed_total)
@@ -199,6 +205,9 @@ def print_report(r: dict) -> None:
     if v:
         print(f"validators' live figure for the last round: {v['loss']:.4f} (median of {v['validators']}, "
               f"{v['tokens']} tokens)")
+    elif r.get("val_curve_validators"):
+        print(f"validators' live figures so far: {len(r['val_curve_validators'])} round(s) (the validator is "
+              "still auditing the later ones)")
     b = r["bytes"]
     ratio = "n/a" if b["ratio_vs_uncompressed"] is None else f"{1 / b['ratio_vs_uncompressed']:.1f}x less"
     print(f"boundary traffic: {b['boundary_bytes_moved'] / 1e6:.2f} MB moved vs {b['uncompressed_equivalent'] / 1e6:.2f} MB "
