@@ -81,7 +81,7 @@ def write_export(out: str | os.PathLike[str], state: dict[str, torch.Tensor], cf
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "resbm": FORMAT})
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # one key: the same bytes every time
         _write_json(tmp / "config.json", cfg.to_dict())
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         doc = {"format": FORMAT, **info}

@@ -51,6 +51,8 @@ def test_write_and_load_round_trip_with_a_card_that_says_what_export_json_says(t
                    "k = 4 code (8x narrower)", "a" * 64):
         assert needle in card, needle
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    again = write_export(tmp_path / "m2", stitch(_thetas(3), CFG), CFG, TOKENIZER, INFO)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()  # reproducible
 
 
 def test_a_non_empty_target_is_refused_unless_forced_and_a_failed_write_leaves_nothing(tmp_path):
