@@ -66,7 +66,8 @@ class LiveValidation:
         except BridgeError as exc:
             log.info("round %d: no held-out loss reported (%s)", rnd, exc)
             return None
-        except (ModelUnavailable, TransferError, DataError, ValueError, httpx.TransportError) as exc:
+        except (ModelUnavailable, TransferError, DataError, ValueError, httpx.TransportError,
+                torch.OutOfMemoryError) as exc:  # never stops auditing and scoring
             log.warning("round %d: the published model could not be evaluated: %s", rnd, exc)
             return None
         self.reported[rnd] = result.loss
