@@ -13,9 +13,14 @@ from protocol.client import BridgeError, SignedClient
 from protocol.console import ValidatorReport
 from protocol.routes import Route, route
 
-__all__ = ["BridgeClient"]
+__all__ = ["BridgeClient", "dataset_files_url"]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def dataset_files_url(bridge_url: str) -> str:
+    """Where the bridge at `bridge_url` serves its run's dataset files (redirects to presigned S3 GETs)."""
+    return bridge_url.rstrip("/") + route("dataset_file").target(name="")
 
 
 class BridgeClient(SignedClient):
@@ -60,7 +65,7 @@ class BridgeClient(SignedClient):
     def dataset_url(self) -> str:
         """Where the bridge serves the run's dataset files (`GET /v1/dataset/{name}` redirects to
         presigned S3 GETs): the `files_url` of `resbm.data.open_run_dataset`."""
-        return self.base_url.rstrip("/") + route("dataset_file").target(name="")
+        return dataset_files_url(self.base_url)
 
     # ---- everyone registered -----------------------------------------------------------
     def run_info(self) -> msg.RunInfo:
