@@ -10,7 +10,8 @@ from protocol import integrity as integ
 from protocol import messages as msg
 from protocol import sync_api as sync
 from protocol.client import BridgeError, SignedClient
-from protocol.console import ValidatorReport
+from protocol.console import ValidationLossReport, ValidatorReport
+from protocol.model_messages import ModelQuery, PublishedModel
 from protocol.routes import Route, route
 
 __all__ = ["BridgeClient", "dataset_files_url"]
@@ -138,6 +139,10 @@ class BridgeClient(SignedClient):
         """Vote the caller's merged shards (the empty object's sha256 votes "keep")."""
         return self.call(route("sync_votes"), req)
 
+    def model(self, round: Optional[int] = None) -> PublishedModel:
+        """Which weights round `round` (None: the latest) published: one object per stage."""
+        return self.call(route("model"), ModelQuery(round=round))
+
     # ---- validators --------------------------------------------------------------------
     def hoplog(self, round: int, hotkey: Optional[str] = None) -> msg.HopLog:
         """The done hops, states, merge sets and votes of a round."""
@@ -158,6 +163,10 @@ class BridgeClient(SignedClient):
     def validator_report(self, req: ValidatorReport) -> msg.Ack:
         """Publish audit verdicts, scores and weights for the dashboard."""
         return self.call(route("validator_report"), req)
+
+    def validation_loss(self, req: ValidationLossReport) -> msg.Ack:
+        """A validator's held-out loss of the model a round published."""
+        return self.call(route("validation_loss"), req)
 
     def sync_disputes(self) -> sync.SyncDisputes:
         """Disputed shards of the sharded sync awaiting a validator's recomputation."""

@@ -47,3 +47,10 @@ def test_mount_refuses_a_handler_for_a_route_that_does_not_exist():
     table = {**_table(), "leese": _stub}
     with pytest.raises(ValueError, match=r"handlers \['leese'\] name no route"):
         mount(FastAPI(), ROUTES, table, auth=None)
+
+
+def test_the_client_has_a_typed_method_for_every_signed_route():
+    from protocol.bridge_client import BridgeClient
+    method = {"run": "run_info"}  # `run` would read as an action on a client
+    signed = {r.name for r in ROUTES if r.role != "public"} | {"model"}
+    assert sorted(n for n in signed if not callable(getattr(BridgeClient, method.get(n, n), None))) == []
