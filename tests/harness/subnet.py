@@ -160,7 +160,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             if i >= n_honest:
                 _wait_registered(observer, i)  # one cheater per stage: join after the others
             start_miner(i, kind)
-        settings = ValidatorSettings(state_path=str(tmp / "validator.json"), audit_fraction=1.0,
+        settings = ValidatorSettings(state_path=str(tmp / "validator.json"),
                                      audit_max_seconds=60.0, poll_seconds=0.3, seed=sc.seed)
         validator = Validator(observer, ObjectTransfer(), chain, vkey, settings)
         vthread = threading.Thread(target=validator.run_forever, name="validator", daemon=True)
