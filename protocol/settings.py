@@ -110,11 +110,11 @@ class _MovedFlag(argparse.Action):
 
 def _refuse_moved_env(model: type[CommonSettings], env_file: str) -> None:
     import os
-    if not model.moved_flags:
+    if not getattr(model, "moved_flags", None):
         return
     from dotenv import dotenv_values
     dotenv = dotenv_values(env_file) if Path(env_file).is_file() else {}
-    for name, where in model.moved_flags.items():
+    for name, where in getattr(model, "moved_flags", {}).items():
         if env_name(name) in os.environ or env_name(name) in dotenv:
             raise Misconfigured(Exit.USAGE, _moved(name, where))
 
@@ -140,7 +140,7 @@ def build_parser(model: type[CommonSettings], prog: str, description: str) -> ar
         else:
             p.add_argument(*names, dest=name, type=typ, choices=choices, help=help_text,
                            metavar=primary.split(".")[-1].upper().replace("-", "_"))
-    for name, where in model.moved_flags.items():
+    for name, where in getattr(model, "moved_flags", {}).items():
         p.add_argument("--" + name, dest=name, action=_MovedFlag, const=where, nargs="?", help=argparse.SUPPRESS)
     return p
 
