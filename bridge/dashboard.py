@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from importlib import resources
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from fastapi.responses import HTMLResponse, Response
@@ -90,8 +91,8 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
     }
 
 
-def console_handlers(svc: Any, run: RunConfig, store_path: str,
-                     owner_hotkey: Callable[[], str | None]) -> tuple[dict[str, Callable], BridgeMetrics]:
+def console_handlers(svc: Any, run: RunConfig, store_path: str, owner_hotkey: Callable[[], str | None],
+                     auth_counts: Mapping[str, int] | None = None) -> tuple[dict[str, Callable], BridgeMetrics]:
     """Handlers of the dashboard, JSON, Prometheus and validator-report routes, and the metrics."""
     from bridge.views import metrics as metrics_view
     store = ConsoleStore(store_path)
@@ -100,7 +101,7 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
     def read_metrics() -> Metrics:
         return svc.read(lambda st: metrics_view(st, time.time()))
 
-    prom = BridgeMetrics(read_metrics, store.snapshot)
+    prom = BridgeMetrics(read_metrics, store.snapshot, auth_counts)
     history = RoundHistory(svc.db.done_hops, on_new=prom.round_closed)
     cache: dict[str, Any] = {}
     owner: list[Any] = [-1e9, None]  # looked up at most once a minute: a metagraph read is a chain call

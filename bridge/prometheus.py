@@ -6,6 +6,7 @@ Each app has its own registry, so several bridges can live in one process (tests
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -34,8 +35,9 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 class StateCollector(Collector):
     """Turns the bridge's metrics view and validators' reports into metric families per scrape."""
 
-    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]]) -> None:
-        self.read, self.console = read, console
+    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]],
+                 auth_counts: Mapping[str, int] | None = None) -> None:
+        self.read, self.console, self.auth_counts = read, console, auth_counts
 
     def collect(self) -> Iterator[Any]:
         """One scrape: read the state once and emit every family."""
@@ -63,6 +65,14 @@ class StateCollector(Collector):
         yield from self._stages(m)
         yield from self._miners(m)
         yield from self._validators()
+        if self.auth_counts is not None:
+            c = _counter("resbm_bridge_auth_requests", "signed-route requests by authentication outcome "
+                         "(signature_checked: reached signature verification; unknown_rate_limited: "
+                         "an unregistered hotkey over its budget, refused before any signature work)",
+                         ["outcome"])
+            for outcome, n in sorted(dict(self.auth_counts).items()):
+                c.add_metric([outcome], n)
+            yield c
 
     def _stages(self, m: Metrics) -> Iterator[Any]:
         fams = {
@@ -121,9 +131,10 @@ class StateCollector(Collector):
 class BridgeMetrics:
     """The bridge's registry: the state collector plus hop and merge histograms."""
 
-    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]],
+                 auth_counts: Mapping[str, int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StateCollector(read, console))
+        self.registry.register(StateCollector(read, console, auth_counts))
         self.hop_seconds = Histogram("resbm_bridge_hop_seconds", "lease to verified completion",
                                      ["stage", "kind"], buckets=_SECONDS, registry=self.registry)
         self.hop_bytes = Histogram("resbm_bridge_hop_output_bytes", "size of a hop's uploaded output",
