@@ -68,12 +68,15 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
             "audits_passed": a.get("passed", 0), "audits_failed": a.get("failed", 0),
             "last_audit": None if "last_round" not in a else {
                 "round": a["last_round"], "passed": a["last_passed"], "reason": a["last_reason"]},
-            "score": scores.get(mm.hotkey),
+            "score": scores.get(mm.hotkey), "standing": mm.standing,
+            "quarantined_until": mm.quarantined_until,
             # once weights are published, a miner left out of them has weight 0
             "weight": weights.get(mm.hotkey, 0.0) if weights_by else None})
     stages = [{"stage": s.stage, "replicas": s.replicas, "healthy": s.healthy_replicas,
                "hops": s.hops_done, "bytes": s.bytes_moved, "published_round": s.published_round,
-               "miners": [mm.hotkey for mm in m.miners if mm.stage == s.stage]} for s in m.stages]
+               "miners": [mm.hotkey for mm in m.miners if mm.stage == s.stage],
+               "probation": [mm.hotkey for mm in m.miners if mm.stage == s.stage and mm.standing == "probation"]}
+              for s in m.stages]
     return {
         "generated_at": now, "run_id": m.run_id, "phase": m.phase, "round": m.round,
         "total_rounds": run.total_rounds, "n_stages": run.n_stages,
@@ -88,7 +91,24 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
         "weights_by": weights_by,
         "verdicts": list(reversed(console["verdicts"][-20:])),
         "incentives": run.incentives.model_dump(),
+        "empty_rounds": m.empty_rounds, "alerts": alerts(m, run),
     }
+
+
+def alerts(m: Metrics, run: RunConfig) -> list[str]:
+    """What the owner must see at once: stages kept alive by a failed replica, rounds that trained nothing."""
+    out = []
+    for s in m.stages:
+        probation = [mm for mm in m.miners if mm.stage == s.stage and mm.standing == "probation"]
+        if probation:
+            who = ", ".join(f"{mm.hotkey[:10]} (until round {mm.quarantined_until})" for mm in probation)
+            out.append(f"stage {s.stage} trains on replicas that failed an audit: {who}. No live replica of "
+                       f"the stage is in good standing, so they keep it training, unpaid; add a replica")
+    if m.empty_rounds:
+        why = "; ".join(f"{n} x {r}" for r, n in m.last_empty_reasons.items()) or "no reason recorded"
+        out.append(f"{m.empty_rounds} round(s) trained nothing (every sample abandoned) and do not count "
+                   f"towards the run's {run.total_rounds} rounds; the latest, round {m.last_empty_round}: {why}")
+    return out
 
 
 def console_handlers(svc: Any, run: RunConfig, store_path: str, owner_hotkey: Callable[[], str | None],

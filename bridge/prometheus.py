@@ -57,6 +57,10 @@ class StateCollector(Collector):
         for reason, n in sorted(m.abandon_reasons.items()):
             c.add_metric([reason], n)
         yield c
+        c = _counter("resbm_bridge_empty_rounds", "closed rounds that completed no sample (not counted "
+                     "towards total_rounds)", [])
+        c.add_metric([], m.empty_rounds)
+        yield c
         g = _gauge("resbm_bridge_round_samples", "samples of the current round", ["state"])
         g.add_metric(["total"], m.samples_total)
         g.add_metric(["completed"], m.samples_completed)
@@ -84,6 +88,8 @@ class StateCollector(Collector):
             "pub": _gauge("resbm_bridge_stage_published_round", "round the stage's merged state starts",
                           ["stage"]),
             "merges": _counter("resbm_bridge_stage_merges", "merged states published", ["stage"]),
+            "prob": _gauge("resbm_bridge_stage_probation_replicas", "replicas that failed an audit but keep "
+                           "the stage training (no live replica in good standing), unpaid", ["stage"]),
         }
         for s in m.stages:
             lab = [str(s.stage)]
@@ -95,6 +101,7 @@ class StateCollector(Collector):
             fams["rep"].add_metric([str(s.stage), "false"], s.replicas - s.healthy_replicas)
             fams["pub"].add_metric(lab, s.published_round)
             fams["merges"].add_metric(lab, max(0, s.published_round))  # round r+1's state = r+1 merges
+            fams["prob"].add_metric(lab, sum(mm.stage == s.stage and mm.standing == "probation" for mm in m.miners))
         yield from fams.values()
 
     def _miners(self, m: Metrics) -> Iterator[Any]:

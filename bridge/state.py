@@ -98,8 +98,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
 
 
 def _stage_has_peer(st: State, m: Miner, now: float) -> bool:
-    return any(p is not m and p.active and st.healthy(p, now) and not st.quarantined(p)
-               for p in st.stage_miners(m.stage))
+    return any(p is not m and p.active and st.healthy(p, now) for p in st.stage_miners(m.stage))
 
 
 def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:
@@ -140,7 +139,7 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     m.last_seen = now
     if not m.active:
         return "reassign", [], 0.0
-    if st.quarantined(m) and st.phase in (Phase.TRAIN, Phase.MERGE):
+    if st.quarantined(m, now) and st.phase in (Phase.TRAIN, Phase.MERGE):
         return "wait", [], 5.0  # a validator failed it: no work until the quarantine ends
     if st.phase == Phase.WAITING:
         return "wait", [], 1.0
@@ -179,6 +178,10 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     for hop in got:
         _lease_one(st, m, hop, fwd_bytes, bwd_bytes, now)
     if got:
+        if st.on_probation(m, now) and hotkey not in st.unpaid:
+            st.unpaid.append(hotkey)  # keeps its stage alive after a failed audit: not paid for it
+            log.warning("miner %s failed an audit but is the last live replica of stage %d: it keeps "
+                        "the stage training this round, unpaid", hotkey[:10], m.stage)
         return "work", got, 0.0
     if not st.leased.get(hotkey) and m.open_graphs == 0 and not queue:
         if m.quota_used >= quota or st.fwd_pending[m.stage] <= 0:

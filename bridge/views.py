@@ -83,12 +83,20 @@ def metrics(st: State, now: float) -> msg.Metrics:
         throughput=m.throughput, hops_done=m.hops_done, lease_expiries=m.expiries,
         failures=m.failures, bytes_moved=m.bytes_moved, inner_step=m.inner_step,
         merge_disagreements=m.disagreements, bad_outputs=m.bad_outputs,
-        false_claims=m.false_claims) for m in sorted(st.miners.values(),
-                                                              key=lambda m: m.hotkey)]
+        false_claims=m.false_claims, quarantined_until=m.quarantined_until,
+        standing=_standing(st, m, now)) for m in sorted(st.miners.values(), key=lambda m: m.hotkey)]
     return msg.Metrics(
         run_id=st.run.run_id, round=st.round, phase=st.phase,
         samples_total=st.run.samples_per_round if st.phase != Phase.WAITING else 0,
         samples_completed=st.r_completed, samples_abandoned=st.r_abandoned,
         abandoned_total=st.abandoned_total, completed_total=st.completed_total,
         abandon_reasons=dict(st.abandon_reasons), stages=stages, miners=miners,
-        recent_losses=list(st.recent_losses[-64:]))
+        recent_losses=list(st.recent_losses[-64:]), empty_rounds=st.empty_rounds,
+        last_empty_round=st.last_empty.get("round", -1), last_empty_reasons=st.last_empty.get("reasons", {}),
+        unpaid=list(st.unpaid))
+
+
+def _standing(st: State, m, now: float) -> str:
+    if not st.failed_audit(m):
+        return "ok"
+    return "quarantined" if st.quarantined(m, now) else "probation"

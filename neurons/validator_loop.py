@@ -141,13 +141,17 @@ class Validator:
         hoplog = self.client.hoplog(rnd)
         miners = sorted({r.miner_hotkey for r in hoplog.records})
         by_miner = {hk: [r for r in hoplog.records if r.miner_hotkey == hk] for hk in miners}
-        merged = {p.hotkey for p in hoplog.pseudograds}
+        merged, unpaid = {p.hotkey for p in hoplog.pseudograds}, set(hoplog.unpaid)
         for hk in miners:
             # Work whose pseudo-gradient never reached the merge set did not train the model, and
             # without it a skipped optimizer step can go unseen: no credit for that round.
             if hk not in merged:
                 log.info("round %d: %s did %d hops but left no pseudo-gradient in the merge set; no credit",
                          rnd, hk[:10], len(by_miner[hk]))
+                continue
+            if hk in unpaid:  # it failed an audit; kept its stage alive as its last live replica
+                log.info("round %d: %s worked on probation (failed an audit, its stage's last live "
+                         "replica); no credit", rnd, hk[:10])
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
