@@ -51,7 +51,8 @@ class ConsoleStore:
         """Fold one validator's report in and persist."""
         with self._lock:
             v = self.validators.setdefault(validator, {"weights": None, "weights_at": None})
-            v.update(at=now, round=report.round, window=report.window, scores=dict(report.scores))
+            v.update(at=now, round=report.round, window=report.window, scores=dict(report.scores),
+                     uncalibrated=list(report.uncalibrated))
             if report.weights is not None:
                 v.update(weights=dict(report.weights), weights_at=now)
             for verdict in report.verdicts:

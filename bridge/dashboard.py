@@ -91,13 +91,18 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
         "weights_by": weights_by,
         "verdicts": list(reversed(console["verdicts"][-20:])),
         "incentives": run.incentives.model_dump(),
-        "empty_rounds": m.empty_rounds, "alerts": alerts(m, run),
+        "empty_rounds": m.empty_rounds, "alerts": alerts(m, run, console),
     }
 
 
-def alerts(m: Metrics, run: RunConfig) -> list[str]:
-    """What the owner must see at once: stages kept alive by a failed replica, rounds that trained nothing."""
+def alerts(m: Metrics, run: RunConfig, console: dict[str, Any] | None = None) -> list[str]:
+    """What the owner must see at once: stages kept alive by a failed replica, rounds that trained
+    nothing, audits no calibration covers."""
     out = []
+    for vhk, v in sorted((console or {}).get("validators", {}).items()):
+        for combo in v.get("uncalibrated") or []:
+            out.append(f"validator {vhk[:10]} audits {combo} without a calibrated tolerance: it withholds "
+                       f"penalties there (only gross errors fail); calibrate it with scripts/calibrate_audit.py")
     for s in m.stages:
         probation = [mm for mm in m.miners if mm.stage == s.stage and mm.standing == "probation"]
         if probation:

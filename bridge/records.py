@@ -121,6 +121,7 @@ class Miner(Tracked):
     false_claims: int = 0           # bad-input claims the bridge disproved: charged
     device_class: str = "cpu"       # declared at registration: audits replay like for like
     compute_dtype: str = "float32"
+    device_name: str = ""           # declared GPU model ('' for none)
     sits_out_round: int = -1        # rejoined mid-round with its inner steps lost: no work this round
 
     @property
@@ -197,6 +198,7 @@ class Hop(Tracked):
     done_at: float = 0.0
     device_class: str = "cpu"       # the leasing miner's declared numerics, for the audit
     compute_dtype: str = "float32"
+    device_name: str = ""
     note: str = ""
     avoid: tuple[str, ...] = ()     # replicas charged on this work: not again
 

@@ -62,7 +62,8 @@ def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
                          grad_in=_obj(hop.grad_in, get_url, ttl),
                          output=_obj(out, get_url, ttl), loss=hop.loss,
                          leased_at=hop.leased_at, done_at=hop.done_at,
-                         device_class=hop.device_class, compute_dtype=hop.compute_dtype)
+                         device_class=hop.device_class, compute_dtype=hop.compute_dtype,
+                         device_name=hop.device_name)
 
 
 def metrics(st: State, now: float) -> msg.Metrics:

@@ -57,8 +57,12 @@ class AuditLog:
     runs: int = 0
     failed: int = 0
     incomplete: int = 0
+    withheld: int = 0
+    """Audits that gave no verdict: uncalibrated combinations, or replays as noisy as the claim."""
     seconds: float = 0.0
     verdicts: list = field(default_factory=list)
+    uncalibrated: set = field(default_factory=set)
+    """Combinations (AuditReport.context) audited without a calibration, for the owner's dashboard."""
 
 
 class Validator:
@@ -171,7 +175,7 @@ class Validator:
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
-        self.publisher.round_done(rnd, self.book, self.audits.verdicts)
+        self.publisher.round_done(rnd, self.book, self.audits.verdicts, self.audits.uncalibrated)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
 
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
@@ -200,6 +204,9 @@ class Validator:
                 self.audits.incomplete += 1
                 log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(reason, rnd))
                 return True
+            if report.status in ("uncalibrated", "inconclusive"):  # no verdict: nobody is penalised
+                self._withheld(rnd, hotkey, report)
+                return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
         except DataError as exc:  # our copy of the run's data cannot be read: not the miner's fault
@@ -221,6 +228,15 @@ class Validator:
         log.info("audit of %s round %d: %s%s (%.2fs)", hotkey[:10], rnd, "PASS" if passed else "FAIL",
                  "" if passed else f" - {reason}", seconds)
         return passed
+
+    def _withheld(self, rnd: int, hotkey: str, report) -> None:
+        self.audits.withheld += 1
+        self.audits.seconds += report.seconds
+        first = report.status == "uncalibrated" and report.context not in self.audits.uncalibrated
+        if report.status == "uncalibrated":
+            self.audits.uncalibrated.add(report.context)
+        (log.warning if first else log.info)("audit of %s round %d %s, penalty withheld: %s", hotkey[:10], rnd,
+                                             report.status.upper(), report.reason)
 
     # ----- weights -----
     def maybe_set_weights(self) -> bool:

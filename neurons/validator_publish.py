@@ -55,11 +55,13 @@ class ReportPublisher:
                 self._warned = True
             return False
 
-    def round_done(self, rnd: int, book: Any, verdicts: Sequence[tuple]) -> None:
-        """Publish the verdicts recorded since the last report, and current scores."""
+    def round_done(self, rnd: int, book: Any, verdicts: Sequence[tuple], uncalibrated: Sequence[str] = ()) -> None:
+        """Publish the verdicts recorded since the last report, current scores, and the combinations
+        audited without a calibration."""
         new = [AuditVerdict(round=r, hotkey=hk, passed=ok, reason=str(reason)[:512])
                for r, hk, ok, reason in verdicts[self.sent:]][-MAX_VERDICTS:]
-        report = ValidatorReport(round=rnd, window=book.window, verdicts=new, scores=book.scores())
+        report = ValidatorReport(round=rnd, window=book.window, verdicts=new, scores=book.scores(),
+                                 uncalibrated=sorted(c[:512] for c in uncalibrated)[:64])
         if self._post(report):
             self.sent = len(verdicts)
 

@@ -10,7 +10,8 @@ from protocol.round_messages import MergeItem
 from protocol.run_config import RunConfig
 from protocol.run_config import StrictModel as _Model
 from protocol.wire_types import (MAX_INT, PROTOCOL_VERSION, ComputeDtype, DeviceClass, HopKind, ObjectRef,
-                                 Phase, StateRef, hop_id_field, hotkey_field, round_field, sha_field)
+                                 Phase, StateRef, device_name_field, hop_id_field, hotkey_field, round_field,
+                                 sha_field)
 
 __all__ = [
     "Health",
@@ -139,6 +140,7 @@ class HopRecord(_Model):
     done_at: float = Field(ge=0)
     device_class: DeviceClass = Field(default="cpu", description="the miner's declared device class")
     compute_dtype: ComputeDtype = Field(default="float32", description="the miner's declared compute dtype")
+    device_name: str = device_name_field()
 
 
 class Vote(_Model):
