@@ -40,9 +40,11 @@ class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
     def __init__(self, client: BridgeClient, transfer: ObjectTransfer, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
+                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8,
+                 max_memory: int | str | None = "auto"):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
+        self.max_memory = max_memory  # activation budget: neurons.stage_memory.parse_memory
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
         self.lease_wait_ms = 2000
         self.prefetch_leases = True
@@ -76,7 +78,7 @@ class Miner:
                              f"{dataset.vocab_size}: the bridge's run config is wrong")
         same = self.worker is not None and self.worker.stage_index == a.stage and self.run == run
         if not same:
-            self.worker = worker_for_run(run, a.stage, self.device, self.dtype)
+            self.worker = worker_for_run(run, a.stage, self.device, self.dtype, self.max_memory)
         self.run, self.cfg, self.stage = run, cfg, a.stage
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
