@@ -89,6 +89,24 @@ def _pretrain(cfg: ModelConfig, ocfg: optim.OptimConfig, steps: int, batch: int,
     return out
 
 
+class _Workers:
+    """One StageWorker per (role, stage), built once (building a 1B stage takes seconds) and loaded
+    with the round's weights before each use: `load_theta` restarts the optimizer, as a fresh one."""
+
+    def __init__(self, cfg: ModelConfig, ocfg: optim.OptimConfig):
+        self.cfg, self.ocfg, self._made = cfg, ocfg, {}
+
+    def get(self, role: str, stage: int, device: str | torch.device, dtype: torch.dtype,
+            theta: dict | None = None) -> StageWorker:
+        key = (role, stage, str(device), dtype)
+        if key not in self._made:
+            self._made[key] = StageWorker(self.cfg, stage, self.cfg.n_stages, self.ocfg, device, dtype)
+        w = self._made[key]
+        if theta is not None:
+            w.load_theta(theta)
+        return w
+
+
 class _Round:
     """One round of every stage: honest records, stale claims, pseudo-gradients."""
 
@@ -99,12 +117,11 @@ class _Round:
         self.stale_pg: list[dict] = []
 
 
-def _run_round(cfg, ocfg, thetas, r, args, dev, dtype, stale_twins: bool) -> _Round:
+def _run_round(workers: _Workers, cfg, thetas, r, args, dev, dtype, stale_twins: bool) -> _Round:
     """Honest pipeline of miners (and, for cheat rounds, a stale twin per stage fed the same inputs)."""
     S, wc = cfg.n_stages, cfg.wire_codec
-    mk = lambda s: StageWorker(cfg, s, S, ocfg, dev, dtype, theta=thetas[s])  # noqa: E731
-    miners = [mk(s) for s in range(S)]
-    stale = [mk(s) for s in range(S)] if stale_twins else None
+    miners = [workers.get("miner", s, dev, dtype, thetas[s]) for s in range(S)]
+    stale = [workers.get("stale", s, dev, dtype, thetas[s]) for s in range(S)] if stale_twins else None
     out = _Round(S)
     for h in range(args.inner_steps):
         for a in range(args.micro):
@@ -155,12 +172,12 @@ def _cheat_records(kind: str, records: list[HopRecord], stale_out: list, seed: i
     return out
 
 
-def _replay(cfg, ocfg, theta, stage, records, pg, r, args, numerics) -> list[HopError]:
+def _replay(workers: _Workers, cfg, theta, stage, records, pg, r, args, numerics) -> list[HopError]:
     dev, dtype = numerics
     settings = ReplaySettings(round_index=r, inner_steps_per_round=args.inner_steps, data_seed=args.seed,
                               batch_size=args.batch, wire_codec=cfg.wire_codec)
-    factory = lambda: StageWorker(cfg, stage, cfg.n_stages, ocfg, dev, torch_dtype(dtype))  # noqa: E731
-    rep = replay_round(factory, theta, records, settings, max_seconds=1e9, claimed_pseudo_grad=pg,
+    replayer = workers.get("replay", stage, dev, torch_dtype(dtype))
+    rep = replay_round(lambda: replayer, theta, records, settings, max_seconds=1e9, claimed_pseudo_grad=pg,
                        tolerances=MEASURE, stop_on_failure=False)
     errs = []
     for c in rep.hops + ([rep.pseudo_grad] if rep.pseudo_grad else []):
@@ -241,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"batch {args.batch} x {cfg.seq_len}", flush=True)
     t0 = time.time()
     thetas = _pretrain(cfg, ocfg, args.pretrain_steps, args.batch, dev, args.seed)
+    workers = _Workers(cfg, ocfg)
     honest: dict[str, list[list[HopError]]] = {k: [] for k in replays}  # per replay class, per round
     cheats: dict[str, list[list[HopError]]] = {k: [] for k in CHEATS if k != "honest"}
     for r in range(args.rounds):
@@ -248,18 +266,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"time budget reached: {r} of {args.rounds} rounds", flush=True)
             break
         start = [dict(t) for t in thetas]
-        rnd = _run_round(cfg, ocfg, thetas, r, args, dev, mdtype, stale_twins=r < args.cheat_rounds)
+        rnd = _run_round(workers, cfg, thetas, r, args, dev, mdtype, stale_twins=r < args.cheat_rounds)
         for key, numerics in replays.items():
             if key == "cpu/float32" and r >= args.cpu_rounds and key != like:
                 continue
             honest[key].append([e for s in range(cfg.n_stages)
-                                for e in _replay(cfg, ocfg, start[s], s, rnd.records[s], rnd.pg[s], r, args, numerics)])
+                                for e in _replay(workers, cfg, start[s], s, rnd.records[s], rnd.pg[s], r, args, numerics)])
         if r < args.cheat_rounds:
             for kind in cheats:
                 for s in range(cfg.n_stages):
                     recs = _cheat_records(kind, rnd.records[s], rnd.stale_out[s], seed=r * 10 + s)
                     pg = Cheat(kind).pseudo_gradient(rnd.stale_pg[s] if kind == "stale" else rnd.pg[s])
-                    cheats[kind].append(_replay(cfg, ocfg, start[s], s, recs, pg, r, args, replays[like]))
+                    cheats[kind].append(_replay(workers, cfg, start[s], s, recs, pg, r, args, replays[like]))
         print(f"round {r} done, {time.time() - t0:.0f}s, {sum(map(len, honest[like]))} honest replays", flush=True)
     report = {"config": vars(args) | {"model": model}, "miner": f"{dev.type}/{args.miner_dtype}",
               "keys": {k: vars(v) for k, v in keys.items()}}
