@@ -231,7 +231,6 @@ class Validator:
 
     def _withheld(self, rnd: int, hotkey: str, report) -> None:
         self.audits.withheld += 1
-        self.audits.seconds += report.seconds
         first = report.status == "uncalibrated" and report.context not in self.audits.uncalibrated
         if report.status == "uncalibrated":
             self.audits.uncalibrated.add(report.context)

@@ -106,6 +106,12 @@ class _Workers:
             w.load_theta(theta)
         return w
 
+    def drop(self, role: str, device: torch.device) -> None:
+        """Free the workers of a role (the stale twins once the cheat rounds are done)."""
+        self._made = {k: w for k, w in self._made.items() if k[0] != role}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
 
 class _Round:
     """One round of every stage: honest records, stale claims, pseudo-gradients."""
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
                     recs = _cheat_records(kind, rnd.records[s], rnd.stale_out[s], seed=r * 10 + s)
                     pg = Cheat(kind).pseudo_gradient(rnd.stale_pg[s] if kind == "stale" else rnd.pg[s])
                     cheats[kind].append(_replay(workers, cfg, start[s], s, recs, pg, r, args, replays[like]))
+            if r + 1 == args.cheat_rounds:
+                workers.drop("stale", dev)
         print(f"round {r} done, {time.time() - t0:.0f}s, {sum(map(len, honest[like]))} honest replays", flush=True)
     report = {"config": vars(args) | {"model": model}, "miner": f"{dev.type}/{args.miner_dtype}",
               "keys": {k: vars(v) for k, v in keys.items()}}
