@@ -8,6 +8,12 @@ gradient of an inner step is the mean over the samples whose backward ran since 
 `dtype` is the compute dtype: float32 runs plainly; bfloat16 / float16 run the stage under
 autocast (parameters, gradients and optimizer state stay float32).
 
+Memory (neurons/stage_memory.py): the graphs kept between forward and backward hold at most
+`max_memory` bytes of saved activations; a forward over it keeps only its input, and its backward
+recomputes the forward first (the same result). An out-of-memory error drops every kept graph to
+its input and retries, then computes the hop in smaller pieces of the batch; a hop's gradients are
+added to the parameters only once it succeeded, so a failed try leaves nothing half done.
+
 Under token re-injection (`needs_tokens`: a stage > 0 with ModelConfig.token_reinject) every
 forward also takes the sample's token ids, `data.batch(data_seed, sample_id, ...)[0]`, which
 `neurons.hop_exec.run_hop` derives from public data exactly as it derives the last stage's targets.

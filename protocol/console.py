@@ -6,7 +6,7 @@ shows it on its read-only dashboard; nothing here feeds back into routing or sco
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import Field, field_validator
 
@@ -37,17 +37,10 @@ class ValidatorReport(StrictModel):
                                      description="hotkey -> smoothed score")
     weights: Optional[dict[str, float]] = Field(
         default=None, max_length=100_000, description="hotkey -> weight of the last set (None: unchanged)")
-    uncalibrated: list[str] = Field(
+    uncalibrated: list[Annotated[str, Field(max_length=512)]] = Field(
         default_factory=list, max_length=64,
         description="combinations (model, miner numerics and GPU, replay) this validator audits without a "
         "calibrated tolerance: no penalty rests on them")
-
-    @field_validator("uncalibrated")
-    @classmethod
-    def _short(cls, v: list[str]) -> list[str]:
-        if any(len(x) > 512 for x in v):
-            raise ValueError("each uncalibrated combination is at most 512 characters")
-        return v
 
     @field_validator("scores", "weights")
     @classmethod
