@@ -32,7 +32,8 @@ def start_round(st: State, r: int, now: float) -> None:
             _archive(st)
         st.phase = Phase.DONE
         st.events.append(("run_done", r))
-        log.info("run %s done after %d rounds", st.run.run_id, r)
+        log.info("run %s done after %d rounds%s", st.run.run_id, r,
+                 f" ({st.empty_rounds} of them trained nothing)" if st.empty_rounds else "")
         return
     if st.phase == Phase.MERGE:
         _archive(st)

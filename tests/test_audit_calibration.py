@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from neurons.audit import DEFAULT_TOLERANCES, GROSS_TOLERANCES, HopRecord, ReplaySettings, Tolerances, replay_round
 from neurons.audit_calibration import CalibrationKey, HopError, derive_tolerances, honest_spread, passes, separation
-from neurons.audit_tolerances import AuditContext, record_numerics, replay_numerics, stage_tolerances
+from neurons.audit_tolerances import AuditContext, record_gpu, record_numerics, replay_numerics, stage_tolerances
 from protocol.audit_tolerances import AuditTolerance
 from protocol.messages import HopRecord as WireRecord, RegisterRequest
 from scripts.calibrate_audit import analyse
@@ -79,6 +79,10 @@ def test_declared_numerics_default_to_cpu_fp32_and_must_agree():
     assert RegisterRequest().device_class == "cpu" and RegisterRequest().compute_dtype == "float32"
     with pytest.raises(ValidationError):
         RegisterRequest(device_class="tpu")
+    assert RegisterRequest(device_name="NVIDIA H100 80GB HBM3").device_name == "NVIDIA H100 80GB HBM3"
+    for bad in ("x" * 65, "GPU\n<script>", "A100; rm -rf"):
+        with pytest.raises(ValidationError):
+            RegisterRequest(device_name=bad)
     base = dict(hop_id="h1", sample_id=0, round=0, stage=0, kind="fwd", inner_step=0, recompute=False,
                 miner_hotkey="5" + "a" * 47, leased_at=0.0, done_at=1.0)
     old = WireRecord(**base)
@@ -86,6 +90,10 @@ def test_declared_numerics_default_to_cpu_fp32_and_must_agree():
     assert record_numerics([old]) == ("cpu", "float32") and record_numerics([gpu]) == ("cuda", "bfloat16")
     with pytest.raises(ValueError, match="several numerics"):
         record_numerics([old, gpu])
+    h100 = WireRecord(**(base | {"hop_id": "h3", "device_name": "NVIDIA H100 80GB HBM3"}))
+    assert record_gpu([old]) == "" and record_gpu([h100]) == "NVIDIA H100 80GB HBM3"
+    with pytest.raises(ValueError, match="several GPU models"):
+        record_gpu([old, h100])
     with pytest.raises(ValidationError):
         _tol(miner="cuda/int4")
 
