@@ -128,11 +128,12 @@ class Authenticator:
             ("malformed", "unknown_rate_limited", "signature_checked", "auth_failed", "not_allowed",
              "rate_limited"), 0))
 
-    def check(self, headers: Mapping[str, str], body: bytes, method: str, target: str,
-              role: str) -> Optional[str]:
-        """The caller's hotkey (None on a public route), or `AuthFailed` / `TransitionError`."""
+    def precheck(self, headers: Mapping[str, str], role: str) -> None:
+        """The checks that need neither the body nor cryptography: header shape, and the budget of a
+        hotkey the metagraph does not list (`AuthFailed` / `TransitionError` 429). The web layer
+        runs it before it reads the body."""
         if role == "public":
-            return None
+            return
         try:
             claimed = claimed_hotkey(headers)
         except AuthFailed:
@@ -142,6 +143,19 @@ class Authenticator:
             self.counts["unknown_rate_limited"] += 1
             raise TransitionError("rate_limited", "too many requests from hotkeys that are not "
                                   "registered on this subnet; register the hotkey first, then retry")
+
+    def check(self, headers: Mapping[str, str], body: bytes, method: str, target: str,
+              role: str) -> Optional[str]:
+        """`precheck`, then `verify`: the caller's hotkey (None on a public route)."""
+        self.precheck(headers, role)
+        return self.verify(headers, body, method, target, role)
+
+    def verify(self, headers: Mapping[str, str], body: bytes, method: str, target: str,
+               role: str) -> Optional[str]:
+        """Signature, nonce, role and rate limit of a request `precheck` let through: the caller's
+        hotkey (None on a public route), or `AuthFailed` / `TransitionError`."""
+        if role == "public":
+            return None
         self.counts["signature_checked"] += 1
         try:
             caller = verify_request(headers, body, method=method, path=target,
