@@ -15,8 +15,6 @@ from typing import ClassVar
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydantic_settings import SettingsConfigDict
-
 from neurons.cli import (NeuronSettings, connect_bridge, load_settings, resolve_device, setup_logging,
                          start_checks)
 from neurons.validator_settings import INCENTIVE_FLAGS, ValidatorSettings
@@ -31,7 +29,7 @@ DESCRIPTION = "Audit miners' work by replay, score throughput and set weights."
 class ValidatorConfig(NeuronSettings, ValidatorSettings):
     """The validator's settings (flags, RESBM_* variables, .env): the neuron's and the loop's."""
 
-    model_config = SettingsConfigDict(**{**NeuronSettings.model_config, "extra": "ignore"})
+    model_config = {**NeuronSettings.model_config, "extra": "ignore"}  # the loop's model forbids extras
     moved_flags: ClassVar[dict[str, str]] = INCENTIVE_FLAGS
 
 
