@@ -36,6 +36,8 @@ class MinerSettings(NeuronSettings):
     dtype: str = flag("float32", "compute dtype (parameters and optimizer state stay float32)",
                       choices=["float32", "bfloat16", "float16"])
     max_hops: int = flag(4, "hops leased at once (inputs prefetched in parallel)")
+    max_open_graphs: int = flag(0, "forward graphs held at most (each holds a sample's stage activations "
+                                "until its backward; bounds GPU memory); 0 = as many as the step quota")
     threads: int = flag(0, "torch CPU threads (0 = torch default)")
     status_file: str = flag("", "write a JSON status snapshot here every status interval")
 
@@ -67,7 +69,7 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     link = LinkEmulator(args.link_mbps, args.link_latency_ms)
     make = make_miner or (lambda _args, **kw: Miner(**kw))
     miner = make(args, client=client, transfer=ObjectTransfer(link), device=device,
-                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
+                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops, max_open_graphs=args.max_open_graphs)
     miner.status.every = args.status_every
     from neurons import metrics
     metrics.serve(args.metrics_port, metrics.miner_registry(miner.status))

@@ -22,7 +22,8 @@ if __package__ in (None, ""):
 
 import yaml
 
-from scripts.gpu_subnet_metrics import audit_counts, merge_seconds_per_round, mfu, stage_flops_per_token, validator_lag
+from scripts.gpu_subnet_metrics import (BREAKDOWN_COLUMNS, audit_counts, merge_seconds_per_round, mfu, seal_seconds,
+                                        stage_flops_per_token, time_breakdown, validator_lag)
 
 __all__ = ["main", "build_parser"]
 
@@ -163,16 +164,27 @@ def subnet(args, cfg, rc) -> dict:
                 break
             time.sleep(1.0)
         final_lag = validator_lag(m.round, m.phase, _validator_next(cluster)) if m is not None else None
+        seals = _bridge_seals(cluster)
     finally:
         cluster.stop()
     status = cluster.miner_status()
     vlog = (cluster.workdir / "logs" / "validator0.log")
     window = (t_end - t_first) if (t_first and t_end) else 0.0
     gpus = {n.name: n.env.get("CUDA_VISIBLE_DEVICES", "default") for n in cluster.miners}
-    return {"status": status, "gpus": gpus, "phases": phases, "window_seconds": window, "samples": completed,
+    return {"status": status, "gpus": gpus, "phases": phases, "seals": seals, "window_seconds": window, "samples": completed,
             "rounds_done": (m.round + (m.phase == "done")) if m else 0, "phase": m.phase if m else None,
             "lag_max": max(lags) if lags else None, "lag_final": final_lag, "gpu_busy": gpu.busy(),
             "audits": audit_counts(vlog.read_text(errors="replace") if vlog.exists() else "")}
+
+
+def _bridge_seals(cluster) -> dict[int, tuple[float, int]]:
+    """Seal seconds per stage from the bridge's Prometheus text ({} if it does not answer)."""
+    import httpx
+    from protocol.routes import route
+    try:
+        return seal_seconds(httpx.get(cluster.bridge_url + route("prometheus").path, timeout=10).text)
+    except httpx.HTTPError:
+        return {}
 
 
 def _validator_next(cluster) -> int:
@@ -191,7 +203,7 @@ def summarize(args, cfg, ref: dict, net: dict, peak: float | None) -> dict:
         stage = s.get("stage", -1)
         tokens = s.get("tokens_per_s", 0.0) * s.get("wall_seconds", 0.0)
         fpt = stage_flops_per_token(cfg, stage) if stage >= 0 else 0.0
-        miners.append({"miner": name, "stage": stage, "gpu": net["gpus"].get(name), "compute_fraction": s.get("active_compute_fraction", 0.0),
+        miners.append({"miner": name, "stage": stage, "time": time_breakdown(s, net["seals"].get(stage)), "gpu": net["gpus"].get(name), "compute_fraction": s.get("active_compute_fraction", 0.0),
                        "active_s": s.get("active_seconds", 0.0), "compute_s": s.get("compute_seconds", 0.0),
                        "mfu_active": mfu(fpt, tokens, s.get("active_seconds", 0.0), peak),
                        "mfu_compute": mfu(fpt, tokens, s.get("compute_seconds", 0.0), peak)})
@@ -229,9 +241,30 @@ def print_table(r: dict) -> None:
               f"{pct(mm['compute_fraction'])} / {pct(mm['mfu_active'])} / {pct(mm['mfu_compute'])}")
     merges = " ".join(f"r{k}={v:.1f}s" for k, v in r["merge_seconds"].items()) or "none closed"
     print(f"{'merge seconds per round':<44} {merges}")
+    print_breakdown(r["miners"])
     a = r["audits"]
     print(f"{'audits run / passed / failed / incomplete':<44} {a['run']} / {a['passed']} / {a['failed']} / {a['incomplete']}")
     print(f"{'validator lag, rounds (max / at the end)':<44} {r['validator_lag_max']} / {r['validator_lag_final']}")
+
+
+def print_breakdown(miners: list[dict]) -> None:
+    """Per miner: where its wall time went (seconds; the main loop's activities sum to `wall`,
+    background work overlaps them) and a hop's wall time over its compute."""
+    cols = BREAKDOWN_COLUMNS
+    print(f"\nwall time per miner, seconds (main loop: {' + '.join(cols[:-3])} = wall; "
+          f"background, overlapping: {', '.join(cols[-3:])}; seal = the bridge's copy at done, inside report)")
+    head = ["miner", "stage", "hops", "wall", *cols, "seal", "hop wall/compute", "own path/compute"]
+    print(" ".join(f"{h:>9}" for h in head))
+    for mm in miners:
+        t = mm["time"]
+        ratio = "n/a" if t["hop_wall_ratio"] is None else f"{t['hop_wall_ratio']:.2f}x"
+        own = "n/a" if t["own_path_ratio"] is None else f"{t['own_path_ratio']:.2f}x"
+        seal = "n/a" if t["seal"] is None else f"{t['seal']:.1f}"
+        cells = [mm["miner"], str(mm["stage"]), str(t["hops"]), f"{t['wall']:.1f}",
+                 *(f"{t[c]:.1f}" for c in cols), seal, ratio, own]
+        print(" ".join(f"{c:>9}" for c in cells))
+    print("  hop wall/compute: in-round seconds (lease, wait_work, download, compute, drain, barrier, step)"
+          " per hop over compute per hop (target <= 1.3x at 1B); own path: lease + download + compute + drain.")
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,19 @@
 """Pure arithmetic of the GPU subnet benchmark: per-stage FLOPs and MFU, merge time per round from
-sampled bridge phases, audit counts from a validator log, and the validator's lag."""
+sampled bridge phases, audit counts from a validator log, the validator's lag, and each miner's
+wall-time breakdown (its TimeBook) with the bridge's seal time."""
 from __future__ import annotations
 
 import re
 
+from neurons.timebook import BACKGROUND_ACTIVITIES, MAIN_ACTIVITIES, hop_wall_ratio
 from resbm.config import ModelConfig
 
-__all__ = ["stage_flops_per_token", "mfu", "merge_seconds_per_round", "audit_counts", "validator_lag"]
+__all__ = ["stage_flops_per_token", "mfu", "merge_seconds_per_round", "audit_counts", "validator_lag",
+           "seal_seconds", "time_breakdown", "BREAKDOWN_COLUMNS"]
+
+# The per-miner table's columns: main-loop activities (they sum to wall), then background work.
+BREAKDOWN_COLUMNS = (*MAIN_ACTIVITIES, "other", *BACKGROUND_ACTIVITIES)
+_SEAL = re.compile(r'^resbm_bridge_seal_seconds_(sum|count)\{stage="(\d+)"\} (\S+)$', re.M)
 
 _AUDIT = re.compile(r"audit of \S+ round \d+: (PASS|FAIL)")
 _INCOMPLETE = re.compile(r"audit of \S+ round \d+ incomplete")
@@ -54,3 +61,28 @@ def validator_lag(bridge_round: int, phase: str, validator_next_round: int) -> i
     """Closed rounds the validator has not processed yet (0 = caught up)."""
     closed = bridge_round + 1 if phase == "done" else bridge_round
     return max(0, closed - validator_next_round)
+
+
+def seal_seconds(prometheus_text: str) -> dict[int, tuple[float, int]]:
+    """{stage: (seconds, seals)} from the bridge's /metrics text (its seal histogram)."""
+    out: dict[int, list] = {}
+    for part, stage, value in _SEAL.findall(prometheus_text):
+        row = out.setdefault(int(stage), [0.0, 0])
+        row[0 if part == "sum" else 1] = float(value) if part == "sum" else int(float(value))
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def time_breakdown(status: dict, seal: tuple[float, int] | None = None) -> dict:
+    """One miner's row: seconds per activity (main loop, then background), hops, the bridge's seal
+    seconds for its stage, and two ratios: a hop's in-round wall time over its compute, and its own
+    path (lease, download, compute, waiting on its uploads) over its compute."""
+    book = status.get("time") or {"wall": 0.0, "main": {}, "background": {}}
+    main, bg = book["main"], book["background"]
+    row = {a: main.get(a, 0.0) for a in (*MAIN_ACTIVITIES, "other")}
+    row.update({a: bg.get(a, 0.0) for a in BACKGROUND_ACTIVITIES})
+    compute = main.get("compute", 0.0)
+    own = sum(main.get(a, 0.0) for a in ("lease", "download", "compute", "drain"))
+    row.update(wall=book["wall"], hops=status.get("hops_computed", status.get("hops_done", 0)),
+               hop_wall_ratio=hop_wall_ratio(main), own_path_ratio=own / compute if compute > 0 else None,
+               seal=seal[0] if seal else None, seals=seal[1] if seal else 0)
+    return row

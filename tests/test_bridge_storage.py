@@ -80,3 +80,49 @@ def test_nonce_store_rejects_replays_and_remembers_flushed_nonces(tmp_path):
     assert not again.check_and_store("alice", now) and not again.check_and_store("bob", now)
     assert again.check_and_store("alice", old) and again.check_and_store("carol", now)
     assert len(again) == 4
+
+
+def test_miner_transfer_streams_a_large_put_and_reads_it_back_in_parallel_ranges(store):
+    from neurons.transfer import ObjectTransfer, TransferError
+    data = os.urandom((1 << 20) + 12345)  # 17 ranged parts of 64 KiB, the last one short
+    t = ObjectTransfer(parallel=3, parallel_from=1 << 16, part_bytes=1 << 16)
+    try:
+        t.put(store.presign_put("big/obj", len(data), 30), data)
+        assert store.head("big/obj") == len(data)
+        url = store.presign_get("big/obj", 30)
+        assert t.get(url, max_bytes=len(data)) == data
+        with pytest.raises(TransferError, match="more than"):
+            t.get(url, max_bytes=len(data) - 1)
+        with pytest.raises(TransferError, match="HTTP 403"):  # signed for another length: refused
+            t.put(store.presign_put("big/other", len(data) + 1, 30), data)
+    finally:
+        t.close()
+
+
+def test_miner_transfer_falls_back_to_whole_objects_when_the_store_ignores_ranges():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from neurons.transfer import ObjectTransfer
+    body = os.urandom(300_000)
+
+    class NoRanges(BaseHTTPRequestHandler):  # answers every GET with the whole object
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NoRanges)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    t = ObjectTransfer(parallel=2, parallel_from=1 << 16, part_bytes=1 << 16)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/obj"
+        assert t.get(url, max_bytes=len(body)) == body
+        assert t.get(url, max_bytes=len(body)) == body  # from now on one stream per object
+    finally:
+        t.close()
+        srv.shutdown()
