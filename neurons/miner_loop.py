@@ -32,6 +32,7 @@ from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.shard_round import ShardedMerge, load_sharded_state
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
+from neurons.sync_device import pick_sync_device
 from neurons.timebook import TimeBook
 from neurons.transfer import ObjectTransfer, TransferError
 
@@ -64,6 +65,7 @@ class Miner:
         self._pending: list[Future] = []
         self.worker: StageWorker | None = None
         self.run = None  # the RunConfig, from registration
+        self._sync_device: torch.device | None = None  # where the sharded sync computes (chosen once)
         self.state: RoundState | None = None
         self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
         self._merge_tried: int | None = None  # round whose merge we already attempted
@@ -71,7 +73,12 @@ class Miner:
 
     def _round_merge(self) -> ReplicaMerge:
         cls = ShardedMerge if self.run.sync_mode == "sharded" else ReplicaMerge
-        return cls(self.client, self.transfer, self.worker, self.run, self.stop)
+        merge = cls(self.client, self.transfer, self.worker, self.run, self.stop)
+        if self.run.sync_mode == "sharded":
+            if self._sync_device is None:  # once: a self-check of the device's arithmetic
+                self._sync_device = pick_sync_device(self.device)
+            merge.sync_device = self._sync_device
+        return merge
 
     # ----- setup -----
     def register(self) -> Assignment:

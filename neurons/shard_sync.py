@@ -121,11 +121,13 @@ class ReplicaSync:
     """One replica's sync for one stage."""
 
     def __init__(self, transfer: ObjectTransfer, board: Board, cfg: SyncSettings, prefix: str,
-                 hotkey: str, stage: int, encoder=None, fetchers: int = 4):
+                 hotkey: str, stage: int, encoder=None, fetchers: int = 4,
+                 device: torch.device | str = "cpu"):
         self.transfer, self.board, self.cfg = transfer, board, cfg
         self.prefix, self.hotkey, self.stage = prefix, hotkey, stage
         self.encoder = encoder or (lambda vec: encode(vec, self.cfg.pg))  # drills send other bytes
         self.fetchers = fetchers
+        self.device = torch.device(device)  # where decoding, merging and the outer step run
         self.own: dict[int, tuple[str, bytes]] = {}  # shard -> (sha256, bytes) of our uploaded piece
         self._alone: set[int] = set()  # shards we merge without any other merger
 
@@ -157,7 +159,7 @@ class ReplicaSync:
             else:
                 blob = self.transfer.get_verified(self.board.get_url(key), p.shas[s], limit,
                                                   f"shard {s} of {p.hotkey}")
-            return decode(blob, n, self.cfg.pg), ""
+            return decode(blob, n, self.cfg.pg, device=self.device), ""
         except HashMismatch as exc:
             return None, f"hash mismatch: {exc}"[:300]
         except OuterError as exc:
@@ -229,7 +231,7 @@ class ReplicaSync:
         n = rng[1] - rng[0]
         blob = self.transfer.get_verified(self.board.get_url(key), sha, update_size(n, self.cfg.merged),
                                           f"merged shard {s}")
-        return unpack_update(blob, n, self.cfg.merged)
+        return unpack_update(blob, n, self.cfg.merged, device=self.device)
 
 
 class _Uploads:

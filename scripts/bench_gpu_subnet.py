@@ -1,13 +1,17 @@
 """The whole subnet on one GPU host against the single-process reference trainer on the same GPU.
 
-    python scripts/bench_gpu_subnet.py --preset 1b --device cuda --dtype bfloat16 \
-        --audit-tolerances docs/bench_results/audit_calibration/audit_tolerances_h200_standard.yaml
-    python scripts/bench_gpu_subnet.py --preset tiny --device cpu --dtype float32 --rounds 2   # smoke
+    python scripts/bench_gpu_subnet.py --audit-tolerances audit_tolerances.yaml     # 1B, the defaults
+    python scripts/bench_gpu_subnet.py --preset tiny --device cpu --dtype float32 --rounds 3 \
+        --inner-steps 4 --micro-batches-per-step 4 --max-open-graphs 2 --reference-steps 8 --seconds 150  # smoke
 
-Runs the reference trainer first (same model, batch, inner steps and outer step), then S3 (rclone),
-LocalChain, the bridge, the miners and a validator as separate processes (scripts/localnet_cluster),
-and prints one table: tokens/s of both, per-miner compute fraction over its active window (merges
-included), MFU per stage, merge seconds per round, audits and the validator's lag.
+Runs the reference trainer first (same model, batch, tokens per optimizer step, inner steps and
+outer step), then S3 (rclone), LocalChain, the bridge, the miners and a validator as separate
+processes (scripts/localnet_cluster), and prints: tokens/s of both, per-miner compute fraction and
+MFU, where each miner's wall time went (docs/BENCHMARKS.md), each round's sync share, audits with
+their replay seconds, and the validator's lag. The defaults are the 1B configuration of
+docs/BENCHMARKS.md: the run config's own sync defaults (sharded, int4 / int8), A 32 samples per inner
+step with at most 4 forward graphs per miner, H 12, and more rounds than fit in `--seconds`, so the
+window is steady-state training with its merges.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ if __package__ in (None, ""):
 
 import yaml
 
-from scripts.gpu_subnet_metrics import (BREAKDOWN_COLUMNS, audit_counts, merge_seconds_per_round, mfu, seal_seconds,
-                                        stage_flops_per_token, time_breakdown, validator_lag)
+from scripts.gpu_subnet_metrics import (BREAKDOWN_COLUMNS, audit_counts, merge_seconds_per_round, mfu, round_shares,
+                                        seal_seconds, stage_flops_per_token, time_breakdown, validator_lag)
 
 __all__ = ["main", "build_parser"]
 
@@ -38,20 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     a("--layers", type=int, default=0, help="override the preset's blocks (0 = keep)")
     a("--seq-len", type=int, default=0, help="override the preset's sequence length (0 = keep)")
     a("--miners-per-stage", type=int, default=1, help="replicas per stage")
-    a("--rounds", type=int, default=3, help="rounds to train")
-    a("--inner-steps", type=int, default=8, help="H: inner steps per round")
-    a("--micro-batches-per-step", type=int, default=2, help="A: samples per inner step per replica")
+    a("--rounds", type=int, default=50, help="rounds of the run (the window ends at --seconds)")
+    a("--inner-steps", type=int, default=12, help="H: inner steps per round")
+    a("--micro-batches-per-step", type=int, default=32, help="A: samples per inner step per replica")
     a("--batch-size", type=int, default=8, help="sequences per sample")
+    a("--max-open-graphs", type=int, default=4, help="forward graphs a miner holds at most (its GPU memory; "
+      "0 = as many as A)")
+    a("--threads-per-miner", type=int, default=0, help="torch CPU threads per miner (0 = the CPUs shared out)")
     a("--gpus", type=int, default=0, help="spread the stages over this many GPUs, one contiguous group of "
       "stages per GPU (0 = every process on the default GPU)")
     a("--device", default="cuda", help="miners', validator's and reference's device")
     a("--dtype", default="bfloat16", help="compute dtype (bfloat16 = autocast on cuda)")
-    a("--sync-codec", default="fp32", help="pseudo-gradient and merged-update codec: fp32 | int8 | int4 | int2")
-    a("--audit-fraction", type=float, default=0.5, help="share of miners the validator audits per round")
+    a("--sync", default="", help="sync mode (sharded | state); empty = the run config's default")
+    a("--sync-codec", default="", help="pseudo-gradient codec (fp32 | int8 | int4 | int2); empty = the default")
+    a("--sync-merged-codec", default="", help="merged-update codec; empty = the run config's default")
+    a("--checkpoint-every", type=int, default=0, help="K (0 = the run config's default)")
+    a("--audit-fraction", type=float, default=0.05, help="share of miners the validator audits per round "
+      "(at least one is audited every round)")
     a("--audit-tolerances", default="", help="YAML with an audit_tolerances list (calibrate_audit.py output)")
-    a("--reference-steps", type=int, default=0, help="reference trainer steps (0 = the subnet's, rounds x H)")
-    a("--seconds", type=float, default=150.0, help="stop the subnet after this long and report what it did")
-    a("--catch-up-seconds", type=float, default=30.0, help="after training, wait this long for the validator")
+    a("--reference-steps", type=int, default=20, help="reference trainer steps (0 = the subnet's, rounds x H)")
+    a("--seconds", type=float, default=300.0, help="stop the subnet after this long and report what it did")
+    a("--catch-up-seconds", type=float, default=45.0, help="after training, wait this long for the validator")
     a("--workdir", default="gpu-subnet-out", help="data, logs and wallets")
     a("--out", default="", help="write the result JSON here too")
     return p
@@ -74,8 +85,12 @@ def _run_config(args, cfg) -> dict:
     rc = run_config_from_args(ns)
     rc["model"] = cfg.to_dict()
     rc.update(max_state_bytes=1 << 36, max_object_bytes=1 << 28, merge_timeout_seconds=300.0,
-              incentives={"audit_fraction": args.audit_fraction}, sync_codec=args.sync_codec,
-              sync_merged_codec=args.sync_codec)
+              incentives={"audit_fraction": args.audit_fraction})
+    for key in ("sync_mode", "sync_codec", "sync_merged_codec", "checkpoint_every", "sync_shards"):
+        rc.pop(key, None)  # the localnet's choices: the benchmark measures the run config's defaults
+    given = {"sync_mode": args.sync, "sync_codec": args.sync_codec, "sync_merged_codec": args.sync_merged_codec,
+             "checkpoint_every": args.checkpoint_every}
+    rc.update({k: v for k, v in given.items() if v})
     if args.audit_tolerances:
         rc["audit_tolerances"] = yaml.safe_load(Path(args.audit_tolerances).read_text())["audit_tolerances"]
     return rc
@@ -127,8 +142,12 @@ def subnet(args, cfg, rc) -> dict:
     from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
+    import os
+    threads = args.threads_per_miner or max(1, (os.cpu_count() or 2) // (cfg.n_stages * args.miners_per_stage + 3))
     cluster = Cluster(prepare_workdir(args.workdir), rc, args.miners_per_stage, device=args.device,
-                      miner_args=["--dtype", args.dtype, "--status-every", "3"], gpus=args.gpus)
+                      miner_args=["--dtype", args.dtype, "--status-every", "3",
+                                  "--max-open-graphs", str(args.max_open_graphs)],
+                      gpus=args.gpus, threads_per_miner=threads)
     phases: list[tuple[float, int, str]] = []
     lags: list[int] = []
     gpu = _Gpu()
@@ -174,7 +193,20 @@ def subnet(args, cfg, rc) -> dict:
     return {"status": status, "gpus": gpus, "phases": phases, "seals": seals, "window_seconds": window, "samples": completed,
             "rounds_done": (m.round + (m.phase == "done")) if m else 0, "phase": m.phase if m else None,
             "lag_max": max(lags) if lags else None, "lag_final": final_lag, "gpu_busy": gpu.busy(),
-            "audits": audit_counts(vlog.read_text(errors="replace") if vlog.exists() else "")}
+            "audits": audit_counts(vlog.read_text(errors="replace") if vlog.exists() else ""),
+            "sync_devices": _sync_devices(cluster)}
+
+
+def _sync_devices(cluster) -> dict[str, str]:
+    """Where each process's sharded sync ran, from its log (neurons/sync_device.py's line)."""
+    import re
+    out = {}
+    for n in cluster.miners + cluster.validator_procs:
+        p = cluster.workdir / "logs" / f"{n.name}.log"
+        text = p.read_text(errors="replace") if p.exists() else ""
+        m = re.search(r"the sharded sync runs on (\S+)|the sharded sync on \S+ does not reproduce", text)
+        out[n.name] = (m.group(1) or "cpu (fallback)") if m else "cpu"
+    return out
 
 
 def _bridge_seals(cluster) -> dict[int, tuple[float, int]]:
@@ -194,8 +226,14 @@ def _validator_next(cluster) -> int:
         return 0
 
 
-def summarize(args, cfg, ref: dict, net: dict, peak: float | None) -> dict:
-    """Every figure of the table, as one JSON-able dict."""
+def summarize(args, cfg, ref: dict, net: dict, peak: float | None, rc: dict | None = None) -> dict:
+    """Every figure of the table, as one JSON-able dict (`rc`: the run config, for its sync settings)."""
+    from protocol.run_config import RunConfig
+    run = RunConfig(**rc) if rc else None
+    sync_settings = "n/a" if run is None else (
+        f"{run.sync_mode} {run.sync_codec}/{run.sync_merged_codec}, {run.sync_shards} shards, "
+        f"checkpoint every {run.checkpoint_every}, A {run.micro_batches_per_step}, H {run.inner_steps_per_round}, "
+        f"batch {run.batch_size}, audit fraction {run.incentives.audit_fraction}")
     tokens_per_sample = args.batch_size * cfg.seq_len
     tps = net["samples"] * tokens_per_sample / net["window_seconds"] if net["window_seconds"] else 0.0
     miners = []
@@ -208,6 +246,7 @@ def summarize(args, cfg, ref: dict, net: dict, peak: float | None) -> dict:
                        "mfu_active": mfu(fpt, tokens, s.get("active_seconds", 0.0), peak),
                        "mfu_compute": mfu(fpt, tokens, s.get("compute_seconds", 0.0), peak)})
     merges = merge_seconds_per_round(net["phases"])
+    shares = round_shares(net["phases"])
     return {"model": {"preset": args.preset, "d_model": cfg.d_model, "layers": cfg.n_layers, "stages": cfg.n_stages,
                       "matmul_params": cfg.matmul_params(), "seq_len": cfg.seq_len, "boundary": cfg.boundary},
             "device": args.device, "dtype": args.dtype, "reference": ref, "subnet_tokens_per_s": tps,
@@ -216,6 +255,8 @@ def summarize(args, cfg, ref: dict, net: dict, peak: float | None) -> dict:
             "window_seconds": net["window_seconds"], "samples": net["samples"], "rounds_done": net["rounds_done"],
             "phase": net["phase"], "gpu_busy": net["gpu_busy"], "miners": miners,
             "merge_seconds": {str(k): round(v, 2) for k, v in sorted(merges.items())},
+            "rounds": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in sorted(shares.items())},
+            "sync_devices": net["sync_devices"], "sync": sync_settings,
             "audits": net["audits"], "validator_lag_max": net["lag_max"], "validator_lag_final": net["lag_final"]}
 
 
@@ -241,9 +282,17 @@ def print_table(r: dict) -> None:
               f"{pct(mm['compute_fraction'])} / {pct(mm['mfu_active'])} / {pct(mm['mfu_compute'])}")
     merges = " ".join(f"r{k}={v:.1f}s" for k, v in r["merge_seconds"].items()) or "none closed"
     print(f"{'merge seconds per round':<44} {merges}")
+    rounds = r["rounds"]
+    if rounds:
+        cells = " ".join(f"r{k}={100 * v['sync_share']:.1f}%" for k, v in rounds.items())
+        later = [v["sync_share"] for k, v in rounds.items() if int(k) > 0]
+        mean = f" (mean after round 0: {100 * sum(later) / len(later):.1f}%)" if later else ""
+        print(f"{'sync share of each closed round (<= 10%)':<44} {cells}{mean}")
+    print(f"{'sync':<44} {r['sync']}; on " + ", ".join(f"{k} {v}" for k, v in r["sync_devices"].items()))
     print_breakdown(r["miners"])
     a = r["audits"]
-    print(f"{'audits run / passed / failed / incomplete':<44} {a['run']} / {a['passed']} / {a['failed']} / {a['incomplete']}")
+    print(f"{'audits run / passed / failed / incomplete':<44} {a['run']} / {a['passed']} / {a['failed']} / {a['incomplete']}"
+          f" ({a['seconds']:.1f}s of replay)")
     print(f"{'validator lag, rounds (max / at the end)':<44} {r['validator_lag_max']} / {r['validator_lag_final']}")
 
 
@@ -282,7 +331,7 @@ def main(argv=None) -> int:
     print(f"[reference] {ref['tokens_per_s']:,.0f} tok/s", flush=True)
     print(f"[subnet] starting (at most {args.seconds:.0f}s) ...", flush=True)
     net = subnet(args, cfg, rc)
-    result = summarize(args, cfg, ref, net, peak)
+    result = summarize(args, cfg, ref, net, peak, rc)
     print_table(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -8,14 +8,14 @@ import re
 from neurons.timebook import BACKGROUND_ACTIVITIES, MAIN_ACTIVITIES, hop_wall_ratio
 from resbm.config import ModelConfig
 
-__all__ = ["stage_flops_per_token", "mfu", "merge_seconds_per_round", "audit_counts", "validator_lag",
+__all__ = ["stage_flops_per_token", "mfu", "merge_seconds_per_round", "round_shares", "audit_counts", "validator_lag",
            "seal_seconds", "time_breakdown", "BREAKDOWN_COLUMNS"]
 
 # The per-miner table's columns: main-loop activities (they sum to wall), then background work.
 BREAKDOWN_COLUMNS = (*MAIN_ACTIVITIES, "other", *BACKGROUND_ACTIVITIES)
 _SEAL = re.compile(r'^resbm_bridge_seal_seconds_(sum|count)\{stage="(\d+)"\} (\S+)$', re.M)
 
-_AUDIT = re.compile(r"audit of \S+ round \d+: (PASS|FAIL)")
+_AUDIT = re.compile(r"audit of \S+ round \d+: (PASS|FAIL)[^\n]*?\((\d+(?:\.\d+)?)s\)$", re.M)
 _INCOMPLETE = re.compile(r"audit of \S+ round \d+ incomplete")
 
 
@@ -39,6 +39,24 @@ def mfu(flops_per_token: float, tokens: float, seconds: float, peak_flops: float
     return flops_per_token * tokens / seconds / peak_flops
 
 
+def round_shares(samples: list[tuple[float, int, str]]) -> dict[int, dict[str, float]]:
+    """Per round seen from its start to its end: seconds in 'train' and in 'merge' (the sync) and
+    the sync's share of the round; rounds still open at the last sample are left out."""
+    spans: dict[int, dict[str, float]] = {}
+    for (t0, rnd, phase), (t1, nxt, _) in zip(samples, samples[1:]):
+        if phase in ("train", "merge"):
+            row = spans.setdefault(rnd, {"train": 0.0, "merge": 0.0, "closed": False})
+            row[phase] += t1 - t0
+        if nxt != rnd and rnd in spans:
+            spans[rnd]["closed"] = True
+    out = {}
+    for rnd, row in spans.items():
+        total = row["train"] + row["merge"]
+        if row["closed"] and total > 0:
+            out[rnd] = {"train": row["train"], "merge": row["merge"], "sync_share": row["merge"] / total}
+    return out
+
+
 def merge_seconds_per_round(samples: list[tuple[float, int, str]]) -> dict[int, float]:
     """Seconds each round spent in the bridge's 'merge' phase, from (time, round, phase) samples
     taken in order; a merge still open at the last sample counts up to that sample."""
@@ -49,12 +67,14 @@ def merge_seconds_per_round(samples: list[tuple[float, int, str]]) -> dict[int, 
     return out
 
 
-def audit_counts(validator_log: str) -> dict[str, int]:
-    """Audits run / passed / failed / incomplete, read from the validator's log lines."""
+def audit_counts(validator_log: str) -> dict:
+    """Audits run / passed / failed / incomplete, and the seconds their replays took, read from
+    the validator's log lines."""
     verdicts = _AUDIT.findall(validator_log)
-    passed = verdicts.count("PASS")
+    passed = sum(1 for v, _ in verdicts if v == "PASS")
     return {"run": len(verdicts), "passed": passed, "failed": len(verdicts) - passed,
-            "incomplete": len(_INCOMPLETE.findall(validator_log))}
+            "incomplete": len(_INCOMPLETE.findall(validator_log)),
+            "seconds": round(sum(float(s) for _, s in verdicts), 2)}
 
 
 def validator_lag(bridge_round: int, phase: str, validator_next_round: int) -> int:

@@ -86,6 +86,7 @@ class Outcome:
     val_loss: float
     init_loss: float
     joined: dict[str, Any] | None = None  # the late joiner: name, round, (checkpoint round, updates replayed)
+    round_starts: tuple[int, int] = (0, 0)  # sharded sync: round starts the validator rebuilt, advanced
 
     def honest(self) -> list[str]:
         """Names of the honest miners."""
@@ -112,6 +113,11 @@ def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
         for stage, theta in zip(stages, thetas):
             stage.load_state_dict(theta)
     return evaluate(stages, data.validation_batches(4, 2, cfg.seq_len), torch.device("cpu"))
+
+
+def _round_starts(validator) -> tuple[int, int]:
+    starts = getattr(validator, "_starts", None)
+    return (0, 0) if starts is None else (starts.rebuilt, starts.advanced)
 
 
 def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
@@ -187,7 +193,8 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             val_loss=_val_loss(rc["model"], rc["init_seed"], thetas),
             init_loss=_val_loss(rc["model"], rc["init_seed"], None),
             joined=None if joined is None else {**joined, "theta": miners[-1].worker.theta(),
-                                                "peer_theta": final.get(stage_of[joined["name"]])})
+                                                "peer_theta": final.get(stage_of[joined["name"]])},
+            round_starts=_round_starts(validator))
     finally:
         if validator is not None:
             validator.stop.set()
