@@ -1,11 +1,11 @@
 """Object transfers through presigned URLs: bounded downloads, retried uploads, byte and time
 accounting, and an optional emulated slow link so bandwidth effects show on one machine.
 
-Large objects move at the store's speed (docs/BENCHMARKS.md, "Object transfers"): an upload streams
-its body from memory in chunks (httpx sends one large `bytes` body several times slower), a
-download is read straight into one buffer, and an object of `parallel_from` bytes or more is
-fetched in ranged GETs of `part_bytes` (8 MiB), `parallel` at once (a presigned GET serves any range). Connections are
-kept alive in one pool shared by every thread.
+Objects move at the store's speed (docs/BENCHMARKS.md, "Hops that cost their compute ..."): they go
+through urllib3 (http.client underneath), which sends a body from memory as it is and reads a
+download of declared length into one buffer in one pass; httpx moved one large PUT several times
+slower and copied every download three times over. Connections are kept alive in one pool shared
+by every thread.
 """
 from __future__ import annotations
 
@@ -16,14 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from concurrent.futures import ThreadPoolExecutor
-
-import httpx
+import urllib3
 
 __all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer"]
 
 log = logging.getLogger(__name__)
-_RETRYABLE = (httpx.TransportError,)
+_RETRYABLE = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 class TransferError(RuntimeError):
@@ -82,40 +80,20 @@ class TransferStats:
             self.seconds_down += t_down
 
 
-class _NoRanges(Exception):
-    """The store does not serve byte ranges of a presigned GET."""
-
-
-CHUNK = 1 << 20  # bytes per write of a streamed upload
-PART = 8 << 20  # bytes per ranged GET of a large object
-
-
-def _chunks(data: bytes | bytearray | memoryview, size: int = CHUNK):
-    """`data` as memoryview slices (no copies), for a streamed request body."""
-    view = memoryview(data)
-    for i in range(0, len(view), size):
-        yield view[i:i + size]
-
-
 class ObjectTransfer:
     """GET and PUT against presigned URLs with retries and a hard size cap on downloads."""
 
-    def __init__(self, link: LinkEmulator | None = None, tries: int = 5, timeout: float = 60.0,
-                 parallel: int = 4, parallel_from: int = 32 << 20, part_bytes: int = PART):
+    def __init__(self, link: LinkEmulator | None = None, tries: int = 5, timeout: float = 60.0):
         self.link = link or LinkEmulator()
         self.tries = tries
         self.stats = TransferStats()
-        self.parallel_from, self.part_bytes = parallel_from, part_bytes
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        self._http = httpx.Client(timeout=timeout, limits=limits)
-        self._ranges = ThreadPoolExecutor(parallel, thread_name_prefix="range") if parallel > 1 else None
-        self._use_ranges = self._ranges is not None
+        # One keep-alive pool for every thread (hop downloads, uploads, the sync's pieces).
+        self._pool = urllib3.PoolManager(num_pools=8, maxsize=32, retries=False,
+                                         timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout))
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
-        if self._ranges is not None:
-            self._ranges.shutdown(wait=True)
-        self._http.close()
+        self._pool.clear()
 
     def get(self, url: str, max_bytes: int) -> bytes:
         """Download at most `max_bytes`; a larger object raises TransferError without reading it all."""
@@ -126,41 +104,26 @@ class ObjectTransfer:
         return data
 
     def _get_once(self, url: str, max_bytes: int) -> bytes:
-        with self._http.stream("GET", url) as r:
-            if r.status_code != 200:
-                raise TransferError(f"GET failed with HTTP {r.status_code}", r.status_code)
-            declared = r.headers.get("content-length")
-            if declared is None:  # no length up front: read chunks, bounded
-                return _read_unsized(r, max_bytes)
-            size = int(declared)
-            if size > max_bytes:
-                raise TransferError(f"object is {size} bytes, more than the {max_bytes} allowed", 413)
-            buf = bytearray(size)
-            view = memoryview(buf)
-            if not self._use_ranges or size < self.parallel_from:
-                _read_into(r, view)
-                return bytes(buf)
-            # A large object: this response reads the first part while ranged GETs fetch the rest.
-            cuts = list(range(0, size, self.part_bytes)) + [size]
-            rest = [self._ranges.submit(self._get_range, url, view, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
-            _read_into(r, view[:cuts[1]], first_part=True)
+        r = self._pool.request("GET", url, preload_content=False, decode_content=False)
+        done = False
         try:
-            for f in rest:
-                f.result()
-        except _NoRanges as exc:
-            log.warning("%s: downloading whole objects from now on", exc)
-            self._use_ranges = False
-            return self._get_once(url, max_bytes)
-        return bytes(buf)
-
-    def _get_range(self, url: str, view: memoryview, start: int, end: int) -> None:
-        with self._http.stream("GET", url, headers={"range": f"bytes={start}-{end - 1}"}) as r:
-            if r.status_code not in (200, 206):
-                raise TransferError(f"ranged GET failed with HTTP {r.status_code}", r.status_code)
-            # rclone answers a range with 200 (and the range); a store that ignored it sends it all
-            if not r.headers.get("content-range", "").startswith(f"bytes {start}-{end - 1}/"):
-                raise _NoRanges(f"the store ignored a Range header (HTTP {r.status_code})")
-            _read_into(r, view[start:end])
+            if r.status != 200:
+                raise TransferError(f"GET failed with HTTP {r.status}", r.status)
+            declared = r.headers.get("content-length")
+            if declared is not None and int(declared) > max_bytes:
+                raise TransferError(f"object is {declared} bytes, more than the {max_bytes} allowed", 413)
+            # With a declared length this is one buffer filled straight from the socket.
+            data = r.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise TransferError(f"object exceeds {max_bytes} bytes", 413)
+            if declared is not None and len(data) != int(declared):
+                raise urllib3.exceptions.ProtocolError(f"body ended after {len(data)} of {declared} bytes")
+            done = True
+            return data
+        finally:
+            if not done:
+                r.close()  # a connection with an unread body must not serve the next request
+            r.release_conn()
 
     def get_verified(self, url: str, sha256: str, max_bytes: int, what: str = "object") -> bytes:
         """`get`, then check the bytes against the recorded sha256 (HashMismatch if they differ)."""
@@ -170,11 +133,12 @@ class ObjectTransfer:
         return data
 
     def put(self, url: str, data: bytes) -> None:
-        """Upload `data` to a presigned PUT URL (signed for exactly this length), streamed from memory."""
+        """Upload `data` to a presigned PUT URL (signed for exactly this length), sent from memory as is."""
         def once() -> None:
-            r = self._http.put(url, content=_chunks(data), headers={"content-length": str(len(data))})
-            if r.status_code not in (200, 201, 204):
-                raise TransferError(f"PUT failed with HTTP {r.status_code}: {r.text[:200]}", r.status_code)
+            r = self._pool.request("PUT", url, body=data, headers={"content-length": str(len(data))})
+            if r.status not in (200, 201, 204):
+                raise TransferError(f"PUT failed with HTTP {r.status}: "
+                                    f"{r.data[:200].decode(errors='replace')}", r.status)
 
         t0 = time.monotonic()
         self.link.delay(len(data))
@@ -199,30 +163,3 @@ class ObjectTransfer:
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
-
-
-def _read_into(r: httpx.Response, view: memoryview, first_part: bool = False) -> None:
-    """Fill `view` from the response body; a body longer than it is an error, unless `first_part`
-    (the rest of that response comes by ranged GETs: stop reading once the view is full)."""
-    n = 0
-    for chunk in r.iter_raw():
-        k = len(chunk)
-        if n + k >= len(view) and first_part:
-            view[n:] = chunk[:len(view) - n]
-            return
-        if n + k > len(view):
-            raise TransferError(f"object exceeds its declared {len(view)} bytes", 413)
-        view[n:n + k] = chunk
-        n += k
-    if n != len(view):
-        raise httpx.RemoteProtocolError(f"body ended after {n} of {len(view)} bytes")
-
-
-def _read_unsized(r: httpx.Response, max_bytes: int) -> bytes:
-    chunks, n = [], 0
-    for chunk in r.iter_raw():
-        n += len(chunk)
-        if n > max_bytes:
-            raise TransferError(f"object exceeds {max_bytes} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)

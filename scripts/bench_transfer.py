@@ -1,7 +1,7 @@
 """The miner's object path against boto3's transfer manager, on the same S3 server in the same run.
 
     python scripts/bench_transfer.py                        # 256 KiB and 256 MiB, rclone serve s3 on loopback
-    python scripts/bench_transfer.py --sizes 262144,1073741824 --repeats 3 --parallel 1,4
+    python scripts/bench_transfer.py --sizes 262144,1073741824 --repeats 3
 
 "Ours" is what a miner runs: `neurons.transfer.ObjectTransfer.put` to a presigned PUT URL and
 `get` from a presigned GET URL, both signed by the bridge's `bridge.storage.Storage`. The baseline
@@ -36,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=f"{256 << 10},{256 << 20}", help="object sizes in bytes, comma-separated")
     p.add_argument("--repeats", type=int, default=5, help="rounds of every contestant per size (objects of "
                    "1 MiB or less: 20x as many)")
-    p.add_argument("--parallel", default="4", help="ranged GETs at once for large objects, comma-separated "
-                   "values each give an 'ours' row (1 = one stream); the first is the miner's default")
     p.add_argument("--s3-endpoint", default="", help="an S3 endpoint to use instead of starting rclone")
     p.add_argument("--s3-access-key", default="")
     p.add_argument("--s3-secret-key", default="")
@@ -57,8 +55,7 @@ def _row(size: int, op: str, who: str, seconds: list[float]) -> dict:
             "max": rates[-1], "n": len(rates)}
 
 
-def run(endpoint: str, keys: tuple[str, str], bucket: str, sizes: list[int], repeats: int,
-        parallels: list[int]) -> list[dict]:
+def run(endpoint: str, keys: tuple[str, str], bucket: str, sizes: list[int], repeats: int) -> list[dict]:
     """Every (size, op, contestant) row; objects are deleted afterwards."""
     from boto3.s3.transfer import TransferConfig
 
@@ -66,7 +63,7 @@ def run(endpoint: str, keys: tuple[str, str], bucket: str, sizes: list[int], rep
     from neurons.transfer import ObjectTransfer
     store = Storage(endpoint, bucket, *keys)
     tm = TransferConfig()  # boto3's defaults: what "the transfer manager" means here
-    ours = {p: ObjectTransfer(parallel=p) for p in parallels}
+    tr = ObjectTransfer()
     rows = []
     try:
         for size in sizes:
@@ -79,20 +76,17 @@ def run(endpoint: str, keys: tuple[str, str], bucket: str, sizes: list[int], rep
                     lambda: store.client.upload_fileobj(io.BytesIO(data), bucket, key + "/boto3", Config=tm)))
                 times.setdefault(("GET", "boto3"), []).append(_time(
                     lambda: store.client.download_fileobj(bucket, key + "/boto3", io.BytesIO(), Config=tm)))
-                for p, tr in ours.items():
-                    k = f"{key}/ours{p}"
-                    url = store.presign_put(k, size, 600)
-                    times.setdefault(("PUT", f"ours p{p}"), []).append(_time(lambda: tr.put(url, data)))
-                    url = store.presign_get(k, 600)
-                    got: list[bytes] = []
-                    times.setdefault(("GET", f"ours p{p}"), []).append(_time(lambda: got.append(tr.get(url, size))))
-                    if got[0] != data:
-                        raise SystemExit(f"ours p{p}: GET of {size} bytes returned other bytes")
+                url = store.presign_put(key + "/ours", size, 600)
+                times.setdefault(("PUT", "ours"), []).append(_time(lambda: tr.put(url, data)))
+                url = store.presign_get(key + "/ours", 600)
+                got: list[bytes] = []
+                times.setdefault(("GET", "ours"), []).append(_time(lambda: got.append(tr.get(url, size))))
+                if got[0] != data:
+                    raise SystemExit(f"ours: GET of {size} bytes returned other bytes")
             rows += [_row(size, op, who, t) for (op, who), t in times.items()]
             store.delete_prefix(f"bench/{size}/")
     finally:
-        for tr in ours.values():
-            tr.close()
+        tr.close()
     return rows
 
 
@@ -111,7 +105,6 @@ def main(argv=None) -> int:
     """Start rclone (unless an endpoint is given), run, print the table."""
     args = build_parser().parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
-    parallels = [int(x) for x in args.parallel.split(",")]
     s3, tmp = None, None
     if args.s3_endpoint:
         endpoint, keys = args.s3_endpoint, (args.s3_access_key, args.s3_secret_key)
@@ -123,7 +116,7 @@ def main(argv=None) -> int:
     try:
         print(f"S3 at {endpoint}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
               flush=True)
-        rows = run(endpoint, keys, args.bucket, sizes, args.repeats, parallels)
+        rows = run(endpoint, keys, args.bucket, sizes, args.repeats)
         print_table(rows)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
     finally:
