@@ -90,8 +90,8 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     try:
         miner.run_forever()
     finally:
-        _leave(client, log)
-        miner.close()
+        miner.close()  # the hops in hand (a lease asked ahead included) are finished and reported
+        _leave(client, log)  # then the bridge moves nothing of ours elsewhere
         if args.status_file:
             _dump_status(miner, args.status_file)
     log.info("stopped: %s", json.dumps(miner.status.summary()))

@@ -52,6 +52,7 @@ class Miner:
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
         self.max_open_graphs = max_open_graphs
         self.lease_wait_ms = 2000
+        self.prefetch_wait_ms = 500  # a hand-off arrives well within this; stopping waits at most this
         self.prefetch_leases = True
         self._lease_pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._prefetch: Future | None = None
@@ -233,10 +234,12 @@ class Miner:
 
     # ----- hops -----
     def _lease_ahead(self) -> LeaseResponse | None:
-        """The next lease answer, asked while the current hop computes (long-polls like the main
-        loop's, so work that appears meanwhile starts downloading at once); None on an error."""
+        """The next lease answer, asked while the current hop computes (held at the bridge up to
+        `prefetch_wait_ms`, so work that appears meanwhile starts downloading at once; a longer
+        wait is the main loop's own long-poll); None on an error."""
         try:
-            resp = self.client.lease(self._req)
+            resp = self.client.lease(self._req.model_copy(update={"wait_ms": min(self.lease_wait_ms,
+                                                                                 self.prefetch_wait_ms)}))
         except (BridgeError, httpx.TransportError):
             return None
         # Start the inputs downloading at once: they are the next thing the GPU needs.

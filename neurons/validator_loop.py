@@ -84,6 +84,7 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.settled: set = set()  # (round, stage) disputes this validator already answered
+        self.round_starts: RoundStarts | None = None  # sharded sync: stages' rebuilt round starts
 
     # ----- persistence -----
     def _load_meta(self) -> dict:
@@ -173,9 +174,9 @@ class Validator:
 
     def _round_starts(self) -> RoundStarts:
         """The stages' rebuilt round starts (kept across rounds), computed on the sync device."""
-        if getattr(self, "_starts", None) is None:
-            self._starts = RoundStarts(pick_sync_device(self.s.device))
-        return self._starts
+        if self.round_starts is None:
+            self.round_starts = RoundStarts(pick_sync_device(self.s.device))
+        return self.round_starts
 
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
         """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""

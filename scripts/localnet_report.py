@@ -78,24 +78,62 @@ def validation_loss(cfg: ModelConfig, thetas: list[dict] | None, batch_size: int
     return evaluate(stages, batches, torch.device("cpu"))
 
 
-def subnet_val_curve(cluster, cfg: ModelConfig) -> list[tuple[int, float]]:
-    """(samples trained, validation loss) of the merged weights at the start of every round, read
-    from the object store; rounds whose state is gone are skipped."""
+def subnet_val_curve(cluster, cfg: ModelConfig, client=None) -> list[tuple[int, float]]:
+    """(samples trained, validation loss) of the merged weights at the start of every round: the
+    published state in the object store, or under the sharded sync (with `client`) the last
+    checkpoint plus the decided updates since, through the bridge's views, so rounds between
+    checkpoints count too; rounds whose weights are gone are skipped."""
     rc = cluster.run_config
-    s3, run_id, per_round = _s3(cluster), rc["run_id"], rc["samples_per_round"]
+    per_round = rc["samples_per_round"]
     curve = [(0, validation_loss(cfg, None, rc["batch_size"], rc["init_seed"]))]
+    sharded = rc.get("sync_mode", "sharded") == "sharded" and client is not None
     for rnd in range(1, rc["total_rounds"] + 1):
-        thetas = []
-        for stage in range(cfg.n_stages):
-            found = s3.list_objects_v2(Bucket="resbm", Prefix=f"runs/{run_id}/r{rnd}/s{stage}/state/")
-            keys = [o["Key"] for o in found.get("Contents", [])]
-            if not keys:
-                break
-            blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
-            thetas.append(_theta(blob, rc.get("max_state_bytes", 2**32)))
-        if len(thetas) == cfg.n_stages:
+        thetas = (_sharded_thetas(client, rc, cfg, rnd) if sharded else None) or _stored_thetas(cluster, cfg, rnd)
+        if thetas is not None:
             curve.append((rnd * per_round, validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"])))
     return curve
+
+
+def _stored_thetas(cluster, cfg: ModelConfig, rnd: int) -> list[dict] | None:
+    """Every stage's published state of round rnd in the object store (None if one is missing)."""
+    rc = cluster.run_config
+    s3, thetas = _s3(cluster), []
+    for stage in range(cfg.n_stages):
+        found = s3.list_objects_v2(Bucket="resbm", Prefix=f"runs/{rc['run_id']}/r{rnd}/s{stage}/state/")
+        keys = [o["Key"] for o in found.get("Contents", [])]
+        if not keys:
+            return None
+        blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
+        thetas.append(_theta(blob, rc.get("max_state_bytes", 2**32)))
+    return thetas
+
+
+def _sharded_thetas(client, rc: dict, cfg: ModelConfig, rnd: int) -> list[dict] | None:
+    """Every stage's weights after round rnd - 1's decided update (None where it is not kept)."""
+    from protocol.client import BridgeError
+    from protocol.messages import RunConfig
+    from neurons.shard_sync import sync_settings
+    from neurons.stage_worker import worker_for_run
+    from neurons.sync_follow import get_view, start_of_round
+    from neurons.transfer import ObjectTransfer, TransferError
+    run = RunConfig(**rc)
+    sync, transfer = sync_settings(run), ObjectTransfer()
+    thetas = []
+    try:
+        for stage in range(cfg.n_stages):
+            worker = worker_for_run(run, stage, "cpu")
+            view = get_view(client, rnd - 1, stage)
+            if not view.complete:
+                return None
+            st = start_of_round(transfer, view, worker.param_shapes, sync.layout(worker.param_shapes), sync,
+                                run.max_state_bytes, worker.theta, through=rnd - 1)
+            thetas.append(st.theta)
+    except (BridgeError, TransferError) as exc:
+        log.info("no weights for the start of round %d: %s", rnd, exc)
+        return None
+    finally:
+        transfer.close()
+    return thetas
 
 
 def _plot(path: Path, losses: list, ref_curve: list, curve: list) -> None:
@@ -134,7 +172,7 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
     thetas = final_states(cluster, m, cfg) if m.phase == "done" else None
     report["val_loss_init"] = validation_loss(cfg, None, rc["batch_size"], rc["init_seed"])
     report["val_loss_final"] = validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"]) if thetas else None
-    curve = subnet_val_curve(cluster, cfg) if thetas else []
+    curve = subnet_val_curve(cluster, cfg, client) if thetas else []
     report["val_curve"] = [[x, round(v, 4)] for x, v in curve]
     ref_curve: list = []
     if not args.no_reference and thetas:

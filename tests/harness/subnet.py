@@ -117,7 +117,7 @@ def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
 
 
 def _round_starts(validator) -> tuple[int, int]:
-    starts = getattr(validator, "_starts", None)
+    starts = validator.round_starts
     return (0, 0) if starts is None else (starts.rebuilt, starts.advanced)
 
 
