@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "pydantic-settings>=2.2",
     "python-dotenv>=1.0",
     "prometheus_client>=0.20",
+    # resbm-generate / resbm-eval decode text and count the bytes each token stands for
+    "tokenizers>=0.19",
 ]
 # The localnet, the reference trainer's progress bar and the benchmarks; no role needs them.
 LOCAL_REQUIRES = [
@@ -32,7 +34,9 @@ LOCAL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
 ]
-DEV_REQUIRES = LOCAL_REQUIRES + [
+# The bridge's PostgreSQL backend (`--db postgresql://...`: several bridge processes, one run).
+POSTGRES_REQUIRES = ["psycopg[binary]>=3.1", "psycopg-pool>=3.2"]
+DEV_REQUIRES = LOCAL_REQUIRES + POSTGRES_REQUIRES + [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "pytest-xdist>=3.5",  # scripts/test.sh runs the suite on 2 workers (one test file per worker)
@@ -50,7 +54,8 @@ setup(
     packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
     package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES, "data": DATA_REQUIRES},
+    extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES, "data": DATA_REQUIRES,
+                    "postgres": POSTGRES_REQUIRES},
     entry_points={
         "console_scripts": [
             "resbm-train=resbm.train:main",
@@ -59,6 +64,9 @@ setup(
             "resbm-validator=neurons.validator:main",
             "resbm-localchain=protocol.chain.local_cli:main",
             "resbm-localnet=scripts.localnet:main",
+            "resbm-export=scripts.export_model:main",
+            "resbm-generate=scripts.generate_text:main",
+            "resbm-eval=scripts.eval_model:main",
         ]
     },
 )

@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any, Optional
 
+from bridge.db import is_postgres_url
 from bridge.records import Tunables
 from bridge.settings import BridgeConfig, BridgeSettings, check_model, load_run_config
 from protocol.chain.open import check_subnet, load_hotkey, open_chain
@@ -91,6 +92,23 @@ def open_storage(cfg: BridgeConfig, log: logging.Logger) -> Any:
                  first=1.0, cap=30.0)
 
 
+def check_postgres(url: str) -> None:
+    """`Misconfigured` (one line) when a postgresql:// --db cannot be used: psycopg missing, or
+    the server does not answer or refuses us."""
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        raise Misconfigured(Exit.DATABASE, "--db postgresql://... needs psycopg 3 and "
+                            "psycopg_pool: pip install 'resbm-subnet[postgres]'") from None
+    from bridge.db_postgres import DatabaseUnavailable, first_line, redact
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+    except (psycopg.Error, DatabaseUnavailable) as exc:
+        raise Misconfigured(Exit.DATABASE, f"PostgreSQL at {redact(url)}: {first_line(exc)}; "
+                            "check --db and that the server runs and accepts this user") from None
+
+
 @exits_cleanly
 def main(argv: Optional[list[str]] = None) -> int:
     """Check the settings, open chain and storage, serve."""
@@ -101,11 +119,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = load_run_config(cfg.run_config)
     if not cfg.s3_endpoint and not cfg.no_head_check:
         raise Misconfigured(Exit.USAGE, "--s3-endpoint is required (or --no-head-check for benchmarks)")
+    postgres = is_postgres_url(cfg.db)
+    if postgres:
+        check_postgres(cfg.db)  # before the slower checks: a wrong URL is told at once
     keypair = load_keypair(cfg)
     chain = open_chain(cfg.network, cfg.netuid)
     check_subnet(chain, cfg.network, cfg.netuid)
     storage = open_storage(cfg, log) if cfg.s3_endpoint else None
-    if not os.path.exists(cfg.db):  # a resumed --db holds this same run, checked when it began
+    if postgres or not os.path.exists(cfg.db):  # a resumed SQLite file holds this same run
         check_model(run, cfg.run_config)
     import uvicorn
 
@@ -119,8 +140,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         app = create_app(settings, chain, storage, keypair)
     except ValueError as exc:  # a dataset (DatasetConfigError) or model the run cannot use
         raise Misconfigured(Exit.CONFIG_FILE, f"{cfg.run_config}: {exc}") from None
-    log.info("bridge for run %s on %s:%d (netuid %d, %s)", run.run_id, cfg.host, cfg.port,
-             cfg.netuid, cfg.network)
+    except RuntimeError as exc:
+        if type(exc).__name__ != "DatabaseUnavailable":
+            raise
+        raise Misconfigured(Exit.DATABASE, f"{exc}; check --db and that the server runs and "
+                            "accepts this user") from None
+    log.info("bridge for run %s on %s:%d (netuid %d, %s, state in %s)", run.run_id, cfg.host,
+             cfg.port, cfg.netuid, cfg.network, "PostgreSQL" if postgres else cfg.db)
     if run.sync_mode == "state" and {"sync_codec", "sync_merged_codec", "sync_shards"} & run.model_fields_set:
         log.warning("run config: sync_codec/sync_merged_codec/sync_shards apply only with sync_mode: sharded; "
                     "this run merges whole fp32 states (docs/CONTRACTS.md, 'Sharded replica sync')")

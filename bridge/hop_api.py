@@ -13,7 +13,7 @@ from bridge import claims, state, views
 from bridge.hop_outputs import look_at, seal
 from bridge.longpoll import Waiters
 from bridge.records import TransitionError
-from bridge.service import BridgeService
+from bridge.service import BridgeService, seen_version
 from protocol import messages as msg
 
 __all__ = ["HopApi"]
@@ -79,7 +79,7 @@ class HopApi:
             if action != "wait" or left <= 0.001:
                 break
             t0 = time.monotonic()
-            await self.waiters.wait(caller, stage, left)  # registered before any other task runs
+            await self.waiters.wait(caller, stage, left, seen_version())  # no wake since is lost
             parked += time.monotonic() - t0
         if action == "wait" and req.wait_ms > 0:
             retry = 0.0  # the bridge already held the request: poll again at once
@@ -91,8 +91,8 @@ class HopApi:
                                  retry_after=retry, parked_ms=int(parked * 1000))
 
     def _leased(self, caller: str, hop_id: str) -> Any:
-        return self.svc.read(lambda st: copy.copy(state.check_done(st, caller, hop_id,
-                                                                   time.time())))
+        return self.svc.check(lambda st: copy.copy(state.check_done(st, caller, hop_id,
+                                                                    time.time())))
 
     async def hop_done(self, caller: str, req: msg.HopDone) -> msg.Ack:
         """Seal the hop's upload at its final key, then record it done."""

@@ -1,8 +1,11 @@
 """Long-poll waiters for `POST /v1/hops/lease`: a miner with nothing to do parks here until a
 transition gives it (or its stage's pool) work, or the round changes phase, or time runs out.
 
-Single event loop: waiters are registered synchronously right after the lease transition that
-answered `wait`, so no wake-up can fall between the check and the wait."""
+Every wake carries the state version of the commit that made the work, and the waiters
+remember the last version that woke each miner, each stage and everyone. A lease answered
+`wait` at version v parks only if nothing newer than v woke it in between, so a wake that
+arrives before the waiter is registered (another bridge process's NOTIFY, or a batch that
+committed while the answer travelled back) is never lost."""
 from __future__ import annotations
 
 import asyncio
@@ -20,13 +23,22 @@ class Waiters:
     def __init__(self) -> None:
         self._by_miner: dict[str, asyncio.Future] = {}
         self._by_stage: dict[int, dict[str, None]] = {}
+        self._woke: dict[tuple[str, Any], int] = {}  # target -> newest version that woke it
+        self._woke_all = 0
         self.woken = 0
 
     def __len__(self) -> int:
         return len(self._by_miner)
 
-    async def wait(self, hotkey: str, stage: int, timeout: float) -> bool:
-        """Park until woken (True) or `timeout` seconds pass (False)."""
+    def _missed(self, hotkey: str, stage: int, since: int) -> bool:
+        return max(self._woke_all, self._woke.get(("miner", hotkey), 0),
+                   self._woke.get(("stage", stage), 0)) > since
+
+    async def wait(self, hotkey: str, stage: int, timeout: float, since: int = 0) -> bool:
+        """Park until woken (True) or `timeout` seconds pass (False); returns at once when a
+        wake newer than state version `since` already concerned this miner."""
+        if since and self._missed(hotkey, stage, since):
+            return True
         old = self._by_miner.pop(hotkey, None)
         if old is not None and not old.done():
             old.set_result(None)  # a newer poll from the same miner replaces the old one
@@ -49,13 +61,18 @@ class Waiters:
             fut.set_result(None)
             self.woken += 1
 
-    def wake(self, targets: dict[tuple[str, Any], Any], everyone: bool = False) -> None:
-        """Wake the miners named in `targets` (("miner", hotkey) or ("stage", s)), or all."""
+    def wake(self, targets: Any, everyone: bool = False, version: int = 0) -> None:
+        """Wake the miners named in `targets` (("miner", hotkey) or ("stage", s)), or all;
+        `version`: the state version whose commit made the work."""
         if everyone:
+            self._woke_all = max(self._woke_all, version)
             for hk in list(self._by_miner):
                 self._wake_one(hk)
             return
         for kind, ident in targets:
+            key = (kind, ident)
+            if version > self._woke.get(key, 0):
+                self._woke[key] = version
             if kind == "miner":
                 self._wake_one(ident)
             else:  # pool work at a stage: any replica of it may claim it

@@ -19,21 +19,55 @@ import time
 
 from protocol.auth import ALLOWED_SKEW, DEFAULT_MAX_AGE
 
-__all__ = ["BufferedNonceStore"]
+__all__ = ["BufferedNonceStore", "RecentNonces"]
 
 log = logging.getLogger(__name__)
+
+
+class RecentNonces:
+    """The nonces a process accepted within the retention window, in arrival (~ time) order:
+    the in-memory replay check every nonce store starts with (not thread-safe: hold its
+    store's lock)."""
+
+    def __init__(self, max_age: float) -> None:
+        if max_age <= 0:
+            raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
+        self.retention = float(max_age) + ALLOWED_SKEW + 5.0
+        self._seen: dict[tuple[str, int], None] = {}
+
+    def cutoff(self) -> int:
+        """Nonces (signing times, ns) older than this are stale anyway and may be forgotten."""
+        return time.time_ns() - int(self.retention * 1e9)
+
+    def add(self, key: tuple[str, int]) -> bool:
+        """Remember (hotkey, nonce); False when it was already here (a replay)."""
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        return True
+
+    def forget_expired(self) -> int:
+        """Drop the nonces older than `cutoff()`; returns the cutoff used."""
+        cutoff = self.cutoff()
+        while self._seen:
+            first = next(iter(self._seen))
+            if first[1] >= cutoff:
+                break
+            del self._seen[first]
+        return cutoff
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class BufferedNonceStore:
     """`check_and_store` in memory; `flush()` writes what is new in one transaction."""
 
     def __init__(self, path: str | os.PathLike[str], max_age: float = DEFAULT_MAX_AGE) -> None:
-        if max_age <= 0:
-            raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
+        self._recent = RecentNonces(max_age)
         self.path = os.fspath(path)
-        self.retention = float(max_age) + ALLOWED_SKEW + 5.0
+        self.retention = self._recent.retention
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, int], None] = {}  # insertion order ~ nonce (time) order
         self._pending: list[tuple[str, int]] = []
         self.stored = 0      # nonces accepted by check_and_store since start
         self.durable = 0     # of those, how many a flush has committed
@@ -49,18 +83,17 @@ class BufferedNonceStore:
         cutoff = self._cutoff()
         self._conn.execute("DELETE FROM btauth_nonces WHERE nonce < ?", (cutoff,))
         for hk, n in self._conn.execute("SELECT hotkey, nonce FROM btauth_nonces ORDER BY nonce"):
-            self._seen[(hk, n)] = None
+            self._recent.add((hk, n))
 
     def _cutoff(self) -> int:
-        return time.time_ns() - int(self.retention * 1e9)
+        return self._recent.cutoff()
 
     def check_and_store(self, hotkey_ss58: str, nonce_ns: int) -> bool:
         """Record (hotkey, nonce); True when new, False for a replay."""
         key = (hotkey_ss58, int(nonce_ns))
         with self._lock:
-            if key in self._seen:
+            if not self._recent.add(key):
                 return False
-            self._seen[key] = None
             self._pending.append(key)
             self.stored += 1
         return True
@@ -70,12 +103,7 @@ class BufferedNonceStore:
         with self._lock:
             pending, self._pending = self._pending, []
             upto = self.stored
-            cutoff = self._cutoff()
-            while self._seen:
-                first = next(iter(self._seen))
-                if first[1] >= cutoff:
-                    break
-                del self._seen[first]
+            cutoff = self._recent.forget_expired()
         if not pending:
             self.durable = max(self.durable, upto)
             return 0
@@ -95,9 +123,22 @@ class BufferedNonceStore:
         self.durable = max(self.durable, upto)
         return len(pending)
 
+    def settle(self, tx: object = None) -> dict[int, Exception]:
+        """Flush before the state commit (`BridgeService`): this process is the only one that
+        sees these nonces, so nothing is refused here."""
+        self.flush()
+        return {}
+
+    def settled(self, ok: bool) -> None:
+        """Nothing to do: `settle` committed its own transaction."""
+
+    def verdict(self, seq: int) -> None:
+        """No refusals are decided after the in-memory check."""
+        return None
+
     def __len__(self) -> int:
         with self._lock:
-            return len(self._seen)
+            return len(self._recent)
 
     def close(self) -> None:
         """Close the database connection."""

@@ -85,6 +85,7 @@ class Tunables:
     min_health: float = 0.05
     code_bytes: Optional[int] = None  # exact wire size of one code from the run's model (None:
                                       # only max_object_bytes caps a lease; pure tests)
+    sync: Any = None  # bridge.syncspec.SyncSpec of a sharded run: exact piece/update sizes (None: unchecked)
 
 
 @record

@@ -15,7 +15,7 @@ from protocol.lifecycle import HopKind, Phase, SampleStatus
 
 __all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph",
            "maybe_freeze", "stage_prefix", "upload_key", "final_key", "check_upload_key",
-           "report_pseudograd", "merge_set", "moved_on", "published_state",
+           "check_report", "report_pseudograd", "record_pseudograd", "merge_set", "moved_on", "published_state",
            "check_archived_pseudograd"]
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def _archive(st: State) -> None:
     cast = [dict(hotkey=h, stage=s, sha256=v["sha256"])
             for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
     st.archive_round(st.round, {"round": st.round, "states": st.round_states,
-                                 "pseudograds": items, "votes": cast, "flagged": list(st.flagged)})
+                                 "pseudograds": items, "votes": cast, "flagged": list(st.flagged),
+                                 "completed_before": st.completed_total - st.r_completed})
 
 
 def drop_graph(st: State, sample: Sample, stage: int) -> None:
@@ -140,8 +141,10 @@ def maybe_freeze(st: State, now: float) -> None:
             continue
         reported = st.pseudograds.get(s, {})
         workers = st.workers.get(s, [])
-        waiting = [h for h in workers
-                   if h not in reported and not (h in st.miners and st.quarantined(st.miners[h]))]
+        # a quarantined worker, or one with no verified backward since it registered again,
+        # cannot enter the set: nobody waits for it
+        waiting = [h for h in workers if h not in reported and h in st.miners
+                   and not st.quarantined(st.miners[h]) and st.miners[h].round_samples > 0]
         if waiting and 2 * len(reported) >= len(workers) and s not in st.report_grace:
             # half the workers reported: the rest get vote_timeout_seconds more, so one that
             # withholds its report cannot hold the stage for the whole merge timeout
@@ -169,8 +172,15 @@ def stage_prefix(st: State, round_: int, stage: int) -> str:
 
 
 def upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
-    """The staging key a replica may PUT its pseudo-gradient or merged state to (its own)."""
+    """The staging key a replica may PUT its pseudo-gradient or merged state to (its own). In a
+    sharded run only a checkpoint's state goes this way (the pieces have their own routes)."""
     m = _member(st, hotkey, round_)
+    if st.run.sync_mode == "sharded":
+        if kind == "pseudograd":
+            raise TransitionError("sharded_run", "this run syncs shard by shard (sync_mode: sharded): "
+                                  "upload and report the pseudo-gradient's pieces through the sync routes")
+        from bridge.shard_round import need_checkpoint_vote
+        need_checkpoint_vote(st, m.stage, round_)
     part = "pg" if kind == "pseudograd" else "state"
     return f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/{part}-{sha256}"
 
@@ -203,28 +213,53 @@ def _member(st: State, hotkey: str, round_: int) -> Any:
     return m
 
 
-def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str, size: int,
-                      now: float) -> None:
-    """Record a replica's pseudo-gradient (already copied to its final `key`). Its weight is the
-    bridge's own count of the replica's verified backwards, never a claim (same report twice:
-    no-op)."""
+def check_report(st: State, hotkey: str, round_: int, sha256: str) -> bool:
+    """Whether `hotkey` may enter a pseudo-gradient of `sha256` in the merge set now (True: it
+    is a repeat of the recorded one); refuses before anything is copied. A replica counts only
+    the backwards verified since its last registration: with none (it registered again after its
+    work, or every one was rejected) it has no verified work to merge and earns no credit."""
     m = _member(st, hotkey, round_)
-    if key != final_key(st, hotkey, round_, "pseudograd", sha256):
-        raise TransitionError("bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
     have = st.pseudograds.get(m.stage, {}).get(hotkey)
     if have is not None:
         if have["sha256"] == sha256:
-            return
+            return True
         raise TransitionError("already_reported", "a different pseudo-gradient was reported")
     if st.quarantined(m):
         raise TransitionError("quarantined", f"{hotkey} failed an audit and sits out merges "
                               f"until round {m.quarantined_until}")
-    if m.stage in st.frozen:
-        raise TransitionError("frozen", f"stage {m.stage} merge set is already frozen")
     if hotkey not in st.workers.get(m.stage, []):
         raise TransitionError("no_work", f"{hotkey} did no work in round {round_}")
+    if m.round_samples <= 0:
+        raise TransitionError("no_work", f"{hotkey} has no verified backward in round {round_} since "
+                              f"its last registration (epoch {m.epoch}): nothing of it can be merged")
+    if m.stage in st.frozen:
+        raise TransitionError("frozen", f"stage {m.stage} merge set is already frozen")
+    return False
+
+
+def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str, size: int,
+                      now: float) -> None:
+    """Record a replica's whole pseudo-gradient (already copied to its final `key`); 409
+    `sharded_run` in a sharded run, where pieces are reported shard by shard."""
+    if st.run.sync_mode == "sharded":
+        raise TransitionError("sharded_run", "this run syncs shard by shard (sync_mode: sharded): "
+                              "report the pseudo-gradient's pieces through the sync routes")
+    record_pseudograd(st, hotkey, round_, key, sha256, size, now)
+
+
+def record_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str, size: int,
+                      now: float, extra: Optional[dict[str, Any]] = None) -> None:
+    """Enter a pseudo-gradient (with `extra` fields: a sharded one's pieces) in the merge set.
+    Its weight is the bridge's own count of the replica's verified backwards, never a claim
+    (same report twice: no-op)."""
+    m = _member(st, hotkey, round_)
+    if key != final_key(st, hotkey, round_, "pseudograd", sha256):
+        raise TransitionError("bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
+    if check_report(st, hotkey, round_, sha256):
+        return
     st.pseudograds.setdefault(m.stage, {})[hotkey] = {
-        "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch}
+        "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch,
+        **(extra or {})}
     maybe_freeze(st, now)
 
 

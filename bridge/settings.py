@@ -23,7 +23,8 @@ class BridgeConfig(CommonSettings):
     run_config: str = flag("", "run config YAML (RunConfig fields; see run.example.yaml)")
     host: str = flag("127.0.0.1", "listen address")
     port: int = flag(DEFAULT_BRIDGE_PORT, "listen port")
-    db: str = flag("bridge.sqlite", "SQLite state file (resumes if present)")
+    db: str = flag("bridge.sqlite", "state database: a SQLite file (resumes if present; one bridge "
+                   "process) or a postgresql:// URL (several bridge processes may share it)")
     s3_endpoint: str = flag("", "S3 endpoint URL (AWS, R2, MinIO, rclone serve s3)")
     s3_bucket: str = flag("resbm", "bucket (created if missing)")
     s3_access_key: str = flag("", "S3 access key")
@@ -33,7 +34,7 @@ class BridgeConfig(CommonSettings):
     hotkey_uri: str = flag("", "derive the bridge hotkey from a URI such as //bridge (local runs only)")
     rate: float = flag(200.0, "requests/s per hotkey")
     health_timeout: float = flag(120.0, "seconds without contact before a miner counts as gone")
-    keep_rounds: int = flag(8, "rounds of hop rows kept in the SQLite file for validators' hop logs "
+    keep_rounds: int = flag(8, "rounds of hop rows kept in the database for validators' hop logs "
                             "(at least the run's audit_window_rounds + 1; older ones are pruned)")
     no_head_check: bool = flag(False, "skip HEAD of hop outputs at hops/done (benchmarks only: trusts miners)")
     seed: Optional[int] = flag(None, "routing RNG seed (tests)")
@@ -80,8 +81,8 @@ class BridgeSettings:
     """Everything the app needs besides the chain, storage and keypair."""
 
     run: RunConfig
-    db_path: str
-    nonce_db_path: str
+    db_path: str                       # SQLite file, or a postgresql:// URL
+    nonce_db_path: str                 # SQLite only (PostgreSQL keeps nonces in the database)
     tunables: Tunables = field(default_factory=Tunables)
     rate_per_second: float = 200.0     # per-hotkey token bucket refill
     rate_burst: float = 400.0

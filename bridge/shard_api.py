@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from starlette.concurrency import run_in_threadpool
 
-from bridge import rounds, shard_round, views
+from bridge import rounds, shard_checks, shard_round, views
 from bridge.records import StageState, TransitionError
 from bridge.service import BridgeService
 from bridge.shard_votes import KEEP_SHA
@@ -26,23 +26,25 @@ __all__ = ["ShardApi"]
 
 async def _seal(svc: BridgeService, staging: str, final: str, size: int) -> None:
     """Copy one staged upload of exactly `size` bytes to its final key."""
-    have = await run_in_threadpool(svc.object_size, staging)
-    if have is None:
-        raise TransitionError("missing_object", f"nothing was uploaded to {staging}")
-    if have >= 0 and have != size:
-        raise TransitionError("bad_size", f"{staging} holds {have} bytes, not {size}")
     try:
         await run_in_threadpool(svc.promote, staging, final, size)
     except StorageError as exc:
         raise TransitionError("storage_error", f"could not copy the upload: {exc}"[:500])
 
 
-def _final(st: Any, caller: str, round_: int, kind: str, shard: int, sha: str) -> str:
-    shard_round.need_sharded(st)
-    m = rounds._member(st, caller, round_)
-    if kind == "pg":
-        return api.piece_key(st.run.run_id, round_, m.stage, caller, shard, sha)
-    return api.update_key(st.run.run_id, round_, m.stage, shard, caller, sha)
+async def _seal_all(svc: BridgeService, caller: str, objects: list[tuple[str, int]]) -> None:
+    """Seal every (final key, size): all staged uploads are HEADed before any is copied, so a
+    missing or wrongly sized upload copies nothing."""
+    if not objects:
+        return
+    staged = [api.staging_key(f, caller) for f, _ in objects]
+    have = await asyncio.gather(*[run_in_threadpool(svc.object_size, k) for k in staged])
+    for k, n, (_, size) in zip(staged, have, objects):
+        if n is None:
+            raise TransitionError("missing_object", f"nothing was uploaded to {k}")
+        if n >= 0 and n != size:
+            raise TransitionError("bad_size", f"{k} holds {n} bytes, not {size}")
+    await asyncio.gather(*[_seal(svc, k, f, size) for k, (f, size) in zip(staged, objects)])
 
 
 class ShardApi:
@@ -52,18 +54,13 @@ class ShardApi:
         self.svc, self.run, self.ttl = svc, svc.run, ttl
 
     def _ref(self, d: Optional[dict]) -> Optional[api.UpdateRef]:
-        if d is None:
-            return None
-        get = self.svc.get_url
-        return api.UpdateRef(sha256=d["sha256"], size=d["size"], key=d["key"], url=get(d["key"], self.ttl),
-                             alt_urls=[get(k, self.ttl) for k in d.get("alt_keys", [])])
+        return views.update_ref(d, self.svc.get_url, self.ttl)
 
     async def sync_upload(self, caller: str, req: api.SyncUpload) -> msg.UploadGrant:
-        """A PUT grant to the caller's staging key of one shard object."""
+        """A PUT grant to the caller's staging key of one shard object, for exactly its size."""
         svc, run = self.svc, self.run
-        if req.size > run.max_state_bytes:
-            raise TransitionError("oversized", f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
-        final = svc.read(lambda st: _final(st, caller, req.round, req.kind, req.shard, req.sha256))
+        final = svc.read(lambda st: shard_checks.check_grant(st, caller, req.round, req.kind, req.shard,
+                                                             req.sha256, req.size))
         expires = min(self.ttl, run.merge_timeout_seconds * 2)
         staging = api.staging_key(final, caller)
         return msg.UploadGrant(put_url=svc.put_url(staging, req.size, expires), key=staging,
@@ -71,19 +68,12 @@ class ShardApi:
 
     async def sync_pseudograd(self, caller: str, req: api.SyncPseudograd) -> msg.Ack:
         """Seal every shard of the caller's pseudo-gradient and enter it in the merge set."""
-        svc, run = self.svc, self.run
-        if len(req.shas) != run.sync_shards or len(req.sizes) != len(req.shas):
-            raise TransitionError("bad_shards", f"{len(req.shas)} sha256s and {len(req.sizes)} sizes; "
-                                  f"the run has sync_shards={run.sync_shards}")
-        if any(not 0 < n <= run.max_state_bytes for n in req.sizes):
-            raise TransitionError("bad_size", "every shard size must be in 1..max_state_bytes")
-        finals = svc.read(lambda st: [_final(st, caller, req.round, "pg", s, sha)
-                                      for s, sha in enumerate(req.shas)])
-        have = svc.read(lambda st: st.pseudograds.get(st.miners[caller].stage, {}).get(caller)
-                        if caller in st.miners else None)
-        if have is None or have.get("shards") != list(req.shas):  # a repeat copies nothing
-            await asyncio.gather(*[_seal(svc, api.staging_key(f, caller), f, n)
-                                   for f, n in zip(finals, req.sizes)])
+        svc = self.svc
+        sha = shard_round.pieces_sha(list(req.shas))
+        finals, repeat = svc.read(lambda st: shard_checks.check_pieces(st, caller, req.round, req.shas,
+                                                                       req.sizes, sha))
+        if not repeat:  # a repeat copies nothing
+            await _seal_all(svc, caller, list(zip(finals, req.sizes)))
 
         def tx(st: Any, now: float, rng: Any) -> None:
             rounds.maybe_freeze(st, now)
@@ -92,18 +82,27 @@ class ShardApi:
         return msg.Ack()
 
     async def sync_votes(self, caller: str, req: api.SyncVotes) -> api.SyncVotesAck:
-        """Seal the caller's merged updates and record its votes."""
+        """Check every vote, seal the caller's merged updates, then record the votes. A vote refused
+        after its copy (the ballot changed meanwhile) has the copy deleted unless a vote holds it."""
         svc = self.svc
-        finals = svc.read(lambda st: [_final(st, caller, req.round, "merged", v.shard, v.sha256)
-                                      for v in req.votes])
-        await asyncio.gather(*[_seal(svc, api.staging_key(f, caller), f, v.size)
-                               for f, v in zip(finals, req.votes) if v.sha256 != KEEP_SHA])
+        cast = [(v.shard, v.sha256, v.size) for v in req.votes]
+        finals = svc.read(lambda st: shard_checks.check_votes(st, caller, req.round, cast))
+        sealed = [(f, v.size) for f, v in zip(finals, req.votes) if v.sha256 != KEEP_SHA]
+        await _seal_all(svc, caller, sealed)
 
         def tx(st: Any, now: float, rng: Any) -> dict:
             rounds.maybe_freeze(st, now)
             return shard_round.vote(st, caller, req.round, [(v.shard, v.sha256, f, v.size)
                                                            for f, v in zip(finals, req.votes)], now)
-        return api.SyncVotesAck(agreed=await svc.apply_async(tx))
+        try:
+            return api.SyncVotesAck(agreed=await svc.apply_async(tx))
+        except TransitionError:
+            def held(st: Any) -> set:
+                m = st.miners.get(caller)
+                return set() if m is None else shard_checks.recorded_keys(st, req.round, m.stage)
+            keep = svc.read(held)
+            await run_in_threadpool(svc.drop, [f for f, _ in sealed if f not in keep])
+            raise
 
     async def sync_view(self, caller: str, req: msg.StageRound) -> api.SyncView:
         """A stage's sharded round: start checkpoint and updates since, pieces, ballot, decision."""
@@ -134,14 +133,22 @@ class ShardApi:
 
     async def sync_disputes(self, caller: str, req: None) -> api.SyncDisputes:
         """Disputed shards of the merging round."""
-        open_ = self.svc.read(lambda st: copy.deepcopy(shard_round.open_disputes(st)))
+        def read(st: Any) -> list:
+            shard_round.need_sharded(st)
+            return copy.deepcopy(shard_round.open_disputes(st))
         return api.SyncDisputes(disputes=[api.ShardDispute(
-            round=d["round"], stage=d["stage"], shard=d["shard"], deadline=d["deadline"]) for d in open_])
+            round=d["round"], stage=d["stage"], shard=d["shard"], deadline=d["deadline"])
+            for d in self.svc.read(read)])
 
     async def sync_arbitrate(self, caller: str, req: api.ShardArbitration) -> msg.Ack:
         """A validator's recomputed sha256 settles a disputed shard."""
-        agreed = await self.svc.apply_async(lambda st, now, rng: shard_round.arbitrate(
-            st, caller, req.round, req.stage, req.shard, req.sha256, now))
+        def tx(st: Any, now: float, rng: Any) -> bool:
+            shard_round.need_sharded(st)
+            if req.stage >= st.run.n_stages:
+                raise TransitionError("unknown_stage", f"stage {req.stage} does not exist")
+            shard_checks.check_shard(st, req.shard)
+            return shard_round.arbitrate(st, caller, req.round, req.stage, req.shard, req.sha256, now)
+        agreed = await self.svc.apply_async(tx)
         return msg.Ack(message="a merger agreed" if agreed else "no merger agreed: the shard is kept")
 
 
@@ -158,12 +165,15 @@ def _view_data(st: Any, now: float, round_: int, stage: int, past: Optional[dict
         start = st.round_states[stage] if st.round_states else vars(StageState())
         frozen = stage in st.frozen
         items = [dict(hotkey=h, **st.pseudograds[stage][h]) for h in st.frozen.get(stage, [])]
-        b = shard_round.ballot(st, round_, stage, now) if st.phase == "merge" else None
+        items = [i for i in items if len(i.get("shards", ())) == st.run.sync_shards]  # pieces only
+        b = (shard_round.ballot(st, round_, stage, now) if st.phase == "merge"
+             else shard_round.stored_ballot(st, round_, stage))  # the run's last round, once done
     else:
         if past is None or stage >= len(past.get("states", [])):
             raise TransitionError("not_kept", f"round {round_} is not kept")
         start, frozen = past["states"][stage], True
-        items = [p for p in past.get("pseudograds", []) if p.get("stage") == stage]
+        items = [p for p in past.get("pseudograds", [])
+                 if p.get("stage") == stage and len(p.get("shards", ())) == st.run.sync_shards]
         b = shard_round.stored_ballot(st, round_, stage)
     ss = StageState(**start)
     first = ss.round if ss.key else 0

@@ -19,12 +19,12 @@ import hashlib
 import logging
 from typing import Any, Optional
 
-from bridge import rounds, shard_votes, votes
+from bridge import rounds, shard_checks, shard_votes, votes
 from bridge.records import State, TransitionError
 from bridge.shard_votes import ShardBallot
 from protocol.sync_api import checkpoint_due
 
-__all__ = ["sharded", "need_sharded", "ballot_dict", "stored_ballot", "pieces_sha", "report_pieces", "ballot", "vote", "on_time", "arbitrate",
+__all__ = ["sharded", "need_sharded", "need_checkpoint_vote", "ballot_dict", "stored_ballot", "pieces_sha", "report_pieces", "ballot", "vote", "on_time", "arbitrate",
            "open_disputes", "updates_since", "checkpoint_round", "published_round", "keep_rounds"]
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,16 @@ def need_sharded(st: State) -> None:
     """409 unless the run uses the sharded sync."""
     if not sharded(st):
         raise TransitionError("not_sharded", "this run's sync_mode is 'state': report through the pseudograd route")
+
+
+def need_checkpoint_vote(st: State, stage: int, round_: int) -> None:
+    """409 unless a whole-state vote is due: a checkpoint round whose shards are all decided."""
+    if not checkpoint_round(st, round_):
+        raise TransitionError("not_checkpoint", f"round {round_} ends with no checkpoint (checkpoint_every="
+                              f"{st.run.checkpoint_every}): its update is voted shard by shard")
+    if str(round_) not in st.sync.get("updates", {}).get(str(stage), {}):
+        raise TransitionError("not_decided", f"stage {stage}'s shards of round {round_} are not all "
+                              "decided yet: vote the checkpoint once they are")
 
 
 def pieces_sha(shas: list[str]) -> str:
@@ -68,17 +78,13 @@ def published_round(st: State, stage: int) -> int:
 def report_pieces(st: State, hotkey: str, round_: int, shas: list[str], sizes: list[int],
                   finals: list[str], now: float) -> None:
     """Enter a replica's sharded pseudo-gradient (shards already at `finals`) in the merge set."""
-    need_sharded(st)
-    if len(shas) != st.run.sync_shards or len(sizes) != len(shas) or len(finals) != len(shas):
-        raise TransitionError("bad_shards", f"{len(shas)} shard sha256s / {len(sizes)} sizes; "
-                              f"the run has sync_shards={st.run.sync_shards}")
     sha = pieces_sha(shas)
+    want, _ = shard_checks.check_pieces(st, hotkey, round_, shas, sizes, sha)
+    if list(finals) != want:
+        raise TransitionError("bad_key", "the pieces' keys are not their final keys")
     key = rounds.final_key(st, hotkey, round_, "pseudograd", sha)
-    rounds.report_pseudograd(st, hotkey, round_, key, sha, sum(sizes), now)
-    m = st.miners[hotkey]
-    rec = st.pseudograds.get(m.stage, {}).get(hotkey)
-    if rec is not None and "shards" not in rec:
-        rec["shards"], rec["sizes"], rec["finals"] = list(shas), list(sizes), list(finals)
+    rounds.record_pseudograd(st, hotkey, round_, key, sha, sum(sizes), now,
+                             extra={"shards": list(shas), "sizes": list(sizes), "finals": list(finals)})
 
 
 def _bkey(round_: int, stage: int) -> str:
@@ -133,12 +139,12 @@ def _merging_ballot(st: State, round_: int, stage: int, now: float) -> ShardBall
 
 def vote(st: State, hotkey: str, round_: int, cast: list[tuple[int, str, str, int]],
          now: float) -> dict[int, Optional[bool]]:
-    """Record a merger's (shard, sha256, final key, size) votes; {shard: agrees, None: undecided}."""
-    need_sharded(st)
-    m = st.miners.get(hotkey)
-    if m is None:
-        raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
-    b = _merging_ballot(st, round_, m.stage, now)
+    """Record a merger's (shard, sha256, final key, size) votes; {shard: agrees, None: undecided}.
+    Every vote is checked first (bridge.shard_checks): a refusal records none of them."""
+    finals = shard_checks.check_votes(st, hotkey, round_, [(s, sha, n) for s, sha, _, n in cast])
+    if [k for _, _, k, _ in cast] != finals:
+        raise TransitionError("bad_key", "the merged updates' keys are not their final keys")
+    b = _merging_ballot(st, round_, st.miners[hotkey].stage, now)
     for shard, sha, key, size in cast:
         shard_votes.vote(b, hotkey, shard, sha, key, size, now, st.run.arbitration_timeout_seconds)
     _save(st, b)

@@ -1,10 +1,12 @@
 """Votes on a sharded round's merged updates: one ballot per stage, decided shard by shard.
 
 The same rules as bridge/votes.py, applied to each shard and its assigned mergers
-(resbm.shards.assign_mergers over the frozen merge set): a strict majority of the shard's mergers
-decides its merged update at once; a split once all of them voted, or the vote deadline without
-a majority, is a dispute that only a validator's recomputation settles (`arbitrate`: the agreeing
-voters' copy is used, or, when none agrees, the shard keeps its state this round). A merger that
+(resbm.shards.assign_mergers over the frozen merge set): the shard's merged update is decided at
+once when every merger voted it; any dissent (two different votes), or the vote deadline without
+a silent-but-undisputed strict majority, is a dispute that only a validator's recomputation
+settles (`arbitrate`: the agreeing voters' copy is used, or, when none agrees, the shard keeps its
+state this round). So mergers that are a majority but not all (one owner's sybils, 2 of 3) never
+decide against an honest merger's vote: its dissent hands the shard to the validator. A merger that
 found nothing usable votes the sha256 of the empty object, which decides "keep". Every voter that
 differs from the decision is flagged (information for the validators, who judge by recomputing).
 The stage's round is complete once every shard is decided; its update is the decided objects.
@@ -82,12 +84,12 @@ def agrees(b: ShardBallot, shard: int, sha256: str) -> Optional[bool]:
 def _settle(b: ShardBallot, shard: int, now: float, arbitration_timeout: float) -> None:
     members = b.mergers[shard]
     groups = _groups(b, shard)
-    for sha, voters in groups.items():
-        if 2 * len(voters) > len(members):
+    if len(groups) > 1:  # dissent: only a validator's recomputation settles it, whatever the counts
+        b.disputes.setdefault(shard, now + arbitration_timeout)
+        return
+    for voters in groups.values():
+        if len(voters) == len(members):  # every merger of the shard agrees
             _decide(b, shard, voters)
-            return
-    if shard not in b.disputes and sum(len(v) for v in groups.values()) == len(members):
-        b.disputes[shard] = now + arbitration_timeout
 
 
 def _decide(b: ShardBallot, shard: int, voters: list[str]) -> None:
@@ -106,7 +108,9 @@ def _decide(b: ShardBallot, shard: int, voters: list[str]) -> None:
 
 
 def on_time(b: ShardBallot, now: float, arbitration_timeout: float) -> None:
-    """Deadlines: vote timeout -> dispute (or keep when nobody voted); arbitration timeout -> keep."""
+    """Deadlines. At the vote deadline: keep when nobody voted; the voters' update when they agree
+    and are a strict majority of the shard's mergers (the rest silent, none dissenting); else a
+    dispute. At the arbitration deadline: keep."""
     for shard in range(len(b.mergers)):
         if shard in b.decided:
             continue
@@ -115,8 +119,11 @@ def on_time(b: ShardBallot, now: float, arbitration_timeout: float) -> None:
                 _decide(b, shard, [])
             continue
         if now >= b.vote_deadline:
-            if not b.votes.get(shard):
+            groups = list(_groups(b, shard).values())
+            if not groups:
                 _decide(b, shard, [])
+            elif len(groups) == 1 and 2 * len(groups[0]) > len(b.mergers[shard]):
+                _decide(b, shard, groups[0])
             else:
                 b.disputes[shard] = now + arbitration_timeout
 

@@ -43,7 +43,14 @@ class Storage:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as exc:  # another bridge process created it just now
+                if exc.response.get("Error", {}).get("Code") not in (
+                        "BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                    raise
+                self.client.head_bucket(Bucket=self.bucket)  # ours to use after all?
+                return
             log.info("created bucket %s at %s", self.bucket, self.endpoint)
 
     def presign_get(self, key: str, expires: int) -> str:
@@ -118,11 +125,15 @@ class Storage:
                 return keys
             token = r.get("NextContinuationToken")
 
-    def delete_prefix(self, prefix: str, keep: Iterable[str] = ()) -> int:
-        """Delete every key under `prefix` except those in `keep`; returns how many went."""
-        keep = set(keep)
-        doomed = [k for k in self.list(prefix) if k not in keep]
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete the given keys (missing ones are no error); returns how many were asked."""
+        doomed = list(keys)
         for i in range(0, len(doomed), 1000):
             batch = [{"Key": k} for k in doomed[i:i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(doomed)
+
+    def delete_prefix(self, prefix: str, keep: Iterable[str] = ()) -> int:
+        """Delete every key under `prefix` except those in `keep`; returns how many went."""
+        keep = set(keep)
+        return self.delete(k for k in self.list(prefix) if k not in keep)

@@ -1,8 +1,11 @@
 """Votes on a stage's merged state, and who decides when they split.
 
 Every replica of the frozen merge set computes the deterministic merge and reports the sha256 of
-the state it got. A strict majority of the frozen set publishes that state at once. Anything
-else (a 1-1 split, or a vote timeout without a majority) is a dispute that no tie-break settles:
+the state it got. The state is published at once when every member voted it; at the vote
+deadline, when the voters agree and are a strict majority (the rest silent). Any dissent (two
+different states, even 2-1), or a vote timeout without such a majority, is a dispute that no
+tie-break and no group size settles, so colluding members that are a majority but not all
+never publish against an honest member's vote:
 a validator recomputes the merge from the frozen set and posts the sha256 it got
 (`arbitrate`); the agreeing voters' state is published. If no voter agrees with it, or no
 validator answers before the arbitration deadline, the stage keeps its previous state. So a
@@ -24,11 +27,14 @@ log = logging.getLogger(__name__)
 
 def report_merged(st: State, hotkey: str, round_: int, sha256: str, key: str, size: int,
                   now: float) -> Optional[bool]:
-    """Record a merged-state hash (state already copied to its final `key`); publish on a
-    strict majority of the frozen set. Returns whether this vote agrees with the published
+    """Record a merged-state hash (state already copied to its final `key`); publish when the
+    whole frozen set agrees. Returns whether this vote agrees with the published
     state (None until published)."""
     from bridge.rounds import _member, final_key
     m = _member(st, hotkey, round_)
+    if st.run.sync_mode == "sharded":
+        from bridge.shard_round import need_checkpoint_vote
+        need_checkpoint_vote(st, m.stage, round_)
     if key != final_key(st, hotkey, round_, "state", sha256):
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this state's key")
     if m.stage not in st.frozen:
@@ -77,15 +83,16 @@ def _groups(st: State, stage: int) -> dict[str, list[str]]:
 
 
 def _settle(st: State, stage: int, now: float) -> None:
-    """Publish on a strict majority; open a dispute once everyone voted without one."""
+    """Publish when every member voted the same state; open a dispute at the first dissent."""
     members = st.frozen[stage]
     groups = _groups(st, stage)
-    for sha, voters in groups.items():
-        if 2 * len(voters) > len(members):
+    if len(groups) > 1:
+        if stage not in st.disputes:
+            _open_dispute(st, stage, now, "merged states differ")
+        return
+    for voters in groups.values():
+        if len(voters) == len(members):
             publish(st, stage, voters, now)
-            return
-    if stage not in st.disputes and sum(len(v) for v in groups.values()) == len(members):
-        _open_dispute(st, stage, now, "no strict majority")
 
 
 def _open_dispute(st: State, stage: int, now: float, why: str) -> None:
@@ -108,10 +115,14 @@ def on_time(st: State, stage: int, now: float) -> None:
         return
     if now < st.vote_deadline.get(stage, float("inf")):
         return
-    if not _groups(st, stage):
+    groups = list(_groups(st, stage).values())
+    if not groups:
         log.warning("round %d stage %d: no merged state reported by the deadline; the stage "
                     "keeps its previous state", st.round, stage)
         publish(st, stage, [], now)
+        return
+    if len(groups) == 1 and 2 * len(groups[0]) > len(st.frozen[stage]):
+        publish(st, stage, groups[0], now)  # the rest stayed silent; nobody dissented
         return
     _open_dispute(st, stage, now, "vote timeout without a strict majority")
 

@@ -3,8 +3,8 @@
 The pseudo-gradient cheats (`flip`, `huge`, `lazy`, `withhold`, `overwrite`) are the same classes
 as in drills.merge_cheats, run on the sharded round. Two differ in what they attack:
 `liar` is a merger that lies about the shards it is assigned (it votes, and uploads, an update of
-its own making for each); `nan` sends shards whose bytes decode to NaN (the honest codec refuses
-to encode NaN, so it patches the bytes after encoding).
+its own making for each) and about the checkpoint; `nan` sends shards whose bytes decode to NaN
+(the honest codec refuses to encode NaN, so it patches the bytes after encoding).
 """
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ log = logging.getLogger("drills")
 
 
 class _ShardLiar(ShardedMerge):
-    """Votes for its own (shifted) update on every shard it merges."""
+    """Votes for its own (shifted) update on every shard it merges, and for a checkpoint of its own
+    (one bit changed). Both lies are deterministic, so two liars on a stage (one owner's sybils)
+    vote the same bytes: the 2-of-3 collusion drill."""
+
+    def vote(self, sha, blob):
+        fake = blob[:-1] + bytes([blob[-1] ^ 1])
+        log.warning("drill liar: voting checkpoint %s.. (one of its own)", hashlib.sha256(fake).hexdigest()[:10])
+        return hashlib.sha256(fake).hexdigest(), fake
 
     def merged_shards(self, rnd, mine, sync):
         cfg = sync_settings(self.run)
@@ -50,7 +57,42 @@ class _ShardNaN(ShardedMerge):
         return blob[:-4] + struct.pack("<f", float("nan"))
 
 
-SHARD_CHEATS = {"liar": _ShardLiar, "nan": _ShardNaN}
+class _Remembering:
+    """A Board that remembers every PUT grant it handed out (url, size)."""
+
+    def __init__(self, board):
+        self.board, self.grants = board, []
+
+    def put_url(self, key, size):
+        url = self.board.put_url(key, size)
+        self.grants.append((url, size))
+        return url
+
+    def get_url(self, key):
+        return self.board.get_url(key)
+
+
+class _ShardOverwrite(ShardedMerge):
+    """After each round's reports, re-PUTs garbage of the same size through every grant it used
+    (pieces and merged updates), trying to change what the mergers and joiners read."""
+
+    def _sync(self):
+        sync, board = super()._sync()
+        self._board = sync.board = _Remembering(sync.board)
+        return sync, board
+
+    def run_round(self, state, rnd):
+        out = super().run_round(state, rnd)
+        for url, size in getattr(self, "_board", _Remembering(None)).grants:
+            try:
+                self.transfer.put(url, b"\0" * size)
+                log.warning("drill overwrite: clobbered a staged sync object (%d bytes)", size)
+            except Exception as exc:  # refused is the desired outcome
+                log.info("drill overwrite: refused (%s)", str(exc)[:120])
+        return out
+
+
+SHARD_CHEATS = {"liar": _ShardLiar, "nan": _ShardNaN, "overwrite": _ShardOverwrite}
 
 
 def sharded_cheat(kind: str) -> type[ShardedMerge]:

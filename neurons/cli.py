@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import httpx
 
+from protocol.client import split_urls
 from protocol.chain.open import check_registered, check_subnet, load_hotkey, open_chain as open_network
 from protocol.exits import Exit, Misconfigured, Transient, retry
 from protocol.routes import route
@@ -24,7 +25,9 @@ __all__ = ["NeuronSettings", "env_name", "load_settings", "setup_logging", "load
 class NeuronSettings(CommonSettings):
     """Settings of both neurons."""
 
-    bridge_url: str = flag(DEFAULT_BRIDGE_URL, "bridge base URL", name="bridge.url")
+    bridge_url: str = flag(DEFAULT_BRIDGE_URL, "bridge base URL; several bridge processes of one "
+                           "run: repeat the flag or separate URLs with commas (the neuron fails "
+                           "over between them)", name="bridge.url", repeat=True)
     bridge_wait: float = flag(600.0, "seconds to keep retrying an unreachable bridge at start "
                               "before giving up", name="bridge.wait")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
@@ -99,10 +102,31 @@ def _probe_bridge(url: str) -> dict:
     return data
 
 
+def _probe_any(urls: list[str]) -> dict:
+    """The health record of the first of `urls` that answers (`Transient` when none does)."""
+    last: Optional[Transient] = None
+    for url in urls:
+        try:
+            return _probe_bridge(url)
+        except Transient as exc:
+            last = exc
+    assert last is not None
+    if len(urls) > 1:
+        raise Transient(f"no answer from any of {len(urls)} bridge URLs", Misconfigured(
+            Exit.BRIDGE_UNREACHABLE, f"no bridge answers at any of {', '.join(urls)}; check "
+            "--bridge.url and that the bridges are running"))
+    raise last
+
+
 def connect_bridge(s: NeuronSettings, log: logging.Logger) -> str:
     """The bridge's hotkey, after checking it is a bridge for our netuid; retries with back-off
-    while nothing answers (up to --bridge.wait seconds)."""
-    health = retry(f"bridge {s.bridge_url}", lambda: _probe_bridge(s.bridge_url), log,
+    while nothing answers (up to --bridge.wait seconds). With several URLs, the first that
+    answers is checked (the others are tried when it fails later)."""
+    try:
+        urls = split_urls(s.bridge_url)
+    except ValueError:
+        raise Misconfigured(Exit.USAGE, "--bridge.url is empty; give the bridge's URL") from None
+    health = retry(f"bridge {s.bridge_url}", lambda: _probe_any(urls), log,
                    give_up_after=s.bridge_wait, first=1.0, cap=30.0)
     netuid = health.get("netuid")
     if netuid is not None and int(netuid) != s.netuid:

@@ -62,6 +62,19 @@ class MinerCollector(Collector):
         if s["hop_wall_ratio"] is not None:
             yield _one(g, "resbm_miner_hop_wall_ratio", "in-round wall seconds per hop over compute "
                        "seconds per hop", s["hop_wall_ratio"])
+        req = s.get("requests")
+        if req is not None:
+            rt = CounterMetricFamily("resbm_miner_requests", "HTTP round trips by route (retries included)",
+                                     labels=["route"])
+            for route, t in sorted(req["routes"].items()):
+                rt.add_metric([route], t["count"])
+            yield rt
+            hk = CounterMetricFamily("resbm_miner_hop_requests", "round trips on done hops' paths, by hop kind "
+                                     "and route", labels=["kind", "route"])
+            for kind, k in sorted(req["hop_kinds"].items()):
+                for route, t in sorted(k["requests"].items()):
+                    hk.add_metric([kind, route], t["count"])
+            yield hk
         yield _one(g, "resbm_miner_stage", "pipeline stage served", s["stage"])
         yield _one(g, "resbm_miner_round", "current round", s["round"])
         if s["last_loss"] is not None:

@@ -61,15 +61,20 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     import torch
 
     from neurons.miner_loop import Miner
+    from neurons.request_log import RequestLog
     from neurons.transfer import LinkEmulator, ObjectTransfer
     from protocol.bridge_client import BridgeClient
     if args.threads:
         torch.set_num_threads(args.threads)
     client = BridgeClient(keypair, args.bridge_url, bridge_hotkey)
-    link = LinkEmulator(args.link_mbps, args.link_latency_ms)
+    transfer = ObjectTransfer(LinkEmulator(args.link_mbps, args.link_latency_ms))
+    requests = RequestLog()  # every request, by route and hop kind: the status file and metrics show it
+    client.on_call, transfer.on_request = requests.on_call, requests.on_transfer
     make = make_miner or (lambda _args, **kw: Miner(**kw))
-    miner = make(args, client=client, transfer=ObjectTransfer(link), device=device,
+    miner = make(args, client=client, transfer=transfer, device=device,
                  dtype=getattr(torch, args.dtype), max_hops=args.max_hops, max_open_graphs=args.max_open_graphs)
+    miner.status.requests = requests
+    miner.status.listeners.append(requests.on_compute)
     miner.status.every = args.status_every
     from neurons import metrics
     metrics.serve(args.metrics_port, metrics.miner_registry(miner.status))
@@ -92,6 +97,7 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     finally:
         miner.close()  # the hops in hand (a lease asked ahead included) are finished and reported
         _leave(client, log)  # then the bridge moves nothing of ours elsewhere
+        requests.settle()
         if args.status_file:
             _dump_status(miner, args.status_file)
     log.info("stopped: %s", json.dumps(miner.status.summary()))

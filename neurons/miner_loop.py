@@ -158,6 +158,9 @@ class Miner:
                 except (BridgeError, TransferError, httpx.TransportError) as exc:
                     log.warning("catching up to round %d failed (%s); retrying", resp.round, exc)
                     self.stop.wait(1.0)
+                except Exception:  # e.g. a published object that does not load: never die on it
+                    log.exception("catching up to round %d failed unexpectedly; retrying in 5 s", resp.round)
+                    self.stop.wait(5.0)
                 continue
             if self.state is not None and resp.round < self.state.round and resp.action != "done":
                 with self.book.timed("merge"):

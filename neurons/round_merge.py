@@ -97,12 +97,17 @@ class ReplicaMerge:
 
     # ----- the protocol -----
     def _wait_merge_set(self, rnd: int, stage: int) -> MergeSet | None:
+        """The frozen merge set; None when stopped or the round is over (it published without
+        our vote: the published state comes with the next assignment)."""
         while not self.stop.is_set():
             try:
                 return self.client.merge_set(rnd, stage)
             except BridgeError as exc:
                 if exc.status != 409:
                     raise
+                if exc.code != "not_frozen":
+                    log.info("round %d: merge set not available (%s); loading the published state", rnd, exc.code)
+                    return None
             self.stop.wait(0.2)
         return None
 

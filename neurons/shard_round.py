@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 
 import torch
 
@@ -111,9 +112,9 @@ class ShardedMerge(ReplicaMerge):
         sync, board = self._sync()
         dev = self.sync_device
         pg = {n: t.to(dev) for n, t in self.pseudo_gradient(state).items()}
-        sized = sync.upload_sized(rnd, pg, lay)
-        del pg
-        try:
+        try:  # a grant is refused up front when the report would be (no_work, quarantined, frozen)
+            sized = sync.upload_sized(rnd, pg, lay)
+            del pg
             self.client.call(route("sync_pseudograd"), SyncPseudograd(
                 round=rnd, shas=[s for s, _ in sized], sizes=[n for _, n in sized]))
         except BridgeError as exc:
@@ -143,7 +144,7 @@ class ShardedMerge(ReplicaMerge):
         theta = {n: t.to(dev, copy=True) for n, t in state.theta_start.items()}
         momentum = state.momentum if state.momentum is not None else {n: t * 0 for n, t in theta.items()}
         momentum = {n: t.to(dev, copy=True) for n, t in momentum.items()}
-        decided = [None if u is None else (u.key, u.sha256) for u in view.decided]
+        decided = [None if u is None else ([u.url, *u.alt_urls], u.sha256) for u in view.decided]
         new = sync.apply(rnd, theta, momentum, lay, decided, mine)
         refs = [n if n is not None else o for n, o in zip(new, refs)]
         sha = state.sha
@@ -183,7 +184,7 @@ def load_sharded_state(worker, a: Assignment, client, transfer, run, computed: t
     else:
         cfg = sync_settings(run)
         lay = cfg.layout(worker.param_shapes)
-        view = get_view(client, a.round, a.stage)
+        view = _view_of(client, a.round, a.stage)
         st = start_of_round(transfer, view, worker.param_shapes, lay, cfg, run.max_state_bytes, init_theta)
         theta, momentum, refs = st.theta, st.momentum, st.refs
         caught_up = (view.checkpoint_round, len(view.updates))
@@ -194,3 +195,13 @@ def load_sharded_state(worker, a: Assignment, client, transfer, run, computed: t
     return RoundState(round=a.round, theta_start=worker.theta(), momentum=momentum, sha=sha, shard_refs=refs,
                       caught_up=caught_up)
 
+
+def _view_of(client, rnd: int, stage: int):
+    """The view of (rnd, stage); a round that ended while we asked is asked again (its archive)."""
+    for attempt in range(10):
+        try:
+            return get_view(client, rnd, stage)
+        except BridgeError as exc:
+            if exc.code != "moved_on" or attempt == 9:
+                raise
+            time.sleep(0.2)

@@ -39,10 +39,10 @@ from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
 from resbm.shards import ShardLayout, layout, take
 from resbm.sync_codec import Codec, decode, encode, encoded_size
 from resbm.sync_state import fp32, pack_update, unpack_update, update_size
-from neurons.transfer import HashMismatch, ObjectTransfer
+from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
 __all__ = ["SyncSettings", "sync_settings", "Board", "Piece", "pg_key", "merged_key",
-           "strict_majority", "ReplicaSync"]
+           "strict_majority", "ReplicaSync", "read_update"]
 
 
 @dataclass(frozen=True)
@@ -150,18 +150,31 @@ class ReplicaSync:
         return out
 
     def _piece(self, rnd: int, p: Piece, s: int, n: int) -> tuple[torch.Tensor | None, str]:
+        """A piece decoded, or None and why it is unusable: a property of the object (its sha256,
+        its size, its bytes, a report without this shard), so every replica and validator leaves
+        it out alike. A failed download (the store, the network) raises: abstain, never merge apart."""
+        if s >= len(p.shas):
+            return None, f"malformed report: no piece for shard {s} ({len(p.shas)} reported)"
         key = pg_key(self.prefix, rnd, self.stage, p.hotkey, s, p.shas[s])
-        limit = encoded_size(n, self.cfg.pg)
+        try:
+            url = self.board.get_url(key)
+        except (KeyError, ValueError):
+            return None, f"malformed report: no URL for shard {s}"
         try:
             own = self.own.get(s) if p.hotkey == self.hotkey and s in self._alone else None
             if own is not None and own[0] == p.shas[s]:
                 blob = own[1]  # what we uploaded and reported, and nobody else merges it
             else:
-                blob = self.transfer.get_verified(self.board.get_url(key), p.shas[s], limit,
+                blob = self.transfer.get_verified(url, p.shas[s], encoded_size(n, self.cfg.pg),
                                                   f"shard {s} of {p.hotkey}")
-            return decode(blob, n, self.cfg.pg, device=self.device), ""
         except HashMismatch as exc:
             return None, f"hash mismatch: {exc}"[:300]
+        except TransferError as exc:
+            if exc.status != 413:
+                raise
+            return None, f"oversized: {exc}"[:300]
+        try:
+            return decode(blob, n, self.cfg.pg, device=self.device), ""
         except OuterError as exc:
             return None, f"undecodable: {exc}"[:300]
 
@@ -206,32 +219,41 @@ class ReplicaSync:
             self.own, self._alone = {}, set()
 
     def apply(self, rnd: int, theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor],
-              lay: ShardLayout, decided: Sequence[tuple[str, str] | None],
+              lay: ShardLayout, decided: Sequence[tuple[Sequence[str], str] | None],
               mine: Mapping[int, MergedShard]) -> list[float | None]:
-        """Apply the round's decided update in place: (key, sha) per shard, None to keep it.
-        A shard this replica merged with the decided sha is applied from memory. Returns each
-        shard's new clip reference (None where the shard was kept)."""
+        """Apply the round's decided update in place: per shard (GET URLs of every agreeing
+        merger's copy, sha256), or None to keep it. A shard this replica merged with the decided
+        sha is applied from memory. Returns each shard's new clip reference (None: kept)."""
         refs: list[float | None] = []
         for s, (rng, d) in enumerate(zip(lay, decided)):
             if d is None:
                 refs.append(None)
                 continue
-            key, sha = d
+            urls, sha = d
             own = mine.get(s)
             if own is not None and own.sha == sha:
                 ref, vec = own.ref, own.update
             else:
-                ref, vec = self.fetch_update(s, rng, key, sha)
+                ref, vec = read_update(self.transfer, urls, sha, rng[1] - rng[0], self.cfg.merged,
+                                       f"merged shard {s}", self.device)
             apply_shard(theta, momentum, rng, vec, self.cfg.params)
             refs.append(ref)
         return refs
 
-    def fetch_update(self, s: int, rng: tuple[int, int], key: str, sha: str) -> tuple[float, torch.Tensor]:
-        """(clip reference, vector) of a decided merged shard, downloaded and verified."""
-        n = rng[1] - rng[0]
-        blob = self.transfer.get_verified(self.board.get_url(key), sha, update_size(n, self.cfg.merged),
-                                          f"merged shard {s}")
-        return unpack_update(blob, n, self.cfg.merged, device=self.device)
+
+def read_update(transfer: ObjectTransfer, urls: Sequence[str], sha: str, n: int, codec: Codec,
+                what: str, device: torch.device | str = "cpu") -> tuple[float, torch.Tensor]:
+    """(clip reference, vector on `device`) of a decided merged update from the first agreeing
+    merger's copy that is readable and checks out (sha256, exact size, decodes): one voter's bad
+    copy never blocks a reader. TransferError when none does."""
+    last: Exception | None = None
+    for url in urls:
+        try:
+            blob = transfer.get_verified(url, sha, update_size(n, codec), what)
+            return unpack_update(blob, n, codec, device=device)
+        except (TransferError, OuterError) as exc:
+            last = exc
+    raise TransferError(f"{what}: no copy of {len(urls)} is readable ({last})")
 
 
 class _Uploads:

@@ -22,7 +22,7 @@ from protocol.integrity import Arbitration
 from protocol.messages import HopLog, RunConfig
 from protocol.routes import route
 from protocol.sync_api import ShardArbitration, SyncView, piece_key
-from resbm.outer import OuterError
+from resbm.outer import OuterError, StateError
 from resbm.sync_codec import decode, encoded_size
 from resbm.sync_state import checkpoint_bytes
 from neurons.round_audit import ClaimError
@@ -149,6 +149,9 @@ def check_sharded_round(client, transfer: ObjectTransfer, run: RunConfig,
             log.warning("round %d stage %d: sharded merge not recomputed (%s); nobody judged",
                         hoplog.round, stage, exc)
             continue
+        except Exception:  # a peer's input we did not foresee must not end the validator's thread
+            log.exception("round %d stage %d: sharded merge check failed; nobody judged", hoplog.round, stage)
+            continue
         log.info("round %d stage %d: %d shard(s) recomputed", hoplog.round, stage, len(view.votes))
     return failed
 
@@ -170,6 +173,9 @@ def settle_sharded(client, transfer: ObjectTransfer, run: RunConfig, settled: se
         except BridgeError as exc:
             if exc.status != 409:
                 raise
+        except Exception:  # never let one dispute's inputs end the validator's thread
+            log.exception("dispute round %d stage %d shard %d: recomputation failed", d.round, d.stage, d.shard)
+            continue
         settled.add((d.round, d.stage, d.shard))
         n += 1
         log.warning("disputed shard %d of round %d stage %d settled: %s..", d.shard, d.round, d.stage, sha[:10])
@@ -188,6 +194,9 @@ def settle_sharded(client, transfer: ObjectTransfer, run: RunConfig, settled: se
         except BridgeError as exc:
             if exc.status != 409:
                 raise
+        except Exception:
+            log.exception("disputed checkpoint round %d stage %d: recomputation failed", d.round, d.stage)
+            continue
         settled.add((d.round, d.stage))
         n += 1
     return n
@@ -202,9 +211,16 @@ def sharded_pseudo_gradient(transfer: ObjectTransfer, run: RunConfig, view: Sync
         return None
     cfg = sync_settings(run)
     lay = cfg.layout(shapes)
+    if not len(piece.shas) == len(piece.urls) == len(lay):
+        raise StateError(f"{hotkey} reported {len(piece.shas)} pieces, the stage has {len(lay)} shards")
     flat = torch.empty(lay.total, dtype=torch.float32)
     for s, ((a, b), sha, url) in enumerate(zip(lay, piece.shas, piece.urls)):
-        blob = transfer.get_verified(url, sha, encoded_size(b - a, cfg.pg), f"shard {s} of {hotkey}")
+        try:
+            blob = transfer.get_verified(url, sha, encoded_size(b - a, cfg.pg), f"shard {s} of {hotkey}")
+        except TransferError as exc:
+            if exc.status == 413:  # larger than the shard's exact size: a property of the object
+                raise StateError(f"shard {s} of {hotkey}: {exc}") from None
+            raise
         flat[a:b] = decode(blob, b - a, cfg.pg, device=device).cpu()
     out, off = {}, 0
     for n in sorted(shapes):

@@ -34,6 +34,7 @@ class MinerStatus:
         self._applied: set = set()
         self.duplicate_steps = 0
         self.listeners: list = []  # called as f(seconds, hop) per computed hop (metrics)
+        self.requests = None  # a neurons.request_log.RequestLog: its summary goes into `summary()`
 
     def record_step(self, key: tuple) -> None:
         """Count an applied optimizer step; a (round, inner_step) applied twice is a bug we report."""
@@ -76,7 +77,8 @@ class MinerStatus:
                 "bytes_up": self.transfer.bytes_up, "bytes_down": self.transfer.bytes_down,
                 "net_seconds": self.transfer.seconds_up + self.transfer.seconds_down,
                 "steps": self.steps, "duplicate_steps": self.duplicate_steps, "bad_inputs": self.bad_inputs,
-                "step_mismatches": self.step_mismatches, "last_loss": self.last_loss}
+                "step_mismatches": self.step_mismatches, "last_loss": self.last_loss,
+                **({"requests": self.requests.summary()} if self.requests is not None else {})}
 
     def maybe_print(self, rnd: int, inner_step: int) -> None:
         """Log the status line if `every` seconds passed since the last one."""

@@ -21,11 +21,11 @@ from protocol.sync_api import SyncView, UpdateRef
 from resbm.outer import OuterError
 from resbm.shard_merge import apply_shard, zero_momentum
 from resbm.shards import ShardLayout
-from resbm.sync_state import load_checkpoint, unpack_update, update_size
-from neurons.shard_sync import SyncSettings
+from resbm.sync_state import load_checkpoint
+from neurons.shard_sync import SyncSettings, read_update
 from neurons.transfer import ObjectTransfer, TransferError
 
-__all__ = ["SyncStart", "get_view", "wait_view", "fetch_update", "start_of_round", "advance", "state_sha"]
+__all__ = ["GONE", "SyncStart", "get_view", "wait_view", "fetch_update", "start_of_round", "advance", "state_sha"]
 
 log = logging.getLogger("sync")
 
@@ -49,15 +49,7 @@ def get_view(client, rnd: int, stage: int) -> SyncView:
 def fetch_update(transfer: ObjectTransfer, ref: UpdateRef, rng: tuple[int, int],
                  cfg: SyncSettings, what: str, device: torch.device | str = "cpu") -> tuple[float, torch.Tensor]:
     """(clip reference, vector on `device`) of a decided update, from any agreeing merger's copy."""
-    n = rng[1] - rng[0]
-    last: Exception | None = None
-    for url in [ref.url, *ref.alt_urls]:
-        try:
-            blob = transfer.get_verified(url, ref.sha256, update_size(n, cfg.merged), what)
-            return unpack_update(blob, n, cfg.merged, device=device)
-        except (TransferError, OuterError) as exc:
-            last = exc
-    raise TransferError(f"{what}: no copy is readable ({last})")
+    return read_update(transfer, [ref.url, *ref.alt_urls], ref.sha256, rng[1] - rng[0], cfg.merged, what, device)
 
 
 def advance(transfer: ObjectTransfer, state: SyncStart, lay: ShardLayout, cfg: SyncSettings,
@@ -113,9 +105,14 @@ def _checkpoint_blob(transfer: ObjectTransfer, view: SyncView, max_bytes: int) -
     raise TransferError(f"checkpoint {ck.sha256[:10]}.. unreadable ({last})")
 
 
+GONE = ("updates_pruned", "not_kept", "not_sharded")  # the view of that round will never come
+
+
 def wait_view(client, rnd: int, stage: int, ready: Callable[[SyncView], bool],
               stop, poll: float = 0.2) -> SyncView | None:
-    """Poll the view until `ready(view)` (None when `stop` is set first)."""
+    """Poll the view until `ready(view)`; None when `stop` is set first, or when the round is
+    no longer kept (we fell behind past the bridge's update log: catch up from the latest
+    checkpoint instead of asking for it until the run ends)."""
     while not stop.is_set():
         try:
             v = get_view(client, rnd, stage)
@@ -124,6 +121,10 @@ def wait_view(client, rnd: int, stage: int, ready: Callable[[SyncView], bool],
         except BridgeError as exc:
             if exc.status != 409:
                 raise
+            if exc.code in GONE:
+                log.warning("round %d stage %d is no longer kept (%s): catching up from the latest checkpoint",
+                            rnd, stage, exc.code)
+                return None
         stop.wait(poll)
     return None
 

@@ -14,11 +14,12 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import urllib3
 
-__all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer"]
+__all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer", "read_bounded"]
 
 log = logging.getLogger(__name__)
 _RETRYABLE = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -34,6 +35,20 @@ class TransferError(RuntimeError):
 
 class HashMismatch(TransferError):
     """The downloaded bytes are not the ones whose sha256 was recorded."""
+
+
+def read_bounded(chunks: Iterable[bytes], max_bytes: int, what: str,
+                 on_bytes: Callable[[int], None] | None = None) -> bytes:
+    """The chunks joined; TransferError (413) as soon as they pass `max_bytes` (`on_bytes`: progress)."""
+    out, n = [], 0
+    for chunk in chunks:
+        n += len(chunk)
+        if n > max_bytes:
+            raise TransferError(f"{what} exceeds {max_bytes} bytes", 413)
+        out.append(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+    return b"".join(out)
 
 
 class LinkEmulator:
@@ -81,7 +96,10 @@ class TransferStats:
 
 
 class ObjectTransfer:
-    """GET and PUT against presigned URLs with retries and a hard size cap on downloads."""
+    """GET and PUT against presigned URLs with retries and a hard size cap on downloads.
+
+    `on_request(method, url, nbytes, t0, t1, ok, tries)`, when set, hears of every GET and PUT as
+    it ends (the miner's request counters); it must be quick and must not raise."""
 
     def __init__(self, link: LinkEmulator | None = None, tries: int = 5, timeout: float = 60.0):
         self.link = link or LinkEmulator()
@@ -90,6 +108,22 @@ class ObjectTransfer:
         # One keep-alive pool for every thread (hop downloads, uploads, the sync's pieces).
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=32, retries=False,
                                          timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout))
+        self.on_bytes: Callable[[int], None] | None = None  # told each chunk a download receives (progress)
+        self.on_request = None
+        self._attempts = threading.local()
+
+    def _observed(self, method: str, url: str, fn, sent: int = 0):
+        """Run `fn` (one whole GET or PUT of `sent` bytes) and tell `on_request` how it went."""
+        if self.on_request is None:
+            return fn()
+        t0, ok, result = time.monotonic(), False, None
+        try:
+            result = fn()
+            ok = True
+            return result
+        finally:
+            n = len(result) if isinstance(result, bytes) else sent
+            self.on_request(method, url, n, t0, time.monotonic(), ok, getattr(self._attempts, "n", 1))
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -97,6 +131,9 @@ class ObjectTransfer:
 
     def get(self, url: str, max_bytes: int) -> bytes:
         """Download at most `max_bytes`; a larger object raises TransferError without reading it all."""
+        return self._observed("GET", url, lambda: self._get(url, max_bytes))
+
+    def _get(self, url: str, max_bytes: int) -> bytes:
         t0 = time.monotonic()
         data = self._retry(lambda: self._get_once(url, max_bytes), "GET")
         self.link.delay(len(data))
@@ -112,8 +149,10 @@ class ObjectTransfer:
             declared = r.headers.get("content-length")
             if declared is not None and int(declared) > max_bytes:
                 raise TransferError(f"object is {declared} bytes, more than the {max_bytes} allowed", 413)
-            # With a declared length this is one buffer filled straight from the socket.
-            data = r.read(max_bytes + 1)
+            if self.on_bytes is not None:  # progress wanted: read in chunks and tell each one
+                data = read_bounded(r.stream(1 << 20), max_bytes, "object", self.on_bytes)
+            else:  # with a declared length this is one buffer filled straight from the socket
+                data = r.read(max_bytes + 1)
             if len(data) > max_bytes:
                 raise TransferError(f"object exceeds {max_bytes} bytes", 413)
             if declared is not None and len(data) != int(declared):
@@ -134,6 +173,9 @@ class ObjectTransfer:
 
     def put(self, url: str, data: bytes) -> None:
         """Upload `data` to a presigned PUT URL (signed for exactly this length), sent from memory as is."""
+        self._observed("PUT", url, lambda: self._put(url, data), sent=len(data))
+
+    def _put(self, url: str, data: bytes) -> None:
         def once() -> None:
             r = self._pool.request("PUT", url, body=data, headers={"content-length": str(len(data))})
             if r.status not in (200, 201, 204):
@@ -148,6 +190,7 @@ class ObjectTransfer:
     def _retry(self, fn, what: str):
         delay = 0.2
         for attempt in range(1, self.tries + 1):
+            self._attempts.n = attempt
             try:
                 return fn()
             except TransferError as exc:

@@ -33,6 +33,9 @@ def check_round_merges(transfer: ObjectTransfer, run: RunConfig, hoplog: HopLog)
             log.warning("round %d stage %d: merge not recomputed (%s); nobody judged", hoplog.round,
                         stage, exc)
             continue
+        except Exception:  # a peer's input we did not foresee must not end the validator's thread
+            log.exception("round %d stage %d: merge check failed; nobody judged", hoplog.round, stage)
+            continue
         v = judge_merge(outcome, votes)
         log.info("round %d stage %d: merge recomputed (%s..), %d vote(s) agree, %d fail", hoplog.round,
                  stage, v.sha[:10], len(v.agreed), len(v.failed))
@@ -54,6 +57,9 @@ def settle_disputes(client: BridgeClient, transfer: ObjectTransfer, run: RunConf
             outcome = recompute_stage(transfer, run, d.stage, d.start, d.items)
         except (TransferError, OuterError) as exc:
             log.warning("dispute round %d stage %d: cannot recompute (%s)", d.round, d.stage, exc)
+            continue
+        except Exception:  # one dispute's inputs must never end the validator's thread
+            log.exception("dispute round %d stage %d: recomputation failed", d.round, d.stage)
             continue
         try:
             ack = client.arbitrate(Arbitration(round=d.round, stage=d.stage, sha256=outcome.sha))

@@ -1,6 +1,7 @@
 """`BridgeClient`: one typed method per bridge route, signed by `SignedClient`, answers as models."""
 from __future__ import annotations
 
+import time
 from typing import Any, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -17,12 +18,27 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class BridgeClient(SignedClient):
-    """A `SignedClient` that knows the route table: `client.lease(req)` -> `LeaseResponse`."""
+    """A `SignedClient` that knows the route table: `client.lease(req)` -> `LeaseResponse`.
+
+    `on_call(route_name, req, answer_or_None, t0, t1, ok, tries)`, when set, hears of every call
+    as it ends (the miner's request counters); it must be quick and must not raise."""
+
+    on_call = None
 
     def call(self, r: Route, req: Optional[BaseModel] = None) -> Any:
         """Send `req` on route `r` and validate the answer as the route's response model."""
         if r.request is not None and not isinstance(req, r.request):
             raise TypeError(f"{r.name} takes a {r.request.__name__}, got {type(req).__name__}")
+        if self.on_call is None:
+            return self._call(r, req)
+        t0, answer = time.monotonic(), None
+        try:
+            answer = self._call(r, req)
+            return answer
+        finally:
+            self.on_call(r.name, req, answer, t0, time.monotonic(), answer is not None, self.last_tries)
+
+    def _call(self, r: Route, req: Optional[BaseModel]) -> Any:
         if r.method == "GET":
             params = None
             if req is not None:

@@ -37,6 +37,9 @@ class Exit(enum.IntEnum):
     S3_CREDENTIALS = 14       # S3 rejects the access key or secret
     DEVICE = 15               # --device names a device this machine lacks
     BRIDGE_MISMATCH = 16      # the bridge serves another netuid or chain than the neuron's
+    NO_NETNS = 17             # kernel links asked for, but network namespaces cannot be made here
+    DATABASE = 18             # the bridge's --db cannot be opened (PostgreSQL down, refused, no driver)
+    MODEL_UNAVAILABLE = 19    # no verifiable published model for the round asked (resbm-export)
 
 
 class Misconfigured(Exception):

@@ -33,10 +33,12 @@ S = TypeVar("S", bound="CommonSettings")
 
 
 def flag(default: Any, help: str, name: Optional[str] = None, aliases: Sequence[str] = (),
-         choices: Optional[Sequence[str]] = None) -> Any:
+         choices: Optional[Sequence[str]] = None, repeat: bool = False) -> Any:
     """A settings field with its help text, its flag name (default: the field name with dashes)
-    and deprecated alias flags."""
-    extra = {"flag": name, "aliases": list(aliases), "choices": list(choices) if choices else None}
+    and deprecated alias flags; `repeat`: the flag may be given several times (a str field
+    then holds the values comma-separated, as its environment variable does)."""
+    extra = {"flag": name, "aliases": list(aliases), "choices": list(choices) if choices else None,
+             "repeat": repeat}
     return Field(default, description=help, json_schema_extra=extra)
 
 
@@ -106,6 +108,9 @@ def build_parser(model: type[CommonSettings], prog: str, description: str) -> ar
         typ = _scalar_type(info.annotation)
         if typ is bool:
             p.add_argument(*names, dest=name, action="store_true", help=help_text)
+        elif (info.json_schema_extra or {}).get("repeat"):
+            p.add_argument(*names, dest=name, action="append", help=help_text,
+                           metavar=primary.split(".")[-1].upper().replace("-", "_"))
         else:
             p.add_argument(*names, dest=name, type=typ, choices=choices, help=help_text,
                            metavar=primary.split(".")[-1].upper().replace("-", "_"))
@@ -119,6 +124,7 @@ def load_settings(model: type[S], argv: Optional[Sequence[str]] = None, *, prog:
     import os
     args = vars(build_parser(model, prog, description).parse_args(
         list(sys.argv[1:] if argv is None else argv)))
+    args = {k: ",".join(v) if isinstance(v, list) else v for k, v in args.items()}  # repeated
     env_file = args.pop("env_file", None) or os.environ.get(ENV_PREFIX + "ENV_FILE") or ".env"
     if env_file != ".env" and not Path(env_file).is_file() and env_file != os.devnull:
         raise Misconfigured(Exit.CONFIG_FILE, f"--env-file {env_file} does not exist; "

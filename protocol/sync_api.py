@@ -13,6 +13,11 @@ Routes (all signed; miners and validators alike unless noted):
   votes "keep").
 - `GET sync_disputes` / `POST sync_arbitrate`: validators only; disputed shards, and the sha256 a
   validator's recomputation of one reached.
+
+Every size named in these messages must be the object's exact size (a piece: `resbm.sync_codec.
+encoded_size(n, sync_codec)`, a merged update: 4 more bytes in `sync_merged_codec`, "keep": 0) and
+every shard index in 0..sync_shards-1; the bridge refuses anything else before any store access
+(docs/CONTRACTS.md, "Sharded replica sync").
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ __all__ = [
     "Ack",
 ]
 
-PROTOCOL_VERSION = "resbm/3"  # 3: sharded sync, zero-update screening, rejoin rule: merges must agree
+PROTOCOL_VERSION = "resbm/4"  # 4: unanimous-or-dispute votes, exact sync sizes, re-registration rule, batched Muon numerics
 
 LeaseAction = Literal["work", "wait", "step", "merge", "reassign", "done"]
 FailReason = Literal["bad_hash", "bad_shape", "nonfinite", "missing", "other"]

@@ -9,14 +9,20 @@ from typing import Any
 from . import codec
 from .data import VOCAB_SIZE
 
-__all__ = ["BOUNDARY_KINDS", "BOUNDARY_VARIANTS", "DEFAULT_BOTTLENECK_RATIO", "PRESETS", "ModelConfig"]
+__all__ = ["BOUNDARY_KINDS", "BOUNDARY_VARIANTS", "DEFAULT_BOTTLENECK_RATIO", "DEFAULT_RESBM_VARIANT", "PRESETS",
+           "ModelConfig"]
 
 BOUNDARY_KINDS: tuple[str, ...] = ("none", "naive", "resbm", "resbm-iota")
+DEFAULT_RESBM_VARIANT = "postnorm"
+"""The default boundary's variant: `postnorm`, or `postnorm-fused`, the same formula and parameters
+computed by two autograd functions that keep less for the backward (resbm/boundary_fused.py).
+Switching between the two is this one line (then re-run the audit calibration: rounding differs)."""
 # kind -> variants; the first one is the default. boundary.py documents what each variant computes.
 BOUNDARY_VARIANTS: dict[str, tuple[str, ...]] = {
     "none": ("identity",),
     "naive": ("normed",),
-    "resbm": ("postnorm", "normed", "literal", "postnorm-fused"),
+    "resbm": (DEFAULT_RESBM_VARIANT,
+              *(v for v in ("postnorm", "normed", "literal", "postnorm-fused") if v != DEFAULT_RESBM_VARIANT)),
     "resbm-iota": ("fused-mlp",),
 }
 DEFAULT_BOTTLENECK_RATIO = 128

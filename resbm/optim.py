@@ -1,4 +1,10 @@
-"""Inner optimizers: Muon for hidden matrices, AdamW for the rest, one warmup + cosine schedule."""
+"""Inner optimizers: Muon for hidden matrices, AdamW for the rest, one warmup + cosine schedule.
+
+Muon is `resbm.muon.BatchedMuon` (torch.optim.Muon's update, Newton-Schulz batched per shape);
+`muon_impl="torch"` builds torch.optim.Muon itself (the same function, one matrix at a time).
+AdamW runs torch's fused kernel when every parameter is on a CUDA device. Neither reads a value
+back to the host, so a step is queued without a device sync.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,11 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .muon import BatchedMuon
+
 __all__ = ["InnerOptimizer", "OptimConfig", "build_optimizer", "lr_multiplier", "split_params"]
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_KINDS = ("muon", "adamw")
+MUON_IMPLS = ("batched", "torch")
 _ADAMW_ONLY_MODULES = frozenset({"embed", "head"})
 
 
@@ -100,9 +109,14 @@ def split_params(module: nn.Module) -> tuple[list[str], list[str]]:
 
 
 class InnerOptimizer:
-    """Muon + AdamW (or AdamW alone) stepped together on one lr schedule."""
+    """Muon + AdamW (or AdamW alone) stepped together on one lr schedule. `muon_impl` picks the Muon
+    implementation ('batched' or 'torch'); `fused_adamw` None means fused exactly when every
+    parameter is on CUDA (set it after moving the module to its device)."""
 
-    def __init__(self, module: nn.Module, ocfg: OptimConfig) -> None:
+    def __init__(self, module: nn.Module, ocfg: OptimConfig, muon_impl: str = "batched",
+                 fused_adamw: bool | None = None) -> None:
+        if muon_impl not in MUON_IMPLS:
+            raise ValueError(f"muon_impl must be one of {list(MUON_IMPLS)}, got {muon_impl!r}")
         self.ocfg = ocfg
         params = dict(module.named_parameters())
         muon_names, adamw_names = split_params(module)
@@ -114,15 +128,20 @@ class InnerOptimizer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._base_lr: dict[str, list[float]] = {}
         if muon_names:
-            self.optimizers["muon"] = torch.optim.Muon(
+            muon_cls = BatchedMuon if muon_impl == "batched" else torch.optim.Muon
+            self.optimizers["muon"] = muon_cls(
                 [params[n] for n in muon_names], lr=ocfg.muon_lr, weight_decay=wd,
                 momentum=ocfg.muon_momentum, nesterov=True, adjust_lr_fn="original")
             self._base_lr["muon"] = [ocfg.muon_lr]
         groups = [{"params": [params[n] for n in decay], "weight_decay": wd},
                   {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
+        if fused_adamw is None:
+            fused_adamw = bool(adamw_names) and all(params[n].is_cuda for n in adamw_names)
+        self._adamw_flags = {"fused": True} if fused_adamw else {"fused": None}
         if groups:
-            self.optimizers["adamw"] = torch.optim.AdamW(groups, lr=ocfg.adamw_lr, betas=ocfg.adamw_betas)
+            self.optimizers["adamw"] = torch.optim.AdamW(groups, lr=ocfg.adamw_lr, betas=ocfg.adamw_betas,
+                                                         **self._adamw_flags)
             self._base_lr["adamw"] = [ocfg.adamw_lr] * len(groups)
         self.param_names = {"muon": muon_names, "adamw": decay + no_decay}
         log.debug("optimizer %s: %d Muon tensors, %d AdamW tensors", ocfg.kind, len(muon_names),
@@ -147,6 +166,11 @@ class InnerOptimizer:
         for opt in self.optimizers.values():
             opt.step()
 
+    def step_part(self, part: str) -> None:
+        """Step one part ('muon' or 'adamw', if present) at the lr set_lr last set (for timing each)."""
+        if part in self.optimizers:
+            self.optimizers[part].step()
+
     def state_dict(self) -> dict[str, Any]:
         """{'muon': ..., 'adamw': ...} torch optimizer state dicts (see checkpoint.py to store them)."""
         return {key: opt.state_dict() for key, opt in self.optimizers.items()}
@@ -157,8 +181,17 @@ class InnerOptimizer:
             raise ValueError(f"optimizer state has parts {sorted(state)}, expected {sorted(self.optimizers)}")
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state[key])
+        adamw = self.optimizers.get("adamw")
+        if adamw is not None:  # the kernel choice is this process's, not the saver's
+            for group in adamw.param_groups:
+                group.update(self._adamw_flags)
+            if self._adamw_flags["fused"]:  # the fused kernel keeps its step counts on the device
+                for p, st in adamw.state.items():
+                    if isinstance(st.get("step"), torch.Tensor):
+                        st["step"] = st["step"].to(p.device, torch.float32)
 
 
-def build_optimizer(module: nn.Module, ocfg: OptimConfig) -> InnerOptimizer:
-    """The inner optimizer of a model or stage for the given settings."""
-    return InnerOptimizer(module, ocfg)
+def build_optimizer(module: nn.Module, ocfg: OptimConfig, muon_impl: str = "batched",
+                    fused_adamw: bool | None = None) -> InnerOptimizer:
+    """The inner optimizer of a model or stage for the given settings (see InnerOptimizer)."""
+    return InnerOptimizer(module, ocfg, muon_impl=muon_impl, fused_adamw=fused_adamw)

@@ -9,6 +9,8 @@ move between the model and its stages by key.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +20,8 @@ from .boundary import RMSNorm, build_boundary
 from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
 
-__all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "run_pipeline",
-           "stage_param_names", "stage_state_dict"]
+__all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "pipeline_logits", "pipeline_loss",
+           "run_pipeline", "stage_param_names", "stage_param_shapes", "stage_state_dict"]
 
 
 class Stage(nn.Module):
@@ -94,6 +96,12 @@ def stage_param_names(cfg: ModelConfig, stage: int) -> list[str]:
         return list(Stage(cfg, stage).state_dict().keys())
 
 
+def stage_param_shapes(cfg: ModelConfig, stage: int) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of `stage` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return {n: tuple(t.shape) for n, t in Stage(cfg, stage).state_dict().items()}
+
+
 def stage_state_dict(model_state: dict[str, torch.Tensor], cfg: ModelConfig, stage: int
                      ) -> dict[str, torch.Tensor]:
     """The entries of a full model state dict that belong to `stage`."""
@@ -121,6 +129,19 @@ def merge_stage_states(states: list[dict[str, torch.Tensor]], cfg: ModelConfig) 
     return merged
 
 
+@torch.no_grad()
+def pipeline_logits(stages: list[Stage], tokens: torch.Tensor,
+                    wire: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of the stages run in sequence; `wire(code)` (optional) is what each code
+    becomes on its way to the next stage (say, a codec encode + decode)."""
+    x = tokens
+    for stage in stages[:-1]:
+        x = stage(x, tokens=tokens)
+        if wire is not None:
+            x = wire(x)
+    return stages[-1](x, tokens=tokens)
+
+
 @dataclass
 class PipelineResult:
     """Loss of one micro-batch, plus the codes sent forward and gradients sent back per boundary."""
@@ -130,27 +151,41 @@ class PipelineResult:
     code_grads: list[torch.Tensor] = field(default_factory=list)
 
 
-def run_pipeline(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
-                 backward: bool = True) -> PipelineResult:
-    """Run the stages in sequence as the network would: each stage gets a detached copy of the
-    code (and the tokens, for re-injection); backward goes last to first, passing each boundary's
-    input gradient (accumulating .grad)."""
+def _forward_backward(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor, backward: bool,
+                      amp: torch.dtype | None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(loss, codes sent forward, code gradients sent back); forwards under autocast(amp) when given,
+    backwards outside it (as a miner runs them)."""
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     x = tokens
-    for stage in stages[:-1]:
-        out = stage(x, tokens=tokens)
-        outputs.append(out)
-        x = out.detach().requires_grad_(backward)
-        inputs.append(x)
-    loss = stages[-1](x, targets, tokens=tokens)
-    result = PipelineResult(loss=float(loss.detach()), codes=[o.detach() for o in outputs])
+    with torch.autocast(tokens.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        for stage in stages[:-1]:
+            out = stage(x, tokens=tokens)
+            outputs.append(out)
+            x = out.detach().requires_grad_(backward)
+            inputs.append(x)
+        loss = stages[-1](x, targets, tokens=tokens)
     if not backward:
-        return result
+        return loss.detach(), outputs, []
     loss.backward()
     grads: list[torch.Tensor] = [torch.empty(0)] * len(outputs)
     for b in reversed(range(len(outputs))):
         grads[b] = inputs[b].grad
         outputs[b].backward(grads[b])
-    result.code_grads = grads
-    return result
+    return loss.detach(), outputs, grads
+
+
+def run_pipeline(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
+                 backward: bool = True) -> PipelineResult:
+    """Run the stages in sequence as the network would: each stage gets a detached copy of the
+    code (and the tokens, for re-injection); backward goes last to first, passing each boundary's
+    input gradient (accumulating .grad)."""
+    loss, outputs, grads = _forward_backward(stages, tokens, targets, backward, None)
+    return PipelineResult(loss=float(loss), codes=[o.detach() for o in outputs], code_grads=grads)
+
+
+def pipeline_loss(stages: list[Stage], tokens: torch.Tensor, targets: torch.Tensor,
+                  amp: torch.dtype | None = None) -> torch.Tensor:
+    """run_pipeline's forward and backward of one micro-batch (forwards under autocast to `amp` when
+    given), returning the detached loss as a tensor: nothing is read back, so no device sync."""
+    return _forward_backward(stages, tokens, targets, True, amp)[0]

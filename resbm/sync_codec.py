@@ -25,7 +25,7 @@ from safetensors.torch import save as _st_save
 
 from resbm.outer import StateError
 
-__all__ = ["CODECS", "Codec", "parse_codec", "encode", "decode", "roundtrip", "encoded_size", "blob_sha"]
+__all__ = ["CODECS", "Codec", "parse_codec", "encode", "decode", "roundtrip", "encoded_size", "check_sizes", "blob_sha"]
 
 CODECS = ("fp32", "int8", "int4", "int2")
 
@@ -121,9 +121,11 @@ def decode(blob: bytes, n: int, c: Codec, max_bytes: int | None = None,
     StateError when it does not."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise StateError(f"expected bytes, got {type(blob).__name__}")
-    limit = encoded_size(n, c) if max_bytes is None else max_bytes
-    if len(blob) > limit:
-        raise StateError(f"shard object is {len(blob)} bytes, over the {limit} its codec allows")
+    want = encoded_size(n, c)
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise StateError(f"shard object is {len(blob)} bytes, over the {max_bytes} allowed")
+    if len(blob) != want:  # oversized or truncated: refused before parsing
+        raise StateError(f"shard object is {len(blob)} bytes; {n} {c.name} values encode to exactly {want}")
     try:
         d = _st_load(bytes(blob))
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -174,10 +176,37 @@ def roundtrip(x: torch.Tensor, c: Codec) -> torch.Tensor:
 
 
 def encoded_size(n: int, c: Codec) -> int:
-    """Upper bound on the byte length of encode() of an n-value vector (header included)."""
+    """The exact byte length of encode() of any n-value vector under `c` (header included).
+
+    encode() writes fixed names, dtypes and shapes, so the length depends on (n, codec) alone:
+    8 bytes of header length, the safetensors JSON header (tensors ordered by dtype size, then
+    name; padded with spaces to a multiple of 8), then the data. `check_sizes` compares this with
+    a real encode; the bridge runs it at start-up and ties every sync grant to these sizes."""
+    if n < 1:
+        raise ValueError(f"a shard has at least one value, got n={n}")
+    entries = [("h", "I64", 3, 24)]
     if c.name == "fp32":
-        return 4 * n + 512
-    return math.ceil(n * c.bits / 8) + 4 * max(1, math.ceil(n / c.block)) + 512
+        entries.append(("x", "F32", n, 4 * n))
+    else:
+        nb, nq = max(1, math.ceil(n / c.block)), math.ceil(n * c.bits / 8)
+        entries += [("s", "F32", nb, 4 * nb), ("q", "U8", nq, nq)]
+    off, parts = 0, []
+    for name, dtype, k, nbytes in entries:
+        parts.append(f'"{name}":{{"dtype":"{dtype}","shape":[{k}],"data_offsets":[{off},{off + nbytes}]}}')
+        off += nbytes
+    header = len("{" + ",".join(parts) + "}")
+    return 8 + header + (-header) % 8 + off
+
+
+def check_sizes(lengths: tuple[int, ...] = (1, 9, 257, 4099)) -> None:
+    """RuntimeError when encoded_size disagrees with a real encode (another safetensors layout)."""
+    for name in CODECS:
+        c = Codec(name, 64)
+        for n in lengths:
+            have = len(encode(torch.zeros(n), c))
+            if have != encoded_size(n, c):
+                raise RuntimeError(f"safetensors writes {have} bytes for {n} {name} values, resbm.sync_codec "
+                                   f"computes {encoded_size(n, c)}: this safetensors version is unsupported")
 
 
 def blob_sha(blob: bytes) -> str:

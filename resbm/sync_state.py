@@ -36,7 +36,7 @@ def pack_update(vec: torch.Tensor, ref: float, codec: Codec) -> bytes:
 
 
 def update_size(n: int, codec: Codec) -> int:
-    """Upper bound of pack_update's length for a shard of n values."""
+    """The exact length of pack_update for a shard of n values (the only size a merged update may have)."""
     return _REF.size + encoded_size(n, codec)
 
 

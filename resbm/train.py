@@ -1,24 +1,31 @@
 """Single-process reference trainer: every stage in sequence, exactly as the pipeline computes it.
 
     python -m resbm.train --preset small --steps 200
+    python -m resbm.train --preset 1b --device cuda --amp --batch-size 16 --accum 4 --steps 40 --val-every 0
 
 Step t consumes micro-batches with sample ids t*A .. t*A+A-1 from `data.batch(seed, id)`.
 Each micro-batch's unscaled loss is backpropagated through the stages (codes and gradients
 pass through the wire fake-quantiser); before the optimizer step the accumulated gradients are
 divided by the number of micro-batches, so they are the mean over the step's samples, as
-miners compute them.
+miners compute them. `resbm.trainer.Trainer` runs a step without reading anything back from the
+device; losses are read every `log_every` steps.
 
 With `outer_every=H` the trainer also runs the DiLoCo-style round structure of the subnet: every
-H inner steps each stage takes an outer step with `resbm.outer` (pseudo-gradient, merge over its
-one replica, Nesterov) exactly as a miner does, and the inner optimizer starts fresh. Round r then
-consumes sample ids r*H*A .. (r+1)*H*A-1, the ids the bridge mints for round r when
-samples_per_round = H*A.
+H inner steps each stage takes an outer step (pseudo-gradient, merge over its one replica,
+Nesterov) exactly as a miner does, computed on the weights' device (`resbm.outer_local`), and the
+inner optimizer starts fresh. Round r then consumes sample ids r*H*A .. (r+1)*H*A-1, the ids the
+bridge mints for round r when samples_per_round = H*A.
+
+Throughput: `tokens_per_s` and `mfu` cover every step; `steady_tokens_per_s` and `steady_mfu`
+exclude the first `timing_warmup` steps (kernel selection, allocator growth, compilation) and the
+time spent validating and checkpointing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,27 +33,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data, outer
+from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BOUNDARY_KINDS, PRESETS, ModelConfig
 from .device import pick_device
-from .optim import OptimConfig, build_optimizer
-from .robust_merge import MergeParams, robust_merge
-from .stages import build_stages, merge_stage_states, run_pipeline, stage_state_dict
+from .evaluate import evaluate_lm
+from .optim import MUON_IMPLS, OptimConfig
+from .outer_local import one_replica_merge_is_identity
+from .stages import build_stages, merge_stage_states, pipeline_logits, run_pipeline, stage_state_dict
+from .timing import mfu, peak_flops, synchronize
+from .trainer import LoopSettings, Trainer
 
 __all__ = ["evaluate", "main", "train"]
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s by GPU name fragment, for the MFU estimate.
-_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+_peak_flops = peak_flops  # the name scripts/bench_gpu_subnet.py imports
 
 
 def _progress(steps: range, show: bool) -> Any:
@@ -67,12 +69,55 @@ class _Quiet(list):
         pass
 
 
-@torch.no_grad()
 def evaluate(stages: list[nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device) -> float:
-    """Mean loss of the stages over (tokens, targets) batches."""
-    losses = [run_pipeline(stages, t.to(device), y.to(device), backward=False).loss for t, y in batches]
-    return sum(losses) / len(losses)
+    """Mean held-out loss (nats/token) of the stages run in sequence: resbm.evaluate's figure."""
+    return evaluate_lm(lambda t: pipeline_logits(stages, t), batches, device=device).loss
+
+
+class _Clock:
+    """Wall time of the steady-state steps: starts after the warm-up, pauses for validation/checkpoints."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.paused, self.steps = device, None, 0.0, 0
+
+    def begin(self) -> None:
+        synchronize(self.device)
+        self.start = time.perf_counter()
+
+    def pause_for(self, fn: Any) -> Any:
+        synchronize(self.device)
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.paused += time.perf_counter() - t
+
+    def seconds(self) -> float | None:
+        if self.start is None:
+            return None
+        synchronize(self.device)
+        return time.perf_counter() - self.start - self.paused
+
+
+def _check_settings(*, steps: int, batch_size: int, accum: int, log_every: int, timing_warmup: int,
+                    outer_every: int, resume: str | None, merge_method: str, clip_factor: float, muon_impl: str,
+                    amp: bool, dev: torch.device) -> None:
+    """Raise ValueError naming the first setting train() cannot run with."""
+    if steps < 0 or batch_size < 1 or accum < 1 or log_every < 1 or timing_warmup < 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, accum >= 1, log_every >= 1, timing_warmup >= 0; "
+                         f"got {steps}, {batch_size}, {accum}, {log_every}, {timing_warmup}")
+    if outer_every < 0:
+        raise ValueError(f"outer_every must be >= 0 (0 = no outer step), got {outer_every}")
+    if outer_every and resume:
+        raise ValueError("resume with outer_every is not supported: checkpoints hold no outer momentum")
+    if outer_every and not one_replica_merge_is_identity(merge_method, clip_factor):
+        raise ValueError(f"merge_method {merge_method!r} with clip_factor {clip_factor} does not apply to the "
+                         "reference's one replica per stage; use robust, mean, or clipped-mean with clip_factor >= 1")
+    if muon_impl not in MUON_IMPLS:
+        raise ValueError(f"muon_impl must be one of {list(MUON_IMPLS)}, got {muon_impl!r}")
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) needs a CUDA device, got {dev}; drop --amp or pick a CUDA device")
 
 
 def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 8, accum: int = 1,
@@ -80,105 +125,93 @@ def train(cfg: ModelConfig, ocfg: OptimConfig, steps: int, *, batch_size: int = 
           val_batches: int = 4, ckpt_dir: str | None = None, ckpt_every: int = 0,
           resume: str | None = None, progress: bool = True, amp: bool = False,
           outer_every: int = 0, outer_lr: float = 1.0, outer_momentum: float = 0.0,
-          merge_method: str = "clipped-mean", clip_factor: float = 2.0) -> dict[str, Any]:
+          merge_method: str = "clipped-mean", clip_factor: float = 2.0, compile: bool = False,
+          log_every: int = 10, timing_warmup: int = 2, muon_impl: str = "batched") -> dict[str, Any]:
     """Train for `steps` optimizer steps (total, counting resumed ones); returns the history dict
-    {step, loss, val_step, val_loss, tokens_per_s, wire_bytes_per_token, mfu}. `amp` runs the
-    forward under bf16 autocast (CUDA only; the exactness tests use fp32). `outer_every` > 0 adds
-    an outer step (outer_lr, outer_momentum, merge_method, clip_factor as in RunConfig) after
-    every `outer_every` inner steps, with a fresh inner optimizer each round."""
-    if steps < 0 or batch_size < 1 or accum < 1:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, accum >= 1; got {steps}, {batch_size}, {accum}")
-    if outer_every < 0:
-        raise ValueError(f"outer_every must be >= 0 (0 = no outer step), got {outer_every}")
-    if outer_every and resume:
-        raise ValueError("resume with outer_every is not supported: checkpoints hold no outer momentum")
+    {step, loss, val_step, val_loss, tokens_per_s, wire_bytes_per_token, mfu, steady_tokens_per_s,
+    steady_mfu, steady_steps, timing_warmup}. `amp` runs the forwards under bf16 autocast (CUDA only;
+    the exactness tests use fp32). `outer_every` > 0 adds an outer step (outer_lr, outer_momentum,
+    merge_method, clip_factor as in RunConfig) after every `outer_every` inner steps, with a fresh inner
+    optimizer each round. `compile` torch.compiles the blocks; losses are read every `log_every` steps."""
     dev = pick_device(device)
-    if amp and dev.type != "cuda":
-        raise ValueError(f"amp (bf16 autocast) needs a CUDA device, got {dev}")
+    _check_settings(steps=steps, batch_size=batch_size, accum=accum, log_every=log_every,
+                    timing_warmup=timing_warmup, outer_every=outer_every, resume=resume,
+                    merge_method=merge_method, clip_factor=clip_factor, muon_impl=muon_impl, amp=amp, dev=dev)
     stages = build_stages(cfg, seed=init_seed)
-    holder = nn.ModuleList(stages)
-    opt = build_optimizer(holder, ocfg)
+    for stage in stages:
+        stage.to(dev)
+    settings = LoopSettings(batch_size=batch_size, accum=accum, seed=seed, amp=amp, compile=compile,
+                            outer_every=outer_every, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                            muon_impl=muon_impl)
+    trainer = Trainer(stages, cfg, ocfg, dev, settings)
+    try:
+        return _run(trainer, steps, val_every=val_every, val_batches=val_batches, ckpt_dir=ckpt_dir,
+                    ckpt_every=ckpt_every, resume=resume, progress=progress, log_every=log_every,
+                    timing_warmup=timing_warmup)
+    finally:
+        trainer.close()
+
+
+def _run(trainer: Trainer, steps: int, *, val_every: int, val_batches: int, ckpt_dir: str | None,
+         ckpt_every: int, resume: str | None, progress: bool, log_every: int, timing_warmup: int
+         ) -> dict[str, Any]:
+    cfg, ocfg, dev, stages = trainer.cfg, trainer.ocfg, trainer.device, trainer.stages
+    accum, batch_size = trainer.settings.accum, trainer.settings.batch_size
     start = 0
-    holder.to(dev)
     if resume:
-        ckpt = load_checkpoint(resume, optimizer=opt, expect_config=cfg)
+        ckpt = load_checkpoint(resume, optimizer=trainer.opt, expect_config=cfg)
         for s, stage in enumerate(stages):
             stage.load_state_dict(stage_state_dict(ckpt.state, cfg, s))
         start = ckpt.step
         log.info("resumed from %s at step %d", resume, start)
     val_set = data.validation_batches(val_batches, batch_size, cfg.seq_len) if val_every else []
     hist: dict[str, Any] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
-    tokens_per_step = accum * batch_size * cfg.seq_len
-    rounds = _OuterRounds(stages, outer_every, outer_lr, outer_momentum, merge_method, clip_factor,
-                          accum) if outer_every else None
-    t0, done = time.perf_counter(), 0
+    pending: list[tuple[int, torch.Tensor]] = []
     bar = _progress(range(start, steps), progress)
+
+    def read_losses() -> None:  # the one device sync of a logging interval
+        if not pending:
+            return
+        rows = torch.stack([loss for _, loss in pending]).cpu().tolist()
+        for (step, _), row in zip(pending, rows):
+            hist["step"].append(step)
+            hist["loss"].append(sum(row) / accum)  # a Python sum of the fp32 values, as run_pipeline's floats
+        pending.clear()
+
+    t0, done = time.perf_counter(), 0
+    warm = min(timing_warmup, max(0, steps - start - 1))
+    clock = _Clock(dev)
     for step in bar:
-        opt.zero_grad()
-        total = 0.0
-        for m in range(accum):
-            tokens, targets = data.batch(seed, step * accum + m, batch_size, cfg.seq_len)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                total += run_pipeline(stages, tokens.to(dev), targets.to(dev)).loss
-        for p in holder.parameters():
-            if p.grad is not None:
-                p.grad.div_(accum)
-        opt.step(step)
-        if rounds is not None and (step + 1) % outer_every == 0:
-            rounds.outer_step()
-            opt = build_optimizer(holder, ocfg)  # inner optimizer state starts fresh each round
-        loss = total / accum
-        hist["step"].append(step)
-        hist["loss"].append(loss)
+        if done == warm:
+            clock.begin()
+        pending.append((step, trainer.step(step)))
         done += 1
-        tps = done * tokens_per_step / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-        if val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
-            vl = evaluate(stages, val_set, dev)
+        last = step + 1 == steps
+        if done % log_every == 0 or last:
+            read_losses()
+            tps = done * trainer.tokens_per_step / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{hist['loss'][-1]:.4f}", tok_s=f"{tps:,.0f}")
+        if val_every and ((step + 1) % val_every == 0 or last):
+            vl = clock.pause_for(lambda: evaluate(stages, val_set, dev))
             hist["val_step"].append(step + 1)
             hist["val_loss"].append(vl)
             log.info("step %d val loss %.4f", step + 1, vl)
         if ckpt_dir and ckpt_every and (step + 1) % ckpt_every == 0:
-            _save(ckpt_dir, stages, cfg, step + 1, opt, ocfg)
-    if ckpt_dir and done:
-        _save(ckpt_dir, stages, cfg, steps, opt, ocfg)
+            clock.pause_for(lambda: _save(ckpt_dir, stages, cfg, step + 1, trainer.opt, ocfg))
+    read_losses()
+    steady = clock.seconds()
     elapsed = time.perf_counter() - t0
-    hist["tokens_per_s"] = done * tokens_per_step / elapsed if done else 0.0
+    if ckpt_dir and done:
+        _save(ckpt_dir, stages, cfg, steps, trainer.opt, ocfg)
+    hist["tokens_per_s"] = done * trainer.tokens_per_step / elapsed if done else 0.0
     hist["wire_bytes_per_token"] = cfg.wire_bytes_per_token(batch_size) if cfg.n_stages > 1 else 0.0
-    peak = _peak_flops(dev)
-    hist["mfu"] = cfg.flops_per_token() * hist["tokens_per_s"] / peak if peak else None
+    hist["mfu"] = mfu(cfg.flops_per_token(), hist["tokens_per_s"], dev)
+    hist["timing_warmup"] = warm
+    hist["steady_steps"] = done - warm if steady is not None else 0
+    hist["steady_tokens_per_s"] = hist["steady_steps"] * trainer.tokens_per_step / steady if steady else None
+    hist["steady_mfu"] = (mfu(cfg.flops_per_token(), hist["steady_tokens_per_s"], dev)
+                          if hist["steady_tokens_per_s"] else None)
     return hist
-
-
-class _OuterRounds:
-    """Per-stage round start weights and outer momentum; the outer step as miners compute it."""
-
-    def __init__(self, stages: list[nn.Module], every: int, lr: float, momentum: float,
-                 method: str, clip_factor: float, samples_per_step: int) -> None:
-        self.stages, self.lr, self.mu = stages, lr, momentum
-        self.method, self.clip = method, clip_factor
-        self.samples = every * samples_per_step
-        self.start = [self._theta(s) for s in stages]
-        self.momentum: list[dict[str, torch.Tensor] | None] = [None] * len(stages)
-
-    @staticmethod
-    def _theta(stage: nn.Module) -> dict[str, torch.Tensor]:
-        sd = stage.state_dict()
-        return {n: sd[n].detach().to("cpu", torch.float32).clone() for n in sorted(sd)}
-
-    def outer_step(self) -> None:
-        """theta <- Nesterov(theta_start, merge([pseudo-gradient])) for every stage."""
-        for i, stage in enumerate(self.stages):
-            pg = outer.pseudo_gradient(self.start[i], self._theta(stage))
-            if self.method == "robust":  # the subnet's rule; with one replica it is the identity
-                merged, _ = robust_merge([(self.samples, pg)], None, MergeParams(clip_factor=self.clip))
-            else:
-                merged = outer.merge([(self.samples, pg)], method=self.method, clip_factor=self.clip)
-            theta, self.momentum[i] = outer.nesterov_step(self.start[i], merged, self.momentum[i],
-                                                          lr=self.lr, momentum_coef=self.mu)
-            with torch.no_grad():
-                stage.load_state_dict(theta, strict=True)
-            self.start[i] = self._theta(stage)
 
 
 def _save(ckpt_dir: str, stages: list[nn.Module], cfg: ModelConfig, step: int, opt: Any,
@@ -215,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history-out", default=None, help="write the loss history (and args) as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward (CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (opt-in; the first steps pay the compile time)")
+    p.add_argument("--muon-impl", default="batched", choices=MUON_IMPLS,
+                   help="Muon implementation: batched Newton-Schulz (resbm/muon.py) or torch.optim.Muon")
+    p.add_argument("--log-every", type=int, default=10, help="read the losses back every N steps (a device sync)")
+    p.add_argument("--timing-warmup", type=int, default=2,
+                   help="steps left out of the steady-state tokens/s and MFU (kernel selection, compilation)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -246,23 +286,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, ocfg = config_from_args(args)
+    try:  # a bad setting is one line and exit code 2 (USAGE, as argparse's own errors), no traceback
+        cfg, ocfg = config_from_args(args)
+        _check_settings(steps=args.steps, batch_size=args.batch_size, accum=args.accum, log_every=args.log_every,
+                        timing_warmup=args.timing_warmup, outer_every=0, resume=args.resume,
+                        merge_method="clipped-mean", clip_factor=2.0, muon_impl=args.muon_impl, amp=args.amp,
+                        dev=pick_device(args.device))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if pick_device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (CLI only)
     hist = train(cfg, ocfg, args.steps, batch_size=args.batch_size, accum=args.accum, seed=args.seed,
                  init_seed=args.init_seed, device=args.device, val_every=args.val_every,
                  val_batches=args.val_batches, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every,
-                 resume=args.resume, progress=not args.no_progress, amp=args.amp)
+                 resume=args.resume, progress=not args.no_progress, amp=args.amp, compile=args.compile,
+                 log_every=args.log_every, timing_warmup=args.timing_warmup, muon_impl=args.muon_impl)
     if args.history_out:
         record = {"args": {k: v for k, v in vars(args).items() if k not in ("history_out", "no_progress")},
                   **hist}
         Path(args.history_out).write_text(json.dumps(record, indent=1) + "\n")
     last = hist["loss"][-1] if hist["loss"] else float("nan")
     val = hist["val_loss"][-1] if hist["val_loss"] else float("nan")
-    mfu = f"{100 * hist['mfu']:.1f}%" if hist["mfu"] is not None else "n/a"
-    print(f"done: {args.steps} steps | loss {last:.4f} | val {val:.4f} | {hist['tokens_per_s']:,.0f} tok/s | "
-          f"wire {hist['wire_bytes_per_token']:.2f} B/token/boundary (fwd+bwd, {cfg.wire_codec}, "
-          f"k={cfg.code_dim}) | MFU {mfu}")
+    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a"  # noqa: E731
+    steady = (f"{hist['steady_tokens_per_s']:,.0f} tok/s, MFU {pct(hist['steady_mfu'])} over "
+              f"{hist['steady_steps']} steady-state steps (first {hist['timing_warmup']} excluded)"
+              if hist["steady_tokens_per_s"] else "no steady-state steps")
+    print(f"done: {args.steps} steps | loss {last:.4f} | val {val:.4f} | {hist['tokens_per_s']:,.0f} tok/s, "
+          f"MFU {pct(hist['mfu'])} over all steps | {steady} | wire {hist['wire_bytes_per_token']:.2f} "
+          f"B/token/boundary (fwd+bwd, {cfg.wire_codec}, k={cfg.code_dim})")
     return hist
 
 

@@ -5,9 +5,14 @@
 
 (a) resbm.train.train in this process, 1 thread; (b) the local subnet with the `none` boundary
 (uncompressed codes); (c) the local subnet with `resbm` at ratio r (k = d / r); (b) and (c) under an
-emulated link (`--link-mbps`, `--link-latency-ms`). Every miner runs with 1 thread. Prints one table
-(tokens/s relative to (a), bytes per boundary, each miner's compute fraction and where the rest of
-its time went) and, with --write-md, puts it into the "Network" section of docs/BENCHMARKS.md.
+emulated link (`--link-mbps`, `--link-latency-ms`, `--link-jitter-ms`, `--link-loss`). Every miner
+runs with 1 thread. The link is the kernel's where this process may make network namespaces
+(root): every miner in its own namespace behind a shaped link, so bridge calls pay it as well as
+S3 transfers (scripts/netlab.py); else the in-process emulator, which delays object transfers only.
+The run says which. Prints one table (tokens/s relative to (a), bytes per boundary, each miner's
+compute fraction and where the rest of its time went), the round trips on each hop kind's path
+counted from the miners' request counters, and, with --write-md, puts it into the "Network"
+section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import re
 import sqlite3
@@ -25,11 +31,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from protocol.exits import exits_cleanly
+from scripts.bench_network_rtt import format_other_table, format_rtt_table, hop_round_trips, other_round_trips
+
 __all__ = ["build_parser", "subnet_run_config", "run_single", "run_subnet", "load_hops",
            "analyse_hops", "format_table", "write_markdown", "main"]
 
 log = logging.getLogger("bench_network")
 SECTION = "### Network: local subnet vs single process (CPU)"  # a topic under "## Current results"
+KERNEL_SECTION = "### Network over kernel-emulated links (CPU, issue 24)"  # the same runs, every request shaped
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -57,8 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rounds", type=int, default=2, help="rounds (each ends with a merge)")
     a("--ratio", type=int, default=128, help="bottleneck ratio r of (c)")
     a("--codec", default="bf16", help="wire codec of (b) and (c)")
-    a("--link-mbps", type=float, default=100.0, help="emulated link bandwidth of every miner")
-    a("--link-latency-ms", type=float, default=50.0, help="emulated latency per object transfer")
+    a("--link-mode", default="auto", choices=("auto", "kernel", "process"),
+      help="kernel: namespaces + shaped links (needs root; fails with one line otherwise); process: the "
+           "in-process emulator (object transfers only); auto: kernel where possible")
+    a("--link-mbps", type=float, default=100.0, help="emulated link bandwidth of every miner, each way")
+    a("--link-latency-ms", type=float, default=50.0, help="kernel: round-trip time the link adds to every "
+      "packet; process: latency added per object transfer")
+    a("--link-jitter-ms", type=float, default=0.0, help="kernel: spread of that round trip (+- half of it)")
+    a("--link-loss", type=float, default=0.0, help="kernel: fraction of packets lost in each direction")
     a("--seed", type=int, default=1, help="data and init seed")
     a("--timeout", type=float, default=900.0, help="give up on one subnet run after this many seconds")
     a("--json", default="", help="also write the results here")
@@ -125,7 +141,7 @@ def run_subnet(args, boundary: str, workdir: Path, sync: str = "state") -> tuple
     workdir = prepare_workdir(workdir)  # never wipes a folder the tool did not make
     rc = subnet_run_config(args, boundary, sync)
     cluster = Cluster(workdir, rc, args.miners_per_stage, validators=0, link_mbps=args.link_mbps,
-                      link_latency_ms=args.link_latency_ms, threads_per_miner=1)
+                      link_latency_ms=args.link_latency_ms, threads_per_miner=1, netlab=_netlab(args))
     t0 = time.monotonic()
     phase = "?"
     try:
@@ -157,6 +173,41 @@ def run_subnet(args, boundary: str, workdir: Path, sync: str = "state") -> tuple
         raise RuntimeError(f"subnet run {boundary!r} did not finish (phase {phase}); logs in {workdir / 'logs'}")
     names = {cluster.hotkeys[n.name]: n.name for n in cluster.miners}
     return rc, load_hops(workdir / "bridge.sqlite"), cluster.miner_status(), names
+
+
+def link_shape(args):
+    """The kernel link every miner gets (scripts/netlab_plan.LinkShape)."""
+    from scripts.netlab_plan import LinkShape
+    return LinkShape(mbps=args.link_mbps, rtt_ms=args.link_latency_ms, jitter_ms=args.link_jitter_ms,
+                     loss=args.link_loss)
+
+
+def _netlab(args):
+    from scripts.netlab import NetLab
+    return NetLab(0, link_shape(args), backend=args.link_backend, seed=args.seed) if args.link_mode == "kernel" else None
+
+
+def resolve_link_mode(args) -> str:
+    """Settle `auto` and check `kernel` (Misconfigured NO_NETNS, one line, where it is impossible);
+    returns the sentence that says which link the runs use."""
+    from protocol.exits import Exit, Misconfigured
+    from scripts.netlab import NetlabUnavailable, probe
+    args.link_backend = "auto"
+    if args.link_mode != "process":
+        try:
+            args.link_backend = probe()
+            args.link_mode = "kernel"
+        except NetlabUnavailable as exc:
+            if args.link_mode == "kernel":
+                raise Misconfigured(Exit.NO_NETNS, str(exc)) from None
+            args.link_mode = "process"
+            return (f"link: in-process emulator, object transfers only ({args.link_mbps:g} Mbit/s, "
+                    f"{args.link_latency_ms:g} ms per transfer; bridge calls pay nothing) because {exc}")
+    if args.link_mode == "process":
+        return (f"link: in-process emulator, object transfers only ({args.link_mbps:g} Mbit/s, "
+                f"{args.link_latency_ms:g} ms per transfer; bridge calls pay nothing)")
+    how = {"netem": "netem", "tbf": "tbf rate + TUN delay line (this kernel has no netem)"}[args.link_backend]
+    return f"link: kernel, one namespace per miner, {link_shape(args).describe()}, shaped by {how}"
 
 
 def load_hops(db_path: Path) -> list[dict]:
@@ -249,18 +300,26 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of `path`, leaving every other section as it is."""
+def write_markdown(path: Path, body: str, title: str = SECTION) -> None:
+    """Replace (or append) this benchmark's section `title` of `path`, leaving every other section as it is."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    start = text.find(SECTION)
+    section = f"{title}\n\n{body.strip()}\n"
+    start = text.find(title)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        nxt = re.search(r"\n#{1,3} ", text[start + len(SECTION):])  # the next topic or part
-        end = start + len(SECTION) + nxt.start() if nxt else -1
+        nxt = re.search(r"\n#{1,3} ", text[start + len(title):])  # the next topic or part
+        end = start + len(title) + nxt.start() if nxt else -1
         text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     path.write_text(text)
+
+
+def _load_text() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) at the end on {os.cpu_count()} cores"
 
 
 def _explain(results: list[dict], args) -> str:
@@ -278,6 +337,7 @@ def _explain(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+@exits_cleanly
 def main(argv=None) -> int:
     """Run the chosen configurations, print the table, optionally write JSON and markdown."""
     args = build_parser().parse_args(argv)
@@ -290,7 +350,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--configs takes a comma list of a, b, c, d; got {args.configs!r}")
     workdir = Path(args.workdir).resolve()
     tokens_per_sample = args.batch_size * args.seq_len
-    results = []
+    link_text = resolve_link_mode(args) if any(c != "a" for c in wanted) else ""
+    if link_text:
+        log.info("%s", link_text)
+    results, rtt_tables = [], []
     for name in wanted:
         t0 = time.monotonic()
         if name == "a":
@@ -298,8 +361,8 @@ def main(argv=None) -> int:
             results.append(run_single(args))
         else:
             boundary = "none" if name == "b" else "resbm"
-            log.info("(%s) local subnet, boundary %s, link %.0f Mbit/s %.0f ms ...", name, boundary,
-                     args.link_mbps, args.link_latency_ms)
+            log.info("(%s) local subnet, boundary %s, %s link %.0f Mbit/s %.0f ms ...", name, boundary,
+                     args.link_mode, args.link_mbps, args.link_latency_ms)
             sync = "sharded" if name == "d" else "state"
             _rc, hops, status, names = run_subnet(args, boundary, workdir / name, sync)
             r = analyse_hops(hops, status, names, tokens_per_sample=tokens_per_sample, mbps=args.link_mbps,
@@ -308,13 +371,25 @@ def main(argv=None) -> int:
                      "d": f"subnet resbm r={args.ratio}, sharded sync {args.sync_codec}/{args.sync_merged_codec} "
                           f"S={args.sync_shards} K={args.checkpoint_every}"}[name]
             r.update(name=name, label=label, wall_s=time.monotonic() - t0)
+            r["round_trips"] = hop_round_trips(status, rtt_ms=args.link_latency_ms, mbps=args.link_mbps)
+            r["other_requests_per_round"] = other_round_trips(status, args.rounds)
+            rtt_tables.append(format_rtt_table(f"({name})", r["round_trips"], rtt_ms=args.link_latency_ms,
+                                               mbps=args.link_mbps))
+            other = format_other_table(f"({name})", r["other_requests_per_round"])
+            if other:
+                rtt_tables.append("Requests outside a hop's path, per miner per round:\n\n" + other)
             results.append(r)
         log.info("(%s) done in %.0f s", name, time.monotonic() - t0)
     table = format_table(results)
     explain = _explain(results, args)
     cmd = "python scripts/bench_network.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rtt = "\n\n".join(rtt_tables)
     print(table)
     print(explain)
+    if link_text:
+        print(link_text)
+    if rtt:
+        print(rtt)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if args.write_md:
@@ -323,9 +398,10 @@ def main(argv=None) -> int:
                 f"shared with other work); date {datetime.date.today().isoformat()}.  \n"
                 f"Model: d {args.d_model}, {args.layers} layers split {stage_layers}, {args.heads} heads, seq {args.seq_len}, "
                 f"batch {args.batch_size}; A = {args.micro_batches} samples per inner step, H = {args.inner_steps}, "
-                f"{args.rounds} rounds; 2 stages x {args.miners_per_stage} miner(s), 1 thread each, no validator; link {args.link_mbps:g} Mbit/s, "
-                f"{args.link_latency_ms:g} ms per transfer; codec {args.codec}.\n\n{table}\n\n{explain}\n")
-        write_markdown(Path(args.write_md), body)
+                f"{args.rounds} rounds; 2 stages x {args.miners_per_stage} miner(s), 1 thread each, no validator; "
+                f"codec {args.codec}.  \n{link_text or 'no subnet run'}.  \nLoad: {_load_text()}.\n\n{table}\n\n{explain}\n\n"
+                f"Round trips on each hop's path (miners' request counters):\n\n{rtt}\n")
+        write_markdown(Path(args.write_md), body, KERNEL_SECTION if args.link_mode == "kernel" else SECTION)
     return 0
 
 

@@ -143,11 +143,11 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
         decided = []
         for s, hs in enumerate(table):
             if s in done:
-                decided.append((done[s].key, done[s].sha))
+                decided.append(([board.get_url(done[s].key)], done[s].sha))
             else:  # another merger's copy (votes are tested elsewhere; here only bytes matter)
                 helper.hotkey = next(h for h in hs if h != focal)
                 ms = helper.merge_one(0, s, lay[s], pieces, None)
-                decided.append((ms.key, ms.sha))
+                decided.append(([board.get_url(ms.key)], ms.sha))
         t1 = time.perf_counter()
         mine.apply(0, theta, mom, lay, decided, done)
         wall += time.perf_counter() - t1

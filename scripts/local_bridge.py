@@ -15,7 +15,7 @@ from protocol.routes import route
 from scripts.local_servers import S3Server, die_with_parent, free_port, stop_process, wait_http
 
 __all__ = ["REPO", "TINY_MODEL", "make_chain", "tiny_run_config", "code_bytes", "BridgeProcess",
-           "start_bridge"]
+           "start_bridge", "start_bridges"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ class BridgeProcess:
     url: str
     hotkey: str
     proc: subprocess.Popen
-    db: Path
+    db: Path | str  # the SQLite file, or the postgresql:// URL
     args: list[str] = field(default_factory=list)
     log_path: Optional[Path] = None
 
@@ -98,28 +98,48 @@ class BridgeProcess:
         return _launch(self.args, self.url, self.hotkey, self.db, self.log_path)
 
 
-def _launch(args: list[str], url: str, hotkey: str, db: Path,
-            log_path: Optional[Path]) -> BridgeProcess:
+def _spawn(args: list[str], log_path: Optional[Path]) -> subprocess.Popen:
+    # from the calling thread: the child is signalled when that thread ends (PR_SET_PDEATHSIG)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
+    return subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=str(REPO), env=env,
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    wait_http(url + route("health").path, timeout=60.0, proc=proc)
+
+
+def _launch(args: list[str], url: str, hotkey: str, db: Path | str,
+            log_path: Optional[Path], timeout: float = 60.0) -> BridgeProcess:
+    proc = _spawn(args, log_path)
+    wait_http(url + route("health").path, timeout=timeout, proc=proc)
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
+
+
+def start_bridges(workdirs: list[Path], run_config: dict[str, Any], chain_path: Path,
+                  s3: Optional[S3Server], db_url: str, extra: tuple[str, ...] = (),
+                  timeout: float = 180.0) -> list[BridgeProcess]:
+    """Several bridge processes serving one run from the PostgreSQL database `db_url` (one
+    folder each for its run YAML and log), started side by side; returns once all answer."""
+    starting = [start_bridge(w, run_config, chain_path, s3, extra=extra, db_url=db_url, wait=False)
+                for w in workdirs]
+    for b in starting:
+        wait_http(b.url + route("health").path, timeout=timeout, proc=b.proc)
+    return starting
 
 
 def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
                  s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
-                 extra: tuple[str, ...] = ()) -> BridgeProcess:
-    """Write the run YAML and start the bridge process; returns once /health answers."""
+                 extra: tuple[str, ...] = (), db_url: Optional[str] = None,
+                 timeout: float = 60.0, wait: bool = True) -> BridgeProcess:
+    """Write the run YAML and start the bridge process; returns once /health answers (at once
+    when not `wait`). `db_url`: a postgresql:// URL to keep the state in (default: a SQLite
+    file in `workdir`); several bridges on one URL serve one run (`start_bridges`)."""
     from bittensor.sp_core import Keypair
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_config))
     port = free_port()
-    db = workdir / "bridge.sqlite"
+    db: Path | str = db_url or workdir / "bridge.sqlite"
     args = ["--run-config", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
             "--db", str(db), "--subtensor.network", f"localchain:{chain_path}", "--netuid", str(netuid),
             "--hotkey-uri", hotkey_uri, *extra]
@@ -127,4 +147,8 @@ def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
         args += ["--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket,
                  "--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key]
     hotkey = Keypair.create_from_uri(hotkey_uri).ss58_address
-    return _launch(args, f"http://127.0.0.1:{port}", hotkey, db, workdir / "bridge.log")
+    url = f"http://127.0.0.1:{port}"
+    if not wait:
+        return BridgeProcess(url=url, hotkey=hotkey, proc=_spawn(args, workdir / "bridge.log"),
+                             db=db, args=args, log_path=workdir / "bridge.log")
+    return _launch(args, url, hotkey, db, workdir / "bridge.log", timeout)

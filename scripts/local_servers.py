@@ -75,18 +75,20 @@ class S3Server:
         stop_process(self.proc)
 
 
-def start_s3(root: Path, access_key: str = "", secret_key: str = "", log_path: Optional[Path] = None) -> S3Server:
-    """Start rclone's S3 server on a free loopback port over `root` (random credentials by default)."""
+def start_s3(root: Path, access_key: str = "", secret_key: str = "", log_path: Optional[Path] = None,
+             host: str = "127.0.0.1", preexec_fn=None) -> S3Server:
+    """Start rclone's S3 server on a free port of `host` over `root` (random credentials by default);
+    `preexec_fn` (default: die with the parent) may first move it into another network namespace."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     access_key = access_key or "local" + secrets.token_hex(4)
     secret_key = secret_key or secrets.token_hex(16)
     port = free_port()
-    cmd = [rclone_binary(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+    cmd = [rclone_binary(), "serve", "s3", str(root), "--addr", f"{host}:{port}",
            "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null", "--log-level", "ERROR"]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn or die_with_parent)
+    endpoint = f"http://{host}:{port}"
     wait_http(endpoint, proc=proc)
     return S3Server(endpoint=endpoint, root=root, proc=proc, access_key=access_key, secret_key=secret_key)
 

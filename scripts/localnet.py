@@ -3,6 +3,7 @@
     python scripts/localnet.py                      # defaults: a few minutes on 2 CPU cores
     python scripts/localnet.py --stages 3 --miners-per-stage 2 --rounds 6
     python scripts/localnet.py --kill-miner-at 2 --restart-bridge-at 3 --cheater random
+    sudo python scripts/localnet.py --link-netns --link-mbps 100 --link-latency-ms 50   # kernel links
 
 Shows live progress and ends with a report (validation loss next to the single-process
 reference, bytes moved versus the uncompressed model, scores and weights on the local chain,
@@ -26,10 +27,10 @@ from tqdm import tqdm
 from drills.cheaters import CHEATERS
 from protocol.bridge_client import BridgeClient
 from protocol.client import BridgeError
-from protocol.exits import exits_cleanly
+from protocol.exits import Exit, Misconfigured, exits_cleanly
 from protocol.messages import Metrics
 from scripts.localnet_cluster import Cluster
-from scripts.localnet_report import build_report, print_report
+from scripts.localnet_report import build_report, print_report, val_tokens
 from scripts.localnet_workdir import prepare_workdir
 
 __all__ = ["main", "build_parser", "run_config_from_args"]
@@ -71,8 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=1, help="data and init seed")
     a("--device", default="cpu", help="miners' device (cpu, cuda, mps, auto)")
     a("--dtype", default="float32", help="miners' compute dtype (float32, or bfloat16 autocast on cuda)")
-    a("--link-mbps", type=float, default=0.0, help="emulated link bandwidth for object transfers (0 = off)")
-    a("--link-latency-ms", type=float, default=0.0, help="emulated link latency per transfer")
+    a("--link-netns", action="store_true", help="kernel links: every miner and validator in its own network "
+      "namespace behind a shaped link to the bridge and S3, so every request pays it (needs root)")
+    a("--link-mbps", type=float, default=0.0, help="link bandwidth each way (0 = unlimited); without "
+      "--link-netns, emulated in-process for object transfers only")
+    a("--link-latency-ms", type=float, default=0.0, help="with --link-netns, the round-trip time the link adds "
+      "to every packet; without, latency added per object transfer")
+    a("--link-jitter-ms", type=float, default=0.0, help="with --link-netns: spread of that round trip (+- half)")
+    a("--link-loss", type=float, default=0.0, help="with --link-netns: fraction of packets lost each way")
     a("--kill-miner-at", type=int, default=-1, help="in this round, kill one replica of every stage, restart it later")
     a("--restart-bridge-at", type=int, default=-1, help="in this round, kill the bridge and restart it")
     a("--cheater", default=[], action="append", choices=list(CHEATERS),
@@ -112,7 +119,31 @@ def run_config_from_args(args: argparse.Namespace) -> dict:
                 merge_timeout_seconds=30.0, audit_window_rounds=max(4, args.rounds + 1), version_key=1,
                 incentives={"audit_fraction": 1.0},  # a drill: audit every miner every round
                 sync_mode=args.sync, sync_shards=args.sync_shards, sync_codec=args.sync_codec,
-                sync_merged_codec=args.sync_merged_codec, checkpoint_every=args.checkpoint_every)
+                sync_merged_codec=args.sync_merged_codec, checkpoint_every=args.checkpoint_every,
+                # the validators' live held-out loss on the report's own windows: the two agree
+                val_tokens=val_tokens(args.batch_size, args.seq_len))
+
+
+def kernel_links(args: argparse.Namespace):
+    """The NetLab of --link-netns (None without it); one-line Misconfigured where it cannot be made."""
+    from scripts.netlab import NetLab, NetlabUnavailable, probe
+    from scripts.netlab_plan import LinkShape
+    if not args.link_netns:
+        if args.link_jitter_ms or args.link_loss:
+            raise Misconfigured(Exit.USAGE, "--link-jitter-ms and --link-loss shape kernel links only; add --link-netns")
+        return None
+    if args.s3_endpoint:
+        raise Misconfigured(Exit.USAGE, "--link-netns runs its own S3 inside the emulated network; drop --s3-endpoint")
+    try:
+        shape = LinkShape(mbps=args.link_mbps, rtt_ms=args.link_latency_ms, jitter_ms=args.link_jitter_ms,
+                          loss=args.link_loss)
+    except ValueError as exc:
+        raise Misconfigured(Exit.USAGE, f"{exc}; fix --link-mbps/--link-latency-ms/--link-jitter-ms/--link-loss") from None
+    try:
+        backend = probe()
+    except NetlabUnavailable as exc:
+        raise Misconfigured(Exit.NO_NETNS, str(exc)) from None
+    return NetLab(0, shape, backend=backend, seed=args.seed)
 
 
 def _drills(args, cluster: Cluster, m: Metrics, done: set, bar) -> None:
@@ -165,11 +196,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "protocol.chain.local", "matplotlib", "resbm.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    netlab = kernel_links(args)
     workdir = prepare_workdir(args.workdir)
     run_config = run_config_from_args(args)
     cluster = Cluster(workdir, run_config, args.miners_per_stage, device=args.device, miner_args=["--dtype", args.dtype],
                       link_mbps=args.link_mbps, link_latency_ms=args.link_latency_ms, cheaters=args.cheater,
-                      s3_endpoint=args.s3_endpoint, s3_keys=(args.s3_access_key, args.s3_secret_key))
+                      s3_endpoint=args.s3_endpoint, s3_keys=(args.s3_access_key, args.s3_secret_key), netlab=netlab)
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -184,6 +216,12 @@ def main(argv=None) -> int:
     try:
         cluster.start()
         client = BridgeClient(cluster.owner_keypair, cluster.bridge_url, None)
+        if netlab is not None:
+            print(f"links: kernel, one namespace per neuron, {netlab.shape.describe()} ({netlab.backend_text}); "
+                  f"bridge and S3 at {netlab.services_addr}", flush=True)
+        elif args.link_mbps or args.link_latency_ms:
+            print(f"links: in-process emulator, object transfers only ({args.link_mbps:g} Mbit/s, "
+                  f"{args.link_latency_ms:g} ms per transfer)", flush=True)
         print(f"dashboard: {cluster.bridge_url}/ (live while the run lasts; Prometheus at {cluster.bridge_url}/metrics)",
               flush=True)
         total = args.rounds * run_config["samples_per_round"]

@@ -2,7 +2,9 @@
 
 Every neuron runs as its own process with the same flags a production deployment uses; only
 the endpoints (loopback) and sizes differ. Children die with the launcher (PR_SET_PDEATHSIG)
-and are stopped in order on exit, so Ctrl-C leaves no orphans.
+and are stopped in order on exit, so Ctrl-C leaves no orphans. With `netlab` (kernel links), the
+bridge and S3 run in the emulated network's hub namespace and every miner and validator in a
+namespace of its own behind a shaped link (scripts/netlab.py), so every request pays the link.
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
 from protocol.routes import route
 from scripts.local_servers import S3Server, die_with_parent, free_port, start_s3, stop_process, wait_http
+from scripts.netlab import NetLab
 
 __all__ = ["Neuron", "Cluster", "gpu_of_stage"]
 
@@ -40,6 +43,7 @@ class Neuron:
     proc: Optional[subprocess.Popen] = None
     restarts: int = 0
     env: dict = field(default_factory=dict)
+    preexec: Optional[Callable[[], None]] = None  # e.g. enter its network namespace (then die with parent)
 
     def start(self) -> None:
         """Start (or restart) the process, appending to its log."""
@@ -47,7 +51,7 @@ class Neuron:
         env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                         stdin=subprocess.DEVNULL, preexec_fn=self.preexec or die_with_parent)
 
     def alive(self) -> bool:
         """Whether the process is running."""
@@ -82,6 +86,7 @@ class Cluster:
     threads_per_miner: int = 1
     miner_args: list[str] = field(default_factory=list)  # extra flags for every miner (e.g. --dtype bfloat16)
     gpus: int = 0  # > 0: miners start one at a time (miner i serves stage i mod S) on their stage group's GPU
+    netlab: Optional[NetLab] = None  # kernel links: neurons in namespaces (not started yet; start() builds it)
     s3: Optional[S3Server] = None
     bridge: Optional[Neuron] = None
     miners: list[Neuron] = field(default_factory=list)
@@ -102,10 +107,19 @@ class Cluster:
         """Start S3, create the chain and wallets, then the bridge, miners and validators."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
+        n_neurons = self.run_config["n_stages"] * self.miners_per_stage + len(self.cheaters) + self.validators
+        if self.netlab is not None:
+            self.netlab.neurons = n_neurons
+            self.netlab.manifest = self.workdir / "netlab.json"
+            self.netlab.start()
+            self.link_mbps = self.link_latency_ms = 0.0  # the kernel shapes every byte; no second emulation
         if self.s3_endpoint:
             self.s3 = None
         else:
-            self.s3 = start_s3(self.workdir / "s3", log_path=self.workdir / "logs" / "s3.log")
+            lab = self.netlab
+            self.s3 = start_s3(self.workdir / "s3", log_path=self.workdir / "logs" / "s3.log",
+                               host=lab.services_addr if lab else "127.0.0.1",
+                               preexec_fn=lab.in_hub(die_with_parent) if lab else None)
             self.s3_endpoint, self.s3_keys = self.s3.endpoint, (self.s3.access_key, self.s3.secret_key)
         self._publish_dataset()
         self._make_chain()
@@ -188,23 +202,25 @@ class Cluster:
         cfg_path = self.workdir / "run.yaml"
         cfg_path.write_text(yaml.safe_dump(self.run_config))
         port = free_port()
-        self.bridge_url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "bridge", "--run-config", str(cfg_path), "--host", "127.0.0.1",
+        host = self.netlab.services_addr if self.netlab else "127.0.0.1"
+        self.bridge_url = f"http://{host}:{port}"
+        argv = [sys.executable, "-m", "bridge", "--run-config", str(cfg_path), "--host", host,
                 "--port", str(port), "--db", str(self.workdir / "bridge.sqlite"),
                 "--subtensor.network", f"localchain:{self.chain_path}", "--netuid", str(self.netuid),
                 "--wallet.name", "owner", "--wallet.hotkey", "default", "--wallet.path", str(self.wallet_path),
                 "--s3-endpoint", self.s3_endpoint, "--s3-access-key", self.s3_keys[0],
                 "--s3-secret-key", self.s3_keys[1], "--health-timeout", "20"]
-        self.bridge = Neuron("bridge", argv, self.workdir / "logs" / "bridge.log")
+        self.bridge = Neuron("bridge", argv, self.workdir / "logs" / "bridge.log",
+                             preexec=self.netlab.in_hub(die_with_parent) if self.netlab else None)
         self.bridge.start()
-        wait_http(self.bridge_url + route("health").path, timeout=60, proc=self.bridge.proc)
+        wait_http(self.bridge_url + route("health").path, timeout=180, proc=self.bridge.proc)  # a loaded box is slow
 
     def restart_bridge(self) -> None:
         """Kill the bridge without warning and start it again on the same database."""
         self.bridge.kill()
         self.bridge.restarts += 1
         self.bridge.start()
-        wait_http(self.bridge_url + route("health").path, timeout=60, proc=self.bridge.proc)
+        wait_http(self.bridge_url + route("health").path, timeout=180, proc=self.bridge.proc)  # a loaded box is slow
 
     def _neuron(self, name: str, script: list[str], extra: list[str]) -> Neuron:
         argv = [sys.executable, *script, "--wallet.name", name, "--wallet.hotkey", "default",
@@ -213,7 +229,11 @@ class Cluster:
                 "--device", self.device, "--link.mbps", str(self.link_mbps),
                 "--link.latency-ms", str(self.link_latency_ms), "--status-every", "15", *extra]
         cache = {"RESBM_DATA_CACHE": str(self.workdir / "data-cache" / name)}  # each neuron its own, as on its own host
-        return Neuron(name, argv, self.workdir / "logs" / f"{name}.log", env=cache)
+        preexec = None
+        if self.netlab is not None:  # neuron k of the network: miners first, then validators
+            k = len(self.miners) + len(self.validator_procs)
+            preexec = self.netlab.in_neuron(k, die_with_parent)
+        return Neuron(name, argv, self.workdir / "logs" / f"{name}.log", env=cache, preexec=preexec)
 
     def miner_status(self) -> dict[str, dict]:
         """The miners' last status snapshots (hops, bytes, compute fraction)."""
@@ -238,3 +258,5 @@ class Cluster:
             self.bridge.stop()
         if self.s3 is not None:
             self.s3.stop()
+        if self.netlab is not None:
+            self.netlab.close()

@@ -1,11 +1,15 @@
-"""Shared pytest fixtures: real rclone S3 server and LocalChain helpers (see tests/servers.py)."""
+"""Shared pytest fixtures: real rclone S3 server, a throwaway PostgreSQL cluster, and LocalChain
+helpers (see tests/servers.py)."""
 from __future__ import annotations
 
-from typing import Iterator
+import itertools
+from typing import Any, Iterator
 
 import pytest
 
 from tests.servers import S3Server, start_s3
+
+_DB_NAMES = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +28,30 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1, started once per pytest worker process
+    (scripts/local_postgres.py); a test that needs it fails, never skips, when it cannot start."""
+    from scripts.local_postgres import PostgresUnavailable, start_postgres
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.fail(f"PostgreSQL cannot start: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """A fresh, empty database in the session's cluster (one per test)."""
+    return postgres.create_database(f"t{next(_DB_NAMES)}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Each backend in turn: a SQLite file path, then a fresh PostgreSQL database URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "bridge.db")
+    return request.getfixturevalue("pg_url")

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from scripts.local_bridge import REPO, BridgeProcess, code_bytes, make_chain, start_bridge, tiny_run_config
+from scripts.local_bridge import (REPO, BridgeProcess, code_bytes, make_chain, start_bridge,
+                                  start_bridges, tiny_run_config)
 from scripts.local_servers import S3Server as _LauncherS3Server
 from scripts.local_servers import free_port, rclone_binary, wait_http
 from scripts.local_servers import start_s3 as _launcher_start_s3
 
-__all__ = ["free_port", "S3Server", "start_s3", "BridgeProcess", "start_bridge", "make_chain",
+__all__ = ["free_port", "S3Server", "start_s3", "BridgeProcess", "start_bridge", "start_bridges", "make_chain",
            "tiny_run_config", "code_bytes", "wait_http", "rclone_binary", "REPO", "ACCESS_KEY", "SECRET_KEY"]
 
 ACCESS_KEY, SECRET_KEY = "testkey", "testsecret"  # fixed, so tests can build their own clients

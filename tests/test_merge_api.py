@@ -41,6 +41,16 @@ class ProbingWorker(FakeWorker):
                 self.c.post(route("pseudograd").path, {"round": round_, "key": k, "sha256": sha, "size": 32})
             answers.append((e.value.status, json.loads(e.value.detail)["error"]))
         p["answers"] = answers
+        sharded = []  # this run syncs whole states: every route of the sharded sync is refused
+        for name, body in (("sync_upload", {"round": round_, "kind": "pg", "shard": 0, "sha256": sha, "size": 32}),
+                           ("sync_pseudograd", {"round": round_, "shas": [sha] * 4, "sizes": [32] * 4}),
+                           ("sync_votes", {"round": round_, "votes": [{"shard": 0, "sha256": sha, "size": 32}]})):
+            with pytest.raises(BridgeError) as e:
+                self.c.post(route(name).path, body)
+            sharded.append((e.value.status, e.value.code))
+        with pytest.raises(BridgeError) as e:
+            self.c.get(route("sync_view").target(round=round_, stage=0))
+        p["sharded"] = sharded + [(e.value.status, e.value.code)]
         with pytest.raises(BridgeError) as e:
             self.c.post(route("merged").path, {"round": round_, "key": "../" * 100, "sha256": sha})
         p["malformed_merged"] = e.value.status
@@ -81,6 +91,7 @@ def test_reports_copy_to_write_once_keys_and_answer_alike_for_any_foreign_key(tm
         # another miner's key, a final key, traversal and junk: one answer, nothing learnt
         assert set(probes["answers"]) == {(400, "bad_key")}, probes["answers"]
         assert probes["malformed_merged"] == 400
+        assert probes["sharded"] == [(409, "not_sharded")] * 4, probes["sharded"]
         assert probes["final_key"].endswith(f"/pg/{hk}-{probes['sha']}")
         # the bridge serves the round's shard assignment: the pure function of the frozen set
         from resbm.shards import assign_mergers

@@ -2,7 +2,6 @@
 machine, no servers): one liar never decides what is published."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 
@@ -11,33 +10,11 @@ import pytest
 from bridge import quarantine, rounds, state, votes
 from bridge.records import State, TransitionError
 from protocol.errors import http_status
-from tests.harness.bridge_state import drive, lease, make
+from tests.harness.bridge_state import drive, lease, make, merge_round
+from tests.harness.bridge_state import report_pseudograd as _pg
+from tests.harness.bridge_state import vote_state as _vote
 
 WHOLE_STATE = {"sync_mode": "state"}  # these votes are the whole-state merge's (the sharded ones: test_shard_votes)
-
-
-def _pg(st, hk, now):
-    m = st.miners[hk]
-    if m.step_samples:
-        state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
-    sha = hashlib.sha256(hk.encode()).hexdigest()
-    final = rounds.check_upload_key(st, hk, st.round, "pseudograd",
-                                    rounds.upload_key(st, hk, st.round, "pseudograd", sha), sha)
-    rounds.report_pseudograd(st, hk, st.round, final, sha, 10, now)
-
-
-def _vote(st, hk, sha, now):
-    r = st.round
-    final = rounds.check_upload_key(st, hk, r, "state", rounds.upload_key(st, hk, r, "state", sha), sha)
-    return votes.report_merged(st, hk, r, sha, final, 7, now)
-
-
-def merge_round(st, now, cast):
-    """Every miner reports its pseudo-gradient; then the given votes are cast in order."""
-    for hk in sorted(st.miners):
-        if st.miners[hk].round_steps or st.miners[hk].step_samples:
-            _pg(st, hk, now)
-    return {hk: _vote(st, hk, sha, now) for hk, sha in cast.items()}
 
 
 def _round(n_stages=1, miners="ab", **over):
@@ -50,14 +27,25 @@ def _round(n_stages=1, miners="ab", **over):
 GOOD, BAD = "5" * 64, "0" * 64  # BAD sorts first: a hash-order tie-break would pick it
 
 
-def test_strict_majority_publishes_with_every_agreeing_copy():
+def test_a_unanimous_set_publishes_with_every_agreeing_copy():
     st, rng, now = _round(miners="abc")
-    out = merge_round(st, now, {"a": GOOD, "c": BAD, "b": GOOD})
+    out = merge_round(st, now, {"a": GOOD, "c": GOOD, "b": GOOD})
     assert out["b"] is True and st.round == 1
     ss = st.stage_states[0]
     assert ss.sha256 == GOOD and ss.key.endswith(f"/state/a-{GOOD}")
-    assert ss.alt_keys == [f"runs/t/r1/s0/state/b-{GOOD}"]  # each voter's own copy
-    assert st.dirty[("round", 0)]["flagged"] == ["c"]
+    assert sorted(ss.alt_keys) == [f"runs/t/r1/s0/state/{h}-{GOOD}" for h in "bc"]  # each voter's own copy
+    assert st.dirty[("round", 0)]["flagged"] == []
+
+
+def test_a_colluding_majority_does_not_publish_against_a_dissenting_member():
+    """Two of three members (one owner's sybils) vote their own state first: the honest member's
+    dissent makes it a dispute, and the validator's recomputation publishes the honest state."""
+    st, rng, now = _round(miners="abc")
+    out = merge_round(st, now, {"b": BAD, "c": BAD, "a": GOOD})
+    assert set(out.values()) == {None} and st.round == 0 and 0 in st.disputes
+    assert votes.arbitrate(st, "val", 0, 0, GOOD, now + 1) is True
+    assert st.round == 1 and st.stage_states[0].sha256 == GOOD
+    assert sorted(st.dirty[("round", 0)]["flagged"]) == ["b", "c"]
 
 
 def test_a_one_one_split_is_a_dispute_not_a_tie_break():
@@ -93,7 +81,7 @@ def test_no_arbitration_by_the_deadline_keeps_the_previous_state():
 
 def test_a_silent_member_opens_a_dispute_at_the_vote_timeout():
     st, rng, now = _round(miners="abcd", vote_timeout_seconds=20.0)
-    out = merge_round(st, now, {"a": GOOD, "b": GOOD, "c": BAD})  # 2 of 4: no strict majority
+    out = merge_round(st, now, {"a": GOOD, "b": GOOD})  # 2 of 4, 2 silent: no strict majority
     assert set(out.values()) == {None}
     state.tick(st, now + 19.0, rng)
     assert not st.disputes
@@ -101,6 +89,14 @@ def test_a_silent_member_opens_a_dispute_at_the_vote_timeout():
     assert 0 in st.disputes and st.round == 0  # no hash order and no group size settles it
     votes.arbitrate(st, "val", 0, 0, GOOD, now + 22)
     assert st.stage_states[0].sha256 == GOOD and st.stage_states[0].alt_keys
+
+
+def test_an_undisputed_majority_publishes_at_the_vote_timeout_when_the_rest_is_silent():
+    st, rng, now = _round(miners="abcd", vote_timeout_seconds=20.0)
+    merge_round(st, now, {"a": GOOD, "b": GOOD, "c": GOOD})  # d is silent
+    assert st.round == 0
+    state.tick(st, now + 21.0, rng)
+    assert st.round == 1 and st.stage_states[0].sha256 == GOOD and not st.disputes
 
 
 def test_no_vote_at_all_keeps_the_previous_state_at_the_vote_timeout():
@@ -198,3 +194,17 @@ def test_a_withheld_report_holds_the_merge_set_only_for_the_grace_period():
     assert 0 not in st.frozen
     state.tick(st, now + 10.5, rng)
     assert st.frozen[0] == ["a"]  # long before the 300 s merge timeout
+
+
+def test_a_replica_that_registers_again_after_its_work_merges_nothing():
+    """Its weight is the backwards verified since its last registration: none after registering
+    again, so its report is refused (no weight in the merge, no credit) and the set does not wait
+    for it; a peer that did not re-register reports as usual."""
+    st, rng, now = _round(miners="ab")
+    assert st.miners["a"].round_samples > 0 and "a" in st.workers[0]
+    state.register(st, "a", now, rng)  # between its work and its report
+    with pytest.raises(TransitionError) as e:
+        _pg(st, "a", now)
+    assert e.value.code == "no_work" and http_status(e.value.code) == 409 and "registration" in e.value.message
+    _pg(st, "b", now)
+    assert st.frozen[0] == ["b"] and st.pseudograds[0]["b"]["samples"] > 0  # "a" is not awaited

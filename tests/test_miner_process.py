@@ -83,3 +83,16 @@ def test_sigterm_exits_cleanly_within_seconds(tmp_path):
         # every hop it finished was reported to the bridge (nothing left unreported)
         reported = after[net.keys["miners"][i].ss58_address]["hops_done"]
         assert _status(p)["hops_done"] == reported, (_status(p), reported)
+        # the request counters tie every reported hop to its own requests: one `done` per hop
+        # (retries add more), a lease on its path, its input GETs and output PUT as its kind needs
+        req = _status(p)["requests"]
+        kinds = req["hop_kinds"]
+        assert sum(k["hops"] for k in kinds.values()) == reported, kinds
+        for kind, k in kinds.items():
+            r = k["requests"]
+            assert r["hop_done"]["count"] >= k["hops"], (kind, r)
+            assert r.get("lease", {}).get("count", 0) + r.get("lease_prefetch", {}).get("count", 0) >= k["hops"], (kind, r)
+            gets, puts = r.get("object_get", {}).get("count", 0), r.get("object_put", {}).get("count", 0)
+            assert gets >= (k["hops"] if kind in ("bwd", "fwdbwd") else 0), (kind, r)
+            assert puts >= (k["hops"] if kind in ("fwd", "fwdbwd") else 0), (kind, r)
+        assert req["routes"]["hop_done"]["count"] >= reported and req["routes"]["step_done"]["count"] >= 1

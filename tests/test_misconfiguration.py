@@ -52,6 +52,8 @@ def world(tmp_path_factory, s3_server):
     good = tiny_run_config(run_id="misconfig2")
     (root / "run.yaml").write_text(yaml.safe_dump(good))
     (root / "badmodel.yaml").write_text(yaml.safe_dump(dict(good, model={"d_model": 32, "n_stages": 2})))
+    (root / "shards.yaml").write_text(yaml.safe_dump(dict(good, sync_mode="sharded", sync_shards=4096,
+                                                          sync_block=65536)))
     yield {"root": root, "bridge": bridge, "s3": s3_server, "chain": root / "chain.db", "wallets": wallets}
     bridge.stop()
     chain.close()
@@ -147,9 +149,19 @@ CASES = [
     ("bridge: a run config whose model cannot be built",
      lambda w: _bridge(w, run_config=str(w["root"] / "badmodel.yaml")), Exit.CONFIG_FILE,
      "model: bottleneck_ratio", False),
+    ("bridge: more sync shards than a stage has blocks",
+     lambda w: _bridge(w, run_config=str(w["root"] / "shards.yaml")), Exit.CONFIG_FILE,
+     "lower sync_shards", False),
     ("bridge: S3 unreachable",
      lambda w: _bridge(w, s3_endpoint=f"http://127.0.0.1:{free_port()}"), Exit.S3_UNREACHABLE,
      "no S3 server answers", True),
+    ("bridge: a --db PostgreSQL server that does not answer",
+     lambda w: _bridge(w, db=f"postgresql://resbm@127.0.0.1:{free_port()}/state"), Exit.DATABASE,
+     "PostgreSQL at postgresql://resbm@127.0.0.1", False),
+    ("miner: none of several bridge URLs answers",
+     lambda w: _neuron(w, "miner.py", bridge__url=f"http://127.0.0.1:{free_port()},"
+                                                  f"http://127.0.0.1:{free_port()}"),
+     Exit.BRIDGE_UNREACHABLE, "no bridge answers at any of", True),
     ("bridge: wrong S3 secret",
      lambda w: _bridge(w, s3_secret_key="wrong"), Exit.S3_CREDENTIALS, "rejected the credentials", False),
     ("bridge: unknown network name",

@@ -1,18 +1,20 @@
 """Dangerous or wrong behaviours an operator met, each pinned: device choice, a second process on
-one hotkey, leaving, metagraph refresh off the event loop, bounded SQLite, settings precedence."""
+one hotkey, leaving, metagraph refresh off the event loop, a bounded database (SQLite and
+PostgreSQL), settings precedence."""
 from __future__ import annotations
 
 import logging
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from bridge import state
 from bridge.auth import Registry
-from bridge.db import Database
-from bridge.records import Hop, State, Tunables
+from bridge.db import open_database
+from bridge.records import Hop, Tunables
 from neurons.cli import resolve_device
 from protocol.chain.base import MetagraphView, NeuronInfo
 from protocol.exits import Exit, Misconfigured, backoff_delays
@@ -129,28 +131,31 @@ def test_registry_never_blocks_a_request_on_a_slow_chain():
         reg.close()
 
 
-# -- bounded SQLite ---------------------------------------------------------------------------------
+# -- a bounded database (each backend) -------------------------------------------------------------
 
-def test_sqlite_keeps_only_the_last_rounds_of_hops(tmp_path):
-    db = Database(tmp_path / "b.sqlite", keep_rounds=3)
-    st = State(run=RunConfig(run_id="t", model={}, n_stages=1, batch_size=1, micro_batches_per_step=1,
-                             inner_steps_per_round=1, samples_per_round=1, muon_lr=0.02, adamw_lr=0.003,
-                             total_rounds=100, data_seed=1, init_seed=2), tun=Tunables())
+def test_the_database_keeps_only_the_last_rounds_of_hops(db_url):
+    db = open_database(db_url, keep_rounds=3)
+    st = db.load(RunConfig(run_id="t", model={}, n_stages=1, batch_size=1, micro_batches_per_step=1,
+                           inner_steps_per_round=1, samples_per_round=1, muon_lr=0.02,
+                           adamw_lr=0.003, total_rounds=100, data_seed=1, init_seed=2), Tunables())
     for rnd in range(30):
         st.round = rnd
-        dirty = {("meta", None): None}
+        dirty = {}
         for i in range(50):
             h = Hop(hop_id=f"r{rnd}x{i}", sample_id=i, round=rnd, stage=0, kind="fwd", status="done",
                     note="x" * 200)
             dirty[("hop", h.hop_id)] = h
-        db.commit(st, dirty)
-    rounds_left = sorted({r for (r,) in db._conn.execute("SELECT round FROM hops")})
+        tx = db.begin()
+        st = tx.fold(st)
+        tx.commit(st, dirty)
+    rounds_left = [r for r in range(30) if db.done_hops(r, None)]
     assert rounds_left == list(range(26, 30)), rounds_left  # the current round and the 3 before
-    wal = tmp_path / "b.sqlite-wal"
-    assert not wal.exists() or wal.stat().st_size < 1 << 20
+    if not db.shared:
+        wal = Path(db_url + "-wal")
+        assert not wal.exists() or wal.stat().st_size < 1 << 20
     db.close()
     with pytest.raises(ValueError):
-        Database(tmp_path / "c.sqlite", keep_rounds=0)
+        open_database(db_url, keep_rounds=0)
 
 
 # -- retries ---------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """The robust outer merge: one lying replica can cancel at most, never reverse or capture."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from resbm import outer
@@ -117,3 +120,25 @@ def test_no_usable_item_keeps_the_state():
     theta, mom = pg(9), pg(10)
     t2, m2, ref = outer_round(theta, mom, 1.5, [], P)
     assert ref == 1.5 and all(torch.equal(t2[n], theta[n]) and torch.equal(m2[n], mom[n]) for n in SHAPES)
+
+
+@pytest.mark.parametrize("r,frac", [(3, 0.25), (4, 0.25), (5, 0.4), (8, 0.25), (9, 0.34), (12, 0.25), (12, 0.1), (7, 0.49)])
+def test_trimmed_mean_drops_max_1_floor_r_times_fraction_per_side(r, frac):
+    """The drop count is max(1, floor(R x trim_fraction)) per side (and always leaves one value):
+    a merge that always drops 1 fails here wherever floor(R x f) >= 2, both the whole-state merge
+    and the sharded one."""
+    from resbm.shard_merge import merge_shard
+    from resbm.sync_codec import Codec
+    p = MergeParams(clip_factor=1000.0, trim_fraction=frac)
+    values = [float(i * i) for i in range(r)]  # asymmetric: every drop count gives another mean
+    items = [(1, {"v": torch.tensor([v, -v])}) for v in values]
+    t = min(max(1, math.floor(r * frac)), (r - 1) // 2)
+    kept = values[t:r - t]
+    want = sum(kept) / len(kept)
+    merged, _ = robust_merge(items, None, p)
+    assert merged["v"].tolist() == pytest.approx([want, -want], rel=1e-6)
+    sm = merge_shard([(1, d["v"]) for _, d in items], 2, None, p, Codec("fp32", 8))
+    assert sm.merged.tolist() == pytest.approx([want, -want], rel=1e-6)
+    if t >= 2:  # the mutant's answer differs
+        one = values[1:r - 1]
+        assert abs(sum(one) / len(one) - want) > 1e-3

@@ -13,6 +13,7 @@ from bridge import shard_round, state, votes
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
 from bridge import rounds
+from protocol.sync_api import piece_key, update_key
 from tests.harness.bridge_state import drive, make
 
 GOOD, LIE = "5" * 64, "0" * 64
@@ -32,11 +33,14 @@ def _pieces(st, now):
         if m.step_samples:
             state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
         shas = [f"{hk}{s}".ljust(64, "f")[:64] for s in range(st.run.sync_shards)]
-        shard_round.report_pieces(st, hk, st.round, shas, [10, 10], [f"k/{hk}/{s}" for s in range(2)], now)
+        finals = [piece_key(st.run.run_id, st.round, m.stage, hk, s, sha) for s, sha in enumerate(shas)]
+        shard_round.report_pieces(st, hk, st.round, shas, [10, 10], finals, now)
 
 
 def _vote(st, hk, sha, now, shards=(0, 1)):
-    return shard_round.vote(st, hk, st.round, [(s, sha, f"u/{hk}/{s}", 9) for s in shards], now)
+    stage, size = st.miners[hk].stage, 0 if sha == KEEP_SHA else 9
+    return shard_round.vote(st, hk, st.round, [(s, sha, update_key(st.run.run_id, st.round, stage, s, hk, sha), size)
+                                               for s in shards], now)
 
 
 def _restart(st: State) -> State:
@@ -59,20 +63,50 @@ def test_pieces_join_the_merge_set_with_verified_weights_and_a_bad_count_is_refu
     assert rec["sha256"] == shard_round.pieces_sha(rec["shards"])
 
 
-def test_majority_decides_each_shard_flags_the_liar_and_ballots_survive_a_restart():
+def test_every_merger_agreeing_decides_each_shard_and_ballots_survive_a_restart():
     st, _, now = _round(checkpoint_every=5)
     _pieces(st, now)
     b = shard_round.ballot(st, 0, 0, now)
     assert all(sorted(m) == ["a", "b", "c"] for m in b.mergers)
-    _vote(st, "c", LIE, now)
     assert _vote(st, "a", GOOD, now) == {0: None, 1: None}
     st = _restart(st)  # the votes cast so far are in the persisted meta row
-    assert _vote(st, "b", GOOD, now) == {0: True, 1: True}
+    assert _vote(st, "b", GOOD, now) == {0: None, 1: None}  # 2 of 3 agree: not yet
+    assert _vote(st, "c", GOOD, now) == {0: True, 1: True}
     assert st.round == 1 and st.published == {}  # published at once: not a checkpoint round
     assert [d["sha256"] for d in st.sync["updates"]["0"]["0"]] == [GOOD, GOOD]
-    assert "c" in st.flagged or "c" in st.dirty[("round", 0)]["flagged"]
     assert shard_round.published_round(st, 0) == 1
-    assert shard_round.updates_since(st, 0, 0, 1)[0][1]["key"] in ("u/a/1", "u/b/1")
+    assert shard_round.updates_since(st, 0, 0, 1)[0][1]["key"] in (
+        update_key("t", 0, 0, 1, "a", GOOD), update_key("t", 0, 0, 1, "b", GOOD), update_key("t", 0, 0, 1, "c", GOOD))
+
+
+def test_two_colluding_mergers_of_three_cannot_decide_against_the_honest_one():
+    st, _, now = _round(checkpoint_every=5)
+    _pieces(st, now)
+    _vote(st, "a", LIE, now)  # one owner's sybils vote first and agree
+    _vote(st, "b", LIE, now)
+    assert st.round == 0 and not st.sync.get("updates")  # 2 of 3 is not enough to decide
+    assert _vote(st, "c", GOOD, now) == {0: None, 1: None}  # the honest dissent: a dispute per shard
+    assert {d["shard"] for d in shard_round.open_disputes(st)} == {0, 1}
+    for shard in (0, 1):  # the validator's recomputation agrees with the honest merger
+        assert shard_round.arbitrate(st, "v", 0, 0, shard, GOOD, now) is True
+    assert st.round == 1
+    assert [d["sha256"] for d in st.sync["updates"]["0"]["0"]] == [GOOD, GOOD]
+    assert sorted(st.dirty[("round", 0)]["flagged"]) == ["a", "b"]
+
+
+def test_at_the_vote_deadline_an_undisputed_majority_decides_and_a_dissent_does_not():
+    st, rng, now = _round(checkpoint_every=5, vote_timeout_seconds=20.0)
+    _pieces(st, now)
+    _vote(st, "a", GOOD, now, shards=(0, 1))
+    _vote(st, "b", GOOD, now, shards=(0,))
+    _vote(st, "c", LIE, now, shards=(0,))  # shard 0 disputed; shard 1: a alone, b and c silent
+    assert {d["shard"] for d in shard_round.open_disputes(st)} == {0}
+    _vote(st, "b", GOOD, now, shards=(1,))  # shard 1: 2 of 3 agree, c silent
+    shard_round.on_time(st, 0, now + 19.0)
+    assert 1 not in shard_round.stored_ballot(st, 0, 0).decided
+    shard_round.on_time(st, 0, now + 21.0)
+    b = shard_round.stored_ballot(st, 0, 0)
+    assert b.decided[1]["sha256"] == GOOD and 0 not in b.decided and 0 in b.disputes
 
 
 def test_two_replicas_split_is_a_dispute_only_a_validator_settles_then_keep_on_silence():

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import uuid
 
+import pytest
 import torch
 
-from neurons.shard_sync import Piece, ReplicaSync, pg_key, strict_majority
-from neurons.transfer import ObjectTransfer
+from neurons.shard_sync import Piece, ReplicaSync, pg_key, read_update, strict_majority
+from neurons.transfer import ObjectTransfer, TransferError
 from resbm.shard_merge import zero_momentum
-from resbm.shards import assign_mergers
+from resbm.shards import assign_mergers, take
+from resbm.sync_codec import decode, encode
+from resbm.sync_state import pack_update
 from tests.harness.shard_board import CFG, SHAPES, StorageBoard, tensors
 
 
@@ -34,7 +37,7 @@ def run_round(board, rnd, hks, theta0, pgs, liar=None, corrupt=None, storage=Non
     for s, mergers in enumerate(table):
         sha = strict_majority({h: merged[h][s].sha for h in mergers}, mergers)
         holder = next(h for h in mergers if merged[h][s].sha == sha)
-        decided.append((merged[holder][s].key, sha))
+        decided.append(([board.get_url(merged[holder][s].key)], sha))
     thetas = {}
     for h in hks:
         th = {n: t.clone() for n, t in theta0.items()}
@@ -90,3 +93,62 @@ def test_a_sole_replica_merges_from_memory_and_agrees_with_a_recomputation_from_
     for s, ms in merged.items():  # a validator's recomputation reads the stored pieces
         assert checker.merge_one(2, s, lay[s], pieces, None, upload=False).sha == ms.sha
     assert checker.transfer.stats.bytes_down > 0
+
+
+def test_oversized_truncated_undecodable_and_malformed_pieces_are_left_out_alike(s3_server):
+    """Pieces that are a property of their sender's object (too large for the shard's exact size,
+    truncated, garbage of the right size, a report missing a shard) are screened like a hash
+    mismatch: every merger of the shard leaves out the same sender, names why, and still merges."""
+    storage = s3_server.storage()
+    board = StorageBoard(storage)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    lay = CFG.layout(SHAPES)
+    hks = [f"hk{i}" for i in range(5)]
+    syncs = {h: ReplicaSync(ObjectTransfer(), board, CFG, prefix, h, 0) for h in hks}
+    base = tensors(2)
+    pieces = {h: Piece(h, 10, syncs[h].upload(2, {n: base[n] + 0.2 * t for n, t in tensors(20 + i).items()}, lay))
+              for i, h in enumerate(hks)}
+
+    def replace(h, s, blob):  # the sender reports the sha256 of what it stored: only the bytes are wrong
+        shas = list(pieces[h].shas)
+        shas[s] = hashlib.sha256(blob).hexdigest()
+        storage.put(pg_key(prefix, 2, 0, h, s, shas[s]), blob)
+        pieces[h] = Piece(h, 10, tuple(shas))
+    exact = len(encode(take(base, *lay[0]), CFG.pg))
+    replace("hk1", 0, b"\0" * (exact + 4096))                     # a few KiB too large
+    good = storage.get(pg_key(prefix, 2, 0, "hk2", 1, pieces["hk2"].shas[1]), 10**7)
+    replace("hk2", 1, good[:-9])                                   # truncated
+    replace("hk3", 2, bytes(len(good)))                             # the right size, garbage
+    pieces["hk4"] = Piece("hk4", 10, pieces["hk4"].shas[:3])        # a report without shards 3..
+    want = {0: ("hk1", "oversized"), 1: ("hk2", "undecodable"), 2: ("hk3", "undecodable"),
+            4: ("hk4", "malformed report")}
+    table = assign_mergers(2, 0, hks, len(lay), CFG.mergers)
+    items = [pieces[h] for h in hks]
+    for s, (who, why) in want.items():
+        outs = [syncs[h].merge_one(2, s, lay[s], items, None, upload=False) for h in table[s]]
+        assert {o.sha for o in outs} == {outs[0].sha} and outs[0].update is not None  # alike, and merged
+        assert all(list(o.excluded) == [who] and o.excluded[who].startswith(why) for o in outs), \
+            [o.excluded for o in outs]
+
+
+def test_a_reader_falls_back_to_another_voters_copy_when_one_is_bad(s3_server):
+    """A decided update lists every agreeing merger's copy: a copy that is missing, altered or
+    oversized is skipped and the next one is used; with no good copy the reader fails (abstains)."""
+    storage = s3_server.storage()
+    board = StorageBoard(storage)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    n = 300
+    vec = torch.linspace(-1, 1, n)
+    blob = pack_update(vec, 0.5, CFG.merged)
+    sha = hashlib.sha256(blob).hexdigest()
+    keys = {name: f"{prefix}/merged/{name}" for name in ("good", "altered", "oversized", "missing")}
+    storage.put(keys["good"], blob)
+    storage.put(keys["altered"], blob[:-1] + bytes([blob[-1] ^ 1]))
+    storage.put(keys["oversized"], blob + b"\0" * 4096)
+    urls = {name: board.get_url(k) for name, k in keys.items()}
+    xfer = ObjectTransfer(tries=1)
+    ref, got = read_update(xfer, [urls["missing"], urls["altered"], urls["oversized"], urls["good"]], sha, n,
+                           CFG.merged, "merged shard 0")
+    assert ref == 0.5 and torch.equal(got, decode(blob[4:], n, CFG.merged))
+    with pytest.raises(TransferError, match="no copy of 3 is readable"):
+        read_update(xfer, [urls["missing"], urls["altered"], urls["oversized"]], sha, n, CFG.merged, "shard 0")

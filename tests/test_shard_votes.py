@@ -1,5 +1,6 @@
-"""Per-shard votes: a strict majority of a shard's mergers decides; splits wait for a validator's
-recomputation; a lone liar never decides; the validator's shard check fails exactly the liar."""
+"""Per-shard votes: every merger agreeing decides; any dissent waits for a validator's
+recomputation, so neither a lone liar nor a colluding majority decides against an honest merger;
+the validator's shard check fails exactly the liar."""
 from __future__ import annotations
 
 import hashlib
@@ -19,15 +20,22 @@ def ballot(mergers=3, shards=4):
     return new_ballot(7, 1, HKS, shards, mergers, now=0.0, vote_timeout=10.0)
 
 
-def test_strict_majority_decides_and_flags_the_liar():
+def test_every_merger_agreeing_decides_and_any_dissent_is_a_dispute():
     b = ballot()
     hs = b.mergers[0]
     assert vote(b, hs[0], 0, "good", "k0", 5, 1.0, ARB) is None
-    assert vote(b, hs[1], 0, "evil", "k1", 5, 1.0, ARB) is None
-    assert vote(b, hs[2], 0, "good", "k2", 5, 1.0, ARB) is True
-    assert b.decided[0] == {"sha256": "good", "key": "k0", "size": 5, "alt_keys": ["k2"]}
-    assert b.flagged == [hs[1]]
-    assert vote(b, hs[1], 0, "evil", "k1", 5, 2.0, ARB) is False  # repeat: told it lost
+    assert vote(b, hs[2], 0, "good", "k2", 5, 1.0, ARB) is None  # 2 of 3: waits for the third
+    assert vote(b, hs[1], 0, "good", "k1", 5, 1.0, ARB) is True
+    assert b.decided[0] == {"sha256": "good", "key": "k0", "size": 5, "alt_keys": ["k1", "k2"]}
+    assert b.flagged == []
+    hs = b.mergers[1]  # a liar among three, or two colluders against one: the same dispute
+    vote(b, hs[0], 1, "evil", "k0", 5, 1.0, ARB)
+    vote(b, hs[1], 1, "evil", "k1", 5, 1.0, ARB)
+    assert vote(b, hs[2], 1, "good", "k2", 5, 1.0, ARB) is None
+    assert 1 not in b.decided and [d["shard"] for d in open_disputes(b)] == [1]
+    assert arbitrate(b, 1, "good") is True
+    assert b.decided[1]["key"] == "k2" and sorted(b.flagged) == sorted(hs[:2])
+    assert vote(b, hs[1], 1, "evil", "k1", 5, 2.0, ARB) is False  # repeat: told it lost
 
 
 def test_a_split_is_a_dispute_only_a_validator_settles():

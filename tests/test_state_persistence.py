@@ -1,5 +1,7 @@
 """Every transition's changes survive a bridge restart: a scripted run through the real service
-and SQLite file, reloaded from disk after each transition and compared with the live state."""
+and each database backend (a SQLite file; a PostgreSQL database in the tests' throwaway
+cluster), reloaded after each transition by a second connection and compared with the live
+state."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +9,7 @@ import json
 from typing import Any, Callable
 
 from bridge import claims, quarantine, rounds, state, votes
-from bridge.db import Database
+from bridge.db import open_database
 from bridge.records import FwdRecord, Hop, ObjRef, Sample, State, Tunables
 from bridge.service import BridgeService
 from bridge.tracking import row_json
@@ -38,10 +40,11 @@ def snapshot(st: State) -> dict[str, Any]:
 class Script:
     """Applies transitions through the service and checks a reload after each one."""
 
-    def __init__(self, tmp_path: Any) -> None:
+    def __init__(self, url: str) -> None:
         self.now = 0.0
-        self.db = Database(tmp_path / "bridge.db")
+        self.db = open_database(url)
         self.svc = BridgeService(RUN, self.db, None, TUN, seed=3, clock=lambda: self.now)
+        self.reader = open_database(url)  # a restarted bridge: its own connection
         self.checked = 0
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -50,7 +53,7 @@ class Script:
         return out
 
     def check(self) -> None:
-        reloaded = Database(self.db.path).load(RUN, TUN)
+        reloaded = self.reader.load(RUN, TUN)
         live, disk = snapshot(self.svc.state), snapshot(reloaded)
         for part in live:
             assert live[part] == disk[part], f"{part} differs after a restart"
@@ -78,8 +81,8 @@ def _final(st: State, hk: str, kind: str, sha: str) -> str:
                                    rounds.upload_key(st, hk, st.round, kind, sha), sha)
 
 
-def test_every_transition_survives_a_restart(tmp_path):
-    s = Script(tmp_path)
+def test_every_transition_survives_a_restart(db_url):
+    s = Script(db_url)
     for hk in "abcd":
         s(state.register, hk)
     st = lambda: s.svc.state  # noqa: E731 - a failed commit would replace the live state
@@ -122,13 +125,13 @@ def test_every_transition_survives_a_restart(tmp_path):
         s(lambda st_, now, rng: votes.report_merged(st_, hk, r, sha, _final(st_, hk, "state", sha),
                                                     7, now))
     assert st().round == r + 1 and st().phase == Phase.TRAIN
-    assert Database(s.db.path).round_archive(r)["pseudograds"]  # the archive row is on disk
+    assert s.reader.round_archive(r)["pseudograds"]  # the archive row is on disk
     kinds = {h.kind for h in st().hops.values()}
     assert kinds <= set(HopKind) and s.checked > 50
 
 
-def test_the_comparison_catches_a_change_that_is_not_tracked(tmp_path):
-    s = Script(tmp_path)
+def test_the_comparison_catches_a_change_that_is_not_tracked(db_url):
+    s = Script(db_url)
     s(state.register, "a")
     m = s.svc.state.miners["a"]
     s.svc.apply(lambda st, now, rng: object.__setattr__(m, "health", 0.25))  # untracked
@@ -140,14 +143,14 @@ def test_the_comparison_catches_a_change_that_is_not_tracked(tmp_path):
         raise AssertionError("an untracked write went unnoticed")
 
 
-def test_in_place_changes_of_a_sample_are_tracked(tmp_path):
-    s = Script(tmp_path)
+def test_in_place_changes_of_a_sample_are_tracked(db_url):
+    s = Script(db_url)
     for hk in "ab":
         s(state.register, hk)
     sample = next(iter(s.svc.state.samples.values()))
     s(lambda st, now, rng: sample.fwd_by.update({5: FwdRecord("x", 0, "h0x1")}))
     s(lambda st, now, rng: sample.fwd_by.pop(5))
-    assert 5 not in Database(s.db.path).load(RUN, TUN).samples[sample.sample_id].fwd_by
+    assert 5 not in s.reader.load(RUN, TUN).samples[sample.sample_id].fwd_by
 
 
 def test_typed_records_store_and_send_the_same_bytes_as_plain_strings_and_lists():

@@ -9,7 +9,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from resbm.outer import StateError
-from resbm.sync_codec import CODECS, Codec, decode, encode, encoded_size, roundtrip
+from resbm.sync_codec import CODECS, Codec, check_sizes, decode, encode, encoded_size, roundtrip
 
 
 def vec(n: int, seed: int = 0) -> torch.Tensor:
@@ -73,14 +73,21 @@ def test_decode_refuses_what_it_was_not_given():
     blob = encode(vec(100), c)
     with pytest.raises(StateError, match="header"):
         decode(blob, 99, c)
-    with pytest.raises(StateError, match="header"):
+    with pytest.raises(StateError, match="encode to exactly"):  # another block: another size
         decode(blob, 100, Codec("int2", 32))
-    with pytest.raises(StateError, match="keys"):
+    with pytest.raises(StateError, match="encode to exactly"):
         decode(blob, 100, Codec("fp32", 16))
-    with pytest.raises(StateError, match="not a valid"):
+    with pytest.raises(StateError, match="encode to exactly"):  # truncated: refused before parsing
         decode(blob[:-7], 100, c)
-    with pytest.raises(StateError, match="over the"):
-        decode(blob + b"x" * 2000, 100, c)
+    with pytest.raises(StateError, match="encode to exactly"):  # a few bytes more
+        decode(blob + b"x" * 8, 100, c)
+    with pytest.raises(StateError, match="over the 300 allowed"):
+        decode(blob + b"x" * 2000, 100, c, max_bytes=300)
+    other = st_load(blob)  # the right size, another tensor name: refused by name
+    other["r"] = other.pop("s")
+    assert len(st_save(other)) == len(blob)
+    with pytest.raises(StateError, match="keys"):
+        decode(st_save(other), 100, c)
     d = st_load(blob)
     d["q"] = torch.full_like(d["q"], 0xFF)  # code 3 - 1 = 2 > qmax 1
     with pytest.raises(StateError, match="outside"):
@@ -99,3 +106,18 @@ def test_codec_validation_messages():
         Codec("int3")
     with pytest.raises(ValueError, match="multiple of 8"):
         Codec("int8", 100)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_encoded_size_is_the_exact_length_of_every_encoding(name):
+    """The bridge ties sync grants to encoded_size: it must be exact for every length and block."""
+    rng = torch.Generator().manual_seed(3)
+    lengths = [1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 999, 1000, 1001, 9_999, 10_000, 100_001]
+    lengths += [int(x) for x in torch.randint(1, 30_000, (6,), generator=rng)]
+    for block in (8, 64, 256, 4096):
+        c = Codec(name, block)
+        for n in lengths:
+            assert len(encode(torch.randn(n, generator=rng), c)) == encoded_size(n, c), (name, block, n)
+    check_sizes()
+    with pytest.raises(ValueError, match="at least one value"):
+        encoded_size(0, Codec(name, 8))

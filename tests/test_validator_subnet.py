@@ -207,15 +207,14 @@ def test_second_weight_set_inside_rate_limit_is_deferred_not_lost(subnet, valida
     earners = credited(validated, names, rounds=(0, 1))
     ema = {n: ALPHA * tp1.get(names[n], 0.0) + (1 - ALPHA) * ALPHA * tp0.get(names[n], 0.0) for n in earners}
     total = sum(ema.values())
-    # Routing decides who works, and an honest miner that worked but missed the merge set earns
-    # nothing for that round (seen about once in 30 runs on a loaded 2-core box; the cause is not
-    # known yet). Weights must follow the credit either way.
+    # An honest miner that did verified work in a round is in that round's merge set (its leases
+    # outlast the loaded box: tests/harness/validator_subnet.py, LEASE_SECONDS), so every honest
+    # miner earns over the run.
     for lg in validated["hoplogs"]:
         merged = {p.hotkey for p in lg.pseudograds}
         missed = [n for n in HONEST if names[n] in {x.miner_hotkey for x in lg.records} and names[n] not in merged]
-        if missed:
-            log.warning("round %d: honest miners that worked but are not in the merge set: %s", lg.round, missed)
-    assert any(ema[n] > 0 for n in HONEST), ema
+        assert not missed, f"round {lg.round}: honest miners that worked but are not in the merge set: {missed}"
+    assert all(ema[n] > 0 for n in HONEST), ema  # every honest miner earns over the run
     for n in earners:
         assert w.get(uid[n], 0.0) == pytest.approx((1 - BURN) * ema[n] / total, rel=1e-3, abs=2e-4), (n, w)
     for name in CHEATERS:

@@ -23,12 +23,14 @@ class FakeWorker(threading.Thread):
     """A miner without a model: checks input hashes, uploads random outputs, steps, merges."""
 
     def __init__(self, keypair, url, hotkey, stop: threading.Event):
+        """`url`: the bridge's URL, or several (a list: the worker fails over between them)."""
         super().__init__(daemon=True)
         # a bridge restart imports torch (the run's code size): allow ~60 s on a loaded box
         self.c = BridgeClient(keypair, url, hotkey, max_tries=120, backoff_s=0.1,
                               max_backoff_s=0.5)
         self.http = httpx.Client(timeout=10)
         self.stop_ev, self.error, self.hops = stop, None, 0
+        self.leased: list[str] = []  # every hop id a lease gave it, in order
         self.merged_rounds: set[int] = set()
         self.reports: dict[int, dict] = {}  # round -> the pseudograd / merged bodies it sent
 
@@ -52,6 +54,7 @@ class FakeWorker(threading.Thread):
         while not self.stop_ev.is_set():
             r = self.c.post(route("lease").path, req)
             if r["action"] == "work":
+                self.leased += [h["hop_id"] for h in r["hops"]]
                 for hop in r["hops"]:
                     self.work(hop)
             elif r["action"] == "step":

@@ -12,21 +12,24 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from drills.cheaters import cheating_miner
+from neurons.sync_follow import GONE, get_view
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.bridge_client import BridgeClient
+from protocol.client import BridgeError
 from protocol.messages import HopLog, Metrics
 from resbm import data
 from resbm.config import ModelConfig
 from resbm.stages import build_stages
 from resbm.train import evaluate
+from tests.harness.laggard import LaggardMiner
 from tests.servers import make_chain, start_bridge, start_s3
 
 __all__ = ["Scenario", "Outcome", "run_scenario", "tiny_model"]
@@ -53,6 +56,8 @@ class Scenario:
     samples_per_replica: int = 4
     run: tuple[tuple[str, Any], ...] = ()
     join_round: int | None = None  # an honest replica joins once the run reaches this round
+    laggard: tuple[int, int] | None = None  # (stall, resume): the last honest replica stalls in its
+                                            # merge of round `stall` until the run reaches `resume`
 
     @property
     def replicas(self) -> int:
@@ -88,6 +93,8 @@ class Outcome:
     init_loss: float
     joined: dict[str, Any] | None = None  # the late joiner: name, round, (checkpoint round, updates replayed)
     round_starts: tuple[int, int] = (0, 0)  # sharded sync: round starts the validator rebuilt, advanced
+    views: dict[tuple[int, int], Any] = field(default_factory=dict)  # sharded: (round, stage) -> SyncView
+    laggard: dict[str, Any] | None = None  # name, what its round's view said, catch_ups, theta, peer_theta
 
     def honest(self) -> list[str]:
         """Names of the honest miners."""
@@ -139,10 +146,16 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
     validator = None
     joined = None
 
+    lag = n_honest - 1 if sc.laggard is not None else None
+
     def start_miner(i: int, kind: str) -> str:
         kp = keys["miners"][i]
-        m = cheating_miner(kind, BridgeClient(kp, bridge.url, bridge.hotkey), ObjectTransfer(), max_hops=2)
-        name = f"{kind}{i}" if i < len(kinds) else f"joiner{i}"
+        client = BridgeClient(kp, bridge.url, bridge.hotkey)
+        if i == lag:
+            m = LaggardMiner(client, ObjectTransfer(), max_hops=2, stall=sc.laggard[0], resume=sc.laggard[1])
+        else:
+            m = cheating_miner(kind, client, ObjectTransfer(), max_hops=2)
+        name = "laggard" if i == lag else f"{kind}{i}" if i < len(kinds) else f"joiner{i}"
         stage_of[name] = m.register().stage
         names[name] = kp.ss58_address
         miners.append(m)
@@ -187,6 +200,12 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             if kinds[list(names).index(name)] == "honest" and stage_of[name] not in final:
                 final[stage_of[name]] = miner.worker.theta()
         thetas = [final[s] for s in range(sc.stages)] if len(final) == sc.stages else None
+        views = _sync_views(observer, sc) if rc.get("sync_mode") == "sharded" else {}
+        laggard = None
+        if lag is not None:
+            lm, ln = miners[lag], list(names)[lag]
+            laggard = {"name": ln, "seen": list(lm.seen), "catch_ups": list(lm.catch_ups), "theta": lm.worker.theta(),
+                       "peer_theta": final[stage_of[ln]]}
         return Outcome(
             names=names, kinds=dict(zip(names, kinds)), stage_of=stage_of, metrics=m, hoplogs=hoplogs,
             verdicts=[(r, by_key.get(hk, hk), ok, why) for r, hk, ok, why in validator.audits.verdicts],
@@ -195,7 +214,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             init_loss=_val_loss(rc["model"], rc["init_seed"], None),
             joined=None if joined is None else {**joined, "theta": miners[-1].worker.theta(),
                                                 "peer_theta": final.get(stage_of[joined["name"]])},
-            round_starts=_round_starts(validator))
+            views=views, laggard=laggard, round_starts=_round_starts(validator))
     finally:
         if validator is not None:
             validator.stop.set()
@@ -209,3 +228,16 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
         bridge.stop()
         s3.stop()
         torch.set_num_threads(old_threads)
+
+
+def _sync_views(observer: BridgeClient, sc: Scenario) -> dict[tuple[int, int], Any]:
+    """Every kept round's sync view per stage (decisions, votes), from the bridge's archive."""
+    views = {}
+    for r in range(sc.rounds):
+        for s in range(sc.stages):
+            try:
+                views[(r, s)] = get_view(observer, r, s)
+            except BridgeError as exc:
+                if exc.code not in GONE:
+                    raise
+    return views

@@ -31,15 +31,24 @@ RATE_LIMIT = 100  # make_chain's default; at 12 s a block only advance_blocks ca
 COMPUTE = {"fwd": 1.0, "bwd": 2.0, "fwdbwd": 3.0, "bwd_recompute": 3.0}
 
 
+# A hop's lease must outlast its compute plus its place in the miner's upload queue (up to 8
+# outputs on 2 threads, prefetched leases included) on a loaded 2-core box: lease-to-done reached
+# 1.4 s at a load of ~9 here. At 4 s an honest replica's hops expired under heavier load; an expired
+# backward is redone and, after max_attempts, its sample abandoned, so a stage-0 replica could end a
+# round with verified forwards but no verified backward: not a worker, its pseudo-gradient refused
+# (no_work), no credit for the round (the "honest miner missed the merge set" of issue 21).
+LEASE_SECONDS = 10.0
+
+
 def run_config() -> dict:
     """Small enough for 2 shared cores; the audit tolerances were measured on this size (docs/BENCHMARKS.md)."""
     model = ModelConfig(vocab_size=data.VOCAB_SIZE, d_model=32, n_layers=2, n_heads=2, seq_len=16,
                         n_stages=2, bottleneck_dim=4, wire_codec="bf16").to_dict()
     return dict(run_id="val-test", model=model, n_stages=2, batch_size=2, micro_batches_per_step=2,
                 inner_steps_per_round=2, samples_per_round=12, muon_lr=0.02, adamw_lr=3e-3,
-                warmup_steps=0, total_rounds=2, data_seed=3, init_seed=4, lease_seconds=4.0,
+                warmup_steps=0, total_rounds=2, data_seed=3, init_seed=4, lease_seconds=LEASE_SECONDS,
                 max_object_bytes=16 * 2**20, merge_timeout_seconds=30.0, max_attempts=5,
-                audit_window_rounds=4, version_key=7,
+                audit_window_rounds=4, version_key=7, val_tokens=1024,  # the live held-out loss: 64 windows
                 incentives={"audit_fraction": 1.0, "burn_share": BURN, "ema_alpha": ALPHA})
 
 
@@ -95,7 +104,8 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
         log.warning("subnet run took %.1fs; miners still running at the end: %s", time.monotonic() - t0,
                     [t.name for t in threads if t.is_alive()])
         yield dict(tmp=tmp, chain=chain, keys=keys, bridge=bridge, names=names, metrics=metrics,
-                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()})
+                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()}, s3=s3,
+                   miners={name: m for (name, *_), m in zip(miners, running)})
     finally:
         for m in running:
             m.stop.set()

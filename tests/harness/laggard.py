@@ -1,0 +1,51 @@
+"""An honest replica that falls behind (a slow or stuck GPU, a long pause): in its merge of one round
+it stops after the set froze and waits until the run has reached a later round, then carries on
+with what the real miner does next. Used to check that a replica behind by more than the
+bridge's kept updates catches up from the latest checkpoint and earns again."""
+from __future__ import annotations
+
+from neurons.miner_loop import Miner
+from neurons.shard_round import ShardedMerge
+from neurons.sync_follow import get_view
+from protocol.client import BridgeError
+
+__all__ = ["LaggardMiner"]
+
+
+class _StallingMerge(ShardedMerge):
+    """The honest sharded round, except that it stalls once the set of `stall` froze."""
+
+    def __init__(self, *a, stall: int, resume: int, seen: list, **kw):
+        super().__init__(*a, **kw)
+        self.stall, self.resume, self.seen = stall, resume, seen
+
+    def merged_shards(self, rnd, mine, sync):
+        if rnd != self.stall:
+            return mine
+        while not self.stop.is_set() and self.client.metrics().round < self.resume:
+            self.stop.wait(0.3)
+        try:  # what the view of our round says now (the real flow asks it next)
+            get_view(self.client, rnd, self.worker.stage_index)
+            self.seen.append("kept")
+        except BridgeError as exc:
+            self.seen.append(exc.code)
+        return {}  # too late to vote: the round was decided without us
+
+
+class LaggardMiner(Miner):
+    """A Miner whose round `stall` stalls until the run reaches round `resume`."""
+
+    def __init__(self, *a, stall: int, resume: int, **kw):
+        super().__init__(*a, **kw)
+        self.stall, self.resume, self.seen = stall, resume, []
+        self.catch_ups: list[tuple] = []  # (round, (checkpoint round, updates replayed)) per catch-up
+
+    def register(self):
+        a = super().register()
+        if self.state.caught_up is not None:
+            self.catch_ups.append((a.round, self.state.caught_up))
+        return a
+
+    def _round_merge(self):
+        return _StallingMerge(self.client, self.transfer, self.worker, self.run, self.stop,
+                              stall=self.stall, resume=self.resume, seen=self.seen)
