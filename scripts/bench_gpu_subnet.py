@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ if __package__ in (None, ""):
 
 import yaml
 
+from scripts.gpu_placement import NCCL_ENV, PlacementError, check_visible, plan, validator_gpu
 from scripts.gpu_subnet_metrics import (BREAKDOWN_COLUMNS, audit_counts, merge_seconds_per_round, mfu, round_shares,
                                         seal_seconds, stage_flops_per_token, time_breakdown, validator_lag)
 
@@ -49,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-open-graphs", type=int, default=4, help="forward graphs a miner holds at most (its GPU memory; "
       "0 = as many as A)")
     a("--threads-per-miner", type=int, default=0, help="torch CPU threads per miner (0 = the CPUs shared out)")
-    a("--gpus", type=int, default=0, help="spread the stages over this many GPUs, one contiguous group of "
-      "stages per GPU (0 = every process on the default GPU)")
+    a("--gpus", type=int, default=0, help="spread the miners over this many GPUs (scripts/gpu_placement.py: "
+      "contiguous stage groups, or one pipeline per GPU with --miners-per-stage = GPUs; 0 = all on the default GPU)")
     a("--device", default="cuda", help="miners', validator's and reference's device")
     a("--dtype", default="bfloat16", help="compute dtype (bfloat16 = autocast on cuda)")
     a("--sync", default="", help="sync mode (sharded | state); empty = the run config's default")
@@ -142,7 +144,6 @@ def subnet(args, cfg, rc) -> dict:
     from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
-    import os
     threads = args.threads_per_miner or max(1, (os.cpu_count() or 2) // (cfg.n_stages * args.miners_per_stage + 3))
     cluster = Cluster(prepare_workdir(args.workdir), rc, args.miners_per_stage, device=args.device,
                       miner_args=["--dtype", args.dtype, "--status-every", "3",
@@ -321,10 +322,21 @@ def main(argv=None) -> int:
     import logging
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    os.environ.update(NCCL_ENV)  # NVLink multicast off here and in every child (the reference's NCCL too)
     cfg = _model(args)
     rc = _run_config(args, cfg)
     from resbm.train import _peak_flops, pick_device
     dev = pick_device(args.device)
+    try:
+        slots = plan(cfg.n_stages, cfg.n_stages * args.miners_per_stage, args.gpus)
+        if args.gpus:
+            import torch
+            check_visible(args.gpus, torch.cuda.device_count() if dev.type == "cuda" else 0)
+    except PlacementError as exc:
+        raise SystemExit(f"bench_gpu_subnet: {exc}") from None
+    if args.gpus:
+        print("[placement] " + ", ".join(f"miner{s.order} stage {s.stage} replica {s.replica} -> GPU {s.gpu}"
+                                         for s in slots) + f"; validator -> GPU {validator_gpu(args.gpus)}", flush=True)
     peak = _peak_flops(dev) if dev.type == "cuda" else None
     print(f"[reference] {args.reference_steps or args.rounds * args.inner_steps} steps on {dev} ...", flush=True)
     ref = reference(args, cfg, rc)

@@ -23,13 +23,6 @@ def test_merge_seconds_audits_and_lag():
     assert validator_lag(3, "train", 1) == 2 and validator_lag(3, "done", 4) == 0 and validator_lag(0, "train", 5) == 0
 
 
-def test_stage_groups_per_gpu():
-    from scripts.localnet_cluster import gpu_of_stage
-    assert [gpu_of_stage(s, 2, 4) for s in range(4)] == [0, 0, 1, 1]
-    assert [gpu_of_stage(s, 4, 4) for s in range(4)] == [0, 1, 2, 3]
-    assert [gpu_of_stage(s, 1, 3) for s in range(3)] == [0, 0, 0]
-
-
 def test_round_shares_give_each_closed_rounds_sync_share():
     samples = [(0.0, 0, "train"), (8.0, 0, "merge"), (10.0, 1, "train"), (17.0, 1, "merge"), (18.0, 2, "train"),
                (19.0, 2, "train")]
