@@ -2,10 +2,12 @@
 
     python scripts/bench_gpu_subnet.py --audit-tolerances audit_tolerances.yaml     # 1B, the defaults
     python scripts/bench_gpu_subnet.py --preset tiny --device cpu --dtype float32 --rounds 3 \
-        --inner-steps 4 --micro-batches-per-step 4 --max-open-graphs 2 --reference-steps 8 --seconds 150  # smoke
+        --inner-steps 4 --micro-batches-per-step 4 --max-open-graphs 2 --reference-steps 8 \
+        --reference-batch 0 --reference-accum 0 --seconds 150  # smoke
 
-Runs the reference trainer first (same model, batch, tokens per optimizer step, inner steps and
-outer step), then S3 (rclone), LocalChain, the bridge, the miners and a validator as separate
+Runs the reference trainer first (resbm.train on the same model, inner steps and outer step, at its
+measured configuration: 128K tokens a step, batch 16 x accum 8, compiled on CUDA; its tokens/s
+leave out the warm-up steps), then S3 (rclone), LocalChain, the bridge, the miners and a validator as separate
 processes (scripts/localnet_cluster), and prints: tokens/s of both, per-miner compute fraction and
 MFU, where each miner's wall time went (docs/BENCHMARKS.md), each round's sync share, audits with
 their replay seconds, and the validator's lag. The defaults are the 1B configuration of
@@ -62,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--audit-fraction", type=float, default=0.05, help="share of miners the validator audits per round "
       "(at least one is audited every round)")
     a("--audit-tolerances", default="", help="YAML with an audit_tolerances list (calibrate_audit.py output)")
-    a("--reference-steps", type=int, default=20, help="reference trainer steps (0 = the subnet's, rounds x H)")
+    a("--reference-steps", type=int, default=10, help="reference trainer steps (0 = the subnet's, rounds x H)")
+    a("--reference-batch", type=int, default=16, help="reference sequences per micro-batch (0 = --batch-size)")
+    a("--reference-accum", type=int, default=8, help="reference micro-batches per step (0 = A x replicas); "
+      "16 x 8 x 1024 = 128K tokens a step, the efficient trainer's measured configuration")
+    a("--reference-compile", action=argparse.BooleanOptionalAction, default=True,
+      help="torch.compile the reference's blocks (on CUDA only; its first steps, the compile, are left out)")
     a("--seconds", type=float, default=300.0, help="stop the subnet after this long and report what it did")
     a("--catch-up-seconds", type=float, default=45.0, help="after training, wait this long for the validator")
     a("--workdir", default="gpu-subnet-out", help="data, logs and wallets")
@@ -104,14 +111,21 @@ def reference(args, cfg, rc) -> dict:
     from resbm.optim import OptimConfig
     from resbm.train import train
     steps = args.reference_steps or args.rounds * args.inner_steps
+    batch = args.reference_batch or args.batch_size
+    accum = args.reference_accum or args.micro_batches_per_step * args.miners_per_stage
+    compiled = args.reference_compile and args.device.startswith("cuda")
     ocfg = OptimConfig(muon_lr=rc["muon_lr"], adamw_lr=rc["adamw_lr"], weight_decay=0.0,
                        warmup_steps=rc["warmup_steps"], total_steps=steps, min_lr_ratio=rc["min_lr_ratio"])
-    hist = train(cfg, ocfg, steps, batch_size=args.batch_size, accum=args.micro_batches_per_step * args.miners_per_stage,
-                 device=args.device, amp=args.dtype == "bfloat16", outer_every=args.inner_steps,
-                 outer_lr=rc["outer_lr"], outer_momentum=rc["outer_momentum"], progress=False)
+    hist = train(cfg, ocfg, steps, batch_size=batch, accum=accum, device=args.device, amp=args.dtype == "bfloat16",
+                 outer_every=args.inner_steps, outer_lr=rc["outer_lr"], outer_momentum=rc["outer_momentum"],
+                 progress=False, compile=compiled, timing_warmup=min(2, steps - 1))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"steps": steps, "tokens_per_s": hist["tokens_per_s"], "mfu": hist["mfu"], "last_loss": hist["loss"][-1]}
+    steady = hist.get("steady_tokens_per_s")  # the steps after the warm-up (and the compile)
+    return {"steps": steps, "batch": batch, "accum": accum, "compile": compiled,
+            "tokens_per_step": batch * accum * cfg.seq_len, "tokens_per_s": steady or hist["tokens_per_s"],
+            "mfu": hist.get("steady_mfu") if steady else hist["mfu"], "all_steps_tokens_per_s": hist["tokens_per_s"],
+            "last_loss": hist["loss"][-1]}
 
 
 class _Gpu:
@@ -270,7 +284,9 @@ def print_table(r: dict) -> None:
           f"{mdl['layers']} blocks, {mdl['stages']} stages, {mdl['boundary']}), {r['device']} {r['dtype']} ===")
     ref = r["reference"]
     print(f"{'figure':<44} value")
-    print(f"{'reference trainer tokens/s (1 process)':<44} {ref['tokens_per_s']:,.0f} (MFU {pct(ref['mfu'])})")
+    print(f"{'reference trainer tokens/s (1 process)':<44} {ref['tokens_per_s']:,.0f} (MFU {pct(ref['mfu'])}; "
+          f"{ref.get('tokens_per_step', 0) // 1024}K tokens/step, batch {ref.get('batch')} x accum {ref.get('accum')}"
+          f"{', compiled' if ref.get('compile') else ''}, after the warm-up steps)")
     ratio = "n/a" if r["ratio_vs_reference"] is None else f"{100 * r['ratio_vs_reference']:.1f}% of reference"
     print(f"{'subnet tokens/s (first hop to last round)':<44} {r['subnet_tokens_per_s']:,.0f} on {r['gpus']} GPU(s) "
           f"(per GPU {ratio})")
@@ -340,7 +356,8 @@ def main(argv=None) -> int:
     peak = _peak_flops(dev) if dev.type == "cuda" else None
     print(f"[reference] {args.reference_steps or args.rounds * args.inner_steps} steps on {dev} ...", flush=True)
     ref = reference(args, cfg, rc)
-    print(f"[reference] {ref['tokens_per_s']:,.0f} tok/s", flush=True)
+    print(f"[reference] {ref['tokens_per_s']:,.0f} tok/s (MFU {ref['mfu']}, {ref['tokens_per_step']} tokens/step)",
+          flush=True)
     print(f"[subnet] starting (at most {args.seconds:.0f}s) ...", flush=True)
     net = subnet(args, cfg, rc)
     result = summarize(args, cfg, ref, net, peak, rc)
