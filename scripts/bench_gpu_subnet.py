@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sync-codec", default="", help="pseudo-gradient codec (fp32 | int8 | int4 | int2); empty = the default")
     a("--sync-merged-codec", default="", help="merged-update codec; empty = the run config's default")
     a("--checkpoint-every", type=int, default=0, help="K (0 = the run config's default)")
+    a("--max-memory", default="share", help="each miner's --max-memory (kept activations); 'share': half "
+      "of a GPU's memory split evenly between the miners on it")
     a("--audit-fraction", type=float, default=0.05, help="share of miners the validator audits per round "
       "(at least one is audited every round)")
     a("--audit-tolerances", default="", help="YAML with an audit_tolerances list (calibrate_audit.py output)")
@@ -159,8 +161,10 @@ def subnet(args, cfg, rc) -> dict:
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
     threads = args.threads_per_miner or max(1, (os.cpu_count() or 2) // (cfg.n_stages * args.miners_per_stage + 3))
+    per_gpu = max(1, rc["n_stages"] * args.miners_per_stage // max(1, args.gpus))
+    budget = f"{0.5 / per_gpu:.4f}" if args.max_memory == "share" else args.max_memory
     cluster = Cluster(prepare_workdir(args.workdir), rc, args.miners_per_stage, device=args.device,
-                      miner_args=["--dtype", args.dtype, "--status-every", "3",
+                      miner_args=["--dtype", args.dtype, "--status-every", "3", "--max-memory", budget,
                                   "--max-open-graphs", str(args.max_open_graphs)],
                       gpus=args.gpus, threads_per_miner=threads)
     phases: list[tuple[float, int, str]] = []

@@ -34,7 +34,8 @@ fi
 if [ "$what" = all ] || [ "$what" = subnet ]; then
     echo "=== (b) the subnet at 1B against the reference trainer ==="
     tol=""
-    for f in docs/bench_results/audit_calibration/audit_tolerances_1b*.yaml \
+    for f in docs/bench_results/audit_calibration_1b_h100/audit_tolerances_1b_h12.yaml \
+             docs/bench_results/audit_calibration*/audit_tolerances_1b*.yaml \
              docs/bench_results/audit_calibration/audit_tolerances_h200_standard.yaml; do
         [ -f "$f" ] && { tol="--audit-tolerances $f"; break; }
     done
