@@ -21,7 +21,8 @@ from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
-from neurons.shard_validate import audit_inputs, check_sharded_round
+from neurons.shard_validate import RoundStarts, audit_inputs, check_sharded_round
+from neurons.sync_device import pick_sync_device
 from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
@@ -75,6 +76,7 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.settled: set = set()  # (round, stage) disputes this validator already answered
+        self.round_starts: RoundStarts | None = None  # sharded sync: stages' rebuilt round starts
 
     # ----- persistence -----
     def _load_meta(self) -> dict:
@@ -148,7 +150,7 @@ class Validator:
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
         if self.run.sync_mode == "sharded":
-            failed = check_sharded_round(self.client, self.transfer, self.run, hoplog)
+            failed = check_sharded_round(self.client, self.transfer, self.run, hoplog, self._round_starts())
         else:
             failed = check_round_merges(self.transfer, self.run, hoplog)
         for hk, reason in sorted(failed.items()):
@@ -167,6 +169,12 @@ class Validator:
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
         self.live.round_done(rnd)
 
+    def _round_starts(self) -> RoundStarts:
+        """The stages' rebuilt round starts (kept across rounds), computed on the sync device."""
+        if self.round_starts is None:
+            self.round_starts = RoundStarts(pick_sync_device(self.s.device))
+        return self.round_starts
+
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
         """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""
         try:
@@ -184,7 +192,7 @@ class Validator:
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
         """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
-            inputs = (audit_inputs(self.client, self.transfer, self.run, rnd, hotkey)
+            inputs = (audit_inputs(self.client, self.transfer, self.run, rnd, hotkey, self._round_starts())
                       if self.run.sync_mode == "sharded" else None)
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device,
                                  self.s.audit_max_seconds, inputs=inputs)
