@@ -73,7 +73,7 @@ def test_package_imports_only_what_the_architecture_allows(package):
 def test_the_rules_keep_torch_out_of_the_bridge_and_the_network_out_of_resbm():
     """The doc's rows themselves: the properties the architecture promises hold in the table."""
     assert not {"torch", "resbm", "neurons", "drills", "safetensors"} & RULES["bridge"]
-    assert not {"protocol", "bridge", "neurons", "drills", "httpx", "requests", "boto3"} & RULES["resbm"]
+    assert not {"protocol", "bridge", "neurons", "drills", "httpx", "urllib3", "requests", "boto3"} & RULES["resbm"]
     assert not {"torch", "resbm", "protocol", "bridge", "neurons"} & RULES["spec"]
     assert "drills" not in RULES["neurons"] and "bridge" not in RULES["neurons"]
 
