@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
+import time
+from collections import Counter
+
+import pytest
 
 from bridge import speed, state
+from neurons.scoring import hop_throughput
+from protocol.bridge_client import BridgeClient
+from protocol.routes import route
 from tests.harness.bridge_state import do_hop, lease, make
+from tests.harness.fake_worker import FakeWorker
+from tests.servers import make_chain, start_bridge, tiny_run_config
 
 FAST, SLOW = 0.1, 1.0  # virtual seconds per hop
 
@@ -126,3 +136,56 @@ def test_a_round_with_one_slow_replica_takes_about_as_long_as_without_it():
     assert routed <= 1.15 * base, (routed, base)  # virtual seconds, not wall-clock
     assert naive > 1.3 * routed, (naive, routed)  # without the rule the slow replica holds the round
     assert 0 < hops["slow"] < naive_hops["slow"]
+
+
+def _subnet_with_a_slow_replica(tmp, s3, extra=()):
+    """2 stages over the real bridge and S3, 2 fake workers per stage; the last to join takes 0.5 s
+    more per hop. Returns, for its stage: hops per worker ("slow", "fast": the bridge's verified
+    counts) and what each earns (the validator's verified throughput of its hops in the hop log)."""
+    tmp.mkdir()
+    _, keys = make_chain(tmp / "chain.db", miners=4, validators=1)
+    cfg = tiny_run_config(total_rounds=1, samples_per_round=24, micro_batches_per_step=4)
+    b = start_bridge(tmp, cfg, tmp / "chain.db", s3, extra=extra)
+    stop = threading.Event()
+    ws = []
+    try:
+        for i, k in enumerate(keys["miners"]):
+            ws.append(FakeWorker(k, b.url, b.hotkey, stop, hop_seconds=0.5 if i == 3 else 0.0))
+            ws[-1].start()
+            while len(ws[0].c.get(route("metrics").path)["miners"]) < i + 1:
+                time.sleep(0.05)
+        observer = BridgeClient(keys["validators"][0], b.url, b.hotkey)
+        end = time.monotonic() + 240
+        while observer.metrics().phase != "done":
+            assert all(w.error is None for w in ws), [repr(w.error) for w in ws]
+            assert time.monotonic() < end, "the run did not finish"
+            time.sleep(0.2)
+        m = observer.metrics()
+        assert m.completed_total == 24 and m.abandoned_total == 0
+        slow = keys["miners"][3].ss58_address
+        stage = next(x.stage for x in m.miners if x.hotkey == slow)
+        fast = next(x.hotkey for x in m.miners if x.stage == stage and x.hotkey != slow)
+        done = {x.hotkey: x.hops_done for x in m.miners}  # hops the bridge verified, per miner
+        kinds = {slow: Counter(), fast: Counter()}
+        for rec in observer.hoplog(0).records:
+            if rec.miner_hotkey in kinds:
+                kinds[rec.miner_hotkey][str(rec.kind)] += 1
+        earned = {n: hop_throughput(dict(kinds[hk]), stage=stage) for n, hk in (("slow", slow), ("fast", fast))}
+        return {"slow": done[slow], "fast": done[fast], "stage": stage}, earned
+    finally:
+        stop.set()
+        b.stop()
+
+
+@pytest.mark.slow
+def test_a_slow_replica_in_a_subnet_run_gets_little_work_and_earns_for_what_it_did(tmp_path, s3_server):
+    on, earned = _subnet_with_a_slow_replica(tmp_path / "on", s3_server)
+    off, _ = _subnet_with_a_slow_replica(tmp_path / "off", s3_server, extra=("--slow-factor", "0"))
+    total = 48 if on["stage"] == 0 else 24  # stage 0: a fwd and a bwd per sample; stage 1: a fwdbwd
+    assert on["slow"] + on["fast"] == total  # every sample's hops at that stage, once
+    share_on = on["slow"] / total
+    share_off = off["slow"] / (off["slow"] + off["fast"])
+    assert share_on <= 0.1 and share_on < share_off, (on, off)  # hops, not seconds
+    # pay follows verified work: what it did earns (nothing more), by the scoring's hop weights
+    pay = earned["slow"] / (earned["slow"] + earned["fast"])
+    assert (pay > 0) == (on["slow"] > 0) and pay <= 2 * share_on, (pay, share_on)
