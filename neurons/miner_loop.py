@@ -3,6 +3,8 @@
 Network and compute overlap: a lease's inputs download in parallel while earlier hops compute,
 and outputs upload (then report `done`) on a background pool, bounded so memory stays flat.
 The loop drains pending uploads before anything that changes weights (step, merge).
+The last hop's `done` and every `step_done` also ask for the next lease when none was found ahead,
+so the answer to a report is the next work: one round trip where there were two.
 """
 from __future__ import annotations
 
