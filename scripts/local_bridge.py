@@ -107,7 +107,7 @@ def _spawn(args: list[str], log_path: Optional[Path]) -> subprocess.Popen:
 
 
 def _launch(args: list[str], url: str, hotkey: str, db: Path | str,
-            log_path: Optional[Path], timeout: float = 60.0) -> BridgeProcess:
+            log_path: Optional[Path], timeout: float = 180.0) -> BridgeProcess:
     proc = _spawn(args, log_path)
     wait_http(url + route("health").path, timeout=timeout, proc=proc)
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
@@ -128,7 +128,7 @@ def start_bridges(workdirs: list[Path], run_config: dict[str, Any], chain_path: 
 def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
                  s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
                  extra: tuple[str, ...] = (), db_url: Optional[str] = None,
-                 timeout: float = 60.0, wait: bool = True) -> BridgeProcess:
+                 timeout: float = 180.0, wait: bool = True) -> BridgeProcess:
     """Write the run YAML and start the bridge process; returns once /health answers (at once
     when not `wait`). `db_url`: a postgresql:// URL to keep the state in (default: a SQLite
     file in `workdir`); several bridges on one URL serve one run (`start_bridges`)."""

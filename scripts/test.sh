@@ -11,4 +11,4 @@ workers="${RESBM_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
