@@ -121,7 +121,7 @@ def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
     return evaluate(stages, data.validation_batches(4, 2, cfg.seq_len), torch.device("cpu"))
 
 
-def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
+def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
     """Run `sc` to the end (the validator included) and collect the outcome."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
