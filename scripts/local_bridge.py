@@ -106,10 +106,21 @@ def _spawn(args: list[str], log_path: Optional[Path]) -> subprocess.Popen:
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    # a bridge that never answered has served nothing: no clean shutdown to wait for
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _launch(args: list[str], url: str, hotkey: str, db: Path | str,
             log_path: Optional[Path], timeout: float = 180.0) -> BridgeProcess:
     proc = _spawn(args, log_path)
-    wait_http(url + route("health").path, timeout=timeout, proc=proc)
+    try:
+        wait_http(url + route("health").path, timeout=timeout, proc=proc)
+    except BaseException:
+        _kill(proc)  # one that never answered is not left running behind the error
+        raise
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
 
 
@@ -120,8 +131,13 @@ def start_bridges(workdirs: list[Path], run_config: dict[str, Any], chain_path: 
     folder each for its run YAML and log), started side by side; returns once all answer."""
     starting = [start_bridge(w, run_config, chain_path, s3, extra=extra, db_url=db_url, wait=False)
                 for w in workdirs]
-    for b in starting:
-        wait_http(b.url + route("health").path, timeout=timeout, proc=b.proc)
+    try:
+        for b in starting:
+            wait_http(b.url + route("health").path, timeout=timeout, proc=b.proc)
+    except BaseException:
+        for b in starting:
+            _kill(b.proc)
+        raise
     return starting
 
 
