@@ -24,13 +24,16 @@ MINT_CHUNK = 512  # samples minted at a time; refilled when stage 0's pool runs 
 
 
 def start_round(st: State, r: int, now: float) -> None:
-    """Mint samples [r*N, (r+1)*N) with their stage-0 forwards, reset every miner's step."""
-    if r >= st.run.total_rounds:
+    """Mint samples [r*N, (r+1)*N) with their stage-0 forwards, reset every miner's step; the
+    run is done once `total_rounds` rounds trained something (rounds that completed no sample do
+    not count, `empty_rounds`)."""
+    if r - st.empty_rounds >= st.run.total_rounds:
         if st.phase == Phase.MERGE:
             _archive(st)
         st.phase = Phase.DONE
         st.events.append(("run_done", r))
-        log.info("run %s done after %d rounds", st.run.run_id, r)
+        log.info("run %s done after %d rounds%s", st.run.run_id, r,
+                 f" ({st.empty_rounds} of them trained nothing)" if st.empty_rounds else "")
         return
     if st.phase == Phase.MERGE:
         _archive(st)
@@ -41,7 +44,7 @@ def start_round(st: State, r: int, now: float) -> None:
     st.fwd_pending = [n] * s
     st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
     st.vote_deadline, st.disputes, st.report_grace = {}, {}, {}
-    st.flagged = []
+    st.flagged, st.unpaid = [], []
     st.samples = {}
     st.hops = {}
     st.minted = 0
@@ -81,7 +84,8 @@ def _archive(st: State) -> None:
             for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
     st.archive_round(st.round, {"round": st.round, "states": st.round_states,
                                  "pseudograds": items, "votes": cast, "flagged": list(st.flagged),
-                                 "completed_before": st.completed_total - st.r_completed})
+                                 "completed_before": st.completed_total - st.r_completed,
+                                 "unpaid": list(st.unpaid)})
 
 
 def drop_graph(st: State, sample: Sample, stage: int) -> None:
@@ -118,6 +122,8 @@ def finish_sample(st: State, sample: Sample, status: SampleStatus, reason: str,
 
 
 def _close_round(st: State, now: float) -> None:
+    if st.r_completed == 0:
+        _note_empty_round(st)
     st.phase, st.merge_started = Phase.MERGE, now
     for s in range(st.run.n_stages):
         st.workers[s] = [m.hotkey for m in st.stage_miners(s)
@@ -126,6 +132,24 @@ def _close_round(st: State, now: float) -> None:
     log.info("round %d closed: %d completed, %d abandoned; merge begins", st.round,
              st.r_completed, st.r_abandoned)
     maybe_freeze(st, now)
+
+
+def _note_empty_round(st: State) -> None:
+    """A round that completed no sample trained nothing end to end: say so loudly; it does not
+    count towards the run's rounds (start_round), so the run never ends `done` having trained
+    nothing."""
+    reasons = {}
+    for s in st.samples.values():
+        if s.status == SampleStatus.ABANDONED:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    st.empty_rounds += 1
+    top = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+    st.last_empty = {"round": st.round, "abandoned": st.r_abandoned, "reasons": top}
+    log.error("round %d trained NOTHING: all %d samples were abandoned (%s); it does not count "
+              "towards the run's %d rounds (%d such rounds so far). Check the miners' logs "
+              "(out of memory? unreachable storage?)", st.round, st.r_abandoned,
+              "; ".join(f"{n} x {r}" for r, n in top.items()) or "no reason recorded",
+              st.run.total_rounds, st.empty_rounds)
 
 
 def maybe_freeze(st: State, now: float) -> None:
@@ -144,7 +168,7 @@ def maybe_freeze(st: State, now: float) -> None:
         # a quarantined worker, or one with no verified backward since it registered again,
         # cannot enter the set: nobody waits for it
         waiting = [h for h in workers if h not in reported and h in st.miners
-                   and not st.quarantined(st.miners[h]) and st.miners[h].round_samples > 0]
+                   and not st.quarantined(st.miners[h], now) and st.miners[h].round_samples > 0]
         if waiting and 2 * len(reported) >= len(workers) and s not in st.report_grace:
             # half the workers reported: the rest get vote_timeout_seconds more, so one that
             # withholds its report cannot hold the stage for the whole merge timeout
@@ -213,18 +237,19 @@ def _member(st: State, hotkey: str, round_: int) -> Any:
     return m
 
 
-def check_report(st: State, hotkey: str, round_: int, sha256: str) -> bool:
+def check_report(st: State, hotkey: str, round_: int, sha256: str, now: Optional[float] = None) -> bool:
     """Whether `hotkey` may enter a pseudo-gradient of `sha256` in the merge set now (True: it
     is a repeat of the recorded one); refuses before anything is copied. A replica counts only
     the backwards verified since its last registration: with none (it registered again after its
-    work, or every one was rejected) it has no verified work to merge and earns no credit."""
+    work, or every one was rejected) it has no verified work to merge and earns no credit.
+    `now` None (a check before any store access): quarantine judged by registration, not liveness."""
     m = _member(st, hotkey, round_)
     have = st.pseudograds.get(m.stage, {}).get(hotkey)
     if have is not None:
         if have["sha256"] == sha256:
             return True
         raise TransitionError("already_reported", "a different pseudo-gradient was reported")
-    if st.quarantined(m):
+    if st.quarantined(m, now):
         raise TransitionError("quarantined", f"{hotkey} failed an audit and sits out merges "
                               f"until round {m.quarantined_until}")
     if hotkey not in st.workers.get(m.stage, []):
@@ -255,7 +280,7 @@ def record_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
     m = _member(st, hotkey, round_)
     if key != final_key(st, hotkey, round_, "pseudograd", sha256):
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
-    if check_report(st, hotkey, round_, sha256):
+    if check_report(st, hotkey, round_, sha256, now):
         return
     st.pseudograds.setdefault(m.stage, {})[hotkey] = {
         "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch,

@@ -60,9 +60,9 @@ def tick(st: State, now: float, rng: random.Random) -> None:
 
 
 def register(st: State, hotkey: str, now: float, rng: random.Random,
-             numerics: tuple[str, str] = ("cpu", "float32")) -> Miner:
+             numerics: tuple[str, str] = ("cpu", "float32"), device_name: str = "") -> Miner:
     """Assign a stage (new miner) or keep it (rejoin: in-flight work released, graphs dropped);
-    `numerics` is the declared (device class, compute dtype)."""
+    `numerics` is the declared (device class, compute dtype), `device_name` the GPU model."""
     m = st.miners.get(hotkey)
     if m is not None:
         if st.healthy(m, now) and now - m.last_seen < st.tun.health_timeout / 4:
@@ -72,6 +72,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
                         now - m.last_seen)
         m.epoch += 1
         m.device_class, m.compute_dtype = numerics
+        m.device_name = device_name
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
@@ -89,7 +90,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
     peers = [p.throughput for p in st.stage_miners(stage)]
     m = Miner(hotkey=hotkey, stage=stage, registered_at=now, last_seen=now, round=st.round,
               throughput=sum(peers) / len(peers) if peers else 1.0,
-              device_class=numerics[0], compute_dtype=numerics[1])
+              device_class=numerics[0], compute_dtype=numerics[1], device_name=device_name)
     st.miners[hotkey] = m
     log.info("miner %s registered on stage %d", hotkey, stage)
     if st.phase == Phase.WAITING and all(st.stage_miners(s) for s in range(st.run.n_stages)):
@@ -98,8 +99,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
 
 
 def _stage_has_peer(st: State, m: Miner, now: float) -> bool:
-    return any(p is not m and p.active and st.healthy(p, now) and not st.quarantined(p)
-               for p in st.stage_miners(m.stage))
+    return any(p is not m and p.active and st.healthy(p, now) for p in st.stage_miners(m.stage))
 
 
 def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:
@@ -132,15 +132,18 @@ def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:
 
 
 def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
-          now: float, rng: random.Random) -> LeaseResult:
-    """Hand a miner up to `max_hops` hops (backwards first), or tell it what to do instead."""
+          now: float, rng: random.Random, max_open_graphs: int = 0) -> LeaseResult:
+    """Hand a miner up to `max_hops` hops (backwards first), or tell it what to do instead.
+    `max_open_graphs` > 0 bounds the forward graphs it holds: no pooled forward is handed out
+    while its open graphs plus the forwards it holds reach it (samples enter the pipeline at
+    stage 0's pool, so this bounds every stage's graphs, 1F1B-like)."""
     m = _miner(st, hotkey)
     _check_sizes(st, m.stage, fwd_bytes, bwd_bytes)
     tick(st, now, rng)
     m.last_seen = now
     if not m.active:
         return "reassign", [], 0.0
-    if st.quarantined(m) and st.phase in (Phase.TRAIN, Phase.MERGE):
+    if st.quarantined(m, now) and st.phase in (Phase.TRAIN, Phase.MERGE):
         return "wait", [], 5.0  # a validator failed it: no work until the quarantine ends
     if st.phase == Phase.WAITING:
         return "wait", [], 1.0
@@ -170,6 +173,8 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 got.append(st.hops[hid])
     if now >= m.backoff_until:
         room = min(max_hops - len(got), quota - m.quota_used)
+        if max_open_graphs > 0 and m.stage < st.run.n_stages - 1:
+            room = min(room, max_open_graphs - m.open_graphs - _forwards_held(st, m, got))
         if m.stage == 0 and len(st.fwd_pool[0]) < max(room, rounds.MINT_CHUNK // 2) \
                 and st.minted < st.run.samples_per_round:
             rounds.mint_more(st)
@@ -179,6 +184,10 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     for hop in got:
         _lease_one(st, m, hop, fwd_bytes, bwd_bytes, now)
     if got:
+        if st.on_probation(m, now) and hotkey not in st.unpaid:
+            st.unpaid.append(hotkey)  # keeps its stage alive after a failed audit: not paid for it
+            log.warning("miner %s failed an audit but is the last live replica of stage %d: it keeps "
+                        "the stage training this round, unpaid", hotkey[:10], m.stage)
         return "work", got, 0.0
     if not st.leased.get(hotkey) and m.open_graphs == 0 and not queue:
         if m.quota_used >= quota or st.fwd_pending[m.stage] <= 0:
@@ -186,6 +195,12 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 return "step", [], 0.0
             m.quota_used = 0  # reservations all went elsewhere: nothing to step over
     return "wait", [], 0.25
+
+
+def _forwards_held(st: State, m: Miner, got: list[Hop]) -> int:
+    """Forwards `m` holds (leased, queued, or in this answer): graphs it will open."""
+    held = set(st.leased.get(m.hotkey, ())) | set(st.queue.get(m.hotkey, ())) | {h.hop_id for h in got}
+    return sum(1 for hid in held if st.hops[hid].kind == HopKind.FWD)
 
 
 def _claimable(st: State, pool: Any, m: Miner, now: float, room: int) -> list[str]:
@@ -206,7 +221,7 @@ def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
     hop.status, hop.leased_to, hop.assigned_to = HopStatus.LEASED, m.hotkey, m.hotkey
     hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
     hop.inner_step, hop.epoch = m.inner_step, m.epoch
-    hop.device_class, hop.compute_dtype = m.device_class, m.compute_dtype
+    hop.device_class, hop.compute_dtype, hop.device_name = m.device_class, m.compute_dtype, m.device_name
     hop.out_key = output_key(st, hop)
     hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == HopKind.FWD else bwd_bytes)
     st.place(hop)
@@ -259,6 +274,7 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
         return hop
     m.step_samples += 1
     m.round_samples += 1
+    st.wake[("miner", hotkey)] = True  # its parked lease may now be answered `step` (or get room)
     if hop.kind == HopKind.FWDBWD:
         st.recent_losses = (st.recent_losses + [loss])[-256:] if loss is not None else st.recent_losses
     elif not hop.recompute:

@@ -21,7 +21,8 @@ from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
-from neurons.shard_validate import audit_inputs, check_sharded_round
+from neurons.shard_validate import RoundStarts, audit_inputs, check_sharded_round
+from neurons.sync_device import pick_sync_device
 from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
@@ -58,8 +59,12 @@ class AuditLog:
     runs: int = 0
     failed: int = 0
     incomplete: int = 0
+    withheld: int = 0
+    """Audits that gave no verdict: uncalibrated combinations, or replays as noisy as the claim."""
     seconds: float = 0.0
     verdicts: list = field(default_factory=list)
+    uncalibrated: set = field(default_factory=set)
+    """Combinations (AuditReport.context) audited without a calibration, for the owner's dashboard."""
 
 
 class Validator:
@@ -85,6 +90,7 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.settled: set = set()  # (round, stage) disputes this validator already answered
+        self.round_starts: RoundStarts | None = None  # sharded sync: stages' rebuilt round starts
 
     # ----- persistence -----
     def _load_meta(self) -> dict:
@@ -143,7 +149,7 @@ class Validator:
         hoplog = self.client.hoplog(rnd)
         miners = sorted({r.miner_hotkey for r in hoplog.records})
         by_miner = {hk: [r for r in hoplog.records if r.miner_hotkey == hk] for hk in miners}
-        merged = {p.hotkey for p in hoplog.pseudograds}
+        merged, unpaid = {p.hotkey for p in hoplog.pseudograds}, set(hoplog.unpaid)
         for hk in miners:
             # Work whose pseudo-gradient never reached the merge set did not train the model, and
             # without it a skipped optimizer step can go unseen: no credit for that round.
@@ -151,10 +157,14 @@ class Validator:
                 log.info("round %d: %s did %d hops but left no pseudo-gradient in the merge set; no credit",
                          rnd, hk[:10], len(by_miner[hk]))
                 continue
+            if hk in unpaid:  # it failed an audit; kept its stage alive as its last live replica
+                log.info("round %d: %s worked on probation (failed an audit, its stage's last live "
+                         "replica); no credit", rnd, hk[:10])
+                continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
         if self.run.sync_mode == "sharded":
-            failed = check_sharded_round(self.client, self.transfer, self.run, hoplog)
+            failed = check_sharded_round(self.client, self.transfer, self.run, hoplog, self._round_starts())
         else:
             failed = check_round_merges(self.transfer, self.run, hoplog)
         for hk, reason in sorted(failed.items()):
@@ -169,9 +179,15 @@ class Validator:
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
-        self.publisher.round_done(rnd, self.book, self.audits.verdicts)
+        self.publisher.round_done(rnd, self.book, self.audits.verdicts, self.audits.uncalibrated)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
         self.live.round_done(rnd)
+
+    def _round_starts(self) -> RoundStarts:
+        """The stages' rebuilt round starts (kept across rounds), computed on the sync device."""
+        if self.round_starts is None:
+            self.round_starts = RoundStarts(pick_sync_device(self.s.device))
+        return self.round_starts
 
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
         """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""
@@ -190,7 +206,7 @@ class Validator:
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
         """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
-            inputs = (audit_inputs(self.client, self.transfer, self.run, rnd, hotkey)
+            inputs = (audit_inputs(self.client, self.transfer, self.run, rnd, hotkey, self._round_starts())
                       if self.run.sync_mode == "sharded" else None)
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device,
                                  self.s.audit_max_seconds, inputs=inputs)
@@ -198,6 +214,9 @@ class Validator:
             if report.status == "incomplete":
                 self.audits.incomplete += 1
                 log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(reason, rnd))
+                return True
+            if report.status in ("uncalibrated", "inconclusive"):  # no verdict: nobody is penalised
+                self._withheld(rnd, hotkey, report)
                 return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
@@ -220,6 +239,14 @@ class Validator:
         log.info("audit of %s round %d: %s%s (%.2fs)", hotkey[:10], rnd, "PASS" if passed else "FAIL",
                  "" if passed else f" - {reason}", seconds)
         return passed
+
+    def _withheld(self, rnd: int, hotkey: str, report) -> None:
+        self.audits.withheld += 1
+        first = report.status == "uncalibrated" and report.context not in self.audits.uncalibrated
+        if report.status == "uncalibrated":
+            self.audits.uncalibrated.add(report.context)
+        (log.warning if first else log.info)("audit of %s round %d %s, penalty withheld: %s", hotkey[:10], rnd,
+                                             report.status.upper(), report.reason)
 
     # ----- weights -----
     def maybe_set_weights(self) -> bool:

@@ -83,8 +83,8 @@ def screen(items: Sequence[tuple[int, Mapping[str, torch.Tensor] | None]],
         if reason:
             excluded.append((i, reason))
         else:
-            kept.append((i, int(samples), {n: tensors[n].detach().to("cpu", torch.float32).contiguous()
-                                           for n in sorted(shapes)}))
+            kept.append((i, int(samples), {n: tensors[n].detach().to(dtype=torch.float32).contiguous()
+                                           for n in sorted(shapes)}))  # on the device they came on
     if drop_zero:
         zero = {i for i, _, d in kept if not any(bool(t.any()) for t in d.values())}
         if len(zero) < len(kept):
