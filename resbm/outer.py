@@ -160,7 +160,7 @@ def _trimmed_mean(clean: list[tuple[int, Tensors]], trim: int) -> Tensors:
         acc = ordered[trim].clone()
         for j in range(trim + 1, trim + keep):
             acc = acc + ordered[j]
-        out[n] = acc / torch.tensor(float(keep), dtype=torch.float32)
+        out[n] = acc / torch.tensor(float(keep), dtype=torch.float32, device=acc.device)
     return out
 
 

@@ -141,7 +141,7 @@ def robust_merge(kept: Sequence[tuple[int, Tensors]], prev_ref: float | None,
             acc = ordered[trim].clone()
             for j in range(trim + 1, trim + keep):
                 acc = acc + ordered[j]
-            out[n] = acc / torch.tensor(float(keep), dtype=torch.float32)
+            out[n] = acc / torch.tensor(float(keep), dtype=torch.float32, device=acc.device)
         return out, float(ref)
     weights = capped_weights([s for s, _ in kept])
     total = sum(weights)

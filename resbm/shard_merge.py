@@ -73,7 +73,8 @@ def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_r
     if r >= 3:
         trim = min(max(1, int(math.floor(r * p.trim_fraction))), (r - 1) // 2)
         keep = r - 2 * trim
-        k_t = torch.tensor(float(keep), dtype=torch.float32)
+        # on the device: a CPU scalar divisor makes CUDA multiply by its reciprocal (other bits)
+        k_t = torch.tensor(float(keep), dtype=torch.float32, device=dev)
         for a in range(0, n, cols):
             ordered = torch.sort(torch.stack([v[a:a + cols] for v in vecs]), dim=0).values
             acc = ordered[trim].clone()
