@@ -133,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bridge.app import create_app
     settings = BridgeSettings(
         run=run, db_path=cfg.db, nonce_db_path=os.fspath(cfg.db) + ".nonces",
-        tunables=Tunables(health_timeout=cfg.health_timeout), rate_per_second=cfg.rate,
+        tunables=Tunables(health_timeout=cfg.health_timeout, route_by_speed=cfg.slow_factor > 0,
+                          slow_factor=cfg.slow_factor or 2.0), rate_per_second=cfg.rate,
         rate_burst=2 * cfg.rate, unknown_rate=cfg.unknown_rate, check_objects=not cfg.no_head_check, seed=cfg.seed,
         netuid=cfg.netuid, keep_rounds=max(cfg.keep_rounds, run.audit_window_rounds + 1))
     try:

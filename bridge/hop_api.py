@@ -64,6 +64,9 @@ class HopApi:
 
     async def lease(self, caller: str, req: msg.LeaseRequest) -> msg.LeaseResponse:
         """Hops for the caller, or what to do instead; parks up to `wait_ms` while it is `wait`."""
+        return await self._lease(caller, req, req.wait_ms)
+
+    async def _lease(self, caller: str, req: msg.LeaseRequest, wait_ms: int) -> msg.LeaseResponse:
         def tx(st: Any, now: float, rng: Any) -> tuple:
             action, hops, retry = state.lease(st, caller, req.max_hops, req.fwd_out_bytes,
                                               req.bwd_out_bytes, now, rng, req.max_open_graphs)
@@ -71,7 +74,7 @@ class HopApi:
             return (action, [copy.copy(h) for h in hops], retry, st.round, m.inner_step,
                     m.stage, st.stage_states[m.stage].sha256, m.step_samples)
         start = time.monotonic()
-        end = start + req.wait_ms / 1000.0
+        end = start + wait_ms / 1000.0
         parked = 0.0
         while True:
             action, hops, retry, rnd, step, stage, sha, samples = await self.svc.apply_async(tx)
@@ -81,7 +84,7 @@ class HopApi:
             t0 = time.monotonic()
             await self.waiters.wait(caller, stage, left, seen_version())  # no wake since is lost
             parked += time.monotonic() - t0
-        if action == "wait" and req.wait_ms > 0:
+        if action == "wait" and wait_ms > 0:
             retry = 0.0  # the bridge already held the request: poll again at once
         svc = self.svc
         out = [views.hop_message(h, svc.get_url, svc.put_url, max(1.0, h.deadline - time.time()))
@@ -90,12 +93,23 @@ class HopApi:
                                  stage=stage, state_sha=sha, step_samples=samples,
                                  retry_after=retry, parked_ms=int(parked * 1000))
 
+    async def _carried_lease(self, caller: str, req: Optional[msg.LeaseRequest]) -> Optional[msg.LeaseResponse]:
+        """The lease a done or step report asked for (never held), or None; a refused lease
+        leaves the report applied and the miner asks again on its own."""
+        if req is None:
+            return None
+        try:
+            return await self._lease(caller, req, 0)
+        except TransitionError:
+            return None
+
     def _leased(self, caller: str, hop_id: str) -> Any:
         return self.svc.check(lambda st: copy.copy(state.check_done(st, caller, hop_id,
                                                                     time.time())))
 
-    async def hop_done(self, caller: str, req: msg.HopDone) -> msg.Ack:
-        """Seal the hop's upload at its final key, then record it done."""
+    async def hop_done(self, caller: str, req: msg.HopDone) -> Any:
+        """Seal the hop's upload at its final key, then record it done; a done that asks for a
+        lease is answered with the next hops too (one round trip instead of two)."""
         hop = self._leased(caller, req.hop_id)
         if hop.out_key is not None:
             if req.size != hop.out_size:
@@ -117,7 +131,9 @@ class HopApi:
             self._sealing.discard(req.hop_id)
         if self.prom is not None:
             self.prom.hop_done(hop.stage, hop.kind, time.time() - hop.leased_at, req.size)
-        return msg.Ack()
+        if req.lease is None:
+            return msg.Ack()  # what an older client expects, byte for byte
+        return msg.HopDoneAck(lease=await self._carried_lease(caller, req.lease))
 
     async def hop_fail(self, caller: str, req: msg.HopFail) -> msg.Ack:
         """Release a hop; a claim about its inputs is judged by looking at them."""
@@ -130,9 +146,13 @@ class HopApi:
                                              req.detail, verdicts)
         return msg.Ack(message=f"hop {req.hop_id} released: {outcome}")
 
-    async def step_done(self, caller: str, req: msg.StepDone) -> msg.StepAck:
-        """Record the caller's optimizer step."""
+    async def step_done(self, caller: str, req: msg.StepDone) -> Any:
+        """Record the caller's optimizer step (answered with the next hops when it asks)."""
         def tx(st: Any, now: float, rng: Any) -> int:
             return state.step_done(st, caller, req.round, req.inner_step, req.samples,
                                    now).inner_step
-        return msg.StepAck(round=req.round, inner_step=await self.svc.apply_async(tx))
+        step = await self.svc.apply_async(tx)
+        if req.lease is None:
+            return msg.StepAck(round=req.round, inner_step=step)
+        return msg.StepAckLease(round=req.round, inner_step=step,
+                                lease=await self._carried_lease(caller, req.lease))

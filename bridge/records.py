@@ -81,7 +81,11 @@ class Tunables:
 
     health_timeout: float = 120.0   # seconds without contact before a miner counts as gone
     backoff_seconds: float = 10.0   # no new routed work this long after a lease expiry
-    ema: float = 0.2                # weight of the newest throughput sample
+    ema: float = 0.2                # weight of the newest throughput and hop-time sample
+    route_by_speed: bool = True     # False: route by throughput share alone (bridge/speed.py off)
+    slow_factor: float = 2.0        # a replica this many times later to finish than its best peer gets no new work
+    probe_seconds: float = 30.0     # ... unless it has done nothing this long (a probe: its estimate may recover)
+    peer_silence: float = 10.0      # a peer unheard this long (and past 3 of its hop times) no longer holds work back
     min_health: float = 0.05
     code_bytes: Optional[int] = None  # exact wire size of one code from the run's model (None:
                                       # only max_object_bytes caps a lease; pure tests)
@@ -102,6 +106,7 @@ class Miner(Tracked):
     active: bool = True
     health: float = 1.0
     throughput: float = 1.0         # EMA of hops/s
+    hop_seconds: float = 0.0        # EWMA of verified seconds per hop (bridge clock); 0: not measured yet
     backoff_until: float = 0.0
     round: int = 0
     inner_step: int = 0

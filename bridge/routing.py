@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from typing import Optional, Sequence
 
+from bridge import speed
 from bridge.records import Miner, State
 
 __all__ = ["route_weight", "eligible", "pick_replica", "choose_stage"]
@@ -24,12 +25,17 @@ def eligible(st: State, m: Miner, now: float) -> bool:
 def pick_replica(st: State, stage: int, now: float, rng: random.Random,
                  avoid: Sequence[str] = ()) -> Optional[Miner]:
     """A replica of `stage` drawn with probability proportional to its route weight, or None;
-    never one in `avoid` (charged on this work) while another is eligible."""
+    never one in `avoid` (charged on this work) while another is eligible, nor one much slower
+    to finish it than the soonest available peer (`bridge.speed`), even one out of quota."""
     cands = [m for m in st.stage_miners(stage) if eligible(st, m, now)]
     if avoid:
         cands = [m for m in cands if m.hotkey not in avoid] or cands
     if not cands:
         return None
+    peers = speed.stage_peers(st, stage, now) + cands
+    cands = [m for m in cands if speed.fast_enough(st, m, peers, now)]
+    if not cands:
+        return None  # the pool: a faster replica takes it once it steps (a slow one only if none does)
     weights = [route_weight(st, m) for m in cands]
     x = rng.random() * sum(weights)
     for m, w in zip(cands, weights):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 
 from bridge.records import Tunables
 from protocol.exits import Exit, Misconfigured
@@ -41,6 +41,17 @@ class BridgeConfig(CommonSettings):
                             "(at least the run's audit_window_rounds + 1; older ones are pruned)")
     no_head_check: bool = flag(False, "skip HEAD of hop outputs at hops/done (benchmarks only: trusts miners)")
     seed: Optional[int] = flag(None, "routing RNG seed (tests)")
+    slow_factor: float = flag(2.0, "route around slow replicas: a replica whose next hop would finish this "
+                              "many times later than on its stage's soonest peer gets no new work (>= 1; "
+                              "0 turns routing by measured hop time off)")
+
+    @field_validator("slow_factor")
+    @classmethod
+    def _slow_factor(cls, v: float) -> float:
+        if v != 0 and not v >= 1:
+            raise ValueError("must be 0 (off) or at least 1 (a factor below 1 would refuse even the "
+                             "fastest replica)")
+        return v
 
 
 def load_run_config(path: str | os.PathLike[str]) -> RunConfig:

@@ -14,7 +14,7 @@ import random
 from itertools import islice
 from typing import Any, Optional
 
-from bridge import rounds
+from bridge import rounds, speed
 from bridge.dispatch import expire, make_bwd, new_hop, retry_hop, route_fwd
 from bridge.records import FwdRecord, Hop, Miner, ObjRef, State, TransitionError
 from bridge.routing import choose_stage
@@ -158,6 +158,7 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     quota = st.run.micro_batches_per_step
     got: list[Hop] = []
     queue = st.queue.get(hotkey, {})
+    pooled = speed.pool_room(st, m, now)  # a much slower replica leaves pooled work to its fast peers
     # assigned hops (quota already reserved at routing), backwards first
     for want_bwd in (True, False):
         for hid in list(queue):
@@ -167,12 +168,13 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
             if (hop.kind == HopKind.BWD) == want_bwd:
                 got.append(hop)
         if want_bwd:
-            room = min(max_hops - len(got), quota - m.quota_used)
+            room = min(max_hops - len(got), quota - m.quota_used, pooled)
             for hid in _claimable(st, st.bwd_pool[m.stage], m, now, room):
                 m.quota_used += 1
+                pooled -= 1
                 got.append(st.hops[hid])
-    if now >= m.backoff_until:
-        room = min(max_hops - len(got), quota - m.quota_used)
+    if now >= m.backoff_until and pooled > 0:
+        room = min(max_hops - len(got), quota - m.quota_used, pooled)
         if max_open_graphs > 0 and m.stage < st.run.n_stages - 1:
             room = min(room, max_open_graphs - m.open_graphs - _forwards_held(st, m, got))
         if m.stage == 0 and len(st.fwd_pool[0]) < max(room, rounds.MINT_CHUNK // 2) \
@@ -255,6 +257,7 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
     hop.loss = loss if hop.kind == HopKind.FWDBWD else None
     dt = max(1e-3, now - max(m.last_done_at, hop.leased_at))
     m.throughput = (1 - st.tun.ema) * m.throughput + st.tun.ema / dt
+    speed.record_hop_seconds(st, m, dt)
     m.health = min(1.0, m.health + 0.2 * (1.0 - m.health))
     m.last_done_at, m.last_seen = now, now
     m.hops_done += 1

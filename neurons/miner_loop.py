@@ -7,6 +7,8 @@ pending uploads before anything that changes weights (step, merge). `max_open_gr
 forward graphs held (the bridge hands out no pooled forward beyond it), so a large step quota A
 keeps every stage busy without holding A graphs. Every second of the loop is booked in a
 `TimeBook` (neurons/timebook.py): the status line, the status file and the metrics show it.
+The last hop's `done` and every `step_done` also ask for the next lease when the lease asked
+ahead found none, so the answer to a report is the next work: one round trip where there were two.
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["Miner"]
 
+
+def _no_work(resp: LeaseResponse | None) -> bool:
+    """A lease answer that gave nothing to do yet (none, or `wait`)."""
+    return resp is None or resp.action == "wait"
+
 log = logging.getLogger("miner")
 
 
@@ -59,6 +66,9 @@ class Miner:
         self._lease_pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._prefetch: Future | None = None
         self._prefetched: dict[str, Future] = {}  # hop id -> its inputs, downloading since the prefetch
+        self.carry_leases = True  # the last hop's `done` (and `step_done`) also asks for the next hops
+        self._carried: list[LeaseResponse] = []  # lease answers that came with a done or step report
+        self._asking: Future | None = None  # the upload whose `done` may bring the next lease
         self.stop = threading.Event()
         self.book = TimeBook()
         self.status = MinerStatus(transfer.stats, self.book)
@@ -147,7 +157,7 @@ class Miner:
         while not self.stop.is_set():
             t0, quota_used = time.monotonic(), self._quota_used()
             try:
-                resp = self._take_prefetched() or self.client.lease(req)
+                resp = self._next_lease()
                 outage = 0.0
             except (BridgeError, httpx.TransportError) as exc:
                 # The bridge may be restarting: keep trying, backing off up to 10 s, never exit.
@@ -231,11 +241,13 @@ class Miner:
 
     def close(self) -> None:
         """Finish uploads and release thread pools."""
+        self.carry_leases = False  # reports of the hops finished below ask for nothing more
         self._drain()
-        resp = self._take_prefetched()
-        if resp is not None:  # hops leased ahead of time are finished, not left to expire
-            self._work(resp.hops)
-            self._drain()
+        for resp in [self._take_prefetched(), *self._carried]:
+            if resp is not None:  # hops leased ahead of time are finished, not left to expire
+                self._work(resp.hops)
+                self._drain()
+        self._carried.clear()
         self._prefetched.clear()
         self._lease_pool.shutdown(wait=True)
         self._downloads.shutdown(wait=True)
@@ -256,6 +268,29 @@ class Miner:
             self._prefetched[h.hop_id] = self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec)
         return resp
 
+    def _next_lease(self) -> LeaseResponse:
+        """The next lease answer: one leased ahead with work, else one a report carried back, else
+        the lease ahead's `wait` or a fresh lease."""
+        resp = self._take_prefetched()
+        if not _no_work(resp):
+            return resp
+        if self._asking is not None:
+            fut, self._asking = self._asking, None
+            fut.result()  # its `done` may carry the next hops: wait for it rather than lease twice
+        if self._carried:
+            return self._carried.pop(0)
+        return resp or self.client.lease(self._req)
+
+    def _lease_with(self) -> LeaseRequest | None:
+        """What a report asks for along the way: a lease that is answered at once."""
+        return self._req.model_copy(update={"wait_ms": 0}) if self.carry_leases else None
+
+    def _keep_carried(self, resp: LeaseResponse | None) -> None:
+        if resp is not None and resp.action != "wait":  # on `wait` the loop's long-poll does better
+            for h in resp.hops:  # start the inputs downloading, as for a lease asked ahead
+                self._prefetched[h.hop_id] = self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec)
+            self._carried.append(resp)
+
     def _take_prefetched(self) -> LeaseResponse | None:
         fut, self._prefetch = self._prefetch, None
         return fut.result() if fut is not None else None
@@ -265,7 +300,8 @@ class Miner:
                    or self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec) for h in hops]
         self._fwd_taken += sum(1 for h in hops if h.kind != HopKind.BWD or h.recompute)
         for i, (hop, fut) in enumerate(zip(hops, fetches)):
-            if i == len(hops) - 1 and self.prefetch_leases and not self.stop.is_set():
+            last = i == len(hops) - 1
+            if last and self.prefetch_leases and not self.stop.is_set():
                 # Ask for the next hops while the last one computes: the lease round trip and the
                 # first download then overlap compute instead of idling the device.
                 self._prefetch = self._lease_pool.submit(self._lease_ahead)
@@ -287,7 +323,7 @@ class Miner:
             self.book.add("compute", seconds)
             self.status.add_compute(seconds, hop, self.run.batch_size * self.cfg.seq_len, loss)
             with self.book.timed("drain"):
-                self._queue_upload(hop, out, loss, seconds)
+                self._queue_upload(hop, out, loss, seconds, self._prefetch if last else False)
 
     def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
         """The hop's output and loss, from the one hop executor the validator replays with."""
@@ -296,13 +332,19 @@ class Miner:
                                hop_exec.PublicData(run.data_seed, run.batch_size, run.dataset))
         return res.out, res.loss
 
-    def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
+    def _queue_upload(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float,
+                      ahead: Future | None | bool = False) -> None:
+        """`ahead`: False, or (the last hop of a lease) the lease asked ahead for the next hops, if any."""
         self._pending = [f for f in self._pending if not f.done()]
         while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()
-        self._pending.append(self._uploads.submit(self._upload_and_report, hop, out, loss, seconds))
+        fut = self._uploads.submit(self._upload_and_report, hop, out, loss, seconds, ahead)
+        self._pending.append(fut)
+        if ahead is not False:
+            self._asking = fut
 
-    def _upload_and_report(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float) -> None:
+    def _upload_and_report(self, hop: Hop, out: torch.Tensor | None, loss: float | None, seconds: float,
+                           ahead: Future | None | bool = False) -> None:
         try:
             sha, size = None, 0
             if out is not None and hop.output is not None:
@@ -311,9 +353,11 @@ class Miner:
                 with self.book.timed("upload"):
                     self._put_output(hop, blob)
                 size = len(blob)
+            # The last hop of a lease asks for the next ones too, unless the lease asked ahead found some.
+            ask = ahead is not False and (ahead is None or (ahead.done() and _no_work(ahead.result())))
             with self.book.timed("report"):
                 self._report_done(hop, HopDone(hop_id=hop.hop_id, sha256=sha, size=size, loss=loss,
-                                               compute_seconds=seconds))
+                                               compute_seconds=seconds, lease=self._lease_with() if ask else None))
             self.status.hops_done += 1
         except (TransferError, BridgeError, httpx.TransportError) as exc:
             # The lease will expire and the bridge re-leases the hop elsewhere.
@@ -327,7 +371,7 @@ class Miner:
         # restart would leave work the bridge never counts, so retry until the lease ends.
         while True:
             try:
-                self.client.hop_done(done)
+                self._keep_carried(self.client.hop_done(done).lease)
                 return
             except (httpx.TransportError, BridgeError) as exc:
                 transient = not isinstance(exc, BridgeError) or exc.status in (429, 500, 502, 503, 504)
@@ -393,4 +437,6 @@ class Miner:
         self.state.samples += samples
         self._last_step = (key, counted)
         self.status.record_step(key)
-        self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted))
+        ack = self.client.step_done(StepDone(round=resp.round, inner_step=resp.inner_step, samples=counted,
+                                             lease=self._lease_with()))
+        self._keep_carried(ack.lease)

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 __all__ = ["RequestLog", "overlap", "HOP_PATH"]
 
-HOP_PATH = ("lease", "lease_prefetch", "object_get", "object_put", "hop_done")  # a hop's requests, in order
+HOP_PATH = ("lease", "lease_prefetch", "lease_carried", "object_get", "object_put", "hop_done")  # a hop's requests, in order
+# lease_carried: hops that came in the answer to a `done` or `step_done` report, so no round trip of their own
 _MAX_OPEN = 2000  # hops leased but not yet done that we keep traces for (older ones are dropped)
 
 
@@ -34,8 +35,9 @@ class _Trace:
 
 
 def _blank() -> dict:
-    # count: HTTP round trips (retries included); seconds: wall time of those requests
-    return {"count": 0, "seconds": 0.0, "overlapped_s": 0.0, "bytes": 0}
+    # count: HTTP round trips (retries included); seconds: wall time of those requests;
+    # carried: hops leased in a report's answer (lease_carried), which cost no round trip of their own
+    return {"count": 0, "seconds": 0.0, "overlapped_s": 0.0, "bytes": 0, "carried": 0}
 
 
 class RequestLog:
@@ -62,9 +64,13 @@ class RequestLog:
             if not ok:
                 return
             hops = (getattr(resp, "hops", None) or []) if route.startswith("lease") else []
+            how, n = route, tries
+            carried = getattr(resp, "lease", None)  # the next hops, answered with a report
+            if carried is not None:
+                hops, how, n = carried.hops, "lease_carried", 0  # the report's round trip is counted already
             for h in hops:
                 tr = self._open[h.hop_id] = _Trace(str(h.kind))
-                tr.reqs.append((route, t0, t1, 0, tries))
+                tr.reqs.append((how, t0, t1 if n else t0, 0, n))  # a carried lease adds no seconds either
                 for ref in (h.act_in, h.grad_in):
                     if ref is not None:
                         self._urls[ref.url] = h.hop_id
@@ -119,6 +125,7 @@ class RequestLog:
         for route, t0, t1, nbytes, tries in tr.reqs:
             r = k["requests"].setdefault(route, _blank())
             r["count"] += tries
+            r["carried"] += tries == 0
             r["seconds"] += t1 - t0
             r["overlapped_s"] += overlap(t0, t1, self._compute)
             r["bytes"] += nbytes

@@ -90,16 +90,16 @@ class BridgeClient(SignedClient):
         """Lease hops (or learn what to do instead)."""
         return self.call(route("lease"), req)
 
-    def hop_done(self, req: msg.HopDone) -> msg.Ack:
-        """Report a hop's uploaded output."""
+    def hop_done(self, req: msg.HopDone) -> msg.HopDoneAck:
+        """Report a hop's uploaded output (and, with `req.lease`, lease the next hops in the same call)."""
         return self.call(route("hop_done"), req)
 
     def hop_fail(self, req: msg.HopFail) -> msg.Ack:
         """Release a hop that could not be computed (a claim about its inputs)."""
         return self.call(route("hop_fail"), req)
 
-    def step_done(self, req: msg.StepDone) -> msg.StepAck:
-        """Report an optimizer step."""
+    def step_done(self, req: msg.StepDone) -> msg.StepAckLease:
+        """Report an optimizer step (and, with `req.lease`, lease the next hops in the same call)."""
         return self.call(route("step_done"), req)
 
     def upload(self, req: msg.UploadRequest) -> msg.UploadGrant:

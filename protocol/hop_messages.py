@@ -21,9 +21,11 @@ __all__ = [
     "Hop",
     "LeaseResponse",
     "HopDone",
+    "HopDoneAck",
     "HopFail",
     "StepDone",
     "StepAck",
+    "StepAckLease",
 ]
 
 class RegisterRequest(_Model):
@@ -121,6 +123,8 @@ class HopDone(_Model):
     size: int = Field(default=0, ge=0, le=MAX_BYTES)
     loss: Optional[float] = Field(default=None, description="last stage only; finite")
     compute_seconds: float = Field(default=0.0, ge=0, le=86_400)
+    lease: Optional[LeaseRequest] = Field(default=None, description="also lease: the answer "
+                                          "carries the next hops (never held: wait_ms is ignored)")
 
     @field_validator("loss")
     @classmethod
@@ -128,6 +132,15 @@ class HopDone(_Model):
         if v is not None and not (-1e30 < v < 1e30):
             raise ValueError("loss must be finite")
         return v
+
+
+class HopDoneAck(_Model):
+    """Answer to done; `lease` only when the done asked for one (an older client's answer is
+    the plain `Ack` it expects)."""
+
+    ok: bool = True
+    message: str = Field(default="", max_length=1000)
+    lease: Optional[LeaseResponse] = None
 
 
 class HopFail(_Model):
@@ -146,6 +159,8 @@ class StepDone(_Model):
     round: int = round_field()
     inner_step: int = Field(ge=0, le=MAX_INT)
     samples: int = Field(ge=0, le=1_000_000)
+    lease: Optional[LeaseRequest] = Field(default=None, description="also lease: the answer "
+                                          "carries the next hops (never held: wait_ms is ignored)")
 
 
 class StepAck(_Model):
@@ -153,3 +168,9 @@ class StepAck(_Model):
 
     round: int = round_field()
     inner_step: int = Field(ge=0, le=MAX_INT)
+
+
+class StepAckLease(StepAck):
+    """Answer to steps/done; `lease` only when the report asked for one (else the plain `StepAck`)."""
+
+    lease: Optional[LeaseResponse] = None

@@ -35,7 +35,7 @@ from protocol.exits import exits_cleanly
 from scripts.bench_network_rtt import format_other_table, format_rtt_table, hop_round_trips, other_round_trips
 
 __all__ = ["build_parser", "subnet_run_config", "run_single", "run_subnet", "load_hops",
-           "analyse_hops", "format_table", "write_markdown", "main"]
+           "analyse_hops", "stage_balance_text", "format_table", "write_markdown", "main"]
 
 log = logging.getLogger("bench_network")
 SECTION = "### Network: local subnet vs single process (CPU)"  # a topic under "## Current results"
@@ -105,6 +105,13 @@ def subnet_run_config(args, boundary: str, sync: str = "state") -> dict:
     rc["model"] = _model_dict(args, boundary)
     rc["merge_timeout_seconds"] = 120.0
     return rc
+
+
+def _split(args) -> tuple[int, ...]:
+    """Blocks per stage of the subnet runs (even when --stage-layers is empty)."""
+    if args.stage_layers:
+        return tuple(int(x) for x in args.stage_layers.split(","))
+    return (args.layers // 2, args.layers - args.layers // 2)
 
 
 def run_single(args) -> dict:
@@ -250,6 +257,9 @@ def analyse_hops(hops: list[dict], status: dict[str, dict], names: dict[str, str
            "fwd_object_bytes": max(fwd) if fwd else 0, "bwd_object_bytes": max(bwd) if bwd else 0,
            "boundary_bytes": sum(fwd) + sum(bwd)}
     out["bytes_per_token_boundary"] = (out["fwd_object_bytes"] + out["bwd_object_bytes"]) / tokens_per_sample
+    last = max(h["round"] for h in hops)  # the training loss of the last round: equal tokens across runs
+    losses = [h["loss"] for h in hops if h["kind"] == "fwdbwd" and h["round"] == last and h.get("loss") is not None]
+    out["last_round_loss"] = sum(losses) / len(losses) if losses else float("nan")
     miners = []
     for hotkey, name in sorted(names.items(), key=lambda kv: kv[1]):
         mine = [h for h in hops if (h.get("leased_to") or h.get("assigned_to")) == hotkey]
@@ -275,7 +285,25 @@ def analyse_hops(hops: list[dict], status: dict[str, dict], names: dict[str, str
             "link_model_s": link, "link_per_compute": link / compute if compute > 0 else 0.0,
             "bytes_up": st.get("bytes_up", 0), "bytes_down": st.get("bytes_down", 0)})
     out["miners"] = miners
+    out["stage_seconds_per_sample"] = [
+        sum(m["compute_s"] for m in miners if m["stage"] == s) / len(samples)
+        for s in sorted({m["stage"] for m in miners})]
     return out
+
+
+def stage_balance_text(r: dict, stage_layers: tuple[int, ...]) -> str:
+    """One line: the stages' measured compute per sample, how long the faster waits, and the split
+    of the blocks that would balance them (resbm.stage_balance)."""
+    from resbm.stage_balance import balance_layers
+    secs = r.get("stage_seconds_per_sample") or []
+    if len(secs) != len(stage_layers) or min(secs, default=0) <= 0:
+        return ""
+    b = balance_layers(stage_layers, secs)
+    r["balance"] = {"layers": list(b.layers), "before": b.before, "after": b.after,
+                    "predicted": list(b.predicted)}
+    return (f"({r['name']}) stage compute per sample {', '.join(f'{x:.3f}' for x in secs)} s with blocks "
+            f"{','.join(map(str, stage_layers))}: the faster stage waits {100 * b.before:.0f}% of the slower's time; "
+            f"--stage-layers {','.join(map(str, b.layers))} is predicted to leave {100 * b.after:.0f}%")
 
 
 def format_table(results: list[dict]) -> str:
@@ -386,6 +414,11 @@ def main(argv=None) -> int:
     rtt = "\n\n".join(rtt_tables)
     print(table)
     print(explain)
+    split = _split(args)
+    for r in results:
+        if "last_round_loss" in r:
+            print(f"({r['name']}) training loss of the last round (mean over its samples): {r['last_round_loss']:.4f}")
+            print(stage_balance_text(r, split))
     if link_text:
         print(link_text)
     if rtt:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __all__ = ["ROUTE_COLUMNS", "hop_round_trips", "other_round_trips", "format_rtt_table", "format_other_table"]
 
-ROUTE_COLUMNS = (("lease", "lease"), ("lease_prefetch", "lease ahead"), ("object_get", "GET in"),
+ROUTE_COLUMNS = (("lease", "lease"), ("lease_prefetch", "lease ahead"), ("lease_carried", "lease in a report's answer"),
+                 ("object_get", "GET in"),
                  ("object_put", "PUT out"), ("hop_done", "done"))
 _HOP_ROUTES = {r for r, _ in ROUTE_COLUMNS}
 
@@ -27,21 +28,23 @@ def hop_round_trips(status: dict[str, dict], *, rtt_ms: float, mbps: float) -> l
             row = acc.setdefault((st.get("stage", -1), kind), {"hops": 0, "routes": {}})
             row["hops"] += k["hops"]
             for route, t in k["requests"].items():
-                r = row["routes"].setdefault(route, {"count": 0, "seconds": 0.0, "overlapped_s": 0.0, "bytes": 0})
+                r = row["routes"].setdefault(route, {"count": 0, "seconds": 0.0, "overlapped_s": 0.0, "bytes": 0,
+                                                     "carried": 0})
                 for f in r:
-                    r[f] += t[f]
+                    r[f] += t.get(f, 0)
     rows = []
     for (stage, kind), row in sorted(acc.items()):
         n = row["hops"]
         if n == 0:
             continue
-        per = {route: t["count"] / n for route, t in row["routes"].items()}
+        per = {route: t["count"] / n for route, t in row["routes"].items() if route != "lease_carried"}
         rts = sum(per.values())
         nbytes = sum(t["bytes"] for t in row["routes"].values()) / n
         seconds = sum(t["seconds"] for t in row["routes"].values()) / n
         overlapped = sum(t["overlapped_s"] for t in row["routes"].values()) / n
         link = rts * rtt_ms / 1000 + (nbytes * 8 / (mbps * 1e6) if mbps > 0 else 0.0)
-        rows.append({"stage": stage, "kind": kind, "hops": n, "per_hop": per, "round_trips": rts,
+        carried = sum(t["carried"] for t in row["routes"].values()) / n
+        rows.append({"stage": stage, "kind": kind, "hops": n, "per_hop": per, "carried": carried, "round_trips": rts,
                      "bytes": nbytes, "link_s": link, "request_s": seconds, "overlapped_s": overlapped,
                      "overlapped_by_route": {route: (t["overlapped_s"] / t["seconds"] if t["seconds"] > 0 else 0.0)
                                              for route, t in row["routes"].items()}})
@@ -74,6 +77,9 @@ def format_rtt_table(label: str, rows: list[dict], *, rtt_ms: float, mbps: float
     for i, r in enumerate(rows):
         cells = []
         for route, _ in ROUTE_COLUMNS:
+            if route == "lease_carried":  # no round trip of its own: the share of hops handed out this way
+                cells.append(f"{100 * r.get('carried', 0.0):.0f}% of hops")
+                continue
             v = r["per_hop"].get(route, 0.0)
             ov = r["overlapped_by_route"].get(route, 0.0)
             cells.append(f"{v:.2f}" + (f" ({100 * ov:.0f}% ovl)" if v else ""))

@@ -107,10 +107,21 @@ def _spawn(args: list[str], log_path: Optional[Path]) -> subprocess.Popen:
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    # a bridge that never answered has served nothing: no clean shutdown to wait for
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _launch(args: list[str], url: str, hotkey: str, db: Path | str,
-            log_path: Optional[Path], timeout: float = 60.0) -> BridgeProcess:
+            log_path: Optional[Path], timeout: float = 180.0) -> BridgeProcess:
     proc = _spawn(args, log_path)
-    wait_http(url + route("health").path, timeout=timeout, proc=proc)
+    try:
+        wait_http(url + route("health").path, timeout=timeout, proc=proc)
+    except BaseException:
+        _kill(proc)  # one that never answered is not left running behind the error
+        raise
     return BridgeProcess(url=url, hotkey=hotkey, proc=proc, db=db, args=args, log_path=log_path)
 
 
@@ -121,15 +132,20 @@ def start_bridges(workdirs: list[Path], run_config: dict[str, Any], chain_path: 
     folder each for its run YAML and log), started side by side; returns once all answer."""
     starting = [start_bridge(w, run_config, chain_path, s3, extra=extra, db_url=db_url, wait=False)
                 for w in workdirs]
-    for b in starting:
-        wait_http(b.url + route("health").path, timeout=timeout, proc=b.proc)
+    try:
+        for b in starting:
+            wait_http(b.url + route("health").path, timeout=timeout, proc=b.proc)
+    except BaseException:
+        for b in starting:
+            _kill(b.proc)
+        raise
     return starting
 
 
 def start_bridge(workdir: Path, run_config: dict[str, Any], chain_path: Path,
                  s3: Optional[S3Server], hotkey_uri: str = "//bridge", netuid: int = 1,
                  extra: tuple[str, ...] = (), db_url: Optional[str] = None,
-                 timeout: float = 60.0, wait: bool = True) -> BridgeProcess:
+                 timeout: float = 180.0, wait: bool = True) -> BridgeProcess:
     """Write the run YAML and start the bridge process; returns once /health answers (at once
     when not `wait`). `db_url`: a postgresql:// URL to keep the state in (default: a SQLite
     file in `workdir`); several bridges on one URL serve one run (`start_bridges`)."""

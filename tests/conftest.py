@@ -55,3 +55,21 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "bridge.db")
     return request.getfixturevalue("pg_url")
+
+
+def _module_cost(items: list[pytest.Item]) -> tuple[int, float]:
+    """A module's declared cost: (marked slow, its largest explicit timeout), higher runs sooner."""
+    slow = any(i.get_closest_marker("slow") for i in items)
+    limits = [float(m.args[0]) for i in items for m in i.iter_markers("timeout") if m.args]
+    return int(slow), max(limits, default=0.0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the costliest modules first (scripts/test.sh keeps this order across xdist workers with
+    --no-loadscope-reorder), so the long end-to-end files do not start last and leave one worker
+    idle while the other finishes them; tests keep their order within a module."""
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    ordered = sorted(by_module.values(), key=_module_cost, reverse=True)  # stable: ties keep file order
+    items[:] = [i for group in ordered for i in group]

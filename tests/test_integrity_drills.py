@@ -1,35 +1,32 @@
-"""Integrity drills: one cheating replica per stage, at 2 and at 3 replicas per stage, through the
-real bridge, rclone S3, LocalChain, miners and validator (tests/harness). Each run checks that the
-honest state is published, the cheater earns nothing, every honest miner keeps weight, no sample is
-lost, and the validation loss stays within noise of the same subnet with the cheater honest."""
+"""Integrity drills at 2 replicas per stage: one cheating replica per stage through the real bridge,
+rclone S3, LocalChain, miners and validator (tests/harness). Each run checks that the honest state
+is published, the cheater earns nothing, every honest miner keeps weight, no sample is lost, and the
+validation loss stays within noise of the same subnet with the cheater honest. (R = 3:
+tests/test_integrity_drills_r3.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.harness.drill_checks import SHARDED, check_drill
+from tests.harness.drill_checks import DRILL_ROUNDS, MERGE_PAIRS, SHARDED, check_drill
 from tests.harness.subnet import Outcome, Scenario, run_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-PAIRS = (("liar", "flip"), ("huge", "nan"), ("overwrite", "lazy"))
-ROUNDS = 4
+ROUNDS = DRILL_ROUNDS
+PAIRS = MERGE_PAIRS + (("withhold", "stale"),)
 
 
 @pytest.fixture(scope="module")
-def honest_runs(tmp_path_factory) -> dict[int, Outcome]:
-    """The same subnets with every replica honest (R = 2 and 3, seed 1)."""
-    return {r: run_scenario(tmp_path_factory.mktemp(f"honest{r}"), Scenario(honest_per_stage=r, rounds=ROUNDS))
-            for r in (2, 3)}
+def honest_twin(tmp_path_factory) -> Outcome:
+    """The same subnet with every replica honest (R = 2, seed 1)."""
+    return run_scenario(tmp_path_factory.mktemp("honest2"), Scenario(honest_per_stage=2, rounds=ROUNDS))
 
 
-CASES = [(p, r) for r in (2, 3) for p in PAIRS] + [(("withhold", "stale"), 2)]
-
-
-@pytest.mark.parametrize("pair,replicas", CASES, ids=[f"{'+'.join(p)}-R{r}" for p, r in CASES])
-def test_one_cheater_per_stage_cannot_capture_poison_or_stall(tmp_path, honest_runs, pair, replicas):
-    out = run_scenario(tmp_path, Scenario(honest_per_stage=replicas - 1, cheaters=pair, rounds=ROUNDS))
-    check_drill(out, honest_runs[replicas], ROUNDS)
+@pytest.mark.parametrize("pair", PAIRS, ids=[f"{'+'.join(p)}-R2" for p in PAIRS])
+def test_one_cheater_per_stage_cannot_capture_poison_or_stall(tmp_path, honest_twin, pair):
+    out = run_scenario(tmp_path, Scenario(honest_per_stage=1, cheaters=pair, rounds=ROUNDS))
+    check_drill(out, honest_twin, ROUNDS)
 
 
 # The sharded sync (issue 13): a merger lies about the shards it is assigned and a sender's shards
@@ -38,11 +35,11 @@ def test_one_cheater_per_stage_cannot_capture_poison_or_stall(tmp_path, honest_r
 # The other drills on the sharded path: tests/test_sharded_drills.py.
 
 
-def test_sharded_sync_liar_and_nan_are_defeated_and_a_joiner_catches_up(tmp_path, honest_runs):
+def test_sharded_sync_liar_and_nan_are_defeated_and_a_joiner_catches_up(tmp_path, honest_twin):
     rounds = ROUNDS + 1
     out = run_scenario(tmp_path, Scenario(honest_per_stage=1, cheaters=("liar", "nan"), rounds=rounds,
                                           run=SHARDED, join_round=3))
-    check_drill(out, honest_runs[2], rounds)
+    check_drill(out, honest_twin, rounds)
     j = out.joined
     assert j is not None and j["round"] >= 3 and j["caught_up"] is not None
     ckpt, replayed = j["caught_up"]

@@ -160,3 +160,27 @@ def test_miner_metrics_export_round_trips_by_route_and_hop_kind():
     assert 'resbm_miner_requests_total{route="hop_done"} 3.0' in text
     assert 'resbm_miner_hop_requests_total{kind="fwd",route="object_put"} 1.0' in text
     assert status.summary()["requests"]["hop_kinds"]["fwd"]["hops"] == 1
+
+
+def test_hops_carried_in_a_done_answer_cost_no_round_trip_of_their_own():
+    clock = Clock()
+    log = RequestLog(clock)
+    h1, h2 = _hop("h1", "fwd", put="http://s3/o1"), _hop("h2", "fwd", put="http://s3/o2")
+    log.on_call("lease", *_lease(h1), 0.0, 1.0, True, 1)
+    log.on_transfer("PUT", "http://s3/o1", 100, 1.5, 1.6, True, 1)
+    # the done of h1 asks for more: its answer carries h2, so h2 has no lease round trip
+    log.on_call("hop_done", NS(hop_id="h1"), NS(ok=True, lease=NS(action="work", hops=[h2])), 1.6, 1.7, True, 1)
+    log.on_transfer("PUT", "http://s3/o2", 100, 2.5, 2.6, True, 1)
+    log.on_call("hop_done", NS(hop_id="h2"), NS(ok=True, lease=None), 2.6, 2.7, True, 1)
+    clock.t = 9.0
+    log.on_compute(0.1, _hop("h3", "fwd"))
+    s = log.summary()
+    r = s["hop_kinds"]["fwd"]["requests"]
+    assert s["hop_kinds"]["fwd"]["hops"] == 2
+    assert r["lease"]["count"] == 1 and r["lease_carried"] == {"count": 0, "seconds": 0.0, "overlapped_s": 0.0,
+                                                               "bytes": 0, "carried": 1}
+    assert s["routes"]["hop_done"]["count"] == 2 and "lease_carried" not in s["routes"]
+    [row] = hop_round_trips({"m": {"stage": 0, "requests": s}}, rtt_ms=50, mbps=0)
+    assert row["per_hop"] == {"lease": 0.5, "object_put": 1.0, "hop_done": 1.0}  # 2.5 round trips, not 3
+    assert row["round_trips"] == pytest.approx(2.5) and row["carried"] == pytest.approx(0.5)
+    assert "50% of hops" in format_rtt_table("(d)", [row], rtt_ms=50, mbps=0)

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from tests.harness.subnet import Outcome
 
-__all__ = ["SHARDED", "LOSS_TOLERANCE", "PAID_ANYWAY", "UNPAID_UNFAILED", "check_drill", "check_honest_updates"]
+__all__ = ["SHARDED", "DRILL_ROUNDS", "MERGE_PAIRS", "LOSS_TOLERANCE", "PAID_ANYWAY", "UNPAID_UNFAILED", "check_drill", "check_honest_updates"]
 
 # The sharded sync (issue 13) as the drills run it.
 SHARDED = (("sync_mode", "sharded"), ("sync_shards", 4), ("sync_codec", "int4"), ("sync_merged_codec", "int8"),
            ("sync_block", 64), ("sync_mergers", 3), ("checkpoint_every", 2))
+# The whole-state drills' rounds, and their cheaters paired one per stage (tests/test_integrity_drills.py
+# at R = 2, tests/test_integrity_drills_r3.py at R = 3: two files so two test workers share them).
+DRILL_ROUNDS = 4
+MERGE_PAIRS = (("liar", "flip"), ("huge", "nan"), ("overwrite", "lazy"))
 # At this size (4 rounds, 8.33 -> ~7.7 nats) the honest runs' seed-to-seed spread was 0.6% (R = 2)
 # and 2.0% (R = 3), and the drills' gaps to their honest twin -3.2% .. +3.3% (scripts/
 # bench_integrity.py, docs/BENCHMARKS.md). A subnet that stopped training stays at its initial

@@ -22,14 +22,16 @@ ACT = GRAD = code_bytes(tiny_run_config())  # encoded size of a code and of its 
 class FakeWorker(threading.Thread):
     """A miner without a model: checks input hashes, uploads random outputs, steps, merges."""
 
-    def __init__(self, keypair, url, hotkey, stop: threading.Event):
-        """`url`: the bridge's URL, or several (a list: the worker fails over between them)."""
+    def __init__(self, keypair, url, hotkey, stop: threading.Event, hop_seconds: float = 0.0):
+        """`url`: the bridge's URL, or several (a list: the worker fails over between them);
+        `hop_seconds`: extra time each hop takes (a deliberately slow replica)."""
         super().__init__(daemon=True)
         # a bridge restart imports torch (the run's code size): allow ~60 s on a loaded box
         self.c = BridgeClient(keypair, url, hotkey, max_tries=120, backoff_s=0.1,
                               max_backoff_s=0.5)
         self.http = httpx.Client(timeout=10)
         self.stop_ev, self.error, self.hops = stop, None, 0
+        self.hop_seconds = hop_seconds
         self.leased: list[str] = []  # every hop id a lease gave it, in order
         self.merged_rounds: set[int] = set()
         self.reports: dict[int, dict] = {}  # round -> the pseudograd / merged bodies it sent
@@ -70,6 +72,8 @@ class FakeWorker(threading.Thread):
     def work(self, hop):
         self.fetch(hop["act_in"])
         self.fetch(hop["grad_in"])
+        if self.hop_seconds:
+            time.sleep(self.hop_seconds)  # its "compute"
         done = {"hop_id": hop["hop_id"], "size": 0, "loss": 2.5 if hop["kind"] == "fwdbwd" else None}
         if hop["output"]:
             data = os.urandom(hop["output"]["size"])

@@ -99,7 +99,11 @@ def start_subnet(root: Path, cfg: dict[str, Any], miners: int, wallets: bool = F
         chain.register(kp)
         keys["miners"].append(kp)
     s3 = start_s3(root / "s3")
-    bridge = start_bridge(root / "bridge", cfg, chain_path, s3, extra=bridge_flags)
+    try:
+        bridge = start_bridge(root / "bridge", cfg, chain_path, s3, extra=bridge_flags)
+    except BaseException:
+        s3.stop()  # a bridge that never came up leaves no S3 server behind
+        raise
     return Subnet(root=root, s3=s3, bridge=bridge, chain_path=chain_path, keys=keys)
 
 

@@ -85,9 +85,15 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, **run_over
     torch.set_num_threads(1)
     own_s3 = s3 is None
     s3 = start_s3(tmp / "s3") if own_s3 else s3
-    chain, keys = make_chain(tmp / "chain.db", miners=len(miners), validators=1, prefix="vm")
-    assert chain.weights_rate_limit() == RATE_LIMIT
-    bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3)
+    try:  # a bridge that never came up leaves no S3 server of ours behind
+        chain, keys = make_chain(tmp / "chain.db", miners=len(miners), validators=1, prefix="vm")
+        assert chain.weights_rate_limit() == RATE_LIMIT
+        bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3)
+    except BaseException:
+        if own_s3:
+            s3.stop()
+        torch.set_num_threads(old_threads)
+        raise
     running, threads, names = [], [], {}
     try:
         for (name, kind, dtype, want_stage), kp in zip(miners, keys["miners"]):
