@@ -51,7 +51,7 @@ setup(
     version="0.1.0",
     description="Bittensor subnet for decentralized pipeline-parallel pretraining of ResBM transformers",
     python_requires=">=3.11",  # what CI runs and README states
-    packages=find_packages(include=["resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
+    packages=find_packages(include=["spec*", "resbm*", "protocol*", "bridge*", "neurons*", "scripts*", "drills*"]),
     package_data={"resbm": ["assets/*"], "bridge": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES, "local": LOCAL_REQUIRES, "data": DATA_REQUIRES,

@@ -1,6 +1,6 @@
 """The bridge app: builds the service and its collaborators, then registers every route of
-`protocol.routes.ROUTES` with its handler (`bridge.hop_api`, `bridge.merge_api`, the console and
-the dataset) through `bridge.web`; the hot routes also get the ASGI fast path.
+`protocol.routes.ROUTES` with its handler, named in one table (`route_handlers`: `bridge.hop_api`,
+`bridge.merge_api`, `bridge.shard_api`, the console and the dataset), through `bridge.web`; the hot routes also get the ASGI fast path.
 
 Handlers are async: a transition takes well under a millisecond, and running it on the event
 loop avoids thread hand-offs under the GIL; only S3 HEADs and hop-log reads go to threads.
@@ -34,11 +34,34 @@ from bridge.service import BridgeService
 from bridge.settings import BridgeSettings
 from bridge.storage import Storage
 from bridge.syncspec import sync_spec
-from bridge.web import BodyCap, error_response_for, mount
+from bridge.web import BodyCap, Handler, error_response_for, mount
 from protocol import messages as msg
 from protocol.routes import ROUTES
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "route_handlers"]
+
+
+def route_handlers(hops: HopApi, merge: MergeApi, shards: ShardApi, console: dict[str, Handler],
+                   dataset_file: Handler) -> dict[str, Handler]:
+    """Route name (`protocol.routes.ROUTES`) -> its handler: every route the bridge serves, in one table."""
+    return {
+        # public and registered reads
+        "health": hops.health, "run": hops.run, "metrics": hops.metrics, "dataset_file": dataset_file,
+        # the console (bridge.dashboard): dashboard_page, dashboard, prometheus, model,
+        # validator_report, validation_loss
+        **console,
+        # miners: membership and hops
+        "register": hops.register, "leave": hops.leave, "lease": hops.lease, "hop_done": hops.hop_done,
+        "hop_fail": hops.hop_fail, "step_done": hops.step_done,
+        # the whole-state round sync and the validators' hop checks
+        "upload": merge.upload, "pseudograd": merge.pseudograd, "merge_set": merge.merge_set,
+        "shard_plan": merge.shard_plan, "merged": merge.merged, "hoplog": merge.hoplog,
+        "disputes": merge.disputes, "arbitrate": merge.arbitrate, "verdicts": merge.verdicts,
+        # the sharded sync
+        "sync_upload": shards.sync_upload, "sync_pseudograd": shards.sync_pseudograd,
+        "sync_view": shards.sync_view, "sync_votes": shards.sync_votes, "sync_disputes": shards.sync_disputes,
+        "sync_arbitrate": shards.sync_arbitrate,
+    }
 
 
 def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
@@ -69,10 +92,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                      docs=db if db.shared else None, auth_counts=auth.counts)
     hops = HopApi(svc, hotkey, settings.netuid, ttl, spec, waiters, prom)
     merge, shards = MergeApi(svc, ttl), ShardApi(svc, ttl)
-    handlers = {**console, "dataset_file": dataset_handler(run, storage, manifest, ttl)}
-    for r in ROUTES:
-        handlers.setdefault(r.name, getattr(hops, r.name, None) or getattr(merge, r.name, None)
-                            or getattr(shards, r.name, None))
+    handlers = route_handlers(hops, merge, shards, console, dataset_handler(run, storage, manifest, ttl))
 
     # FastAPI's built-in OpenTelemetry hooks cost ~5% of a request even with no provider set
     app = FastAPI(title="resbm bridge", version=msg.PROTOCOL_VERSION,

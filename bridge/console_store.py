@@ -94,7 +94,8 @@ class ConsoleStore:
     def _fold(self, validator: str, report: ValidatorReport, now: float) -> None:
         """Fold one report into the in-memory document."""
         v = self.validators.setdefault(validator, {"weights": None, "weights_at": None})
-        v.update(at=now, round=report.round, window=report.window, scores=dict(report.scores))
+        v.update(at=now, round=report.round, window=report.window, scores=dict(report.scores),
+                 uncalibrated=list(report.uncalibrated))
         if report.weights is not None:
             v.update(weights=dict(report.weights), weights_at=now)
         for verdict in report.verdicts:

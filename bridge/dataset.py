@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable, Callable, Optional
 
-import httpx
 from fastapi.responses import RedirectResponse, Response
 
 from bridge.records import TransitionError
+from protocol.http_fetch import FetchError, fetch_bytes
 from protocol.messages import DatasetFile
-from protocol.dataset import DEFAULT_VOCAB_SIZE, MANIFEST_MAX_BYTES, DatasetManifest, ManifestError, parse_manifest
 from protocol.run_config import RunConfig
+from spec.dataset import DEFAULT_VOCAB_SIZE, MANIFEST_MAX_BYTES, DatasetManifest, ManifestError, parse_manifest
 
 __all__ = ["DatasetConfigError", "check_vocab", "fetch_manifest", "dataset_handler"]
 
@@ -43,16 +43,14 @@ def fetch_manifest(run: RunConfig, storage: Any, timeout: float = 30.0) -> Optio
                                  "S3 storage: pass --s3-endpoint, or name the manifest by https URL")
     url = ref.manifest if ref.is_url else storage.presign_get(ref.manifest, 300)
     try:
-        r = httpx.get(url, timeout=timeout, follow_redirects=True)
-    except httpx.TransportError as exc:
+        raw = fetch_bytes(url, MANIFEST_MAX_BYTES, timeout)
+    except FetchError as exc:
+        if exc.status is not None:
+            raise DatasetConfigError(f"cannot fetch the dataset manifest {ref.manifest}: HTTP {exc.status} "
+                                     "(upload it with scripts/prepare_dataset.py --upload)") from None
         raise DatasetConfigError(f"cannot fetch the dataset manifest {ref.manifest}: {exc}") from None
-    if r.status_code != 200:
-        raise DatasetConfigError(f"cannot fetch the dataset manifest {ref.manifest}: HTTP {r.status_code} "
-                                 "(upload it with scripts/prepare_dataset.py --upload)")
-    if len(r.content) > MANIFEST_MAX_BYTES:
-        raise DatasetConfigError(f"dataset manifest {ref.manifest} is over {MANIFEST_MAX_BYTES} bytes")
     try:
-        manifest = parse_manifest(r.content, ref.sha256, where=f"dataset manifest {ref.manifest}")
+        manifest = parse_manifest(raw, ref.sha256, where=f"dataset manifest {ref.manifest}")
     except ManifestError as exc:
         raise DatasetConfigError(str(exc)) from None
     check_vocab(run, manifest)

@@ -20,7 +20,7 @@ from bridge.service import BridgeService
 from bridge.storage import StorageError
 from protocol import integrity as integ
 from protocol import messages as msg
-from resbm.shards import assign_mergers
+from spec.shard_layout import assign_mergers
 
 __all__ = ["MergeApi"]
 

@@ -13,6 +13,7 @@ from bridge.records import Tunables
 from protocol.exits import Exit, Misconfigured
 from protocol.messages import RunConfig
 from protocol.settings import DEFAULT_BRIDGE_PORT, CommonSettings, flag
+from spec.model_config import ModelConfig
 
 __all__ = ["BridgeConfig", "BridgeSettings", "load_run_config", "check_model"]
 
@@ -82,7 +83,6 @@ def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
 def check_model(run: RunConfig, path: str) -> None:
     """Build the run's ModelConfig as miners will; `Misconfigured` when it is invalid (otherwise
     every miner would fail on its first assignment)."""
-    from resbm.config import ModelConfig  # imports torch: called after the cheap checks
     try:
         ModelConfig.from_dict(dict(run.model)).validate()
     except (ValueError, TypeError) as exc:

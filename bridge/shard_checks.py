@@ -16,7 +16,7 @@ from bridge import rounds
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
 from protocol.sync_api import piece_key, update_key
-from resbm.shards import assign_mergers
+from spec.shard_layout import assign_mergers
 
 __all__ = ["piece_size", "update_size", "check_shard", "check_grant", "check_pieces", "check_votes",
            "mergers", "recorded_keys"]

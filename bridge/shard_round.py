@@ -4,7 +4,7 @@ A replica reports its pseudo-gradient as one sha256 per shard (the shard objects
 to their write-once final keys); it enters the stage's merge set exactly like a whole
 pseudo-gradient (verified weight, quarantine, withholding grace: bridge.rounds), recorded under
 the sha256 of its shard list. Once the set is frozen, a per-shard ballot (bridge.shard_votes, the
-mergers from resbm.shards.assign_mergers) decides each shard's merged update. When every shard
+mergers from spec.shard_layout.assign_mergers) decides each shard's merged update. When every shard
 is decided the stage's update is logged, and:
 - in an ordinary round the stage is published at once (its checkpoint stays as it was);
 - every `checkpoint_every`-th round the replicas then vote the full checkpoint through the

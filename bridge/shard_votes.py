@@ -1,7 +1,7 @@
 """Votes on a sharded round's merged updates: one ballot per stage, decided shard by shard.
 
 The same rules as bridge/votes.py, applied to each shard and its assigned mergers
-(resbm.shards.assign_mergers over the frozen merge set): the shard's merged update is decided at
+(spec.shard_layout.assign_mergers over the frozen merge set): the shard's merged update is decided at
 once when every merger voted it; any dissent (two different votes), or the vote deadline without
 a silent-but-undisputed strict majority, is a dispute that only a validator's recomputation
 settles (`arbitrate`: the agreeing voters' copy is used, or, when none agrees, the shard keeps its
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from bridge.records import TransitionError
-from resbm.shards import assign_mergers
+from spec.shard_layout import assign_mergers
 
 __all__ = ["KEEP_SHA", "ShardBallot", "new_ballot", "vote", "agrees", "on_time", "arbitrate", "complete",
            "update_refs", "open_disputes"]

@@ -132,6 +132,9 @@ def mount(app: FastAPI, routes: tuple[Route, ...], handlers: Mapping[str, Handle
     missing = [r.name for r in routes if handlers.get(r.name) is None]
     if missing:
         raise ValueError(f"no handler for bridge routes {missing}")
+    unknown = sorted(set(handlers) - {r.name for r in routes})
+    if unknown:
+        raise ValueError(f"handlers {unknown} name no route of protocol.routes.ROUTES")
     eps: dict[str, Endpoint] = {}
     for r in routes:
         ep = eps[r.path] = Endpoint(r, handlers[r.name], auth)

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.dataset import DatasetRef
 from protocol.lifecycle import HopKind
 from resbm import codec
+from spec.dataset import DatasetRef
 
 from . import hop_exec
-from .stage_worker import StageWorker, WorkerError
+from .stage_worker import StageWorker, WorkerError, global_inner_step
 
 __all__ = [
     "AuditReport",
@@ -249,10 +249,8 @@ def _note_gross(check: HopCheck) -> HopCheck:
 
 
 def _step(worker: StageWorker, settings: ReplaySettings, inner_step: int) -> None:
-    for sid in worker.open_graphs:  # forwards the miner abandoned (their backward went elsewhere)
-        worker.release(sid)
-    if worker.samples_since_step > 0:
-        worker.inner_step(settings.round_index * settings.inner_steps_per_round + inner_step)
+    # the miner's boundary, replayed: forwards it abandoned are dropped (their backward went elsewhere)
+    worker.close_inner_step(global_inner_step(settings.round_index, settings.inner_steps_per_round, inner_step))
 
 
 def _check_pseudo_grad(pg: Mapping[str, torch.Tensor], claimed: Mapping[str, torch.Tensor], tolerances,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 
+from protocol.http_fetch import FetchError, fetch_bytes
 from resbm.dataset_store import DataError
 
 __all__ = ["HttpSource"]
@@ -30,21 +31,10 @@ class HttpSource:
 
     def get_bytes(self, name: str, limit: int) -> bytes:
         """The whole (small) file, at most `limit` bytes."""
-        url = self.describe(name)
-        for attempt in range(self.attempts):
-            try:
-                r = httpx.get(url, timeout=self.timeout, follow_redirects=True)
-            except httpx.TransportError as exc:
-                if attempt + 1 == self.attempts:
-                    raise DataError(f"cannot fetch {url}: {exc}") from None
-                time.sleep(0.5 * 2**attempt)
-                continue
-            if r.status_code != 200:
-                raise DataError(f"cannot fetch {url}: HTTP {r.status_code} {r.text[:200]!r}")
-            if len(r.content) > limit:
-                raise DataError(f"{url}: {len(r.content)} bytes, more than the {limit} allowed")
-            return r.content
-        raise AssertionError("unreachable")
+        try:
+            return fetch_bytes(self.describe(name), limit, self.timeout, self.attempts)
+        except FetchError as exc:
+            raise DataError(str(exc)) from None
 
     def fetch_to(self, name: str, dest: Path) -> None:
         """Stream the file to `dest`, retrying transport errors with backoff."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.dataset import DatasetRef
 from protocol.lifecycle import HopKind
 from resbm import data
 from neurons.stage_worker import StageWorker, WorkerError
+from spec.dataset import DatasetRef
 
 __all__ = ["HOP_KINDS", "HopOutput", "PublicData", "needs_activation", "needs_gradient", "run_hop"]
 

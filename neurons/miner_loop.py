@@ -33,7 +33,7 @@ from neurons.dataset_http import HttpSource
 from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
 from neurons.shard_round import ShardedMerge, load_sharded_state
-from neurons.stage_worker import StageWorker, worker_for_run
+from neurons.stage_worker import StageWorker, global_inner_step, worker_for_run
 from neurons.status import MinerStatus
 from neurons.sync_device import pick_sync_device
 from neurons.timebook import TimeBook
@@ -104,7 +104,7 @@ class Miner:
         a = self._post_registration(self._registration())
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
-        dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
+        dataset = data.open_run_dataset(run.dataset, self.client.dataset_url, HttpSource)  # fetches the manifest
         if cfg.vocab_size != dataset.vocab_size:
             raise ValueError(f"run model.vocab_size={cfg.vocab_size} but the dataset's vocab is "
                              f"{dataset.vocab_size}: the bridge's run config is wrong")
@@ -423,9 +423,6 @@ class Miner:
                                           samples=self._last_step[1]))
             return
         w = self.worker
-        for sid in w.open_graphs:  # the bridge holds no open graph for us: these were abandoned
-            log.warning("dropping forward graph of sample %d (abandoned by the bridge)", sid)
-            w.release(sid)
         samples = counted = w.samples_since_step
         if resp.step_samples and resp.step_samples != samples:
             # The bridge's count wins at steps/done (it answers 409 otherwise): a mismatch means a
@@ -434,8 +431,9 @@ class Miner:
                         resp.round, resp.inner_step, samples, resp.step_samples)
             self.status.step_mismatches += 1
             counted = resp.step_samples
-        if samples > 0:
-            self._apply_step(resp.round * self.run.inner_steps_per_round + resp.inner_step)
+        step = global_inner_step(resp.round, self.run.inner_steps_per_round, resp.inner_step)
+        for sid in w.close_inner_step(step, self._apply_step):  # the bridge holds no open graph for us
+            log.warning("dropped forward graph of sample %d (abandoned by the bridge)", sid)
         self.state.samples += samples
         self._last_step = (key, counted)
         self.status.record_step(key)

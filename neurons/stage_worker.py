@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -34,11 +35,16 @@ from resbm.config import ModelConfig
 
 from .stage_memory import OOM_WAITS, free_memory, parse_memory, retry_oom, saved_bytes
 
-__all__ = ["StageWorker", "WorkerError", "optim_config", "worker_for_run"]
+__all__ = ["StageWorker", "WorkerError", "global_inner_step", "optim_config", "worker_for_run"]
 
 log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def global_inner_step(round_index: int, inner_steps_per_round: int, inner_step: int) -> int:
+    """The inner optimizer's step number (its schedule's clock) of inner step `inner_step` of a round."""
+    return round_index * inner_steps_per_round + inner_step
 
 
 class WorkerError(RuntimeError):
@@ -363,6 +369,18 @@ class StageWorker:
             raise WorkerError(f"{what}: {exc}") from None
 
     # ----- inner step -----
+    def close_inner_step(self, global_step: int, step: Optional[Callable[[int], Any]] = None) -> list[int]:
+        """An inner-step boundary as the bridge announces it (the miner's loop and the audit's
+        replay alike): drop the forward graphs the bridge abandoned, then step at `global_step`
+        (through `step`, default `inner_step`) when any sample's gradient accumulated. Returns
+        the dropped sample ids."""
+        dropped = self.open_graphs
+        for sid in dropped:
+            self.release(sid)
+        if self._samples > 0:
+            (step or self.inner_step)(global_step)
+        return dropped
+
     def inner_step(self, global_step: int) -> int:
         """Mean the accumulated gradients, step the optimizer at `global_step`, zero them; returns
         the number of samples stepped on. Refuses with open graphs or nothing accumulated."""

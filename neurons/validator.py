@@ -10,37 +10,27 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from neurons.cli import (NeuronSettings, connect_bridge, load_settings, resolve_device, setup_logging,
                          start_checks)
+from neurons.validator_settings import INCENTIVE_FLAGS, ValidatorSettings
 from protocol.exits import exits_cleanly
 from protocol.settings import build_parser as settings_parser
-from protocol.settings import flag
 
 __all__ = ["main", "build_parser", "ValidatorConfig"]
 
 DESCRIPTION = "Audit miners' work by replay, score throughput and set weights."
 
 
-class ValidatorConfig(NeuronSettings):
-    """The validator's settings (flags, RESBM_* variables, .env)."""
+class ValidatorConfig(NeuronSettings, ValidatorSettings):
+    """The validator's settings (flags, RESBM_* variables, .env): the neuron's and the loop's."""
 
-    # defaults equal neurons.validator_loop.ValidatorSettings' (a test checks); importing it here
-    # would load torch before a mistake can be reported
-    state_path: str = flag("validator_state.json", "where scores and progress persist (JSON)")
-    audit_fraction: float = flag(0.5, "base probability of auditing each miner after a "
-                                 "round (boosted for new/failed miners)", name="audit.fraction")
-    audit_max_seconds: float = flag(120.0, "compute budget of one audited miner-round; "
-                                    "past it the audit is 'incomplete'", name="audit.max-seconds")
-    burn_share: float = flag(0.1, "share of weight set on the owner's uid")
-    ema_alpha: float = flag(0.3, "score smoothing over windows")
-    penalty_windows: int = flag(3, "windows a miner earns nothing after a failed audit")
-    poll_seconds: float = flag(2.0, "how often to poll the bridge")
-    seed: Optional[int] = flag(None, "fix the audit choice (tests only)")
+    model_config = {**NeuronSettings.model_config, "extra": "ignore"}  # the loop's model forbids extras
+    moved_flags: ClassVar[dict[str, str]] = INCENTIVE_FLAGS
 
 
 def build_parser():
@@ -58,14 +48,10 @@ def main(argv=None) -> int:
     bridge_hotkey = connect_bridge(args, log)
 
     from neurons.transfer import LinkEmulator, ObjectTransfer
-    from neurons.validator_loop import Validator, ValidatorSettings
+    from neurons.validator_loop import Validator
     from protocol.bridge_client import BridgeClient
     client = BridgeClient(keypair, args.bridge_url, bridge_hotkey)
-    settings = ValidatorSettings(
-        state_path=args.state_path, audit_fraction=args.audit_fraction,
-        audit_max_seconds=args.audit_max_seconds, burn_share=args.burn_share,
-        ema_alpha=args.ema_alpha, penalty_windows=args.penalty_windows, poll_seconds=args.poll_seconds,
-        device=device, seed=args.seed)
+    settings = ValidatorSettings(**args.model_dump(include=set(ValidatorSettings.model_fields)) | {"device": device})
     link = LinkEmulator(args.link_mbps, args.link_latency_ms)
     v = Validator(client, ObjectTransfer(link), chain, keypair, settings)
     from neurons import metrics

@@ -17,8 +17,6 @@ from neurons.transfer import ObjectTransfer, TransferError
 from protocol.client import BridgeError
 from protocol.console import ValidationLossReport, validation_tokens
 from protocol.messages import RunConfig
-from protocol.model_messages import ModelQuery
-from protocol.routes import route
 from resbm.config import ModelConfig
 from resbm.dataset import Dataset
 from resbm.dataset_store import DataError
@@ -45,7 +43,7 @@ class LiveValidation:
 
     def evaluate(self, rnd: int) -> EvalResult:
         """The held-out loss of the model after round `rnd` (raises when it cannot be had)."""
-        pm = self.client.call(route("model"), ModelQuery(round=rnd))
+        pm = self.client.model(rnd)
         fetched = fetch_weights(self.transfer, pm)
         model = ResBM(self.cfg)
         model.load_state_dict(stitch(fetched.thetas, self.cfg))
@@ -61,8 +59,7 @@ class LiveValidation:
         try:
             with torch.no_grad():
                 result = self.evaluate(rnd)
-            self.client.call(route("validation_loss"),
-                             ValidationLossReport(round=rnd, loss=result.loss, tokens=result.tokens))
+            self.client.validation_loss(ValidationLossReport(round=rnd, loss=result.loss, tokens=result.tokens))
         except BridgeError as exc:
             log.info("round %d: no held-out loss reported (%s)", rnd, exc)
             return None

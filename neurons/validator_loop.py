@@ -27,7 +27,8 @@ from neurons.validator_integrity import check_round_merges, report_verdicts, set
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
 from neurons.validator_eval import LiveValidation
-from neurons.validator_publish import ReportPublisher, run_incentives
+from neurons.validator_publish import ReportPublisher
+from neurons.validator_settings import ValidatorSettings
 from resbm import data
 from resbm.dataset_store import DataError
 from resbm.outer import OuterError
@@ -35,21 +36,6 @@ from resbm.outer import OuterError
 __all__ = ["ValidatorSettings", "Validator"]
 
 log = logging.getLogger("validator")
-
-
-@dataclass
-class ValidatorSettings:
-    """Knobs of the validator loop (all exposed as flags)."""
-
-    state_path: str = "validator_state.json"
-    audit_fraction: float = 0.5
-    audit_max_seconds: float = 120.0
-    burn_share: float = 0.1
-    ema_alpha: float = 0.3
-    penalty_windows: int = 3
-    poll_seconds: float = 2.0
-    device: str = "cpu"
-    seed: int | None = None
 
 
 @dataclass
@@ -75,9 +61,9 @@ class Validator:
         self.s = settings
         self.stop = threading.Event()
         self.run = client.run_info().run
-        dataset = data.open_run_dataset(self.run.dataset, client.base_url, HttpSource)  # audits read its tokens
+        dataset = data.open_run_dataset(self.run.dataset, client.dataset_url, HttpSource)  # audits read its tokens
         self.live = LiveValidation(client, transfer, self.run, dataset, settings.device)
-        self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
+        self.params = self.run.incentives  # the run's, shared by all validators
         self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
         self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None
         meta = self._load_meta()

@@ -1,7 +1,6 @@
-"""The validator's side of the owner's dashboard and of shared incentives.
+"""The validator's side of the owner's dashboard.
 
-`run_incentives` picks the run's incentive parameters (validators must agree, so the run config
-wins over local flags, with one warning naming the flags it overrides). `ReportPublisher` posts
+`ReportPublisher` posts
 audit verdicts, scores and the weights just set to the bridge (`POST /v1/validator/report`);
 a bridge that cannot take them costs one warning and never stops the validator.
 """
@@ -14,28 +13,10 @@ import httpx
 
 from protocol.client import BridgeError
 from protocol.console import MAX_VERDICTS, AuditVerdict, ValidatorReport
-from protocol.incentives import IncentiveParams
 
-__all__ = ["run_incentives", "ReportPublisher"]
+__all__ = ["ReportPublisher"]
 
 log = logging.getLogger("validator")
-
-_FLAGS = {"audit_fraction": ("--audit.fraction", "audit_fraction"),
-          "burn_share": ("--burn-share", "burn_share"),
-          "ema_alpha": ("--ema-alpha", "ema_alpha"),
-          "penalty_windows": ("--penalty-windows", "penalty_windows")}
-
-
-def run_incentives(settings: Any, params: IncentiveParams) -> IncentiveParams:
-    """The run's incentives; warns once about local settings that differ (they are not used)."""
-    differ = [f"{flag}={getattr(settings, attr)} (run: {getattr(params, attr)})"
-              for attr, (flag, _) in _FLAGS.items()
-              if getattr(settings, attr, None) is not None and getattr(settings, attr) != getattr(params, attr)]
-    if differ:
-        log.warning("the run config's incentives override local settings so that validators agree: %s",
-                    ", ".join(differ))
-    return params
-
 
 class ReportPublisher:
     """Posts the validator's verdicts, scores and weights to the bridge for its dashboard."""

@@ -8,13 +8,20 @@ from pydantic import BaseModel, ValidationError
 
 from protocol import integrity as integ
 from protocol import messages as msg
+from protocol import sync_api as sync
 from protocol.client import BridgeError, SignedClient
-from protocol.console import ValidatorReport
+from protocol.console import ValidationLossReport, ValidatorReport
+from protocol.model_messages import ModelQuery, PublishedModel
 from protocol.routes import Route, route
 
-__all__ = ["BridgeClient"]
+__all__ = ["BridgeClient", "dataset_files_url"]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def dataset_files_url(bridge_url: str) -> str:
+    """Where the bridge at `bridge_url` serves its run's dataset files (redirects to presigned S3 GETs)."""
+    return bridge_url.rstrip("/") + route("dataset_file").target(name="")
 
 
 class BridgeClient(SignedClient):
@@ -54,6 +61,12 @@ class BridgeClient(SignedClient):
         except ValidationError as exc:
             raise BridgeError(200, f"{r.method} {r.path}: answer is not a "
                               f"{r.response.__name__}: {exc}"[:2000]) from None
+
+    @property
+    def dataset_url(self) -> str:
+        """Where the bridge serves the run's dataset files (`GET /v1/dataset/{name}` redirects to
+        presigned S3 GETs): the `files_url` of `resbm.data.open_run_dataset`."""
+        return dataset_files_url(self.base_url)
 
     # ---- everyone registered -----------------------------------------------------------
     def run_info(self) -> msg.RunInfo:
@@ -109,6 +122,27 @@ class BridgeClient(SignedClient):
         """Vote for a merged state (repeat to poll for publication)."""
         return self.call(route("merged"), req)
 
+    # ---- the sharded sync (run config sync_mode: sharded) -----------------------------------
+    def sync_upload(self, req: sync.SyncUpload) -> msg.UploadGrant:
+        """A presigned PUT to the caller's staging key for one shard object (a piece or a merged update)."""
+        return self.call(route("sync_upload"), req)
+
+    def sync_pseudograd(self, req: sync.SyncPseudograd) -> msg.Ack:
+        """Report the caller's pseudo-gradient pieces (one sha256 and size per shard)."""
+        return self.call(route("sync_pseudograd"), req)
+
+    def sync_view(self, round: int, stage: int) -> sync.SyncView:
+        """Everything about a stage's sharded round: start checkpoint, decided updates, pieces, votes."""
+        return self.call(route("sync_view"), msg.StageRound(round=round, stage=stage))
+
+    def sync_votes(self, req: sync.SyncVotes) -> sync.SyncVotesAck:
+        """Vote the caller's merged shards (the empty object's sha256 votes "keep")."""
+        return self.call(route("sync_votes"), req)
+
+    def model(self, round: Optional[int] = None) -> PublishedModel:
+        """Which weights round `round` (None: the latest) published: one object per stage."""
+        return self.call(route("model"), ModelQuery(round=round))
+
     # ---- validators --------------------------------------------------------------------
     def hoplog(self, round: int, hotkey: Optional[str] = None) -> msg.HopLog:
         """The done hops, states, merge sets and votes of a round."""
@@ -129,3 +163,15 @@ class BridgeClient(SignedClient):
     def validator_report(self, req: ValidatorReport) -> msg.Ack:
         """Publish audit verdicts, scores and weights for the dashboard."""
         return self.call(route("validator_report"), req)
+
+    def validation_loss(self, req: ValidationLossReport) -> msg.Ack:
+        """A validator's held-out loss of the model a round published."""
+        return self.call(route("validation_loss"), req)
+
+    def sync_disputes(self) -> sync.SyncDisputes:
+        """Disputed shards of the sharded sync awaiting a validator's recomputation."""
+        return self.call(route("sync_disputes"))
+
+    def sync_arbitrate(self, req: sync.ShardArbitration) -> msg.Ack:
+        """The sha256 a validator's recomputation of a disputed shard reached."""
+        return self.call(route("sync_arbitrate"), req)

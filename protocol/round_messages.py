@@ -80,7 +80,7 @@ class MergeSet(_Model):
 
 class ShardPlan(_Model):
     """GET /v1/rounds/{r}/stages/{s}/shards once frozen: who merges each shard this round
-    (resbm.shards.assign_mergers over the frozen set; a small stage uses the first rows only)."""
+    (spec.shard_layout.assign_mergers over the frozen set; a small stage uses the first rows only)."""
 
     round: int = round_field()
     stage: int = Field(ge=0, le=63)

@@ -6,8 +6,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.audit_tolerances import AuditTolerance
-from protocol.dataset import DatasetRef
 from protocol.incentives import IncentiveParams
+from spec.activation_format import ActivationFormat
+from spec.block_format import BlockFormat
+from spec.dataset import DatasetRef
+from spec.model_config import ModelConfig
+from spec.wire_format import TensorRole, WireFormat
 
 __all__ = ["MAX_BYTES", "StrictModel", "RunConfig"]
 
@@ -25,7 +29,7 @@ class RunConfig(StrictModel):
 
     run_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="slug; prefixes object keys")
     model: dict[str, Any] = Field(
-        max_length=64, description="resbm.ModelConfig fields; validated by resbm on the neuron side")
+        max_length=64, description="spec.model_config.ModelConfig fields (`parsed_model()` validates them)")
     n_stages: int = Field(ge=1, le=64, description="pipeline stages S; must equal model n_stages")
     batch_size: int = Field(ge=1, le=4096, description="sequences per sample (micro-batch)")
     micro_batches_per_step: int = Field(ge=1, le=4096, description="A: forwards per inner step")
@@ -60,7 +64,7 @@ class RunConfig(StrictModel):
         "(docs/CONTRACTS.md, 'Sharded replica sync'; the default, measured best in docs/BENCHMARKS.md), "
         "or the whole-state merge and vote")
     sync_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
-        default="int4", description="pseudo-gradient wire codec (resbm/sync_codec.py; blockwise, per-block fp32 scale)")
+        default="int4", description="pseudo-gradient wire codec (spec/block_format.py; blockwise, per-block fp32 scale)")
     sync_merged_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
         default="int8", description="merged-update wire codec; every replica applies the decoded update")
     sync_block: int = Field(default=256, ge=8, le=65_536,
@@ -121,6 +125,24 @@ class RunConfig(StrictModel):
             raise ValueError(f"incentives.stage_weights has {len(sw)} entries but n_stages="
                              f"{self.n_stages}: give one weight per stage")
         return self
+
+    def parsed_model(self) -> ModelConfig:
+        """The run's model; ValueError (one line, naming the field) when `model` is not a valid one."""
+        try:
+            return ModelConfig.from_dict(dict(self.model))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"run config 'model' is not a valid model config: {exc}") from None
+
+    def wire_format(self, role: TensorRole) -> WireFormat:
+        """The codec that carries tensors of `role` in this run: the model's `wire_codec` for codes and
+        their gradients, `sync_codec` for pseudo-gradient pieces, `sync_merged_codec` for merged updates."""
+        if role in (TensorRole.ACTIVATION, TensorRole.ACTIVATION_GRAD):
+            return ActivationFormat(self.parsed_model().wire_codec)
+        if role is TensorRole.PSEUDO_GRADIENT:
+            return BlockFormat(self.sync_codec, self.sync_block)
+        if role is TensorRole.MERGED_UPDATE:
+            return BlockFormat(self.sync_merged_codec, self.sync_block)
+        raise ValueError(f"no codec carries tensors of role {role!r}")
 
     @property
     def total_steps(self) -> int:

@@ -14,7 +14,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, ClassVar, Optional, Sequence, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,10 @@ class CommonSettings(BaseSettings):
     logging_debug: bool = flag(False, "verbose logging", name="logging.debug")
     logging_trace: bool = flag(False, "most verbose logging (every request)", name="logging.trace")
 
+    moved_flags: ClassVar[dict[str, str]] = {}
+    """Flags this process no longer takes -> where the setting lives now; giving one (or its
+    RESBM_ variable) is a one-line usage error saying so, never a silently ignored value."""
+
     @property
     def network(self) -> str:
         """The chain to open: the endpoint when given, else the network name."""
@@ -93,6 +97,28 @@ class _Parser(argparse.ArgumentParser):
         raise Misconfigured(Exit.USAGE, f"{message}; see {self.prog} --help")
 
 
+def _moved(flag_name: str, where: str) -> str:
+    return f"--{flag_name} (or {env_name(flag_name)}) is not a setting of this process: {where}"
+
+
+class _MovedFlag(argparse.Action):
+    """A flag that moved elsewhere: using it stops with the one line saying where."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Optional[str] = None) -> None:
+        raise Misconfigured(Exit.USAGE, _moved(self.dest, self.const))
+
+
+def _refuse_moved_env(model: type[CommonSettings], env_file: str) -> None:
+    import os
+    if not getattr(model, "moved_flags", None):
+        return
+    from dotenv import dotenv_values
+    dotenv = dotenv_values(env_file) if Path(env_file).is_file() else {}
+    for name, where in getattr(model, "moved_flags", {}).items():
+        if env_name(name) in os.environ or env_name(name) in dotenv:
+            raise Misconfigured(Exit.USAGE, _moved(name, where))
+
+
 def build_parser(model: type[CommonSettings], prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of `model`; flags not given stay unset so the
     environment, `.env` and defaults fill them (in that order)."""
@@ -114,6 +140,8 @@ def build_parser(model: type[CommonSettings], prog: str, description: str) -> ar
         else:
             p.add_argument(*names, dest=name, type=typ, choices=choices, help=help_text,
                            metavar=primary.split(".")[-1].upper().replace("-", "_"))
+    for name, where in getattr(model, "moved_flags", {}).items():
+        p.add_argument("--" + name, dest=name, action=_MovedFlag, const=where, nargs="?", help=argparse.SUPPRESS)
     return p
 
 
@@ -129,6 +157,7 @@ def load_settings(model: type[S], argv: Optional[Sequence[str]] = None, *, prog:
     if env_file != ".env" and not Path(env_file).is_file() and env_file != os.devnull:
         raise Misconfigured(Exit.CONFIG_FILE, f"--env-file {env_file} does not exist; "
                             "give an existing file or leave the flag out")
+    _refuse_moved_env(model, env_file)
     try:
         return model(_env_file=env_file, **args)
     except ValidationError as exc:

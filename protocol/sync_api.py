@@ -1,5 +1,5 @@
 """Wire messages and object keys of the sharded replica sync (issue 13); the routes are in
-protocol/routes.py (`sync_*`), the typed calls `neurons.sync_follow.call`.
+protocol/routes.py (`sync_*`), the typed calls `protocol.bridge_client.BridgeClient.sync_*`.
 
 Routes (all signed; miners and validators alike unless noted):
 - `POST sync_upload`: a presigned PUT to the caller's own staging key for one shard object

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protocol.dataset import DEFAULT_VOCAB_SIZE, DatasetRef
 from resbm.dataset import Dataset, open_dataset, open_local
 from resbm.dataset_store import DataError, SourceFactory
+from spec.dataset import DEFAULT_VOCAB_SIZE, DatasetRef
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -50,11 +50,12 @@ def load(data_dir: str | os.PathLike[str] | None = None) -> Dataset:
     return open_local(data_dir if data_dir is not None else default_data_dir())
 
 
-def open_run_dataset(ref: DatasetRef | None, bridge_url: str | None = None,
+def open_run_dataset(ref: DatasetRef | None, files_url: str | None = None,
                      remote: SourceFactory | None = None) -> Dataset:
-    """The dataset a run config's `dataset` names (None: the local default folder); `remote`
-    makes the HTTP source of a remote one (see resbm.dataset.open_dataset)."""
-    return load() if ref is None else open_dataset(ref, bridge_url, remote=remote)
+    """The dataset a run config's `dataset` names (None: the local default folder); `files_url`
+    serves the run's bucket files and `remote` makes the HTTP source of a remote one (see
+    resbm.dataset.open_dataset)."""
+    return load() if ref is None else open_dataset(ref, files_url, remote=remote)
 
 
 def _resolve(dataset: DatasetArg, data_dir: str | os.PathLike[str] | None) -> Dataset:

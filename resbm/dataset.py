@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protocol.dataset import DatasetManifest, DatasetRef, ManifestError, ShardEntry, parse_manifest
-from protocol.routes import route
 from resbm.dataset_store import (DataError, LocalSource, ShardCache, Source, SourceFactory, default_cache,
                                  sha256_file)
+from spec.dataset import DatasetManifest, DatasetRef, ManifestError, ShardEntry, parse_manifest
 
-__all__ = ["PREFETCH_SAMPLES", "Dataset", "DataError", "bridge_base_url", "forget_dataset", "open_dataset",
+__all__ = ["PREFETCH_SAMPLES", "Dataset", "DataError", "forget_dataset", "open_dataset",
            "open_local", "window_positions"]
 
 log = logging.getLogger(__name__)
@@ -222,11 +221,6 @@ _OPEN: dict[str, Dataset] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def bridge_base_url(bridge_url: str) -> str:
-    """Where a bridge serves its run's dataset files (redirects to presigned S3 GETs)."""
-    return bridge_url.rstrip("/") + route("dataset_file").target(name="")
-
-
 def open_local(root: str | os.PathLike[str]) -> Dataset:
     """The dataset in a local folder (read in place, verified on first use); shared per folder."""
     root = Path(root).resolve()
@@ -246,23 +240,24 @@ def open_local(root: str | os.PathLike[str]) -> Dataset:
         return _OPEN.setdefault(key, ds)
 
 
-def open_dataset(ref: DatasetRef, bridge_url: str | None = None, cache: ShardCache | None = None,
+def open_dataset(ref: DatasetRef, files_url: str | None = None, cache: ShardCache | None = None,
                  remote: SourceFactory | None = None) -> Dataset:
     """The dataset a run config names: its manifest fetched (or read from the cache) and verified.
 
     `remote` makes the Source for a base URL (neurons.dataset_http.HttpSource). A bucket-key
-    manifest is fetched through `bridge_url`; once opened, the dataset is shared by its manifest
-    sha256 (which pins every byte), so later calls need neither.
+    manifest is fetched from `files_url`, the URL that serves the run's bucket files (the bridge's:
+    `protocol.bridge_client.BridgeClient.dataset_url`); once opened, the dataset is shared by its
+    manifest sha256 (which pins every byte), so later calls need neither.
     """
     with _OPEN_LOCK:
         ds = _OPEN.get(ref.sha256)
     if ds is not None:
-        if bridge_url is not None and remote is not None and not ref.is_url:
-            ds.source = remote(bridge_base_url(bridge_url))
+        if files_url is not None and remote is not None and not ref.is_url:
+            ds.source = remote(files_url)
         return ds
-    if not ref.is_url and bridge_url is None:
-        raise DataError(f"dataset {ref.manifest} is a key in the bridge's bucket: open it with the "
-                        "bridge's URL first (resbm.dataset.open_dataset(ref, bridge_url=...))")
+    if not ref.is_url and files_url is None:
+        raise DataError(f"dataset {ref.manifest} is a key in the bridge's bucket: open it with the URL "
+                        "that serves the bucket's files first (resbm.dataset.open_dataset(ref, files_url=...))")
     if remote is None:
         raise DataError(f"dataset {ref.manifest} is remote: open it with an HTTP source "
                         "(open_dataset(ref, ..., remote=neurons.dataset_http.HttpSource))")
@@ -270,7 +265,7 @@ def open_dataset(ref: DatasetRef, bridge_url: str | None = None, cache: ShardCac
         source = remote(ref.manifest.rsplit("/", 1)[0] + "/")
         manifest_name = ref.manifest.rsplit("/", 1)[1]
     else:
-        source, manifest_name = remote(bridge_base_url(bridge_url)), "manifest.json"
+        source, manifest_name = remote(files_url), "manifest.json"
     cache = cache or default_cache()
     cached = cache.root / f"{ref.sha256}.json"
     raw = cached.read_bytes() if cached.is_file() else source.get_bytes(manifest_name, 16 << 20)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spec.stage_shapes import block_has_mlp
+
 from .boundary import RMSNorm, build_boundary, init_rule
 from .config import ModelConfig
 
@@ -156,14 +158,6 @@ class Block(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
-
-
-def block_has_mlp(cfg: ModelConfig, layer: int) -> bool:
-    """False for the last block of a non-final stage under resbm-iota (its MLP is the encoder)."""
-    if cfg.boundary != "resbm-iota":
-        return True
-    ends = {cfg.stage_layer_range(s)[-1] for s in range(cfg.n_stages - 1)}
-    return layer not in ends
 
 
 class ResBM(nn.Module):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from spec.stage_shapes import stage_param_shapes
+
 from .boundary import RMSNorm, build_boundary
 from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
@@ -47,6 +49,10 @@ class Stage(nn.Module):
         cos, sin = rotary_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        have = {n: tuple(t.shape) for n, t in self.state_dict().items()}
+        if list(have.items()) != list(stage_param_shapes(cfg, index).items()):
+            raise RuntimeError(f"stage {index}'s parameters differ from spec.stage_shapes (which sizes "
+                                 "the bridge's sync objects): update the table there with the module")
 
     @property
     def needs_tokens(self) -> bool:
@@ -91,15 +97,8 @@ def build_stages(cfg: ModelConfig, seed: int = 0, stages: list[int] | None = Non
 
 
 def stage_param_names(cfg: ModelConfig, stage: int) -> list[str]:
-    """State-dict keys of `stage`, in order (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return list(Stage(cfg, stage).state_dict().keys())
-
-
-def stage_param_shapes(cfg: ModelConfig, stage: int) -> dict[str, tuple[int, ...]]:
-    """{state-dict key: shape} of `stage` (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return {n: tuple(t.shape) for n, t in Stage(cfg, stage).state_dict().items()}
+    """State-dict keys of `stage`, in order (from `spec.stage_shapes`: no model is built)."""
+    return list(stage_param_shapes(cfg, stage))
 
 
 def stage_state_dict(model_state: dict[str, torch.Tensor], cfg: ModelConfig, stage: int

@@ -12,17 +12,16 @@ one carried in memory.
 """
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from resbm.outer import StateError, tensors_bytes, tensors_from_bytes
-from resbm.sync_codec import Codec, decode, encode, encoded_size
+from resbm.sync_codec import Codec, decode, encode
+from spec.block_format import REF as _REF
+from spec.block_format import merged_update_size
 
 __all__ = ["fp32", "pack_update", "unpack_update", "update_size", "checkpoint_bytes", "load_checkpoint"]
-
-_REF = struct.Struct("<f")
 
 
 def fp32(x: float | None) -> float | None:
@@ -37,7 +36,7 @@ def pack_update(vec: torch.Tensor, ref: float, codec: Codec) -> bytes:
 
 def update_size(n: int, codec: Codec) -> int:
     """The exact length of pack_update for a shard of n values (the only size a merged update may have)."""
-    return _REF.size + encoded_size(n, codec)
+    return merged_update_size(n, codec)
 
 
 def unpack_update(blob: bytes, n: int, codec: Codec,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from protocol.dataset import DatasetRef, parse_manifest  # noqa: E402
+from spec.dataset import DatasetRef, parse_manifest  # noqa: E402
 from resbm.dataset import Dataset  # noqa: E402
 from neurons.dataset_http import HttpSource  # noqa: E402
 from resbm.dataset_store import ShardCache  # noqa: E402

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 from neurons.dataset_http import HttpSource
 from neurons.model_fetch import FetchedModel, ModelUnavailable, download_bytes, fetch_weights, published_from_bridge
 from neurons.transfer import ObjectTransfer
+from protocol.bridge_client import dataset_files_url
 from protocol.exits import Exit, Misconfigured, exits_cleanly
 from protocol.model_messages import PublishedModel
 from protocol.settings import load_settings
@@ -69,8 +70,8 @@ def run_dataset(pm: PublishedModel, bridge_url: str = "", objects: Optional[Buck
     ref = pm.run.dataset
     if ref is not None and not ref.is_url and objects is not None:  # a bucket key: read it next door
         folder = ref.manifest.rsplit("/", 1)[0] if "/" in ref.manifest else ""
-        return open_dataset(ref, bridge_url=f"s3://{objects.bucket}", remote=lambda _: BucketSource(objects, folder))
-    return data.open_run_dataset(ref, bridge_url or None, HttpSource)  # as the validators open it
+        return open_dataset(ref, files_url=f"s3://{objects.bucket}", remote=lambda _: BucketSource(objects, folder))
+    return data.open_run_dataset(ref, dataset_files_url(bridge_url) if bridge_url else None, HttpSource)  # as the validators open it
 
 
 def export_info(pm: PublishedModel, source: str, ds: Dataset, measured: Optional[dict[str, Any]]) -> dict[str, Any]:

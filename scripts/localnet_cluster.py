@@ -132,8 +132,7 @@ class Cluster:
                 "--status-file", str(self.workdir / "logs" / f"miner{i}.status.json"), *self.miner_args]))
         for i in range(self.validators):
             self.validator_procs.append(self._neuron(f"validator{i}", ["neurons/validator.py"], [
-                "--state-path", str(self.workdir / f"validator{i}.state.json"), "--audit.fraction",
-                str(self.run_config.get("incentives", {}).get("audit_fraction", 0.5))]))
+                "--state-path", str(self.workdir / f"validator{i}.state.json")]))  # incentives: the run config's
         # Cheaters register first, one at a time, so the bridge's balancing puts each on its own
         # stage (one adversary per stage) and they are there from round 0; then everyone else.
         # With GPUs, honest miners also register one at a time: the j-th to register serves stage

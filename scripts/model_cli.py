@@ -12,7 +12,7 @@ from typing import Optional
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from neurons.dataset_http import HttpSource
-from protocol.dataset import DatasetRef
+from spec.dataset import DatasetRef
 from protocol.exits import Exit, Misconfigured
 from protocol.settings import ENV_PREFIX, flag
 from resbm import data

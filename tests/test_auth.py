@@ -23,6 +23,7 @@ from bridge.records import TransitionError
 from bridge.web import mount
 from protocol.auth import AuthFailed, sign_headers, verify_request
 from protocol.chain.base import MetagraphView, NeuronInfo
+from protocol import client as protocol_client
 from protocol.client import BridgeError, SignedClient
 from protocol.routes import Route
 
@@ -221,17 +222,20 @@ def test_client_retries_5xx_then_succeeds_and_raises_4xx_with_detail(server):
         assert err.value.status == 409 and "hop 7 already done" in err.value.detail
 
 
-def test_client_gives_up_after_bounded_tries_on_connect_error():
+def test_client_gives_up_after_max_tries_with_bounded_backoff_on_connect_error(monkeypatch, caplog):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens here
     client = SignedClient(ALICE, f"http://127.0.0.1:{port}", BOB.ss58_address,
                           max_tries=3, backoff_s=0.01)
-    t0 = time.monotonic()
-    with pytest.raises(httpx.ConnectError):
+    sleeps: list[float] = []
+    monkeypatch.setattr(protocol_client.time, "sleep", sleeps.append)
+    with caplog.at_level("WARNING", logger="protocol.client"), pytest.raises(httpx.ConnectError):
         client.post(ECHO.path, {})
-    assert time.monotonic() - t0 < 5
+    tries = [r.getMessage() for r in caplog.records if "(try " in r.getMessage()]
+    assert [t.rsplit("(try ", 1)[1] for t in tries] == ["1/3)", "2/3)", "3/3)"]
+    assert len(sleeps) == 2 and all(0 < s <= 0.01 * 2**i for i, s in enumerate(sleeps))  # no wait after the last
 
 
 def test_a_validator_may_not_mine_and_a_flood_is_rate_limited(tmp_path):
@@ -285,16 +289,13 @@ def test_nonce_store_is_safe_across_threads(tmp_path):
     assert sorted(wins) == list(range(200))  # each nonce accepted exactly once
 
 
-def test_verify_request_direct_reasons_and_throughput(tmp_path):
+def test_verify_request_accepts_each_fresh_signature_once_and_names_each_refusal(tmp_path):
     store = BufferedNonceStore(tmp_path / "n.db")
     n = 300
     signed = [sign_headers(ALICE, "POST", "/p", b"x", BOB.ss58_address) for _ in range(n)]
-    t0 = time.perf_counter()
     for h in signed:
         assert verify_request(h, b"x", method="POST", path="/p", receiver_ss58=BOB.ss58_address,
                               nonce_store=store) == ALICE.ss58_address
-    rate = n / (time.perf_counter() - t0)
-    assert rate > 1000, f"only {rate:.0f} verifications/s"
     with pytest.raises(AuthFailed) as err:
         verify_request(signed[0], b"x", method="POST", path="/p",
                        receiver_ss58=BOB.ss58_address, nonce_store=store)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from protocol.bridge_client import BridgeClient
 from protocol.client import BridgeError
 from protocol.console import ValidatorReport
 from protocol.routes import route
+from tests.harness.miner_subnet import wait_for
 from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
 
 CFG = tiny_run_config(model={"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 8,
@@ -101,8 +101,11 @@ def test_validator_report_is_signed_stored_and_shown(env):
     assert e.value.status == 400
     assert httpx.post(b.url + route("validator_report").path, json=report.model_dump()).status_code == 401
     val.post(route("validator_report").path, report)
-    time.sleep(1.1)  # the JSON is cached for a second
-    d = httpx.get(b.url + route("dashboard").path).json()
+
+    def shown() -> dict | None:  # the JSON is cached briefly: the report shows on a later read
+        d = httpx.get(b.url + route("dashboard").path).json()
+        return d if {x["hotkey"]: x for x in d["miners"]}[hk0]["weight"] == 0.9 else None
+    d = wait_for(shown, 30, "the report on the dashboard")
     rows = {x["hotkey"]: x for x in d["miners"]}
     assert rows[hk0]["weight"] == 0.9 and rows[hk0]["score"] == 4.0 and rows[hk0]["audits_passed"] == 1
     assert rows[hk1]["audits_failed"] == 1 and rows[hk1]["last_audit"]["reason"] == "bad output"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.dataset import DatasetRef, ManifestError, parse_manifest
+from spec.dataset import DatasetRef, ManifestError, parse_manifest
 from protocol.run_config import RunConfig
 from resbm import data
 from resbm.dataset import Dataset, forget_dataset, open_dataset
@@ -131,7 +131,7 @@ def test_open_dataset_checks_the_manifest_sha256_and_caches_it(served, tmp_path,
     assert open_dataset(served["ref"]) is ds and ds.vocab_size == 98
     assert (tmp_path / "cache" / f"{served['ref'].sha256}.json").read_bytes() == served["raw"]
     key_ref = DatasetRef(manifest="datasets/x/manifest.json", sha256="1" * 64)
-    with pytest.raises(DataError, match="open it with the bridge's URL"):
+    with pytest.raises(DataError, match="open it with the URL that serves the bucket's files"):
         data.batch(0, 0, 1, 8, dataset=key_ref)
     forget_dataset(served["ref"].sha256)
 

@@ -18,7 +18,7 @@ import yaml
 from neurons.dataset_http import HttpSource
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
-from protocol.dataset import DatasetRef
+from spec.dataset import DatasetRef
 from resbm import data
 from resbm.config import ModelConfig
 from resbm.dataset import forget_dataset
@@ -88,7 +88,7 @@ def test_miners_and_validator_read_identical_tokens_and_a_tampered_shard_is_refu
         # the validator: its own cache, the dataset fetched again through the bridge
         monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "validator-cache"))
         forget_dataset(ref.sha256)
-        settings = ValidatorSettings(state_path=str(tmp_path / "v.json"), audit_fraction=1.0, audit_max_seconds=60.0)
+        settings = ValidatorSettings(state_path=str(tmp_path / "v.json"), audit_max_seconds=60.0)
         net["chain"].advance_blocks(RATE_LIMIT)
         v = Validator(net["client"], ObjectTransfer(), net["chain"], net["keys"]["validators"][0], settings)
         v.tick(max_rounds=2)
@@ -111,14 +111,14 @@ def test_miners_and_validator_read_identical_tokens_and_a_tampered_shard_is_refu
         s3.storage().put(f"datasets/e2e/{victim.name}", bytes(blob))
         monkeypatch.setenv("RESBM_DATA_CACHE", str(tmp_path / "fresh-cache"))
         forget_dataset(ref.sha256)
-        data.open_run_dataset(ref, net["bridge"].url, HttpSource)  # the manifest is intact: opening works
+        data.open_run_dataset(ref, net["client"].dataset_url, HttpSource)  # the manifest is intact: opening works
         with pytest.raises(data.DataError, match=f"{victim.name}.*corrupt or tampered"):
             data.batch(run_cfg.data_seed, sid, run_cfg.batch_size, 16, dataset=ref)
         assert not list((tmp_path / "fresh-cache").glob(f"{victim.sha256}*"))  # nothing bad was kept
 
         # a validator that cannot read the data does not fail the miners: the audit is incomplete
         v2 = Validator(net["client"], ObjectTransfer(), net["chain"], net["keys"]["validators"][0],
-                       ValidatorSettings(state_path=str(tmp_path / "v2.json"), audit_fraction=1.0))
+                       ValidatorSettings(state_path=str(tmp_path / "v2.json")))
         v2.tick(max_rounds=2)
         assert v2.audits.failed == 0 and v2.audits.incomplete >= 1, v2.audits
     forget_dataset(ref.sha256)

@@ -119,3 +119,21 @@ def test_recommendation_meets_the_targets_it_claims():
 def test_gini():
     assert gini([1, 1, 1, 1]) == 0.0
     assert gini([0, 0, 0, 4]) == pytest.approx(0.75)
+
+
+def test_the_docs_and_the_example_config_state_the_code_defaults():
+    """IncentiveParams is the one statement of the defaults: docs/CONSOLE.md's table and
+    run.example.yaml's incentives repeat them, and must say the same."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    root = Path(__file__).resolve().parent.parent
+    d = IncentiveParams().model_dump()
+    section = (root / "docs" / "CONSOLE.md").read_text().split("## Incentive parameters", 1)[1].split("\n## ", 1)[0]
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", section, re.M))
+    assert set(table) == set(d)
+    scalars = {k: v for k, v in d.items() if isinstance(v, (int, float))}
+    assert {k: float(table[k]) for k in scalars} == {k: float(v) for k, v in scalars.items()}
+    example = yaml.safe_load((root / "run.example.yaml").read_text())["incentives"]
+    assert example and {k: d[k] for k in example} == example

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
 
@@ -61,7 +60,7 @@ def test_killed_miner_is_replaced_and_rejoins_after_restart(tmp_path):
     assert _status(victim).get("hops_done", 0) > 0 and victim.text().count("serving stage") >= 1
 
 
-def test_sigterm_exits_cleanly_within_seconds(tmp_path):
+def test_sigterm_finishes_and_reports_the_hops_in_hand_then_exits_zero(tmp_path):
     cfg = run_config(run_id="term", total_rounds=50, samples_per_round=8)
     net = start_subnet(tmp_path, cfg, miners=2, wallets=True)
     try:
@@ -69,14 +68,11 @@ def test_sigterm_exits_cleanly_within_seconds(tmp_path):
         wait_for(lambda: net.metrics()["completed_total"] >= 4, 60, "the pipeline to be working")
         for p in procs:
             p.signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        codes = [p.proc.wait(timeout=15) for p in procs]
-        took = time.monotonic() - t0
+        codes = [p.proc.wait(timeout=60) for p in procs]  # a hang fails here; how fast is not asserted
         after = {m["hotkey"]: m for m in net.metrics()["miners"]}
     finally:
         net.stop()
     assert codes == [0, 0], [p.text()[-2000:] for p in procs]
-    assert took < 5.0, took
     carried = total = 0
     for i, p in enumerate(procs):
         text = p.text()

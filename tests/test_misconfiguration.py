@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from protocol.exits import Exit
+from protocol.exits import Exit, Misconfigured
 from protocol.routes import route
 from tests.servers import REPO, free_port, make_chain, start_bridge, tiny_run_config
 
@@ -222,13 +222,40 @@ def test_environment_and_env_file_reach_the_bridge_too(world, tmp_path):
     assert p.returncode == Exit.USAGE and "RESBM_RATE" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_validator_flags_default_to_the_loop_settings():
+def test_validator_loop_knobs_are_declared_once_and_are_flags():
+    from pydantic import ValidationError
+
+    from neurons.validator import ValidatorConfig, build_parser
+    from neurons.validator_settings import ValidatorSettings
+    assert issubclass(ValidatorConfig, ValidatorSettings)
+    assert set(ValidatorSettings.model_fields) <= {a.dest for a in build_parser()._actions}
+    with pytest.raises(ValidationError, match="audit_fraction"):  # a stale knob is refused, never ignored
+        ValidatorSettings(audit_fraction=1.0)
+
+
+@pytest.mark.parametrize("flag,field", [("audit.fraction", "audit_fraction"), ("burn-share", "burn_share"),
+                                        ("ema-alpha", "ema_alpha"), ("penalty-windows", "penalty_windows")])
+def test_incentive_flags_name_the_run_config_instead_of_being_ignored(flag, field, tmp_path, monkeypatch):
     from neurons.validator import ValidatorConfig
-    from neurons.validator_loop import ValidatorSettings
-    d, cfg = ValidatorSettings(), ValidatorConfig.model_fields
-    for name in ("state_path", "audit_fraction", "audit_max_seconds", "burn_share", "ema_alpha",
-                 "penalty_windows", "poll_seconds", "seed"):
-        assert cfg[name].default == getattr(d, name), name
+    from protocol.settings import env_name, load_settings
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--" + flag, "0.2"], [f"--{flag}=0.2"]):
+        with pytest.raises(Misconfigured) as err:
+            load_settings(ValidatorConfig, argv)
+        assert err.value.code == Exit.USAGE and f"run config's incentives.{field}" in str(err.value)
+    (tmp_path / ".env").write_text(f"{env_name(flag)}=0.2\n")
+    with pytest.raises(Misconfigured, match=f"incentives.{field}"):
+        load_settings(ValidatorConfig, [])
+    (tmp_path / ".env").unlink()
+    monkeypatch.setenv(env_name(flag), "0.2")
+    with pytest.raises(Misconfigured, match=f"{env_name(flag)}.*incentives.{field}"):
+        load_settings(ValidatorConfig, [])
+
+
+def test_a_moved_validator_flag_is_one_line_from_the_command(tmp_path):
+    p = _run([str(REPO / "neurons" / "validator.py"), "--burn-share", "0.3"], cwd=tmp_path)
+    assert p.returncode == Exit.USAGE and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "incentives.burn_share" in p.stderr
 
 
 def test_cheats_live_only_in_the_drill_miner():

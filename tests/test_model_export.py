@@ -223,7 +223,7 @@ def test_the_validators_held_out_loss_is_the_dashboards_and_the_metrics(net, tmp
 def test_the_runs_dataset_is_read_from_the_bucket_next_to_its_manifest(net, tmp_path, monkeypatch):
     """With --s3 and a run whose dataset is a key in the bucket, the tokenizer comes from the bucket,
     verified against the manifest the run config pins."""
-    from protocol.dataset import DatasetRef
+    from spec.dataset import DatasetRef
     from neurons.model_fetch import published_from_bridge
     from scripts.bucket_model import BucketObjects
     from scripts.export_model import run_dataset

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from protocol.dataset import parse_manifest
+from spec.dataset import parse_manifest
 from resbm import data
 from scripts import prepare_dataset
 

@@ -3,7 +3,7 @@ graph bookkeeping, theta load/reset and input checks."""
 import pytest
 import torch
 
-from neurons.stage_worker import StageWorker, WorkerError
+from neurons.stage_worker import StageWorker, WorkerError, global_inner_step
 from resbm import codec, data
 from resbm.config import ModelConfig
 from resbm.model import build_model
@@ -110,6 +110,21 @@ def test_inner_step_refuses_open_graphs_and_empty_accumulation():
     assert w0.release(1) and not w0.release(1)
     w0.backward(0, torch.ones(CFG.code_shape(B)))
     assert w0.open_graphs == [] and w0.inner_step(0) == 1
+
+
+def test_closing_an_inner_step_drops_abandoned_graphs_and_steps_only_on_gradients():
+    w0 = _workers()[0]
+    tokens, _ = data.batch(1, 0, B, CFG.seq_len)
+    w0.forward(0, tokens)
+    w0.forward(1, tokens)
+    w0.backward(0, torch.ones(CFG.code_shape(B)))
+    before = {n: p.detach().clone() for n, p in w0.module.named_parameters()}
+    steps: list[int] = []
+    assert w0.close_inner_step(global_inner_step(2, 5, 3), lambda g: steps.append(g) or w0.inner_step(g)) == [1]
+    assert steps == [13] and w0.open_graphs == [] and w0.samples_since_step == 0
+    assert any(not torch.equal(before[n], p) for n, p in w0.module.named_parameters())  # it stepped
+    w0.forward(2, tokens)  # a forward whose backward went elsewhere, and no gradient: no step
+    assert w0.close_inner_step(14, steps.append) == [2] and steps == [13] and w0.open_graphs == []
 
 
 def test_recompute_backward_equals_backward_of_the_original_forward():

@@ -28,9 +28,10 @@ BURN = 0.2
 def result(tmp_path_factory):
     """Run the honest subnet, then validate all its rounds in one window."""
     with run_subnet(tmp_path_factory.mktemp("honest"), MINERS, total_rounds=ROUNDS, samples_per_round=8,
+                    sync_mode="state",  # the whole-state sync (the sharded one is the default since w22b)
                     incentives={"audit_fraction": 1.0, "burn_share": BURN}) as net:
         chain, client, vkey = net["chain"], net["client"], net["keys"]["validators"][0]
-        settings = ValidatorSettings(state_path=str(net["tmp"] / "v.json"), audit_fraction=1.0, burn_share=BURN)
+        settings = ValidatorSettings(state_path=str(net["tmp"] / "v.json"))
         v = Validator(client, ObjectTransfer(), chain, vkey, settings)
         chain.advance_blocks(RATE_LIMIT)
         v.tick()

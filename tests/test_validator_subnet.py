@@ -72,8 +72,8 @@ def validated(subnet):
     """Drive the real Validator: round 0 + weights, round 1 (deferred), restart, rate limit passes."""
     chain, client = subnet["chain"], subnet["client"]
     vkey = subnet["keys"]["validators"][0]
-    settings = ValidatorSettings(state_path=str(subnet["tmp"] / "validator.json"), audit_fraction=1.0,
-                                 audit_max_seconds=60.0, burn_share=BURN, ema_alpha=ALPHA, penalty_windows=3)
+    settings = ValidatorSettings(state_path=str(subnet["tmp"] / "validator.json"),
+                                 audit_max_seconds=60.0)
     logs = [client.hoplog(r) for r in (0, 1)]
     snap: dict = {"hoplogs": logs}
     v1 = Validator(client, ObjectTransfer(), chain, vkey, settings)

@@ -34,7 +34,7 @@ def result(tmp_path_factory):
                     samples_per_round=8) as net:
         chain, client, vkey = net["chain"], net["client"], net["keys"]["validators"][0]
         v = Validator(client, ObjectTransfer(), chain, vkey,
-                      ValidatorSettings(state_path=str(net["tmp"] / "v.json"), audit_fraction=1.0))
+                      ValidatorSettings(state_path=str(net["tmp"] / "v.json")))
         chain.advance_blocks(RATE_LIMIT)
         v.tick()
         dash = httpx.get(net["bridge"].url + route("dashboard").path, timeout=10).json()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from resbm.config import ModelConfig
 from resbm.stages import build_stages
 from resbm.train import evaluate
 from tests.harness.laggard import LaggardMiner
+from tests.harness.watched import WatchedThread, raise_crashes
 from tests.servers import make_chain, start_bridge, start_s3
 
 __all__ = ["Scenario", "Outcome", "run_scenario", "tiny_model"]
@@ -164,7 +164,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
         stage_of[name] = m.register().stage
         names[name] = kp.ss58_address
         miners.append(m)
-        threads.append(threading.Thread(target=m.run_forever, name=name, daemon=True))
+        threads.append(WatchedThread(m.run_forever, name))
         threads[-1].start()
         return name
     try:
@@ -172,13 +172,14 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
             if i >= n_honest:
                 _wait_registered(observer, i)  # one cheater per stage: join after the others
             start_miner(i, kind)
-        settings = ValidatorSettings(state_path=str(tmp / "validator.json"), audit_fraction=1.0,
+        settings = ValidatorSettings(state_path=str(tmp / "validator.json"),
                                      audit_max_seconds=60.0, poll_seconds=0.3, seed=sc.seed)
         validator = Validator(observer, ObjectTransfer(), chain, vkey, settings)
-        vthread = threading.Thread(target=validator.run_forever, name="validator", daemon=True)
+        vthread = WatchedThread(validator.run_forever, "validator")
         vthread.start()
         end = time.monotonic() + timeout
         while time.monotonic() < end:
+            raise_crashes([*threads, vthread])  # a dead miner or validator fails here, with its traceback
             m = observer.metrics()
             if joined is None and sc.join_round is not None and m.round >= sc.join_round and m.phase == "train":
                 name = start_miner(len(kinds), "honest")
@@ -193,8 +194,10 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
                 chain.advance_blocks(chain.weights_rate_limit())  # let the last window's weights land
             time.sleep(0.3)
         else:
+            raise_crashes([*threads, vthread])
             raise TimeoutError(f"scenario {sc} did not finish in {timeout}s: round {m.round} {m.phase}, "
                                f"validator at round {validator.next_round}")
+        raise_crashes([*threads, vthread])
         by_key = {hk: n for n, hk in names.items()}
         hoplogs = [observer.hoplog(r)
                    for r in range(sc.rounds)]

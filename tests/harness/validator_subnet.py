@@ -18,6 +18,7 @@ from protocol.bridge_client import BridgeClient
 from protocol.messages import HopLog, Metrics
 from resbm import data
 from resbm.config import ModelConfig
+from tests.harness.watched import WatchedThread, raise_crashes
 from tests.servers import make_chain, start_bridge, start_s3
 
 __all__ = ["ALPHA", "BURN", "COMPUTE", "RATE_LIMIT", "JunkTransfer", "run_config", "run_subnet",
@@ -64,10 +65,12 @@ class JunkTransfer(ObjectTransfer):
 def _wait_done(client: BridgeClient, threads: list[threading.Thread], timeout: float) -> Metrics:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        raise_crashes(threads)  # a dead miner fails the run here, with its traceback
         m = client.metrics()
         if m.phase == "done":  # miners still retrying a refused merge are stopped by the fixture
             return m
         time.sleep(0.5)
+    raise_crashes(threads)
     raise TimeoutError(f"subnet did not finish in {timeout}s: round {m.round} phase {m.phase}, "
                        f"{m.samples_completed}/{m.samples_total} samples")
 
@@ -104,7 +107,7 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, **run_over
             running.append(m)
             names[name] = kp.ss58_address
         for (name, *_), m in zip(miners, running):
-            threads.append(threading.Thread(target=m.run_forever, name=name, daemon=True))
+            threads.append(WatchedThread(m.run_forever, name))
         t0 = time.monotonic()
         for t in threads:
             t.start()
