@@ -17,7 +17,6 @@ from protocol.chain.open import check_subnet, load_hotkey, open_chain
 from protocol.exits import Exit, Misconfigured, Transient, exits_cleanly, retry
 from protocol.settings import build_parser as settings_parser
 from protocol.settings import load_settings, setup_logging
-from protocol.sync_plan import ignored_settings
 
 __all__ = ["main", "build_parser", "load_keypair", "open_storage"]
 
@@ -148,10 +147,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "accepts this user") from None
     log.info("bridge for run %s on %s:%d (netuid %d, %s, state in %s)", run.run_id, cfg.host,
              cfg.port, cfg.netuid, cfg.network, "PostgreSQL" if postgres else cfg.db)
-    ignored = ignored_settings(run)
-    if ignored:
-        log.warning("run config: %s apply only with sync_mode: sharded; this run merges whole fp32 states "
-                    "and publishes every round (docs/CONTRACTS.md, 'The round's sync')", ", ".join(ignored))
+    if run.sync_mode == "state" and (run.sync_codec, run.sync_merged_codec, run.sync_shards) != ("fp32", "fp32", 1):
+        log.warning("run config: sync_codec/sync_merged_codec/sync_shards apply only with sync_mode: sharded; "
+                    "this run merges whole fp32 states (docs/CONTRACTS.md, 'Sharded replica sync')")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if cfg.logging_trace else "warning",
                 access_log=cfg.logging_trace)
     return 0

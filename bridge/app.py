@@ -28,6 +28,7 @@ from bridge.fastpath import FastPath
 from bridge.hop_api import HopApi
 from bridge.longpoll import Waiters
 from bridge.merge_api import MergeApi
+from bridge.shard_api import ShardApi
 from bridge.nonces import BufferedNonceStore
 from bridge.service import BridgeService
 from bridge.settings import BridgeSettings
@@ -66,10 +67,11 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                                      lambda: reg.chain.metagraph().owner_hotkey,
                                      docs=db if db.shared else None)
     hops = HopApi(svc, hotkey, settings.netuid, ttl, spec, waiters, prom)
-    merge = MergeApi(svc, ttl)
+    merge, shards = MergeApi(svc, ttl), ShardApi(svc, ttl)
     handlers = {**console, "dataset_file": dataset_handler(run, storage, manifest, ttl)}
     for r in ROUTES:
-        handlers.setdefault(r.name, getattr(hops, r.name, None) or getattr(merge, r.name, None))
+        handlers.setdefault(r.name, getattr(hops, r.name, None) or getattr(merge, r.name, None)
+                            or getattr(shards, r.name, None))
 
     # FastAPI's built-in OpenTelemetry hooks cost ~5% of a request even with no provider set
     app = FastAPI(title="resbm bridge", version=msg.PROTOCOL_VERSION,

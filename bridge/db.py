@@ -144,8 +144,9 @@ class Database:
         for t in TABLES.values():
             if t.decode is None:
                 continue
+            q = f"SELECT data FROM {t.name}" + (" WHERE round = ?" if t.per_round else "")
             target = getattr(st, t.state_map)
-            for (data,) in self._conn.execute(*t.select(st, "?")):
+            for (data,) in self._conn.execute(q, (st.round,) if t.per_round else ()):
                 rec = t.decode(json.loads(data))
                 target[rec.ident] = rec
         st.reindex()

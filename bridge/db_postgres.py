@@ -205,8 +205,9 @@ class PostgresDatabase:
         for t in TABLES.values():
             if t.decode is None:
                 continue
+            q = f"SELECT data FROM {t.name}" + (" WHERE round = %s" if t.per_round else "")
             target = getattr(st, t.state_map)
-            for (data,) in conn.execute(*t.select(st, "%s")):
+            for (data,) in conn.execute(q, (st.round,) if t.per_round else ()):
                 rec = t.decode(json.loads(data))
                 target[rec.ident] = rec
         st.reindex()

@@ -1,8 +1,8 @@
-"""The bridge's state record: miners, samples, hops, the stages' merges, and in-memory indexes.
+"""The bridge's state record: miners, samples, hops, merge bookkeeping, and in-memory indexes.
 
 `State` is plain data that transitions (bridge.state, bridge.rounds, ...) change in place.
-What they change is tracked for them (bridge.tracking): miners, samples, hops and merges
-(bridge.stage_merge) note every assignment in `state.dirty`, and the database diffs the global fields at each commit; the SQLite
+What they change is tracked for them (bridge.tracking): miners, samples and hops note every
+assignment in `state.dirty`, and the database diffs the global fields at each commit; the SQLite
 layer writes one transaction per commit. Indexes (pools, queues, deadline heap) are derived and
 rebuilt by `State.reindex()` after loading.
 """
@@ -18,14 +18,10 @@ from protocol.lifecycle import HOP_OPEN, HopKind, HopStatus, Phase, SampleStatus
 from protocol.messages import RunConfig
 
 __all__ = ["TransitionError", "Tunables", "ObjRef", "FwdRecord", "Miner", "Sample", "Hop",
-           "StageState", "State", "HOP_OPEN", "STATE_FORMAT"]
-
-# The stored form of the state: 2 since a stage's merge is one record (bridge.stage_merge) in
-# its own table instead of dicts in the meta row. A database of another format is refused.
-STATE_FORMAT = 2
+           "StageState", "State", "HOP_OPEN"]
 
 
-_RECORD_MAPS = ("miners", "samples", "hops", "merges")
+_RECORD_MAPS = ("miners", "samples", "hops")
 
 
 class TransitionError(Exception):
@@ -250,6 +246,7 @@ class State:
     phase: Phase = Phase.WAITING
     round: int = 0
     seq: int = 0                    # hop id counter
+    merge_started: float = 0.0
     fwd_pending: list[int] = field(default_factory=list)
     stage_states: list[StageState] = field(default_factory=list)
     round_states: list[dict[str, Any]] = field(default_factory=list)  # snapshot at round start
@@ -260,10 +257,16 @@ class State:
     abandoned_total: int = 0
     abandon_reasons: dict[str, int] = field(default_factory=dict)
     stage_counters: list[dict[str, int]] = field(default_factory=list)
-    # one StageMerge per (round, stage) (bridge.stage_merge), from the oldest round catch-up
-    # still needs (bridge.merging.keep_from) to the current one
-    merges: dict = field(default_factory=dict)
-    sync_gc_from: int = 0           # merged updates of rounds below this are deleted from the store
+    # merge bookkeeping for the current round: stage -> hotkey -> record
+    workers: dict[int, list[str]] = field(default_factory=dict)
+    pseudograds: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    frozen: dict[int, list[str]] = field(default_factory=dict)
+    votes: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    published: dict[int, bool] = field(default_factory=dict)
+    vote_deadline: dict[int, float] = field(default_factory=dict)  # stage -> settle split votes
+    disputes: dict[int, float] = field(default_factory=dict)  # stage -> arbitration deadline
+    report_grace: dict[int, float] = field(default_factory=dict)  # stage -> freeze without laggards
+    sync: dict[str, Any] = field(default_factory=dict)  # sharded sync (bridge/shard_round.py), JSON
     flagged: list[str] = field(default_factory=list)
     miners: dict[str, Miner] = field(default_factory=dict)
     samples: dict[int, Sample] = field(default_factory=dict)
@@ -359,24 +362,38 @@ class State:
 
     def meta_dict(self) -> dict[str, Any]:
         """The global fields, as persisted in the meta row."""
-        keep = ("phase", "round", "seq", "minted", "fwd_pending", "completed_total", "r_completed",
-                "r_abandoned", "abandoned_total", "abandon_reasons", "stage_counters", "flagged",
-                "round_states", "sync_gc_from")
+        keep = ("phase", "round", "seq", "minted", "merge_started", "fwd_pending",
+                "completed_total", "r_completed", "r_abandoned",
+                "abandoned_total", "abandon_reasons", "stage_counters", "workers", "frozen",
+                "published", "flagged", "round_states")
         d = {k: getattr(self, k) for k in keep}
         d["phase"] = self.phase.value  # a plain str: the same JSON, and a cheap fingerprint
         d["stage_states"] = [dict(vars(x)) for x in self.stage_states]
         d["recent_losses"] = self.recent_losses[-256:]
-        d["format"] = STATE_FORMAT
+        d["pseudograds"] = self.pseudograds
+        d["votes"] = self.votes
+        d["vote_deadline"] = self.vote_deadline
+        d["disputes"] = self.disputes
+        d["report_grace"] = self.report_grace
+        d["sync"] = self.sync
         return d
 
     def load_meta(self, d: dict[str, Any]) -> None:
-        """Restore the global fields from a meta row (ValueError for another stored format)."""
-        if d.get("format", 1) != STATE_FORMAT:
-            raise ValueError(f"the database holds bridge state of format {d.get('format', 1)}, this bridge "
-                             f"reads format {STATE_FORMAT}: start the run on a new --db")
+        """Restore the global fields from a meta row (JSON turns int keys into strings)."""
         self.phase = Phase(d["phase"])
-        for k in ("round", "seq", "minted", "fwd_pending", "completed_total", "r_completed", "r_abandoned",
+        for k in ("round", "seq", "merge_started", "fwd_pending", "completed_total",
+                  "r_completed", "r_abandoned",
                   "abandoned_total", "abandon_reasons", "stage_counters", "flagged", "round_states",
-                  "recent_losses", "sync_gc_from"):
+                  "recent_losses"):
             setattr(self, k, d[k])
+        self.workers = {int(k): v for k, v in d["workers"].items()}
+        self.frozen = {int(k): v for k, v in d["frozen"].items()}
+        self.published = {int(k): v for k, v in d["published"].items()}
+        self.pseudograds = {int(k): v for k, v in d["pseudograds"].items()}
+        self.votes = {int(k): v for k, v in d["votes"].items()}
+        self.vote_deadline = {int(k): v for k, v in d.get("vote_deadline", {}).items()}
+        self.disputes = {int(k): v for k, v in d.get("disputes", {}).items()}
+        self.report_grace = {int(k): v for k, v in d.get("report_grace", {}).items()}
+        self.sync = d.get("sync", {})
+        self.minted = d.get("minted", self.run.samples_per_round)  # older DBs minted all at once
         self.stage_states = [StageState(**x) for x in d["stage_states"]]

@@ -19,11 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, TypeVar
 
-from bridge import merging
 from bridge.durable import current_nonce
 from bridge.records import Hop, State, TransitionError, Tunables
 from bridge.storage import Storage, StorageError
-from protocol.keys import round_prefix, sync_round_prefix
 from protocol.messages import RunConfig
 
 __all__ = ["BridgeService", "seen_version"]
@@ -292,30 +290,32 @@ class BridgeService:
                 for d in (self.db.round_archive(r) or {}).get("states", []):
                     keep.update(k for k in [d.get("key"), *d.get("alt_keys", [])] if k)
             for r in range(max(0, old - 2), old + 1):
-                n = self.storage.delete_prefix(round_prefix(self.run.run_id, r), keep=keep)
+                n = self.storage.delete_prefix(f"runs/{self.run.run_id}/r{r}/", keep=keep)
                 if n:
                     log.info("gc: deleted %d objects of round %d", n, r)
-            self._gc_sync(old)
+            if self.run.sync_mode == "sharded":
+                self._gc_sync(old)
         except Exception:  # GC is best effort; the next round start tries again
             log.exception("gc of round %d failed", old)
 
     GC_SYNC_ROUNDS = 64  # sync/ rounds deleted per round start at most (one LIST each)
 
     def _gc_sync(self, old: int) -> None:
-        """Delete the merged updates (keys.sync_round_prefix) of rounds up to `old` whose merge is
-        no longer kept (a checkpoint superseded them), from where the last GC stopped."""
+        """Delete the merged updates (`runs/{run}/sync/r{r}/`) of rounds up to `old` that no kept
+        update log names any more (a checkpoint superseded them), from where the last GC stopped."""
         def bounds(st: State) -> tuple[int, int]:
-            return st.sync_gc_from, min(old + 1, merging.keep_from(st))
+            logged = [int(r) for log_ in st.sync.get("updates", {}).values() for r in log_]
+            return int(st.sync.get("gc_from", 0)), min(old + 1, min(logged, default=st.round))
         start, end = self.read(bounds)
         end = min(end, start + self.GC_SYNC_ROUNDS)
         if end <= start:
             return
         for r in range(start, end):
-            n = self.storage.delete_prefix(sync_round_prefix(self.run.run_id, r))
+            n = self.storage.delete_prefix(f"runs/{self.run.run_id}/sync/r{r}/")
             if n:
                 log.info("gc: deleted %d merged-update objects of round %d", n, r)
         with self.lock:  # part of the meta row: the next commit persists it
-            self.state.sync_gc_from = max(self.state.sync_gc_from, end)
+            self.state.sync["gc_from"] = max(int(self.state.sync.get("gc_from", 0)), end)
 
     # ---- URL helpers ---------------------------------------------------------------------
     def get_url(self, key: str, expires: float) -> str:

@@ -18,32 +18,30 @@ from bridge import rounds
 from bridge.dispatch import expire, make_bwd, new_hop, retry_hop, route_fwd
 from bridge.records import FwdRecord, Hop, Miner, ObjRef, State, TransitionError
 from bridge.routing import choose_stage
-from protocol.keys import HopOutputKey, parse_key
 from protocol.lifecycle import HopKind, HopStatus, Phase, SampleStatus
 
 __all__ = ["register", "leave", "lease", "check_done", "complete", "step_done", "tick",
-           "LeaseResult", "output_key", "staging_of"]
+           "LeaseResult", "output_key", "upload_key"]
 
 log = logging.getLogger(__name__)
 
 LeaseResult = tuple[str, list[Hop], float]  # action, hops, retry_after
 
 
-def output_key(st: State, hop: Hop) -> Optional[HopOutputKey]:
-    """The hop's output key (protocol.keys), or None for a stage-0 backward. Its final key is
-    sealed: only the bridge writes it (a server-side copy at `done`)."""
+def output_key(st: State, hop: Hop) -> Optional[str]:
+    """`runs/{run}/r{round}/s{stage}/{act|grad}/{hop_id}`, or None for a stage-0 backward.
+    The sealed key: only the bridge writes it (a server-side copy at `done`)."""
     if hop.stage == 0 and hop.kind in (HopKind.BWD, HopKind.FWDBWD):
         return None
-    return HopOutputKey(st.run.run_id, hop.round, hop.stage, "act" if hop.kind == HopKind.FWD else "grad",
-                        hop.hop_id)
+    part = "act" if hop.kind == HopKind.FWD else "grad"
+    return f"runs/{st.run.run_id}/r{hop.round}/s{hop.stage}/{part}/{hop.hop_id}"
 
 
-def staging_of(out_key: str) -> str:
-    """Where the producer's presigned PUT writes a hop output before `done` seals it at `out_key`."""
-    parsed = parse_key(out_key)
-    if parsed.staging or not isinstance(parsed.key, HopOutputKey):
-        raise KeyError(f"{out_key[:200]!r} is not a hop output's sealed key")
-    return parsed.key.staging
+def upload_key(out_key: str) -> str:
+    """`runs/{run}/r{round}/s{stage}/upload/{act|grad}/{hop_id}`: where the producer's
+    presigned PUT writes a hop output before `done` seals it at `out_key`."""
+    stage_dir, part, hop_id = out_key.rsplit("/", 2)
+    return f"{stage_dir}/upload/{part}/{hop_id}"
 
 
 def _miner(st: State, hotkey: str) -> Miner:
@@ -55,9 +53,10 @@ def _miner(st: State, hotkey: str) -> Miner:
 
 
 def tick(st: State, now: float, rng: random.Random) -> None:
-    """Apply everything that happens with time: lease expiries and the merges' deadlines."""
+    """Apply everything that happens with time: lease expiries and merge-set timeouts."""
     expire(st, now, rng)
-    rounds.settle(st, now)
+    if st.phase == Phase.MERGE:
+        rounds.maybe_freeze(st, now)
 
 
 def register(st: State, hotkey: str, now: float, rng: random.Random,
@@ -85,7 +84,6 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
             m.round_steps, m.sits_out_round = 0, st.round
         log.info("miner %s rejoined stage %d (epoch %d)%s", hotkey, m.stage, m.epoch,
                  "; it sits out the rest of this round" if m.sits_out_round == st.round else "")
-        rounds.settle(st, now)  # a merge no longer waits for its report
         return m
     stage = choose_stage(st, now)
     peers = [p.throughput for p in st.stage_miners(stage)]
@@ -209,8 +207,7 @@ def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
     hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
     hop.inner_step, hop.epoch = m.inner_step, m.epoch
     hop.device_class, hop.compute_dtype = m.device_class, m.compute_dtype
-    key = output_key(st, hop)
-    hop.out_key = None if key is None else key.final
+    hop.out_key = output_key(st, hop)
     hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == HopKind.FWD else bwd_bytes)
     st.place(hop)
 

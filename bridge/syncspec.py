@@ -1,5 +1,5 @@
-"""What every object of a run's sync must be: the exact byte size of each stage's pseudo-gradient
-piece and merged update, shard by shard (from the run's model config and its sync plan: shard
+"""What every object of a sharded run's sync must be: the exact byte size of each stage's
+pseudo-gradient piece and merged update, shard by shard (from the run's model config, its shard
 count, block and codecs; pure: the bridge computes it once at start-up and ties every grant and
 report to it, so no peer stores a byte more than the honest object holds).
 
@@ -9,9 +9,9 @@ encoded size, which is checked against a real encode first."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from protocol.messages import RunConfig
-from protocol.sync_plan import sync_plan
 
 __all__ = ["SyncSpec", "sync_spec"]
 
@@ -25,10 +25,11 @@ class SyncSpec:
     updates: tuple[tuple[int, ...], ...]
 
 
-def sync_spec(run: RunConfig) -> SyncSpec:
-    """The run's SyncSpec; ValueError, one line naming the field, when a stage is too small for
-    `sync_shards` shards of `sync_block` values."""
-    plan = sync_plan(run)
+def sync_spec(run: RunConfig) -> Optional[SyncSpec]:
+    """The run's SyncSpec (None unless `sync_mode: sharded`); ValueError, one line naming the
+    field, when a stage is too small for `sync_shards` shards of `sync_block` values."""
+    if run.sync_mode != "sharded":
+        return None
     from resbm.config import ModelConfig
     from resbm.shards import layout
     from resbm.stages import stage_param_shapes
@@ -39,11 +40,11 @@ def sync_spec(run: RunConfig) -> SyncSpec:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"run config 'model' is not a valid model config: {exc}") from None
     check_sizes()
-    pg, merged = Codec(plan.pg_codec, plan.block), Codec(plan.merged_codec, plan.block)
+    pg, merged = Codec(run.sync_codec, run.sync_block), Codec(run.sync_merged_codec, run.sync_block)
     pieces, updates = [], []
     for stage in range(run.n_stages):
-        lay = layout(stage_param_shapes(cfg, stage), plan.shards, plan.block)
-        if len(lay) != plan.shards:
+        lay = layout(stage_param_shapes(cfg, stage), run.sync_shards, run.sync_block)
+        if len(lay) != run.sync_shards:
             raise ValueError(f"sync_shards={run.sync_shards} is more than stage {stage}'s {lay.total} values "
                              f"allow ({len(lay)} shards of {run.sync_block}-value blocks): lower sync_shards")
         pieces.append(tuple(encoded_size(b - a, pg) for a, b in lay))

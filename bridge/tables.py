@@ -1,6 +1,5 @@
 """What the database stores, backend-neutral: one `Table` per journal kind of `State.dirty`
-(the tracked records: miners, samples, hops, the stages' merges; and the per-round archive
-rows), plus the meta row of global fields.
+(the tracked records and the per-round archive rows), plus the meta row of global fields.
 
 Both backends (`bridge.db` SQLite, `bridge.db_postgres` PostgreSQL) create, write and read
 their tables from these specs only, so a new record kind is one `Table` here and no backend
@@ -13,9 +12,7 @@ import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from bridge import merging
-from bridge.records import Hop, Miner, Sample, State
-from bridge.stage_merge import StageMerge
+from bridge.records import Hop, Miner, Sample
 from bridge.tracking import row_json
 
 __all__ = ["Table", "TABLES", "META", "rows_for", "fingerprint", "table_of"]
@@ -28,8 +25,7 @@ class Table:
     `columns`: indexed columns besides the key and the JSON `data` (name, SQL type), whose values
     `values(record)` gives; `decode`: JSON row -> record put back into the state on load (None:
     stored for readers only, never loaded); `per_round`: only the current round's rows are loaded
-    (and rows of rounds older than `keep_rounds` are pruned); `since(state)`: only rows of that
-    round and later are loaded (older ones stay on disk, unread)."""
+    (and rows of rounds older than `keep_rounds` are pruned)."""
 
     kind: str
     name: str
@@ -40,18 +36,7 @@ class Table:
     decode: Optional[Callable[[dict], Any]] = None
     state_map: str = ""         # the State attribute holding these records (id -> record)
     per_round: bool = False
-    since: Optional[Callable[[State], int]] = None
     indexes: tuple[tuple[str, ...], ...] = ()
-
-    def select(self, st: State, mark: str) -> tuple[str, tuple]:
-        """The query (with the backend's parameter `mark`) and arguments loading this table's rows
-        into `st`, whose global fields are loaded already."""
-        q = f"SELECT data FROM {self.name}"
-        if self.per_round:
-            return q + f" WHERE round = {mark}", (st.round,)
-        if self.since is not None:
-            return q + f" WHERE round >= {mark}", (self.since(st),)
-        return q, ()
 
     def row(self, ident: Any, rec: Any) -> tuple:
         """The stored row: key, indexed columns, data."""
@@ -77,8 +62,6 @@ TABLES: dict[str, Table] = {t.kind: t for t in (
           values=lambda h: (h.round, h.leased_to or h.assigned_to, str(h.status)),
           decode=Hop.from_row, state_map="hops", per_round=True,
           indexes=(("round", "miner"),)),
-    Table("merge", "merges", ("id", "INTEGER"), (("round", "INTEGER NOT NULL"),), values=lambda m: (m.round,),
-          decode=StageMerge.from_row, state_map="merges", since=merging.keep_from, indexes=(("round",),)),
     Table("round", "rounds", ("round", "INTEGER"), encode=_archive_json),
 )}
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from bridge import merging
+from bridge import shard_round
 from bridge.records import Hop, ObjRef, StageState, State
 from protocol.lifecycle import Phase
-from bridge.state import staging_of
+from bridge.state import upload_key
 from protocol import messages as msg
 
-__all__ = ["hop_message", "state_ref", "metrics", "hop_record"]
+__all__ = ["hop_message", "state_ref", "metrics", "hop_record", "merge_item"]
 
 Signer = Callable[[str, float], str]
 
@@ -26,7 +26,7 @@ def hop_message(hop: Hop, get_url: Signer, put_url: Callable[[str, int, float], 
     uploaded to its upload key; `done` seals it at `hop.out_key`, which no URL can write."""
     out = None
     if hop.out_key is not None:
-        up = staging_of(hop.out_key)
+        up = upload_key(hop.out_key)
         out = msg.OutputRef(key=up, put_url=put_url(up, hop.out_size, ttl),
                             size=hop.out_size, expires_at=hop.deadline)
     return msg.Hop(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,
@@ -43,6 +43,13 @@ def state_ref(stage: int, ss: StageState, get_url: Signer, ttl: float) -> Option
     return msg.StateRef(round=ss.round, stage=stage, key=ss.key, url=get_url(ss.key, ttl),
                         sha256=ss.sha256, size=ss.size,
                         alt_urls=[get_url(k, ttl) for k in ss.alt_keys])
+
+
+def merge_item(i: dict, get_url: Signer, ttl: float) -> msg.MergeItem:
+    """A recorded pseudo-gradient (merge set, archive, dispute) as the wire shows it."""
+    return msg.MergeItem(hotkey=i["hotkey"], stage=i.get("stage", 0), key=i["key"],
+                         sha256=i["sha256"], size=i["size"], samples=i["samples"],
+                         epoch=i.get("epoch", 0), get_url=get_url(i["key"], ttl))
 
 
 def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
@@ -69,7 +76,8 @@ def metrics(st: State, now: float) -> msg.Metrics:
             hops_done=c["hops_done"], throughput=sum(m.throughput for m in ms),
             lease_expiries=c["expiries"], reroutes=c["reroutes"], bytes_moved=c["bytes"],
             state_sha=st.stage_states[s].sha256,
-            published_round=merging.published_round(st, s)))
+            published_round=(shard_round.published_round(st, s) if st.run.sync_mode == "sharded"
+                             else st.stage_states[s].round if st.stage_states[s].sha256 else -1)))
     miners = [msg.MinerMetrics(
         hotkey=m.hotkey, stage=m.stage, healthy=st.healthy(m, now), health=m.health,
         throughput=m.throughput, hops_done=m.hops_done, lease_expiries=m.expiries,

@@ -7,6 +7,7 @@ import logging
 
 from drills.hop_cheats import Cheat
 from drills.merge_cheats import MERGE_CHEATS, merge_cheat
+from drills.shard_cheats import sharded_cheat
 from neurons.objects import BadInput
 from neurons.miner_loop import Miner
 
@@ -29,10 +30,11 @@ class CheatingMiner(Miner):
             raise ValueError(f"unknown cheater {kind!r}; choose one of {', '.join(CHEATERS)}")
         self.kind = kind
         self.cheat = Cheat(kind if kind in HOP_KINDS else "honest", seed=seed)
-        self._sync_kind = merge_cheat(kind)
+        self._merge_kind = merge_cheat(kind)
 
-    def _round_sync(self):
-        return self._sync_kind(self.client, self.transfer, self.worker, self.run, self.stop)
+    def _round_merge(self):
+        cls = sharded_cheat(self.kind) if self.run.sync_mode == "sharded" else self._merge_kind
+        return cls(self.client, self.transfer, self.worker, self.run, self.stop)
 
     def _compute(self, hop, inputs):
         out, loss = super()._compute(hop, inputs)

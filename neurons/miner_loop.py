@@ -24,7 +24,8 @@ from resbm.config import ModelConfig
 from neurons import hop_exec
 from neurons.dataset_http import HttpSource
 from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
-from neurons.round_sync import Computed, RoundState, RoundSync
+from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
+from neurons.shard_round import ShardedMerge, load_sharded_state
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
 from neurons.transfer import ObjectTransfer, TransferError
@@ -54,14 +55,13 @@ class Miner:
         self._pending: list[Future] = []
         self.worker: StageWorker | None = None
         self.state: RoundState | None = None
-        self.sync: RoundSync | None = None  # the round-end sync, chosen at registration
-        self._computed: Computed | None = None  # the state our last round's sync reached
+        self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
         self._merge_tried: int | None = None  # round whose merge we already attempted
         self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
 
-    def _round_sync(self) -> RoundSync:
-        """The replica's round-end sync (drills return their own)."""
-        return RoundSync(self.client, self.transfer, self.worker, self.run, self.stop)
+    def _round_merge(self) -> ReplicaMerge:
+        cls = ShardedMerge if self.run.sync_mode == "sharded" else ReplicaMerge
+        return cls(self.client, self.transfer, self.worker, self.run, self.stop)
 
     # ----- setup -----
     def register(self) -> Assignment:
@@ -82,9 +82,13 @@ class Miner:
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
         self.out_bytes = codec.wire_size(self.shape, self.codec)
-        init = (lambda: worker_for_run(run, a.stage, "cpu").theta()) if same else self.worker.theta
-        self.sync = self._round_sync()
-        self.state = self.sync.catch_up(a, self._computed, init)
+        init = (lambda: worker_for_run(run, a.stage, "cpu").theta()) if same else None  # built fresh: init already
+        if run.sync_mode == "sharded":
+            worker = self.worker
+            self.state = load_sharded_state(worker, a, self.client, self.transfer, run, self._computed,
+                                            init or worker.theta)
+        else:
+            self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed, init)
         self.status.set_stage(a.stage, a.round)
         return a
 
@@ -162,7 +166,7 @@ class Miner:
             if self._merge_tried == resp.round:  # done what we could; the stage publishes without us
                 self.stop.wait(0.3)
                 return
-            self.state, self._computed = self.sync.run_round(self.state, resp.round)
+            self.state, self._computed = self._round_merge().run_round(self.state, resp.round)
             self._merge_tried = resp.round
             self.status.set_stage(self.stage, self.state.round)
         elif resp.action == "reassign":

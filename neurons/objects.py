@@ -1,29 +1,26 @@
 """Verified downloads of every object a neuron reads, and the encoding of what it uploads.
 
 The one place miners (hops, merges) and validators (audits, merge checks) fetch objects: hop
-codes and gradients here; the sync's pieces, merged updates and checkpoints through
-`fetch_any_copy` (any agreeing voter's copy). Every byte from the network is checked against the
-sha256 the bridge recorded and decoded against the run's shapes (size, shape, dtype and
-finiteness) before compute sees it; nothing is unpickled.
+codes and gradients, published stage states, pseudo-gradients. Every byte from the network is
+checked against the sha256 the bridge recorded and decoded against the run's shapes (size,
+shape, dtype and finiteness) before compute sees it; nothing is unpickled.
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
-from protocol.messages import FailReason, Hop, ObjectRef
+from protocol.messages import FailReason, Hop, MergeItem, ObjectRef, StateRef
 from resbm import codec, outer
 from neurons.hop_exec import needs_activation, needs_gradient
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
 __all__ = ["BadInput", "HopInputs", "fetch_code", "fetch_inputs", "encode_output", "fail_reason",
-           "fetch_any_copy"]
+           "fetch_state", "fetch_tensors", "fetch_items"]
 
-T = TypeVar("T")
+Tensors = dict[str, torch.Tensor]
 
 
 class BadInput(Exception):
@@ -87,15 +84,37 @@ def encode_output(t: torch.Tensor, wire_codec: str) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def fetch_any_copy(transfer: ObjectTransfer, urls: Sequence[str], sha256: str, max_bytes: int, what: str,
-                   decode: Callable[[bytes], T]) -> T:
-    """`decode(bytes)` of the first of `urls` (copies of one object, one per agreeing voter) that
-    downloads, matches `sha256` and decodes: one voter's bad or missing copy never blocks a
-    reader. TransferError when none does."""
+def fetch_state(transfer: ObjectTransfer, ref: StateRef, shapes: dict, max_bytes: int) -> outer.OuterState:
+    """Download a published state (from any agreeing voter's copy); check sha, names, shapes."""
     last: Exception | None = None
-    for url in urls:
+    for url in [ref.url, *ref.alt_urls]:
         try:
-            return decode(transfer.get_verified(url, sha256, max_bytes, what))
-        except (TransferError, outer.OuterError) as exc:
+            blob = transfer.get_verified(url, ref.sha256, max_bytes, what=f"state {ref.key}")
+        except TransferError as exc:  # a bad or missing copy: another voter's copy is identical
             last = exc
-    raise TransferError(f"{what}: no copy of {len(urls)} is readable ({last})")
+            continue
+        return outer.load_state(blob, expected=shapes, max_bytes=max_bytes)
+    raise last if last is not None else TransferError(f"state {ref.key}: no copy to fetch")
+
+
+def fetch_tensors(transfer: ObjectTransfer, url: str, sha256: str, shapes: dict, max_bytes: int,
+                  what: str) -> Tensors:
+    """Download named tensors (a pseudo-gradient); raises TransferError / HashMismatch or OuterError."""
+    blob = transfer.get_verified(url, sha256, max_bytes, what)
+    return outer.tensors_from_bytes(blob, shapes, max_bytes=max_bytes)
+
+
+def fetch_items(transfer: ObjectTransfer, items: list[MergeItem], shapes: dict,
+                max_bytes: int) -> list[tuple[int, Tensors | None, str]]:
+    """(verified samples, tensors or None, why None) per merge item, in the set's order."""
+    out = []
+    for it in items:
+        try:
+            tensors = fetch_tensors(transfer, it.get_url, it.sha256, shapes, max_bytes,
+                                    f"pseudo-gradient of {it.hotkey}")
+            out.append((it.samples, tensors, ""))
+        except HashMismatch as exc:
+            out.append((it.samples, None, f"hash mismatch: {exc}"[:300]))
+        except outer.OuterError as exc:
+            out.append((it.samples, None, f"undecodable: {exc}"[:300]))
+    return out

@@ -12,12 +12,13 @@ import torch
 
 from protocol.lifecycle import HopKind
 from protocol.messages import HopLog, HopRecord as WireRecord, RunConfig
+from resbm import outer
 from resbm.config import ModelConfig
 from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
 from neurons.audit_tolerances import record_numerics, replay_numerics, stage_tolerances, torch_dtype
-from neurons.objects import BadInput, fetch_code, fetch_inputs
+from neurons.objects import BadInput, fetch_code, fetch_inputs, fetch_state, fetch_tensors
 from neurons.stage_worker import worker_for_run
-from neurons.transfer import ObjectTransfer
+from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["ClaimError", "hop_counts", "check_claims", "audit_miner"]
 
@@ -60,11 +61,10 @@ def _to_audit_records(transfer: ObjectTransfer, records: list[WireRecord], shape
     return out
 
 
-def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: str, inputs,
-                device: str = "cpu", max_seconds: float = 60.0) -> AuditReport:
+def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: str,
+                device: str = "cpu", max_seconds: float = 60.0, inputs=None) -> AuditReport:
     """Replay `hotkey`'s round from public data; raises ClaimError for claims that fail outright.
-    `inputs(worker) -> (theta_start, claimed pseudo-gradient or None)` gives the round's start state
-    and the miner's reported pseudo-gradient (neurons.sync_check.SyncCheck.audit_inputs).
+    `inputs(worker) -> (theta_start, claimed pseudo-gradient)` replaces the whole-state reads.
 
     Each epoch replays in the numerics the miner declared when this validator's `device` allows
     (neurons.audit_tolerances), judged by the run's calibrated tolerances for that pair."""
@@ -78,8 +78,23 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     cfg = ModelConfig.from_dict(run.model)
     shape = tuple(cfg.code_shape(run.batch_size))
     worker = worker_for_run(run, stage, device)
+    ref = next((s for s in log.states if s.stage == stage), None)
     item = next((p for p in log.pseudograds if p.hotkey == hotkey), None)
-    theta, pg = inputs(worker)
+    pg = None
+    if inputs is not None:  # the sharded sync: start state and pseudo-gradient come from its view
+        theta, pg = inputs(worker)
+    elif ref is None:
+        theta = worker.theta()
+    else:
+        theta = fetch_state(transfer, ref, worker.param_shapes, run.max_state_bytes).theta
+    if item is not None and inputs is None:
+        try:
+            pg = fetch_tensors(transfer, item.get_url, item.sha256, worker.param_shapes, run.max_state_bytes,
+                               "pseudo-gradient")
+        except TransferError as exc:
+            raise ClaimError(f"pseudo-gradient cannot be read or fails its hash: {exc}") from exc
+        except outer.OuterError as exc:
+            raise ClaimError(f"pseudo-gradient does not decode: {exc}") from exc
     settings = ReplaySettings(round_index=log.round, inner_steps_per_round=run.inner_steps_per_round,
                               data_seed=run.data_seed, batch_size=run.batch_size, wire_codec=cfg.wire_codec,
                               dataset=run.dataset)

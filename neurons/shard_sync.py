@@ -5,7 +5,8 @@
 2. `merge`: for each shard the assignment gives it, the replica downloads every replica's piece
    of that shard (verified against the reported sha256), decodes, screens and robustly merges it
    (resbm.shard_merge), encodes the merged update and uploads it; its sha256 is its vote.
-3. `apply`: once each shard's merged update is decided (every merger agreeing, or a validator), the replica applies the outer step shard by shard, downloading only the shards it
+3. `apply`: once each shard's merged update is decided (a strict majority of its mergers, or a
+   validator), the replica applies the outer step shard by shard, downloading only the shards it
    did not merge itself. No state goes on the wire except the full checkpoint every K rounds.
 
 Peak memory beyond the replica's own theta and momentum is one shard's R decoded pieces
@@ -25,19 +26,17 @@ from typing import Protocol
 import torch
 
 from protocol.run_config import RunConfig
-from protocol.keys import PieceKey, UpdateKey
-from protocol.sync_plan import sync_plan
+from protocol.sync_api import piece_key, update_key
 from resbm.outer import OuterError
 from resbm.robust_merge import MergeParams
 from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
 from resbm.shards import ShardLayout, layout, take
 from resbm.sync_codec import Codec, decode, encode, encoded_size
 from resbm.sync_state import fp32, pack_update, unpack_update, update_size
-from neurons.objects import fetch_any_copy
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
-__all__ = ["SyncSettings", "sync_settings", "merge_params", "Board", "Piece", "strict_majority", "ReplicaSync",
-           "read_update"]
+__all__ = ["SyncSettings", "sync_settings", "Board", "Piece", "pg_key", "merged_key",
+           "strict_majority", "ReplicaSync", "read_update"]
 
 
 @dataclass(frozen=True)
@@ -56,17 +55,13 @@ class SyncSettings:
         return layout(shapes, self.shards, self.pg.block)
 
 
-def merge_params(run: RunConfig) -> MergeParams:
-    """The run's robust-merge and outer-step knobs."""
-    return MergeParams(clip_factor=run.clip_factor, trim_fraction=run.trim_fraction, ref_floor=run.ref_floor,
-                       outer_lr=run.outer_lr, outer_momentum=run.outer_momentum)
-
-
 def sync_settings(run: RunConfig) -> SyncSettings:
-    """SyncSettings of a run: its sync plan (protocol.sync_plan, the one reader of `sync_mode`)."""
-    plan = sync_plan(run)
-    return SyncSettings(Codec(plan.pg_codec, plan.block), Codec(plan.merged_codec, plan.block), plan.shards,
-                        plan.mergers, plan.checkpoint_every, merge_params(run))
+    """SyncSettings from a RunConfig."""
+    return SyncSettings(Codec(run.sync_codec, run.sync_block), Codec(run.sync_merged_codec, run.sync_block),
+                        run.sync_shards, run.sync_mergers, run.checkpoint_every,
+                        MergeParams(clip_factor=run.clip_factor, trim_fraction=run.trim_fraction,
+                                    ref_floor=run.ref_floor, outer_lr=run.outer_lr,
+                                    outer_momentum=run.outer_momentum))
 
 
 class Board(Protocol):
@@ -83,6 +78,16 @@ class Piece:
     hotkey: str
     samples: int
     shas: tuple[str, ...]
+
+
+def pg_key(prefix: str, rnd: int, stage: int, hotkey: str, shard: int, sha: str) -> str:
+    """Key of a replica's pseudo-gradient shard (`prefix`: the run id)."""
+    return piece_key(prefix, rnd, stage, hotkey, shard, sha)
+
+
+def merged_key(prefix: str, rnd: int, stage: int, shard: int, hotkey: str, sha: str) -> str:
+    """Key of a merger's copy of a merged shard (`prefix`: the run id)."""
+    return update_key(prefix, rnd, stage, shard, hotkey, sha)
 
 
 def strict_majority(votes: Mapping[str, str], mergers: Sequence[str]) -> str | None:
@@ -125,7 +130,7 @@ class ReplicaSync:
         for s, (a, b) in enumerate(lay):
             blob = self.encoder(take(pg, a, b))
             sha = hashlib.sha256(blob).hexdigest()
-            key = PieceKey(self.prefix, rnd, self.stage, self.hotkey, s, sha).final
+            key = pg_key(self.prefix, rnd, self.stage, self.hotkey, s, sha)
             self.transfer.put(self.board.put_url(key, len(blob)), blob)
             out.append((sha, len(blob)))
         return out
@@ -136,7 +141,7 @@ class ReplicaSync:
         it out alike. A failed download (the store, the network) raises: abstain, never merge apart."""
         if s >= len(p.shas):
             return None, f"malformed report: no piece for shard {s} ({len(p.shas)} reported)"
-        key = PieceKey(self.prefix, rnd, self.stage, p.hotkey, s, p.shas[s]).final
+        key = pg_key(self.prefix, rnd, self.stage, p.hotkey, s, p.shas[s])
         try:
             url = self.board.get_url(key)
         except (KeyError, ValueError):
@@ -168,7 +173,7 @@ class ReplicaSync:
         # b"": keep the shard. Otherwise the clip reference rides in the voted bytes.
         blob = pack_update(sm.merged, ref, self.cfg.merged) if sm.merged is not None else b""
         sha = hashlib.sha256(blob).hexdigest()
-        key = UpdateKey(self.prefix, rnd, self.stage, s, self.hotkey, sha).final
+        key = merged_key(self.prefix, rnd, self.stage, s, self.hotkey, sha)
         if blob and upload:
             self.transfer.put(self.board.put_url(key, len(blob)), blob)
         return MergedShard(sha, key, sm.merged, ref, excluded, len(blob))
@@ -207,4 +212,11 @@ def read_update(transfer: ObjectTransfer, urls: Sequence[str], sha: str, n: int,
     """(clip reference, vector) of a decided merged update from the first agreeing merger's copy
     that is readable and checks out (sha256, exact size, decodes): one voter's bad copy never
     blocks a reader. TransferError when none does."""
-    return fetch_any_copy(transfer, urls, sha, update_size(n, codec), what, lambda blob: unpack_update(blob, n, codec))
+    last: Exception | None = None
+    for url in urls:
+        try:
+            blob = transfer.get_verified(url, sha, update_size(n, codec), what)
+            return unpack_update(blob, n, codec)
+        except (TransferError, OuterError) as exc:
+            last = exc
+    raise TransferError(f"{what}: no copy of {len(urls)} is readable ({last})")

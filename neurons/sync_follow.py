@@ -1,4 +1,4 @@
-"""Following a stage's sync: the state a round starts from, rebuilt from the
+"""Following a stage under the sharded sync: the state a round starts from, rebuilt from the
 last full checkpoint plus the decided merged updates since (what a joiner, a restarted miner and
 a validator's audit all need), and the bridge's view of a round, fetched.
 
@@ -17,16 +17,15 @@ import torch
 from protocol.client import BridgeError
 from protocol.messages import StageRound
 from protocol.routes import route
-from protocol.keys import PieceKey
 from protocol.sync_api import SyncView, UpdateRef
+from resbm.outer import OuterError
 from resbm.shard_merge import apply_shard, zero_momentum
 from resbm.shards import ShardLayout
 from resbm.sync_state import load_checkpoint
-from neurons.objects import fetch_any_copy
 from neurons.shard_sync import SyncSettings, read_update
 from neurons.transfer import ObjectTransfer, TransferError
 
-__all__ = ["GONE", "SyncStart", "get_view", "view_urls", "wait_view", "start_of_round", "advance", "state_sha"]
+__all__ = ["GONE", "SyncStart", "get_view", "wait_view", "fetch_update", "start_of_round", "advance", "state_sha"]
 
 log = logging.getLogger("sync")
 
@@ -47,12 +46,10 @@ def get_view(client, rnd: int, stage: int) -> SyncView:
     return client.call(route("sync_view"), StageRound(round=rnd, stage=stage))
 
 
-def view_urls(view: SyncView, run_id: str) -> dict[str, str]:
-    """{final key: GET URL} of a view's pieces and decided updates."""
-    urls = {PieceKey(run_id, view.round, view.stage, p.hotkey, s, sha).final: url
-            for p in view.pieces for s, (sha, url) in enumerate(zip(p.shas, p.urls))}
-    urls.update({u.key: u.url for u in view.decided if u is not None})
-    return urls
+def fetch_update(transfer: ObjectTransfer, ref: UpdateRef, rng: tuple[int, int],
+                 cfg: SyncSettings, what: str) -> tuple[float, torch.Tensor]:
+    """(clip reference, vector) of a decided update, from any agreeing merger's copy."""
+    return read_update(transfer, [ref.url, *ref.alt_urls], ref.sha256, rng[1] - rng[0], cfg.merged, what)
 
 
 def advance(transfer: ObjectTransfer, state: SyncStart, lay: ShardLayout, cfg: SyncSettings,
@@ -61,8 +58,7 @@ def advance(transfer: ObjectTransfer, state: SyncStart, lay: ShardLayout, cfg: S
     for s, (rng, ref) in enumerate(zip(lay, shards)):
         if ref is None:
             continue
-        r, vec = read_update(transfer, [ref.url, *ref.alt_urls], ref.sha256, rng[1] - rng[0], cfg.merged,
-                             f"round {rnd} shard {s} update")
+        r, vec = fetch_update(transfer, ref, rng, cfg, f"round {rnd} shard {s} update")
         apply_shard(state.theta, state.momentum, rng, vec, cfg.params)
         state.refs[s] = r
     state.round = rnd + 1
@@ -75,15 +71,13 @@ def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str
     """The state round `view.round` starts from (or, with `through`, the one after round
     `through`'s update when the view is of that round and complete): the checkpoint plus every
     decided update since."""
-    ck = view.checkpoint
-    if ck is None:
+    if view.checkpoint is None:
         theta = {n: t.detach().to("cpu", torch.float32).clone() for n, t in init_theta().items()}
         st = SyncStart(view.checkpoint_round, theta, zero_momentum(theta), [None] * len(lay), None)
     else:
-        theta, momentum, refs = fetch_any_copy(transfer, [ck.url, *ck.alt_urls], ck.sha256, max_bytes,
-                                               f"checkpoint {ck.sha256[:10]}..",
-                                               lambda blob: load_checkpoint(blob, shapes, len(lay), max_bytes))
-        st = SyncStart(view.checkpoint_round, theta, momentum, refs, ck.sha256)
+        blob = _checkpoint_blob(transfer, view, max_bytes)
+        theta, momentum, refs = load_checkpoint(blob, shapes, len(lay), max_bytes)
+        st = SyncStart(view.checkpoint_round, theta, momentum, refs, view.checkpoint.sha256)
     for upd in view.updates:
         advance(transfer, st, lay, cfg, upd.shards, upd.round)
     if st.round != view.round:
@@ -93,7 +87,18 @@ def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str
     return st
 
 
-GONE = ("updates_pruned", "not_kept")  # the view of that round will never come
+def _checkpoint_blob(transfer: ObjectTransfer, view: SyncView, max_bytes: int) -> bytes:
+    ck = view.checkpoint
+    last: Exception | None = None
+    for url in [ck.url, *ck.alt_urls]:
+        try:
+            return transfer.get_verified(url, ck.sha256, max_bytes, "checkpoint")
+        except TransferError as exc:
+            last = exc
+    raise TransferError(f"checkpoint {ck.sha256[:10]}.. unreadable ({last})")
+
+
+GONE = ("updates_pruned", "not_kept", "not_sharded")  # the view of that round will never come
 
 
 def wait_view(client, rnd: int, stage: int, ready: Callable[[SyncView], bool],

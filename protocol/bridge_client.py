@@ -90,11 +90,23 @@ class BridgeClient(SignedClient):
         return self.call(route("step_done"), req)
 
     def upload(self, req: msg.UploadRequest) -> msg.UploadGrant:
-        """A presigned PUT for the full state voted in a checkpoint round."""
+        """A presigned PUT for a pseudo-gradient or merged state."""
         return self.call(route("upload"), req)
 
+    def pseudograd(self, req: msg.PseudogradReport) -> msg.Ack:
+        """Report an uploaded pseudo-gradient."""
+        return self.call(route("pseudograd"), req)
+
+    def merge_set(self, round: int, stage: int) -> msg.MergeSet:
+        """The frozen merge set of a stage's round (409 `not_frozen` until frozen)."""
+        return self.call(route("merge_set"), msg.StageRound(round=round, stage=stage))
+
+    def shard_plan(self, round: int, stage: int) -> msg.ShardPlan:
+        """Which replicas merge which shard of a stage's round."""
+        return self.call(route("shard_plan"), msg.StageRound(round=round, stage=stage))
+
     def merged(self, req: msg.MergedReport) -> msg.MergedAck:
-        """Vote for a checkpoint's full state (repeat to poll for publication)."""
+        """Vote for a merged state (repeat to poll for publication)."""
         return self.call(route("merged"), req)
 
     # ---- validators --------------------------------------------------------------------

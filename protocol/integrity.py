@@ -20,12 +20,11 @@ class DisputeVote(_Model):
 
 
 class Dispute(_Model):
-    """A checkpoint whose votes split: recompute the full state the round's decided update leads
-    to from `start` (its sync view has the pieces and the decided update)."""
+    """A stage whose votes split: recompute its merge from `start` and `items`."""
 
     round: int = round_field()
     stage: int = Field(ge=0, le=63)
-    deadline: float = Field(ge=0, description="unix time after which the last published state is kept")
+    deadline: float = Field(ge=0, description="unix time after which the previous state is kept")
     start: StateRef | None = Field(description="state the round started from (None: init_seed)")
     items: list[MergeItem] = Field(max_length=1024, description="the frozen merge set")
     votes: list[DisputeVote] = Field(max_length=1024)

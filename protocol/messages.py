@@ -5,9 +5,11 @@ body fails validation with an error that names the field. Times are unix seconds
 
 Conventions the miner relies on:
 - `LeaseResponse.action`: `work` (hops attached), `wait` (retry after `retry_after`), `step`
-  (take an optimizer step, then `POST /v1/steps/done`), `merge` (round over: sync the round's
-  update, protocol/sync_api.py), `reassign` (call `POST /v1/miners/register` again; also
+  (take an optimizer step, then `POST /v1/steps/done`), `merge` (round over: upload the
+  pseudo-gradient, merge, report), `reassign` (call `POST /v1/miners/register` again; also
   what to do whenever `LeaseResponse.state_sha` differs from the state you hold), `done`.
+- `GET /v1/rounds/{r}/stages/{s}/pseudograds` answers 409 with `ErrorBody(error="not_frozen",
+  retry_after=...)` until the merge set is frozen, then 200 with a `MergeSet`.
 - Errors are `ErrorBody` JSON with the HTTP status (400 bad input, 401/403 auth, 404 unknown,
   409 conflict / wrong state, 413 body too large, 429 rate limited).
 

@@ -68,6 +68,11 @@ ROUTES: tuple[Route, ...] = (
     Route("hop_fail", "POST", "/v1/hops/fail", msg.HopFail, msg.Ack, "miner"),
     Route("step_done", "POST", "/v1/steps/done", msg.StepDone, msg.StepAck, "miner"),
     Route("upload", "POST", "/v1/rounds/upload", msg.UploadRequest, msg.UploadGrant, "miner"),
+    Route("pseudograd", "POST", "/v1/rounds/pseudograd", msg.PseudogradReport, msg.Ack, "miner"),
+    Route("merge_set", "GET", "/v1/rounds/{round}/stages/{stage}/pseudograds", msg.StageRound,
+          msg.MergeSet, "miner"),
+    Route("shard_plan", "GET", "/v1/rounds/{round}/stages/{stage}/shards", msg.StageRound,
+          msg.ShardPlan, "miner"),
     Route("merged", "POST", "/v1/rounds/merged", msg.MergedReport, msg.MergedAck, "miner"),
     Route("hoplog", "GET", "/v1/validator/hoplog", msg.HopLogQuery, msg.HopLog, "validator"),
     Route("disputes", "GET", "/v1/validator/disputes", None, integ.DisputeList, "validator"),
@@ -77,7 +82,7 @@ ROUTES: tuple[Route, ...] = (
           "validator"),
     Route("validator_report", "POST", "/v1/validator/report", ValidatorReport, msg.Ack,
           "validator"),
-    # the round's sync, whole-state runs included (protocol/sync_api.py, protocol/sync_plan.py)
+    # the sharded sync (run config sync_mode: sharded; protocol/sync_api.py)
     Route("sync_upload", "POST", "/v1/sync/upload", sync.SyncUpload, msg.UploadGrant, "miner"),
     Route("sync_pseudograd", "POST", "/v1/sync/pseudograd", sync.SyncPseudograd, msg.Ack, "miner"),
     Route("sync_view", "GET", "/v1/rounds/{round}/stages/{stage}/sync", msg.StageRound,

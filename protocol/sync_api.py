@@ -1,6 +1,5 @@
-"""Wire messages of the round's sync (every run's: a whole-state run is its one-shard case,
-protocol/sync_plan.py); the routes are in protocol/routes.py (`sync_*`), the object keys in
-protocol/keys.py.
+"""Wire messages and object keys of the sharded replica sync (issue 13); the routes are in
+protocol/routes.py (`sync_*`), the typed calls `neurons.sync_follow.call`.
 
 Routes (all signed; miners and validators alike unless noted):
 - `POST sync_upload`: a presigned PUT to the caller's own staging key for one shard object
@@ -16,8 +15,8 @@ Routes (all signed; miners and validators alike unless noted):
   validator's recomputation of one reached.
 
 Every size named in these messages must be the object's exact size (a piece: `resbm.sync_codec.
-encoded_size(n, pg codec)`, a merged update: 4 more bytes in the merged codec, "keep": 0) and
-every shard index in 0..shards-1 (the run's sync plan); the bridge refuses anything else before any store access
+encoded_size(n, sync_codec)`, a merged update: 4 more bytes in `sync_merged_codec`, "keep": 0) and
+every shard index in 0..sync_shards-1; the bridge refuses anything else before any store access
 (docs/CONTRACTS.md, "Sharded replica sync").
 """
 from __future__ import annotations
@@ -33,13 +32,34 @@ from protocol.wire_types import round_field as _round, sha_field as _sha, url_fi
 from protocol.run_config import MAX_BYTES as _MAX_BYTES
 from protocol.run_config import StrictModel as _Model
 
-__all__ = ["SyncUpload", "UploadGrant", "SyncPseudograd", "UpdateRef", "RoundUpdate", "PieceRef",
+__all__ = ["checkpoint_due", "piece_key", "update_key", "staging_key",
+           "SyncUpload", "UploadGrant", "SyncPseudograd", "UpdateRef", "RoundUpdate", "PieceRef",
            "SyncView", "ShardVote", "SyncVotes", "SyncVotesAck", "ShardDispute", "SyncDisputes",
            "ShardArbitration"]
 
 _SHARDS = 4096
 _Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 _Size = Annotated[int, Field(ge=0, le=_MAX_BYTES)]
+
+
+def checkpoint_due(round_: int, checkpoint_every: int, total_rounds: int) -> bool:
+    """Whether round `round_` ends with a full checkpoint: every K-th round, and the run's last."""
+    return (round_ + 1) % checkpoint_every == 0 or round_ + 1 == total_rounds
+
+
+def piece_key(run_id: str, round_: int, stage: int, hotkey: str, shard: int, sha256: str) -> str:
+    """Final key of a replica's pseudo-gradient shard (deleted with its round's objects)."""
+    return f"runs/{run_id}/r{round_}/s{stage}/sync/pg/{hotkey}/{shard:05d}-{sha256}"
+
+
+def update_key(run_id: str, round_: int, stage: int, shard: int, hotkey: str, sha256: str) -> str:
+    """Final key of a merger's copy of a merged update (kept: joiners replay it)."""
+    return f"runs/{run_id}/sync/r{round_}/s{stage}/merged/{shard:05d}/{hotkey}-{sha256}"
+
+
+def staging_key(final: str, hotkey: str) -> str:
+    """The writer's staging key for a final key: the only one it gets a PUT grant for."""
+    return f"{final.rsplit('/', 1)[0]}/upload-{hotkey}/{final.rsplit('/', 1)[1]}"
 
 
 class SyncUpload(_Model):

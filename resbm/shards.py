@@ -1,19 +1,25 @@
-"""Shards of a stage's parameter vector: the layout, and reading and writing one shard's range.
+"""Shards of a stage's parameter vector and who merges each one in a round.
 
 The stage's parameters, flattened in sorted-name order, form one vector of N values. It is cut
 into contiguous shards of equal length (a multiple of the codec block, so a block never spans two
 shards; the last shard is shorter). `take` and `put` read and write one shard's range of a
 {name: tensor} dict without building the whole flat vector, so a merge can stream shard by shard.
-Who merges which shard is protocol.sync_plan.assign_mergers (pure, no torch: the bridge computes it).
+
+`assign_mergers` is a pure function of (round, stage, replica hotkeys, shard count, mergers per
+shard): every replica and the bridge compute the same table. Each shard is merged by
+min(mergers, R) distinct replicas taken round-robin from a per-round hash order, so each replica
+merges about shards x mergers / R shards and downloads about mergers x N pseudo-gradient values
+per round whatever R is.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["ShardLayout", "layout", "take", "put"]
+__all__ = ["ShardLayout", "layout", "take", "put", "assign_mergers", "shards_of"]
 
 
 class ShardLayout(tuple):
@@ -68,3 +74,27 @@ def put(tensors: Mapping[str, torch.Tensor], start: int, vec: torch.Tensor) -> N
         off += b - a
     if off != vec.numel():
         raise ValueError("vector runs past the end of the tensors")
+
+
+def _order(round_: int, stage: int, hotkeys: Sequence[str]) -> list[str]:
+    def key(h: str) -> str:
+        return hashlib.sha256(f"resbm-shards:{round_}:{stage}:{h}".encode()).hexdigest()
+    return sorted(set(hotkeys), key=lambda h: (key(h), h))
+
+
+def assign_mergers(round_: int, stage: int, hotkeys: Sequence[str], n_shards: int,
+                   mergers: int) -> list[list[str]]:
+    """For each shard, the replicas (hotkeys) that merge it this round; [] without replicas."""
+    if n_shards < 1 or mergers < 1:
+        raise ValueError(f"need n_shards >= 1 and mergers >= 1, got {n_shards}, {mergers}")
+    order = _order(round_, stage, hotkeys)
+    r = len(order)
+    if r == 0:
+        return [[] for _ in range(n_shards)]
+    m = min(mergers, r)
+    return [sorted(order[(s * m + j) % r] for j in range(m)) for s in range(n_shards)]
+
+
+def shards_of(table: Sequence[Sequence[str]], hotkey: str) -> list[int]:
+    """The shards `hotkey` merges in an assignment table."""
+    return [s for s, hs in enumerate(table) if hotkey in hs]

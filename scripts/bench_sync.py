@@ -5,11 +5,9 @@ bridge's signer (bridge.storage.Storage). Each cell runs in a fresh process and 
 replica; the other R - 1 replicas' uploads (and, sharded, the merges of shards the focal replica
 does not merge) are made by the same process outside the focal replica's counters.
 
-* state: the whole-state merge, which is the sync's one-shard case (protocol/sync_plan.py): the
-  fp32 pseudo-gradient up as one piece, every replica merges it, the fp32 update applied.
+* today: upload the fp32 pseudo-gradient, download every replica's, merge the whole stage with
+  neurons.merge_compute (the code the miners run), upload the merged fp32 state.
 * sharded: neurons.shard_sync with the given codecs, shard count and mergers per shard.
-(Rows labelled "today" in docs/BENCHMARKS.md were measured before the whole-state merge became
-the one-shard sync, with its own code.)
 
     python scripts/bench_sync.py                         # the default grid, ~5 min on 2 cores
     python scripts/bench_sync.py --r 8 --p 4 --modes sharded --codec int2 --merged int4
@@ -66,61 +64,95 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
 
     others = ObjectTransfer()
     me = ObjectTransfer()
-    if mode == "state":  # the whole-state merge: the one-shard sync, every replica a merger, fp32
-        codec, merged, shards, mergers = "fp32", "fp32", 1, r
-    from neurons.shard_sync import Piece, ReplicaSync, SyncSettings
-    from protocol.keys import PieceKey
-    from protocol.sync_plan import assign_mergers
-    from resbm.robust_merge import MergeParams
-    from resbm.shards import layout
-    from resbm.sync_codec import Codec, encode
-    cfg = SyncSettings(Codec(codec, 256), Codec(merged, 256), shards, mergers, 8,
-                       MergeParams(outer_lr=0.7, outer_momentum=0.5))
-    lay = layout(shapes, shards, 256)
+    if mode == "today":
+        from protocol.messages import MergeItem
+        from resbm import outer
+        from neurons.merge_compute import compute_merge
+        from neurons.objects import fetch_items
+        items = []
+        for i, h in enumerate(hks[1:], 1):  # the others' whole fp32 pseudo-gradients
+            blob = outer.tensors_bytes({n: gen(1000 * i + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())})
+            key = f"{prefix}/pg/{h}"
+            others.put(storage.presign_put(key, len(blob), 600), blob)
+            items.append((h, key, blob))
+            del blob
+        items = [(h, k, hashlib.sha256(b).hexdigest()) for h, k, b in items]
+        base_rss = _rss_mb()  # the process before this replica's state exists (clients warm)
+        theta = {n: gen(7 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
+        mom = {n: gen(9 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
+        state_rss = _rss_mb()
+        t0 = time.perf_counter()
+        pg = {n: gen(5 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
+        blob = outer.tensors_bytes(pg)
+        del pg
+        sha = hashlib.sha256(blob).hexdigest()
+        me.put(storage.presign_put(f"{prefix}/pg/{focal}", len(blob), 600), blob)
+        del blob
+        mi = [MergeItem(hotkey=h, stage=0, key=k, sha256=s, size=1, samples=10, epoch=0,
+                        get_url=storage.presign_get(k, 600))
+              for h, k, s in [(focal, f"{prefix}/pg/{focal}", sha)] + items]
+        from protocol.messages import RunConfig
+        run = RunConfig(run_id="bench-sync", model={}, n_stages=1, batch_size=1, micro_batches_per_step=1,
+                        inner_steps_per_round=1, samples_per_round=1, muon_lr=0.02, adamw_lr=3e-3,
+                        total_rounds=1, data_seed=0, init_seed=0, outer_momentum=0.5,
+                        max_state_bytes=2**40)
+        fetched = fetch_items(me, mi, shapes, 2**40)
+        out = compute_merge(theta, mom, None, mi, fetched, shapes, run)
+        del fetched
+        me.put(storage.presign_put(f"{prefix}/state/{focal}", len(out.blob), 600), out.blob)
+        wall = time.perf_counter() - t0
+    else:
+        from neurons.shard_sync import Piece, ReplicaSync, SyncSettings, pg_key
+        from resbm.robust_merge import MergeParams
+        from resbm.shards import assign_mergers, layout
+        from resbm.sync_codec import Codec, encode
+        cfg = SyncSettings(Codec(codec, 256), Codec(merged, 256), shards, mergers, 8,
+                           MergeParams(outer_lr=0.7, outer_momentum=0.5))
+        lay = layout(shapes, shards, 256)
 
-    class Board:
-        def put_url(self, key, size):
-            return storage.presign_put(key, size, 600)
+        class Board:
+            def put_url(self, key, size):
+                return storage.presign_put(key, size, 600)
 
-        def get_url(self, key):
-            return storage.presign_get(key, 600)
+            def get_url(self, key):
+                return storage.presign_get(key, 600)
 
-    board = Board()
-    pieces = []
-    for i, h in enumerate(hks[1:], 1):  # the others' pseudo-gradients, shard by shard
-        shas = []
-        for s, (a, b) in enumerate(lay):
-            blob = encode(gen(1000 * i + s, a, b), cfg.pg)
-            sh = hashlib.sha256(blob).hexdigest()
-            others.put(board.put_url(PieceKey(prefix, 0, 0, h, s, sh).final, len(blob)), blob)
-            shas.append(sh)
-        pieces.append(Piece(h, 10, tuple(shas)))
-    base_rss = _rss_mb()  # the process before this replica's state exists (clients warm)
-    theta = {n: gen(7 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
-    mom = {n: gen(9 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
-    state_rss = _rss_mb()
-    t0 = time.perf_counter()
-    pg = {n: gen(5 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
-    mine = ReplicaSync(me, board, cfg, prefix, focal, 0)
-    pieces = [Piece(focal, 10, mine.upload(0, pg, lay))] + pieces
-    del pg
-    table = assign_mergers(0, 0, hks, len(lay), mergers)
-    done = mine.merge(0, table, lay, pieces, [None] * len(lay))
-    wall = time.perf_counter() - t0
-    helper = ReplicaSync(others, board, cfg, prefix, "other", 0)
-    decided = []
-    for s, hs in enumerate(table):
-        if s in done:
-            decided.append(([board.get_url(done[s].key)], done[s].sha))
-        else:  # another merger's copy (votes are tested elsewhere; here only bytes matter)
-            helper.hotkey = next(h for h in hs if h != focal)
-            ms = helper.merge_one(0, s, lay[s], pieces, None)
-            decided.append(([board.get_url(ms.key)], ms.sha))
-    t1 = time.perf_counter()
-    mine.apply(0, theta, mom, lay, decided, done)
-    wall += time.perf_counter() - t1
+        board = Board()
+        pieces = []
+        for i, h in enumerate(hks[1:], 1):  # the others' pseudo-gradients, shard by shard
+            shas = []
+            for s, (a, b) in enumerate(lay):
+                blob = encode(gen(1000 * i + s, a, b), cfg.pg)
+                sh = hashlib.sha256(blob).hexdigest()
+                others.put(board.put_url(pg_key(prefix, 0, 0, h, s, sh), len(blob)), blob)
+                shas.append(sh)
+            pieces.append(Piece(h, 10, tuple(shas)))
+        base_rss = _rss_mb()  # the process before this replica's state exists (clients warm)
+        theta = {n: gen(7 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
+        mom = {n: gen(9 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
+        state_rss = _rss_mb()
+        t0 = time.perf_counter()
+        pg = {n: gen(5 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
+        mine = ReplicaSync(me, board, cfg, prefix, focal, 0)
+        pieces = [Piece(focal, 10, mine.upload(0, pg, lay))] + pieces
+        del pg
+        table = assign_mergers(0, 0, hks, len(lay), mergers)
+        done = mine.merge(0, table, lay, pieces, [None] * len(lay))
+        wall = time.perf_counter() - t0
+        helper = ReplicaSync(others, board, cfg, prefix, "other", 0)
+        decided = []
+        for s, hs in enumerate(table):
+            if s in done:
+                decided.append(([board.get_url(done[s].key)], done[s].sha))
+            else:  # another merger's copy (votes are tested elsewhere; here only bytes matter)
+                helper.hotkey = next(h for h in hs if h != focal)
+                ms = helper.merge_one(0, s, lay[s], pieces, None)
+                decided.append(([board.get_url(ms.key)], ms.sha))
+        t1 = time.perf_counter()
+        mine.apply(0, theta, mom, lay, decided, done)
+        wall += time.perf_counter() - t1
     state_mb = 8 * n_params / 2**20
-    return {"mode": mode if mode == "state" else f"{codec}/{merged} S{shards} m{mergers}", "R": r,
+    return {"mode": mode if mode == "today" else f"{codec}/{merged} S{shards} m{mergers}", "R": r,
             "P_M": p_m, "up_MB": me.stats.bytes_up / 2**20, "down_MB": me.stats.bytes_down / 2**20,
             "fp32_P_MB": 4 * n_params / 2**20, "wall_s": wall, "state_MB": state_mb,
             "peak_over_base_MB": _peak_mb() - base_rss, "held_before_MB": state_rss - base_rss}
@@ -131,12 +163,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="bench_sync", description=__doc__.split("\n\n")[0])
     ap.add_argument("--r", default="2,8,32", help="replica counts")
     ap.add_argument("--p", default="4", help="parameters per stage, in units of 2^20")
-    ap.add_argument("--modes", default="state,sharded")
+    ap.add_argument("--modes", default="today,sharded")
     ap.add_argument("--codec", default="int4")
     ap.add_argument("--merged", default="int8")
     ap.add_argument("--shards", type=int, default=64)
     ap.add_argument("--mergers", type=int, default=3)
-    ap.add_argument("--state-max-r", type=int, default=32, help="skip 'state' above this R (memory)")
+    ap.add_argument("--today-max-r", type=int, default=32, help="skip 'today' above this R (memory)")
     ap.add_argument("--json", default="")
     ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds dynamic")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
@@ -157,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for p_m in [int(x) for x in a.p.split(",")]:
                 for r in [int(x) for x in a.r.split(",")]:
                     for mode in a.modes.split(","):
-                        if mode == "state" and r > a.state_max_r:
+                        if mode == "today" and r > a.today_max_r:
                             continue
                         args = dict(mode=mode, r=r, p_m=p_m, codec=a.codec, merged=a.merged, shards=a.shards,
                                     mergers=a.mergers, endpoint=s3.endpoint, ak=s3.access_key, sk=s3.secret_key)
@@ -178,9 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def print_row(x: dict, rows: list[dict]) -> None:
     """One table line (the header before the first)."""
     if len(rows) == 1:
-        print(f"{'mode':22} {'R':>3} {'P':>5} {'up MB':>8} {'down MB':>8} {'total/4P':>8} {'vs state':>8} "
+        print(f"{'mode':22} {'R':>3} {'P':>5} {'up MB':>8} {'down MB':>8} {'total/4P':>8} {'vs today':>8} "
               f"{'sync s':>7} {'peak MB':>8} {'peak/state':>10}")
-    today = next((t for t in rows if t["mode"] == "state" and t["R"] == x["R"] and t["P_M"] == x["P_M"]), None)
+    today = next((t for t in rows if t["mode"] == "today" and t["R"] == x["R"] and t["P_M"] == x["P_M"]), None)
     tot = x["up_MB"] + x["down_MB"]
     vs = f"{(today['up_MB'] + today['down_MB']) / tot:7.1f}x" if today else "       -"
     print(f"{x['mode']:22} {x['R']:3d} {x['P_M']:4d}M {x['up_MB']:8.1f} {x['down_MB']:8.1f} "

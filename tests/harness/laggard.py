@@ -5,21 +5,21 @@ bridge's kept updates catches up from the latest checkpoint and earns again."""
 from __future__ import annotations
 
 from neurons.miner_loop import Miner
-from neurons.round_sync import RoundSync
+from neurons.shard_round import ShardedMerge
 from neurons.sync_follow import get_view
 from protocol.client import BridgeError
 
 __all__ = ["LaggardMiner"]
 
 
-class _StallingSync(RoundSync):
-    """The honest round sync, except that it stalls once the set of `stall` froze."""
+class _StallingMerge(ShardedMerge):
+    """The honest sharded round, except that it stalls once the set of `stall` froze."""
 
     def __init__(self, *a, stall: int, resume: int, seen: list, **kw):
         super().__init__(*a, **kw)
         self.stall, self.resume, self.seen = stall, resume, seen
 
-    def merged_shards(self, rnd, mine):
+    def merged_shards(self, rnd, mine, sync):
         if rnd != self.stall:
             return mine
         while not self.stop.is_set() and self.client.metrics().round < self.resume:
@@ -46,6 +46,6 @@ class LaggardMiner(Miner):
             self.catch_ups.append((a.round, self.state.caught_up))
         return a
 
-    def _round_sync(self):
-        return _StallingSync(self.client, self.transfer, self.worker, self.run, self.stop,
-                             stall=self.stall, resume=self.resume, seen=self.seen)
+    def _round_merge(self):
+        return _StallingMerge(self.client, self.transfer, self.worker, self.run, self.stop,
+                              stall=self.stall, resume=self.resume, seen=self.seen)

@@ -1,0 +1,193 @@
+"""The validator's duties under the sharded sync: recompute every shard's merge of a closed round
+and judge its mergers, settle disputed shards and disputed checkpoints, and give audits the
+round's start state and a miner's decoded pseudo-gradient.
+
+Everything starts from the bridge's view of the round (protocol.sync_api.SyncView): the last
+checkpoint and the decided updates since rebuild the round's start state and each shard's clip
+reference, exactly as the replicas hold them; a shard's recomputation is then the mergers' own
+code (neurons.shard_check) without the upload.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from protocol.client import BridgeError
+from protocol.integrity import Arbitration
+from protocol.messages import HopLog, RunConfig
+from protocol.routes import route
+from protocol.sync_api import ShardArbitration, SyncView, piece_key
+from resbm.outer import OuterError, StateError
+from resbm.sync_codec import decode, encoded_size
+from resbm.sync_state import checkpoint_bytes
+from neurons.round_audit import ClaimError
+from neurons.shard_check import judge_shard, recompute_shard
+from neurons.shard_sync import Piece, ReplicaSync, sync_settings
+from neurons.stage_worker import worker_for_run
+from neurons.sync_follow import SyncStart, advance, get_view, start_of_round
+from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
+
+__all__ = ["round_start", "check_sharded_round", "settle_sharded", "sharded_pseudo_gradient", "audit_inputs"]
+
+log = logging.getLogger("validator")
+
+
+class _ViewBoard:
+    """GET URLs of a view's pieces, by final key (a validator uploads nothing)."""
+
+    def __init__(self, view: SyncView, run_id: str):
+        self.urls = {piece_key(run_id, view.round, view.stage, p.hotkey, s, sha): url
+                     for p in view.pieces for s, (sha, url) in enumerate(zip(p.shas, p.urls))}
+
+    def put_url(self, key: str, size: int) -> str:
+        raise TransferError("a validator uploads nothing")
+
+    def get_url(self, key: str) -> str:
+        return self.urls[key]
+
+
+def round_start(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, stage: int,
+                through: int | None = None) -> tuple[SyncView, SyncStart]:
+    """(view, state round `rnd` of `stage` starts from; or, with through=rnd, the one after it)."""
+    view = get_view(client, rnd, stage)
+    cfg = sync_settings(run)
+    worker = worker_for_run(run, stage, "cpu")
+    lay = cfg.layout(worker.param_shapes)
+    return view, start_of_round(transfer, view, worker.param_shapes, lay, cfg, run.max_state_bytes,
+                                worker.theta, through=through)
+
+
+def _recompute(transfer, run, view: SyncView, start: SyncStart, shard: int):
+    cfg = sync_settings(run)
+    lay = cfg.layout({n: tuple(t.shape) for n, t in start.theta.items()})
+    sync = ReplicaSync(transfer, _ViewBoard(view, run.run_id), cfg, run.run_id, "validator", view.stage)
+    pieces = [Piece(p.hotkey, p.samples, tuple(p.shas)) for p in view.pieces]
+    return recompute_shard(sync, view.round, shard, lay[shard], pieces, start.refs[shard])
+
+
+def _checkpoint_sha(transfer, run, view: SyncView, start: SyncStart) -> str:
+    """sha256 of the checkpoint the round's decided update leads to from `start`."""
+    cfg = sync_settings(run)
+    after = SyncStart(start.round, {n: t.clone() for n, t in start.theta.items()},
+                      {n: t.clone() for n, t in start.momentum.items()}, list(start.refs), None)
+    advance(transfer, after, cfg.layout({n: tuple(t.shape) for n, t in after.theta.items()}), cfg,
+            view.decided, view.round)
+    return hashlib.sha256(checkpoint_bytes(after.theta, after.momentum, after.refs)).hexdigest()
+
+
+def check_sharded_round(client, transfer: ObjectTransfer, run: RunConfig,
+                        hoplog: HopLog) -> dict[str, str]:
+    """{hotkey: reason} of every merger (or piece sender) a recomputation of the round fails."""
+    failed: dict[str, str] = {}
+    for stage in sorted({p.stage for p in hoplog.pseudograds}):
+        try:
+            view, start = round_start(client, transfer, run, hoplog.round, stage)
+            for s, votes in enumerate(view.votes):
+                v = judge_shard(_recompute(transfer, run, view, start, s), votes)
+                for hk, why in v.failed.items():
+                    failed.setdefault(hk, f"shard {s}: {why}")
+            cast = {v.hotkey: v.sha256 for v in hoplog.votes if v.stage == stage}
+            if cast and view.complete:
+                want = _checkpoint_sha(transfer, run, view, start)
+                for hk, sha in cast.items():
+                    if sha != want:
+                        failed.setdefault(hk, f"checkpoint {sha[:12]} differs from the recomputation {want[:12]}")
+        except (TransferError, OuterError, BridgeError) as exc:
+            log.warning("round %d stage %d: sharded merge not recomputed (%s); nobody judged",
+                        hoplog.round, stage, exc)
+            continue
+        except Exception:  # a peer's input we did not foresee must not end the validator's thread
+            log.exception("round %d stage %d: sharded merge check failed; nobody judged", hoplog.round, stage)
+            continue
+        log.info("round %d stage %d: %d shard(s) recomputed", hoplog.round, stage, len(view.votes))
+    return failed
+
+
+def settle_sharded(client, transfer: ObjectTransfer, run: RunConfig, settled: set) -> int:
+    """Recompute every disputed shard and disputed checkpoint once and post the result."""
+    n = 0
+    for d in client.call(route("sync_disputes")).disputes:
+        if (d.round, d.stage, d.shard) in settled:
+            continue
+        try:
+            view, start = round_start(client, transfer, run, d.round, d.stage)
+            sha = _recompute(transfer, run, view, start, d.shard).sha
+            client.call(route("sync_arbitrate"), ShardArbitration(round=d.round, stage=d.stage, shard=d.shard,
+                                                                  sha256=sha))
+        except (TransferError, OuterError) as exc:
+            log.warning("dispute round %d stage %d shard %d: cannot recompute (%s)", d.round, d.stage, d.shard, exc)
+            continue
+        except BridgeError as exc:
+            if exc.status != 409:
+                raise
+        except Exception:  # never let one dispute's inputs end the validator's thread
+            log.exception("dispute round %d stage %d shard %d: recomputation failed", d.round, d.stage, d.shard)
+            continue
+        settled.add((d.round, d.stage, d.shard))
+        n += 1
+        log.warning("disputed shard %d of round %d stage %d settled: %s..", d.shard, d.round, d.stage, sha[:10])
+    for d in client.disputes().disputes:
+        if (d.round, d.stage) in settled:
+            continue
+        try:
+            view, start = round_start(client, transfer, run, d.round, d.stage)
+            if not view.complete:
+                continue
+            sha = _checkpoint_sha(transfer, run, view, start)
+            client.arbitrate(Arbitration(round=d.round, stage=d.stage, sha256=sha))
+        except (TransferError, OuterError) as exc:
+            log.warning("disputed checkpoint round %d stage %d: cannot recompute (%s)", d.round, d.stage, exc)
+            continue
+        except BridgeError as exc:
+            if exc.status != 409:
+                raise
+        except Exception:
+            log.exception("disputed checkpoint round %d stage %d: recomputation failed", d.round, d.stage)
+            continue
+        settled.add((d.round, d.stage))
+        n += 1
+    return n
+
+
+def sharded_pseudo_gradient(transfer: ObjectTransfer, run: RunConfig, view: SyncView, hotkey: str,
+                            shapes: dict) -> dict[str, torch.Tensor] | None:
+    """A miner's reported pseudo-gradient, decoded shard by shard (None: not in the set).
+    Raises HashMismatch / OuterError for bytes that fail their sha256 or do not decode."""
+    piece = next((p for p in view.pieces if p.hotkey == hotkey), None)
+    if piece is None:
+        return None
+    cfg = sync_settings(run)
+    lay = cfg.layout(shapes)
+    if not len(piece.shas) == len(piece.urls) == len(lay):
+        raise StateError(f"{hotkey} reported {len(piece.shas)} pieces, the stage has {len(lay)} shards")
+    flat = torch.empty(lay.total, dtype=torch.float32)
+    for s, ((a, b), sha, url) in enumerate(zip(lay, piece.shas, piece.urls)):
+        try:
+            blob = transfer.get_verified(url, sha, encoded_size(b - a, cfg.pg), f"shard {s} of {hotkey}")
+        except TransferError as exc:
+            if exc.status == 413:  # larger than the shard's exact size: a property of the object
+                raise StateError(f"shard {s} of {hotkey}: {exc}") from None
+            raise
+        flat[a:b] = decode(blob, b - a, cfg.pg)
+    out, off = {}, 0
+    for n in sorted(shapes):
+        k = int(torch.tensor(shapes[n]).prod()) if shapes[n] else 1
+        out[n] = flat[off:off + k].reshape(shapes[n]).clone()
+        off += k
+    return out
+
+
+def audit_inputs(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, hotkey: str):
+    """For neurons.round_audit.audit_miner: worker -> (round start theta, claimed pseudo-gradient)."""
+    def inputs(worker):
+        view, start = round_start(client, transfer, run, rnd, worker.stage_index)
+        try:
+            pg = sharded_pseudo_gradient(transfer, run, view, hotkey, worker.param_shapes)
+        except HashMismatch as exc:
+            raise ClaimError(f"pseudo-gradient shard fails its hash: {exc}") from exc
+        except OuterError as exc:
+            raise ClaimError(f"pseudo-gradient shard does not decode: {exc}") from exc
+        return start.theta, pg
+    return inputs
