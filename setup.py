@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "pydantic-settings>=2.2",
     "python-dotenv>=1.0",
     "prometheus_client>=0.20",
+    # resbm-generate / resbm-eval decode text and count the bytes each token stands for
+    "tokenizers>=0.19",
 ]
 # The localnet, the reference trainer's progress bar and the benchmarks; no role needs them.
 LOCAL_REQUIRES = [
@@ -60,6 +62,9 @@ setup(
             "resbm-validator=neurons.validator:main",
             "resbm-localchain=protocol.chain.local_cli:main",
             "resbm-localnet=scripts.localnet:main",
+            "resbm-export=scripts.export_model:main",
+            "resbm-generate=scripts.generate_text:main",
+            "resbm-eval=scripts.eval_model:main",
         ]
     },
 )

@@ -64,7 +64,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     auth = Authenticator(hotkey, reg, nonces,
                          RateLimiter(settings.rate_per_second, settings.rate_burst))
     console, prom = console_handlers(svc, run, settings.db_path + ".console.json",
-                                     lambda: reg.chain.metagraph().owner_hotkey,
+                                     lambda: reg.chain.metagraph().owner_hotkey, ttl, lambda: auth.heard,
                                      docs=db if db.shared else None)
     hops = HopApi(svc, hotkey, settings.netuid, ttl, spec, waiters, prom)
     merge, shards = MergeApi(svc, ttl), ShardApi(svc, ttl)

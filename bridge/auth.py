@@ -94,6 +94,8 @@ class Authenticator:
     def __init__(self, hotkey: str, registry: Registry, nonces: BufferedNonceStore,
                  limiter: RateLimiter) -> None:
         self.hotkey, self.registry, self.nonces, self.limiter = hotkey, registry, nonces, limiter
+        self.heard: dict[str, float] = {}
+        """When each hotkey last made an accepted signed request (unix seconds; the dashboard's status)."""
 
     def check(self, headers: Mapping[str, str], body: bytes, method: str, target: str,
               role: str) -> Optional[str]:
@@ -117,4 +119,5 @@ class Authenticator:
                              "permit")
         if not self.limiter.allow(caller):
             raise TransitionError("rate_limited", f"too many requests from {caller}")
+        self.heard[caller] = time.time()
         return caller

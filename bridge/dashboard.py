@@ -1,30 +1,38 @@
 """The owner's read-only dashboard: `GET /` (a static page), `GET /v1/dashboard` (its JSON),
-`GET /metrics` (Prometheus) and `POST /v1/validator/report` (validators publish verdicts/weights).
+`GET /metrics` (Prometheus), `POST /v1/validator/report` (validators publish verdicts/weights),
+and the published model's routes (`bridge.model_api`: `GET /v1/model`, validators' held-out loss).
 
 The page polls the JSON every few seconds. Nothing secret is on it: hotkeys, counters, losses
 and the weights validators set (which are public on chain anyway). Unsigned routes are cached
 for a second so that scraping or many open tabs cost the bridge next to nothing.
+
+Every figure means what its label says: a miner's status is whether the bridge hears from it
+(any signed request counts) and whether it is quarantined; its health is the routing health
+(1 = no recent failures), coloured by its own value; a stage counts its replicas by status.
 """
 from __future__ import annotations
 
 import json
 import time
 from importlib import resources
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from bridge.console_store import ConsoleStore
+from bridge.console_store import ConsoleStore, validation_figure
 from bridge.dashboard_history import RoundHistory
+from bridge.model_api import ModelApi
 from bridge.prometheus import CONTENT_TYPE, BridgeMetrics
 from protocol.console import ValidatorReport
 from protocol.lifecycle import Phase
 from protocol.messages import Ack, Metrics, RunConfig
 
-__all__ = ["dashboard_state", "wire_bytes", "console_handlers", "CACHE_SECONDS"]
+__all__ = ["dashboard_state", "miner_status", "validation_curve", "wire_bytes", "console_handlers",
+           "CACHE_SECONDS", "HEALTH_GOOD", "HEALTH_POOR"]
 
 CACHE_SECONDS = 1.0
+HEALTH_GOOD, HEALTH_POOR = 0.8, 0.5  # routing health at or above GOOD shows green, below POOR red
 
 
 def wire_bytes(m: Metrics, run: RunConfig) -> dict[str, Any]:
@@ -51,17 +59,51 @@ def _latest_scores(console: dict[str, Any]) -> dict[str, float]:
     return dict(latest["scores"]) if latest else {}
 
 
+def miner_status(presence: Optional[dict[str, Any]], heard_at: Optional[float], now: float,
+                 timeout: float) -> tuple[str, str]:
+    """(status, detail): `left` (unregistered), `quarantined` (a validator failed it), `offline`
+    (nothing heard within the health timeout) or `online`."""
+    if presence is None or not presence["active"]:
+        return "left", "left the run"
+    if presence["quarantined_until"] is not None:
+        return "quarantined", f"until round {presence['quarantined_until']}"
+    silent = now - max(presence["last_seen"], heard_at or 0.0)
+    if silent > timeout:
+        return "offline", f"silent {silent:.0f}s"
+    return "online", f"heard {max(0.0, silent):.0f}s ago"
+
+
+def validation_curve(console: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per round, the median of validators' held-out losses of its model, oldest first."""
+    out = []
+    for r, reports in sorted(console.get("validation", {}).items(), key=lambda kv: int(kv[0])):
+        fig = validation_figure(reports)
+        if fig is not None:
+            out.append({"round": int(r), **fig})
+    return out
+
+
+def _health_class(health: float) -> str:
+    return "ok" if health >= HEALTH_GOOD else "bad" if health < HEALTH_POOR else "warn"
+
+
 def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
-                    console: dict[str, Any], owner_hotkey: str | None, now: float) -> dict[str, Any]:
+                    console: dict[str, Any], owner_hotkey: str | None, now: float,
+                    presence: Optional[dict[str, dict[str, Any]]] = None,
+                    heard: Optional[dict[str, float]] = None,
+                    health_timeout: float = 120.0) -> dict[str, Any]:
     """Everything the page shows, as one JSON-able dict (pure)."""
     weights, weights_by = _latest_weights(console)
     scores = _latest_scores(console)
     last = rounds[-1]["miners"] if rounds else {}
+    presence, heard = presence or {}, heard or {}
     miners = []
     for mm in m.miners:
         a = console["audits"].get(mm.hotkey, {})
+        status, detail = miner_status(presence.get(mm.hotkey), heard.get(mm.hotkey), now, health_timeout)
         miners.append({
-            "hotkey": mm.hotkey, "stage": mm.stage, "healthy": mm.healthy, "health": mm.health,
+            "hotkey": mm.hotkey, "stage": mm.stage, "status": status, "status_detail": detail,
+            "health": mm.health, "health_class": _health_class(mm.health), "failures": mm.failures,
             "hops": mm.hops_done, "hops_per_s": mm.throughput, "lease_expiries": mm.lease_expiries,
             "compute_fraction": last.get(mm.hotkey, {}).get("compute_fraction"),
             "audits_passed": a.get("passed", 0), "audits_failed": a.get("failed", 0),
@@ -70,9 +112,13 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
             "score": scores.get(mm.hotkey),
             # once weights are published, a miner left out of them has weight 0
             "weight": weights.get(mm.hotkey, 0.0) if weights_by else None})
-    stages = [{"stage": s.stage, "replicas": s.replicas, "healthy": s.healthy_replicas,
-               "hops": s.hops_done, "bytes": s.bytes_moved, "published_round": s.published_round,
+    stages = [{"stage": s.stage, "replicas": s.replicas,
+               "online": sum(1 for x in miners if x["stage"] == s.stage and x["status"] == "online"),
+               "quarantined": sum(1 for x in miners if x["stage"] == s.stage and x["status"] == "quarantined"),
+               "hops": s.hops_done, "bytes": s.bytes_moved,
+               "state_after_round": s.published_round - 1 if s.published_round >= 1 else None,
                "miners": [mm.hotkey for mm in m.miners if mm.stage == s.stage]} for s in m.stages]
+    recent = m.recent_losses[-32:]
     return {
         "generated_at": now, "run_id": m.run_id, "phase": m.phase, "round": m.round,
         "total_rounds": run.total_rounds, "n_stages": run.n_stages,
@@ -82,7 +128,9 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
                     "abandon_reasons": dict(sorted(m.abandon_reasons.items()))},
         "stages": stages, "miners": miners, "bytes": wire_bytes(m, run),
         "loss_curve": [{"round": r["round"], "loss": r["loss"]} for r in rounds if r["loss"] is not None],
-        "recent_losses": m.recent_losses[-32:],
+        "val_curve": validation_curve(console),
+        "val_tokens": run.val_tokens,
+        "recent_loss": {"mean": sum(recent) / len(recent), "hops": len(recent)} if recent else None,
         "owner": {"hotkey": owner_hotkey, "weight": weights.get(owner_hotkey) if owner_hotkey else None},
         "weights_by": weights_by,
         "verdicts": list(reversed(console["verdicts"][-20:])),
@@ -91,11 +139,13 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
 
 
 def console_handlers(svc: Any, run: RunConfig, store_path: str,
-                     owner_hotkey: Callable[[], str | None],
+                     owner_hotkey: Callable[[], str | None], ttl: float = 3600.0,
+                     heard: Callable[[], dict[str, float]] = dict,
                      docs: Any = None) -> tuple[dict[str, Callable], BridgeMetrics]:
-    """Handlers of the dashboard, JSON, Prometheus and validator-report routes, and the metrics
-    (`docs`: the shared database holding validators' reports, else a file at `store_path`)."""
-    from bridge.views import metrics as metrics_view
+    """Handlers of the dashboard, JSON, Prometheus, validator-report and model routes, and the
+    metrics; `heard()` gives when each hotkey last made a signed request (`docs`: the shared
+    database holding validators' reports, else a file at `store_path`)."""
+    from bridge.views import metrics as metrics_view, miner_presence
     store = ConsoleStore(store_path, docs)
     page = resources.files("bridge").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
@@ -104,6 +154,7 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
 
     prom = BridgeMetrics(read_metrics, store.snapshot)
     history = RoundHistory(svc.db.done_hops, on_new=prom.round_closed)
+    model = ModelApi(svc, run, store, ttl, history.loss)
     cache: dict[str, Any] = {}
     owner: list[Any] = [-1e9, None]  # looked up at most once a minute: a metagraph read is a chain call
 
@@ -122,8 +173,9 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
         return history.closed(m.round + 1 if m.phase == Phase.DONE else m.round)
 
     def build_state() -> dict[str, Any]:
-        m = read_metrics()
-        return dashboard_state(m, run, closed_rounds(m), store.snapshot(), owner_cached(), time.time())
+        m, presence = svc.read(lambda st: (metrics_view(st, time.time()), miner_presence(st)))
+        return dashboard_state(m, run, closed_rounds(m), store.snapshot(), owner_cached(), time.time(),
+                               presence, dict(heard()), svc.tun.health_timeout)
 
     def render_metrics() -> bytes:
         closed_rounds(read_metrics())  # observes newly closed rounds even when no page is open
@@ -144,5 +196,11 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
         prom.validator_reports.inc()
         return Ack()
 
+    async def validation_loss(caller: str, req: Any) -> Ack:
+        ack = await model.validation_loss(caller, req)
+        prom.validation_reports.inc()
+        return ack
+
     return {"dashboard_page": dashboard_page, "dashboard": dashboard_json,
-            "prometheus": prometheus_metrics, "validator_report": validator_report}, prom
+            "prometheus": prometheus_metrics, "validator_report": validator_report,
+            "model": model.model, "validation_loss": validation_loss}, prom

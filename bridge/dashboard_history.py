@@ -58,6 +58,12 @@ class RoundHistory:
         self._cache: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
+    def loss(self, round_: int) -> float | None:
+        """Mean last-stage hop loss of a closed round (from the cache, else the hop log)."""
+        with self._lock:
+            hit = self._cache.get(round_)
+        return (hit or summarise_round(round_, self._done_hops(round_, None)))["loss"]
+
     def closed(self, first_open_round: int) -> list[dict[str, Any]]:
         """Summaries of rounds before `first_open_round`, oldest first (reads the DB for new ones)."""
         wanted = range(max(0, first_open_round - MAX_ROUNDS), first_open_round)

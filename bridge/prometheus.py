@@ -6,12 +6,13 @@ Each app has its own registry, so several bridges can live in one process (tests
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bridge.console_store import validation_figure
 from protocol.lifecycle import Phase
 from protocol.messages import Metrics
 
@@ -116,6 +117,40 @@ class StateCollector(Collector):
             for hotkey, w in sorted((v.get("weights") or {}).items()):
                 weight.add_metric([vhk, hotkey], w)
         yield from (audits, weight)
+        rounds = [int(r) for r, reports in doc.get("validation", {}).items() if reports]
+        if rounds:  # absent until a validator reports: a 0 would read as a perfect model
+            last = max(rounds)
+            fig = validation_figure(doc["validation"][str(last)])
+            g = _gauge("resbm_bridge_validation_loss", "median of validators' held-out loss of the "
+                       "latest evaluated round's model (nats/token)", [])
+            g.add_metric([], fig["loss"])
+            yield g
+            g = _gauge("resbm_bridge_validation_round", "round whose model the validation loss is of", [])
+            g.add_metric([], last)
+            yield g
+            g = _gauge("resbm_bridge_validation_validators", "validators whose reports the median is over", [])
+            g.add_metric([], fig["validators"])
+            yield g
+
+
+class _TrainingLoss(Collector):
+    """The latest closed round's training loss, absent until a round closed with one."""
+
+    def __init__(self, last: Callable[[], Optional[tuple[int, float]]]) -> None:
+        self.last = last
+
+    def collect(self) -> Iterator[Any]:
+        """The loss and its round, once known."""
+        got = self.last()
+        if got is None:
+            return
+        g = _gauge("resbm_bridge_training_loss", "mean last-stage hop loss of the latest closed round "
+                   "(nats/token)", [])
+        g.add_metric([], got[1])
+        yield g
+        g = _gauge("resbm_bridge_training_loss_round", "round the training loss is of", [])
+        g.add_metric([], got[0])
+        yield g
 
 
 class BridgeMetrics:
@@ -133,6 +168,10 @@ class BridgeMetrics:
                                        buckets=_SECONDS, registry=self.registry)
         self.validator_reports = Counter("resbm_bridge_validator_reports",
                                          "reports validators published", registry=self.registry)
+        self.validation_reports = Counter("resbm_bridge_validation_reports",
+                                          "held-out losses validators reported", registry=self.registry)
+        self.last_training: Optional[tuple[int, float]] = None  # (round, loss) of the latest closed round
+        self.registry.register(_TrainingLoss(lambda: self.last_training))
 
     def hop_done(self, stage: int, kind: str, seconds: float, size: int) -> None:
         """Observe one verified hop."""
@@ -142,6 +181,9 @@ class BridgeMetrics:
     def round_closed(self, summary: dict[str, Any]) -> None:
         """Observe one closed round (a `dashboard_history.summarise_round` dict)."""
         self.round_seconds.observe(summary["seconds"])
+        if summary.get("loss") is not None and (self.last_training is None
+                                                or summary["round"] > self.last_training[0]):
+            self.last_training = (summary["round"], summary["loss"])
 
     def render(self) -> bytes:
         """The text exposition of every metric."""

@@ -80,7 +80,8 @@ def _archive(st: State) -> None:
     cast = [dict(hotkey=h, stage=s, sha256=v["sha256"])
             for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
     st.archive_round(st.round, {"round": st.round, "states": st.round_states,
-                                 "pseudograds": items, "votes": cast, "flagged": list(st.flagged)})
+                                 "pseudograds": items, "votes": cast, "flagged": list(st.flagged),
+                                 "completed_before": st.completed_total - st.r_completed})
 
 
 def drop_graph(st: State, sample: Sample, stage: int) -> None:

@@ -84,6 +84,7 @@ class BridgeService:
         self._uncommitted = False  # the live state holds changes not committed yet
         self._stale = False        # a failed commit left changes in memory: reload first
         self._slow, self._slow_logged = 0, -1e9
+        self.listeners: list[Callable[[str, Any], None]] = []  # told every event after its commit
 
     def _run(self, fn: Callable[..., T], args: tuple) -> tuple[Any, Optional[TransitionError]]:
         """Run one transition on the live state (lock held): (result, refusal or None)."""
@@ -277,6 +278,8 @@ class BridgeService:
         for kind, arg in it.events:
             if kind == "round_start":
                 self._gc(int(arg))
+            for listener in self.listeners:
+                listener(kind, arg)
 
     def _gc(self, round_: int) -> None:
         old = round_ - self.run.audit_window_rounds - 1

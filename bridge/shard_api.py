@@ -54,11 +54,7 @@ class ShardApi:
         self.svc, self.run, self.ttl = svc, svc.run, ttl
 
     def _ref(self, d: Optional[dict]) -> Optional[api.UpdateRef]:
-        if d is None:
-            return None
-        get = self.svc.get_url
-        return api.UpdateRef(sha256=d["sha256"], size=d["size"], key=d["key"], url=get(d["key"], self.ttl),
-                             alt_urls=[get(k, self.ttl) for k in d.get("alt_keys", [])])
+        return views.update_ref(d, self.svc.get_url, self.ttl)
 
     async def sync_upload(self, caller: str, req: api.SyncUpload) -> msg.UploadGrant:
         """A PUT grant to the caller's staging key of one shard object, for exactly its size."""

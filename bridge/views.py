@@ -8,8 +8,9 @@ from bridge.records import Hop, ObjRef, StageState, State
 from protocol.lifecycle import Phase
 from bridge.state import upload_key
 from protocol import messages as msg
+from protocol.sync_api import UpdateRef
 
-__all__ = ["hop_message", "state_ref", "metrics", "hop_record", "merge_item"]
+__all__ = ["hop_message", "state_ref", "update_ref", "metrics", "miner_presence", "hop_record", "merge_item"]
 
 Signer = Callable[[str, float], str]
 
@@ -43,6 +44,14 @@ def state_ref(stage: int, ss: StageState, get_url: Signer, ttl: float) -> Option
     return msg.StateRef(round=ss.round, stage=stage, key=ss.key, url=get_url(ss.key, ttl),
                         sha256=ss.sha256, size=ss.size,
                         alt_urls=[get_url(k, ttl) for k in ss.alt_keys])
+
+
+def update_ref(d: Optional[dict], get_url: Signer, ttl: float) -> Optional[UpdateRef]:
+    """A decided merged update of one shard (None: the shard kept its weights)."""
+    if d is None:
+        return None
+    return UpdateRef(sha256=d["sha256"], size=d["size"], key=d["key"], url=get_url(d["key"], ttl),
+                     alt_urls=[get_url(k, ttl) for k in d.get("alt_keys", [])])
 
 
 def merge_item(i: dict, get_url: Signer, ttl: float) -> msg.MergeItem:
@@ -92,3 +101,11 @@ def metrics(st: State, now: float) -> msg.Metrics:
         abandoned_total=st.abandoned_total, completed_total=st.completed_total,
         abandon_reasons=dict(st.abandon_reasons), stages=stages, miners=miners,
         recent_losses=list(st.recent_losses[-64:]))
+
+
+def miner_presence(st: State) -> dict[str, dict]:
+    """Per miner: whether it is registered (active), when its last lease, hop or step came, and
+    the round its quarantine ends (None: not quarantined). The dashboard's status column."""
+    return {m.hotkey: {"active": m.active, "last_seen": m.last_seen,
+                       "quarantined_until": m.quarantined_until if st.quarantined(m) else None}
+            for m in st.miners.values()}

@@ -8,11 +8,12 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import httpx
 
-__all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer"]
+__all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer", "read_bounded"]
 
 log = logging.getLogger(__name__)
 _RETRYABLE = (httpx.TransportError,)
@@ -28,6 +29,20 @@ class TransferError(RuntimeError):
 
 class HashMismatch(TransferError):
     """The downloaded bytes are not the ones whose sha256 was recorded."""
+
+
+def read_bounded(chunks: Iterable[bytes], max_bytes: int, what: str,
+                 on_bytes: Callable[[int], None] | None = None) -> bytes:
+    """The chunks joined; TransferError (413) as soon as they pass `max_bytes` (`on_bytes`: progress)."""
+    out, n = [], 0
+    for chunk in chunks:
+        n += len(chunk)
+        if n > max_bytes:
+            raise TransferError(f"{what} exceeds {max_bytes} bytes", 413)
+        out.append(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+    return b"".join(out)
 
 
 class LinkEmulator:
@@ -84,6 +99,7 @@ class ObjectTransfer:
         self.link = link or LinkEmulator()
         self.tries = tries
         self.stats = TransferStats()
+        self.on_bytes: Callable[[int], None] | None = None  # told each chunk a download receives (progress)
         self._http = httpx.Client(timeout=timeout)
         self.on_request = None
         self._attempts = threading.local()
@@ -117,13 +133,7 @@ class ObjectTransfer:
                 declared = int(r.headers.get("content-length", "0") or 0)
                 if declared > max_bytes:
                     raise TransferError(f"object is {declared} bytes, more than the {max_bytes} allowed", 413)
-                chunks, n = [], 0
-                for chunk in r.iter_bytes():
-                    n += len(chunk)
-                    if n > max_bytes:
-                        raise TransferError(f"object exceeds {max_bytes} bytes", 413)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return read_bounded(r.iter_bytes(), max_bytes, "object", self.on_bytes)
 
         t0 = time.monotonic()
         data = self._retry(once, "GET")

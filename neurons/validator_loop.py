@@ -25,6 +25,7 @@ from neurons.shard_validate import audit_inputs, check_sharded_round
 from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
+from neurons.validator_eval import LiveValidation
 from neurons.validator_publish import ReportPublisher, run_incentives
 from resbm import data
 from resbm.dataset_store import DataError
@@ -69,7 +70,8 @@ class Validator:
         self.s = settings
         self.stop = threading.Event()
         self.run = client.run_info().run
-        data.open_run_dataset(self.run.dataset, client.base_url, HttpSource)  # audits read its tokens
+        dataset = data.open_run_dataset(self.run.dataset, client.base_url, HttpSource)  # audits read its tokens
+        self.live = LiveValidation(client, transfer, self.run, dataset, settings.device)
         self.params = run_incentives(settings, self.run.incentives)  # the run's, shared by all validators
         self.book = ScoreBook.load(settings.state_path + ".scores", params=self.params)
         self.publisher, self.last_weights, self.on_weights = ReportPublisher(client), {}, None
@@ -169,6 +171,7 @@ class Validator:
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
         self.publisher.round_done(rnd, self.book, self.audits.verdicts)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
+        self.live.round_done(rnd)
 
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
         """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""

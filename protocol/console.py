@@ -12,9 +12,16 @@ from pydantic import Field, field_validator
 
 from protocol.run_config import StrictModel
 
-__all__ = ["AuditVerdict", "ValidatorReport", "MAX_VERDICTS"]
+__all__ = ["AuditVerdict", "ValidatorReport", "ValidationLossReport", "MAX_VERDICTS", "MAX_LOSS",
+           "validation_tokens"]
 
 MAX_VERDICTS = 1024
+MAX_LOSS = 1000.0  # nats per token: far above ln(vocab) of any vocabulary a run can have
+
+
+def validation_tokens(val_tokens: int, seq_len: int) -> int:
+    """Target tokens of a run's validation windows: ceil(val_tokens / seq_len) whole windows."""
+    return -(-val_tokens // seq_len) * seq_len
 
 
 class AuditVerdict(StrictModel):
@@ -46,4 +53,20 @@ class ValidatorReport(StrictModel):
                 raise ValueError(f"bad hotkey {k!r}")
             if not math.isfinite(x) or x < 0:
                 raise ValueError(f"value for {k} must be finite and >= 0, got {x!r}")
+        return v
+
+
+class ValidationLossReport(StrictModel):
+    """POST /v1/validator/validation: a validator's held-out loss of the model a round published,
+    on the run's `val_tokens` validation tokens (the bridge shows the median of validators' reports)."""
+
+    round: int = Field(ge=0, le=2**62, description="the model after this round's merge")
+    loss: float = Field(gt=0, le=MAX_LOSS, description="mean cross-entropy, nats per token")
+    tokens: int = Field(ge=1, le=2**40, description="validation tokens evaluated: validation_tokens(run)")
+
+    @field_validator("loss")
+    @classmethod
+    def _finite_loss(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"loss must be finite, got {v!r}")
         return v

@@ -11,8 +11,8 @@ from typing import Optional
 __all__ = ["ERROR_STATUS", "RETRY_AFTER_STATUS", "http_status", "retry_after"]
 
 _BY_STATUS: dict[int, tuple[str, ...]] = {
-    400: ("bad_key", "bad_request", "bad_shard", "bad_shards", "bad_size", "bad_version", "missing_object",
-          "oversized"),
+    400: ("bad_key", "bad_request", "bad_shard", "bad_shards", "bad_size", "bad_tokens", "bad_version",
+          "missing_object", "oversized"),
     404: ("no_dataset", "unknown_file", "unknown_hop", "unknown_hotkey", "unknown_stage"),
     409: ("already_reported", "already_voted", "expired", "frozen", "future_round", "in_progress",
           "no_dispute", "no_work", "not_a_merger", "not_decided", "not_frozen",
@@ -20,7 +20,8 @@ _BY_STATUS: dict[int, tuple[str, ...]] = {
           "open_work", "quarantined", "stale_round", "wrong_round", "wrong_samples",
           "wrong_step",
           "moved_on", "not_checkpoint", "not_kept", "not_sharded", "sharded_run",
-          "updates_pruned"),  # the sharded sync
+          "updates_pruned",  # the sharded sync
+          "kept_state", "not_published"),  # the published model (GET /v1/model)
     413: ("body_too_large",),
     429: ("rate_limited",),
     503: ("storage_error",),

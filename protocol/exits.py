@@ -39,6 +39,7 @@ class Exit(enum.IntEnum):
     BRIDGE_MISMATCH = 16      # the bridge serves another netuid or chain than the neuron's
     NO_NETNS = 17             # kernel links asked for, but network namespaces cannot be made here
     DATABASE = 18             # the bridge's --db cannot be opened (PostgreSQL down, refused, no driver)
+    MODEL_UNAVAILABLE = 19    # no verifiable published model for the round asked (resbm-export)
 
 
 class Misconfigured(Exception):

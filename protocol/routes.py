@@ -18,7 +18,8 @@ from pydantic import BaseModel
 from protocol import integrity as integ
 from protocol import messages as msg
 from protocol import sync_api as sync
-from protocol.console import ValidatorReport
+from protocol.console import ValidationLossReport, ValidatorReport
+from protocol.model_messages import ModelQuery, PublishedModel
 
 __all__ = ["Role", "Route", "ROUTES", "BY_NAME", "route"]
 
@@ -59,6 +60,7 @@ ROUTES: tuple[Route, ...] = (
     Route("dashboard_page", "GET", "/", None, None, "public", in_schema=False),
     Route("dashboard", "GET", "/v1/dashboard", None, None, "public"),
     Route("prometheus", "GET", "/metrics", None, None, "public", in_schema=False),
+    Route("model", "GET", "/v1/model", ModelQuery, PublishedModel, "public"),
     Route("register", "POST", "/v1/miners/register", msg.RegisterRequest, msg.Assignment,
           "miner"),
     Route("leave", "POST", "/v1/miners/leave", msg.LeaveRequest, msg.LeaveResponse, "miner"),
@@ -81,6 +83,8 @@ ROUTES: tuple[Route, ...] = (
     Route("verdicts", "POST", "/v1/validator/verdicts", integ.VerdictReport, integ.VerdictAck,
           "validator"),
     Route("validator_report", "POST", "/v1/validator/report", ValidatorReport, msg.Ack,
+          "validator"),
+    Route("validation_loss", "POST", "/v1/validator/validation", ValidationLossReport, msg.Ack,
           "validator"),
     # the sharded sync (run config sync_mode: sharded; protocol/sync_api.py)
     Route("sync_upload", "POST", "/v1/sync/upload", sync.SyncUpload, msg.UploadGrant, "miner"),

@@ -84,6 +84,9 @@ class RunConfig(StrictModel):
     audit_window_rounds: int = Field(default=4, ge=1, le=10_000,
                                      description="rounds whose objects are kept for audits")
     version_key: int = Field(default=1, ge=0, le=2**63 - 1, description="weights version key")
+    val_tokens: int = Field(default=16_384, ge=0, le=2**30,
+                            description="held-out tokens each validator evaluates the model of every round on "
+                            "(the dashboard's validation loss; 0: off); the same fixed windows for all")
     incentives: IncentiveParams = Field(default_factory=IncentiveParams,
                                         description="scoring knobs every validator uses (docs/INCENTIVES.md)")
     audit_tolerances: list[AuditTolerance] = Field(

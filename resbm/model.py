@@ -16,7 +16,7 @@ from torch import nn
 from .boundary import RMSNorm, build_boundary, init_rule
 from .config import ModelConfig
 
-__all__ = ["Attention", "Block", "MLP", "ResBM", "block_has_mlp", "build_model", "init_weights", "initial_value",
+__all__ = ["Attention", "Block", "KVCache", "MLP", "ResBM", "block_has_mlp", "build_model", "init_weights", "initial_value",
            "lm_loss", "rotary_tables"]
 
 
@@ -44,6 +44,26 @@ def _joint_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
     return F.linear(x, torch.cat([layer.weight for layer in layers]))
 
 
+class KVCache:
+    """Keys and values of the positions a model has already seen, per block, so that decoding one
+    more token costs one position (ResBM.forward(tokens, cache=...) appends the new positions).
+    Boundaries and MLPs are per-position maps: only attention needs the past."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0
+        """Positions held (the position of the next token)."""
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add a block's new keys and values (B, H, T, hd); returns all of them so far."""
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with rotary position embeddings.
 
@@ -62,9 +82,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[KVCache, int] | None = None) -> torch.Tensor:
         B, T, d = x.shape
         H = self.n_heads
+        p = 0 if kv is None else kv[0].length
+        if p + T > cos.shape[0]:
+            raise ValueError(f"positions {p}..{p + T - 1} exceed the model's seq_len ({cos.shape[0]}): "
+                             "start a new cache over a shorter context")
+        cos, sin = cos[p:p + T], sin[p:p + T]
         if self.fused_projections:
             qkv = _joint_linear(x, self.wq, self.wk, self.wv).view(B, T, 3, H, d // H)
             q, k = _apply_rotary(qkv[:, :, :2], cos, sin).unbind(2)
@@ -74,8 +100,25 @@ class Attention(nn.Module):
             q = _apply_rotary(self.wq(x).view(shape), cos, sin)
             k = _apply_rotary(self.wk(x).view(shape), cos, sin)
             v = self.wv(x).view(shape)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = _cached_attention(q, k, v, *kv)
         return self.wo(y.transpose(1, 2).reshape(B, T, d))
+
+
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                      layer: int) -> torch.Tensor:
+    """Attention of T new positions (rotated; after cache.length earlier ones) over every position so far."""
+    p, T = cache.length, q.shape[2]
+    k, v = cache.append(layer, k, v)
+    if T == 1:  # the one new position sees everything before it
+        return F.scaled_dot_product_attention(q, k, v)
+    if p == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(diagonal=p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -107,8 +150,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if has_mlp else None
         self.mlp = MLP(cfg) if has_mlp else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[KVCache, int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -139,14 +183,19 @@ class ResBM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._boundary_after = {cfg.stage_layer_range(s)[-1]: str(s) for s in range(cfg.n_stages - 1)}
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V), or the mean cross-entropy against `targets` when given."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or the mean cross-entropy against `targets` when given. With `cache`,
+        `tokens` are the positions after the cached ones (inference: see KVCache)."""
         x = self.embed(tokens)
         reinject = tokens if self.cfg.token_reinject else None
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope_cos, self.rope_sin)
+            x = block(x, self.rope_cos, self.rope_sin) if cache is None else \
+                block(x, self.rope_cos, self.rope_sin, (cache, i))
             if i in self._boundary_after:
                 x = self.boundaries[self._boundary_after[i]](x, reinject)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         logits = self.head(self.norm(x))
         if targets is None:
             return logits

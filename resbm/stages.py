@@ -10,6 +10,7 @@ move between the model and its stages by key.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +20,8 @@ from .boundary import RMSNorm, build_boundary
 from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
 
-__all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "pipeline_loss", "run_pipeline",
-           "stage_param_names", "stage_param_shapes", "stage_state_dict"]
+__all__ = ["PipelineResult", "Stage", "build_stages", "merge_stage_states", "pipeline_logits", "pipeline_loss",
+           "run_pipeline", "stage_param_names", "stage_param_shapes", "stage_state_dict"]
 
 
 class Stage(nn.Module):
@@ -126,6 +127,19 @@ def merge_stage_states(states: list[dict[str, torch.Tensor]], cfg: ModelConfig) 
             raise KeyError(f"keys {dup[:3]} appear in more than one stage")
         merged.update(state)
     return merged
+
+
+@torch.no_grad()
+def pipeline_logits(stages: list[Stage], tokens: torch.Tensor,
+                    wire: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of the stages run in sequence; `wire(code)` (optional) is what each code
+    becomes on its way to the next stage (say, a codec encode + decode)."""
+    x = tokens
+    for stage in stages[:-1]:
+        x = stage(x, tokens=tokens)
+        if wire is not None:
+            x = wire(x)
+    return stages[-1](x, tokens=tokens)
 
 
 @dataclass

@@ -37,9 +37,10 @@ from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BOUNDARY_KINDS, PRESETS, ModelConfig
 from .device import pick_device
+from .evaluate import evaluate_lm
 from .optim import MUON_IMPLS, OptimConfig
 from .outer_local import one_replica_merge_is_identity
-from .stages import build_stages, merge_stage_states, run_pipeline, stage_state_dict
+from .stages import build_stages, merge_stage_states, pipeline_logits, run_pipeline, stage_state_dict
 from .timing import mfu, peak_flops, synchronize
 from .trainer import LoopSettings, Trainer
 
@@ -68,12 +69,10 @@ class _Quiet(list):
         pass
 
 
-@torch.no_grad()
 def evaluate(stages: list[nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device) -> float:
-    """Mean loss of the stages over (tokens, targets) batches."""
-    losses = [run_pipeline(stages, t.to(device), y.to(device), backward=False).loss for t, y in batches]
-    return sum(losses) / len(losses)
+    """Mean held-out loss (nats/token) of the stages run in sequence: resbm.evaluate's figure."""
+    return evaluate_lm(lambda t: pipeline_logits(stages, t), batches, device=device).loss
 
 
 class _Clock:

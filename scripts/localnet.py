@@ -30,7 +30,7 @@ from protocol.client import BridgeError
 from protocol.exits import Exit, Misconfigured, exits_cleanly
 from protocol.messages import Metrics
 from scripts.localnet_cluster import Cluster
-from scripts.localnet_report import build_report, print_report
+from scripts.localnet_report import build_report, print_report, val_tokens
 from scripts.localnet_workdir import prepare_workdir
 
 __all__ = ["main", "build_parser", "run_config_from_args"]
@@ -110,7 +110,9 @@ def run_config_from_args(args: argparse.Namespace) -> dict:
                 merge_timeout_seconds=30.0, audit_window_rounds=max(4, args.rounds + 1), version_key=1,
                 incentives={"audit_fraction": 1.0},  # a drill: audit every miner every round
                 sync_mode=args.sync, sync_shards=args.sync_shards, sync_codec=args.sync_codec,
-                sync_merged_codec=args.sync_merged_codec, checkpoint_every=args.checkpoint_every)
+                sync_merged_codec=args.sync_merged_codec, checkpoint_every=args.checkpoint_every,
+                # the validators' live held-out loss on the report's own windows: the two agree
+                val_tokens=val_tokens(args.batch_size, args.seq_len))
 
 
 def kernel_links(args: argparse.Namespace):

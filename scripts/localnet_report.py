@@ -1,6 +1,10 @@
 """The localnet's closing report: validation loss of the merged weights next to the single-process
 reference (as curves over rounds), bytes moved versus the uncompressed model, miners' scores and
-weights on the chain, and a PNG of the curves.
+weights on the chain, a PNG of the curves, and the trained model exported to `<workdir>/model`.
+
+The subnet's weights of every round come from the bridge's published model (`GET /v1/model`,
+verified against the replicas' votes by neurons.model_fetch, both sync modes); every validation
+figure is resbm.evaluate's, on the same fixed windows the validators and the reference use.
 """
 from __future__ import annotations
 
@@ -8,19 +12,19 @@ import json
 import logging
 from pathlib import Path
 
-import boto3
-import torch
-from botocore.config import Config
-
-from protocol.messages import Metrics
+from neurons.model_fetch import ModelUnavailable, fetch_weights, published_from_bridge
+from neurons.transfer import ObjectTransfer
 from resbm import codec, data
 from resbm.config import ModelConfig
+from resbm.evaluate import evaluate_lm, held_out_batches
+from resbm.export import stitch
+from resbm.model import build_model
 from resbm.optim import OptimConfig
-from resbm.stages import build_stages
-from resbm.train import evaluate, train
+from resbm.train import train
+from scripts.export_model import write_model
 
-__all__ = ["build_report", "print_report", "final_states", "validation_loss", "subnet_val_curve",
-           "reference_val_curve", "COLUMNS"]
+__all__ = ["build_report", "print_report", "validation_loss", "subnet_val_curve", "reference_val_curve",
+           "val_tokens", "COLUMNS", "VAL_BATCHES"]
 
 COLUMNS = {
     "hops": "hops the miner completed (forward and backward passes of samples)",
@@ -31,71 +35,47 @@ COLUMNS = {
 }
 
 log = logging.getLogger("localnet")
-VAL_BATCHES = 8
+VAL_BATCHES = 8  # micro-batches of held-out windows: the reference trainer's val_batches
 
 
-def _s3(cluster):
-    return boto3.client("s3", endpoint_url=cluster.s3_endpoint, aws_access_key_id=cluster.s3_keys[0],
-                        aws_secret_access_key=cluster.s3_keys[1], region_name="us-east-1",
-                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
-
-
-def _theta(blob: bytes, max_bytes: int) -> dict:
-    """The weights of a published state: a whole-state merge's, or a sharded sync's checkpoint
-    (which also holds `sync.refs`, one clip reference per shard)."""
-    if len(blob) > max_bytes:
-        raise ValueError(f"state of {len(blob)} bytes is over {max_bytes}")
-    from safetensors.torch import load  # safetensors, never pickle
-    return {k[len("theta."):]: v for k, v in load(blob).items() if k.startswith("theta.")}
-
-
-def final_states(cluster, m: Metrics, cfg: ModelConfig) -> list[dict] | None:
-    """Each stage's last published theta, read from the object store (None if any is missing)."""
-    s3 = _s3(cluster)
-    run_id = cluster.run_config["run_id"]
-    thetas = []
-    for st in m.stages:
-        if st.state_sha is None:
-            return None
-        prefix = f"runs/{run_id}/r{st.published_round}/s{st.stage}/state/"
-        listed = s3.list_objects_v2(Bucket="resbm", Prefix=prefix).get("Contents", []) or []
-        keys = [o["Key"] for o in listed if o["Key"].endswith(f"-{st.state_sha}")]  # voters' copies
-        if not keys:
-            return None
-        blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
-        theta = _theta(blob, cluster.run_config.get("max_state_bytes", 2**32))
-        thetas.append(theta)
-    return thetas
+def val_tokens(batch_size: int, seq_len: int) -> int:
+    """Held-out tokens of every validation figure of a localnet (its run config's val_tokens too)."""
+    return VAL_BATCHES * batch_size * seq_len
 
 
 def validation_loss(cfg: ModelConfig, thetas: list[dict] | None, batch_size: int, init_seed: int) -> float:
-    """Mean validation loss of the stages (built from init_seed, then loaded with `thetas`)."""
-    stages = build_stages(cfg, seed=init_seed)
+    """Held-out loss of the model stitched from the stage weights `thetas` (None: the init)."""
+    model = build_model(cfg, seed=init_seed)
     if thetas is not None:
-        for stage, theta in zip(stages, thetas):
-            stage.load_state_dict(theta)
-    batches = data.validation_batches(VAL_BATCHES, batch_size, cfg.seq_len)
-    return evaluate(stages, batches, torch.device("cpu"))
+        model.load_state_dict(stitch(thetas, cfg))
+    batches = held_out_batches(data.load(), val_tokens(batch_size, cfg.seq_len), cfg.seq_len)
+    return evaluate_lm(lambda t: model(t), batches).loss
 
 
-def subnet_val_curve(cluster, cfg: ModelConfig) -> list[tuple[int, float]]:
-    """(samples trained, validation loss) of the merged weights at the start of every round, read
-    from the object store; rounds whose state is gone are skipped."""
+def _published(cluster, rnd: int | None):
+    """The verified weights after round `rnd` (None: the latest), or None when not exportable."""
+    try:
+        return fetch_weights(ObjectTransfer(), published_from_bridge(cluster.bridge_url, rnd))
+    except ModelUnavailable as exc:
+        log.warning("no model for round %s: %s", rnd, exc)
+        return None
+
+
+def subnet_val_curve(cluster, cfg: ModelConfig) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(samples trained, validation loss) of the published model after every round, and the
+    validators' live figure of the rounds they reported so far; rounds whose model is not
+    exportable are skipped."""
     rc = cluster.run_config
-    s3, run_id, per_round = _s3(cluster), rc["run_id"], rc["samples_per_round"]
+    per_round = rc["samples_per_round"]
     curve = [(0, validation_loss(cfg, None, rc["batch_size"], rc["init_seed"]))]
-    for rnd in range(1, rc["total_rounds"] + 1):
-        thetas = []
-        for stage in range(cfg.n_stages):
-            found = s3.list_objects_v2(Bucket="resbm", Prefix=f"runs/{run_id}/r{rnd}/s{stage}/state/")
-            keys = [o["Key"] for o in found.get("Contents", [])]
-            if not keys:
-                break
-            blob = s3.get_object(Bucket="resbm", Key=keys[0])["Body"].read()
-            thetas.append(_theta(blob, rc.get("max_state_bytes", 2**32)))
-        if len(thetas) == cfg.n_stages:
-            curve.append((rnd * per_round, validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"])))
-    return curve
+    live = []
+    for rnd in range(rc["total_rounds"]):
+        got = _published(cluster, rnd)
+        if got is not None:
+            curve.append(((rnd + 1) * per_round, validation_loss(cfg, got.thetas, rc["batch_size"], rc["init_seed"])))
+            if got.published.validation is not None:
+                live.append(((rnd + 1) * per_round, got.published.validation.loss))
+    return curve, live
 
 
 def _plot(path: Path, losses: list, ref_curve: list, curve: list) -> None:
@@ -131,11 +111,21 @@ def build_report(args, cluster, client, losses: list, wall: float) -> dict:
                     "abandon_reasons": m.abandon_reasons, "bridge_restarts": cluster.bridge.restarts,
                     "miner_restarts": sum(n.restarts for n in cluster.miners),
                     "killed": [n.name for n in cluster.miners if n.restarts]}
-    thetas = final_states(cluster, m, cfg) if m.phase == "done" else None
+    final = _published(cluster, None) if m.phase == "done" else None
+    thetas = final.thetas if final is not None else None
     report["val_loss_init"] = validation_loss(cfg, None, rc["batch_size"], rc["init_seed"])
     report["val_loss_final"] = validation_loss(cfg, thetas, rc["batch_size"], rc["init_seed"]) if thetas else None
-    curve = subnet_val_curve(cluster, cfg) if thetas else []
+    v = final.published.validation if final is not None else None
+    report["val_loss_validators"] = None if v is None else {"loss": v.loss, "validators": v.validators,
+                                                            "tokens": v.tokens}
+    report["model_dir"] = None
+    if final is not None:
+        report["model_dir"] = str(write_model(final, data.load(), str(cluster.workdir / "model"),
+                                              cluster.bridge_url, force=True))
+    curve, live = subnet_val_curve(cluster, cfg) if thetas else ([], [])
     report["val_curve"] = [[x, round(v, 4)] for x, v in curve]
+    report["val_curve_validators"] = [[x, v] for x, v in live]  # unrounded: tests compare them
+    report["val_curve_exact"] = [[x, v] for x, v in curve]
     ref_curve: list = []
     if not args.no_reference and thetas:
         ref_curve = reference_val_curve(cfg, rc, m.completed_total)
@@ -211,6 +201,13 @@ def print_report(r: dict) -> None:
           f"{r['samples_completed']}, abandoned {r['samples_abandoned']} {r['abandon_reasons'] or ''}")
     print(f"validation loss: start {f(r['val_loss_init'])} -> subnet {f(r['val_loss_final'])}"
           f" | single-process reference, same tokens: {f(r.get('val_loss_reference'))}")
+    v = r.get("val_loss_validators")
+    if v:
+        print(f"validators' live figure for the last round: {v['loss']:.4f} (median of {v['validators']}, "
+              f"{v['tokens']} tokens)")
+    elif r.get("val_curve_validators"):
+        print(f"validators' live figures so far: {len(r['val_curve_validators'])} round(s) (the validator is "
+              "still auditing the later ones)")
     b = r["bytes"]
     ratio = "n/a" if b["ratio_vs_uncompressed"] is None else f"{1 / b['ratio_vs_uncompressed']:.1f}x less"
     print(f"boundary traffic: {b['boundary_bytes_moved'] / 1e6:.2f} MB moved vs {b['uncompressed_equivalent'] / 1e6:.2f} MB "
@@ -224,4 +221,6 @@ def print_report(r: dict) -> None:
     for name, meaning in COLUMNS.items():
         print(f"  {name}: {meaning}")
     print(f"loss curves: {r['loss_curve_png']}")
+    if r.get("model_dir"):
+        print(f"trained model: {r['model_dir']} (resbm-generate --model {r['model_dir']} --prompt \"...\")")
     print(f"dashboard (while the bridge ran): {r.get('dashboard_url', 'n/a')}")

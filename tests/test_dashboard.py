@@ -132,3 +132,65 @@ def test_round_summary_counts_overlapping_leases_once():
     assert s["loss"] == 3.0 and s["seconds"] == 4.0
     assert s["miners"]["x"] == {"hops": 1, "compute_fraction": 0.5}
     assert s["miners"]["y"] == {"hops": 2, "compute_fraction": 0.75}
+
+
+def test_nothing_to_export_or_evaluate_before_the_first_merge(env):
+    b, keys, miners, val = env
+    r = httpx.get(b.url + route("model").path)
+    assert r.status_code == 409 and r.json()["error"] == "not_published" and "round 0" in r.json()["message"]
+    report = {"round": 0, "loss": 5.0, "tokens": 8}
+    with pytest.raises(BridgeError) as e:
+        val.post(route("validation_loss").path, report)
+    assert e.value.status == 409  # round 0 has no published model yet
+    with pytest.raises(BridgeError) as e:
+        miners[0].post(route("validation_loss").path, report)
+    assert e.value.status == 403  # a miner never reports a loss that is shown
+    assert httpx.post(b.url + route("validation_loss").path, json=report).status_code == 401
+    for bad in ({"round": 0, "loss": float("inf"), "tokens": 8}, {"round": 0, "loss": -1.0, "tokens": 8},
+                {"round": 0, "loss": 5.0, "tokens": 0}, {"round": -1, "loss": 5.0, "tokens": 8}):
+        with pytest.raises(BridgeError) as e:
+            val.post(route("validation_loss").path, bad)
+        assert e.value.status == 400, bad
+    d = httpx.get(b.url + route("dashboard").path).json()
+    assert d["val_curve"] == [] and d["val_tokens"] == CFG.get("val_tokens", 16384)
+    assert "resbm_bridge_validation_loss" not in _scrape(b.url)  # absent, not a perfect 0
+
+
+def test_the_validation_figure_is_the_median_of_validators_and_survives_a_restart(tmp_path):
+    from protocol.console import ValidationLossReport
+    path = str(tmp_path / "console.json")
+    s = ConsoleStore(path)
+    for v, loss in (("v1", 2.0), ("v2", 2.1), ("liar", 50.0)):
+        s.add_validation(v, ValidationLossReport(round=4, loss=loss, tokens=64), 1.0)
+    assert s.validation_at(4) == {"loss": 2.1, "validators": 3, "tokens": 64}  # one liar moves nothing
+    s.add_validation("liar", ValidationLossReport(round=4, loss=0.001, tokens=64), 2.0)  # a repeat replaces
+    assert s.validation_at(4)["loss"] == 2.0 and s.validation_at(4)["validators"] == 3
+    assert s.validation_at(5) is None
+    assert ConsoleStore(path).validation_at(4) == s.validation_at(4)
+
+
+def test_statuses_colours_and_stage_counts_mean_what_their_labels_say():
+    from bridge.dashboard import dashboard_state
+    from protocol.messages import Metrics, RunConfig
+    from protocol.status_messages import MinerMetrics, StageMetrics
+    now, hk = 1000.0, ["a", "b", "c", "d"]
+
+    def miner(h, stage, health):
+        return MinerMetrics(hotkey=h, stage=stage, healthy=True, health=health, throughput=1.0, hops_done=3,
+                            lease_expiries=0, failures=0, bytes_moved=0, inner_step=0, merge_disagreements=0)
+    m = Metrics(run_id="r", round=2, phase="train", samples_total=8, samples_completed=1, samples_abandoned=0,
+                abandoned_total=0, completed_total=9, stages=[
+                    StageMetrics(stage=s, replicas=2, healthy_replicas=0, hops_done=1, throughput=1.0,
+                                 lease_expiries=0, reroutes=0, bytes_moved=1, published_round=2) for s in (0, 1)],
+                miners=[miner("a", 0, 1.0), miner("b", 0, 0.25), miner("c", 1, 0.6), miner("d", 1, 1.0)])
+    presence = {"a": {"active": True, "last_seen": now - 500, "quarantined_until": None},  # heard via a sync call
+                "b": {"active": True, "last_seen": now - 1, "quarantined_until": 7},
+                "c": {"active": True, "last_seen": now - 300, "quarantined_until": None},
+                "d": {"active": False, "last_seen": now - 1, "quarantined_until": None}}
+    console = {"validators": {}, "audits": {}, "verdicts": [], "validation": {}}
+    d = dashboard_state(m, RunConfig(**CFG), [], console, None, now, presence, {"a": now - 3}, 120.0)
+    rows = {x["hotkey"]: x for x in d["miners"]}
+    assert [rows[h]["status"] for h in hk] == ["online", "quarantined", "offline", "left"]
+    assert rows["b"]["status_detail"] == "until round 7" and rows["c"]["status_detail"] == "silent 300s"
+    assert [rows[h]["health_class"] for h in hk] == ["ok", "bad", "warn", "ok"]
+    assert [(s["online"], s["quarantined"], s["state_after_round"]) for s in d["stages"]] == [(1, 1, 1), (0, 0, 1)]

@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 
 from resbm import codec
+from resbm.export import load_export
 from scripts import localnet
 from tests.harness.netns import require_netns, wait_nothing_left
 
@@ -60,6 +61,13 @@ def test_happy_path_trains_and_sets_weights(happy):
     assert curve[0][1] == pytest.approx(r["val_loss_init"], abs=1e-4)
     assert curve[-1][1] == pytest.approx(r["val_loss_final"], abs=1e-4)
     assert r["total_seconds"] >= r["wall_seconds"]
+    # the validator's live held-out loss of every round it evaluated (at least the first: weights were
+    # set) is the report's own figure: one function (resbm.evaluate), the same windows, the same
+    # verified weights; separate processes may sum in another order, hence rel 1e-5, not equality
+    live, exact = dict(r["val_curve_validators"]), dict(r["val_curve_exact"])
+    assert live and all(v == pytest.approx(exact[x], rel=1e-5) for x, v in live.items()), (live, exact)
+    ex = load_export(r["model_dir"])  # the localnet exported the trained model
+    assert ex.info["round"] == 3 and ex.info["sync_mode"] == "sharded"
 
 
 def test_fault_drill_loses_nothing(tmp_path, happy):

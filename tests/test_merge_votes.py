@@ -2,7 +2,6 @@
 machine, no servers): one liar never decides what is published."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 
@@ -11,31 +10,9 @@ import pytest
 from bridge import quarantine, rounds, state, votes
 from bridge.records import State, TransitionError
 from protocol.errors import http_status
-from tests.harness.bridge_state import drive, lease, make
-
-
-def _pg(st, hk, now):
-    m = st.miners[hk]
-    if m.step_samples:
-        state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
-    sha = hashlib.sha256(hk.encode()).hexdigest()
-    final = rounds.check_upload_key(st, hk, st.round, "pseudograd",
-                                    rounds.upload_key(st, hk, st.round, "pseudograd", sha), sha)
-    rounds.report_pseudograd(st, hk, st.round, final, sha, 10, now)
-
-
-def _vote(st, hk, sha, now):
-    r = st.round
-    final = rounds.check_upload_key(st, hk, r, "state", rounds.upload_key(st, hk, r, "state", sha), sha)
-    return votes.report_merged(st, hk, r, sha, final, 7, now)
-
-
-def merge_round(st, now, cast):
-    """Every miner reports its pseudo-gradient; then the given votes are cast in order."""
-    for hk in sorted(st.miners):
-        if st.miners[hk].round_steps or st.miners[hk].step_samples:
-            _pg(st, hk, now)
-    return {hk: _vote(st, hk, sha, now) for hk, sha in cast.items()}
+from tests.harness.bridge_state import drive, lease, make, merge_round
+from tests.harness.bridge_state import report_pseudograd as _pg
+from tests.harness.bridge_state import vote_state as _vote
 
 
 def _round(n_stages=1, miners="ab", **over):

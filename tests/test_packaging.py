@@ -34,7 +34,8 @@ def test_roles_do_not_require_the_localnet_extras():
 
 
 def test_entry_points_work_without_the_extras():
-    """With matplotlib and tqdm unimportable, every role's entry point imports and answers --help."""
+    """With matplotlib and tqdm unimportable, every role's entry point (and the trained-model
+    commands) imports and answers --help."""
     code = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -43,7 +44,9 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import bridge.__main__, neurons.miner, neurons.validator, protocol.chain.local_cli, resbm.train
-for main in (bridge.__main__.main, neurons.miner.main, neurons.validator.main):
+import scripts.export_model, scripts.generate_text, scripts.eval_model
+for main in (bridge.__main__.main, neurons.miner.main, neurons.validator.main, scripts.export_model.main,
+             scripts.generate_text.main, scripts.eval_model.main):
     try:
         main(['--help'])
     except SystemExit as e:

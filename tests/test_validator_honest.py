@@ -70,3 +70,34 @@ def test_twice_the_verified_hops_gets_about_twice_the_weight(result):
     # earns twice the mean stage-0 miner (fwd 1 + bwd 2 per sample, shared by two), and both earn.
     assert all(w[uid[n]] > 0 for n in ("s0-fp32", "s0-bf16")), ratios
     assert last / ((w[uid["s0-fp32"]] + w[uid["s0-bf16"]]) / 2) == pytest.approx(2.0, rel=0.1), ratios
+
+
+def test_the_whole_state_export_is_the_replicas_model_and_its_loss_the_validators(result, tmp_path):
+    """Under the whole-state sync too: resbm-export's model gives the replicas' logits bit for bit,
+    and the validator's live held-out loss of the last round is that model's on the run's windows."""
+    from resbm import codec, data
+    from resbm.evaluate import evaluate_lm, held_out_batches
+    from resbm.export import load_export
+    from resbm.stages import pipeline_logits
+    from scripts.export_model import main as export_main
+
+    assert export_main(["--bridge", result["bridge"].url, "--out", str(tmp_path / "m")]) == 0
+    ex = load_export(tmp_path / "m")
+    assert ex.info["sync_mode"] == "state" and ex.info["round"] == ROUNDS - 1
+    cfg = ex.config
+    tokens, _ = data.batch(3, 1, 2, cfg.seq_len)
+    with torch.no_grad():
+        want = ex.model(tokens)
+    miners = result["miners"]
+    stage0 = [m.worker.module for m in miners.values() if m.worker.stage_index == 0]
+    (stage1,) = [m.worker.module for m in miners.values() if m.worker.stage_index == 1]
+    assert len(stage0) == 2
+    for first in stage0:  # the bf16 replica's weights are fp32 too: the merged state is the same bytes
+        got = pipeline_logits([first, stage1], tokens, lambda z: codec.decode(
+            codec.encode(z, cfg.wire_codec), z.shape, cfg.wire_codec, 1 << 30))
+        assert torch.equal(got, want)
+    live = result["v"].live
+    assert sorted(live.reported) == list(range(ROUNDS))
+    batches = held_out_batches(data.load(), live.tokens, cfg.seq_len)
+    assert live.reported[ROUNDS - 1] == pytest.approx(evaluate_lm(lambda t: ex.model(t), batches).loss, rel=1e-6)
+    assert ex.info["validation"]["loss"] == live.reported[ROUNDS - 1]

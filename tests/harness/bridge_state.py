@@ -2,11 +2,13 @@
 honest miners until a round leaves `train`."""
 from __future__ import annotations
 
-from bridge import state
+import hashlib
+
+from bridge import rounds, state, votes
 from bridge.records import State, Tunables
 from protocol.messages import RunConfig
 
-__all__ = ["SHA", "do_hop", "drive", "lease", "make"]
+__all__ = ["SHA", "do_hop", "drive", "lease", "make", "report_pseudograd", "vote_state", "merge_round"]
 
 SHA = "ab" * 32
 
@@ -52,3 +54,29 @@ def drive(st, hks, rng, now, max_iter=500, skip=(), finish=True):
     if not finish:
         return now
     raise AssertionError("round did not finish")
+
+
+def report_pseudograd(st, hk, now):
+    """`hk` steps its last inner step if it has samples pending, then reports a pseudo-gradient."""
+    m = st.miners[hk]
+    if m.step_samples:
+        state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
+    sha = hashlib.sha256(hk.encode()).hexdigest()
+    final = rounds.check_upload_key(st, hk, st.round, "pseudograd",
+                                    rounds.upload_key(st, hk, st.round, "pseudograd", sha), sha)
+    rounds.report_pseudograd(st, hk, st.round, final, sha, 10, now)
+
+
+def vote_state(st, hk, sha, now):
+    """`hk` votes for merged state `sha` (copied to its final key); whether it agrees (None: undecided)."""
+    r = st.round
+    final = rounds.check_upload_key(st, hk, r, "state", rounds.upload_key(st, hk, r, "state", sha), sha)
+    return votes.report_merged(st, hk, r, sha, final, 7, now)
+
+
+def merge_round(st, now, cast):
+    """Every miner that worked reports its pseudo-gradient; then the given votes are cast in order."""
+    for hk in sorted(st.miners):
+        if st.miners[hk].round_steps or st.miners[hk].step_samples:
+            report_pseudograd(st, hk, now)
+    return {hk: vote_state(st, hk, sha, now) for hk, sha in cast.items()}

@@ -48,7 +48,7 @@ def run_config() -> dict:
                 inner_steps_per_round=2, samples_per_round=12, muon_lr=0.02, adamw_lr=3e-3,
                 warmup_steps=0, total_rounds=2, data_seed=3, init_seed=4, lease_seconds=LEASE_SECONDS,
                 max_object_bytes=16 * 2**20, merge_timeout_seconds=30.0, max_attempts=5,
-                audit_window_rounds=4, version_key=7,
+                audit_window_rounds=4, version_key=7, val_tokens=1024,  # the live held-out loss: 64 windows
                 incentives={"audit_fraction": 1.0, "burn_share": BURN, "ema_alpha": ALPHA})
 
 
@@ -104,7 +104,8 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
         log.warning("subnet run took %.1fs; miners still running at the end: %s", time.monotonic() - t0,
                     [t.name for t in threads if t.is_alive()])
         yield dict(tmp=tmp, chain=chain, keys=keys, bridge=bridge, names=names, metrics=metrics,
-                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()})
+                   client=observer, uid={n: chain.uid_of(hk) for n, hk in names.items()}, s3=s3,
+                   miners={name: m for (name, *_), m in zip(miners, running)})
     finally:
         for m in running:
             m.stop.set()
