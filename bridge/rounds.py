@@ -11,10 +11,11 @@ from typing import Any, Optional
 
 from bridge import votes
 from bridge.records import Hop, Sample, StageState, State, TransitionError
+from protocol.keys import PseudogradKey, StateKey, staging_of
 from protocol.lifecycle import HopKind, Phase, SampleStatus
 
 __all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph",
-           "maybe_freeze", "stage_prefix", "upload_key", "final_key", "check_upload_key",
+           "maybe_freeze", "merge_upload_key", "final_key", "check_upload_key",
            "check_report", "report_pseudograd", "record_pseudograd", "merge_set", "moved_on", "published_state",
            "check_archived_pseudograd"]
 
@@ -166,12 +167,16 @@ def _on_time(st: State, stage: int, now: float) -> None:
         votes.on_time(st, stage, now)
 
 
-def stage_prefix(st: State, round_: int, stage: int) -> str:
-    """`runs/{run}/r{round}/s{stage}`: every object of a stage's round lives under it."""
-    return f"runs/{st.run.run_id}/r{round_}/s{stage}"
+def _merge_key(st: State, stage: int, hotkey: str, round_: int, kind: str,
+               sha256: str) -> PseudogradKey | StateKey:
+    """The typed key of a replica's merge upload: its pseudo-gradient of `round_`, or the state it
+    merged for round `round_ + 1`."""
+    if kind == "pseudograd":
+        return PseudogradKey(st.run.run_id, round_, stage, hotkey, sha256)
+    return StateKey(st.run.run_id, round_ + 1, stage, hotkey, sha256)
 
 
-def upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
+def merge_upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
     """The staging key a replica may PUT its pseudo-gradient or merged state to (its own). In a
     sharded run only a checkpoint's state goes this way (the pieces have their own routes)."""
     m = _member(st, hotkey, round_)
@@ -181,23 +186,19 @@ def upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> s
                                   "upload and report the pseudo-gradient's pieces through the sync routes")
         from bridge.shard_round import need_checkpoint_vote
         need_checkpoint_vote(st, m.stage, round_)
-    part = "pg" if kind == "pseudograd" else "state"
-    return f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/{part}-{sha256}"
+    return _merge_key(st, m.stage, hotkey, round_, kind, sha256).staging
 
 
 def final_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
     """Where the bridge copies a reported upload: no miner ever holds a PUT grant for it."""
-    m = _member(st, hotkey, round_)
-    if kind == "pseudograd":
-        return f"{stage_prefix(st, round_, m.stage)}/pg/{hotkey}-{sha256}"
-    return f"{stage_prefix(st, round_ + 1, m.stage)}/state/{hotkey}-{sha256}"
+    return _merge_key(st, _member(st, hotkey, round_).stage, hotkey, round_, kind, sha256).final
 
 
 def check_upload_key(st: State, hotkey: str, round_: int, kind: str, key: str,
                      sha256: str) -> str:
     """The final key for a report naming staging `key`; 400 bad_key for any other key, before
     anything looks at the store (the answer never depends on which objects exist)."""
-    if key != upload_key(st, hotkey, round_, kind, sha256):
+    if key != merge_upload_key(st, hotkey, round_, kind, sha256):
         raise TransitionError("bad_key", f"key {key[:200]!r} is not your {kind} upload key "
                               f"for this sha256 (ask POST /v1/rounds/upload for it)")
     return final_key(st, hotkey, round_, kind, sha256)
@@ -286,7 +287,7 @@ def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
     m = st.miners.get(hotkey)
     if m is None:
         raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
-    if key != f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/state-{sha256}":
+    if key != StateKey(st.run.run_id, round_ + 1, m.stage, hotkey, sha256).staging:
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this state's upload key")
     if round_ == st.round and st.phase == Phase.DONE:
         return m.stage, st.stage_states[m.stage]
@@ -303,8 +304,7 @@ def check_archived_pseudograd(archive: Optional[dict[str, Any]], hotkey: str, ro
     """Accept a late repeat of a pseudo-gradient report that is in the round's frozen merge
     set exactly as reported (`key`: the staging key it names); anything else is refused (409)."""
     for item in (archive or {}).get("pseudograds", []):
-        staged = item["key"].rsplit("/pg/", 1)[0] + f"/upload/{hotkey}/pg-{item['sha256']}"
-        if item["hotkey"] == hotkey and staged == key:
+        if item["hotkey"] == hotkey and staging_of(item["key"]) == key:
             if (item["sha256"], item["size"]) == (sha256, size):
                 return
             raise TransitionError("already_reported",

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from bridge import rounds
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
-from protocol.sync_api import piece_key, update_key
+from protocol.keys import PieceKey, UpdateKey
 from resbm.shards import assign_mergers
 
 __all__ = ["piece_size", "update_size", "check_shard", "check_grant", "check_pieces", "check_votes",
@@ -86,14 +86,14 @@ def check_grant(st: State, caller: str, round_: int, kind: str, shard: int, sha:
             rounds.check_report(st, caller, round_, sha)  # quarantined, frozen, no verified work
         elif rec.get("shards", [None] * (shard + 1))[shard] != sha:
             raise TransitionError("already_reported", "a different pseudo-gradient was reported")
-        return piece_key(run, round_, m.stage, caller, shard, sha)
+        return PieceKey(run, round_, m.stage, caller, shard, sha).final
     if caller not in mergers(st, round_, m.stage)[shard]:
         raise TransitionError("not_a_merger", f"{caller} does not merge shard {shard} of stage {m.stage} "
                               f"in round {round_}: download the decided update instead")
     had = _cast(st, round_, m.stage, shard).get(caller)
     if had is not None and had["sha256"] != sha:
         raise TransitionError("already_voted", f"a different merged update of shard {shard} was reported")
-    return update_key(run, round_, m.stage, shard, caller, sha)
+    return UpdateKey(run, round_, m.stage, shard, caller, sha).final
 
 
 def check_pieces(st: State, caller: str, round_: int, shas: Sequence[str], sizes: Sequence[int],
@@ -108,7 +108,7 @@ def check_pieces(st: State, caller: str, round_: int, shas: Sequence[str], sizes
     for s, n in enumerate(sizes):
         _check_size(st, m.stage, s, "pg", n)
     repeat = rounds.check_report(st, caller, round_, sha)
-    return [piece_key(st.run.run_id, round_, m.stage, caller, s, h) for s, h in enumerate(shas)], repeat
+    return [PieceKey(st.run.run_id, round_, m.stage, caller, s, h).final for s, h in enumerate(shas)], repeat
 
 
 def check_votes(st: State, caller: str, round_: int, votes: Sequence[tuple[int, str, int]]) -> list[str]:
@@ -135,7 +135,7 @@ def check_votes(st: State, caller: str, round_: int, votes: Sequence[tuple[int, 
         had = _cast(st, round_, m.stage, shard).get(caller)
         if had is not None and had["sha256"] != sha:
             raise TransitionError("already_voted", f"a different merged update of shard {shard} was reported")
-        finals.append(update_key(st.run.run_id, round_, m.stage, shard, caller, sha))
+        finals.append(UpdateKey(st.run.run_id, round_, m.stage, shard, caller, sha).final)
     return finals
 
 

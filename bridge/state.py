@@ -18,10 +18,11 @@ from bridge import rounds
 from bridge.dispatch import expire, make_bwd, new_hop, retry_hop, route_fwd
 from bridge.records import FwdRecord, Hop, Miner, ObjRef, State, TransitionError
 from bridge.routing import choose_stage
+from protocol.keys import HopOutputKey
 from protocol.lifecycle import HopKind, HopStatus, Phase, SampleStatus
 
 __all__ = ["register", "leave", "lease", "check_done", "complete", "step_done", "tick",
-           "LeaseResult", "output_key", "upload_key"]
+           "LeaseResult", "output_key"]
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,7 @@ def output_key(st: State, hop: Hop) -> Optional[str]:
     if hop.stage == 0 and hop.kind in (HopKind.BWD, HopKind.FWDBWD):
         return None
     part = "act" if hop.kind == HopKind.FWD else "grad"
-    return f"runs/{st.run.run_id}/r{hop.round}/s{hop.stage}/{part}/{hop.hop_id}"
-
-
-def upload_key(out_key: str) -> str:
-    """`runs/{run}/r{round}/s{stage}/upload/{act|grad}/{hop_id}`: where the producer's
-    presigned PUT writes a hop output before `done` seals it at `out_key`."""
-    stage_dir, part, hop_id = out_key.rsplit("/", 2)
-    return f"{stage_dir}/upload/{part}/{hop_id}"
+    return HopOutputKey(st.run.run_id, hop.round, hop.stage, part, hop.hop_id).final
 
 
 def _miner(st: State, hotkey: str) -> Miner:

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from protocol.run_config import RunConfig
-from protocol.sync_api import piece_key, update_key
+from protocol.keys import PieceKey, UpdateKey
 from resbm.outer import OuterError
 from resbm.robust_merge import MergeParams
 from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
@@ -82,12 +82,12 @@ class Piece:
 
 def pg_key(prefix: str, rnd: int, stage: int, hotkey: str, shard: int, sha: str) -> str:
     """Key of a replica's pseudo-gradient shard (`prefix`: the run id)."""
-    return piece_key(prefix, rnd, stage, hotkey, shard, sha)
+    return PieceKey(prefix, rnd, stage, hotkey, shard, sha).final
 
 
 def merged_key(prefix: str, rnd: int, stage: int, shard: int, hotkey: str, sha: str) -> str:
     """Key of a merger's copy of a merged shard (`prefix`: the run id)."""
-    return update_key(prefix, rnd, stage, shard, hotkey, sha)
+    return UpdateKey(prefix, rnd, stage, shard, hotkey, sha).final
 
 
 def strict_majority(votes: Mapping[str, str], mergers: Sequence[str]) -> str | None:

@@ -116,8 +116,8 @@ def test_merge_weights_are_the_bridges_verified_counts():
 
 def test_report_keys_are_checked_before_anything_else_and_are_per_writer():
     st, rng, now = _round()
-    key_a = rounds.upload_key(st, "a", 0, "pseudograd", GOOD)
-    assert "/upload/a/" in key_a and key_a != rounds.upload_key(st, "b", 0, "pseudograd", GOOD)
+    key_a = rounds.merge_upload_key(st, "a", 0, "pseudograd", GOOD)
+    assert "/upload/a/" in key_a and key_a != rounds.merge_upload_key(st, "b", 0, "pseudograd", GOOD)
     for bad in (key_a, "x" * 500, "runs/t/r0/s0/pg/a-" + GOOD, "../../etc"):
         with pytest.raises(TransitionError) as e:  # b naming a's key, or nonsense: same answer
             rounds.check_upload_key(st, "b", 0, "pseudograd", bad, GOOD)
