@@ -78,7 +78,7 @@ class ShardApi:
 
         def tx(st: Any, now: float, rng: Any) -> None:
             rounds.maybe_freeze(st, now)
-            shard_round.report_pieces(st, caller, req.round, list(req.shas), list(req.sizes), finals, now)
+            rounds.report_pieces(st, caller, req.round, list(req.shas), list(req.sizes), finals, now)
         await svc.apply_async(tx)
         return msg.Ack()
 

@@ -14,7 +14,7 @@ import random
 from itertools import islice
 from typing import Any, Optional
 
-from bridge import rounds
+from bridge import round_start, rounds
 from bridge.dispatch import expire, make_bwd, new_hop, retry_hop, route_fwd
 from bridge.records import FwdRecord, Hop, Miner, ObjRef, State, TransitionError
 from bridge.routing import choose_stage
@@ -87,7 +87,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
     st.miners[hotkey] = m
     log.info("miner %s registered on stage %d", hotkey, stage)
     if st.phase == Phase.WAITING and all(st.stage_miners(s) for s in range(st.run.n_stages)):
-        rounds.start_round(st, 0, now)
+        round_start.start_round(st, 0, now)
     return m
 
 
@@ -164,9 +164,9 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 got.append(st.hops[hid])
     if now >= m.backoff_until:
         room = min(max_hops - len(got), quota - m.quota_used)
-        if m.stage == 0 and len(st.fwd_pool[0]) < max(room, rounds.MINT_CHUNK // 2) \
+        if m.stage == 0 and len(st.fwd_pool[0]) < max(room, round_start.MINT_CHUNK // 2) \
                 and st.minted < st.run.samples_per_round:
-            rounds.mint_more(st)
+            round_start.mint_more(st)
         for hid in _claimable(st, st.fwd_pool[m.stage], m, now, room):
             m.quota_used += 1
             got.append(st.hops[hid])

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .boundary import RMSNorm, build_boundary
+from .boundary import RMSNorm
+from .boundary_kinds import build_boundary
 from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
 

@@ -34,7 +34,7 @@ def _pieces(st, now):
             state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
         shas = [f"{hk}{s}".ljust(64, "f")[:64] for s in range(st.run.sync_shards)]
         finals = [PieceKey(st.run.run_id, st.round, m.stage, hk, s, sha).final for s, sha in enumerate(shas)]
-        shard_round.report_pieces(st, hk, st.round, shas, [10, 10], finals, now)
+        rounds.report_pieces(st, hk, st.round, shas, [10, 10], finals, now)
 
 
 def _vote(st, hk, sha, now, shards=(0, 1)):
@@ -55,7 +55,7 @@ def _restart(st: State) -> State:
 def test_pieces_join_the_merge_set_with_verified_weights_and_a_bad_count_is_refused():
     st, _, now = _round()
     with pytest.raises(TransitionError) as e:
-        shard_round.report_pieces(st, "a", st.round, [GOOD], [10], ["k"], now)
+        rounds.report_pieces(st, "a", st.round, [GOOD], [10], ["k"], now)
     assert e.value.code == "bad_shards"
     _pieces(st, now)
     rec = st.pseudograds[0]["a"]
@@ -143,7 +143,7 @@ def test_outsiders_cannot_vote_and_the_state_mode_refuses_sharded_reports():
     assert e.value.code == "bad_shard"
     plain, _, now = _round(sync_mode="state")
     with pytest.raises(TransitionError) as e:
-        shard_round.report_pieces(plain, "a", plain.round, [GOOD, GOOD], [1, 1], ["k", "k"], now)
+        rounds.report_pieces(plain, "a", plain.round, [GOOD, GOOD], [1, 1], ["k", "k"], now)
     assert e.value.code == "not_sharded"
     assert votes  # the whole-state votes module is what a checkpoint round uses
 

@@ -73,7 +73,7 @@ def merging(tmp_path, s3_server):
                 state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
             shas = [hashlib.sha256(f"{hk}{s}".encode()).hexdigest() for s in range(4)]
             finals = [PieceKey("count", 0, 0, hk, s, h).final for s, h in enumerate(shas)]
-            shard_round.report_pieces(st, hk, 0, shas, list(spec.pieces[0]), finals, now)
+            rounds.report_pieces(st, hk, 0, shas, list(spec.pieces[0]), finals, now)
         return shard_round.ballot(st, 0, 0, now).mergers
     mergers = svc.apply(setup)
     return svc, ShardApi(svc, 300.0), storage, spec, mergers
