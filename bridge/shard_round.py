@@ -15,7 +15,6 @@ Everything lives in `State.sync` (JSON, persisted with the meta row, so it survi
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, Optional
 

@@ -24,8 +24,8 @@ from resbm.config import ModelConfig
 from neurons import hop_exec
 from neurons.dataset_http import HttpSource
 from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
-from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
-from neurons.shard_round import ShardedMerge, load_sharded_state
+from neurons.round_merge import ReplicaMerge, RoundState
+from neurons.sync_choice import sync_for
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
 from neurons.transfer import ObjectTransfer, TransferError
@@ -60,8 +60,7 @@ class Miner:
         self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
 
     def _round_merge(self) -> ReplicaMerge:
-        cls = ShardedMerge if self.run.sync_mode == "sharded" else ReplicaMerge
-        return cls(self.client, self.transfer, self.worker, self.run, self.stop)
+        return sync_for(self.run).merge(self.client, self.transfer, self.worker, self.run, self.stop)
 
     # ----- setup -----
     def register(self) -> Assignment:
@@ -83,12 +82,7 @@ class Miner:
         self.codec = cfg.wire_codec
         self.out_bytes = codec.wire_size(self.shape, self.codec)
         init = (lambda: worker_for_run(run, a.stage, "cpu").theta()) if same else None  # built fresh: init already
-        if run.sync_mode == "sharded":
-            worker = self.worker
-            self.state = load_sharded_state(worker, a, self.client, self.transfer, run, self._computed,
-                                            init or worker.theta)
-        else:
-            self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed, init)
+        self.state = sync_for(run).load_state(self.worker, a, self.client, self.transfer, run, self._computed, init)
         self.status.set_stage(a.stage, a.round)
         return a
 

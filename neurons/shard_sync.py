@@ -33,6 +33,8 @@ from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
 from resbm.shards import ShardLayout, layout, take
 from resbm.sync_codec import Codec, decode, encode, encoded_size
 from resbm.sync_state import fp32, pack_update, unpack_update, update_size
+from neurons.copies import first_good_copy
+from neurons.merge_compute import merge_params
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
 __all__ = ["SyncSettings", "sync_settings", "Board", "Piece", "pg_key", "merged_key",
@@ -58,10 +60,7 @@ class SyncSettings:
 def sync_settings(run: RunConfig) -> SyncSettings:
     """SyncSettings from a RunConfig."""
     return SyncSettings(Codec(run.sync_codec, run.sync_block), Codec(run.sync_merged_codec, run.sync_block),
-                        run.sync_shards, run.sync_mergers, run.checkpoint_every,
-                        MergeParams(clip_factor=run.clip_factor, trim_fraction=run.trim_fraction,
-                                    ref_floor=run.ref_floor, outer_lr=run.outer_lr,
-                                    outer_momentum=run.outer_momentum))
+                        run.sync_shards, run.sync_mergers, run.checkpoint_every, merge_params(run))
 
 
 class Board(Protocol):
@@ -212,11 +211,5 @@ def read_update(transfer: ObjectTransfer, urls: Sequence[str], sha: str, n: int,
     """(clip reference, vector) of a decided merged update from the first agreeing merger's copy
     that is readable and checks out (sha256, exact size, decodes): one voter's bad copy never
     blocks a reader. TransferError when none does."""
-    last: Exception | None = None
-    for url in urls:
-        try:
-            blob = transfer.get_verified(url, sha, update_size(n, codec), what)
-            return unpack_update(blob, n, codec)
-        except (TransferError, OuterError) as exc:
-            last = exc
-    raise TransferError(f"{what}: no copy of {len(urls)} is readable ({last})")
+    return first_good_copy(urls, lambda url: unpack_update(transfer.get_verified(url, sha, update_size(n, codec), what),
+                                                            n, codec), what)

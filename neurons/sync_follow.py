@@ -19,10 +19,10 @@ from protocol.keys import PieceKey
 from protocol.messages import StageRound
 from protocol.routes import route
 from protocol.sync_api import SyncView, UpdateRef
-from resbm.outer import OuterError
 from resbm.shard_merge import apply_shard, zero_momentum
 from resbm.shards import ShardLayout
 from resbm.sync_state import load_checkpoint
+from neurons.copies import first_good_copy
 from neurons.shard_sync import SyncSettings, read_update
 from neurons.transfer import ObjectTransfer, TransferError
 
@@ -98,13 +98,9 @@ def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str
 
 def _checkpoint_blob(transfer: ObjectTransfer, view: SyncView, max_bytes: int) -> bytes:
     ck = view.checkpoint
-    last: Exception | None = None
-    for url in [ck.url, *ck.alt_urls]:
-        try:
-            return transfer.get_verified(url, ck.sha256, max_bytes, "checkpoint")
-        except TransferError as exc:
-            last = exc
-    raise TransferError(f"checkpoint {ck.sha256[:10]}.. unreadable ({last})")
+    return first_good_copy([ck.url, *ck.alt_urls], lambda url: transfer.get_verified(url, ck.sha256, max_bytes,
+                                                                                     "checkpoint"),
+                           f"checkpoint {ck.sha256[:10]}..")
 
 
 GONE = ("updates_pruned", "not_kept", "not_sharded")  # the view of that round will never come
