@@ -3,11 +3,16 @@ text of each key is exactly what it was before keys were typed (objects in exist
 the miners of older builds keep finding each other's objects)."""
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 
 from protocol.keys import (HopOutputKey, ModelKey, PieceKey, PseudogradKey, StateKey, UpdateKey, model_key_in,
                            parse_key, round_prefix, staging_of, stage_prefix, sync_round_prefix)
 
+ROOT = Path(__file__).resolve().parent.parent
 SHA = "ab" * 32
 HK = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 
@@ -68,3 +73,31 @@ def test_text_that_is_no_object_key_is_refused_with_a_message_naming_it(text):
 def test_staging_of_refuses_a_staging_key_so_no_one_derives_a_key_from_a_key_it_was_granted():
     with pytest.raises(KeyError, match="staging key, not a final one"):
         staging_of(PieceKey("t", 1, 0, HK, 0, SHA).staging)
+
+
+KEY_TEXT = re.compile(r"runs/|/upload[/-]|/pg/|/state/|/merged/|sync/r|/model/")
+
+
+def _spelled_keys(path: Path, root: Path = ROOT) -> list[str]:
+    """f-strings of a source file whose literal text spells part of an object key (a key has no
+    space: messages that quote a key's shape to a user are not keys)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            if KEY_TEXT.search(text) and " " not in text:
+                out.append(f"{path.relative_to(root)}:{node.lineno}: {text[:60]!r}")
+    return out
+
+
+def test_no_module_but_protocol_keys_spells_an_object_key():
+    found = [hit for pkg in ("bridge", "neurons", "protocol", "drills", "scripts", "resbm")
+             for p in sorted((ROOT / pkg).rglob("*.py")) if p != ROOT / "protocol" / "keys.py"
+             for hit in _spelled_keys(p)]
+    assert found == []
+
+
+def test_the_key_text_scan_sees_an_f_string_key(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('def k(run, r, h):\n    print(f"see runs/{run} for it")\n    return f"runs/{run}/r{r}/{h}"\n')
+    assert _spelled_keys(src, tmp_path) == ["m.py:3: 'runs//r/'"]
