@@ -23,7 +23,7 @@ collection: `round_prefix`, `sync_round_prefix`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 __all__ = ["HopOutputKey", "PseudogradKey", "StateKey", "PieceKey", "UpdateKey", "ModelKey", "ObjectKey",
            "ParsedKey", "parse_key", "staging_of", "round_prefix", "sync_round_prefix", "stage_prefix",
@@ -74,8 +74,12 @@ class HopOutputKey:
 
 
 @dataclass(frozen=True)
-class PseudogradKey:
-    """A replica's whole pseudo-gradient in a whole-state run."""
+class _ReplicaObject:
+    """A replica's whole object of a stage's round: `{part}/{hotkey}-{sha256}` once sealed, its
+    own `upload/{hotkey}/{part}-{sha256}` before, under round `round + STAGED_ROUND`."""
+
+    PART: ClassVar[str]
+    STAGED_ROUND: ClassVar[int]
 
     run: str
     round: int
@@ -85,34 +89,31 @@ class PseudogradKey:
 
     @property
     def final(self) -> str:
-        """Where the bridge copies a reported pseudo-gradient (the merge set names it)."""
-        return f"{stage_prefix(self.run, self.round, self.stage)}pg/{self.hotkey}-{self.sha256}"
+        """Where the bridge copies the reported object."""
+        return f"{stage_prefix(self.run, self.round, self.stage)}{self.PART}/{self.hotkey}-{self.sha256}"
 
     @property
     def staging(self) -> str:
         """The replica's PUT."""
-        return f"{stage_prefix(self.run, self.round, self.stage)}upload/{self.hotkey}/pg-{self.sha256}"
+        folder = stage_prefix(self.run, self.round + self.STAGED_ROUND, self.stage)
+        return f"{folder}upload/{self.hotkey}/{self.PART}-{self.sha256}"
 
 
 @dataclass(frozen=True)
-class StateKey:
-    """A voter's copy of a stage's full state (theta and momentum) for the round it starts."""
+class PseudogradKey(_ReplicaObject):
+    """A replica's whole pseudo-gradient in a whole-state run."""
 
-    run: str
-    round: int
-    stage: int
-    hotkey: str
-    sha256: str
+    PART: ClassVar[str] = "pg"
+    STAGED_ROUND: ClassVar[int] = 0
 
-    @property
-    def final(self) -> str:
-        """Where the bridge copies a reported state."""
-        return f"{stage_prefix(self.run, self.round, self.stage)}state/{self.hotkey}-{self.sha256}"
 
-    @property
-    def staging(self) -> str:
-        """The voter's PUT, under the round it merged (`round - 1`)."""
-        return f"{stage_prefix(self.run, self.round - 1, self.stage)}upload/{self.hotkey}/state-{self.sha256}"
+@dataclass(frozen=True)
+class StateKey(_ReplicaObject):
+    """A voter's copy of a stage's full state (theta and momentum) for the round it starts; its
+    staging key sits under the round it merged (`round - 1`)."""
+
+    PART: ClassVar[str] = "state"
+    STAGED_ROUND: ClassVar[int] = -1
 
 
 @dataclass(frozen=True)
