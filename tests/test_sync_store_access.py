@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from bridge import shard_round, state
+from bridge import rounds, shard_round, state
 from bridge.db import Database
 from bridge.records import Tunables, TransitionError
 from bridge.service import BridgeService
