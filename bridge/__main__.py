@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = BridgeSettings(
         run=run, db_path=cfg.db, nonce_db_path=os.fspath(cfg.db) + ".nonces",
         tunables=Tunables(health_timeout=cfg.health_timeout), rate_per_second=cfg.rate,
-        rate_burst=2 * cfg.rate, check_objects=not cfg.no_head_check, seed=cfg.seed,
+        rate_burst=2 * cfg.rate, unknown_rate=cfg.unknown_rate, check_objects=not cfg.no_head_check, seed=cfg.seed,
         netuid=cfg.netuid, keep_rounds=max(cfg.keep_rounds, run.audit_window_rounds + 1))
     try:
         app = create_app(settings, chain, storage, keypair)

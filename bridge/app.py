@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bridge.auth import Authenticator, RateLimiter, Registry
+from bridge.auth import Authenticator, RateLimiter, Registry, UnknownKeyBudget
 from bridge.codespec import code_spec
 from bridge.dashboard import console_handlers
 from bridge.dataset import dataset_handler, fetch_manifest
@@ -62,10 +62,11 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
                         check_objects=settings.check_objects, nonces=nonces, on_wake=waiters.wake)
     reg = registry or Registry(chain, settings.metagraph_ttl)
     auth = Authenticator(hotkey, reg, nonces,
-                         RateLimiter(settings.rate_per_second, settings.rate_burst))
+                         RateLimiter(settings.rate_per_second, settings.rate_burst),
+                         UnknownKeyBudget(settings.unknown_rate))
     console, prom = console_handlers(svc, run, settings.db_path + ".console.json",
                                      lambda: reg.chain.metagraph().owner_hotkey, ttl, lambda: auth.heard,
-                                     docs=db if db.shared else None)
+                                     docs=db if db.shared else None, auth_counts=auth.counts)
     hops = HopApi(svc, hotkey, settings.netuid, ttl, spec, waiters, prom)
     merge, shards = MergeApi(svc, ttl), ShardApi(svc, ttl)
     handlers = {**console, "dataset_file": dataset_handler(run, storage, manifest, ttl)}

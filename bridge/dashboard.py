@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from importlib import resources
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 from fastapi.responses import HTMLResponse, Response
@@ -61,12 +62,16 @@ def _latest_scores(console: dict[str, Any]) -> dict[str, float]:
 
 def miner_status(presence: Optional[dict[str, Any]], heard_at: Optional[float], now: float,
                  timeout: float) -> tuple[str, str]:
-    """(status, detail): `left` (unregistered), `quarantined` (a validator failed it), `offline`
+    """(status, detail): `left` (unregistered), `quarantined` (a validator failed it), `probation`
+    (failed, but the only live replicas of its stage: it trains unpaid), `offline`
     (nothing heard within the health timeout) or `online`."""
     if presence is None or not presence["active"]:
         return "left", "left the run"
     if presence["quarantined_until"] is not None:
         return "quarantined", f"until round {presence['quarantined_until']}"
+    if presence.get("probation_until") is not None:
+        return "probation", (f"failed an audit; trains its stage unpaid until round {presence['probation_until']} "
+                             "(no live replica of the stage is in good standing)")
     silent = now - max(presence["last_seen"], heard_at or 0.0)
     if silent > timeout:
         return "offline", f"silent {silent:.0f}s"
@@ -109,15 +114,18 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
             "audits_passed": a.get("passed", 0), "audits_failed": a.get("failed", 0),
             "last_audit": None if "last_round" not in a else {
                 "round": a["last_round"], "passed": a["last_passed"], "reason": a["last_reason"]},
-            "score": scores.get(mm.hotkey),
+            "score": scores.get(mm.hotkey), "standing": mm.standing,
+            "quarantined_until": mm.quarantined_until,
             # once weights are published, a miner left out of them has weight 0
             "weight": weights.get(mm.hotkey, 0.0) if weights_by else None})
     stages = [{"stage": s.stage, "replicas": s.replicas,
-               "online": sum(1 for x in miners if x["stage"] == s.stage and x["status"] == "online"),
+               "online": sum(1 for x in miners if x["stage"] == s.stage and x["status"] in ("online", "probation")),
                "quarantined": sum(1 for x in miners if x["stage"] == s.stage and x["status"] == "quarantined"),
                "hops": s.hops_done, "bytes": s.bytes_moved,
                "state_after_round": s.published_round - 1 if s.published_round >= 1 else None,
-               "miners": [mm.hotkey for mm in m.miners if mm.stage == s.stage]} for s in m.stages]
+               "miners": [mm.hotkey for mm in m.miners if mm.stage == s.stage],
+               "probation": [mm.hotkey for mm in m.miners if mm.stage == s.stage and mm.standing == "probation"]}
+              for s in m.stages]
     recent = m.recent_losses[-32:]
     return {
         "generated_at": now, "run_id": m.run_id, "phase": m.phase, "round": m.round,
@@ -135,13 +143,36 @@ def dashboard_state(m: Metrics, run: RunConfig, rounds: list[dict[str, Any]],
         "weights_by": weights_by,
         "verdicts": list(reversed(console["verdicts"][-20:])),
         "incentives": run.incentives.model_dump(),
+        "empty_rounds": m.empty_rounds, "alerts": alerts(m, run, console),
     }
+
+
+def alerts(m: Metrics, run: RunConfig, console: dict[str, Any] | None = None) -> list[str]:
+    """What the owner must see at once: stages kept alive by a failed replica, rounds that trained
+    nothing, audits no calibration covers."""
+    out = []
+    for vhk, v in sorted((console or {}).get("validators", {}).items()):
+        for combo in v.get("uncalibrated") or []:
+            out.append(f"validator {vhk[:10]} audits {combo} without a calibrated tolerance: it withholds "
+                       f"penalties there (only gross errors fail); calibrate it with scripts/calibrate_audit.py")
+    for s in m.stages:
+        probation = [mm for mm in m.miners if mm.stage == s.stage and mm.standing == "probation"]
+        if probation:
+            who = ", ".join(f"{mm.hotkey[:10]} (until round {mm.quarantined_until})" for mm in probation)
+            out.append(f"stage {s.stage} trains on replicas that failed an audit: {who}. No live replica of "
+                       f"the stage is in good standing, so they keep it training, unpaid; add a replica")
+    if m.empty_rounds:
+        why = "; ".join(f"{n} x {r}" for r, n in m.last_empty_reasons.items()) or "no reason recorded"
+        out.append(f"{m.empty_rounds} round(s) trained nothing (every sample abandoned) and do not count "
+                   f"towards the run's {run.total_rounds} rounds; the latest, round {m.last_empty_round}: {why}")
+    return out
 
 
 def console_handlers(svc: Any, run: RunConfig, store_path: str,
                      owner_hotkey: Callable[[], str | None], ttl: float = 3600.0,
                      heard: Callable[[], dict[str, float]] = dict,
-                     docs: Any = None) -> tuple[dict[str, Callable], BridgeMetrics]:
+                     docs: Any = None,
+                     auth_counts: Mapping[str, int] | None = None) -> tuple[dict[str, Callable], BridgeMetrics]:
     """Handlers of the dashboard, JSON, Prometheus, validator-report and model routes, and the
     metrics; `heard()` gives when each hotkey last made a signed request (`docs`: the shared
     database holding validators' reports, else a file at `store_path`)."""
@@ -152,7 +183,7 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
     def read_metrics() -> Metrics:
         return svc.read(lambda st: metrics_view(st, time.time()))
 
-    prom = BridgeMetrics(read_metrics, store.snapshot)
+    prom = BridgeMetrics(read_metrics, store.snapshot, auth_counts)
     history = RoundHistory(svc.db.done_hops, on_new=prom.round_closed)
     model = ModelApi(svc, run, store, ttl, history.loss)
     cache: dict[str, Any] = {}
@@ -173,7 +204,7 @@ def console_handlers(svc: Any, run: RunConfig, store_path: str,
         return history.closed(m.round + 1 if m.phase == Phase.DONE else m.round)
 
     def build_state() -> dict[str, Any]:
-        m, presence = svc.read(lambda st: (metrics_view(st, time.time()), miner_presence(st)))
+        m, presence = svc.read(lambda st: (metrics_view(st, time.time()), miner_presence(st, time.time())))
         return dashboard_state(m, run, closed_rounds(m), store.snapshot(), owner_cached(), time.time(),
                                presence, dict(heard()), svc.tun.health_timeout)
 

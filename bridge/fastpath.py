@@ -11,10 +11,18 @@ from typing import Any, Optional
 
 from starlette.datastructures import Headers
 
-from bridge.web import Endpoint, answer, body_too_large
+from bridge.web import Endpoint, answer, body_too_large, error_response_for
 from protocol.auth import request_target
 
 __all__ = ["FastPath"]
+
+
+def _declared_size(scope: dict) -> int:
+    """The request's Content-Length (0 when absent; over any limit when unreadable)."""
+    for k, v in scope.get("headers", ()):
+        if k == b"content-length":
+            return int(v) if v.isdigit() else 1 << 62
+    return 0
 
 
 class FastPath:
@@ -29,6 +37,8 @@ class FastPath:
         ep = self.endpoints.get(scope.get("path", "")) if scope["type"] == "http" else None
         if ep is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        if _declared_size(scope) > self.limit:  # as BodyCap would: before anything else
+            return await error_response_for(body_too_large(self.limit))(scope, receive, send)
 
         async def body() -> bytes:
             got = await self._read(receive)

@@ -50,7 +50,7 @@ class HopApi:
                                   f"{msg.PROTOCOL_VERSION}, got {req.protocol_version}")
 
         def tx(st: Any, now: float, rng: Any) -> tuple:
-            m = state.register(st, caller, now, rng, (req.device_class, req.compute_dtype))
+            m = state.register(st, caller, now, rng, (req.device_class, req.compute_dtype), req.device_name)
             return copy.copy(m), st.round, st.phase, copy.copy(st.stage_states[m.stage])
         m, rnd, phase, ss = await self.svc.apply_async(tx)
         ref = views.state_ref(m.stage, ss, self.svc.get_url, self.ttl)

@@ -165,7 +165,7 @@ class MergeApi:
                           states=[s for s in states if s],
                           pseudograds=[self._item(p) for p in arch.get("pseudograds", [])],
                           votes=[msg.Vote(**v) for v in arch.get("votes", [])],
-                          flagged=arch.get("flagged", []))
+                          flagged=arch.get("flagged", []), unpaid=arch.get("unpaid", []))
 
     async def disputes(self, caller: str, req: None) -> integ.DisputeList:
         """Merge disputes awaiting a validator's arbitration."""

@@ -8,6 +8,7 @@ reported is what every reader gets (write-once)."""
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 from bridge.records import Miner, State, TransitionError
 from protocol.keys import PseudogradKey, StateKey
@@ -65,18 +66,19 @@ def member(st: State, hotkey: str, round_: int) -> Miner:
     return m
 
 
-def check_report(st: State, hotkey: str, round_: int, sha256: str) -> bool:
+def check_report(st: State, hotkey: str, round_: int, sha256: str, now: Optional[float] = None) -> bool:
     """Whether `hotkey` may enter a pseudo-gradient of `sha256` in the merge set now (True: it
     is a repeat of the recorded one); refuses before anything is copied. A replica counts only
     the backwards verified since its last registration: with none (it registered again after its
-    work, or every one was rejected) it has no verified work to merge and earns no credit."""
+    work, or every one was rejected) it has no verified work to merge and earns no credit.
+    `now` None (a check before any store access): quarantine judged by registration, not liveness."""
     m = member(st, hotkey, round_)
     have = st.pseudograds.get(m.stage, {}).get(hotkey)
     if have is not None:
         if have["sha256"] == sha256:
             return True
         raise TransitionError("already_reported", "a different pseudo-gradient was reported")
-    if st.quarantined(m):
+    if st.quarantined(m, now):
         raise TransitionError("quarantined", f"{hotkey} failed an audit and sits out merges "
                               f"until round {m.quarantined_until}")
     if hotkey not in st.workers.get(m.stage, []):

@@ -6,6 +6,7 @@ Each app has its own registry, so several bridges can live in one process (tests
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -35,8 +36,9 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 class StateCollector(Collector):
     """Turns the bridge's metrics view and validators' reports into metric families per scrape."""
 
-    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]]) -> None:
-        self.read, self.console = read, console
+    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]],
+                 auth_counts: Mapping[str, int] | None = None) -> None:
+        self.read, self.console, self.auth_counts = read, console, auth_counts
 
     def collect(self) -> Iterator[Any]:
         """One scrape: read the state once and emit every family."""
@@ -56,6 +58,10 @@ class StateCollector(Collector):
         for reason, n in sorted(m.abandon_reasons.items()):
             c.add_metric([reason], n)
         yield c
+        c = _counter("resbm_bridge_empty_rounds", "closed rounds that completed no sample (not counted "
+                     "towards total_rounds)", [])
+        c.add_metric([], m.empty_rounds)
+        yield c
         g = _gauge("resbm_bridge_round_samples", "samples of the current round", ["state"])
         g.add_metric(["total"], m.samples_total)
         g.add_metric(["completed"], m.samples_completed)
@@ -64,6 +70,14 @@ class StateCollector(Collector):
         yield from self._stages(m)
         yield from self._miners(m)
         yield from self._validators()
+        if self.auth_counts is not None:
+            c = _counter("resbm_bridge_auth_requests", "signed-route requests by authentication outcome "
+                         "(signature_checked: reached signature verification; unknown_rate_limited: "
+                         "an unregistered hotkey over its budget, refused before any signature work)",
+                         ["outcome"])
+            for outcome, n in sorted(dict(self.auth_counts).items()):
+                c.add_metric([outcome], n)
+            yield c
 
     def _stages(self, m: Metrics) -> Iterator[Any]:
         fams = {
@@ -75,6 +89,8 @@ class StateCollector(Collector):
             "pub": _gauge("resbm_bridge_stage_published_round", "round the stage's merged state starts",
                           ["stage"]),
             "merges": _counter("resbm_bridge_stage_merges", "merged states published", ["stage"]),
+            "prob": _gauge("resbm_bridge_stage_probation_replicas", "replicas that failed an audit but keep "
+                           "the stage training (no live replica in good standing), unpaid", ["stage"]),
         }
         for s in m.stages:
             lab = [str(s.stage)]
@@ -86,6 +102,7 @@ class StateCollector(Collector):
             fams["rep"].add_metric([str(s.stage), "false"], s.replicas - s.healthy_replicas)
             fams["pub"].add_metric(lab, s.published_round)
             fams["merges"].add_metric(lab, max(0, s.published_round))  # round r+1's state = r+1 merges
+            fams["prob"].add_metric(lab, sum(mm.stage == s.stage and mm.standing == "probation" for mm in m.miners))
         yield from fams.values()
 
     def _miners(self, m: Metrics) -> Iterator[Any]:
@@ -156,9 +173,10 @@ class _TrainingLoss(Collector):
 class BridgeMetrics:
     """The bridge's registry: the state collector plus hop and merge histograms."""
 
-    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], Metrics], console: Callable[[], dict[str, Any]],
+                 auth_counts: Mapping[str, int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StateCollector(read, console))
+        self.registry.register(StateCollector(read, console, auth_counts))
         self.hop_seconds = Histogram("resbm_bridge_hop_seconds", "lease to verified completion",
                                      ["stage", "kind"], buckets=_SECONDS, registry=self.registry)
         self.hop_bytes = Histogram("resbm_bridge_hop_output_bytes", "size of a hop's uploaded output",

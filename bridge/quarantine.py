@@ -4,6 +4,11 @@ A quarantined miner gets no hops and no place in merge sets until `quarantined_u
 cheater that was caught stops weighing on the model at once, also where too few replicas serve
 a stage for the robust merge to outvote it. Any hotkey with a validator permit may report; a
 verdict only ever removes a miner's work, never adds to anyone's weight.
+
+No verdict empties a stage (`State.quarantined`): while a stage has no live replica in good
+standing, its failed replicas keep it training on probation, unpaid (listed in the round's
+`unpaid`, which validators give no credit), and the dashboard says so; the moment a replica in
+good standing serves the stage again, the failed ones sit out.
 """
 from __future__ import annotations
 

@@ -122,6 +122,7 @@ class Miner(Tracked):
     false_claims: int = 0           # bad-input claims the bridge disproved: charged
     device_class: str = "cpu"       # declared at registration: audits replay like for like
     compute_dtype: str = "float32"
+    device_name: str = ""           # declared GPU model ('' for none)
     sits_out_round: int = -1        # rejoined mid-round with its inner steps lost: no work this round
 
     @property
@@ -198,6 +199,7 @@ class Hop(Tracked):
     done_at: float = 0.0
     device_class: str = "cpu"       # the leasing miner's declared numerics, for the audit
     compute_dtype: str = "float32"
+    device_name: str = ""
     note: str = ""
     avoid: tuple[str, ...] = ()     # replicas charged on this work: not again
 
@@ -268,6 +270,9 @@ class State:
     report_grace: dict[int, float] = field(default_factory=dict)  # stage -> freeze without laggards
     sync: dict[str, Any] = field(default_factory=dict)  # sharded sync (bridge/shard_round.py), JSON
     flagged: list[str] = field(default_factory=list)
+    unpaid: list[str] = field(default_factory=list)  # worked this round while quarantined (probation)
+    empty_rounds: int = 0           # closed rounds that completed no sample: they do not count
+    last_empty: dict[str, Any] = field(default_factory=dict)  # the latest one: round, abandoned, reasons
     miners: dict[str, Miner] = field(default_factory=dict)
     samples: dict[int, Sample] = field(default_factory=dict)
     hops: dict[str, Hop] = field(default_factory=dict)
@@ -354,18 +359,33 @@ class State:
     def healthy(self, m: Miner, now: float) -> bool:
         """Active, not quarantined, and heard from within the health timeout."""
         return (m.active and now - m.last_seen <= self.tun.health_timeout
-                and not self.quarantined(m))
+                and not self.quarantined(m, now))
 
-    def quarantined(self, m: Miner) -> bool:
-        """A validator failed this miner recently: it gets no work and no say in merges."""
+    def failed_audit(self, m: Miner) -> bool:
+        """A validator failed this miner recently (its quarantine has not run out)."""
         return self.round < m.quarantined_until
+
+    def quarantined(self, m: Miner, now: Optional[float] = None) -> bool:
+        """It failed an audit and its stage has another live replica in good standing: it gets no
+        work and no say in merges. Quarantine never empties a stage: while no such peer is live
+        (heard from within the health timeout at `now`; active, when `now` is None) the failed
+        replicas keep the stage training, unpaid (`on_probation`)."""
+        if not self.failed_audit(m):
+            return False
+        return any(p is not m and p.active and not self.failed_audit(p)
+                   and (now is None or now - p.last_seen <= self.tun.health_timeout)
+                   for p in self.stage_miners(m.stage))
+
+    def on_probation(self, m: Miner, now: Optional[float] = None) -> bool:
+        """Failed an audit but kept at work: no live replica of its stage is in good standing."""
+        return self.failed_audit(m) and not self.quarantined(m, now)
 
     def meta_dict(self) -> dict[str, Any]:
         """The global fields, as persisted in the meta row."""
         keep = ("phase", "round", "seq", "minted", "merge_started", "fwd_pending",
                 "completed_total", "r_completed", "r_abandoned",
                 "abandoned_total", "abandon_reasons", "stage_counters", "workers", "frozen",
-                "published", "flagged", "round_states")
+                "published", "flagged", "round_states", "unpaid", "empty_rounds", "last_empty")
         d = {k: getattr(self, k) for k in keep}
         d["phase"] = self.phase.value  # a plain str: the same JSON, and a cheap fingerprint
         d["stage_states"] = [dict(vars(x)) for x in self.stage_states]
@@ -395,5 +415,8 @@ class State:
         self.disputes = {int(k): v for k, v in d.get("disputes", {}).items()}
         self.report_grace = {int(k): v for k, v in d.get("report_grace", {}).items()}
         self.sync = d.get("sync", {})
+        self.unpaid = d.get("unpaid", [])  # older DBs: none of these yet
+        self.empty_rounds = d.get("empty_rounds", 0)
+        self.last_empty = d.get("last_empty", {})
         self.minted = d.get("minted", self.run.samples_per_round)  # older DBs minted all at once
         self.stage_states = [StageState(**x) for x in d["stage_states"]]

@@ -16,13 +16,16 @@ MINT_CHUNK = 512  # samples minted at a time; refilled when stage 0's pool runs 
 
 
 def start_round(st: State, r: int, now: float) -> None:
-    """Mint samples [r*N, (r+1)*N) with their stage-0 forwards, reset every miner's step."""
-    if r >= st.run.total_rounds:
+    """Mint samples [r*N, (r+1)*N) with their stage-0 forwards, reset every miner's step; the
+    run is done once `total_rounds` rounds trained something (rounds that completed no sample do
+    not count, `empty_rounds`)."""
+    if r - st.empty_rounds >= st.run.total_rounds:
         if st.phase == Phase.MERGE:
             _archive(st)
         st.phase = Phase.DONE
         st.events.append(("run_done", r))
-        log.info("run %s done after %d rounds", st.run.run_id, r)
+        log.info("run %s done after %d rounds%s", st.run.run_id, r,
+                 f" ({st.empty_rounds} of them trained nothing)" if st.empty_rounds else "")
         return
     if st.phase == Phase.MERGE:
         _archive(st)
@@ -33,7 +36,7 @@ def start_round(st: State, r: int, now: float) -> None:
     st.fwd_pending = [n] * s
     st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
     st.vote_deadline, st.disputes, st.report_grace = {}, {}, {}
-    st.flagged = []
+    st.flagged, st.unpaid = [], []
     st.samples = {}
     st.hops = {}
     st.minted = 0
@@ -73,4 +76,5 @@ def _archive(st: State) -> None:
             for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
     st.archive_round(st.round, {"round": st.round, "states": st.round_states,
                                  "pseudograds": items, "votes": cast, "flagged": list(st.flagged),
-                                 "completed_before": st.completed_total - st.r_completed})
+                                 "completed_before": st.completed_total - st.r_completed,
+                                 "unpaid": list(st.unpaid)})

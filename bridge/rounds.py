@@ -56,6 +56,8 @@ def finish_sample(st: State, sample: Sample, status: SampleStatus, reason: str,
 
 
 def _close_round(st: State, now: float) -> None:
+    if st.r_completed == 0:
+        _note_empty_round(st)
     st.phase, st.merge_started = Phase.MERGE, now
     for s in range(st.run.n_stages):
         st.workers[s] = [m.hotkey for m in st.stage_miners(s)
@@ -64,6 +66,24 @@ def _close_round(st: State, now: float) -> None:
     log.info("round %d closed: %d completed, %d abandoned; merge begins", st.round,
              st.r_completed, st.r_abandoned)
     maybe_freeze(st, now)
+
+
+def _note_empty_round(st: State) -> None:
+    """A round that completed no sample trained nothing end to end: say so loudly; it does not
+    count towards the run's rounds (start_round), so the run never ends `done` having trained
+    nothing."""
+    reasons = {}
+    for s in st.samples.values():
+        if s.status == SampleStatus.ABANDONED:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    st.empty_rounds += 1
+    top = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+    st.last_empty = {"round": st.round, "abandoned": st.r_abandoned, "reasons": top}
+    log.error("round %d trained NOTHING: all %d samples were abandoned (%s); it does not count "
+              "towards the run's %d rounds (%d such rounds so far). Check the miners' logs "
+              "(out of memory? unreachable storage?)", st.round, st.r_abandoned,
+              "; ".join(f"{n} x {r}" for r, n in top.items()) or "no reason recorded",
+              st.run.total_rounds, st.empty_rounds)
 
 
 def maybe_freeze(st: State, now: float) -> None:
@@ -82,7 +102,7 @@ def maybe_freeze(st: State, now: float) -> None:
         # a quarantined worker, or one with no verified backward since it registered again,
         # cannot enter the set: nobody waits for it
         waiting = [h for h in workers if h not in reported and h in st.miners
-                   and not st.quarantined(st.miners[h]) and st.miners[h].round_samples > 0]
+                   and not st.quarantined(st.miners[h], now) and st.miners[h].round_samples > 0]
         if waiting and 2 * len(reported) >= len(workers) and s not in st.report_grace:
             # half the workers reported: the rest get vote_timeout_seconds more, so one that
             # withholds its report cannot hold the stage for the whole merge timeout
@@ -121,7 +141,7 @@ def record_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
     m = member(st, hotkey, round_)
     if key != final_key(st, hotkey, round_, "pseudograd", sha256):
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
-    if check_report(st, hotkey, round_, sha256):
+    if check_report(st, hotkey, round_, sha256, now):
         return
     st.pseudograds.setdefault(m.stage, {})[hotkey] = {
         "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch,

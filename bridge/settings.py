@@ -33,6 +33,8 @@ class BridgeConfig(CommonSettings):
                           name="s3-wait")
     hotkey_uri: str = flag("", "derive the bridge hotkey from a URI such as //bridge (local runs only)")
     rate: float = flag(200.0, "requests/s per hotkey")
+    unknown_rate: float = flag(20.0, "requests/s from all hotkeys the metagraph does not list, together, that "
+                               "get a signature check (each such hotkey: a tenth of it); the rest get 429")
     health_timeout: float = flag(120.0, "seconds without contact before a miner counts as gone")
     keep_rounds: int = flag(8, "rounds of hop rows kept in the database for validators' hop logs "
                             "(at least the run's audit_window_rounds + 1; older ones are pruned)")
@@ -86,6 +88,7 @@ class BridgeSettings:
     tunables: Tunables = field(default_factory=Tunables)
     rate_per_second: float = 200.0     # per-hotkey token bucket refill
     rate_burst: float = 400.0
+    unknown_rate: float = 20.0         # signature checks/s for unregistered hotkeys (bridge.auth)
     max_body_bytes: int = 1 << 20
     metagraph_ttl: float = 5.0         # seconds a metagraph snapshot is trusted
     check_objects: bool = True         # HEAD outputs at hops/done (off only in benchmarks)

@@ -54,9 +54,9 @@ def tick(st: State, now: float, rng: random.Random) -> None:
 
 
 def register(st: State, hotkey: str, now: float, rng: random.Random,
-             numerics: tuple[str, str] = ("cpu", "float32")) -> Miner:
+             numerics: tuple[str, str] = ("cpu", "float32"), device_name: str = "") -> Miner:
     """Assign a stage (new miner) or keep it (rejoin: in-flight work released, graphs dropped);
-    `numerics` is the declared (device class, compute dtype)."""
+    `numerics` is the declared (device class, compute dtype), `device_name` the GPU model."""
     m = st.miners.get(hotkey)
     if m is not None:
         if st.healthy(m, now) and now - m.last_seen < st.tun.health_timeout / 4:
@@ -66,6 +66,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
                         now - m.last_seen)
         m.epoch += 1
         m.device_class, m.compute_dtype = numerics
+        m.device_name = device_name
         m.active, m.last_seen = True, now
         for hid in list(st.leased.get(hotkey, ())) + list(st.queue.get(hotkey, ())):
             retry_hop(st, st.hops[hid], now, rng, "rejoin", penalize_holder=False)
@@ -83,7 +84,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
     peers = [p.throughput for p in st.stage_miners(stage)]
     m = Miner(hotkey=hotkey, stage=stage, registered_at=now, last_seen=now, round=st.round,
               throughput=sum(peers) / len(peers) if peers else 1.0,
-              device_class=numerics[0], compute_dtype=numerics[1])
+              device_class=numerics[0], compute_dtype=numerics[1], device_name=device_name)
     st.miners[hotkey] = m
     log.info("miner %s registered on stage %d", hotkey, stage)
     if st.phase == Phase.WAITING and all(st.stage_miners(s) for s in range(st.run.n_stages)):
@@ -92,8 +93,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
 
 
 def _stage_has_peer(st: State, m: Miner, now: float) -> bool:
-    return any(p is not m and p.active and st.healthy(p, now) and not st.quarantined(p)
-               for p in st.stage_miners(m.stage))
+    return any(p is not m and p.active and st.healthy(p, now) for p in st.stage_miners(m.stage))
 
 
 def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:
@@ -134,7 +134,7 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     m.last_seen = now
     if not m.active:
         return "reassign", [], 0.0
-    if st.quarantined(m) and st.phase in (Phase.TRAIN, Phase.MERGE):
+    if st.quarantined(m, now) and st.phase in (Phase.TRAIN, Phase.MERGE):
         return "wait", [], 5.0  # a validator failed it: no work until the quarantine ends
     if st.phase == Phase.WAITING:
         return "wait", [], 1.0
@@ -173,6 +173,10 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
     for hop in got:
         _lease_one(st, m, hop, fwd_bytes, bwd_bytes, now)
     if got:
+        if st.on_probation(m, now) and hotkey not in st.unpaid:
+            st.unpaid.append(hotkey)  # keeps its stage alive after a failed audit: not paid for it
+            log.warning("miner %s failed an audit but is the last live replica of stage %d: it keeps "
+                        "the stage training this round, unpaid", hotkey[:10], m.stage)
         return "work", got, 0.0
     if not st.leased.get(hotkey) and m.open_graphs == 0 and not queue:
         if m.quota_used >= quota or st.fwd_pending[m.stage] <= 0:
@@ -200,7 +204,7 @@ def _lease_one(st: State, m: Miner, hop: Hop, fwd_bytes: int, bwd_bytes: int,
     hop.status, hop.leased_to, hop.assigned_to = HopStatus.LEASED, m.hotkey, m.hotkey
     hop.leased_at, hop.deadline = now, now + st.run.lease_seconds
     hop.inner_step, hop.epoch = m.inner_step, m.epoch
-    hop.device_class, hop.compute_dtype = m.device_class, m.compute_dtype
+    hop.device_class, hop.compute_dtype, hop.device_name = m.device_class, m.compute_dtype, m.device_name
     hop.out_key = output_key(st, hop)
     hop.out_size = 0 if hop.out_key is None else (fwd_bytes if hop.kind == HopKind.FWD else bwd_bytes)
     st.place(hop)

@@ -71,7 +71,8 @@ def hop_record(hop: Hop, get_url: Signer, ttl: float) -> msg.HopRecord:
                          grad_in=_obj(hop.grad_in, get_url, ttl),
                          output=_obj(out, get_url, ttl), loss=hop.loss,
                          leased_at=hop.leased_at, done_at=hop.done_at,
-                         device_class=hop.device_class, compute_dtype=hop.compute_dtype)
+                         device_class=hop.device_class, compute_dtype=hop.compute_dtype,
+                         device_name=hop.device_name)
 
 
 def metrics(st: State, now: float) -> msg.Metrics:
@@ -92,20 +93,32 @@ def metrics(st: State, now: float) -> msg.Metrics:
         throughput=m.throughput, hops_done=m.hops_done, lease_expiries=m.expiries,
         failures=m.failures, bytes_moved=m.bytes_moved, inner_step=m.inner_step,
         merge_disagreements=m.disagreements, bad_outputs=m.bad_outputs,
-        false_claims=m.false_claims) for m in sorted(st.miners.values(),
-                                                              key=lambda m: m.hotkey)]
+        false_claims=m.false_claims, quarantined_until=m.quarantined_until,
+        standing=_standing(st, m, now)) for m in sorted(st.miners.values(), key=lambda m: m.hotkey)]
     return msg.Metrics(
         run_id=st.run.run_id, round=st.round, phase=st.phase,
         samples_total=st.run.samples_per_round if st.phase != Phase.WAITING else 0,
         samples_completed=st.r_completed, samples_abandoned=st.r_abandoned,
         abandoned_total=st.abandoned_total, completed_total=st.completed_total,
         abandon_reasons=dict(st.abandon_reasons), stages=stages, miners=miners,
-        recent_losses=list(st.recent_losses[-64:]))
+        recent_losses=list(st.recent_losses[-64:]), empty_rounds=st.empty_rounds,
+        last_empty_round=st.last_empty.get("round", -1), last_empty_reasons=st.last_empty.get("reasons", {}),
+        unpaid=list(st.unpaid))
 
 
-def miner_presence(st: State) -> dict[str, dict]:
-    """Per miner: whether it is registered (active), when its last lease, hop or step came, and
-    the round its quarantine ends (None: not quarantined). The dashboard's status column."""
+def miner_presence(st: State, now: float) -> dict[str, dict]:
+    """Per miner: whether it is registered (active), when its last lease, hop or step came, the
+    round its quarantine ends (None: not quarantined), and whether it is on probation (failed an
+    audit, yet keeps its stage training unpaid: no live peer in good standing). The dashboard's
+    status column."""
     return {m.hotkey: {"active": m.active, "last_seen": m.last_seen,
-                       "quarantined_until": m.quarantined_until if st.quarantined(m) else None}
+                       "quarantined_until": m.quarantined_until if st.quarantined(m, now) else None,
+                       "probation_until": m.quarantined_until
+                       if st.failed_audit(m) and not st.quarantined(m, now) else None}
             for m in st.miners.values()}
+
+
+def _standing(st: State, m, now: float) -> str:
+    if not st.failed_audit(m):
+        return "ok"
+    return "quarantined" if st.quarantined(m, now) else "probation"

@@ -82,15 +82,17 @@ class Endpoint:
     async def __call__(self, headers: Mapping[str, str], body: bytes, target: str,
                        path: Mapping[str, str], query: Mapping[str, str]) -> Response:
         r = self.route
-        caller = self.auth.check(headers, body, r.method, target, r.role)
+        caller = self.auth.verify(headers, body, r.method, target, r.role)  # `answer` prechecked
         out = await self.handler(caller, self.parse(body, path, query))
         return out if isinstance(out, Response) else json_response(out)
 
 
 async def answer(ep: Endpoint, headers: Mapping[str, str], body_of: Callable[[], Awaitable[bytes]],
                  target: str, path: Mapping[str, str], query: Mapping[str, str]) -> Response:
-    """Run an endpoint; any exception becomes its error answer."""
+    """Run an endpoint (the cheap auth checks before the body is read); any exception becomes its
+    error answer."""
     try:
+        ep.auth.precheck(headers, ep.route.role)
         return await ep(headers, await body_of(), target, path, query)
     except Exception as exc:  # noqa: BLE001 - every failure is answered, never dropped
         return error_response_for(exc, f"{ep.route.method} {ep.route.path}")

@@ -1,23 +1,31 @@
 """Which numerics the validator replays a miner in, and which calibrated tolerances then apply.
 
-A miner declares its device class and compute dtype at registration; the bridge stamps them on
-every hop record. The validator replays in the same class when it has such a device (CPU always;
-CUDA or MPS when it runs on one), else on its own device in float32, and judges each hop by the run
-config's `audit_tolerances` entry for (miner numerics, replay numerics, stage, kind): the most
-specific one wins (an exact stage over any stage, exact numerics over '*'). Hops no entry covers
-use `neurons.audit.DEFAULT_TOLERANCES`, calibrated on tiny CPU models.
+A miner declares its device class, compute dtype and GPU model at registration; the bridge stamps
+them on every hop record. The validator replays in the same class when it has such a device (CPU
+always; CUDA or MPS when it runs on one), else on its own device in float32. An `AuditContext` is
+what the replay is: the model (its config hash), the miner's numerics and GPU, the replay's. A
+`ToleranceTable` judges each hop of one stage by the run config's `audit_tolerances` entry that
+matches the context, the hop kind and the hop's inner step, the most specific one winning.
+
+Calibrated or not trusted: a hop no entry covers is judged only by `GROSS_TOLERANCES` (bounds far
+above any honest error measured anywhere and far below every cheater kind's) and is marked
+uncalibrated; an audit that passes those but had uncalibrated hops ends `uncalibrated`, which
+penalises nobody. The one built-in calibration is a CPU miner replayed on a CPU in its own dtype
+(the same deterministic kernels: `DEFAULT_TOLERANCES`, measured on tiny CPU models).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from protocol.audit_tolerances import AUDIT_KINDS, AuditTolerance
+from protocol.audit_tolerances import AuditTolerance
 
-from .audit import DEFAULT_TOLERANCES, Tolerances
+from .audit import DEFAULT_TOLERANCES, GROSS_TOLERANCES, Tolerances
 
-__all__ = ["numerics_key", "replay_numerics", "record_numerics", "stage_tolerances", "torch_dtype"]
+__all__ = ["AuditContext", "ToleranceTable", "numerics_key", "replay_numerics", "record_numerics",
+           "record_gpu", "device_gpu", "stage_tolerances", "torch_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,11 +42,27 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def device_gpu(device: str | torch.device) -> str:
+    """The GPU model of a CUDA device ('NVIDIA H100 80GB HBM3'); '' for any other device."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    return torch.cuda.get_device_name(dev)[:64]
+
+
 def record_numerics(records: Sequence) -> tuple[str, str]:
     """The (device class, dtype) a miner's hop records declare; ValueError when they disagree."""
     seen = {(getattr(r, "device_class", "cpu"), getattr(r, "compute_dtype", "float32")) for r in records}
     if len(seen) != 1:
         raise ValueError(f"hop records declare several numerics in one epoch: {sorted(seen)}")
+    return next(iter(seen))
+
+
+def record_gpu(records: Sequence) -> str:
+    """The GPU model a miner's hop records declare ('' for none); ValueError when they disagree."""
+    seen = {getattr(r, "device_name", "") for r in records}
+    if len(seen) != 1:
+        raise ValueError(f"hop records declare several GPU models in one epoch: {sorted(seen)}")
     return next(iter(seen))
 
 
@@ -54,12 +78,39 @@ def replay_numerics(declared: tuple[str, str], validator_device: str | torch.dev
     return (str(dev), "float32")
 
 
-def _specificity(e: AuditTolerance, miner: str, replay: str, stage: int, kind: str) -> int:
-    if e.kind != kind or e.miner not in (miner, "*") or e.replay not in (replay, "*"):
-        return -1
-    if e.stage is not None and e.stage != stage:
-        return -1
-    return (e.stage is not None) * 4 + (e.miner != "*") * 2 + (e.replay != "*")
+@dataclass(frozen=True)
+class AuditContext:
+    """What one replay is: model, the miner's declared numerics and GPU, the replay's numerics and GPU."""
+
+    model: str
+    miner: tuple[str, str]
+    miner_gpu: str
+    replay: tuple[str, str]  # (device class, dtype)
+    replay_gpu: str
+
+    @property
+    def builtin(self) -> bool:
+        """A CPU miner replayed on a CPU in its own dtype: the built-in calibration covers it."""
+        return self.miner[0] == "cpu" and self.replay == self.miner
+
+    def describe(self) -> str:
+        """One line naming the combination (for logs and the owner's dashboard)."""
+        def side(numerics: tuple[str, str], gpu: str) -> str:
+            return numerics_key(*numerics) + (f" on {gpu}" if gpu else "")
+        return (f"model {self.model}, miner {side(self.miner, self.miner_gpu)}, "
+                f"replay {side(self.replay, self.replay_gpu)}")
+
+
+def _matches(e: AuditTolerance, ctx: AuditContext, stage: int) -> bool:
+    return (e.model in (ctx.model, "*") and e.miner in (numerics_key(*ctx.miner), "*")
+            and e.replay in (numerics_key(*ctx.replay), "*") and e.miner_gpu in (ctx.miner_gpu, "*")
+            and e.replay_gpu in (ctx.replay_gpu, "*") and e.stage in (None, stage))
+
+
+def _specificity(e: AuditTolerance) -> tuple:
+    narrow = -(e.step_to - e.step_from) if e.step_to is not None else -10**9
+    return (e.stage is not None, e.model != "*", e.miner != "*", e.miner_gpu != "*", e.replay != "*",
+            e.replay_gpu != "*", narrow)
 
 
 def _as_tolerances(e: AuditTolerance) -> Tolerances:
@@ -69,15 +120,26 @@ def _as_tolerances(e: AuditTolerance) -> Tolerances:
                       loss_abs=e.loss_abs, loss_rel=e.loss_rel)
 
 
-def stage_tolerances(entries: Iterable[AuditTolerance], miner: tuple[str, str], replay: tuple[str, str],
-                     stage: int) -> dict[str, Tolerances]:
-    """{hop kind (and 'pseudograd'): Tolerances} for one stage of a miner replayed in `replay`."""
-    m = numerics_key(*miner)
-    r = numerics_key(torch.device(replay[0]).type, replay[1])
-    entries = list(entries)
-    out: dict[str, Tolerances] = {}
-    for kind in AUDIT_KINDS:
-        best = max(entries, key=lambda e: _specificity(e, m, r, stage, kind), default=None)
-        ok = best is not None and _specificity(best, m, r, stage, kind) >= 0
-        out[kind] = _as_tolerances(best) if ok else DEFAULT_TOLERANCES
-    return out
+@dataclass
+class ToleranceTable:
+    """The tolerances of one stage's hops in one `AuditContext` (neurons.audit asks `lookup`)."""
+
+    context: AuditContext
+    stage: int
+    entries: list[AuditTolerance]
+    """The run's entries that match the context and the stage."""
+
+    def lookup(self, kind: str, inner_step: int) -> tuple[Tolerances, bool]:
+        """(thresholds, calibrated) of a hop kind ('pseudograd' too) at an inner step."""
+        fits = [e for e in self.entries if e.kind == kind and e.step_from <= inner_step
+                and (e.step_to is None or inner_step <= e.step_to)]
+        if fits:
+            return _as_tolerances(max(fits, key=_specificity)), True
+        if self.context.builtin:
+            return DEFAULT_TOLERANCES, True
+        return GROSS_TOLERANCES, False
+
+
+def stage_tolerances(entries: Iterable[AuditTolerance], context: AuditContext, stage: int) -> ToleranceTable:
+    """The tolerance table of one stage of a miner replayed in `context`."""
+    return ToleranceTable(context, stage, [e for e in entries if _matches(e, context, stage)])

@@ -91,6 +91,7 @@ class ValidatorCollector(Collector):
         out.add_metric(["pass"], a.runs - a.failed)
         out.add_metric(["fail"], a.failed)
         out.add_metric(["incomplete"], a.incomplete)
+        out.add_metric(["withheld"], getattr(a, "withheld", 0))  # uncalibrated or inconclusive: no verdict
         yield out
         yield SummaryMetricFamily("resbm_validator_audit_seconds", "compute time of finished audits",
                                   count_value=a.runs, sum_value=a.seconds)

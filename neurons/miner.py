@@ -37,6 +37,10 @@ class MinerSettings(NeuronSettings):
                       choices=["float32", "bfloat16", "float16"])
     max_hops: int = flag(4, "hops leased at once (inputs prefetched in parallel)")
     threads: int = flag(0, "torch CPU threads (0 = torch default)")
+    max_memory: str = flag("auto", "memory the stage's kept forward graphs may hold: a size (24GiB), a fraction "
+                           "of the device (0.4), none, or auto (half the GPU memory free once the model is "
+                           "built; none on a CPU); over it a forward keeps only its input and its backward "
+                           "recomputes")
     status_file: str = flag("", "write a JSON status snapshot here every status interval")
 
 
@@ -53,6 +57,7 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     args = load_settings(settings, argv, prog=prog, description=DESCRIPTION)
     log = setup_logging(args, "miner")
     device = resolve_device(args.device)  # before registering: a bad device must not take a stage
+    _check_max_memory(args.max_memory, device)
     keypair, _chain, uid = start_checks(args, log)
     bridge_hotkey = connect_bridge(args, log)
 
@@ -70,7 +75,7 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     client.on_call, transfer.on_request = requests.on_call, requests.on_transfer
     make = make_miner or (lambda _args, **kw: Miner(**kw))
     miner = make(args, client=client, transfer=transfer, device=device,
-                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops)
+                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops, max_memory=args.max_memory)
     miner.status.requests = requests
     miner.status.listeners.append(requests.on_compute)
     miner.status.every = args.status_every
@@ -100,6 +105,18 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
             _dump_status(miner, args.status_file)
     log.info("stopped: %s", json.dumps(miner.status.summary()))
     return 0
+
+
+def _check_max_memory(spec: str, device: str) -> None:
+    """A bad --max-memory is one line at start, before the miner takes a stage."""
+    import torch
+
+    from neurons.stage_memory import parse_memory
+    from protocol.exits import Exit, Misconfigured
+    try:
+        parse_memory(spec, torch.device(device))
+    except ValueError as exc:
+        raise Misconfigured(Exit.USAGE, str(exc)) from None
 
 
 def _leave(client, log) -> None:

@@ -22,6 +22,7 @@ from protocol.messages import (Assignment, Hop, HopDone, HopFail, LeaseRequest, 
 from resbm import codec, data
 from resbm.config import ModelConfig
 from neurons import hop_exec
+from neurons.audit_tolerances import device_gpu
 from neurons.dataset_http import HttpSource
 from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
 from neurons.round_merge import ReplicaMerge, RoundState
@@ -39,9 +40,11 @@ class Miner:
     """Serves the stage the bridge assigns, until stopped."""
 
     def __init__(self, client: BridgeClient, transfer: ObjectTransfer, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8):
+                 dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8,
+                 max_memory: int | str | None = "auto"):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
+        self.max_memory = max_memory  # activation budget: neurons.stage_memory.parse_memory
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
         self.lease_wait_ms = 2000
         self.prefetch_leases = True
@@ -65,9 +68,7 @@ class Miner:
     # ----- setup -----
     def register(self) -> Assignment:
         """Register with the bridge, build the stage and load the round's weights."""
-        req = RegisterRequest(device_class=torch.device(self.device).type,
-                              compute_dtype=str(self.dtype).removeprefix("torch."))
-        a = self._post_registration(req)
+        a = self._post_registration(self._registration())
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
         dataset = data.open_run_dataset(run.dataset, self.client.base_url, HttpSource)  # fetches the manifest
@@ -76,7 +77,7 @@ class Miner:
                              f"{dataset.vocab_size}: the bridge's run config is wrong")
         same = self.worker is not None and self.worker.stage_index == a.stage and self.run == run
         if not same:
-            self.worker = worker_for_run(run, a.stage, self.device, self.dtype)
+            self.worker = worker_for_run(run, a.stage, self.device, self.dtype, self.max_memory)
         self.run, self.cfg, self.stage = run, cfg, a.stage
         self.shape = tuple(cfg.code_shape(run.batch_size))
         self.codec = cfg.wire_codec
@@ -85,6 +86,12 @@ class Miner:
         self.state = sync_for(run).load_state(self.worker, a, self.client, self.transfer, run, self._computed, init)
         self.status.set_stage(a.stage, a.round)
         return a
+
+    def _registration(self) -> RegisterRequest:
+        """What this miner declares: the numerics (and GPU model) its audits are replayed and judged in."""
+        return RegisterRequest(device_class=torch.device(self.device).type,
+                               compute_dtype=str(self.dtype).removeprefix("torch."),
+                               device_name=device_gpu(self.device))
 
     def _post_registration(self, req: RegisterRequest, patience: float = 30.0) -> Assignment:
         """POST register; a 403 `not_allowed` right after a chain registration means the bridge's

@@ -15,12 +15,16 @@ from protocol.messages import HopLog, HopRecord as WireRecord, RunConfig
 from resbm import outer
 from resbm.config import ModelConfig
 from neurons.audit import HopRecord, ReplaySettings, replay_round, AuditReport
-from neurons.audit_tolerances import record_numerics, replay_numerics, stage_tolerances, torch_dtype
+from neurons.audit_confirm import confirm_failure
+from neurons.audit_tolerances import (AuditContext, device_gpu, record_gpu, record_numerics, replay_numerics,
+                                      stage_tolerances, torch_dtype)
 from neurons.objects import BadInput, fetch_code, fetch_inputs, fetch_state, fetch_tensors
 from neurons.stage_worker import worker_for_run
 from neurons.transfer import ObjectTransfer, TransferError
 
-__all__ = ["ClaimError", "hop_counts", "check_claims", "audit_miner"]
+__all__ = ["ClaimError", "hop_counts", "check_claims", "audit_miner", "combine"]
+
+_SEVERITY = ("passed", "uncalibrated", "inconclusive", "incomplete", "failed")
 
 
 class ClaimError(Exception):
@@ -67,7 +71,9 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     `inputs(worker) -> (theta_start, claimed pseudo-gradient)` replaces the whole-state reads.
 
     Each epoch replays in the numerics the miner declared when this validator's `device` allows
-    (neurons.audit_tolerances), judged by the run's calibrated tolerances for that pair."""
+    (neurons.audit_tolerances), judged by the run's tolerances calibrated for what the replay is
+    (model, numerics, GPUs, inner steps); a failure on numbers is replayed once more before it
+    counts (neurons.audit_confirm)."""
     records = [r for r in log.records if r.miner_hotkey == hotkey]
     if not records:
         raise ClaimError("no hops to audit")
@@ -103,7 +109,8 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
     # reported it (one with no hops must report an all-zero pseudo-gradient over zero samples).
     pg_epoch = item.epoch if item is not None else None
     epochs = sorted({getattr(r, "epoch", 0) for r in records} | ({pg_epoch} if pg_epoch is not None else set()))
-    report = None
+    model_hash = cfg.config_hash()
+    reports: list[AuditReport] = []
     spent = 0.0
     for epoch in epochs:
         part = [r for r in records if getattr(r, "epoch", 0) == epoch]
@@ -113,18 +120,32 @@ def audit_miner(transfer: ObjectTransfer, run: RunConfig, log: HopLog, hotkey: s
                 raise ClaimError(f"epoch {epoch} did no hops but reported a pseudo-gradient over {item.samples} samples")
             continue
         try:
-            declared = record_numerics(part)
+            declared, declared_gpu = record_numerics(part), record_gpu(part)
         except ValueError as exc:
             raise ClaimError(str(exc)) from exc
         replay_dev, replay_dtype = replay_numerics(declared, device)
-        tolerances = stage_tolerances(run.audit_tolerances, declared, (replay_dev, replay_dtype), stage)
+        context = AuditContext(model=model_hash, miner=declared, miner_gpu=declared_gpu,
+                               replay=(torch.device(replay_dev).type, replay_dtype), replay_gpu=device_gpu(replay_dev))
+        tolerances = stage_tolerances(run.audit_tolerances, context, stage)
         audit_records = _to_audit_records(transfer, part, shape, cfg.wire_codec)
         same = worker.device == torch.device(replay_dev) and worker.dtype == torch_dtype(replay_dtype)
         replayer = worker if same else worker_for_run(run, stage, replay_dev, torch_dtype(replay_dtype))
-        report = replay_round(lambda: replayer, theta, audit_records, settings, max_seconds=max_seconds - spent,
-                              claimed_pseudo_grad=claimed, tolerances=tolerances)
+
+        def replay(budget: float) -> AuditReport:
+            return replay_round(lambda: replayer, theta, audit_records, settings, max_seconds=budget,
+                                claimed_pseudo_grad=claimed, tolerances=tolerances)
+        first = replay(max_seconds - spent)
+        report = confirm_failure(first, lambda: replay(max_seconds - spent - first.seconds))
         spent += report.seconds
-        if not report.passed:
+        reports.append(report)
+        if report.status in ("failed", "incomplete"):
             break
+    report = combine(reports)
     report.seconds = spent
     return report
+
+
+def combine(reports: list[AuditReport]) -> AuditReport:
+    """One miner-round's verdict from its epochs' replays: the most severe (failed > incomplete >
+    inconclusive > uncalibrated > passed) speaks for all."""
+    return max(reports, key=lambda r: _SEVERITY.index(r.status))

@@ -8,6 +8,12 @@ gradient of an inner step is the mean over the samples whose backward ran since 
 `dtype` is the compute dtype: float32 runs plainly; bfloat16 / float16 run the stage under
 autocast (parameters, gradients and optimizer state stay float32).
 
+Memory (neurons/stage_memory.py): the graphs kept between forward and backward hold at most
+`max_memory` bytes of saved activations; a forward over it keeps only its input, and its backward
+recomputes the forward first (the same result). An out-of-memory error drops every kept graph to
+its input and retries, then computes the hop in smaller pieces of the batch; a hop's gradients are
+added to the parameters only once it succeeded, so a failed try leaves nothing half done.
+
 Under token re-injection (`needs_tokens`: a stage > 0 with ModelConfig.token_reinject) every
 forward also takes the sample's token ids, `data.batch(data_seed, sample_id, ...)[0]`, which
 `neurons.hop_exec.run_hop` derives from public data exactly as it derives the last stage's targets.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,6 +31,8 @@ import torch
 from resbm import optim, outer
 from resbm.stages import build_stages
 from resbm.config import ModelConfig
+
+from .stage_memory import OOM_WAITS, free_memory, parse_memory, retry_oom, saved_bytes
 
 __all__ = ["StageWorker", "WorkerError", "optim_config", "worker_for_run"]
 
@@ -38,12 +47,20 @@ class WorkerError(RuntimeError):
 
 @dataclass
 class _Graph:
-    inp: torch.Tensor | None  # leaf with requires_grad (stages > 0); None for stage 0
-    out: torch.Tensor  # the stage output still attached to the graph
+    """A forward whose backward has not come yet: its input (always), and its graph while kept."""
+
+    src: torch.Tensor  # the stage input as given (token ids or a code), on the CPU: to recompute
+    tokens: torch.Tensor | None = None  # the sample's token ids (needs_tokens), on the CPU
+    inp: torch.Tensor | None = None  # leaf with requires_grad (stages > 0, kept graphs)
+    out: torch.Tensor | None = None  # the stage output attached to the graph; None: recompute
+    nbytes: int = 0  # what the kept graph saved for backward
 
 
 class StageWorker:
     """One stage's module, inner optimizer and open forward graphs."""
+
+    oom_waits: tuple[float, ...] = OOM_WAITS
+    """Seconds waited before each last try after out-of-memory errors (neurons.stage_memory)."""
 
     def __init__(
         self,
@@ -55,6 +72,7 @@ class StageWorker:
         dtype: torch.dtype = torch.float32,
         init_seed: int = 0,
         theta: Mapping[str, torch.Tensor] | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         if n_stages != model_config.n_stages:
             raise WorkerError(f"n_stages ({n_stages}) != model_config.n_stages ({model_config.n_stages})")
@@ -78,6 +96,16 @@ class StageWorker:
         self._graphs: dict[int, _Graph] = {}
         self._samples = 0
         self.optimizer = optim.build_optimizer(self.module, optim_config)
+        self._params = [p for p in self.module.parameters() if p.requires_grad]
+        self._held = 0  # bytes the kept graphs saved for backward
+        self._graph_bytes = 0  # what the last kept graph saved: the next one's estimate
+        self.memory_stats: Counter[str] = Counter()
+        try:  # after the model is built: 'auto' is half of what is free then
+            self.max_memory = parse_memory(max_memory, self.device)
+        except ValueError as exc:
+            raise WorkerError(str(exc)) from None
+        """Bytes of saved activations the kept graphs may hold (None: no budget); lowered after an
+        out-of-memory error."""
         if theta is not None:
             self.load_theta(theta)
 
@@ -122,6 +150,7 @@ class StageWorker:
         with torch.no_grad():
             self.module.load_state_dict({n: theta[n].to(torch.float32) for n in self._names}, strict=True)
         self._graphs.clear()
+        self._held = 0
         self._samples = 0
         self.optimizer = optim.build_optimizer(self.module, self.optim_config)
         self.optimizer.zero_grad()
@@ -156,20 +185,59 @@ class StageWorker:
                               "(token_reinject): pass tokens=data.batch(data_seed, sample_id, ...)[0]")
         return tokens.to(self.device)
 
+    def _entry(self, src: torch.Tensor, tokens: torch.Tensor | None) -> _Graph:
+        """A pending forward: its input and (needs_tokens) the sample's token ids, on the CPU."""
+        side = tokens.detach().cpu() if tokens is not None and self.needs_tokens else None
+        return _Graph(src=src.detach().cpu(), tokens=side)
+
+    def _budget_allows(self) -> bool:
+        return self.max_memory is None or self._held + self._graph_bytes <= self.max_memory
+
     def forward(self, sample_id: int, inp: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the stage on tokens (stage 0) or a decoded code (plus the sample's `tokens` when
-        `needs_tokens`); keep the graph; return the code."""
+        `needs_tokens`); keep the graph (or, over the memory budget, only the input: the backward
+        recomputes it); return the code."""
         if self.is_last:
             raise WorkerError("the last stage runs forward_backward, not forward")
         if sample_id in self._graphs:
             raise WorkerError(f"sample {sample_id}: a forward graph is already open")
-        leaf = self._prepare_input(inp)
-        x = inp.to(self.device) if leaf is None else leaf
-        side = self._prepare_tokens(sample_id, tokens)
-        with self._autocast():
+        self._prepare_input(inp)  # checks it; every attempt below builds its own leaf
+        self._prepare_tokens(sample_id, tokens)
+        entry = self._entry(inp, tokens)
+        out = self._retrying(f"sample {sample_id} forward", entry.src.shape[0],
+                             lambda: self._forward_kept(entry) if self._budget_allows() else self._forward_free(entry, 1),
+                             lambda n: self._forward_free(entry, n))
+        self._graphs[sample_id] = entry
+        if entry.out is not None:
+            self._held += entry.nbytes
+            self._graph_bytes = entry.nbytes
+            if self.max_memory is not None and self._held > self.max_memory:
+                self._drop(entry)  # measured larger than expected: keep the budget strict
+        return out
+
+    def _forward_kept(self, entry: _Graph) -> torch.Tensor:
+        leaf = self._prepare_input(entry.src)
+        x = entry.src.to(self.device) if leaf is None else leaf
+        side = None if entry.tokens is None else entry.tokens.to(self.device)
+        with saved_bytes(self._params) as nbytes, self._autocast():
             out = self.module(x, tokens=side)
-        self._graphs[sample_id] = _Graph(inp=leaf, out=out)
+        entry.inp, entry.out, entry.nbytes = leaf, out, nbytes[0]
         return out.detach().to("cpu", torch.float32).clone()
+
+    def _chunks(self, entry: _Graph, n: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(input, tokens) of `n` near-equal pieces of the batch, on the device."""
+        xs = entry.src.to(self.device)
+        if not self.is_first:
+            xs = xs.to(torch.float32)
+        sides = [None] * n if entry.tokens is None else list(entry.tokens.to(self.device).tensor_split(n))
+        return list(zip(xs.tensor_split(n), sides))
+
+    def _forward_free(self, entry: _Graph, n: int) -> torch.Tensor:
+        """The output without keeping a graph (the backward recomputes it), in `n` pieces."""
+        with torch.no_grad(), self._autocast():
+            outs = [self.module(x, tokens=side) for x, side in self._chunks(entry, n)]
+        self.memory_stats["recomputed_forwards"] += 1
+        return torch.cat(outs).to("cpu", torch.float32)
 
     def forward_backward(
         self, sample_id: int, code: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor | None = None
@@ -178,15 +246,14 @@ class StageWorker:
         gradient of the input code)."""
         if not self.is_last:
             raise WorkerError("forward_backward is for the last stage only")
-        leaf = self._prepare_input(code)
-        x = code.to(self.device) if leaf is None else leaf
-        side = self._prepare_tokens(sample_id, tokens)
-        with self._autocast():
-            loss = self.module(x, targets.to(self.device), tokens=side)
-        loss.backward()
+        self._prepare_input(code)
+        self._prepare_tokens(sample_id, tokens)
+        entry = self._entry(code, tokens)
+        loss, grad = self._retrying(f"sample {sample_id} forward_backward", entry.src.shape[0],
+                                    lambda: self._backward_pieces(entry, 1, targets=targets),
+                                    lambda n: self._backward_pieces(entry, n, targets=targets))
         self._samples += 1
-        grad = None if leaf is None else leaf.grad.detach().to("cpu", torch.float32).clone()
-        return float(loss.detach()), grad
+        return loss, grad
 
     def backward(
         self, sample_id: int, grad_output: torch.Tensor, recompute_input: torch.Tensor | None = None,
@@ -196,22 +263,63 @@ class StageWorker:
         `needs_tokens`); input grad or None."""
         if self.is_last:
             raise WorkerError("the last stage runs forward_backward, not backward")
-        if sample_id not in self._graphs:
+        entry = self._graphs.get(sample_id)
+        if entry is None:
             if recompute_input is None:
                 raise WorkerError(f"sample {sample_id}: no open forward graph and no input to recompute it")
-            self.forward(sample_id, recompute_input, tokens)
-        graph = self._graphs[sample_id]
-        if tuple(grad_output.shape) != tuple(graph.out.shape):
-            raise WorkerError(f"sample {sample_id}: grad_output shape {tuple(grad_output.shape)} "
-                              f"!= output shape {tuple(graph.out.shape)}")
+            self._prepare_input(recompute_input)
+            self._prepare_tokens(sample_id, tokens)
+            entry = self._entry(recompute_input, tokens)
+        want = (*entry.src.shape[:2], self.cfg.code_dim)
+        if tuple(grad_output.shape) != want:
+            raise WorkerError(f"sample {sample_id}: grad_output shape {tuple(grad_output.shape)} != output shape {want}")
         if not bool(torch.isfinite(grad_output).all()):
             raise WorkerError(f"sample {sample_id}: grad_output contains NaN or Inf")
-        del self._graphs[sample_id]  # dropped whatever happens next: the graph is freed after backward
-        graph.out.backward(grad_output.to(self.device, graph.out.dtype))
+        self.release(sample_id)  # dropped whatever happens next: the graph is freed after backward
+        _, grad = self._retrying(f"sample {sample_id} backward", entry.src.shape[0],
+                                 lambda: self._backward_pieces(entry, 1, grad_output=grad_output),
+                                 lambda n: self._backward_pieces(entry, n, grad_output=grad_output),
+                                 entry=entry)
         self._samples += 1
-        if graph.inp is None:
-            return None
-        return graph.inp.grad.detach().to("cpu", torch.float32).clone()
+        return grad
+
+    def _backward_pieces(self, entry: _Graph, n: int, grad_output: torch.Tensor | None = None,
+                         targets: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
+        """Gradients of one sample from its kept graph, or recomputed in `n` pieces (the loss of the
+        last stage weighted by each piece's share); added to the parameters' gradients only once
+        every piece succeeded, so an out-of-memory error leaves them as they were."""
+        params = self._params
+        if entry.out is not None and n == 1:
+            pieces = [(entry.inp, entry.out, grad_output, 1.0)]
+        else:
+            entry.inp = entry.out = None
+            pieces = []
+            gs = [None] * n if grad_output is None else list(grad_output.tensor_split(n))
+            ts = [None] * n if targets is None else list(targets.tensor_split(n))
+            for (x, side), g, t in zip(self._chunks(entry, n), gs, ts):
+                leaf = None if self.is_first else x.detach().requires_grad_(True)
+                with self._autocast():
+                    out = self.module(x if leaf is None else leaf, *(() if t is None else (t.to(self.device),)),
+                                      tokens=side)
+                pieces.append((leaf, out, g, x.shape[0] / entry.src.shape[0]))
+        sums, input_grads, loss = None, [], 0.0
+        for leaf, out, g, share in pieces:
+            wrt = params + ([leaf] if leaf is not None else [])
+            if g is None:  # the last stage: out is the loss
+                loss += share * float(out.detach())
+                seed = out if share == 1.0 else out * share
+                grads = torch.autograd.grad(seed, wrt, allow_unused=True)
+            else:
+                grads = torch.autograd.grad(out, wrt, grad_outputs=g.to(self.device, out.dtype), allow_unused=True)
+            sums = list(grads[:len(params)]) if sums is None else [
+                a if b is None else (b if a is None else a + b) for a, b in zip(sums, grads[:len(params)])]
+            if leaf is not None:
+                input_grads.append(grads[-1])
+        for p, g in zip(params, sums):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        grad_in = torch.cat(input_grads).detach().to("cpu", torch.float32).clone() if input_grads else None
+        return loss, grad_in
 
     def discard_gradients(self) -> int:
         """Drop the gradients accumulated since the last step without stepping; returns their count."""
@@ -221,7 +329,38 @@ class StageWorker:
 
     def release(self, sample_id: int) -> bool:
         """Drop an abandoned forward graph; True if one was open."""
-        return self._graphs.pop(sample_id, None) is not None
+        entry = self._graphs.pop(sample_id, None)
+        if entry is not None and entry.out is not None:
+            self._held -= entry.nbytes
+        return entry is not None
+
+    # ----- memory -----
+    def _drop(self, entry: _Graph) -> None:
+        """Keep only the input of a kept graph: its backward recomputes the rest."""
+        if entry.out is not None:
+            self._held -= entry.nbytes
+            entry.inp = entry.out = None
+            self.memory_stats["dropped_graphs"] += 1
+
+    def _relieve(self, what: str, exc: BaseException, entry: _Graph | None = None) -> None:
+        held = self._held
+        for g in self._graphs.values():
+            self._drop(g)
+        if entry is not None:  # the hop's own graph (already released): recompute it too
+            entry.inp = entry.out = None
+        free_memory(self.device)
+        if held and (self.max_memory is None or self.max_memory > held // 2):
+            self.max_memory = held // 2  # what it held when memory ran out was too much
+        self.memory_stats["oom_retries"] += 1
+        log.warning("%s: out of memory (%s); dropped the kept graphs (%.1f MB) to their inputs, activation "
+                    "budget now %s; retrying", what, str(exc).splitlines()[0][:120], held / 1e6,
+                    "none" if self.max_memory is None else f"{self.max_memory / 1e6:.1f} MB")
+
+    def _retrying(self, what: str, batch: int, full, pieces, entry: _Graph | None = None):
+        try:
+            return retry_oom(batch, full, pieces, lambda exc: self._relieve(what, exc, entry), self.oom_waits)
+        except MemoryError as exc:
+            raise WorkerError(f"{what}: {exc}") from None
 
     # ----- inner step -----
     def inner_step(self, global_step: int) -> int:
@@ -251,7 +390,8 @@ def optim_config(run) -> "optim.OptimConfig":
 
 
 def worker_for_run(run, stage: int, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> StageWorker:
-    """The stage as a run defines it, at its round-0 weights: what miners and validators both build."""
+                   dtype: torch.dtype = torch.float32, max_memory: int | str | None = None) -> StageWorker:
+    """The stage as a run defines it, at its round-0 weights: what miners and validators both build
+    (`max_memory`: the miner's activation budget, neurons.stage_memory.parse_memory)."""
     return StageWorker(ModelConfig.from_dict(run.model), stage, run.n_stages, optim_config(run), device, dtype,
-                       init_seed=run.init_seed)
+                       init_seed=run.init_seed, max_memory=max_memory)

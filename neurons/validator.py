@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     v.run_forever()
-    log.info("stopped: %d audits, %d failed, %d weight sets", v.audits.runs, v.audits.failed, v.weights_set)
+    log.info("stopped: %d audits, %d failed, %d without a verdict (uncalibrated or inconclusive), %d weight sets",
+             v.audits.runs, v.audits.failed, v.audits.withheld, v.weights_set)
     return 0
 
 

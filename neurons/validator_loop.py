@@ -58,8 +58,12 @@ class AuditLog:
     runs: int = 0
     failed: int = 0
     incomplete: int = 0
+    withheld: int = 0
+    """Audits that gave no verdict: uncalibrated combinations, or replays as noisy as the claim."""
     seconds: float = 0.0
     verdicts: list = field(default_factory=list)
+    uncalibrated: set = field(default_factory=set)
+    """Combinations (AuditReport.context) audited without a calibration, for the owner's dashboard."""
 
 
 class Validator:
@@ -143,13 +147,17 @@ class Validator:
         hoplog = self.client.hoplog(rnd)
         miners = sorted({r.miner_hotkey for r in hoplog.records})
         by_miner = {hk: [r for r in hoplog.records if r.miner_hotkey == hk] for hk in miners}
-        merged = {p.hotkey for p in hoplog.pseudograds}
+        merged, unpaid = {p.hotkey for p in hoplog.pseudograds}, set(hoplog.unpaid)
         for hk in miners:
             # Work whose pseudo-gradient never reached the merge set did not train the model, and
             # without it a skipped optimizer step can go unseen: no credit for that round.
             if hk not in merged:
                 log.info("round %d: %s did %d hops but left no pseudo-gradient in the merge set; no credit",
                          rnd, hk[:10], len(by_miner[hk]))
+                continue
+            if hk in unpaid:  # it failed an audit; kept its stage alive as its last live replica
+                log.info("round %d: %s worked on probation (failed an audit, its stage's last live "
+                         "replica); no credit", rnd, hk[:10])
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
@@ -166,7 +174,7 @@ class Validator:
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
-        self.publisher.round_done(rnd, self.book, self.audits.verdicts)
+        self.publisher.round_done(rnd, self.book, self.audits.verdicts, self.audits.uncalibrated)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
         self.live.round_done(rnd)
 
@@ -195,6 +203,9 @@ class Validator:
                 self.audits.incomplete += 1
                 log.info("audit of %s round %d incomplete: %s", hotkey[:10], rnd, self._why(reason, rnd))
                 return True
+            if report.status in ("uncalibrated", "inconclusive"):  # no verdict: nobody is penalised
+                self._withheld(rnd, hotkey, report)
+                return True
         except ClaimError as exc:
             passed, reason, seconds = False, str(exc), 0.0
         except DataError as exc:  # our copy of the run's data cannot be read: not the miner's fault
@@ -216,6 +227,14 @@ class Validator:
         log.info("audit of %s round %d: %s%s (%.2fs)", hotkey[:10], rnd, "PASS" if passed else "FAIL",
                  "" if passed else f" - {reason}", seconds)
         return passed
+
+    def _withheld(self, rnd: int, hotkey: str, report) -> None:
+        self.audits.withheld += 1
+        first = report.status == "uncalibrated" and report.context not in self.audits.uncalibrated
+        if report.status == "uncalibrated":
+            self.audits.uncalibrated.add(report.context)
+        (log.warning if first else log.info)("audit of %s round %d %s, penalty withheld: %s", hotkey[:10], rnd,
+                                             report.status.upper(), report.reason)
 
     # ----- weights -----
     def maybe_set_weights(self) -> bool:

@@ -43,6 +43,7 @@ class ReportPublisher:
     def __init__(self, client: Any) -> None:
         self.client = client
         self.sent = 0  # verdicts of the audit log already published
+        self.uncalibrated: list[str] = []  # the latest list: every report carries it
         self._warned = False
 
     def _post(self, report: ValidatorReport) -> bool:
@@ -55,11 +56,14 @@ class ReportPublisher:
                 self._warned = True
             return False
 
-    def round_done(self, rnd: int, book: Any, verdicts: Sequence[tuple]) -> None:
-        """Publish the verdicts recorded since the last report, and current scores."""
+    def round_done(self, rnd: int, book: Any, verdicts: Sequence[tuple], uncalibrated: Sequence[str] = ()) -> None:
+        """Publish the verdicts recorded since the last report, current scores, and the combinations
+        audited without a calibration."""
         new = [AuditVerdict(round=r, hotkey=hk, passed=ok, reason=str(reason)[:512])
                for r, hk, ok, reason in verdicts[self.sent:]][-MAX_VERDICTS:]
-        report = ValidatorReport(round=rnd, window=book.window, verdicts=new, scores=book.scores())
+        self.uncalibrated = sorted(c[:512] for c in uncalibrated)[:64]
+        report = ValidatorReport(round=rnd, window=book.window, verdicts=new, scores=book.scores(),
+                                 uncalibrated=self.uncalibrated)
         if self._post(report):
             self.sent = len(verdicts)
 
@@ -68,4 +72,5 @@ class ReportPublisher:
         """Publish the weights just set, keyed by hotkey."""
         by_uid = {n.uid: n.hotkey for n in metagraph.neurons}
         named = {by_uid[u]: float(w) for u, w in zip(uids, weights) if u in by_uid}
-        self._post(ValidatorReport(round=rnd, window=book.window, scores=book.scores(), weights=named))
+        self._post(ValidatorReport(round=rnd, window=book.window, scores=book.scores(), weights=named,
+                                   uncalibrated=self.uncalibrated))

@@ -21,6 +21,7 @@ from bittensor.signing import resolve_signer
 __all__ = [
     "AuthFailed",
     "NotAllowed",
+    "claimed_hotkey",
     "hotkey_of",
     "request_target",
     "sign_headers",
@@ -116,6 +117,23 @@ def verify_request(
                 raise AuthFailed(reason, str(exc)) from None
         raise AuthFailed("invalid", str(exc)) from None
     return caller.hotkey_ss58
+
+
+_SS58_ALPHABET = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+
+
+def claimed_hotkey(headers: Mapping[str, str]) -> str:
+    """The hotkey a request says it comes from (not yet verified): `AuthFailed` when the btauth/1
+    headers are missing or the hotkey cannot be an ss58 address. No cryptography."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    hotkey = lowered.get(http_auth.HEADER_HOTKEY.lower())
+    if hotkey is None:
+        if http_auth.HEADER_SIGNATURE.lower() not in lowered:
+            raise AuthFailed("unsigned", "request carries no btauth/1 signature headers")
+        raise AuthFailed("malformed", f"missing {http_auth.HEADER_HOTKEY}")
+    if not 40 <= len(hotkey) <= 50 or not set(hotkey) <= _SS58_ALPHABET:
+        raise AuthFailed("malformed", f"{http_auth.HEADER_HOTKEY} is not an ss58 address")
+    return hotkey
 
 
 def request_target(scope: Mapping[str, Any]) -> str:

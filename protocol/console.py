@@ -6,7 +6,7 @@ shows it on its read-only dashboard; nothing here feeds back into routing or sco
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Annotated, Optional
 
 from pydantic import Field, field_validator
 
@@ -44,6 +44,10 @@ class ValidatorReport(StrictModel):
                                      description="hotkey -> smoothed score")
     weights: Optional[dict[str, float]] = Field(
         default=None, max_length=100_000, description="hotkey -> weight of the last set (None: unchanged)")
+    uncalibrated: list[Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=list, max_length=64,
+        description="combinations (model, miner numerics and GPU, replay) this validator audits without a "
+        "calibrated tolerance: no penalty rests on them")
 
     @field_validator("scores", "weights")
     @classmethod

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from protocol.run_config import MAX_BYTES, RunConfig
 from protocol.run_config import StrictModel as _Model
 from protocol.wire_types import (MAX_INT, PROTOCOL_VERSION, SHA_PATTERN, ComputeDtype,
-                                 DeviceClass, FailReason, HopKind, LeaseAction, ObjectRef,
+                                 DeviceClass, FailReason, device_name_field, HopKind, LeaseAction, ObjectRef,
                                  OutputRef, Phase, StateRef, hop_id_field, hotkey_field,
                                  round_field)
 
@@ -32,6 +32,7 @@ class RegisterRequest(_Model):
     protocol_version: str = Field(default=PROTOCOL_VERSION, max_length=32)
     device_class: DeviceClass = "cpu"
     compute_dtype: ComputeDtype = "float32"
+    device_name: str = device_name_field()
 
 
 class LeaveRequest(_Model):

@@ -91,8 +91,9 @@ class RunConfig(StrictModel):
                                         description="scoring knobs every validator uses (docs/INCENTIVES.md)")
     audit_tolerances: list[AuditTolerance] = Field(
         default_factory=list, max_length=4096,
-        description="calibrated replay-audit thresholds (scripts/calibrate_audit.py writes them); "
-        "hops no entry covers use neurons.audit.DEFAULT_TOLERANCES")
+        description="calibrated replay-audit thresholds, keyed by what they were calibrated on "
+        "(scripts/calibrate_audit.py writes them); a hop no entry covers is uncalibrated: held to gross "
+        "bounds only, and no verdict rests on it (docs/VALIDATING.md)")
 
     @field_validator("model")
     @classmethod

@@ -10,7 +10,8 @@ from protocol.round_messages import MergeItem
 from protocol.run_config import RunConfig
 from protocol.run_config import StrictModel as _Model
 from protocol.wire_types import (MAX_INT, PROTOCOL_VERSION, ComputeDtype, DeviceClass, HopKind, ObjectRef,
-                                 Phase, StateRef, hop_id_field, hotkey_field, round_field, sha_field)
+                                 Phase, StateRef, device_name_field, hop_id_field, hotkey_field, round_field,
+                                 sha_field)
 
 __all__ = [
     "Health",
@@ -79,6 +80,10 @@ class MinerMetrics(_Model):
     merge_disagreements: int = Field(ge=0)
     bad_outputs: int = Field(default=0, ge=0, description="hop outputs the bridge proved wrong")
     false_claims: int = Field(default=0, ge=0, description="bad-input claims the bridge disproved")
+    standing: Literal["ok", "quarantined", "probation"] = Field(
+        default="ok", description="quarantined: failed an audit, sits out; probation: failed an audit but "
+        "is its stage's last live replica, so it keeps the stage training, unpaid")
+    quarantined_until: int = Field(default=-1, ge=-1, description="round its quarantine lasts until")
 
 
 class Metrics(_Model):
@@ -96,6 +101,13 @@ class Metrics(_Model):
     stages: list[StageMetrics] = Field(max_length=64)
     miners: list[MinerMetrics] = Field(max_length=100_000)
     recent_losses: list[float] = Field(default_factory=list, max_length=1024)
+    empty_rounds: int = Field(default=0, ge=0, description="closed rounds that completed no sample "
+                              "(they do not count towards total_rounds)")
+    last_empty_round: int = Field(default=-1, ge=-1, description="the latest such round (-1: none)")
+    last_empty_reasons: dict[str, int] = Field(default_factory=dict, max_length=64,
+                                               description="why its samples were abandoned")
+    unpaid: list[str] = Field(default_factory=list, max_length=10_000,
+                              description="replicas working this round on probation (unpaid)")
     db_commits: int = Field(default=0, ge=0, description="SQLite transactions since start")
     db_rows_written: int = Field(default=0, ge=0, description="SQLite rows written since start")
 
@@ -128,6 +140,7 @@ class HopRecord(_Model):
     done_at: float = Field(ge=0)
     device_class: DeviceClass = Field(default="cpu", description="the miner's declared device class")
     compute_dtype: ComputeDtype = Field(default="float32", description="the miner's declared compute dtype")
+    device_name: str = device_name_field()
 
 
 class Vote(_Model):
@@ -151,3 +164,6 @@ class HopLog(_Model):
     flagged: list[str] = Field(default_factory=list, max_length=10_000,
                                description="hotkeys whose vote differs from what was published "
                                "(information only: validators recompute and judge)")
+    unpaid: list[str] = Field(default_factory=list, max_length=10_000,
+                              description="replicas that kept their stage training in this round after a "
+                              "failed audit (probation): validators give them no credit for it")

@@ -18,6 +18,7 @@ __all__ = [
     "Phase",
     "DeviceClass",
     "ComputeDtype",
+    "device_name_field",
     "MAX_INT",
     "SHA_PATTERN",
     "sha_field",
@@ -76,6 +77,12 @@ DeviceClass = Literal["cpu", "cuda", "mps"]
 """Where a miner computes; validators replay in the same class when they can (docs/AUDIT.md)."""
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 """A miner's compute dtype (float32, or bf16 / fp16 autocast with fp32 weights)."""
+
+
+def device_name_field() -> Any:
+    """A declared GPU model ('NVIDIA H100 80GB HBM3'; '' for none): audit tolerances are keyed by it."""
+    return Field(default="", max_length=64, pattern=r"^[A-Za-z0-9 ._()/+-]*$",
+                 description="GPU model the miner computes on ('' for a CPU or unknown)")
 
 
 class ErrorBody(_Model):

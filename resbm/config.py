@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -227,6 +229,12 @@ class ModelConfig:
         if out["stage_layers"] is not None:
             out["stage_layers"] = list(out["stage_layers"])
         return out
+
+    def config_hash(self) -> str:
+        """16 hex digits identifying every field (defaults filled in): what audit tolerances were
+        calibrated on (protocol.audit_tolerances); two configs building the same model agree."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

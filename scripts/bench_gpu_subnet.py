@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cuda", help="miners', validator's and reference's device")
     a("--dtype", default="bfloat16", help="compute dtype (bfloat16 = autocast on cuda)")
     a("--sync-codec", default="fp32", help="pseudo-gradient and merged-update codec: fp32 | int8 | int4 | int2")
+    a("--max-memory", default="share", help="each miner's --max-memory (kept activations); 'share': half "
+      "of a GPU's memory split evenly between the miners on it")
     a("--audit-fraction", type=float, default=0.5, help="share of miners the validator audits per round")
     a("--audit-tolerances", default="", help="YAML with an audit_tolerances list (calibrate_audit.py output)")
     a("--reference-steps", type=int, default=0, help="reference trainer steps (0 = the subnet's, rounds x H)")
@@ -126,8 +128,11 @@ def subnet(args, cfg, rc) -> dict:
     from protocol.client import BridgeError
     from scripts.localnet_cluster import Cluster
     from scripts.localnet_workdir import prepare_workdir
+    per_gpu = max(1, rc["n_stages"] * args.miners_per_stage // max(1, args.gpus))
+    budget = f"{0.5 / per_gpu:.4f}" if args.max_memory == "share" else args.max_memory
     cluster = Cluster(prepare_workdir(args.workdir), rc, args.miners_per_stage, device=args.device,
-                      miner_args=["--dtype", args.dtype, "--status-every", "3"], gpus=args.gpus)
+                      miner_args=["--dtype", args.dtype, "--status-every", "3", "--max-memory", budget],
+                      gpus=args.gpus)
     phases: list[tuple[float, int, str]] = []
     lags: list[int] = []
     gpu = _Gpu()

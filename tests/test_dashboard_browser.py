@@ -146,12 +146,15 @@ def test_a_healthy_and_an_unhealthy_miner_read_in_the_colours_and_counts_their_l
     cfg = tiny_run_config(lease_seconds=1.0, model={"seq_len": 8})
     code = code_bytes(cfg)
     lease = {"max_hops": 1, "fwd_out_bytes": code, "bwd_out_bytes": code}
-    _, keys = make_chain(tmp_path / "chain.db", miners=2, validators=1)
+    _, keys = make_chain(tmp_path / "chain.db", miners=3, validators=1)
     b = start_bridge(tmp_path / "bridge", cfg, tmp_path / "chain.db", s3_server)
     try:
-        sick, well = (BridgeClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"])
+        sick, well, peer = (BridgeClient(k, b.url, b.hotkey, max_tries=1) for k in keys["miners"])
         assert sick.post(route("register").path, {})["stage"] == 0
         assert well.post(route("register").path, {})["stage"] == 1
+        # a live peer in good standing on stage 0, so a failed verdict quarantines `sick` (the only
+        # replica of a stage would train on, on probation: tests/test_quarantine_probation.py)
+        assert peer.post(route("register").path, {})["stage"] == 0
         assert sick.post(route("lease").path, lease)["hops"]  # leased and never done: it expires
         time.sleep(1.5)
         well.post(route("lease").path, lease)  # any transition expires the overdue lease
@@ -160,7 +163,7 @@ def test_a_healthy_and_an_unhealthy_miner_read_in_the_colours_and_counts_their_l
             {"hotkey": keys["miners"][0].ss58_address, "passed": False, "reason": "replay mismatch"}]})
         with Browser(tmp_path / "chromium") as br:
             br.open(b.url + "/?refresh=500")
-            br.wait_for("document.querySelectorAll('#miners tbody tr').length === 2")
+            br.wait_for("document.querySelectorAll('#miners tbody tr').length === 3")
             rows = {r["hotkey"]: r for r in br.eval(PAGE_ROWS)}
             stages = br.eval(STAGE_ROWS)
         bad, good = rows[keys["miners"][0].ss58_address], rows[keys["miners"][1].ss58_address]
@@ -168,8 +171,8 @@ def test_a_healthy_and_an_unhealthy_miner_read_in_the_colours_and_counts_their_l
         assert good["colour"]["status"] == good["colour"]["health"] == GREEN  # healthy reads green, not red
         assert bad["status"] == "quarantined" and bad["colour"]["status"] == RED
         assert bad["health"] == "0.50" and bad["colour"]["health"] == AMBER  # halved by its expired lease
-        assert [(s["replicas"], s["online"], s["quarantined"]) for s in stages] == [("1", "0", "1"), ("1", "1", "0")]
-        assert stages[0]["colour"]["online"] == RED and stages[0]["colour"]["quarantined"] == RED
+        assert [(s["replicas"], s["online"], s["quarantined"]) for s in stages] == [("2", "1", "1"), ("1", "1", "0")]
+        assert stages[0]["colour"]["online"] == AMBER and stages[0]["colour"]["quarantined"] == RED
         assert stages[1]["colour"]["online"] == GREEN
     finally:
         b.stop()

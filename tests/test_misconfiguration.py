@@ -136,6 +136,8 @@ CASES = [
      lambda w: _neuron(w, "miner.py", wallet="stranger"), Exit.NOT_REGISTERED, "is not registered", False),
     ("miner: a device this machine lacks",
      lambda w: _neuron(w, "miner.py", device=_no_cuda_device()), Exit.DEVICE, "--device cuda", False),
+    ("miner: a --max-memory it cannot read (checked before taking a stage, like a bad device)",
+     lambda w: _neuron(w, "miner.py", max_memory="lots"), Exit.USAGE, "--max-memory 'lots'", False),
     ("validator: no validator permit",
      lambda w: _neuron(w, "validator.py", wallet="nopermit"), Exit.NO_PERMIT, "no validator permit", False),
     ("validator: an --env-file that does not exist",

@@ -73,9 +73,10 @@ def _wait_done(client: BridgeClient, threads: list[threading.Thread], timeout: f
 
 
 @contextlib.contextmanager
-def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
+def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, **run_over):
     """Start S3 (unless given one), a LocalChain, the bridge and in-process miners; run to the end;
-    yield the pieces. `miners` rows are (name, cheat, dtype, stage the alternating registration must give it).
+    yield the pieces. `miners` rows are (name, cheat, dtype, stage the alternating registration must give it);
+    `prepare(name, miner)` runs on each miner before it registers.
     """
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -90,6 +91,8 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, **run_over):
             transfer = JunkTransfer() if kind == "junk" else ObjectTransfer()
             m = cheating_miner("honest" if kind == "junk" else kind, BridgeClient(kp, bridge.url, bridge.hotkey),
                                transfer, dtype=dtype, max_hops=2)
+            if prepare is not None:
+                prepare(name, m)
             a = m.register()
             assert a.stage == want_stage, f"{name} got stage {a.stage}, expected {want_stage}"
             running.append(m)
