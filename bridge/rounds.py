@@ -11,7 +11,7 @@ from bridge import shard_checks, shard_round, votes
 from bridge.merge_rules import (check_report, check_upload_key, final_key, member, merge_upload_key,
                                 pieces_sha)
 from bridge.records import Sample, StageState, State, TransitionError
-from protocol.keys import staging_of
+from protocol.keys import StateKey, staging_of
 from protocol.lifecycle import Phase, SampleStatus
 
 __all__ = ["finish_sample", "drop_graph",
