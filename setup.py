@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "httptools>=0.6",
     "uvloop>=0.19; sys_platform != 'win32'",
     "httpx>=0.27",
+    # the miner's object transfers: one pass per download, a body sent as is (docs/BENCHMARKS.md)
+    "urllib3>=2",
     "boto3>=1.34",
     "pyyaml>=6",
     # one settings scheme (flag > RESBM_* environment > .env > default) for every process

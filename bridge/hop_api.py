@@ -66,17 +66,21 @@ class HopApi:
         """Hops for the caller, or what to do instead; parks up to `wait_ms` while it is `wait`."""
         def tx(st: Any, now: float, rng: Any) -> tuple:
             action, hops, retry = state.lease(st, caller, req.max_hops, req.fwd_out_bytes,
-                                              req.bwd_out_bytes, now, rng)
+                                              req.bwd_out_bytes, now, rng, req.max_open_graphs)
             m = st.miners[caller]
             return (action, [copy.copy(h) for h in hops], retry, st.round, m.inner_step,
                     m.stage, st.stage_states[m.stage].sha256, m.step_samples)
-        end = time.monotonic() + req.wait_ms / 1000.0
+        start = time.monotonic()
+        end = start + req.wait_ms / 1000.0
+        parked = 0.0
         while True:
             action, hops, retry, rnd, step, stage, sha, samples = await self.svc.apply_async(tx)
             left = end - time.monotonic()
             if action != "wait" or left <= 0.001:
                 break
+            t0 = time.monotonic()
             await self.waiters.wait(caller, stage, left, seen_version())  # no wake since is lost
+            parked += time.monotonic() - t0
         if action == "wait" and req.wait_ms > 0:
             retry = 0.0  # the bridge already held the request: poll again at once
         svc = self.svc
@@ -84,7 +88,7 @@ class HopApi:
                for h in hops]
         return msg.LeaseResponse(action=action, hops=out, round=rnd, inner_step=step,
                                  stage=stage, state_sha=sha, step_samples=samples,
-                                 retry_after=retry)
+                                 retry_after=retry, parked_ms=int(parked * 1000))
 
     def _leased(self, caller: str, hop_id: str) -> Any:
         return self.svc.check(lambda st: copy.copy(state.check_done(st, caller, hop_id,
@@ -103,7 +107,10 @@ class HopApi:
         self._sealing.add(req.hop_id)
         try:
             if self.store is not None and hop.out_key is not None:
+                t0 = time.monotonic()
                 await run_in_threadpool(seal, self.store, hop.out_key)
+                if self.prom is not None:
+                    self.prom.sealed(hop.stage, time.monotonic() - t0)
             await self.svc.apply_async(state.complete, caller, req.hop_id, req.sha256, req.size,
                                        req.loss)
         finally:

@@ -22,6 +22,7 @@ __all__ = ["BridgeMetrics", "StateCollector", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _PHASES = tuple(p.value for p in Phase)
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_SEAL_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _BYTES = tuple(float(4**i * 1024) for i in range(1, 12))  # 4 KiB .. 4 GiB
 
 
@@ -184,6 +185,9 @@ class BridgeMetrics:
         self.round_seconds = Histogram("resbm_bridge_round_seconds",
                                        "closed round: first lease to last verified hop",
                                        buckets=_SECONDS, registry=self.registry)
+        self.seal_seconds = Histogram("resbm_bridge_seal_seconds", "server-side copy of a hop output "
+                                      "to its sealed key at done", ["stage"], buckets=_SEAL_SECONDS,
+                                      registry=self.registry)
         self.validator_reports = Counter("resbm_bridge_validator_reports",
                                          "reports validators published", registry=self.registry)
         self.validation_reports = Counter("resbm_bridge_validation_reports",
@@ -195,6 +199,10 @@ class BridgeMetrics:
         """Observe one verified hop."""
         self.hop_seconds.labels(str(stage), kind).observe(max(0.0, seconds))
         self.hop_bytes.labels(str(stage), kind).observe(size)
+
+    def sealed(self, stage: int, seconds: float) -> None:
+        """Observe one hop output sealed (the S3 copy at `done`)."""
+        self.seal_seconds.labels(str(stage)).observe(max(0.0, seconds))
 
     def round_closed(self, summary: dict[str, Any]) -> None:
         """Observe one closed round (a `dashboard_history.summarise_round` dict)."""

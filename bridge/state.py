@@ -126,8 +126,11 @@ def _check_sizes(st: State, stage: int, fwd_bytes: int, bwd_bytes: int) -> None:
 
 
 def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
-          now: float, rng: random.Random) -> LeaseResult:
-    """Hand a miner up to `max_hops` hops (backwards first), or tell it what to do instead."""
+          now: float, rng: random.Random, max_open_graphs: int = 0) -> LeaseResult:
+    """Hand a miner up to `max_hops` hops (backwards first), or tell it what to do instead.
+    `max_open_graphs` > 0 bounds the forward graphs it holds: no pooled forward is handed out
+    while its open graphs plus the forwards it holds reach it (samples enter the pipeline at
+    stage 0's pool, so this bounds every stage's graphs, 1F1B-like)."""
     m = _miner(st, hotkey)
     _check_sizes(st, m.stage, fwd_bytes, bwd_bytes)
     tick(st, now, rng)
@@ -164,6 +167,8 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 got.append(st.hops[hid])
     if now >= m.backoff_until:
         room = min(max_hops - len(got), quota - m.quota_used)
+        if max_open_graphs > 0 and m.stage < st.run.n_stages - 1:
+            room = min(room, max_open_graphs - m.open_graphs - _forwards_held(st, m, got))
         if m.stage == 0 and len(st.fwd_pool[0]) < max(room, round_start.MINT_CHUNK // 2) \
                 and st.minted < st.run.samples_per_round:
             round_start.mint_more(st)
@@ -184,6 +189,12 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
                 return "step", [], 0.0
             m.quota_used = 0  # reservations all went elsewhere: nothing to step over
     return "wait", [], 0.25
+
+
+def _forwards_held(st: State, m: Miner, got: list[Hop]) -> int:
+    """Forwards `m` holds (leased, queued, or in this answer): graphs it will open."""
+    held = set(st.leased.get(m.hotkey, ())) | set(st.queue.get(m.hotkey, ())) | {h.hop_id for h in got}
+    return sum(1 for hid in held if st.hops[hid].kind == HopKind.FWD)
 
 
 def _claimable(st: State, pool: Any, m: Miner, now: float, room: int) -> list[str]:
@@ -257,6 +268,7 @@ def complete(st: State, hotkey: str, hop_id: str, sha256: Optional[str], size: i
         return hop
     m.step_samples += 1
     m.round_samples += 1
+    st.wake[("miner", hotkey)] = True  # its parked lease may now be answered `step` (or get room)
     if hop.kind == HopKind.FWDBWD:
         st.recent_losses = (st.recent_losses + [loss])[-256:] if loss is not None else st.recent_losses
     elif not hop.recompute:

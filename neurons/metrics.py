@@ -49,6 +49,19 @@ class MinerCollector(Collector):
         b.add_metric(["down"], s["bytes_down"])
         yield b
         yield _one(g, "resbm_miner_compute_fraction", "compute seconds over wall seconds", s["compute_fraction"])
+        spent = CounterMetricFamily("resbm_miner_seconds", "wall seconds of the main loop by activity "
+                                    "(they sum to the wall time; neurons/timebook.py)", labels=["activity"])
+        for activity, seconds in s["time"]["main"].items():
+            spent.add_metric([activity], seconds)
+        yield spent
+        busy = CounterMetricFamily("resbm_miner_background_seconds", "busy seconds of the background "
+                                   "threads by activity (overlapping the main loop)", labels=["activity"])
+        for activity, seconds in s["time"]["background"].items():
+            busy.add_metric([activity], seconds)
+        yield busy
+        if s["hop_wall_ratio"] is not None:
+            yield _one(g, "resbm_miner_hop_wall_ratio", "in-round wall seconds per hop over compute "
+                       "seconds per hop", s["hop_wall_ratio"])
         req = s.get("requests")
         if req is not None:
             rt = CounterMetricFamily("resbm_miner_requests", "HTTP round trips by route (retries included)",

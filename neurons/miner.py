@@ -36,6 +36,8 @@ class MinerSettings(NeuronSettings):
     dtype: str = flag("float32", "compute dtype (parameters and optimizer state stay float32)",
                       choices=["float32", "bfloat16", "float16"])
     max_hops: int = flag(4, "hops leased at once (inputs prefetched in parallel)")
+    max_open_graphs: int = flag(0, "forward graphs held at most (each holds a sample's stage activations "
+                                "until its backward; bounds GPU memory); 0 = as many as the step quota")
     threads: int = flag(0, "torch CPU threads (0 = torch default)")
     max_memory: str = flag("auto", "memory the stage's kept forward graphs may hold: a size (24GiB), a fraction "
                            "of the device (0.4), none, or auto (half the GPU memory free once the model is "
@@ -75,7 +77,8 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     client.on_call, transfer.on_request = requests.on_call, requests.on_transfer
     make = make_miner or (lambda _args, **kw: Miner(**kw))
     miner = make(args, client=client, transfer=transfer, device=device,
-                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops, max_memory=args.max_memory)
+                 dtype=getattr(torch, args.dtype), max_hops=args.max_hops, max_open_graphs=args.max_open_graphs,
+                 max_memory=args.max_memory)
     miner.status.requests = requests
     miner.status.listeners.append(requests.on_compute)
     miner.status.every = args.status_every
@@ -98,8 +101,8 @@ def main(argv=None, settings: type[MinerSettings] = MinerSettings, prog: str = "
     try:
         miner.run_forever()
     finally:
-        _leave(client, log)
-        miner.close()
+        miner.close()  # the hops in hand (a lease asked ahead included) are finished and reported
+        _leave(client, log)  # then the bridge moves nothing of ours elsewhere
         requests.settle()
         if args.status_file:
             _dump_status(miner, args.status_file)

@@ -1,8 +1,12 @@
 """The miner's work loop: lease hops, compute them, upload, report; step and merge when told.
 
-Network and compute overlap: a lease's inputs download in parallel while earlier hops compute,
-and outputs upload (then report `done`) on a background pool, bounded so memory stays flat.
-The loop drains pending uploads before anything that changes weights (step, merge).
+Network and compute overlap: while the last hop of a lease computes, the next lease is already
+long-polling the bridge and its inputs start downloading the moment it answers; outputs encode,
+upload and report `done` on a background pool, bounded so memory stays flat. The loop drains
+pending uploads before anything that changes weights (step, merge). `max_open_graphs` bounds the
+forward graphs held (the bridge hands out no pooled forward beyond it), so a large step quota A
+keeps every stage busy without holding A graphs. Every second of the loop is booked in a
+`TimeBook` (neurons/timebook.py): the status line, the status file and the metrics show it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from neurons.round_merge import ReplicaMerge, RoundState
 from neurons.sync_choice import sync_for
 from neurons.stage_worker import StageWorker, worker_for_run
 from neurons.status import MinerStatus
+from neurons.sync_device import pick_sync_device
+from neurons.timebook import TimeBook
 from neurons.transfer import ObjectTransfer, TransferError
 
 __all__ = ["Miner"]
@@ -41,33 +47,51 @@ class Miner:
 
     def __init__(self, client: BridgeClient, transfer: ObjectTransfer, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_hops: int = 4, max_pending_uploads: int = 8,
-                 max_memory: int | str | None = "auto"):
+                 max_open_graphs: int = 0, max_memory: int | str | None = "auto"):
         self.client, self.transfer = client, transfer
         self.device, self.dtype = device, dtype
         self.max_memory = max_memory  # activation budget: neurons.stage_memory.parse_memory
         self.max_hops, self.max_pending = max_hops, max_pending_uploads
+        self.max_open_graphs = max_open_graphs
         self.lease_wait_ms = 2000
+        self.prefetch_wait_ms = 500  # a hand-off arrives well within this; stopping waits at most this
         self.prefetch_leases = True
         self._lease_pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._prefetch: Future | None = None
         self._prefetched: dict[str, Future] = {}  # hop id -> its inputs, downloading since the prefetch
         self.stop = threading.Event()
-        self.status = MinerStatus(transfer.stats)
+        self.book = TimeBook()
+        self.status = MinerStatus(transfer.stats, self.book)
+        self._fwd_taken = 0  # hops that ran a forward in this inner step (what the bridge's quota counts)
         self._downloads = ThreadPoolExecutor(4, thread_name_prefix="download")
         self._uploads = ThreadPoolExecutor(2, thread_name_prefix="upload")
         self._pending: list[Future] = []
         self.worker: StageWorker | None = None
+        self.run = None  # the RunConfig, from registration
+        self._sync_device: torch.device | None = None  # where the sharded sync computes (chosen once)
         self.state: RoundState | None = None
         self._computed: tuple | None = None  # (sha, theta, momentum) of our last merge
         self._merge_tried: int | None = None  # round whose merge we already attempted
         self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
 
     def _round_merge(self) -> ReplicaMerge:
-        return sync_for(self.run).merge(self.client, self.transfer, self.worker, self.run, self.stop)
+        return sync_for(self.run).merge_for(self.client, self.transfer, self.worker, self.run, self.stop,
+                                            self._pick_sync_device)
+
+    def _pick_sync_device(self) -> torch.device:
+        """Where the sharded sync computes: chosen once, by a self-check of the device's arithmetic."""
+        if self._sync_device is None:
+            self._sync_device = pick_sync_device(self.device)
+        return self._sync_device
 
     # ----- setup -----
     def register(self) -> Assignment:
         """Register with the bridge, build the stage and load the round's weights."""
+        with self.book.timed("setup"):
+            return self._register()
+
+    def _register(self) -> Assignment:
+        self._fwd_taken = 0
         a = self._post_registration(self._registration())
         run = a.run
         cfg = ModelConfig.from_dict(run.model)
@@ -112,10 +136,12 @@ class Miner:
         # wait_ms: the bridge holds an idle lease until work appears (long-poll) instead of us polling.
         req = LeaseRequest(max_hops=self.max_hops, wait_ms=self.lease_wait_ms,
                            fwd_out_bytes=0 if self.worker.is_last else self.out_bytes,
-                           bwd_out_bytes=0 if self.worker.is_first else self.out_bytes)
+                           bwd_out_bytes=0 if self.worker.is_first else self.out_bytes,
+                           max_open_graphs=self.max_open_graphs)
         self._req = req
         outage = 0.0
         while not self.stop.is_set():
+            t0, quota_used = time.monotonic(), self._quota_used()
             try:
                 resp = self._take_prefetched() or self.client.lease(req)
                 outage = 0.0
@@ -125,6 +151,7 @@ class Miner:
                 log.warning("lease failed (%s); retrying in %.0fs", exc, outage)
                 self.stop.wait(outage)
                 continue
+            self._book_lease(resp, time.monotonic() - t0, quota_used)
             self.status.maybe_print(resp.round, resp.inner_step)
             if self.state is not None and resp.round > self.state.round and resp.action in ("work", "step", "wait"):
                 try:  # the run moved past our round (we missed a publication): catch up
@@ -138,7 +165,8 @@ class Miner:
                     self.stop.wait(5.0)
                 continue
             if self.state is not None and resp.round < self.state.round and resp.action != "done":
-                self.stop.wait(0.2)  # our stage already merged; other stages are still merging
+                with self.book.timed("merge"):
+                    self.stop.wait(0.2)  # our stage already merged; other stages are still merging
                 continue
             try:
                 self._act(resp)
@@ -153,22 +181,45 @@ class Miner:
                 break
         self._drain()
 
+    def _quota_used(self) -> bool:
+        """Whether this inner step's forwards are all taken (what is left is its backwards)."""
+        return self.run is not None and self._fwd_taken >= self.run.micro_batches_per_step
+
+    def _waiting_as(self, resp: LeaseResponse, quota_used: bool) -> str:
+        """What waiting for work counts as: the inner-step barrier once the step's quota is used,
+        else waiting for other stages (or for their merge, when our round is ahead)."""
+        if self.state is not None and resp.round < self.state.round:
+            return "merge"
+        return "barrier" if quota_used else "wait_work"
+
+    def _book_lease(self, resp: LeaseResponse, seconds: float, quota_used: bool) -> None:
+        """Book a lease call: the time the bridge held it (long-poll) as waiting, the rest as the
+        round trip."""
+        parked = min(seconds, resp.parked_ms / 1000.0)
+        if parked > 0:
+            self.book.add(self._waiting_as(resp, quota_used), parked)
+        self.book.add("lease" if resp.action != "wait" else self._waiting_as(resp, quota_used), seconds - parked)
+
     def _act(self, resp: LeaseResponse) -> None:
         """Carry out one lease answer."""
         if resp.action == "work":
             self._work(resp.hops)
         elif resp.action == "wait":
             self._drain()
-            self.stop.wait(max(0.05, min(resp.retry_after, 2.0)))
+            with self.book.timed(self._waiting_as(resp, self._quota_used())):
+                # A long-poll already waited at the bridge (retry_after 0): ask again at once.
+                if resp.retry_after > 0:
+                    self.stop.wait(min(resp.retry_after, 2.0))
         elif resp.action == "step":
             self._step(resp)
         elif resp.action == "merge":
             self._drain()
-            if self._merge_tried == resp.round:  # done what we could; the stage publishes without us
-                self.stop.wait(0.3)
-                return
-            self.state, self._computed = self._round_merge().run_round(self.state, resp.round)
-            self._merge_tried = resp.round
+            with self.book.timed("merge"):
+                if self._merge_tried == resp.round:  # done what we could; the stage publishes without us
+                    self.stop.wait(0.3)
+                    return
+                self.state, self._computed = self._round_merge().run_round(self.state, resp.round)
+                self._merge_tried = resp.round
             self.status.set_stage(self.stage, self.state.round)
         elif resp.action == "reassign":
             self._drain()
@@ -187,13 +238,14 @@ class Miner:
         self._uploads.shutdown(wait=True)
 
     # ----- hops -----
-    def _lease_now(self) -> LeaseResponse | None:
-        """A lease that does not wait (prefetch): a 'work' answer, or None."""
+    def _lease_ahead(self) -> LeaseResponse | None:
+        """The next lease answer, asked while the current hop computes (held at the bridge up to
+        `prefetch_wait_ms`, so work that appears meanwhile starts downloading at once; a longer
+        wait is the main loop's own long-poll); None on an error."""
         try:
-            resp = self.client.lease(self._req.model_copy(update={"wait_ms": 0}))
+            resp = self.client.lease(self._req.model_copy(update={"wait_ms": min(self.lease_wait_ms,
+                                                                                 self.prefetch_wait_ms)}))
         except (BridgeError, httpx.TransportError):
-            return None
-        if resp.action != "work":
             return None
         # Start the inputs downloading at once: they are the next thing the GPU needs.
         for h in resp.hops:
@@ -207,13 +259,15 @@ class Miner:
     def _work(self, hops: list[Hop]) -> None:
         fetches = [self._prefetched.pop(h.hop_id, None)
                    or self._downloads.submit(fetch_inputs, self.transfer, h, self.shape, self.codec) for h in hops]
+        self._fwd_taken += sum(1 for h in hops if h.kind != HopKind.BWD or h.recompute)
         for i, (hop, fut) in enumerate(zip(hops, fetches)):
             if i == len(hops) - 1 and self.prefetch_leases and not self.stop.is_set():
                 # Ask for the next hops while the last one computes: the lease round trip and the
                 # first download then overlap compute instead of idling the device.
-                self._prefetch = self._lease_pool.submit(self._lease_now)
+                self._prefetch = self._lease_pool.submit(self._lease_ahead)
             try:
-                inputs = fut.result()
+                with self.book.timed("download"):
+                    inputs = fut.result()
             except BadInput as exc:
                 self._report_bad_input(hop, exc)
                 continue
@@ -226,8 +280,10 @@ class Miner:
                 self._fail(hop, "other", str(exc)[:900])
                 continue
             seconds = time.monotonic() - t0
+            self.book.add("compute", seconds)
             self.status.add_compute(seconds, hop, self.run.batch_size * self.cfg.seq_len, loss)
-            self._queue_upload(hop, out, loss, seconds)
+            with self.book.timed("drain"):
+                self._queue_upload(hop, out, loss, seconds)
 
     def _compute(self, hop: Hop, inputs: HopInputs) -> tuple[torch.Tensor | None, float | None]:
         """The hop's output and loss, from the one hop executor the validator replays with."""
@@ -246,11 +302,14 @@ class Miner:
         try:
             sha, size = None, 0
             if out is not None and hop.output is not None:
-                blob, sha = encode_output(out, self.codec)
-                self._put_output(hop, blob)
+                with self.book.timed("encode"):
+                    blob, sha = encode_output(out, self.codec)
+                with self.book.timed("upload"):
+                    self._put_output(hop, blob)
                 size = len(blob)
-            self._report_done(hop, HopDone(hop_id=hop.hop_id, sha256=sha, size=size, loss=loss,
-                                           compute_seconds=seconds))
+            with self.book.timed("report"):
+                self._report_done(hop, HopDone(hop_id=hop.hop_id, sha256=sha, size=size, loss=loss,
+                                               compute_seconds=seconds))
             self.status.hops_done += 1
         except (TransferError, BridgeError, httpx.TransportError) as exc:
             # The lease will expire and the bridge re-leases the hop elsewhere.
@@ -292,9 +351,10 @@ class Miner:
             log.warning("could not report failure of hop %s: %s", hop.hop_id, exc)
 
     def _drain(self) -> None:
-        for f in self._pending:
-            f.result()
-        self._pending.clear()
+        with self.book.timed("drain"):
+            for f in self._pending:
+                f.result()
+            self._pending.clear()
 
     # ----- inner step -----
     def _apply_step(self, global_step: int) -> None:
@@ -303,6 +363,11 @@ class Miner:
 
     def _step(self, resp: LeaseResponse) -> None:
         self._drain()
+        with self.book.timed("step"):
+            self._step_now(resp)
+        self._fwd_taken = 0
+
+    def _step_now(self, resp: LeaseResponse) -> None:
         key = (resp.round, resp.inner_step)
         if self._last_step is not None and self._last_step[0] == key:
             # Asked again for a step we already took (our report was lost): report it, never re-apply.

@@ -18,6 +18,8 @@ import hashlib
 import logging
 import time
 
+import torch
+
 from protocol.client import BridgeError
 from protocol.messages import Assignment
 from protocol.routes import route
@@ -67,7 +69,18 @@ class BridgeBoard:
 
 
 class ShardedMerge(ReplicaMerge):
-    """One replica's part in a sharded round (drills override the hooks)."""
+    """One replica's part in a sharded round (drills override the hooks). Its arithmetic runs on
+    `sync_device` (the miner's GPU when it reproduces the CPU's bits: neurons/sync_device.py)."""
+
+    sync_device = torch.device("cpu")
+
+    def pseudo_gradient(self, state: RoundState) -> dict:
+        """theta_start - theta_local, on the sync device."""
+        dev = self.sync_device
+        if dev.type == "cpu":
+            return super().pseudo_gradient(state)
+        params = self.worker.module.state_dict()
+        return {n: state.theta_start[n].to(dev) - params[n].detach().to(dev, torch.float32) for n in sorted(params)}
 
     def encode_piece(self, vec):
         """The bytes uploaded for one shard of the pseudo-gradient."""
@@ -82,7 +95,7 @@ class ShardedMerge(ReplicaMerge):
         board = BridgeBoard(self.client)
         hotkey = self.client.keypair.ss58_address
         return ReplicaSync(self.transfer, board, sync_settings(self.run), self.run.run_id, hotkey,
-                           self.worker.stage_index, encoder=self.encode_piece), board
+                           self.worker.stage_index, encoder=self.encode_piece, device=self.sync_device), board
 
     def run_round(self, state: RoundState, rnd: int) -> tuple[RoundState, tuple | None]:
         stage, run, cfg = self.worker.stage_index, self.run, sync_settings(self.run)
@@ -92,7 +105,8 @@ class ShardedMerge(ReplicaMerge):
                              f"{lay.total} values allow ({len(lay)} shards of {run.sync_block}-value blocks): "
                              "lower sync_shards in the run config")
         sync, board = self._sync()
-        pg = self.pseudo_gradient(state)
+        dev = self.sync_device
+        pg = {n: t.to(dev) for n, t in self.pseudo_gradient(state).items()}
         try:  # a grant is refused up front when the report would be (no_work, quarantined, frozen)
             sized = sync.upload_sized(rnd, pg, lay)
             del pg
@@ -122,9 +136,9 @@ class ShardedMerge(ReplicaMerge):
         if view is None:
             return state, None
         board.learn(view, run.run_id)
-        theta = {n: t.clone() for n, t in state.theta_start.items()}
+        theta = {n: t.to(dev, copy=True) for n, t in state.theta_start.items()}
         momentum = state.momentum if state.momentum is not None else {n: t * 0 for n, t in theta.items()}
-        momentum = {n: t.clone() for n, t in momentum.items()}
+        momentum = {n: t.to(dev, copy=True) for n, t in momentum.items()}
         decided = [None if u is None else ([u.url, *u.alt_urls], u.sha256) for u in view.decided]
         new = sync.apply(rnd, theta, momentum, lay, decided, mine)
         refs = [n if n is not None else o for n, o in zip(new, refs)]
@@ -132,10 +146,12 @@ class ShardedMerge(ReplicaMerge):
         if checkpoint_due(rnd, run.checkpoint_every, run.total_rounds):
             sha = self._checkpoint(rnd, theta, momentum, refs, state.sha)
         self.worker.load_theta(theta)
+        theta = self.worker.theta()  # the same values, on the CPU (the GPU's copies are freed)
+        momentum = {n: t.cpu() for n, t in momentum.items()}
         kept = sum(1 for d in decided if d is None)
         log.info("round %d: %d shards applied (%d kept); round %d starts from %s..", rnd,
                  len(decided) - kept, kept, rnd + 1, state_sha(theta)[:10])
-        return RoundState(round=rnd + 1, theta_start=self.worker.theta(), momentum=momentum, sha=sha,
+        return RoundState(round=rnd + 1, theta_start=theta, momentum=momentum, sha=sha,
                           shard_refs=refs), ("sharded", rnd + 1, theta, momentum, refs)
 
     def _checkpoint(self, rnd: int, theta, momentum, refs, prev: str | None) -> str | None:

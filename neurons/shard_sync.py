@@ -10,7 +10,12 @@
    did not merge itself. No state goes on the wire except the full checkpoint every K rounds.
 
 Peak memory beyond the replica's own theta and momentum is one shard's R decoded pieces
-(plus a column chunk of the sort), so it does not grow with the stage.
+(plus a column chunk of the sort) and the replica's own encoded pieces, so it does not grow with R.
+
+Transfers overlap compute: a shard's PUT runs while the next shard encodes (or merges), and the
+pieces of a shard download in parallel. A replica that merges a shard alone (a stage's only
+replica) reads its own piece from memory instead of downloading it back; where other mergers
+read the stored piece it does too, so a piece the store altered is left out by every merger alike.
 
 Object keys are content-addressed and name the writer; where they come from (a bridge grant or,
 in the benchmark, the bridge's own signer) is the `Board`'s business.
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,24 +120,32 @@ class ReplicaSync:
     """One replica's sync for one stage."""
 
     def __init__(self, transfer: ObjectTransfer, board: Board, cfg: SyncSettings, prefix: str,
-                 hotkey: str, stage: int, encoder=None):
+                 hotkey: str, stage: int, encoder=None, fetchers: int = 4,
+                 device: torch.device | str = "cpu"):
         self.transfer, self.board, self.cfg = transfer, board, cfg
         self.prefix, self.hotkey, self.stage = prefix, hotkey, stage
         self.encoder = encoder or (lambda vec: encode(vec, self.cfg.pg))  # drills send other bytes
+        self.fetchers = fetchers
+        self.device = torch.device(device)  # where decoding, merging and the outer step run
+        self.own: dict[int, tuple[str, bytes]] = {}  # shard -> (sha256, bytes) of our uploaded piece
+        self._alone: set[int] = set()  # shards we merge without any other merger
 
     def upload(self, rnd: int, pg: Mapping[str, torch.Tensor], lay: ShardLayout) -> tuple[str, ...]:
         """Encode and PUT the pseudo-gradient shard by shard; returns the sha256 per shard."""
         return tuple(sha for sha, _ in self.upload_sized(rnd, pg, lay))
 
     def upload_sized(self, rnd: int, pg: Mapping[str, torch.Tensor], lay: ShardLayout) -> list[tuple[str, int]]:
-        """Like `upload`, returning (sha256, size) per shard."""
+        """Like `upload`, returning (sha256, size) per shard; keeps our pieces for our own merge."""
         out = []
-        for s, (a, b) in enumerate(lay):
-            blob = self.encoder(take(pg, a, b))
-            sha = hashlib.sha256(blob).hexdigest()
-            key = pg_key(self.prefix, rnd, self.stage, self.hotkey, s, sha)
-            self.transfer.put(self.board.put_url(key, len(blob)), blob)
-            out.append((sha, len(blob)))
+        self.own = {}
+        with _Uploads(self.transfer) as up:
+            for s, (a, b) in enumerate(lay):
+                blob = self.encoder(take(pg, a, b))
+                sha = hashlib.sha256(blob).hexdigest()
+                key = pg_key(self.prefix, rnd, self.stage, self.hotkey, s, sha)
+                up.put(self.board.put_url(key, len(blob)), blob)  # while the next shard encodes
+                self.own[s] = (sha, blob)
+                out.append((sha, len(blob)))
         return out
 
     def _piece(self, rnd: int, p: Piece, s: int, n: int) -> tuple[torch.Tensor | None, str]:
@@ -146,7 +160,12 @@ class ReplicaSync:
         except (KeyError, ValueError):
             return None, f"malformed report: no URL for shard {s}"
         try:
-            blob = self.transfer.get_verified(url, p.shas[s], encoded_size(n, self.cfg.pg), f"shard {s} of {p.hotkey}")
+            own = self.own.get(s) if p.hotkey == self.hotkey and s in self._alone else None
+            if own is not None and own[0] == p.shas[s]:
+                blob = own[1]  # what we uploaded and reported, and nobody else merges it
+            else:
+                blob = self.transfer.get_verified(url, p.shas[s], encoded_size(n, self.cfg.pg),
+                                                  f"shard {s} of {p.hotkey}")
         except HashMismatch as exc:
             return None, f"hash mismatch: {exc}"[:300]
         except TransferError as exc:
@@ -154,16 +173,17 @@ class ReplicaSync:
                 raise
             return None, f"oversized: {exc}"[:300]
         try:
-            return decode(blob, n, self.cfg.pg), ""
+            return decode(blob, n, self.cfg.pg, device=self.device), ""
         except OuterError as exc:
             return None, f"undecodable: {exc}"[:300]
 
     def merge_one(self, rnd: int, s: int, rng: tuple[int, int], pieces: Sequence[Piece],
-                  prev_ref: float | None, upload: bool = True) -> MergedShard:
+                  prev_ref: float | None, upload: bool | Callable[[str, bytes], None] = True) -> MergedShard:
         """Download, merge, encode and (unless a validator recomputes) upload shard `s`; returns
-        the vote (the empty object's sha256 when nothing was usable: keep the shard)."""
+        the vote (the empty object's sha256 when nothing was usable: keep the shard). `upload`
+        may be a function(url, blob) that puts it (in the background)."""
         n = rng[1] - rng[0]
-        got = [self._piece(rnd, p, s, n) for p in pieces]
+        got = self._pieces(rnd, s, n, pieces)
         sm: ShardMerge = merge_shard([(p.samples, v) for p, (v, _) in zip(pieces, got)], n, prev_ref,
                                      self.cfg.params, self.cfg.merged)
         excluded = {pieces[i].hotkey: got[i][1] or why for i, why in sm.excluded}
@@ -174,14 +194,28 @@ class ReplicaSync:
         sha = hashlib.sha256(blob).hexdigest()
         key = merged_key(self.prefix, rnd, self.stage, s, self.hotkey, sha)
         if blob and upload:
-            self.transfer.put(self.board.put_url(key, len(blob)), blob)
+            put = upload if callable(upload) else self.transfer.put
+            put(self.board.put_url(key, len(blob)), blob)
         return MergedShard(sha, key, sm.merged, ref, excluded, len(blob))
+
+    def _pieces(self, rnd: int, s: int, n: int, pieces: Sequence[Piece]) -> list[tuple[torch.Tensor | None, str]]:
+        """Every replica's decoded piece of shard `s`, downloaded in parallel, in `pieces`' order."""
+        if self.fetchers <= 1 or len(pieces) <= 1:
+            return [self._piece(rnd, p, s, n) for p in pieces]
+        with ThreadPoolExecutor(min(self.fetchers, len(pieces)), thread_name_prefix="pieces") as pool:
+            return list(pool.map(lambda p: self._piece(rnd, p, s, n), pieces))
 
     def merge(self, rnd: int, table: Sequence[Sequence[str]], lay: ShardLayout,
               pieces: Sequence[Piece], refs: Sequence[float | None]) -> dict[int, MergedShard]:
-        """Merge every shard assigned to this replica (shard by shard)."""
-        return {s: self.merge_one(rnd, s, lay[s], pieces, refs[s])
-                for s, hs in enumerate(table) if self.hotkey in hs}
+        """Merge every shard assigned to this replica (shard by shard; each upload runs while
+        the next shard merges)."""
+        self._alone = {s for s, hs in enumerate(table) if list(hs) == [self.hotkey]}
+        try:
+            with _Uploads(self.transfer) as up:
+                return {s: self.merge_one(rnd, s, lay[s], pieces, refs[s], upload=up.put)
+                        for s, hs in enumerate(table) if self.hotkey in hs}
+        finally:
+            self.own, self._alone = {}, set()
 
     def apply(self, rnd: int, theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor],
               lay: ShardLayout, decided: Sequence[tuple[Sequence[str], str] | None],
@@ -200,16 +234,42 @@ class ReplicaSync:
                 ref, vec = own.ref, own.update
             else:
                 ref, vec = read_update(self.transfer, urls, sha, rng[1] - rng[0], self.cfg.merged,
-                                       f"merged shard {s}")
+                                       f"merged shard {s}", self.device)
             apply_shard(theta, momentum, rng, vec, self.cfg.params)
             refs.append(ref)
         return refs
 
 
 def read_update(transfer: ObjectTransfer, urls: Sequence[str], sha: str, n: int, codec: Codec,
-                what: str) -> tuple[float, torch.Tensor]:
-    """(clip reference, vector) of a decided merged update from the first agreeing merger's copy
-    that is readable and checks out (sha256, exact size, decodes): one voter's bad copy never
-    blocks a reader. TransferError when none does."""
+                what: str, device: torch.device | str = "cpu") -> tuple[float, torch.Tensor]:
+    """(clip reference, vector on `device`) of a decided merged update from the first agreeing
+    merger's copy that is readable and checks out (sha256, exact size, decodes): one voter's bad
+    copy never blocks a reader. TransferError when none does."""
     return first_good_copy(urls, lambda url: unpack_update(transfer.get_verified(url, sha, update_size(n, codec), what),
-                                                            n, codec), what)
+                                                            n, codec, device=device), what)
+
+
+class _Uploads:
+    """PUTs on one background thread, at most one waiting behind the one in flight (memory stays
+    at two objects); leaving the block waits for them and raises the first failure."""
+
+    def __init__(self, transfer: ObjectTransfer) -> None:
+        self.transfer = transfer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sync-put")
+        self._pending: list[Future] = []
+
+    def put(self, url: str, blob: bytes) -> None:
+        """Queue one PUT (waits while two are queued)."""
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self.transfer.put, url, blob))
+
+    def __enter__(self) -> "_Uploads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -5,7 +5,10 @@ round's start state and a miner's decoded pseudo-gradient.
 Everything starts from the bridge's view of the round (protocol.sync_api.SyncView): the last
 checkpoint and the decided updates since rebuild the round's start state and each shard's clip
 reference, exactly as the replicas hold them; a shard's recomputation is then the mergers' own
-code (neurons.shard_check) without the upload.
+code (neurons.shard_check) without the upload. A validator keeps each stage's last rebuilt start
+(`RoundStarts`): the next round's is that one plus its decided update, with no checkpoint to
+download, and the arithmetic runs on its GPU when that reproduces the CPU's bits
+(neurons/sync_device.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from neurons.stage_worker import worker_for_run
 from neurons.sync_follow import SyncStart, advance, get_view, start_of_round, view_urls
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
-__all__ = ["round_start", "check_sharded_round", "settle_sharded", "sharded_pseudo_gradient", "audit_inputs"]
+__all__ = ["round_start", "RoundStarts", "check_sharded_round", "settle_sharded", "sharded_pseudo_gradient",
+           "audit_inputs"]
 
 log = logging.getLogger("validator")
 
@@ -48,48 +52,95 @@ class _ViewBoard:
 
 
 def round_start(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, stage: int,
-                through: int | None = None) -> tuple[SyncView, SyncStart]:
+                through: int | None = None, device: torch.device | str = "cpu") -> tuple[SyncView, SyncStart]:
     """(view, state round `rnd` of `stage` starts from; or, with through=rnd, the one after it)."""
     view = get_view(client, rnd, stage)
     cfg = sync_settings(run)
     worker = worker_for_run(run, stage, "cpu")
     lay = cfg.layout(worker.param_shapes)
     return view, start_of_round(transfer, view, worker.param_shapes, lay, cfg, run.max_state_bytes,
-                                worker.theta, through=through)
+                                worker.theta, through=through, device=device)
 
 
-def _recompute(transfer, run, view: SyncView, start: SyncStart, shard: int):
+def _copy(start: SyncStart) -> SyncStart:
+    return SyncStart(start.round, {n: t.clone() for n, t in start.theta.items()},
+                     {n: t.clone() for n, t in start.momentum.items()}, list(start.refs), None)
+
+
+def _same_update(view: SyncView, prev: SyncView) -> bool:
+    """Whether round `view.round` starts from `prev`'s round plus `prev`'s decided update."""
+    if not prev.complete or view.round != prev.round + 1:
+        return False
+    if view.checkpoint_round == view.round:  # a checkpoint of that very update
+        return not view.updates
+    last = view.updates[-1] if view.updates else None
+    if last is None or last.round != prev.round or len(last.shards) != len(prev.decided):
+        return False
+    return all((a is None and b is None) or (a is not None and b is not None and a.sha256 == b.sha256)
+               for a, b in zip(last.shards, prev.decided))
+
+
+class RoundStarts:
+    """The round starts a validator rebuilt, one per stage (the latest): round r+1's is round r's
+    plus its decided update when the bridge's log agrees, else the checkpoint plus the updates."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._last: dict[int, tuple[SyncView, SyncStart]] = {}
+        self.rebuilt = self.advanced = 0
+
+    def get(self, client, transfer: ObjectTransfer, run: RunConfig, rnd: int, stage: int) -> tuple[SyncView, SyncStart]:
+        """(view, start) of round `rnd` of `stage`; don't modify the start's tensors."""
+        view = get_view(client, rnd, stage)
+        held = self._last.get(stage)
+        if held is not None and held[1].round == rnd:
+            return view, held[1]
+        if held is not None and _same_update(view, held[0]):
+            start = _copy(held[1])
+            cfg = sync_settings(run)
+            advance(transfer, start, cfg.layout({n: tuple(t.shape) for n, t in start.theta.items()}), cfg,
+                    held[0].decided, held[0].round, self.device)
+            self.advanced += 1
+        else:
+            start = round_start(client, transfer, run, rnd, stage, device=self.device)[1]
+            self.rebuilt += 1
+        self._last[stage] = (view, start)
+        return view, start
+
+
+def _recompute(transfer, run, view: SyncView, start: SyncStart, shard: int, device="cpu"):
     cfg = sync_settings(run)
     lay = cfg.layout({n: tuple(t.shape) for n, t in start.theta.items()})
-    sync = ReplicaSync(transfer, _ViewBoard(view, run.run_id), cfg, run.run_id, "validator", view.stage)
+    sync = ReplicaSync(transfer, _ViewBoard(view, run.run_id), cfg, run.run_id, "validator", view.stage,
+                       device=device)
     pieces = [Piece(p.hotkey, p.samples, tuple(p.shas)) for p in view.pieces]
     return recompute_shard(sync, view.round, shard, lay[shard], pieces, start.refs[shard])
 
 
-def _checkpoint_sha(transfer, run, view: SyncView, start: SyncStart) -> str:
+def _checkpoint_sha(transfer, run, view: SyncView, start: SyncStart, device="cpu") -> str:
     """sha256 of the checkpoint the round's decided update leads to from `start`."""
     cfg = sync_settings(run)
-    after = SyncStart(start.round, {n: t.clone() for n, t in start.theta.items()},
-                      {n: t.clone() for n, t in start.momentum.items()}, list(start.refs), None)
+    after = _copy(start)
     advance(transfer, after, cfg.layout({n: tuple(t.shape) for n, t in after.theta.items()}), cfg,
-            view.decided, view.round)
+            view.decided, view.round, device)
     return hashlib.sha256(checkpoint_bytes(after.theta, after.momentum, after.refs)).hexdigest()
 
 
 def check_sharded_round(client, transfer: ObjectTransfer, run: RunConfig,
-                        hoplog: HopLog) -> dict[str, str]:
+                        hoplog: HopLog, starts: RoundStarts | None = None) -> dict[str, str]:
     """{hotkey: reason} of every merger (or piece sender) a recomputation of the round fails."""
     failed: dict[str, str] = {}
+    starts = starts or RoundStarts()
     for stage in sorted({p.stage for p in hoplog.pseudograds}):
         try:
-            view, start = round_start(client, transfer, run, hoplog.round, stage)
+            view, start = starts.get(client, transfer, run, hoplog.round, stage)
             for s, votes in enumerate(view.votes):
-                v = judge_shard(_recompute(transfer, run, view, start, s), votes)
+                v = judge_shard(_recompute(transfer, run, view, start, s, starts.device), votes)
                 for hk, why in v.failed.items():
                     failed.setdefault(hk, f"shard {s}: {why}")
             cast = {v.hotkey: v.sha256 for v in hoplog.votes if v.stage == stage}
             if cast and view.complete:
-                want = _checkpoint_sha(transfer, run, view, start)
+                want = _checkpoint_sha(transfer, run, view, start, starts.device)
                 for hk, sha in cast.items():
                     if sha != want:
                         failed.setdefault(hk, f"checkpoint {sha[:12]} differs from the recomputation {want[:12]}")
@@ -151,7 +202,7 @@ def settle_sharded(client, transfer: ObjectTransfer, run: RunConfig, settled: se
 
 
 def sharded_pseudo_gradient(transfer: ObjectTransfer, run: RunConfig, view: SyncView, hotkey: str,
-                            shapes: dict) -> dict[str, torch.Tensor] | None:
+                            shapes: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
     """A miner's reported pseudo-gradient, decoded shard by shard (None: not in the set).
     Raises HashMismatch / OuterError for bytes that fail their sha256 or do not decode."""
     piece = next((p for p in view.pieces if p.hotkey == hotkey), None)
@@ -169,7 +220,7 @@ def sharded_pseudo_gradient(transfer: ObjectTransfer, run: RunConfig, view: Sync
             if exc.status == 413:  # larger than the shard's exact size: a property of the object
                 raise StateError(f"shard {s} of {hotkey}: {exc}") from None
             raise
-        flat[a:b] = decode(blob, b - a, cfg.pg)
+        flat[a:b] = decode(blob, b - a, cfg.pg, device=device).cpu()
     out, off = {}, 0
     for n in sorted(shapes):
         k = int(torch.tensor(shapes[n]).prod()) if shapes[n] else 1
@@ -178,12 +229,14 @@ def sharded_pseudo_gradient(transfer: ObjectTransfer, run: RunConfig, view: Sync
     return out
 
 
-def audit_inputs(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, hotkey: str):
+def audit_inputs(client, transfer: ObjectTransfer, run: RunConfig, rnd: int, hotkey: str,
+                 starts: RoundStarts | None = None):
     """For neurons.round_audit.audit_miner: worker -> (round start theta, claimed pseudo-gradient)."""
     def inputs(worker):
-        view, start = round_start(client, transfer, run, rnd, worker.stage_index)
+        got = starts or RoundStarts()
+        view, start = got.get(client, transfer, run, rnd, worker.stage_index)
         try:
-            pg = sharded_pseudo_gradient(transfer, run, view, hotkey, worker.param_shapes)
+            pg = sharded_pseudo_gradient(transfer, run, view, hotkey, worker.param_shapes, got.device)
         except HashMismatch as exc:
             raise ClaimError(f"pseudo-gradient shard fails its hash: {exc}") from exc
         except OuterError as exc:

@@ -1,10 +1,12 @@
-"""The miner's periodic status line: hops/s, tokens/s, compute fraction, bytes moved, last loss."""
+"""The miner's periodic status line: hops/s, tokens/s, compute fraction, a hop's wall time over
+its compute, bytes moved, last loss; the summary also carries where the wall time went (TimeBook)."""
 from __future__ import annotations
 
 import logging
 import time
 
 from protocol.lifecycle import HopKind
+from neurons.timebook import TimeBook, hop_wall_ratio
 
 __all__ = ["MinerStatus"]
 
@@ -14,8 +16,9 @@ log = logging.getLogger("miner")
 class MinerStatus:
     """Counters and a rate-limited one-line status print."""
 
-    def __init__(self, transfer_stats, every: float = 10.0):
+    def __init__(self, transfer_stats, book: TimeBook | None = None, every: float = 10.0):
         self.transfer = transfer_stats
+        self.book = book or TimeBook()
         self.every = every
         self.started = time.monotonic()
         self._last_print = self.started
@@ -63,7 +66,10 @@ class MinerStatus:
         """Counters as a dict (also written to the status file the localnet reads)."""
         wall = max(1e-9, time.monotonic() - self.started)
         active = (self.last_hop_at - self.first_hop_at) if self.first_hop_at is not None else 0.0
-        return {"stage": self.stage, "round": self.round, "hops_done": self.hops_done,
+        time_book = self.book.summary()
+        return {"time": time_book, "hop_wall_ratio": hop_wall_ratio(time_book["main"]),
+                "hops_computed": self.hops_computed,
+                "stage": self.stage, "round": self.round, "hops_done": self.hops_done,
                 "hops_per_s": self.hops_computed / wall, "tokens_per_s": self.tokens / wall,
                 "compute_fraction": self.compute_seconds / wall, "compute_seconds": self.compute_seconds,
                 "wall_seconds": wall, "active_seconds": active,
@@ -83,9 +89,10 @@ class MinerStatus:
         s = self.summary()
         loss = "-" if s["last_loss"] is None else f"{s['last_loss']:.3f}"
         gpu = _gpu_text()
-        log.info("stage %d round %d step %d | %d hops %.1f hops/s %.0f tok/s | compute %.0f%% | "
-                 "up %.1f MB down %.1f MB | loss %s%s", self.stage, rnd, inner_step, s["hops_done"],
-                 s["hops_per_s"], s["tokens_per_s"], 100 * s["compute_fraction"],
+        ratio = "-" if s["hop_wall_ratio"] is None else f"{s['hop_wall_ratio']:.1f}x"
+        log.info("stage %d round %d step %d | %d hops %.1f hops/s %.0f tok/s | compute %.0f%%, hop wall %s "
+                 "compute | up %.1f MB down %.1f MB | loss %s%s", self.stage, rnd, inner_step, s["hops_done"],
+                 s["hops_per_s"], s["tokens_per_s"], 100 * s["compute_fraction"], ratio,
                  s["bytes_up"] / 1e6, s["bytes_down"] / 1e6, loss, gpu)
 
 

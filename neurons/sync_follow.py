@@ -56,27 +56,34 @@ def view_urls(view: SyncView, run_id: str) -> dict[str, str]:
 
 
 def fetch_update(transfer: ObjectTransfer, ref: UpdateRef, rng: tuple[int, int],
-                 cfg: SyncSettings, what: str) -> tuple[float, torch.Tensor]:
-    """(clip reference, vector) of a decided update, from any agreeing merger's copy."""
-    return read_update(transfer, [ref.url, *ref.alt_urls], ref.sha256, rng[1] - rng[0], cfg.merged, what)
+                 cfg: SyncSettings, what: str, device: torch.device | str = "cpu") -> tuple[float, torch.Tensor]:
+    """(clip reference, vector on `device`) of a decided update, from any agreeing merger's copy."""
+    return read_update(transfer, [ref.url, *ref.alt_urls], ref.sha256, rng[1] - rng[0], cfg.merged, what, device)
 
 
 def advance(transfer: ObjectTransfer, state: SyncStart, lay: ShardLayout, cfg: SyncSettings,
-            shards: Sequence[UpdateRef | None], rnd: int) -> None:
-    """Apply round `rnd`'s decided update to `state` in place (state.round becomes rnd + 1)."""
+            shards: Sequence[UpdateRef | None], rnd: int, device: torch.device | str = "cpu") -> None:
+    """Apply round `rnd`'s decided update to `state` in place (state.round becomes rnd + 1); the
+    arithmetic runs on `device` (the state stays where it is)."""
+    dev = torch.device(device)
+    home = {n: t.device for n, t in state.theta.items()}
+    theta = {n: t.to(dev) for n, t in state.theta.items()}
+    momentum = {n: t.to(dev) for n, t in state.momentum.items()}
     for s, (rng, ref) in enumerate(zip(lay, shards)):
         if ref is None:
             continue
-        r, vec = fetch_update(transfer, ref, rng, cfg, f"round {rnd} shard {s} update")
-        apply_shard(state.theta, state.momentum, rng, vec, cfg.params)
+        r, vec = fetch_update(transfer, ref, rng, cfg, f"round {rnd} shard {s} update", dev)
+        apply_shard(theta, momentum, rng, vec, cfg.params)
         state.refs[s] = r
+    state.theta = {n: t.to(home[n]) for n, t in theta.items()}
+    state.momentum = {n: t.to(home[n]) for n, t in momentum.items()}
     state.round = rnd + 1
 
 
 def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str, Sequence[int]],
                    lay: ShardLayout, cfg: SyncSettings, max_bytes: int,
                    init_theta: Callable[[], Mapping[str, torch.Tensor]],
-                   through: int | None = None) -> SyncStart:
+                   through: int | None = None, device: torch.device | str = "cpu") -> SyncStart:
     """The state round `view.round` starts from (or, with `through`, the one after round
     `through`'s update when the view is of that round and complete): the checkpoint plus every
     decided update since."""
@@ -88,11 +95,11 @@ def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str
         theta, momentum, refs = load_checkpoint(blob, shapes, len(lay), max_bytes)
         st = SyncStart(view.checkpoint_round, theta, momentum, refs, view.checkpoint.sha256)
     for upd in view.updates:
-        advance(transfer, st, lay, cfg, upd.shards, upd.round)
+        advance(transfer, st, lay, cfg, upd.shards, upd.round, device)
     if st.round != view.round:
         raise TransferError(f"catch-up reached round {st.round}, not {view.round}: updates missing")
     if through is not None and through == view.round and view.complete:
-        advance(transfer, st, lay, cfg, view.decided, view.round)
+        advance(transfer, st, lay, cfg, view.decided, view.round, device)
     return st
 
 

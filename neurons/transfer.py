@@ -1,5 +1,11 @@
 """Object transfers through presigned URLs: bounded downloads, retried uploads, byte and time
 accounting, and an optional emulated slow link so bandwidth effects show on one machine.
+
+Objects move at the store's speed (docs/BENCHMARKS.md, "Hops that cost their compute ..."): they go
+through urllib3 (http.client underneath), which sends a body from memory as it is and reads a
+download of declared length into one buffer in one pass; httpx moved one large PUT several times
+slower and copied every download three times over. Connections are kept alive in one pool shared
+by every thread.
 """
 from __future__ import annotations
 
@@ -11,12 +17,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import httpx
+import urllib3
 
 __all__ = ["TransferError", "HashMismatch", "LinkEmulator", "TransferStats", "ObjectTransfer", "read_bounded"]
 
 log = logging.getLogger(__name__)
-_RETRYABLE = (httpx.TransportError,)
+_RETRYABLE = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 class TransferError(RuntimeError):
@@ -99,8 +105,10 @@ class ObjectTransfer:
         self.link = link or LinkEmulator()
         self.tries = tries
         self.stats = TransferStats()
+        # One keep-alive pool for every thread (hop downloads, uploads, the sync's pieces).
+        self._pool = urllib3.PoolManager(num_pools=8, maxsize=32, retries=False,
+                                         timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout))
         self.on_bytes: Callable[[int], None] | None = None  # told each chunk a download receives (progress)
-        self._http = httpx.Client(timeout=timeout)
         self.on_request = None
         self._attempts = threading.local()
 
@@ -119,27 +127,42 @@ class ObjectTransfer:
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
-        self._http.close()
+        self._pool.clear()
 
     def get(self, url: str, max_bytes: int) -> bytes:
         """Download at most `max_bytes`; a larger object raises TransferError without reading it all."""
         return self._observed("GET", url, lambda: self._get(url, max_bytes))
 
     def _get(self, url: str, max_bytes: int) -> bytes:
-        def once() -> bytes:
-            with self._http.stream("GET", url) as r:
-                if r.status_code != 200:
-                    raise TransferError(f"GET failed with HTTP {r.status_code}", r.status_code)
-                declared = int(r.headers.get("content-length", "0") or 0)
-                if declared > max_bytes:
-                    raise TransferError(f"object is {declared} bytes, more than the {max_bytes} allowed", 413)
-                return read_bounded(r.iter_bytes(), max_bytes, "object", self.on_bytes)
-
         t0 = time.monotonic()
-        data = self._retry(once, "GET")
+        data = self._retry(lambda: self._get_once(url, max_bytes), "GET")
         self.link.delay(len(data))
         self.stats.add(down=len(data), t_down=time.monotonic() - t0)
         return data
+
+    def _get_once(self, url: str, max_bytes: int) -> bytes:
+        r = self._pool.request("GET", url, preload_content=False, decode_content=False)
+        done = False
+        try:
+            if r.status != 200:
+                raise TransferError(f"GET failed with HTTP {r.status}", r.status)
+            declared = r.headers.get("content-length")
+            if declared is not None and int(declared) > max_bytes:
+                raise TransferError(f"object is {declared} bytes, more than the {max_bytes} allowed", 413)
+            if self.on_bytes is not None:  # progress wanted: read in chunks and tell each one
+                data = read_bounded(r.stream(1 << 20), max_bytes, "object", self.on_bytes)
+            else:  # with a declared length this is one buffer filled straight from the socket
+                data = r.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise TransferError(f"object exceeds {max_bytes} bytes", 413)
+            if declared is not None and len(data) != int(declared):
+                raise urllib3.exceptions.ProtocolError(f"body ended after {len(data)} of {declared} bytes")
+            done = True
+            return data
+        finally:
+            if not done:
+                r.close()  # a connection with an unread body must not serve the next request
+            r.release_conn()
 
     def get_verified(self, url: str, sha256: str, max_bytes: int, what: str = "object") -> bytes:
         """`get`, then check the bytes against the recorded sha256 (HashMismatch if they differ)."""
@@ -149,14 +172,15 @@ class ObjectTransfer:
         return data
 
     def put(self, url: str, data: bytes) -> None:
-        """Upload `data` to a presigned PUT URL (signed for exactly this length)."""
+        """Upload `data` to a presigned PUT URL (signed for exactly this length), sent from memory as is."""
         self._observed("PUT", url, lambda: self._put(url, data), sent=len(data))
 
     def _put(self, url: str, data: bytes) -> None:
         def once() -> None:
-            r = self._http.put(url, content=data, headers={"content-length": str(len(data))})
-            if r.status_code not in (200, 201, 204):
-                raise TransferError(f"PUT failed with HTTP {r.status_code}: {r.text[:200]}", r.status_code)
+            r = self._pool.request("PUT", url, body=data, headers={"content-length": str(len(data))})
+            if r.status not in (200, 201, 204):
+                raise TransferError(f"PUT failed with HTTP {r.status}: "
+                                    f"{r.data[:200].decode(errors='replace')}", r.status)
 
         t0 = time.monotonic()
         self.link.delay(len(data))

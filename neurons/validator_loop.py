@@ -21,7 +21,9 @@ from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
+from neurons.shard_validate import RoundStarts
 from neurons.sync_choice import sync_for
+from neurons.sync_device import pick_sync_device
 from neurons.validator_integrity import report_verdicts
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
@@ -89,6 +91,7 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.settled: set = set()  # (round, stage) disputes this validator already answered
+        self.round_starts: RoundStarts | None = None  # sharded sync: stages' rebuilt round starts
 
     # ----- persistence -----
     def _load_meta(self) -> dict:
@@ -161,7 +164,7 @@ class Validator:
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
-        failed = sync_for(self.run).check_round(self.client, self.transfer, self.run, hoplog)
+        failed = sync_for(self.run).check_round(self.client, self.transfer, self.run, hoplog, self._round_starts)
         for hk, reason in sorted(failed.items()):
             self.book.record_audit(hk, rnd, False, reason)
             self.audits.verdicts.append((rnd, hk, False, reason))
@@ -177,6 +180,12 @@ class Validator:
         self.publisher.round_done(rnd, self.book, self.audits.verdicts, self.audits.uncalibrated)
         log.info("round %d: %d hops from %d miners, audited %d", rnd, len(hoplog.records), len(miners), len(chosen))
         self.live.round_done(rnd)
+
+    def _round_starts(self) -> RoundStarts:
+        """The stages' rebuilt round starts (kept across rounds), computed on the sync device."""
+        if self.round_starts is None:
+            self.round_starts = RoundStarts(pick_sync_device(self.s.device))
+        return self.round_starts
 
     def _report(self, rnd: int, failed: dict[str, str]) -> None:
         """Deliver failed verdicts to the bridge (it quarantines); our own book holds them anyway."""
@@ -195,7 +204,8 @@ class Validator:
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
         """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
-            inputs = sync_for(self.run).audit_inputs(self.client, self.transfer, self.run, rnd, hotkey)
+            inputs = sync_for(self.run).audit_inputs(self.client, self.transfer, self.run, rnd, hotkey,
+                                                     self._round_starts)
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device,
                                  self.s.audit_max_seconds, inputs=inputs)
             passed, reason, seconds = report.passed, report.reason, report.seconds

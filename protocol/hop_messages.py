@@ -71,6 +71,9 @@ class LeaseRequest(_Model):
     wait_ms: int = Field(default=0, ge=0, le=30_000,
                          description="long-poll: hold the request up to this long while there "
                          "is nothing to do, instead of answering `wait` at once")
+    max_open_graphs: int = Field(default=0, ge=0, le=4096,
+                                 description="bound on the forward graphs this replica holds (its memory): "
+                                 "no pooled forward while open graphs + forwards held reach it (0: no bound)")
 
 
 class Hop(_Model):
@@ -105,6 +108,8 @@ class LeaseResponse(_Model):
     step_samples: int = Field(default=0, ge=0, le=1_000_000,
                               description="backwards the bridge counted since the last step")
     retry_after: float = Field(default=0.0, ge=0, le=3600)
+    parked_ms: int = Field(default=0, ge=0, le=3_600_000,
+                           description="how long the bridge held this request (long-poll) before answering")
 
 
 class HopDone(_Model):

@@ -56,19 +56,20 @@ class RunConfig(StrictModel):
     quarantine_rounds: int = Field(default=4, ge=0, le=1_000_000,
                                    description="rounds a miner sits out after a failed audit")
     sync_mode: Literal["state", "sharded"] = Field(
-        default="state", description="round-end sync: whole-state merge and vote, or the sharded, "
-        "compressed sync of merged updates (docs/CONTRACTS.md, 'Sharded replica sync')")
+        default="sharded", description="round-end sync: the sharded, compressed sync of merged updates "
+        "(docs/CONTRACTS.md, 'Sharded replica sync'; the default, measured best in docs/BENCHMARKS.md), "
+        "or the whole-state merge and vote")
     sync_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
-        default="fp32", description="pseudo-gradient wire codec (resbm/sync_codec.py; blockwise, per-block fp32 scale)")
+        default="int4", description="pseudo-gradient wire codec (resbm/sync_codec.py; blockwise, per-block fp32 scale)")
     sync_merged_codec: Literal["fp32", "int8", "int4", "int2"] = Field(
-        default="fp32", description="merged-update wire codec; every replica applies the decoded update")
+        default="int8", description="merged-update wire codec; every replica applies the decoded update")
     sync_block: int = Field(default=256, ge=8, le=65_536,
                             description="values per codec block (one fp32 scale each); multiple of 8")
-    sync_shards: int = Field(default=1, ge=1, le=4096,
+    sync_shards: int = Field(default=4, ge=1, le=4096,
                              description="shards of a stage's parameter vector, each merged on its own")
     sync_mergers: int = Field(default=3, ge=2, le=64,
                               description="replicas that merge each shard (>= 2: no replica decides alone)")
-    checkpoint_every: int = Field(default=1, ge=1, le=100_000,
+    checkpoint_every: int = Field(default=4, ge=1, le=100_000,
                                   description="K: a full state is written every K rounds; joiners replay updates since")
     data_seed: int = Field(ge=0, le=2**63 - 1)
     dataset: DatasetRef | None = Field(

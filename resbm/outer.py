@@ -73,6 +73,10 @@ def _fp32_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
+def _fp32_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=torch.float32).contiguous()
+
+
 def pseudo_gradient(theta_start: Mapping[str, torch.Tensor], theta_local: Mapping[str, torch.Tensor]) -> Tensors:
     """Return theta_start - theta_local per name (fp32, CPU, sorted names)."""
     if set(theta_start) != set(theta_local):
@@ -88,11 +92,13 @@ def pseudo_gradient(theta_start: Mapping[str, torch.Tensor], theta_local: Mappin
 
 
 def _global_norm(d: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm, accumulated in float64 with numpy's fixed pairwise sum, rounded to fp32."""
+    """Global L2 norm, accumulated in float64 with numpy's fixed pairwise sum, rounded to fp32
+    (on the CPU whatever device holds the tensors: the same sum everywhere)."""
     total = 0.0
     for name in sorted(d):
-        x = d[name].numpy().astype(np.float64, copy=False).ravel()
-        total += float(np.sum(x * x))
+        x = _fp32_cpu(d[name]).numpy().astype(np.float64).ravel()  # a fresh float64 copy
+        np.multiply(x, x, out=x)  # squared in place: the same values as x * x, one array fewer
+        total += float(np.sum(x))
     return float(np.float32(math.sqrt(total)))
 
 
@@ -154,7 +160,7 @@ def _trimmed_mean(clean: list[tuple[int, Tensors]], trim: int) -> Tensors:
         acc = ordered[trim].clone()
         for j in range(trim + 1, trim + keep):
             acc = acc + ordered[j]
-        out[n] = acc / torch.tensor(float(keep), dtype=torch.float32)
+        out[n] = acc / torch.tensor(float(keep), dtype=torch.float32, device=acc.device)
     return out
 
 
@@ -199,7 +205,9 @@ def nesterov_step(
     lr: float,
     momentum_coef: float,
 ) -> tuple[Tensors, Tensors]:
-    """Outer Nesterov SGD: m' = mu*m + g; theta' = theta - lr*(g + mu*m'). momentum None at round 0."""
+    """Outer Nesterov SGD: m' = mu*m + g; theta' = theta - lr*(g + mu*m'). momentum None at round 0.
+    Computed on each theta tensor's device (element-wise IEEE operations, one per kernel: the same
+    bits on a CPU and a GPU)."""
     if set(theta) != set(merged):
         raise OuterError(f"theta and merged differ in names: {sorted(set(theta) ^ set(merged))[:5]}")
     if momentum is not None and set(momentum) != set(theta):
@@ -211,12 +219,13 @@ def nesterov_step(
     theta_next: Tensors = {}
     mom_next: Tensors = {}
     for n in sorted(theta):
-        g = _fp32_cpu(merged[n])
+        dev = theta[n].device
+        g = _fp32_on(merged[n], dev)
         if tuple(g.shape) != tuple(theta[n].shape):
             raise OuterError(f"{n}: merged shape {tuple(g.shape)} != theta shape {tuple(theta[n].shape)}")
-        m = g.clone() if momentum is None else _fp32_cpu(momentum[n]) * mu_t + g
+        m = g.clone() if momentum is None else _fp32_on(momentum[n], dev) * mu_t + g
         update = g + m * mu_t
-        theta_next[n] = _fp32_cpu(theta[n]) - update * lr_t
+        theta_next[n] = _fp32_on(theta[n], dev) - update * lr_t
         mom_next[n] = m
     return theta_next, mom_next
 

@@ -83,8 +83,8 @@ def screen(items: Sequence[tuple[int, Mapping[str, torch.Tensor] | None]],
         if reason:
             excluded.append((i, reason))
         else:
-            kept.append((i, int(samples), {n: tensors[n].detach().to("cpu", torch.float32).contiguous()
-                                           for n in sorted(shapes)}))
+            kept.append((i, int(samples), {n: tensors[n].detach().to(dtype=torch.float32).contiguous()
+                                           for n in sorted(shapes)}))  # on the device they came on
     if drop_zero:
         zero = {i for i, _, d in kept if not any(bool(t.any()) for t in d.values())}
         if len(zero) < len(kept):
@@ -141,7 +141,7 @@ def robust_merge(kept: Sequence[tuple[int, Tensors]], prev_ref: float | None,
             acc = ordered[trim].clone()
             for j in range(trim + 1, trim + keep):
                 acc = acc + ordered[j]
-            out[n] = acc / torch.tensor(float(keep), dtype=torch.float32)
+            out[n] = acc / torch.tensor(float(keep), dtype=torch.float32, device=acc.device)
         return out, float(ref)
     weights = capped_weights([s for s, _ in kept])
     total = sum(weights)

@@ -67,12 +67,14 @@ def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_r
     for j, nrm in enumerate(norms):
         if nrm > bound and nrm > 0:
             vecs[j] = vecs[j] * torch.tensor(bound / nrm, dtype=torch.float32)
-    out = torch.empty(n, dtype=torch.float32)
+    dev = vecs[0].device  # the merge runs where the pieces are (a GPU: neurons/sync_device.py)
+    out = torch.empty(n, dtype=torch.float32, device=dev)
     cols = max(1, COLUMNS // r)
     if r >= 3:
         trim = min(max(1, int(math.floor(r * p.trim_fraction))), (r - 1) // 2)
         keep = r - 2 * trim
-        k_t = torch.tensor(float(keep), dtype=torch.float32)
+        # on the device: a CPU scalar divisor makes CUDA multiply by its reciprocal (other bits)
+        k_t = torch.tensor(float(keep), dtype=torch.float32, device=dev)
         for a in range(0, n, cols):
             ordered = torch.sort(torch.stack([v[a:a + cols] for v in vecs]), dim=0).values
             acc = ordered[trim].clone()
@@ -84,7 +86,7 @@ def merge_shard(items: Sequence[tuple[int, torch.Tensor | None]], n: int, prev_r
         total = sum(weights)
         ws = [torch.tensor(w / total, dtype=torch.float32) for w in weights]
         for a in range(0, n, cols):
-            acc = torch.zeros(min(cols, n - a), dtype=torch.float32)
+            acc = torch.zeros(min(cols, n - a), dtype=torch.float32, device=dev)
             for v, w in zip(vecs, ws):
                 acc = acc + v[a:a + cols] * w
             out[a:a + cols] = acc

@@ -58,8 +58,8 @@ def _pieces(tensors: Mapping[str, torch.Tensor], start: int, end: int):
 
 
 def take(tensors: Mapping[str, torch.Tensor], start: int, end: int) -> torch.Tensor:
-    """The fp32 CPU copy of flat range [start, end) of `tensors` (sorted-name order)."""
-    parts = [t.detach().reshape(-1)[a:b].to("cpu", torch.float32) for t, a, b in _pieces(tensors, start, end)]
+    """An fp32 copy of flat range [start, end) of `tensors` (sorted-name order), on their device."""
+    parts = [t.detach().reshape(-1)[a:b].to(dtype=torch.float32) for t, a, b in _pieces(tensors, start, end)]
     out = torch.cat(parts) if parts else torch.zeros(0)
     if out.numel() != end - start:
         raise ValueError(f"range [{start}, {end}) is outside the {sum(t.numel() for t in tensors.values())} values")

@@ -7,7 +7,9 @@ offset by qmax as unsigned `bits`-bit fields packed little-end first into bytes.
 
 Bit-identical everywhere: the block maximum is exact, the division and the round (half to even)
 are element-wise IEEE operations, and decoding is one element-wise multiply; so a validator that
-replays a miner's pseudo-gradient encodes it to the same bytes. Blobs are safetensors (no pickle)
+replays a miner's pseudo-gradient encodes it to the same bytes, and encoding or decoding on a GPU
+(the vector's device; `decode(..., device=)`) gives the CPU's bytes and values
+(neurons/sync_device.py checks this on the miner's GPU before using it). Blobs are safetensors (no pickle)
 with fixed key order and no metadata.
 """
 from __future__ import annotations
@@ -101,19 +103,22 @@ def _unpack(p: torch.Tensor, n: int, c: Codec) -> torch.Tensor:
 
 
 def encode(x: torch.Tensor, c: Codec) -> bytes:
-    """Canonical bytes of flat fp32 vector `x` under codec `c` (non-finite input is refused)."""
-    x = x.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+    """Canonical bytes of flat fp32 vector `x` under codec `c` (non-finite input is refused);
+    quantized on x's device."""
+    x = x.detach().to(dtype=torch.float32).reshape(-1).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise StateError("cannot encode a vector with NaN or Inf")
     header = torch.tensor([x.numel(), c.bits, c.block], dtype=torch.int64)
     if c.name == "fp32":
-        return _st_save({"h": header, "x": x})
+        return _st_save({"h": header, "x": x.cpu()})
     q, scale = _quantize(x, c)
-    return _st_save({"h": header, "q": _pack(q, c), "s": scale.contiguous()})
+    return _st_save({"h": header, "q": _pack(q, c).cpu(), "s": scale.cpu().contiguous()})
 
 
-def decode(blob: bytes, n: int, c: Codec, max_bytes: int | None = None) -> torch.Tensor:
-    """The fp32 vector of `n` values that `blob` encodes under `c`; StateError when it does not."""
+def decode(blob: bytes, n: int, c: Codec, max_bytes: int | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """The fp32 vector of `n` values that `blob` encodes under `c` (on `device`, default the CPU);
+    StateError when it does not."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise StateError(f"expected bytes, got {type(blob).__name__}")
     want = encoded_size(n, c)
@@ -135,6 +140,7 @@ def decode(blob: bytes, n: int, c: Codec, max_bytes: int | None = None) -> torch
         x = d["x"]
         if x.dtype != torch.float32 or tuple(x.shape) != (n,):
             raise StateError(f"fp32 shard: {x.dtype} {tuple(x.shape)}, expected float32 ({n},)")
+        x = x.to(device or "cpu")
     else:
         nb = max(1, math.ceil(n / c.block))
         q, s = d["q"], d["s"]
@@ -142,14 +148,22 @@ def decode(blob: bytes, n: int, c: Codec, max_bytes: int | None = None) -> torch
             raise StateError(f"codes: {q.dtype} {tuple(q.shape)}, expected uint8 ({math.ceil(n * c.bits / 8)},)")
         if s.dtype != torch.float32 or tuple(s.shape) != (nb,) or not bool((s >= 0).all()):
             raise StateError(f"scales: {s.dtype} {tuple(s.shape)}, expected float32 ({nb},), >= 0")
-        codes = _unpack(q, n, c)
+        codes = _unpack(q.to(device or "cpu"), n, c)
         if bool((codes.abs() > c.qmax).any()):
             raise StateError(f"codes outside [-{c.qmax}, {c.qmax}]")
-        sc = s.repeat_interleave(c.block)[:n]
-        x = codes.to(torch.float32) * sc
+        x = _dequantize(codes, s.to(codes.device), n, c.block)
     if not bool(torch.isfinite(x).all()):
         raise StateError("shard contains NaN or Inf")
     return x
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """codes x their block's scale (one multiply per value), without a full-length scale vector."""
+    nb = scale.numel()
+    full = codes.to(torch.float32)
+    if nb * block != n:
+        full = torch.cat([full, full.new_zeros(nb * block - n)])
+    return (full.view(nb, block) * scale[:, None]).reshape(-1)[:n]
 
 
 def roundtrip(x: torch.Tensor, c: Codec) -> torch.Tensor:
@@ -158,7 +172,7 @@ def roundtrip(x: torch.Tensor, c: Codec) -> torch.Tensor:
         return x.to(torch.float32)
     flat = x.reshape(-1).to(torch.float32)
     q, scale = _quantize(flat, c)
-    return (q.to(torch.float32) * scale.repeat_interleave(c.block)[: flat.numel()]).view_as(x)
+    return _dequantize(q, scale, flat.numel(), c.block).view_as(x)
 
 
 def encoded_size(n: int, c: Codec) -> int:

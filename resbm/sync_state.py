@@ -40,14 +40,15 @@ def update_size(n: int, codec: Codec) -> int:
     return _REF.size + encoded_size(n, codec)
 
 
-def unpack_update(blob: bytes, n: int, codec: Codec) -> tuple[float, torch.Tensor]:
-    """(clip reference, decoded vector) of a merged shard; StateError on anything malformed."""
+def unpack_update(blob: bytes, n: int, codec: Codec,
+                  device: torch.device | str | None = None) -> tuple[float, torch.Tensor]:
+    """(clip reference, decoded vector on `device`) of a merged shard; StateError on anything malformed."""
     if len(blob) <= _REF.size:
         raise StateError(f"merged update of {len(blob)} bytes is too short")
     (ref,) = _REF.unpack(blob[:_REF.size])
     if not (ref >= 0 and ref < float("inf")):
         raise StateError(f"merged update carries a bad clip reference {ref!r}")
-    return ref, decode(blob[_REF.size:], n, codec)
+    return ref, decode(blob[_REF.size:], n, codec, device=device)
 
 
 def checkpoint_bytes(theta: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor],

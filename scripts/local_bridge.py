@@ -60,7 +60,8 @@ def tiny_run_config(**over: Any) -> dict[str, Any]:
                batch_size=1, micro_batches_per_step=2, inner_steps_per_round=2,
                samples_per_round=8, muon_lr=0.02, adamw_lr=0.003, total_rounds=2,
                data_seed=1, init_seed=2, lease_seconds=30.0, max_object_bytes=4096,
-               merge_timeout_seconds=30.0, max_attempts=3)
+               merge_timeout_seconds=30.0, max_attempts=3,
+               sync_mode="state")  # tests/harness/fake_worker.py merges whole states; override for sharded
     cfg.update(over)
     return cfg
 

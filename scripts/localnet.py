@@ -38,6 +38,12 @@ __all__ = ["main", "build_parser", "run_config_from_args"]
 log = logging.getLogger("localnet")
 
 
+def _run_default(field: str):
+    """The run config's default of `field`: the localnet runs what a bridge runs by default."""
+    from protocol.run_config import RunConfig
+    return RunConfig.model_fields[field].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every option of the launcher."""
     p = argparse.ArgumentParser(prog="localnet", description=__doc__.split("\n")[0],
@@ -79,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cheater", default=[], action="append", choices=list(CHEATERS),
       help="add an adversarial miner of this kind (drills.miner; docs/SECURITY.md); repeat to add "
            "one per stage, each joining after the honest replicas")
-    a("--sync", default="sharded", choices=("sharded", "state"),
+    a("--sync", default=_run_default("sync_mode"), choices=("sharded", "state"),
       help="replica sync at a round's end: sharded, compressed merged updates, or the whole-state merge")
-    a("--sync-shards", type=int, default=4, help="shards of each stage's parameters (--sync sharded)")
-    a("--sync-codec", default="int4", help="pseudo-gradient codec: fp32 | int8 | int4 | int2")
-    a("--sync-merged-codec", default="int8", help="merged-update codec: fp32 | int8 | int4 | int2")
-    a("--checkpoint-every", type=int, default=1, help="K: a full checkpoint every K rounds (and at the end)")
+    a("--sync-shards", type=int, default=_run_default("sync_shards"), help="shards of each stage's parameters "
+      "(--sync sharded)")
+    a("--sync-codec", default=_run_default("sync_codec"), help="pseudo-gradient codec: fp32 | int8 | int4 | int2")
+    a("--sync-merged-codec", default=_run_default("sync_merged_codec"), help="merged-update codec: fp32 | int8 | "
+      "int4 | int2")
+    a("--checkpoint-every", type=int, default=_run_default("checkpoint_every"), help="K: a full checkpoint every "
+      "K rounds (and at the end)")
     a("--lease-seconds", type=float, default=20.0, help="hop lease length")
     a("--s3-endpoint", default="", help="use this S3 endpoint instead of starting rclone")
     a("--s3-access-key", default="", help="access key for --s3-endpoint")

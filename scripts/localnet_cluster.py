@@ -20,17 +20,13 @@ from typing import Callable, Optional
 import yaml
 
 from protocol.routes import route
+from scripts.gpu_placement import NCCL_ENV, child_env, plan, validator_gpu
 from scripts.local_servers import S3Server, die_with_parent, free_port, start_s3, stop_process, wait_http
 from scripts.netlab import NetLab
 
-__all__ = ["Neuron", "Cluster", "gpu_of_stage"]
+__all__ = ["Neuron", "Cluster"]
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def gpu_of_stage(stage: int, gpus: int, n_stages: int) -> int:
-    """The GPU of a stage when `gpus` GPUs hold contiguous groups of the `n_stages` stages."""
-    return stage * gpus // n_stages
 
 
 @dataclass
@@ -48,7 +44,8 @@ class Neuron:
     def start(self) -> None:
         """Start (or restart) the process, appending to its log."""
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
-        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **self.env)
+        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **NCCL_ENV)  # NVLink multicast off
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, preexec_fn=self.preexec or die_with_parent)
@@ -85,7 +82,7 @@ class Cluster:
     s3_keys: tuple[str, str] = ("", "")
     threads_per_miner: int = 1
     miner_args: list[str] = field(default_factory=list)  # extra flags for every miner (e.g. --dtype bfloat16)
-    gpus: int = 0  # > 0: miners start one at a time (miner i serves stage i mod S) on their stage group's GPU
+    gpus: int = 0  # > 0: miners start one at a time, each on its GPU (scripts/gpu_placement.py)
     netlab: Optional[NetLab] = None  # kernel links: neurons in namespaces (not started yet; start() builds it)
     s3: Optional[S3Server] = None
     bridge: Optional[Neuron] = None
@@ -108,6 +105,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
         n_neurons = self.run_config["n_stages"] * self.miners_per_stage + len(self.cheaters) + self.validators
+        slots = plan(self.run_config["n_stages"], n_neurons - self.validators, self.gpus)  # before any process
         if self.netlab is not None:
             self.netlab.neurons = n_neurons
             self.netlab.manifest = self.workdir / "netlab.json"
@@ -138,23 +136,22 @@ class Cluster:
                 str(self.run_config.get("incentives", {}).get("audit_fraction", 0.5))]))
         # Cheaters register first, one at a time, so the bridge's balancing puts each on its own
         # stage (one adversary per stage) and they are there from round 0; then everyone else.
+        # With GPUs, honest miners also register one at a time: the j-th to register serves stage
+        # j mod S (the bridge's balancing), which is what its slot's GPU was chosen for.
+        order = self.miners[n_honest:] + self.miners[:n_honest]
+        for j, n in enumerate(order):
+            n.env.update(child_env(slots[j].gpu))
+        for n in self.validator_procs:
+            n.env.update(child_env(validator_gpu(self.gpus)))
         for k, n in enumerate(self.miners[n_honest:]):
-            self._pin(n, k)
             n.start()
             self._wait_miners(k + 1)
         for n in self.validator_procs:
             n.start()
         for i, n in enumerate(self.miners[:n_honest]):
-            self._pin(n, i)
             n.start()
-            if self.gpus:  # the bridge gives the next stage with the fewest replicas, lowest index first
+            if self.gpus:
                 self._wait_miners(len(self.cheaters) + i + 1)
-
-    def _pin(self, n: "Neuron", stage: int) -> None:
-        """Give the miner that will serve `stage` (mod S) its group's GPU when gpus > 0."""
-        if self.gpus:
-            n.env["CUDA_VISIBLE_DEVICES"] = str(gpu_of_stage(stage % self.run_config["n_stages"], self.gpus,
-                                                             self.run_config["n_stages"]))
 
     def _wait_miners(self, count: int, timeout: float = 120.0) -> None:
         from protocol.bridge_client import BridgeClient

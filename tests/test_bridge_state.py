@@ -185,3 +185,36 @@ def test_declared_numerics_are_stamped_on_every_leased_hop_and_follow_a_rejoin()
     _, hops, _ = lease(st, "a", 3.0, rng)
     assert (hops[0].device_class, hops[0].compute_dtype) == ("cpu", "float32")
     assert (st.miners["b"].device_class, st.miners["b"].compute_dtype) == ("cpu", "float32")
+
+
+def test_open_graph_bound_holds_back_pooled_forwards_until_backwards_free_graphs():
+    st, rng = make(2, micro_batches_per_step=6, samples_per_round=12), random.Random(0)
+    state.register(st, "s0", 0.0, rng)
+    state.register(st, "s1", 0.0, rng)
+    action, hops, _ = state.lease(st, "s0", 8, 100, 100, 1.0, rng, 2)  # may hold 2 graphs
+    assert action == "work" and [h.kind for h in hops] == ["fwd", "fwd"]
+    assert state.lease(st, "s0", 8, 100, 100, 1.1, rng, 2)[0] == "wait"  # 2 forwards held: no third
+    for h in hops:
+        do_hop(st, "s0", h, 1.2, rng)
+    assert st.miners["s0"].open_graphs == 2
+    assert state.lease(st, "s0", 8, 100, 100, 1.3, rng, 2)[0] == "wait"  # 2 graphs open: still none
+    _, last, _ = lease(st, "s1", 1.4, rng, 8)
+    do_hop(st, "s1", last[0], 1.5, rng)  # one fwdbwd: its backward comes back to s0
+    action, got, _ = state.lease(st, "s0", 8, 100, 100, 1.6, rng, 2)
+    assert [h.kind for h in got] == ["bwd"]  # the backward, and no forward: its graph is still open
+    do_hop(st, "s0", got[0], 1.7, rng)
+    action, got, _ = state.lease(st, "s0", 8, 100, 100, 1.8, rng, 2)
+    assert [h.kind for h in got] == ["fwd"]  # one graph freed: one forward more
+    unbounded = state.lease(st, "s0", 8, 100, 100, 1.9, rng)[1]  # without a bound: the rest of the quota
+    assert [h.kind for h in unbounded] == ["fwd"] * 3
+
+
+def test_a_miners_own_backward_done_wakes_its_parked_lease():
+    st, rng = make(1, samples_per_round=2), random.Random(0)
+    state.register(st, "a", 0.0, rng)
+    _, hops, _ = lease(st, "a", 1.0, rng, 2)
+    do_hop(st, "a", hops[0], 1.1, rng)
+    st.wake = {}
+    do_hop(st, "a", hops[1], 1.2, rng)  # its last hop: the answer to a parked lease is now `step`
+    assert ("miner", "a") in st.wake
+    assert lease(st, "a", 1.3, rng)[0] == "step"

@@ -1,6 +1,7 @@
 """Presigned URLs against a real SigV4-checking S3 server (rclone serve s3)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -80,3 +81,22 @@ def test_nonce_store_rejects_replays_and_remembers_flushed_nonces(tmp_path):
     assert not again.check_and_store("alice", now) and not again.check_and_store("bob", now)
     assert again.check_and_store("alice", old) and again.check_and_store("carol", now)
     assert len(again) == 4
+
+
+def test_miner_transfer_moves_a_large_object_both_ways_and_keeps_its_caps(store):
+    from neurons.transfer import ObjectTransfer, TransferError
+    data = os.urandom((3 << 20) + 12345)
+    t = ObjectTransfer()
+    try:
+        t.put(store.presign_put("big/obj", len(data), 30), data)
+        assert store.head("big/obj") == len(data)
+        url = store.presign_get("big/obj", 30)
+        assert t.get(url, max_bytes=len(data)) == data
+        with pytest.raises(TransferError, match="more than"):
+            t.get(url, max_bytes=len(data) - 1)
+        assert t.get_verified(url, hashlib.sha256(data).hexdigest(), len(data)) == data  # the pool still works
+        with pytest.raises(TransferError, match="HTTP 403"):  # signed for another length: refused
+            t.put(store.presign_put("big/other", len(data) + 1, 30), data)
+        assert store.head("big/other") is None
+    finally:
+        t.close()

@@ -1,7 +1,8 @@
 """The GPU subnet benchmark's arithmetic: stage FLOPs add up to the model's, merge time from
 sampled phases, audit counts from validator log lines, the validator's lag."""
 from resbm.config import ModelConfig
-from scripts.gpu_subnet_metrics import audit_counts, merge_seconds_per_round, mfu, stage_flops_per_token, validator_lag
+from scripts.gpu_subnet_metrics import (audit_counts, merge_seconds_per_round, mfu, round_shares, stage_flops_per_token,
+                                        validator_lag)
 
 
 def test_stage_flops_sum_to_the_model_and_mfu_scales():
@@ -18,12 +19,14 @@ def test_merge_seconds_audits_and_lag():
     assert merge_seconds_per_round(samples) == {0: 3.0, 1: 1.0}
     log = ("x audit of 5FLKPz7T round 0: PASS (1.2s)\nx audit of 5Gj17DGE round 0: FAIL - rel err (0.1s)\n"
            "x audit of 5EZj1qNp round 1 incomplete: gone\nx audit of 5FLKPz7T round 1: PASS (1.0s)\n")
-    assert audit_counts(log) == {"run": 3, "passed": 2, "failed": 1, "incomplete": 1}
+    assert audit_counts(log) == {"run": 3, "passed": 2, "failed": 1, "incomplete": 1, "seconds": 2.3}
     assert validator_lag(3, "train", 1) == 2 and validator_lag(3, "done", 4) == 0 and validator_lag(0, "train", 5) == 0
 
 
-def test_stage_groups_per_gpu():
-    from scripts.localnet_cluster import gpu_of_stage
-    assert [gpu_of_stage(s, 2, 4) for s in range(4)] == [0, 0, 1, 1]
-    assert [gpu_of_stage(s, 4, 4) for s in range(4)] == [0, 1, 2, 3]
-    assert [gpu_of_stage(s, 1, 3) for s in range(3)] == [0, 0, 0]
+def test_round_shares_give_each_closed_rounds_sync_share():
+    samples = [(0.0, 0, "train"), (8.0, 0, "merge"), (10.0, 1, "train"), (17.0, 1, "merge"), (18.0, 2, "train"),
+               (19.0, 2, "train")]
+    shares = round_shares(samples)
+    assert set(shares) == {0, 1}  # round 2 is still open
+    assert shares[0] == {"train": 8.0, "merge": 2.0, "sync_share": 0.2}
+    assert shares[1]["merge"] == 1.0 and abs(shares[1]["sync_share"] - 0.125) < 1e-12

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # package -> top-level names it must never import (anywhere in the file)
 FORBIDDEN = {
-    "resbm": {"httpx", "requests", "fastapi", "starlette", "uvicorn", "boto3", "botocore", "bittensor",
+    "resbm": {"httpx", "urllib3", "requests", "fastapi", "starlette", "uvicorn", "boto3", "botocore", "bittensor",
               "bridge", "neurons", "drills", "scripts", "tests"},
     "protocol": {"torch", "fastapi", "starlette", "uvicorn", "boto3", "botocore",
                  "bridge", "neurons", "drills", "scripts", "tests"},

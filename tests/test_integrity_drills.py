@@ -49,3 +49,6 @@ def test_sharded_sync_liar_and_nan_are_defeated_and_a_joiner_catches_up(tmp_path
     assert ckpt == 2 and replayed == j["round"] - ckpt >= 1, j["caught_up"]
     assert out.weights[j["name"]] > 0, out.weights
     assert all(torch.equal(j["theta"][n], j["peer_theta"][n]) for n in j["theta"]), "the joiner diverged"
+    rebuilt, advanced = out.round_starts  # the validator's round starts: most from the round before
+    assert advanced >= 1 and rebuilt >= 1, out.round_starts
+

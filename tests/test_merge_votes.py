@@ -14,9 +14,11 @@ from tests.harness.bridge_state import drive, lease, make, merge_round
 from tests.harness.bridge_state import report_pseudograd as _pg
 from tests.harness.bridge_state import vote_state as _vote
 
+WHOLE_STATE = {"sync_mode": "state"}  # these votes are the whole-state merge's (the sharded ones: test_shard_votes)
+
 
 def _round(n_stages=1, miners="ab", **over):
-    st, rng = make(n_stages, samples_per_round=4 * len(miners), **over), random.Random(0)
+    st, rng = make(n_stages, samples_per_round=4 * len(miners), **{**WHOLE_STATE, **over}), random.Random(0)
     for hk in miners:
         state.register(st, hk, 0.0, rng)
     return st, rng, drive(st, miners, rng, 1.0)
@@ -153,7 +155,7 @@ def test_a_vote_cannot_be_changed_and_outsiders_cannot_vote():
 
 
 def test_a_failed_verdict_quarantines_work_and_merge_then_expires():
-    st, rng = make(1, samples_per_round=8, total_rounds=5, quarantine_rounds=2), random.Random(0)
+    st, rng = make(1, samples_per_round=8, total_rounds=5, quarantine_rounds=2, **WHOLE_STATE), random.Random(0)
     for hk in "ab":
         state.register(st, hk, 0.0, rng)
     until = quarantine.record_verdict(st, "val", 0, "b", False, "audit failed")

@@ -47,7 +47,9 @@ def _val_loss(mcfg: ModelConfig, thetas: dict[int, dict[str, torch.Tensor]], bat
 @pytest.mark.parametrize("outer_lr,outer_momentum", [(1.0, 0.0), (0.7, 0.9)])
 def test_two_stage_run_learns_and_matches_the_reference_trainer(tmp_path, outer_lr, outer_momentum):
     set_threads()
-    cfg = run_config(run_id="exact", total_rounds=3, outer_lr=outer_lr, outer_momentum=outer_momentum)
+    # the whole-state fp32 merge: the reference trainer's outer step is that one, bit for bit
+    cfg = run_config(run_id="exact", total_rounds=3, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                     sync_mode="state")
     net = start_subnet(tmp_path, cfg, miners=2)
     try:
         m0 = MinerThread(net, net.keys["miners"][0])

@@ -13,6 +13,7 @@ from protocol.lifecycle import Phase
 from tests.harness.bridge_state import drive, make, merge_round
 
 GOOD, BAD, OTHER = "5" * 64, "0" * 64, "7" * 64
+WHOLE_STATE = "state"  # these rounds publish through the whole-state vote (the sharded one: the last test)
 
 
 def _trained_round(st, rng, now):
@@ -31,7 +32,7 @@ def test_nothing_is_published_while_round_zero_trains():
 
 
 def test_the_decided_state_is_the_model_and_a_kept_round_is_refused_naming_the_stage():
-    st, rng = make(1, samples_per_round=12, total_rounds=2), random.Random(0)
+    st, rng = make(1, samples_per_round=12, total_rounds=2, sync_mode=WHOLE_STATE), random.Random(0)
     for hk in "abc":
         state.register(st, hk, 0.0, rng)
     now = _trained_round(st, rng, 1.0)
@@ -59,7 +60,7 @@ def test_the_decided_state_is_the_model_and_a_kept_round_is_refused_naming_the_s
 
 
 def test_an_old_round_reads_its_next_rounds_archive():
-    st, rng = make(1, samples_per_round=8, total_rounds=3), random.Random(0)
+    st, rng = make(1, samples_per_round=8, total_rounds=3, sync_mode=WHOLE_STATE), random.Random(0)
     for hk in "ab":
         state.register(st, hk, 0.0, rng)
     now = 1.0

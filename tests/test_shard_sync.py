@@ -82,6 +82,19 @@ def test_bytes_per_replica_do_not_grow_with_r(s3_server):
     assert worst[9] < 0.3 * (9 + 2) * p_fp32  # well below today's (R + 2) x 4P
 
 
+def test_a_sole_replica_merges_from_memory_and_agrees_with_a_recomputation_from_the_store(s3_server):
+    board = StorageBoard(s3_server.storage())
+    prefix, lay = f"t{uuid.uuid4().hex[:8]}", CFG.layout(SHAPES)
+    solo = ReplicaSync(ObjectTransfer(), board, CFG, prefix, "solo", 0)
+    pieces = [Piece("solo", 10, solo.upload(2, tensors(70, 0.1), lay))]
+    merged = solo.merge(2, [["solo"]] * len(lay), lay, pieces, [None] * len(lay))
+    assert len(merged) == len(lay) and solo.transfer.stats.bytes_down == 0  # its pieces never came back down
+    checker = ReplicaSync(ObjectTransfer(), board, CFG, prefix, "validator", 0)
+    for s, ms in merged.items():  # a validator's recomputation reads the stored pieces
+        assert checker.merge_one(2, s, lay[s], pieces, None, upload=False).sha == ms.sha
+    assert checker.transfer.stats.bytes_down > 0
+
+
 def test_oversized_truncated_undecodable_and_malformed_pieces_are_left_out_alike(s3_server):
     """Pieces that are a property of their sender's object (too large for the shard's exact size,
     truncated, garbage of the right size, a report missing a shard) are screened like a hash

@@ -21,7 +21,8 @@ SHA = "ab" * 32
 RUN = RunConfig(run_id="p", model={}, n_stages=2, batch_size=1, micro_batches_per_step=2,
                 inner_steps_per_round=2, samples_per_round=6, muon_lr=0.02, adamw_lr=0.003,
                 total_rounds=2, data_seed=1, init_seed=2, lease_seconds=10.0, max_attempts=3,
-                max_object_bytes=1000, merge_timeout_seconds=50.0, quarantine_rounds=1)
+                max_object_bytes=1000, merge_timeout_seconds=50.0, quarantine_rounds=1,
+                sync_mode="state")  # the script drives the whole-state merge and vote
 TUN = Tunables(health_timeout=30.0, backoff_seconds=1.0)
 
 

@@ -72,7 +72,8 @@ class Scenario:
                    muon_lr=0.05, adamw_lr=1e-2, warmup_steps=0, total_rounds=self.rounds,
                    data_seed=self.seed, init_seed=self.seed + 100, lease_seconds=5.0,
                    max_object_bytes=2**20, merge_timeout_seconds=30.0, vote_timeout_seconds=15.0,
-                   arbitration_timeout_seconds=30.0, max_attempts=5, audit_window_rounds=8)
+                   arbitration_timeout_seconds=30.0, max_attempts=5, audit_window_rounds=8,
+                   sync_mode="state")  # the merge cheats' drills are the whole-state merge's; `run` may say sharded
         cfg.update(dict(self.run))
         return cfg
 
@@ -91,6 +92,7 @@ class Outcome:
     val_loss: float
     init_loss: float
     joined: dict[str, Any] | None = None  # the late joiner: name, round, (checkpoint round, updates replayed)
+    round_starts: tuple[int, int] = (0, 0)  # sharded sync: round starts the validator rebuilt, advanced
     views: dict[tuple[int, int], Any] = field(default_factory=dict)  # sharded: (round, stage) -> SyncView
     laggard: dict[str, Any] | None = None  # name, what its round's view said, catch_ups, theta, peer_theta
 
@@ -119,6 +121,11 @@ def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
         for stage, theta in zip(stages, thetas):
             stage.load_state_dict(theta)
     return evaluate(stages, data.validation_batches(4, 2, cfg.seq_len), torch.device("cpu"))
+
+
+def _round_starts(validator) -> tuple[int, int]:
+    starts = validator.round_starts
+    return (0, 0) if starts is None else (starts.rebuilt, starts.advanced)
 
 
 def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
@@ -207,7 +214,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 240.0) -> Outcome:
             init_loss=_val_loss(rc["model"], rc["init_seed"], None),
             joined=None if joined is None else {**joined, "theta": miners[-1].worker.theta(),
                                                 "peer_theta": final.get(stage_of[joined["name"]])},
-            views=views, laggard=laggard)
+            views=views, laggard=laggard, round_starts=_round_starts(validator))
     finally:
         if validator is not None:
             validator.stop.set()
