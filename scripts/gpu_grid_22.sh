@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off in every process started here
 if [ -f .gpu_stage/site.tar.xz ]; then  # the packages the CUDA image lacks (docs/GPU_HOST.md)
     mkdir -p /tmp/site && tar xJf .gpu_stage/site.tar.xz -C /tmp/site
+    [ -f .gpu_stage/extra.tar.xz ] && tar xJf .gpu_stage/extra.tar.xz -C /tmp/site  # e.g. tokenizers
     export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
