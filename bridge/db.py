@@ -31,10 +31,10 @@ import threading
 from typing import Any, Optional
 
 from bridge.records import Hop, State, Tunables
-from bridge.tables import META, TABLES, fingerprint, rows_for
+from bridge.tables import META, TABLES, fingerprint, rows_for, schema_sql
 from protocol.messages import RunConfig
 
-__all__ = ["Database", "open_database", "is_postgres_url", "schema_sql", "KEEP_ROUNDS_MIN"]
+__all__ = ["Database", "open_database", "is_postgres_url", "KEEP_ROUNDS_MIN"]
 
 log = logging.getLogger(__name__)
 KEEP_ROUNDS_MIN = 1
@@ -51,27 +51,6 @@ def open_database(url: str | os.PathLike[str], keep_rounds: int = 8, **kw: Any) 
         from bridge.db_postgres import PostgresDatabase  # psycopg only where it is used
         return PostgresDatabase(os.fspath(url), keep_rounds, **kw)
     return Database(url, keep_rounds)
-
-
-def schema_sql(key_types: dict[str, str], versioned: bool) -> list[str]:
-    """CREATE statements for the meta row and every table of `bridge.tables` (`key_types` maps
-    the specs' portable types to the backend's; `versioned` adds the change-version column)."""
-    ver = ", version BIGINT NOT NULL DEFAULT 0" if versioned else ""
-    out = [f"CREATE TABLE IF NOT EXISTS {META} (id INTEGER PRIMARY KEY CHECK (id = 0), "
-           f"run TEXT NOT NULL, data TEXT NOT NULL"
-           + (", version BIGINT NOT NULL DEFAULT 0, data_version BIGINT NOT NULL DEFAULT 0"
-              if versioned else "") + ")"]
-    for t in TABLES.values():
-        cols = ", ".join(f"{c} {key_types.get(ty, ty)}" for c, ty in t.columns)
-        out.append(f"CREATE TABLE IF NOT EXISTS {t.name} ({t.key[0]} "
-                   f"{key_types.get(t.key[1], t.key[1])} PRIMARY KEY, "
-                   + (cols + ", " if cols else "") + f"data TEXT NOT NULL{ver})")
-        for idx in t.indexes:
-            out.append(f"CREATE INDEX IF NOT EXISTS {t.name}_{'_'.join(idx)} "
-                       f"ON {t.name} ({', '.join(idx)})")
-        if versioned:
-            out.append(f"CREATE INDEX IF NOT EXISTS {t.name}_version ON {t.name} (version)")
-    return out
 
 
 class _SqliteTxn:

@@ -21,10 +21,9 @@ import os
 import threading
 from typing import Any, Optional
 
-from bridge.db import schema_sql
 from bridge.records import Hop, State, Tunables
 from bridge.refresh import fold_meta, fold_records
-from bridge.tables import META, TABLES, fingerprint, rows_for
+from bridge.tables import META, TABLES, fingerprint, rows_for, schema_sql
 from protocol.messages import RunConfig
 
 __all__ = ["PostgresDatabase", "PgTxn", "channel_name", "DatabaseUnavailable", "redact",

@@ -10,7 +10,7 @@ from typing import Optional
 from bridge.claims import Verdict
 from bridge.codespec import CodeSpec, judge_bytes
 from bridge.records import ObjRef, TransitionError
-from bridge.state import upload_key
+from protocol.keys import staging_of
 from bridge.storage import Storage
 
 __all__ = ["seal", "look_at"]
@@ -21,7 +21,7 @@ def seal(storage: Optional[Storage], out_key: str) -> None:
     Without a store (benchmarks) there is nothing to seal."""
     if storage is None:
         return
-    src = upload_key(out_key)
+    src = staging_of(out_key)
     if not storage.copy(src, out_key):
         raise TransitionError("missing_object", f"no object at {src}: upload the output "
                               "with the lease's put_url before reporting done")

@@ -74,7 +74,7 @@ class MergeApi:
         if req.size > run.max_state_bytes:
             raise TransitionError("oversized",
                                   f"size={req.size} exceeds max_state_bytes={run.max_state_bytes}")
-        key = self.svc.read(lambda st: rounds.upload_key(st, caller, req.round, req.kind,
+        key = self.svc.read(lambda st: rounds.merge_upload_key(st, caller, req.round, req.kind,
                                                          req.sha256))
         expires = min(self.ttl, run.merge_timeout_seconds * 2)
         return msg.UploadGrant(put_url=self.svc.put_url(key, req.size, expires), key=key,

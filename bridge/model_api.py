@@ -1,6 +1,6 @@
 """The published model leaves the bridge: `GET /v1/model` (public: any round still kept, with
 presigned GETs of every object and the sha256 its replicas voted for), a copy of the same in the
-bucket after every round (`protocol.model_messages.model_key`, object keys in place of URLs, so
+bucket after every round (`protocol.keys.ModelKey`, object keys in place of URLs, so
 an export needs only read access to the bucket), and `POST /v1/validator/validation`, where
 validators report the held-out loss of each round's model (the page and `/metrics` show the
 median of their reports; a miner never reports a loss that is shown).
@@ -21,8 +21,8 @@ from bridge.console_store import ConsoleStore
 from bridge.records import TransitionError
 from protocol.console import ValidationLossReport, validation_tokens
 from protocol.messages import Ack, RunConfig
-from protocol.model_messages import (ModelQuery, ModelStage, PublishedModel, ValidationFigure,
-                                     latest_model_key, model_key)
+from protocol.keys import ModelKey
+from protocol.model_messages import ModelQuery, ModelStage, PublishedModel, ValidationFigure
 from protocol.sync_api import RoundUpdate
 
 __all__ = ["ModelApi", "CACHE_SECONDS"]
@@ -110,12 +110,12 @@ class ModelApi:
         try:
             d = self.data(round_)
             body = self.message(d, lambda key, ttl: key).model_dump_json(indent=1).encode()
-            self.svc.storage.put(model_key(self.run.run_id, d["round"]), body)
+            self.svc.storage.put(ModelKey(self.run.run_id, d["round"]).final, body)
             if d["round"] >= self._latest_written:
-                self.svc.storage.put(latest_model_key(self.run.run_id), body)
+                self.svc.storage.put(ModelKey(self.run.run_id).final, body)
                 self._latest_written = d["round"]
             log.info("round %d: published model described in the bucket at %s", d["round"],
-                     model_key(self.run.run_id, d["round"]))
+                     ModelKey(self.run.run_id, d["round"]).final)
         except TransitionError as exc:
             log.info("no model to describe in the bucket for round %s: %s", round_, exc.message)
         except Exception:  # best effort: GET /v1/model still serves it, the next round tries again

@@ -1,91 +1,25 @@
-"""Round transitions: start (mint samples), sample end, close -> merge, merge-set freeze,
-pseudo-gradient reports, late repeats, and object keys (votes on the merged state: bridge.votes).
-
-Keys: a replica PUTs to its own staging key (`.../upload/{hotkey}/...`); when it reports, the
-bridge copies the object to a final key nobody holds a grant for, so what was reported is
-what every reader gets (write-once)."""
+"""Round transitions: sample end, close -> merge, merge-set freeze and the vote deadlines (the top
+of the merge: it drives bridge.votes and bridge.shard_round, which never import it back),
+pseudo-gradient reports (whole or in pieces), late repeats. The round's start is bridge.round_start,
+who may report and under which keys bridge.merge_rules (re-exported here)."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Optional
 
-from bridge import votes
-from bridge.records import Hop, Sample, StageState, State, TransitionError
-from protocol.lifecycle import HopKind, Phase, SampleStatus
+from bridge import shard_checks, shard_round, votes
+from bridge.merge_rules import (check_report, check_upload_key, final_key, member, merge_upload_key,
+                                pieces_sha)
+from bridge.records import Sample, StageState, State, TransitionError
+from protocol.keys import StateKey, staging_of
+from protocol.lifecycle import Phase, SampleStatus
 
-__all__ = ["start_round", "mint_more", "MINT_CHUNK", "finish_sample", "drop_graph",
-           "maybe_freeze", "stage_prefix", "upload_key", "final_key", "check_upload_key",
-           "check_report", "report_pseudograd", "record_pseudograd", "merge_set", "moved_on", "published_state",
+__all__ = ["finish_sample", "drop_graph",
+           "maybe_freeze", "merge_upload_key", "final_key", "check_upload_key",
+           "check_report", "report_pseudograd", "record_pseudograd", "report_pieces", "merge_set", "moved_on", "published_state",
            "check_archived_pseudograd"]
 
 log = logging.getLogger(__name__)
-
-MINT_CHUNK = 512  # samples minted at a time; refilled when stage 0's pool runs low
-
-
-def start_round(st: State, r: int, now: float) -> None:
-    """Mint samples [r*N, (r+1)*N) with their stage-0 forwards, reset every miner's step; the
-    run is done once `total_rounds` rounds trained something (rounds that completed no sample do
-    not count, `empty_rounds`)."""
-    if r - st.empty_rounds >= st.run.total_rounds:
-        if st.phase == Phase.MERGE:
-            _archive(st)
-        st.phase = Phase.DONE
-        st.events.append(("run_done", r))
-        log.info("run %s done after %d rounds%s", st.run.run_id, r,
-                 f" ({st.empty_rounds} of them trained nothing)" if st.empty_rounds else "")
-        return
-    if st.phase == Phase.MERGE:
-        _archive(st)
-    n, s = st.run.samples_per_round, st.run.n_stages
-    st.round_states = [dict(vars(x)) for x in st.stage_states]
-    st.phase, st.round, st.merge_started = Phase.TRAIN, r, 0.0
-    st.r_completed = st.r_abandoned = 0
-    st.fwd_pending = [n] * s
-    st.workers, st.pseudograds, st.frozen, st.votes, st.published = {}, {}, {}, {}, {}
-    st.vote_deadline, st.disputes, st.report_grace = {}, {}, {}
-    st.flagged, st.unpaid = [], []
-    st.samples = {}
-    st.hops = {}
-    st.minted = 0
-    st.reindex()
-    mint_more(st)
-    for m in st.miners.values():
-        m.round, m.inner_step, m.quota_used, m.step_samples = r, 0, 0, 0
-        m.open_graphs = m.round_steps = m.round_samples = 0
-    _archive(st)
-    st.events.append(("round_start", r))
-    log.info("round %d started: %d samples over %d stages", r, n, s)
-
-
-def mint_more(st: State) -> int:
-    """Mint the round's next MINT_CHUNK samples with their stage-0 forwards (in the pool).
-
-    Minting lazily keeps a round start (and each refill) to a short transition instead of one
-    that writes every sample of the round while every request waits."""
-    n, r = st.run.samples_per_round, st.round
-    k = min(MINT_CHUNK, n - st.minted)
-    kind = HopKind.FWDBWD if st.run.n_stages == 1 else HopKind.FWD
-    for sid in range(r * n + st.minted, r * n + st.minted + k):
-        sample = Sample(sample_id=sid, round=r)
-        st.samples[sid] = sample
-        hop = Hop(hop_id=st.next_hop_id(), sample_id=sid, round=r, stage=0, kind=kind)
-        st.hops[hop.hop_id] = hop
-        st.place(hop)
-    st.minted += k
-    return k
-
-
-def _archive(st: State) -> None:
-    """Persist what validators need about the current round after it is gone from memory."""
-    items = [dict(hotkey=h, stage=s, **st.pseudograds[s][h])
-             for s in sorted(st.frozen) for h in st.frozen[s]]
-    cast = [dict(hotkey=h, stage=s, sha256=v["sha256"])
-            for s in sorted(st.votes) for h, v in sorted(st.votes[s].items())]
-    st.archive_round(st.round, {"round": st.round, "states": st.round_states,
-                                 "pseudograds": items, "votes": cast, "flagged": list(st.flagged),
-                                 "completed_before": st.completed_total - st.r_completed,
-                                 "unpaid": list(st.unpaid)})
 
 
 def drop_graph(st: State, sample: Sample, stage: int) -> None:
@@ -184,82 +118,9 @@ def maybe_freeze(st: State, now: float) -> None:
 
 def _on_time(st: State, stage: int, now: float) -> None:
     if st.run.sync_mode == "sharded":
-        from bridge import shard_round  # the sharded sync decides shard by shard first
         shard_round.on_time(st, stage, now)
     else:
         votes.on_time(st, stage, now)
-
-
-def stage_prefix(st: State, round_: int, stage: int) -> str:
-    """`runs/{run}/r{round}/s{stage}`: every object of a stage's round lives under it."""
-    return f"runs/{st.run.run_id}/r{round_}/s{stage}"
-
-
-def upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
-    """The staging key a replica may PUT its pseudo-gradient or merged state to (its own). In a
-    sharded run only a checkpoint's state goes this way (the pieces have their own routes)."""
-    m = _member(st, hotkey, round_)
-    if st.run.sync_mode == "sharded":
-        if kind == "pseudograd":
-            raise TransitionError("sharded_run", "this run syncs shard by shard (sync_mode: sharded): "
-                                  "upload and report the pseudo-gradient's pieces through the sync routes")
-        from bridge.shard_round import need_checkpoint_vote
-        need_checkpoint_vote(st, m.stage, round_)
-    part = "pg" if kind == "pseudograd" else "state"
-    return f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/{part}-{sha256}"
-
-
-def final_key(st: State, hotkey: str, round_: int, kind: str, sha256: str) -> str:
-    """Where the bridge copies a reported upload: no miner ever holds a PUT grant for it."""
-    m = _member(st, hotkey, round_)
-    if kind == "pseudograd":
-        return f"{stage_prefix(st, round_, m.stage)}/pg/{hotkey}-{sha256}"
-    return f"{stage_prefix(st, round_ + 1, m.stage)}/state/{hotkey}-{sha256}"
-
-
-def check_upload_key(st: State, hotkey: str, round_: int, kind: str, key: str,
-                     sha256: str) -> str:
-    """The final key for a report naming staging `key`; 400 bad_key for any other key, before
-    anything looks at the store (the answer never depends on which objects exist)."""
-    if key != upload_key(st, hotkey, round_, kind, sha256):
-        raise TransitionError("bad_key", f"key {key[:200]!r} is not your {kind} upload key "
-                              f"for this sha256 (ask POST /v1/rounds/upload for it)")
-    return final_key(st, hotkey, round_, kind, sha256)
-
-
-def _member(st: State, hotkey: str, round_: int) -> Any:
-    m = st.miners.get(hotkey)
-    if m is None:
-        raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
-    if st.phase != Phase.MERGE or round_ != st.round:
-        raise TransitionError("not_merging",
-                              f"round {round_} is not merging (run at round {st.round}, {st.phase})")
-    return m
-
-
-def check_report(st: State, hotkey: str, round_: int, sha256: str, now: Optional[float] = None) -> bool:
-    """Whether `hotkey` may enter a pseudo-gradient of `sha256` in the merge set now (True: it
-    is a repeat of the recorded one); refuses before anything is copied. A replica counts only
-    the backwards verified since its last registration: with none (it registered again after its
-    work, or every one was rejected) it has no verified work to merge and earns no credit.
-    `now` None (a check before any store access): quarantine judged by registration, not liveness."""
-    m = _member(st, hotkey, round_)
-    have = st.pseudograds.get(m.stage, {}).get(hotkey)
-    if have is not None:
-        if have["sha256"] == sha256:
-            return True
-        raise TransitionError("already_reported", "a different pseudo-gradient was reported")
-    if st.quarantined(m, now):
-        raise TransitionError("quarantined", f"{hotkey} failed an audit and sits out merges "
-                              f"until round {m.quarantined_until}")
-    if hotkey not in st.workers.get(m.stage, []):
-        raise TransitionError("no_work", f"{hotkey} did no work in round {round_}")
-    if m.round_samples <= 0:
-        raise TransitionError("no_work", f"{hotkey} has no verified backward in round {round_} since "
-                              f"its last registration (epoch {m.epoch}): nothing of it can be merged")
-    if m.stage in st.frozen:
-        raise TransitionError("frozen", f"stage {m.stage} merge set is already frozen")
-    return False
 
 
 def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str, size: int,
@@ -277,7 +138,7 @@ def record_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
     """Enter a pseudo-gradient (with `extra` fields: a sharded one's pieces) in the merge set.
     Its weight is the bridge's own count of the replica's verified backwards, never a claim
     (same report twice: no-op)."""
-    m = _member(st, hotkey, round_)
+    m = member(st, hotkey, round_)
     if key != final_key(st, hotkey, round_, "pseudograd", sha256):
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this pseudo-gradient's key")
     if check_report(st, hotkey, round_, sha256, now):
@@ -286,6 +147,18 @@ def record_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
         "key": key, "sha256": sha256, "size": size, "samples": m.round_samples, "epoch": m.epoch,
         **(extra or {})}
     maybe_freeze(st, now)
+
+
+def report_pieces(st: State, hotkey: str, round_: int, shas: list[str], sizes: list[int],
+                  finals: list[str], now: float) -> None:
+    """Enter a replica's sharded pseudo-gradient (shards already at `finals`) in the merge set."""
+    sha = pieces_sha(shas)
+    want, _ = shard_checks.check_pieces(st, hotkey, round_, shas, sizes, sha)
+    if list(finals) != want:
+        raise TransitionError("bad_key", "the pieces' keys are not their final keys")
+    key = final_key(st, hotkey, round_, "pseudograd", sha)
+    record_pseudograd(st, hotkey, round_, key, sha, sum(sizes), now,
+                      extra={"shards": list(shas), "sizes": list(sizes), "finals": list(finals)})
 
 
 def merge_set(st: State, round_: int, stage: int) -> list[dict[str, Any]]:
@@ -311,7 +184,7 @@ def published_state(st: State, hotkey: str, round_: int, sha256: str, key: str,
     m = st.miners.get(hotkey)
     if m is None:
         raise TransitionError("not_registered", f"hotkey {hotkey} is not registered")
-    if key != f"{stage_prefix(st, round_, m.stage)}/upload/{hotkey}/state-{sha256}":
+    if key != StateKey(st.run.run_id, round_ + 1, m.stage, hotkey, sha256).staging:
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this state's upload key")
     if round_ == st.round and st.phase == Phase.DONE:
         return m.stage, st.stage_states[m.stage]
@@ -328,8 +201,7 @@ def check_archived_pseudograd(archive: Optional[dict[str, Any]], hotkey: str, ro
     """Accept a late repeat of a pseudo-gradient report that is in the round's frozen merge
     set exactly as reported (`key`: the staging key it names); anything else is refused (409)."""
     for item in (archive or {}).get("pseudograds", []):
-        staged = item["key"].rsplit("/pg/", 1)[0] + f"/upload/{hotkey}/pg-{item['sha256']}"
-        if item["hotkey"] == hotkey and staged == key:
+        if item["hotkey"] == hotkey and staging_of(item["key"]) == key:
             if (item["sha256"], item["size"]) == (sha256, size):
                 return
             raise TransitionError("already_reported",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, TypeVar
 from bridge.durable import current_nonce
 from bridge.records import Hop, State, TransitionError, Tunables
 from bridge.storage import Storage, StorageError
+from protocol.keys import round_prefix, sync_round_prefix
 from protocol.messages import RunConfig
 
 __all__ = ["BridgeService", "seen_version"]
@@ -293,7 +294,7 @@ class BridgeService:
                 for d in (self.db.round_archive(r) or {}).get("states", []):
                     keep.update(k for k in [d.get("key"), *d.get("alt_keys", [])] if k)
             for r in range(max(0, old - 2), old + 1):
-                n = self.storage.delete_prefix(f"runs/{self.run.run_id}/r{r}/", keep=keep)
+                n = self.storage.delete_prefix(round_prefix(self.run.run_id, r), keep=keep)
                 if n:
                     log.info("gc: deleted %d objects of round %d", n, r)
             if self.run.sync_mode == "sharded":
@@ -314,7 +315,7 @@ class BridgeService:
         if end <= start:
             return
         for r in range(start, end):
-            n = self.storage.delete_prefix(f"runs/{self.run.run_id}/sync/r{r}/")
+            n = self.storage.delete_prefix(sync_round_prefix(self.run.run_id, r))
             if n:
                 log.info("gc: deleted %d merged-update objects of round %d", n, r)
         with self.lock:  # part of the meta row: the next commit persists it

@@ -20,6 +20,7 @@ from bridge.shard_votes import KEEP_SHA
 from bridge.storage import StorageError
 from protocol import messages as msg
 from protocol import sync_api as api
+from protocol.keys import staging_of
 
 __all__ = ["ShardApi"]
 
@@ -37,7 +38,7 @@ async def _seal_all(svc: BridgeService, caller: str, objects: list[tuple[str, in
     missing or wrongly sized upload copies nothing."""
     if not objects:
         return
-    staged = [api.staging_key(f, caller) for f, _ in objects]
+    staged = [staging_of(f) for f, _ in objects]
     have = await asyncio.gather(*[run_in_threadpool(svc.object_size, k) for k in staged])
     for k, n, (_, size) in zip(staged, have, objects):
         if n is None:
@@ -62,7 +63,7 @@ class ShardApi:
         final = svc.read(lambda st: shard_checks.check_grant(st, caller, req.round, req.kind, req.shard,
                                                              req.sha256, req.size))
         expires = min(self.ttl, run.merge_timeout_seconds * 2)
-        staging = api.staging_key(final, caller)
+        staging = staging_of(final)
         return msg.UploadGrant(put_url=svc.put_url(staging, req.size, expires), key=staging,
                                expires_at=time.time() + expires)
 
@@ -77,7 +78,7 @@ class ShardApi:
 
         def tx(st: Any, now: float, rng: Any) -> None:
             rounds.maybe_freeze(st, now)
-            shard_round.report_pieces(st, caller, req.round, list(req.shas), list(req.sizes), finals, now)
+            rounds.report_pieces(st, caller, req.round, list(req.shas), list(req.sizes), finals, now)
         await svc.apply_async(tx)
         return msg.Ack()
 

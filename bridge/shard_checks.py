@@ -12,19 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from bridge import rounds
+from bridge.merge_rules import check_report, member, need_sharded
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
-from protocol.sync_api import piece_key, update_key
+from protocol.keys import PieceKey, UpdateKey
 from spec.shard_layout import assign_mergers
 
 __all__ = ["piece_size", "update_size", "check_shard", "check_grant", "check_pieces", "check_votes",
            "mergers", "recorded_keys"]
-
-
-def _need_sharded(st: State) -> None:
-    if st.run.sync_mode != "sharded":
-        raise TransitionError("not_sharded", "this run's sync_mode is 'state': report through the pseudograd route")
 
 
 def piece_size(st: State, stage: int, shard: int) -> Optional[int]:
@@ -75,47 +70,47 @@ def check_grant(st: State, caller: str, round_: int, kind: str, shard: int, sha:
     """The final key a PUT grant of one shard object leads to, or the refusal: pieces only from a
     replica that may report them (or re-sends the one it reported), merged updates only from a
     merger of that shard that has not voted another."""
-    _need_sharded(st)
-    m = rounds._member(st, caller, round_)
+    need_sharded(st)
+    m = member(st, caller, round_)
     check_shard(st, shard)
     _check_size(st, m.stage, shard, kind, size)
     run = st.run.run_id
     if kind == "pg":
         rec = st.pseudograds.get(m.stage, {}).get(caller)
         if rec is None:
-            rounds.check_report(st, caller, round_, sha)  # quarantined, frozen, no verified work
+            check_report(st, caller, round_, sha)  # quarantined, frozen, no verified work
         elif rec.get("shards", [None] * (shard + 1))[shard] != sha:
             raise TransitionError("already_reported", "a different pseudo-gradient was reported")
-        return piece_key(run, round_, m.stage, caller, shard, sha)
+        return PieceKey(run, round_, m.stage, caller, shard, sha).final
     if caller not in mergers(st, round_, m.stage)[shard]:
         raise TransitionError("not_a_merger", f"{caller} does not merge shard {shard} of stage {m.stage} "
                               f"in round {round_}: download the decided update instead")
     had = _cast(st, round_, m.stage, shard).get(caller)
     if had is not None and had["sha256"] != sha:
         raise TransitionError("already_voted", f"a different merged update of shard {shard} was reported")
-    return update_key(run, round_, m.stage, shard, caller, sha)
+    return UpdateKey(run, round_, m.stage, shard, caller, sha).final
 
 
 def check_pieces(st: State, caller: str, round_: int, shas: Sequence[str], sizes: Sequence[int],
                  sha: str) -> tuple[list[str], bool]:
     """(final key per shard, whether it repeats the recorded report) for a pieces report of
     merge-set sha256 `sha`; refuses a wrong count, a wrong size or a replica that may not report."""
-    _need_sharded(st)
-    m = rounds._member(st, caller, round_)
+    need_sharded(st)
+    m = member(st, caller, round_)
     if len(shas) != st.run.sync_shards or len(sizes) != len(shas):
         raise TransitionError("bad_shards", f"{len(shas)} shard sha256s and {len(sizes)} sizes; "
                               f"the run has sync_shards={st.run.sync_shards}")
     for s, n in enumerate(sizes):
         _check_size(st, m.stage, s, "pg", n)
-    repeat = rounds.check_report(st, caller, round_, sha)
-    return [piece_key(st.run.run_id, round_, m.stage, caller, s, h) for s, h in enumerate(shas)], repeat
+    repeat = check_report(st, caller, round_, sha)
+    return [PieceKey(st.run.run_id, round_, m.stage, caller, s, h).final for s, h in enumerate(shas)], repeat
 
 
 def check_votes(st: State, caller: str, round_: int, votes: Sequence[tuple[int, str, int]]) -> list[str]:
     """The final key per (shard, sha256, size) vote (none is copied for "keep"); refuses a shard out
     of range or voted twice, a caller that does not merge it, a wrong size, or a changed vote."""
-    _need_sharded(st)
-    m = rounds._member(st, caller, round_)
+    need_sharded(st)
+    m = member(st, caller, round_)
     table = mergers(st, round_, m.stage)
     seen: set[int] = set()
     finals = []
@@ -135,7 +130,7 @@ def check_votes(st: State, caller: str, round_: int, votes: Sequence[tuple[int, 
         had = _cast(st, round_, m.stage, shard).get(caller)
         if had is not None and had["sha256"] != sha:
             raise TransitionError("already_voted", f"a different merged update of shard {shard} was reported")
-        finals.append(update_key(st.run.run_id, round_, m.stage, shard, caller, sha))
+        finals.append(UpdateKey(st.run.run_id, round_, m.stage, shard, caller, sha).final)
     return finals
 
 

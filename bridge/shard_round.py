@@ -15,55 +15,23 @@ Everything lives in `State.sync` (JSON, persisted with the meta row, so it survi
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, Optional
 
-from bridge import rounds, shard_checks, shard_votes, votes
+from bridge import shard_checks, shard_votes, votes
+from bridge.merge_rules import checkpoint_round, need_checkpoint_vote, need_sharded, pieces_sha, sharded
 from bridge.records import State, TransitionError
 from bridge.shard_votes import ShardBallot
-from protocol.sync_api import checkpoint_due
 
-__all__ = ["sharded", "need_sharded", "need_checkpoint_vote", "ballot_dict", "stored_ballot", "pieces_sha", "report_pieces", "ballot", "vote", "on_time", "arbitrate",
+__all__ = ["sharded", "need_sharded", "need_checkpoint_vote", "ballot_dict", "stored_ballot", "pieces_sha", "ballot", "vote", "on_time", "arbitrate",
            "open_disputes", "updates_since", "checkpoint_round", "published_round", "keep_rounds"]
 
 log = logging.getLogger(__name__)
 
 
-def sharded(st: State) -> bool:
-    """Whether the run syncs replicas with the sharded sync."""
-    return st.run.sync_mode == "sharded"
-
-
-def need_sharded(st: State) -> None:
-    """409 unless the run uses the sharded sync."""
-    if not sharded(st):
-        raise TransitionError("not_sharded", "this run's sync_mode is 'state': report through the pseudograd route")
-
-
-def need_checkpoint_vote(st: State, stage: int, round_: int) -> None:
-    """409 unless a whole-state vote is due: a checkpoint round whose shards are all decided."""
-    if not checkpoint_round(st, round_):
-        raise TransitionError("not_checkpoint", f"round {round_} ends with no checkpoint (checkpoint_every="
-                              f"{st.run.checkpoint_every}): its update is voted shard by shard")
-    if str(round_) not in st.sync.get("updates", {}).get(str(stage), {}):
-        raise TransitionError("not_decided", f"stage {stage}'s shards of round {round_} are not all "
-                              "decided yet: vote the checkpoint once they are")
-
-
-def pieces_sha(shas: list[str]) -> str:
-    """The merge-set sha256 of a sharded pseudo-gradient: sha256 of its shard sha256s, one a line."""
-    return hashlib.sha256("\n".join(shas).encode()).hexdigest()
-
-
 def keep_rounds(st: State) -> int:
     """Rounds of ballots and update logs kept beyond the last checkpoint (audits look back)."""
     return st.run.audit_window_rounds + 2
-
-
-def checkpoint_round(st: State, round_: int) -> bool:
-    """Whether round `round_` ends with a full checkpoint (every K-th, and the last)."""
-    return checkpoint_due(round_, st.run.checkpoint_every, st.run.total_rounds)
 
 
 def published_round(st: State, stage: int) -> int:
@@ -73,18 +41,6 @@ def published_round(st: State, stage: int) -> int:
         return max(done) + 1
     ss = st.stage_states[stage]
     return ss.round if ss.sha256 else -1
-
-
-def report_pieces(st: State, hotkey: str, round_: int, shas: list[str], sizes: list[int],
-                  finals: list[str], now: float) -> None:
-    """Enter a replica's sharded pseudo-gradient (shards already at `finals`) in the merge set."""
-    sha = pieces_sha(shas)
-    want, _ = shard_checks.check_pieces(st, hotkey, round_, shas, sizes, sha)
-    if list(finals) != want:
-        raise TransitionError("bad_key", "the pieces' keys are not their final keys")
-    key = rounds.final_key(st, hotkey, round_, "pseudograd", sha)
-    rounds.record_pseudograd(st, hotkey, round_, key, sha, sum(sizes), now,
-                             extra={"shards": list(shas), "sizes": list(sizes), "finals": list(finals)})
 
 
 def _bkey(round_: int, stage: int) -> str:

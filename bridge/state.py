@@ -14,14 +14,15 @@ import random
 from itertools import islice
 from typing import Any, Optional
 
-from bridge import rounds, speed
+from bridge import round_start, rounds, speed
 from bridge.dispatch import expire, make_bwd, new_hop, retry_hop, route_fwd
 from bridge.records import FwdRecord, Hop, Miner, ObjRef, State, TransitionError
 from bridge.routing import choose_stage
+from protocol.keys import HopOutputKey
 from protocol.lifecycle import HopKind, HopStatus, Phase, SampleStatus
 
 __all__ = ["register", "leave", "lease", "check_done", "complete", "step_done", "tick",
-           "LeaseResult", "output_key", "upload_key"]
+           "LeaseResult", "output_key"]
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,7 @@ def output_key(st: State, hop: Hop) -> Optional[str]:
     if hop.stage == 0 and hop.kind in (HopKind.BWD, HopKind.FWDBWD):
         return None
     part = "act" if hop.kind == HopKind.FWD else "grad"
-    return f"runs/{st.run.run_id}/r{hop.round}/s{hop.stage}/{part}/{hop.hop_id}"
-
-
-def upload_key(out_key: str) -> str:
-    """`runs/{run}/r{round}/s{stage}/upload/{act|grad}/{hop_id}`: where the producer's
-    presigned PUT writes a hop output before `done` seals it at `out_key`."""
-    stage_dir, part, hop_id = out_key.rsplit("/", 2)
-    return f"{stage_dir}/upload/{part}/{hop_id}"
+    return HopOutputKey(st.run.run_id, hop.round, hop.stage, part, hop.hop_id).final
 
 
 def _miner(st: State, hotkey: str) -> Miner:
@@ -94,7 +88,7 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
     st.miners[hotkey] = m
     log.info("miner %s registered on stage %d", hotkey, stage)
     if st.phase == Phase.WAITING and all(st.stage_miners(s) for s in range(st.run.n_stages)):
-        rounds.start_round(st, 0, now)
+        round_start.start_round(st, 0, now)
     return m
 
 
@@ -177,9 +171,9 @@ def lease(st: State, hotkey: str, max_hops: int, fwd_bytes: int, bwd_bytes: int,
         room = min(max_hops - len(got), quota - m.quota_used, pooled)
         if max_open_graphs > 0 and m.stage < st.run.n_stages - 1:
             room = min(room, max_open_graphs - m.open_graphs - _forwards_held(st, m, got))
-        if m.stage == 0 and len(st.fwd_pool[0]) < max(room, rounds.MINT_CHUNK // 2) \
+        if m.stage == 0 and len(st.fwd_pool[0]) < max(room, round_start.MINT_CHUNK // 2) \
                 and st.minted < st.run.samples_per_round:
-            rounds.mint_more(st)
+            round_start.mint_more(st)
         for hid in _claimable(st, st.fwd_pool[m.stage], m, now, room):
             m.quota_used += 1
             got.append(st.hops[hid])

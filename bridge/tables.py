@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from bridge.records import Hop, Miner, Sample
 from bridge.tracking import row_json
 
-__all__ = ["Table", "TABLES", "META", "rows_for", "fingerprint", "table_of"]
+__all__ = ["Table", "TABLES", "META", "rows_for", "fingerprint", "table_of", "schema_sql"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,24 @@ def fingerprint(meta: dict[str, Any]) -> tuple[bytes, list]:
     are most of the bytes and compare faster as a list."""
     rest = {k: v for k, v in meta.items() if k != "recent_losses"}
     return pickle.dumps(rest, protocol=5), meta["recent_losses"]
+
+
+def schema_sql(key_types: dict[str, str], versioned: bool) -> list[str]:
+    """CREATE statements for the meta row and every table above (`key_types` maps
+    the specs' portable types to the backend's; `versioned` adds the change-version column)."""
+    ver = ", version BIGINT NOT NULL DEFAULT 0" if versioned else ""
+    out = [f"CREATE TABLE IF NOT EXISTS {META} (id INTEGER PRIMARY KEY CHECK (id = 0), "
+           f"run TEXT NOT NULL, data TEXT NOT NULL"
+           + (", version BIGINT NOT NULL DEFAULT 0, data_version BIGINT NOT NULL DEFAULT 0"
+              if versioned else "") + ")"]
+    for t in TABLES.values():
+        cols = ", ".join(f"{c} {key_types.get(ty, ty)}" for c, ty in t.columns)
+        out.append(f"CREATE TABLE IF NOT EXISTS {t.name} ({t.key[0]} "
+                   f"{key_types.get(t.key[1], t.key[1])} PRIMARY KEY, "
+                   + (cols + ", " if cols else "") + f"data TEXT NOT NULL{ver})")
+        for idx in t.indexes:
+            out.append(f"CREATE INDEX IF NOT EXISTS {t.name}_{'_'.join(idx)} "
+                       f"ON {t.name} ({', '.join(idx)})")
+        if versioned:
+            out.append(f"CREATE INDEX IF NOT EXISTS {t.name}_version ON {t.name} (version)")
+    return out

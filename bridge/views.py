@@ -6,7 +6,7 @@ from typing import Callable, Optional
 from bridge import shard_round
 from bridge.records import Hop, ObjRef, StageState, State
 from protocol.lifecycle import Phase
-from bridge.state import upload_key
+from protocol.keys import staging_of
 from protocol import messages as msg
 from protocol.sync_api import UpdateRef
 
@@ -27,7 +27,7 @@ def hop_message(hop: Hop, get_url: Signer, put_url: Callable[[str, int, float], 
     uploaded to its upload key; `done` seals it at `hop.out_key`, which no URL can write."""
     out = None
     if hop.out_key is not None:
-        up = upload_key(hop.out_key)
+        up = staging_of(hop.out_key)
         out = msg.OutputRef(key=up, put_url=put_url(up, hop.out_size, ttl),
                             size=hop.out_size, expires_at=hop.deadline)
     return msg.Hop(hop_id=hop.hop_id, sample_id=hop.sample_id, round=hop.round,

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from bridge.merge_rules import final_key, member, need_checkpoint_vote, sharded
 from bridge.records import StageState, State, TransitionError
+from bridge.round_start import start_round
 from protocol.lifecycle import Phase
 
 __all__ = ["report_merged", "add_late_vote", "recorded_size", "on_time", "arbitrate", "publish", "open_disputes"]
@@ -30,10 +32,8 @@ def report_merged(st: State, hotkey: str, round_: int, sha256: str, key: str, si
     """Record a merged-state hash (state already copied to its final `key`); publish when the
     whole frozen set agrees. Returns whether this vote agrees with the published
     state (None until published)."""
-    from bridge.rounds import _member, final_key
-    m = _member(st, hotkey, round_)
-    if st.run.sync_mode == "sharded":
-        from bridge.shard_round import need_checkpoint_vote
+    m = member(st, hotkey, round_)
+    if sharded(st):
         need_checkpoint_vote(st, m.stage, round_)
     if key != final_key(st, hotkey, round_, "state", sha256):
         raise TransitionError("bad_key", f"key {key[:200]!r} is not this state's key")
@@ -180,5 +180,4 @@ def publish(st: State, stage: int, voters: list[str], now: float) -> None:
     log.info("round %d stage %d: state for round %d published (%s)", st.round, stage,
              st.round + 1, (st.stage_states[stage].sha256 or "init")[:12])
     if all(st.published.get(s) for s in range(st.run.n_stages)):
-        from bridge.rounds import start_round
         start_round(st, st.round + 1, now)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 
 from drills.hop_cheats import Cheat
-from drills.merge_cheats import MERGE_CHEATS, merge_cheat
-from drills.shard_cheats import sharded_cheat
+from drills.merge_cheats import MERGE_CHEATS
+from drills.shard_cheats import cheat_for
 from neurons.objects import BadInput
 from neurons.miner_loop import Miner
+from neurons.sync_choice import sync_for
 
 __all__ = ["CHEATERS", "cheating_miner", "CheatingMiner"]
 
@@ -30,11 +31,9 @@ class CheatingMiner(Miner):
             raise ValueError(f"unknown cheater {kind!r}; choose one of {', '.join(CHEATERS)}")
         self.kind = kind
         self.cheat = Cheat(kind if kind in HOP_KINDS else "honest", seed=seed)
-        self._merge_kind = merge_cheat(kind)
 
     def _round_merge(self):
-        cls = sharded_cheat(self.kind) if self.run.sync_mode == "sharded" else self._merge_kind
-        return cls(self.client, self.transfer, self.worker, self.run, self.stop)
+        return cheat_for(self.kind, sync_for(self.run).merge)(self.client, self.transfer, self.worker, self.run, self.stop)
 
     def _compute(self, hop, inputs):
         out, loss = super()._compute(hop, inputs)

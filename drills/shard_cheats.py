@@ -12,12 +12,13 @@ import hashlib
 import logging
 import struct
 
-from drills.merge_cheats import MERGE_CHEATS
+from drills.merge_cheats import MERGE_CHEATS, merge_cheat
+from neurons.round_merge import ReplicaMerge
 from neurons.shard_round import ShardedMerge
 from neurons.shard_sync import MergedShard, merged_key, sync_settings
 from resbm.sync_state import pack_update
 
-__all__ = ["SHARD_CHEATS", "sharded_cheat"]
+__all__ = ["SHARD_CHEATS", "sharded_cheat", "cheat_for"]
 
 log = logging.getLogger("drills")
 
@@ -103,3 +104,8 @@ def sharded_cheat(kind: str) -> type[ShardedMerge]:
     if base is None:
         return ShardedMerge
     return type(f"Sharded{base.__name__}", (base, ShardedMerge), {})
+
+
+def cheat_for(kind: str, honest: type[ReplicaMerge]) -> type[ReplicaMerge]:
+    """The merge-level cheat `kind` over the run's honest round end (neurons.sync_choice's `merge`)."""
+    return sharded_cheat(kind) if issubclass(honest, ShardedMerge) else merge_cheat(kind)

@@ -31,8 +31,8 @@ from neurons import hop_exec
 from neurons.audit_tolerances import device_gpu
 from neurons.dataset_http import HttpSource
 from neurons.objects import BadInput, HopInputs, encode_output, fetch_inputs
-from neurons.round_merge import ReplicaMerge, RoundState, load_assigned_state
-from neurons.shard_round import ShardedMerge, load_sharded_state
+from neurons.round_merge import ReplicaMerge, RoundState
+from neurons.sync_choice import sync_for
 from neurons.stage_worker import StageWorker, global_inner_step, worker_for_run
 from neurons.status import MinerStatus
 from neurons.sync_device import pick_sync_device
@@ -85,13 +85,14 @@ class Miner:
         self._last_step: tuple | None = None  # ((round, inner_step), samples) of the last step taken
 
     def _round_merge(self) -> ReplicaMerge:
-        cls = ShardedMerge if self.run.sync_mode == "sharded" else ReplicaMerge
-        merge = cls(self.client, self.transfer, self.worker, self.run, self.stop)
-        if self.run.sync_mode == "sharded":
-            if self._sync_device is None:  # once: a self-check of the device's arithmetic
-                self._sync_device = pick_sync_device(self.device)
-            merge.sync_device = self._sync_device
-        return merge
+        return sync_for(self.run).merge_for(self.client, self.transfer, self.worker, self.run, self.stop,
+                                            self._pick_sync_device)
+
+    def _pick_sync_device(self) -> torch.device:
+        """Where the sharded sync computes: chosen once, by a self-check of the device's arithmetic."""
+        if self._sync_device is None:
+            self._sync_device = pick_sync_device(self.device)
+        return self._sync_device
 
     # ----- setup -----
     def register(self) -> Assignment:
@@ -116,12 +117,7 @@ class Miner:
         self.codec = cfg.wire_codec
         self.out_bytes = codec.wire_size(self.shape, self.codec)
         init = (lambda: worker_for_run(run, a.stage, "cpu").theta()) if same else None  # built fresh: init already
-        if run.sync_mode == "sharded":
-            worker = self.worker
-            self.state = load_sharded_state(worker, a, self.client, self.transfer, run, self._computed,
-                                            init or worker.theta)
-        else:
-            self.state = load_assigned_state(self.worker, a, self.transfer, run.max_state_bytes, self._computed, init)
+        self.state = sync_for(run).load_state(self.worker, a, self.client, self.transfer, run, self._computed, init)
         self.status.set_stage(a.stage, a.round)
         return a
 

@@ -14,6 +14,7 @@ import torch
 
 from protocol.messages import FailReason, Hop, MergeItem, ObjectRef, StateRef
 from resbm import codec, outer
+from neurons.copies import first_good_copy
 from neurons.hop_exec import needs_activation, needs_gradient
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
@@ -86,15 +87,10 @@ def encode_output(t: torch.Tensor, wire_codec: str) -> tuple[bytes, str]:
 
 def fetch_state(transfer: ObjectTransfer, ref: StateRef, shapes: dict, max_bytes: int) -> outer.OuterState:
     """Download a published state (from any agreeing voter's copy); check sha, names, shapes."""
-    last: Exception | None = None
-    for url in [ref.url, *ref.alt_urls]:
-        try:
-            blob = transfer.get_verified(url, ref.sha256, max_bytes, what=f"state {ref.key}")
-        except TransferError as exc:  # a bad or missing copy: another voter's copy is identical
-            last = exc
-            continue
+    def read(url: str) -> outer.OuterState:
+        blob = transfer.get_verified(url, ref.sha256, max_bytes, what=f"state {ref.key}")
         return outer.load_state(blob, expected=shapes, max_bytes=max_bytes)
-    raise last if last is not None else TransferError(f"state {ref.key}: no copy to fetch")
+    return first_good_copy([ref.url, *ref.alt_urls], read, f"state {ref.key}")
 
 
 def fetch_tensors(transfer: ObjectTransfer, url: str, sha256: str, shapes: dict, max_bytes: int,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 
 import torch
@@ -24,18 +23,17 @@ import torch
 from protocol.client import BridgeError
 from protocol.messages import Assignment
 from protocol.routes import route
-from protocol.sync_api import ShardVote, SyncPseudograd, SyncUpload, SyncVotes, checkpoint_due, piece_key
+from protocol.keys import PieceKey, UpdateKey, parse_key
+from protocol.sync_api import ShardVote, SyncPseudograd, SyncUpload, SyncVotes, checkpoint_due
 from resbm.sync_state import checkpoint_bytes
 from neurons.round_merge import ReplicaMerge, RoundState
 from neurons.shard_sync import MergedShard, Piece, ReplicaSync, sync_settings
-from neurons.sync_follow import get_view, start_of_round, state_sha, wait_view
+from neurons.sync_follow import get_view, start_of_round, state_sha, view_urls, wait_view
 
 __all__ = ["BridgeBoard", "ShardedMerge", "load_sharded_state"]
 
 log = logging.getLogger("miner")
 
-_PIECE = re.compile(r"/r(\d+)/s\d+/sync/pg/[^/]+/(\d{5})-([0-9a-f]{64})$")
-_UPDATE = re.compile(r"/sync/r(\d+)/s\d+/merged/(\d{5})/[^/]+-([0-9a-f]{64})$")
 
 
 class BridgeBoard:
@@ -47,13 +45,15 @@ class BridgeBoard:
 
     def put_url(self, key: str, size: int) -> str:
         """A grant for the staging key of final `key` (one of ours)."""
-        m, kind = _PIECE.search(key), "pg"
-        if m is None:
-            m, kind = _UPDATE.search(key), "merged"
-        if m is None:
+        try:
+            k = parse_key(key).key
+        except KeyError as exc:
+            raise ValueError(str(exc)) from None
+        if not isinstance(k, (PieceKey, UpdateKey)):
             raise ValueError(f"not a sync object key: {key[:120]}")
+        kind = "pg" if isinstance(k, PieceKey) else "merged"
         grant = self.client.call(route("sync_upload"), SyncUpload(
-            round=int(m.group(1)), kind=kind, shard=int(m.group(2)), sha256=m.group(3), size=size))
+            round=k.round, kind=kind, shard=k.shard, sha256=k.sha256, size=size))
         return grant.put_url
 
     def get_url(self, key: str) -> str:
@@ -65,12 +65,7 @@ class BridgeBoard:
 
     def learn(self, view, run_id: str) -> None:
         """Remember the GET URLs of a view's pieces and decided updates."""
-        for p in view.pieces:
-            for s, (sha, url) in enumerate(zip(p.shas, p.urls)):
-                self.urls[piece_key(run_id, view.round, view.stage, p.hotkey, s, sha)] = url
-        for u in view.decided:
-            if u is not None:
-                self.urls[u.key] = u.url
+        self.urls.update(view_urls(view, run_id))
 
 
 class ShardedMerge(ReplicaMerge):

@@ -32,13 +32,15 @@ from typing import Protocol
 import torch
 
 from protocol.run_config import RunConfig
-from protocol.sync_api import piece_key, update_key
+from protocol.keys import PieceKey, UpdateKey
 from resbm.outer import OuterError
 from resbm.robust_merge import MergeParams
 from resbm.shard_merge import ShardMerge, apply_shard, merge_shard
 from resbm.shards import ShardLayout, layout, take
 from resbm.sync_codec import Codec, decode, encode, encoded_size
 from resbm.sync_state import fp32, pack_update, unpack_update, update_size
+from neurons.copies import first_good_copy
+from neurons.merge_compute import merge_params
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
 __all__ = ["SyncSettings", "sync_settings", "Board", "Piece", "pg_key", "merged_key",
@@ -64,10 +66,7 @@ class SyncSettings:
 def sync_settings(run: RunConfig) -> SyncSettings:
     """SyncSettings from a RunConfig."""
     return SyncSettings(Codec(run.sync_codec, run.sync_block), Codec(run.sync_merged_codec, run.sync_block),
-                        run.sync_shards, run.sync_mergers, run.checkpoint_every,
-                        MergeParams(clip_factor=run.clip_factor, trim_fraction=run.trim_fraction,
-                                    ref_floor=run.ref_floor, outer_lr=run.outer_lr,
-                                    outer_momentum=run.outer_momentum))
+                        run.sync_shards, run.sync_mergers, run.checkpoint_every, merge_params(run))
 
 
 class Board(Protocol):
@@ -88,12 +87,12 @@ class Piece:
 
 def pg_key(prefix: str, rnd: int, stage: int, hotkey: str, shard: int, sha: str) -> str:
     """Key of a replica's pseudo-gradient shard (`prefix`: the run id)."""
-    return piece_key(prefix, rnd, stage, hotkey, shard, sha)
+    return PieceKey(prefix, rnd, stage, hotkey, shard, sha).final
 
 
 def merged_key(prefix: str, rnd: int, stage: int, shard: int, hotkey: str, sha: str) -> str:
     """Key of a merger's copy of a merged shard (`prefix`: the run id)."""
-    return update_key(prefix, rnd, stage, shard, hotkey, sha)
+    return UpdateKey(prefix, rnd, stage, shard, hotkey, sha).final
 
 
 def strict_majority(votes: Mapping[str, str], mergers: Sequence[str]) -> str | None:
@@ -246,14 +245,8 @@ def read_update(transfer: ObjectTransfer, urls: Sequence[str], sha: str, n: int,
     """(clip reference, vector on `device`) of a decided merged update from the first agreeing
     merger's copy that is readable and checks out (sha256, exact size, decodes): one voter's bad
     copy never blocks a reader. TransferError when none does."""
-    last: Exception | None = None
-    for url in urls:
-        try:
-            blob = transfer.get_verified(url, sha, update_size(n, codec), what)
-            return unpack_update(blob, n, codec, device=device)
-        except (TransferError, OuterError) as exc:
-            last = exc
-    raise TransferError(f"{what}: no copy of {len(urls)} is readable ({last})")
+    return first_good_copy(urls, lambda url: unpack_update(transfer.get_verified(url, sha, update_size(n, codec), what),
+                                                            n, codec, device=device), what)
 
 
 class _Uploads:

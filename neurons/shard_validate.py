@@ -21,7 +21,7 @@ from protocol.client import BridgeError
 from protocol.integrity import Arbitration
 from protocol.messages import HopLog, RunConfig
 from protocol.routes import route
-from protocol.sync_api import ShardArbitration, SyncView, piece_key
+from protocol.sync_api import ShardArbitration, SyncView
 from resbm.outer import OuterError, StateError
 from resbm.sync_codec import decode, encoded_size
 from resbm.sync_state import checkpoint_bytes
@@ -29,7 +29,7 @@ from neurons.round_audit import ClaimError
 from neurons.shard_check import judge_shard, recompute_shard
 from neurons.shard_sync import Piece, ReplicaSync, sync_settings
 from neurons.stage_worker import worker_for_run
-from neurons.sync_follow import SyncStart, advance, get_view, start_of_round
+from neurons.sync_follow import SyncStart, advance, get_view, start_of_round, view_urls
 from neurons.transfer import HashMismatch, ObjectTransfer, TransferError
 
 __all__ = ["round_start", "RoundStarts", "check_sharded_round", "settle_sharded", "sharded_pseudo_gradient",
@@ -42,8 +42,7 @@ class _ViewBoard:
     """GET URLs of a view's pieces, by final key (a validator uploads nothing)."""
 
     def __init__(self, view: SyncView, run_id: str):
-        self.urls = {piece_key(run_id, view.round, view.stage, p.hotkey, s, sha): url
-                     for p in view.pieces for s, (sha, url) in enumerate(zip(p.shas, p.urls))}
+        self.urls = view_urls(view, run_id)
 
     def put_url(self, key: str, size: int) -> str:
         raise TransferError("a validator uploads nothing")

@@ -15,17 +15,18 @@ from dataclasses import dataclass
 import torch
 
 from protocol.client import BridgeError
+from protocol.keys import PieceKey
 from protocol.messages import StageRound
 from protocol.routes import route
 from protocol.sync_api import SyncView, UpdateRef
-from resbm.outer import OuterError
 from resbm.shard_merge import apply_shard, zero_momentum
 from resbm.shards import ShardLayout
 from resbm.sync_state import load_checkpoint
+from neurons.copies import first_good_copy
 from neurons.shard_sync import SyncSettings, read_update
 from neurons.transfer import ObjectTransfer, TransferError
 
-__all__ = ["GONE", "SyncStart", "get_view", "wait_view", "fetch_update", "start_of_round", "advance", "state_sha"]
+__all__ = ["GONE", "SyncStart", "get_view", "wait_view", "fetch_update", "view_urls", "start_of_round", "advance", "state_sha"]
 
 log = logging.getLogger("sync")
 
@@ -44,6 +45,14 @@ class SyncStart:
 def get_view(client, rnd: int, stage: int) -> SyncView:
     """GET the bridge's view of (round, stage) under the sharded sync (`client`: a BridgeClient)."""
     return client.call(route("sync_view"), StageRound(round=rnd, stage=stage))
+
+
+def view_urls(view: SyncView, run_id: str) -> dict[str, str]:
+    """{final key: GET URL} of a view's pieces and decided updates (what a Board reads by key)."""
+    urls = {PieceKey(run_id, view.round, view.stage, p.hotkey, s, sha).final: url
+            for p in view.pieces for s, (sha, url) in enumerate(zip(p.shas, p.urls))}
+    urls.update({u.key: u.url for u in view.decided if u is not None})
+    return urls
 
 
 def fetch_update(transfer: ObjectTransfer, ref: UpdateRef, rng: tuple[int, int],
@@ -96,13 +105,9 @@ def start_of_round(transfer: ObjectTransfer, view: SyncView, shapes: Mapping[str
 
 def _checkpoint_blob(transfer: ObjectTransfer, view: SyncView, max_bytes: int) -> bytes:
     ck = view.checkpoint
-    last: Exception | None = None
-    for url in [ck.url, *ck.alt_urls]:
-        try:
-            return transfer.get_verified(url, ck.sha256, max_bytes, "checkpoint")
-        except TransferError as exc:
-            last = exc
-    raise TransferError(f"checkpoint {ck.sha256[:10]}.. unreadable ({last})")
+    return first_good_copy([ck.url, *ck.alt_urls], lambda url: transfer.get_verified(url, ck.sha256, max_bytes,
+                                                                                     "checkpoint"),
+                           f"checkpoint {ck.sha256[:10]}..")
 
 
 GONE = ("updates_pruned", "not_kept", "not_sharded")  # the view of that round will never come

@@ -45,10 +45,8 @@ def check_round_merges(transfer: ObjectTransfer, run: RunConfig, hoplog: HopLog)
 
 def settle_disputes(client: BridgeClient, transfer: ObjectTransfer, run: RunConfig,
                     settled: set) -> int:
-    """Recompute every open dispute once and post the result; returns how many were settled."""
-    if run.sync_mode == "sharded":
-        from neurons.shard_validate import settle_sharded
-        return settle_sharded(client, transfer, run, settled)
+    """Recompute every open dispute of a whole-state run once and post the result; returns how
+    many were settled (a sharded run's: neurons.shard_validate.settle_sharded)."""
     n = 0
     for d in client.disputes().disputes:
         if (d.round, d.stage) in settled:

@@ -21,9 +21,10 @@ from neurons.dataset_http import HttpSource
 from neurons.audit_hints import explain_incomplete
 from neurons.round_audit import ClaimError, audit_miner, hop_counts
 from neurons.scoring import ScoreBook, choose_audits, compute_weights
-from neurons.shard_validate import RoundStarts, audit_inputs, check_sharded_round
+from neurons.shard_validate import RoundStarts
+from neurons.sync_choice import sync_for
 from neurons.sync_device import pick_sync_device
-from neurons.validator_integrity import check_round_merges, report_verdicts, settle_disputes
+from neurons.validator_integrity import report_verdicts
 from neurons.stage_worker import WorkerError
 from neurons.transfer import ObjectTransfer, TransferError
 from neurons.validator_eval import LiveValidation
@@ -109,7 +110,7 @@ class Validator:
         self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
         if m.phase == Phase.MERGE:
-            settle_disputes(self.client, self.transfer, self.run, self.settled)
+            sync_for(self.run).settle(self.client, self.transfer, self.run, self.settled)
         closed = m.round if m.phase != Phase.DONE else m.round + 1
         done = 0
         while self.next_round < closed and not self.stop.is_set() and (max_rounds is None or done < max_rounds):
@@ -149,10 +150,7 @@ class Validator:
                 continue
             self.book.record_round(hk, rnd, hop_counts(by_miner[hk]), stage=by_miner[hk][0].stage)
         # The bridge's `flagged` list is not evidence: the recomputed merge is.
-        if self.run.sync_mode == "sharded":
-            failed = check_sharded_round(self.client, self.transfer, self.run, hoplog, self._round_starts())
-        else:
-            failed = check_round_merges(self.transfer, self.run, hoplog)
+        failed = sync_for(self.run).check_round(self.client, self.transfer, self.run, hoplog, self._round_starts)
         for hk, reason in sorted(failed.items()):
             self.book.record_audit(hk, rnd, False, reason)
             self.audits.verdicts.append((rnd, hk, False, reason))
@@ -161,7 +159,7 @@ class Validator:
         chosen = choose_audits(miners, rng=self.rng, history=self.book.audit_history(),
                                params=self.params) if miners else []
         for hk in chosen:
-            settle_disputes(self.client, self.transfer, self.run, self.settled)  # stay responsive
+            sync_for(self.run).settle(self.client, self.transfer, self.run, self.settled)  # stay responsive
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs
@@ -192,8 +190,8 @@ class Validator:
     def _audit(self, rnd: int, hoplog: HopLog, hotkey: str) -> bool:
         """Replay one miner's round; False only when it failed (incomplete counts as not failed)."""
         try:
-            inputs = (audit_inputs(self.client, self.transfer, self.run, rnd, hotkey, self._round_starts())
-                      if self.run.sync_mode == "sharded" else None)
+            inputs = sync_for(self.run).audit_inputs(self.client, self.transfer, self.run, rnd, hotkey,
+                                                     self._round_starts)
             report = audit_miner(self.transfer, self.run, hoplog, hotkey, self.s.device,
                                  self.s.audit_max_seconds, inputs=inputs)
             passed, reason, seconds = report.passed, report.reason, report.seconds

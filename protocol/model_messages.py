@@ -1,5 +1,5 @@
 """The published model of a round, as the public `GET /v1/model` route (and the bucket copy the
-bridge writes at `model_key`) describe it: everything `resbm-export` needs to rebuild the model
+bridge writes at `protocol.keys.ModelKey`) describe it: everything `resbm-export` needs to rebuild the model
 and check every byte against what the replicas voted for.
 
 "Round R" is the model the merge at the end of round R published: the weights round R + 1 starts
@@ -20,17 +20,7 @@ from protocol.run_config import StrictModel as _Model
 from protocol.sync_api import RoundUpdate
 from protocol.wire_types import MAX_INT, StateRef, round_field
 
-__all__ = ["ModelQuery", "ModelStage", "ValidationFigure", "PublishedModel", "model_key", "latest_model_key"]
-
-
-def model_key(run_id: str, round_: int) -> str:
-    """The bucket key of round `round_`'s PublishedModel (object keys in place of URLs)."""
-    return f"runs/{run_id}/model/round-{round_:08d}.json"
-
-
-def latest_model_key(run_id: str) -> str:
-    """The bucket key of the latest round's PublishedModel."""
-    return f"runs/{run_id}/model/latest.json"
+__all__ = ["ModelQuery", "ModelStage", "ValidationFigure", "PublishedModel"]
 
 
 class ModelQuery(_Model):

@@ -1,5 +1,6 @@
-"""Wire messages and object keys of the sharded replica sync (issue 13); the routes are in
-protocol/routes.py (`sync_*`), the typed calls `protocol.bridge_client.BridgeClient.sync_*`.
+"""Wire messages of the sharded replica sync (issue 13); the routes are in protocol/routes.py
+(`sync_*`), the typed calls `protocol.bridge_client.BridgeClient.sync_*`, the object keys
+protocol/keys.py (`PieceKey`, `UpdateKey`).
 
 Routes (all signed; miners and validators alike unless noted):
 - `POST sync_upload`: a presigned PUT to the caller's own staging key for one shard object
@@ -32,7 +33,7 @@ from protocol.wire_types import round_field as _round, sha_field as _sha, url_fi
 from protocol.run_config import MAX_BYTES as _MAX_BYTES
 from protocol.run_config import StrictModel as _Model
 
-__all__ = ["checkpoint_due", "piece_key", "update_key", "staging_key",
+__all__ = ["checkpoint_due",
            "SyncUpload", "UploadGrant", "SyncPseudograd", "UpdateRef", "RoundUpdate", "PieceRef",
            "SyncView", "ShardVote", "SyncVotes", "SyncVotesAck", "ShardDispute", "SyncDisputes",
            "ShardArbitration"]
@@ -45,21 +46,6 @@ _Size = Annotated[int, Field(ge=0, le=_MAX_BYTES)]
 def checkpoint_due(round_: int, checkpoint_every: int, total_rounds: int) -> bool:
     """Whether round `round_` ends with a full checkpoint: every K-th round, and the run's last."""
     return (round_ + 1) % checkpoint_every == 0 or round_ + 1 == total_rounds
-
-
-def piece_key(run_id: str, round_: int, stage: int, hotkey: str, shard: int, sha256: str) -> str:
-    """Final key of a replica's pseudo-gradient shard (deleted with its round's objects)."""
-    return f"runs/{run_id}/r{round_}/s{stage}/sync/pg/{hotkey}/{shard:05d}-{sha256}"
-
-
-def update_key(run_id: str, round_: int, stage: int, shard: int, hotkey: str, sha256: str) -> str:
-    """Final key of a merger's copy of a merged update (kept: joiners replay it)."""
-    return f"runs/{run_id}/sync/r{round_}/s{stage}/merged/{shard:05d}/{hotkey}-{sha256}"
-
-
-def staging_key(final: str, hotkey: str) -> str:
-    """The writer's staging key for a final key: the only one it gets a PUT grant for."""
-    return f"{final.rsplit('/', 1)[0]}/upload-{hotkey}/{final.rsplit('/', 1)[1]}"
 
 
 class SyncUpload(_Model):

@@ -37,7 +37,7 @@ stage derives them from the sample id, as the last stage does for its targets): 
 The default is `resbm` / `postnorm` with token re-injection, the best form measured (docs/BENCHMARKS.md,
 "Compression quality").
 
-Add a variant by listing it in config.BOUNDARY_VARIANTS and handling it in `build_boundary`.
+Add a variant by listing it in config.BOUNDARY_VARIANTS and handling it in `resbm.boundary_kinds.build_boundary`.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from torch import nn
 from . import codec
 from .config import ModelConfig
 
-__all__ = ["Boundary", "FactoredEmbedding", "RMSNorm", "build_boundary", "check_tokens", "init_rule"]
+__all__ = ["Boundary", "FactoredEmbedding", "RMSNorm", "check_tokens", "init_rule"]
 
 
 class RMSNorm(nn.Module):
@@ -200,27 +200,6 @@ class Boundary(nn.Module):
         not passed on, so a replacement decoder taking only z still fits)."""
         z = self.encoder(h)
         return self.decoder(z) if tokens is None else self.decoder(z, tokens)
-
-
-def build_boundary(cfg: ModelConfig, encoder: bool = True, decoder: bool = True) -> Boundary:
-    """The boundary module of cfg's kind and variant, with only the requested sides built."""
-    kind, variant = cfg.boundary, cfg.boundary_variant
-    if kind == "none":
-        enc, dec = (lambda: IdentityEncoder(cfg)), (lambda: Decoder(cfg, False, False))
-    elif kind == "naive":
-        enc, dec = (lambda: NaiveEncoder(cfg)), (lambda: Decoder(cfg, True, False))
-    elif kind == "resbm" and variant == "postnorm-fused":
-        from .boundary_fused import FusedPostnormDecoder, FusedResBMEncoder  # it subclasses this module's classes
-        enc = lambda: FusedResBMEncoder(cfg, normed=True)  # noqa: E731
-        dec = lambda: FusedPostnormDecoder(cfg, True, True, post_norm=True)  # noqa: E731
-    elif kind == "resbm":
-        enc = lambda: ResBMEncoder(cfg, normed=(variant != "literal"))  # noqa: E731
-        dec = lambda: Decoder(cfg, True, True, post_norm=(variant == "postnorm"))  # noqa: E731
-    elif kind == "resbm-iota":
-        enc, dec = (lambda: IotaEncoder(cfg)), (lambda: Decoder(cfg, True, True))
-    else:  # ModelConfig.validate rejects this earlier
-        raise ValueError(f"unknown boundary kind {kind!r}")
-    return Boundary(enc() if encoder else None, dec() if decoder else None)
 
 
 def init_rule(local_name: str, cfg: ModelConfig) -> tuple[str, float]:

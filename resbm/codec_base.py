@@ -14,7 +14,7 @@ The two families:
 | `BlockCodec(name, block)` | pseudo_gradient, merged_update | one shard of a stage's flat parameter delta | `resbm.sync_codec` |
 
 A run decides which format carries each role (`protocol.run_config.RunConfig.wire_format`);
-`tensor_codec(format)` gives the codec that implements a format on tensors.
+`resbm.codecs.tensor_codec(format)` gives the codec that implements a format on tensors.
 """
 from __future__ import annotations
 
@@ -23,11 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-from spec.activation_format import ActivationFormat
-from spec.block_format import BlockFormat
 from spec.wire_format import CodecError, TensorRole, WireFormat
 
-__all__ = ["CodecError", "TensorCodec", "TensorRole", "tensor_codec"]
+__all__ = ["CodecError", "TensorCodec", "TensorRole"]
 
 
 class TensorCodec(WireFormat):
@@ -46,15 +44,3 @@ class TensorCodec(WireFormat):
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) computed on x's device (float32): what the wire does to `x`."""
 
-
-def tensor_codec(fmt: WireFormat) -> TensorCodec:
-    """The codec that encodes and decodes tensors in wire format `fmt`."""
-    from resbm.codec import ActivationCodec  # both subclass this module's base
-    from resbm.sync_codec import BlockCodec
-    if isinstance(fmt, TensorCodec):
-        return fmt
-    if isinstance(fmt, ActivationFormat):
-        return ActivationCodec(fmt.name)
-    if isinstance(fmt, BlockFormat):
-        return BlockCodec(fmt.name, fmt.block)
-    raise CodecError(f"no tensor codec implements {type(fmt).__name__}")

@@ -15,7 +15,8 @@ from torch import nn
 
 from spec.stage_shapes import block_has_mlp
 
-from .boundary import RMSNorm, build_boundary, init_rule
+from .boundary import RMSNorm, init_rule
+from .boundary_kinds import build_boundary
 from .config import ModelConfig
 
 __all__ = ["Attention", "Block", "KVCache", "MLP", "ResBM", "block_has_mlp", "build_model", "init_weights", "initial_value",

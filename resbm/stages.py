@@ -18,7 +18,8 @@ from torch import nn
 
 from spec.stage_shapes import stage_param_shapes
 
-from .boundary import RMSNorm, build_boundary
+from .boundary import RMSNorm
+from .boundary_kinds import build_boundary
 from .config import ModelConfig
 from .model import Block, block_has_mlp, init_weights, lm_loss, rotary_tables
 

@@ -69,14 +69,15 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
         from resbm import outer
         from neurons.merge_compute import compute_merge
         from neurons.objects import fetch_items
+        from protocol.keys import PseudogradKey, StateKey
         items = []
         for i, h in enumerate(hks[1:], 1):  # the others' whole fp32 pseudo-gradients
             blob = outer.tensors_bytes({n: gen(1000 * i + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())})
-            key = f"{prefix}/pg/{h}"
+            sha_i = hashlib.sha256(blob).hexdigest()
+            key = PseudogradKey(prefix, 0, 0, h, sha_i).final
             others.put(storage.presign_put(key, len(blob), 600), blob)
-            items.append((h, key, blob))
+            items.append((h, key, sha_i))
             del blob
-        items = [(h, k, hashlib.sha256(b).hexdigest()) for h, k, b in items]
         base_rss = _rss_mb()  # the process before this replica's state exists (clients warm)
         theta = {n: gen(7 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
         mom = {n: gen(9 + j, 0, s[0]) for j, (n, s) in enumerate(shapes.items())}
@@ -86,11 +87,12 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
         blob = outer.tensors_bytes(pg)
         del pg
         sha = hashlib.sha256(blob).hexdigest()
-        me.put(storage.presign_put(f"{prefix}/pg/{focal}", len(blob), 600), blob)
+        mine_key = PseudogradKey(prefix, 0, 0, focal, sha).final
+        me.put(storage.presign_put(mine_key, len(blob), 600), blob)
         del blob
         mi = [MergeItem(hotkey=h, stage=0, key=k, sha256=s, size=1, samples=10, epoch=0,
                         get_url=storage.presign_get(k, 600))
-              for h, k, s in [(focal, f"{prefix}/pg/{focal}", sha)] + items]
+              for h, k, s in [(focal, mine_key, sha)] + items]
         from protocol.messages import RunConfig
         run = RunConfig(run_id="bench-sync", model={}, n_stages=1, batch_size=1, micro_batches_per_step=1,
                         inner_steps_per_round=1, samples_per_round=1, muon_lr=0.02, adamw_lr=3e-3,
@@ -99,7 +101,7 @@ def cell(mode: str, r: int, p_m: int, codec: str, merged: str, shards: int, merg
         fetched = fetch_items(me, mi, shapes, 2**40)
         out = compute_merge(theta, mom, None, mi, fetched, shapes, run)
         del fetched
-        me.put(storage.presign_put(f"{prefix}/state/{focal}", len(out.blob), 600), out.blob)
+        me.put(storage.presign_put(StateKey(prefix, 1, 0, focal, out.sha).final, len(out.blob), 600), out.blob)
         wall = time.perf_counter() - t0
     else:
         from neurons.shard_sync import Piece, ReplicaSync, SyncSettings, pg_key

@@ -1,5 +1,5 @@
 """A published model from the bucket alone: the description the bridge writes there after every
-round (`protocol.model_messages.model_key`, object keys in place of URLs) and its objects, read
+round (`protocol.keys.ModelKey`, object keys in place of URLs) and its objects, read
 with S3 credentials (read access is enough) and checked like downloads; also the run's dataset
 files next to a bucket-key manifest. The weights are then rebuilt by neurons.model_fetch."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from neurons.model_fetch import ModelUnavailable
 from neurons.transfer import HashMismatch, TransferError, read_bounded
+from protocol.keys import model_key_in
 from protocol.model_messages import PublishedModel
 from resbm.dataset_store import DataError
 
@@ -75,9 +76,7 @@ class BucketSource:
 def published_from_bucket(objects: BucketObjects, run_prefix: str, round_: Optional[int] = None) -> PublishedModel:
     """The bridge's bucket copy of the model after `round_` (None: the latest) under `run_prefix`
     (`runs/RUN_ID`, the run's folder in the bucket)."""
-    prefix = run_prefix.strip("/")
-    name = "latest.json" if round_ is None else f"round-{round_:08d}.json"
-    key = f"{prefix}/model/{name}"
+    key = model_key_in(run_prefix, round_)
     try:
         raw = objects.get(key, 64 << 20)
     except TransferError as exc:

@@ -170,7 +170,7 @@ def test_tiny_run_with_round2_options_trains(tmp_path):
 
 
 def test_library_postnorm_variant_computes_what_the_bench_measured():
-    from resbm.boundary import build_boundary
+    from resbm.boundary_kinds import build_boundary
     cfg = bench.Setting("resbm", variant="postnorm").model_config("tiny")
     lib = build_boundary(cfg)
     bench_dec = bench.ModDecoder(build_boundary(bench.Setting("resbm").model_config("tiny")).decoder,

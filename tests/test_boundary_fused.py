@@ -3,7 +3,7 @@ backward, in fp32 and under bf16 autocast, and keeps fewer bytes for the backwar
 import pytest
 import torch
 
-from resbm.boundary import build_boundary
+from resbm.boundary_kinds import build_boundary
 from resbm.config import ModelConfig
 from scripts.bench_boundary_memory import saved_bytes
 

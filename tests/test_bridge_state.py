@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from bridge import rounds, state
+from bridge import round_start, state
 from bridge.records import State, TransitionError
 from protocol.errors import http_status
 from tests.harness.bridge_state import do_hop, drive, lease, make
@@ -159,7 +159,7 @@ def test_rejoin_keeps_stage_and_releases_leases():
 
 
 def test_samples_are_minted_in_chunks_and_all_complete(monkeypatch):
-    monkeypatch.setattr(rounds, "MINT_CHUNK", 4)
+    monkeypatch.setattr(round_start, "MINT_CHUNK", 4)
     st, rng = make(2, samples_per_round=10), random.Random(0)
     for hk in "ab":
         state.register(st, hk, 0.0, rng)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from protocol.run_config import RunConfig
-from resbm.codec_base import CodecError, TensorCodec, TensorRole, tensor_codec
+from resbm.codec_base import CodecError, TensorCodec, TensorRole
+from resbm.codecs import tensor_codec
 from tests.servers import tiny_run_config
 
 RUN = RunConfig(**tiny_run_config(sync_mode="sharded", sync_shards=2, sync_codec="int4", sync_block=64))

@@ -118,14 +118,27 @@ def test_merge_weights_are_the_bridges_verified_counts():
 
 def test_report_keys_are_checked_before_anything_else_and_are_per_writer():
     st, rng, now = _round()
-    key_a = rounds.upload_key(st, "a", 0, "pseudograd", GOOD)
-    assert "/upload/a/" in key_a and key_a != rounds.upload_key(st, "b", 0, "pseudograd", GOOD)
+    key_a = rounds.merge_upload_key(st, "a", 0, "pseudograd", GOOD)
+    assert "/upload/a/" in key_a and key_a != rounds.merge_upload_key(st, "b", 0, "pseudograd", GOOD)
     for bad in (key_a, "x" * 500, "runs/t/r0/s0/pg/a-" + GOOD, "../../etc"):
         with pytest.raises(TransitionError) as e:  # b naming a's key, or nonsense: same answer
             rounds.check_upload_key(st, "b", 0, "pseudograd", bad, GOOD)
         assert (http_status(e.value.code), e.value.code) == (400, "bad_key")
     final = rounds.final_key(st, "a", 0, "state", GOOD)
     assert final == f"runs/t/r1/s0/state/a-{GOOD}" and "/upload/" not in final
+
+
+def test_a_late_merged_report_names_its_own_staging_key_and_gets_the_published_state():
+    st, rng, now = _round(miners="abc")
+    merge_round(st, now, {"a": GOOD, "b": GOOD, "c": GOOD})
+    assert st.round == 1  # round 0 is over: its votes come late
+    late = f"runs/t/r0/s0/upload/c/state-{GOOD}"  # the staging key c was granted in round 0
+    stage, ss = rounds.published_state(st, "c", 0, GOOD, late, None)
+    assert stage == 0 and ss.sha256 == GOOD and ss.round == 1
+    for bad in (f"runs/t/r0/s0/upload/a/state-{GOOD}", f"runs/t/r1/s0/state/c-{GOOD}", "z" * 300):
+        with pytest.raises(TransitionError) as e:  # another's key, a final key, nonsense
+            rounds.published_state(st, "c", 0, GOOD, bad, None)
+        assert e.value.code == "bad_key"
 
 
 def test_a_vote_cannot_be_changed_and_outsiders_cannot_vote():

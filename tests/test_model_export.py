@@ -23,7 +23,7 @@ from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.exits import Exit
 from protocol.messages import StageRound
-from protocol.model_messages import latest_model_key
+from protocol.keys import ModelKey
 from protocol.routes import route
 from resbm import codec, data
 from resbm.evaluate import evaluate_lm, held_out_batches
@@ -180,9 +180,9 @@ def test_refusals_are_one_line_with_an_exit_code_and_leave_nothing(net, tmp_path
     # a description of the model missing a stage (say, a doctored copy) is refused by name
     client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
                           aws_secret_access_key=s3.secret_key, region_name="us-east-1")
-    doc = json.loads(client.get_object(Bucket=s3.bucket, Key=latest_model_key("val-test"))["Body"].read())
+    doc = json.loads(client.get_object(Bucket=s3.bucket, Key=ModelKey("val-test").final)["Body"].read())
     doc["stages"] = doc["stages"][:1]
-    client.put_object(Bucket=s3.bucket, Key=latest_model_key("doctored"), Body=json.dumps(doc).encode())
+    client.put_object(Bucket=s3.bucket, Key=ModelKey("doctored").final, Body=json.dumps(doc).encode())
     bucket = ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key, "--out", str(tmp_path / "d")]
     r = _export(capsys, "--s3", f"s3://{s3.bucket}/runs/doctored", "--s3-secret-key", s3.secret_key, *bucket)
     _one_line_error(r, Exit.MODEL_UNAVAILABLE, "stages [0]")

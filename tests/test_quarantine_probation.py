@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from bridge import quarantine, rounds, state
+from bridge import quarantine, round_start, rounds, state
 from bridge.dashboard import dashboard_state
 from bridge.views import metrics
 from protocol.integrity import Verdict, VerdictReport
@@ -27,7 +27,7 @@ _CONSOLE = {"validators": {}, "audits": {}, "verdicts": []}
 def _report_pg(st, hk, now):
     sha = hashlib.sha256(hk.encode()).hexdigest()
     final = rounds.check_upload_key(st, hk, st.round, "pseudograd",
-                                    rounds.upload_key(st, hk, st.round, "pseudograd", sha), sha)
+                                    rounds.merge_upload_key(st, hk, st.round, "pseudograd", sha), sha)
     rounds.report_pseudograd(st, hk, st.round, final, sha, 10, now)
 
 
@@ -85,7 +85,7 @@ def test_a_round_that_completes_no_sample_does_not_count_and_is_reported():
                for a in dashboard_state(view, st.run, [], _CONSOLE, None, 2.0)["alerts"])
     drive(st, "ab", rng, 2.0)  # round 1 trains; the end of its merge is the run's end
     assert st.phase == Phase.MERGE and st.r_completed == 2 and st.empty_rounds == 1
-    rounds.start_round(st, 2, 3.0)
+    round_start.start_round(st, 2, 3.0)
     assert st.phase == Phase.DONE
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from bridge import rounds, state
+from bridge import round_start, state
 from bridge.routing import pick_replica
 from tests.harness.bridge_state import drive, lease, make
 
@@ -32,14 +32,14 @@ def test_a_restarted_replica_sits_out_the_round_and_returns_for_the_next():
     assert all(pick_replica(st, 0, now, random.Random(i)) is st.miners["a"] for i in range(20))
     now = drive(st, "ab", rng, now)  # the peer finishes the round alone
     assert st.phase == "merge" and st.workers[0] == ["a"], "the restarted replica is not a worker"
-    rounds.start_round(st, 1, now)
+    round_start.start_round(st, 1, now)
     assert lease(st, "b", now + 0.1, rng, 2)[0] == "work", "next round it works again"
 
 
 def test_registering_again_to_catch_up_is_not_a_restart():
     st, rng, now = _two_replicas()
     now = drive(st, "a", rng, now, skip="b")  # b did work in round 0 ... then round 1 starts
-    rounds.start_round(st, 1, now)
+    round_start.start_round(st, 1, now)
     state.register(st, "b", now + 0.1, rng)  # b had done nothing in round 1: it just catches up
     assert st.miners["b"].sits_out_round == -1
     assert lease(st, "b", now + 0.2, rng, 2)[0] == "work"

@@ -13,7 +13,7 @@ from bridge import shard_round, state, votes
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
 from bridge import rounds
-from protocol.sync_api import piece_key, update_key
+from protocol.keys import PieceKey, UpdateKey
 from tests.harness.bridge_state import drive, make
 
 GOOD, LIE = "5" * 64, "0" * 64
@@ -33,13 +33,13 @@ def _pieces(st, now):
         if m.step_samples:
             state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
         shas = [f"{hk}{s}".ljust(64, "f")[:64] for s in range(st.run.sync_shards)]
-        finals = [piece_key(st.run.run_id, st.round, m.stage, hk, s, sha) for s, sha in enumerate(shas)]
-        shard_round.report_pieces(st, hk, st.round, shas, [10, 10], finals, now)
+        finals = [PieceKey(st.run.run_id, st.round, m.stage, hk, s, sha).final for s, sha in enumerate(shas)]
+        rounds.report_pieces(st, hk, st.round, shas, [10, 10], finals, now)
 
 
 def _vote(st, hk, sha, now, shards=(0, 1)):
     stage, size = st.miners[hk].stage, 0 if sha == KEEP_SHA else 9
-    return shard_round.vote(st, hk, st.round, [(s, sha, update_key(st.run.run_id, st.round, stage, s, hk, sha), size)
+    return shard_round.vote(st, hk, st.round, [(s, sha, UpdateKey(st.run.run_id, st.round, stage, s, hk, sha).final, size)
                                                for s in shards], now)
 
 
@@ -55,7 +55,7 @@ def _restart(st: State) -> State:
 def test_pieces_join_the_merge_set_with_verified_weights_and_a_bad_count_is_refused():
     st, _, now = _round()
     with pytest.raises(TransitionError) as e:
-        shard_round.report_pieces(st, "a", st.round, [GOOD], [10], ["k"], now)
+        rounds.report_pieces(st, "a", st.round, [GOOD], [10], ["k"], now)
     assert e.value.code == "bad_shards"
     _pieces(st, now)
     rec = st.pseudograds[0]["a"]
@@ -76,7 +76,7 @@ def test_every_merger_agreeing_decides_each_shard_and_ballots_survive_a_restart(
     assert [d["sha256"] for d in st.sync["updates"]["0"]["0"]] == [GOOD, GOOD]
     assert shard_round.published_round(st, 0) == 1
     assert shard_round.updates_since(st, 0, 0, 1)[0][1]["key"] in (
-        update_key("t", 0, 0, 1, "a", GOOD), update_key("t", 0, 0, 1, "b", GOOD), update_key("t", 0, 0, 1, "c", GOOD))
+        UpdateKey("t", 0, 0, 1, "a", GOOD).final, UpdateKey("t", 0, 0, 1, "b", GOOD).final, UpdateKey("t", 0, 0, 1, "c", GOOD).final)
 
 
 def test_two_colluding_mergers_of_three_cannot_decide_against_the_honest_one():
@@ -130,7 +130,7 @@ def test_a_checkpoint_round_publishes_only_on_the_state_vote():
     _vote(st, "b", KEEP_SHA, now)
     assert st.sync["updates"]["0"]["0"] == [None, None] and st.round == 0  # waits for the checkpoint
     for hk in "ab":  # the whole-state vote on the checkpoint, through its write-once key
-        final = rounds.check_upload_key(st, hk, 0, "state", rounds.upload_key(st, hk, 0, "state", GOOD), GOOD)
+        final = rounds.check_upload_key(st, hk, 0, "state", rounds.merge_upload_key(st, hk, 0, "state", GOOD), GOOD)
         votes.report_merged(st, hk, 0, GOOD, final, 7, now)
     assert st.round == 1 and st.stage_states[0].sha256 == GOOD and st.stage_states[0].round == 1
 
@@ -143,7 +143,7 @@ def test_a_vote_for_a_shard_out_of_range_is_refused_and_the_state_mode_refuses_s
     assert e.value.code == "bad_shard"
     plain, _, now = _round(sync_mode="state")
     with pytest.raises(TransitionError) as e:
-        shard_round.report_pieces(plain, "a", plain.round, [GOOD, GOOD], [1, 1], ["k", "k"], now)
+        rounds.report_pieces(plain, "a", plain.round, [GOOD, GOOD], [1, 1], ["k", "k"], now)
     assert e.value.code == "not_sharded"
 
 

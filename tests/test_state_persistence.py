@@ -79,7 +79,7 @@ def _sha(text: str) -> str:
 
 def _final(st: State, hk: str, kind: str, sha: str) -> str:
     return rounds.check_upload_key(st, hk, st.round, kind,
-                                   rounds.upload_key(st, hk, st.round, kind, sha), sha)
+                                   rounds.merge_upload_key(st, hk, st.round, kind, sha), sha)
 
 
 def test_every_transition_survives_a_restart(db_url):

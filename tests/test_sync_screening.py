@@ -16,8 +16,8 @@ import pytest
 from bridge.syncspec import sync_spec
 from protocol.client import BridgeError
 from protocol.messages import RunConfig
+from protocol.keys import PieceKey, UpdateKey
 from protocol.routes import route
-from protocol.sync_api import piece_key, update_key
 from tests.harness.shard_peer import KEEP, ShardPeer, derived
 from tests.servers import make_chain, start_bridge, tiny_run_config
 
@@ -58,7 +58,7 @@ class Adversary(ShardPeer):
                            ("merged grant before the freeze", dict(kind="merged", size=self.spec.updates[stage][0])),
                            ("malformed sha", dict(sha256="../" * 21 + "x"))):
             self.refused(case, self.ask({**grant, **over}))
-        self.never.append(piece_key("screen", round_, stage, self.me, 0, sha))
+        self.never.append(PieceKey("screen", round_, stage, self.me, 0, sha).final)
         sizes = list(self.spec.pieces[stage])
         shas = [hashlib.sha256(os.urandom(8)).hexdigest() for _ in sizes]
         report = lambda **kw: lambda: self.c.post(route("sync_pseudograd").path,  # noqa: E731
@@ -66,7 +66,7 @@ class Adversary(ShardPeer):
         self.refused("report: a shard too few", report(shas=shas[:-1], sizes=sizes[:-1]))
         self.refused("report: sizes off by one", report(sizes=[n + 1 for n in sizes]))
         self.refused("report: nothing uploaded", report())
-        self.never += [piece_key("screen", round_, stage, self.me, s, h) for s, h in enumerate(shas)]
+        self.never += [PieceKey("screen", round_, stage, self.me, s, h).final for s, h in enumerate(shas)]
         up = lambda kind: lambda: self.c.post(route("upload").path, {  # noqa: E731
             "round": round_, "kind": kind, "sha256": sha, "size": 64})
         self.refused("whole-state pseudo-gradient grant", up("pseudograd"))
@@ -100,7 +100,7 @@ class Adversary(ShardPeer):
                 round=round_, kind="merged", shard=0, sha256=sha, size=size)))
             self.refused(f"vote outside the set (round {round_})", lambda: self.c.post(route("sync_votes").path, {
                 "round": round_, "votes": [{"shard": 0, "sha256": sha, "size": size}]}))
-            self.never.append(update_key("screen", round_, stage, 0, self.me, sha))
+            self.never.append(UpdateKey("screen", round_, stage, 0, self.me, sha).final)
             assert v["frozen"]
 
     def probe_votes(self, round_, stage, view):
@@ -112,7 +112,7 @@ class Adversary(ShardPeer):
         # a lie staged first (its grant is allowed: nothing voted yet), voted after the honest vote
         lie = derived(f"lie|{round_}|{mine[0]}", size)
         lie_sha = self.grant(round_, "merged", mine[0], lie)
-        self.never.append(update_key("screen", round_, stage, mine[0], self.me, lie_sha))
+        self.never.append(UpdateKey("screen", round_, stage, mine[0], self.me, lie_sha).final)
         honest = self.update_bytes(view, mine[0], size)
         h_sha = self.grant(round_, "merged", mine[0], honest)
         self.refused("vote: shard past the last", vote((SHARDS, h_sha, size)))
@@ -127,7 +127,7 @@ class Adversary(ShardPeer):
             self.refused("merged grant for a shard it does not merge", self.ask(dict(
                 round=round_, kind="merged", shard=o, sha256=lie_sha, size=self.spec.updates[stage][o])))
             self.refused("vote for a shard it does not merge", vote((o, lie_sha, self.spec.updates[stage][o])))
-            self.never.append(update_key("screen", round_, stage, o, self.me, lie_sha))
+            self.never.append(UpdateKey("screen", round_, stage, o, self.me, lie_sha).final)
         self.c.post(route("sync_votes").path, {"round": round_, "votes": [
             {"shard": mine[0], "sha256": h_sha, "size": size}]})  # the honest vote
         self.refused("vote changed after it was cast", vote((mine[0], lie_sha, size)))
@@ -204,8 +204,8 @@ def test_every_peer_input_is_screened_before_the_store_and_the_honest_update_is_
         store = s3_server.storage()
         keys_now = set(store.list("runs/screen/"))
         assert not [k for k in adv.never if k in keys_now]
-        accepted = {update_key("screen", r, 0, s, adv.me, sha) for r, m in adv.mine.items() for s, sha in m.items()}
-        accepted |= {update_key("screen", r, 0, s, adv.me, sha) for r, m in adv.views.items()
+        accepted = {UpdateKey("screen", r, 0, s, adv.me, sha).final for r, m in adv.mine.items() for s, sha in m.items()}
+        accepted |= {UpdateKey("screen", r, 0, s, adv.me, sha).final for r, m in adv.views.items()
                      for s, sha in _adv_votes(m, adv.me).items()}
         finals = {k for k in keys_now if f"/{adv.me}-" in k and "/upload-" not in k and "/sync/r" in k}
         assert finals <= accepted, finals - accepted

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from bridge import shard_round, state
+from bridge import rounds, shard_round, state
 from bridge.db import Database
 from bridge.records import Tunables, TransitionError
 from bridge.service import BridgeService
@@ -20,7 +20,8 @@ from bridge.shard_api import ShardApi
 from bridge.storage import Storage
 from bridge.syncspec import sync_spec
 from protocol.messages import RunConfig
-from protocol.sync_api import ShardVote, SyncUpload, SyncVotes, piece_key, staging_key, update_key
+from protocol.keys import PieceKey, UpdateKey, staging_of
+from protocol.sync_api import ShardVote, SyncUpload, SyncVotes
 from tests.harness.bridge_state import drive
 from tests.servers import tiny_run_config
 
@@ -71,8 +72,8 @@ def merging(tmp_path, s3_server):
             if m.step_samples:
                 state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
             shas = [hashlib.sha256(f"{hk}{s}".encode()).hexdigest() for s in range(4)]
-            finals = [piece_key("count", 0, 0, hk, s, h) for s, h in enumerate(shas)]
-            shard_round.report_pieces(st, hk, 0, shas, list(spec.pieces[0]), finals, now)
+            finals = [PieceKey("count", 0, 0, hk, s, h).final for s, h in enumerate(shas)]
+            rounds.report_pieces(st, hk, 0, shas, list(spec.pieces[0]), finals, now)
         return shard_round.ballot(st, 0, 0, now).mergers
     mergers = svc.apply(setup)
     return svc, ShardApi(svc, 300.0), storage, spec, mergers
@@ -113,8 +114,8 @@ def test_thousands_of_refused_votes_and_grants_cost_no_store_access(merging):
     async def vote_honestly():  # the accepted path: one HEAD and one COPY per update voted
         blob = b"\1" * size
         good = hashlib.sha256(blob).hexdigest()
-        final = update_key("count", 0, 0, 0, me, good)
-        storage.put(staging_key(final, me), blob)
+        final = UpdateKey("count", 0, 0, 0, me, good).final
+        storage.put(staging_of(final), blob)
         ack = await api.sync_votes(me, SyncVotes(round=0, votes=[ShardVote(shard=0, sha256=good, size=size)]))
         return final, ack
     final, ack = asyncio.run(vote_honestly())

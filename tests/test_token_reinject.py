@@ -8,7 +8,7 @@ import torch
 from neurons.audit import HopRecord, ReplaySettings, replay_round
 from neurons.stage_worker import StageWorker, WorkerError
 from resbm import ModelConfig, build_model, build_stages, codec, data
-from resbm.boundary import build_boundary
+from resbm.boundary_kinds import build_boundary
 from resbm.model import lm_loss
 from resbm.optim import OptimConfig, build_optimizer, split_params
 

@@ -63,14 +63,14 @@ def report_pseudograd(st, hk, now):
         state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
     sha = hashlib.sha256(hk.encode()).hexdigest()
     final = rounds.check_upload_key(st, hk, st.round, "pseudograd",
-                                    rounds.upload_key(st, hk, st.round, "pseudograd", sha), sha)
+                                    rounds.merge_upload_key(st, hk, st.round, "pseudograd", sha), sha)
     rounds.report_pseudograd(st, hk, st.round, final, sha, 10, now)
 
 
 def vote_state(st, hk, sha, now):
     """`hk` votes for merged state `sha` (copied to its final key); whether it agrees (None: undecided)."""
     r = st.round
-    final = rounds.check_upload_key(st, hk, r, "state", rounds.upload_key(st, hk, r, "state", sha), sha)
+    final = rounds.check_upload_key(st, hk, r, "state", rounds.merge_upload_key(st, hk, r, "state", sha), sha)
     return votes.report_merged(st, hk, r, sha, final, 7, now)
 
 
