@@ -57,8 +57,8 @@ class CheatingMiner(Miner):
             return
         super()._apply_step(global_step)
 
-    def _upload_and_report(self, hop, out, loss, seconds):
-        super()._upload_and_report(hop, out, loss, seconds)
+    def _upload_and_report(self, hop, out, loss, seconds, *args, **kwargs):
+        super()._upload_and_report(hop, out, loss, seconds, *args, **kwargs)
         if self.kind == "overwrite" and hop.output is not None:
             try:  # after done: try to change what the next stage and the validator will read
                 self.transfer.put(hop.output.put_url, b"\0" * hop.output.size)
