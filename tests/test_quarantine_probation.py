@@ -32,7 +32,8 @@ def _report_pg(st, hk, now):
 
 
 def test_the_only_replica_of_a_stage_keeps_training_after_a_failed_verdict_unpaid():
-    st, rng = make(1, samples_per_round=4, total_rounds=4, quarantine_rounds=2), random.Random(0)
+    # the whole-state report path (_report_pg); the sharded one reports pieces
+    st, rng = make(1, samples_per_round=4, total_rounds=4, quarantine_rounds=2, sync_mode="state"), random.Random(0)
     state.register(st, "a", 0.0, rng)
     assert quarantine.record_verdict(st, "val", 0, "a", False, "rel err 0.3 > 0.2") == 3
     m = st.miners["a"]
