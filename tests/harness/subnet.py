@@ -71,8 +71,8 @@ class Scenario:
                    samples_per_round=self.samples_per_replica * self.replicas,
                    muon_lr=0.05, adamw_lr=1e-2, warmup_steps=0, total_rounds=self.rounds,
                    data_seed=self.seed, init_seed=self.seed + 100, lease_seconds=5.0,
-                   max_object_bytes=2**20, merge_timeout_seconds=30.0, vote_timeout_seconds=15.0,
-                   arbitration_timeout_seconds=60.0, max_attempts=5, audit_window_rounds=8,  # a loaded box recomputes slowly
+                   max_object_bytes=2**20, merge_timeout_seconds=60.0, vote_timeout_seconds=15.0,  # a loaded box merges slowly
+                   arbitration_timeout_seconds=30.0, max_attempts=5, audit_window_rounds=8,
                    sync_mode="state")  # the merge cheats' drills are the whole-state merge's; `run` may say sharded
         cfg.update(dict(self.run))
         return cfg
