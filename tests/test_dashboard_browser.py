@@ -18,6 +18,7 @@ from protocol.routes import route
 from scripts import localnet
 from scripts.localnet_cluster import Cluster
 from tests.browser import Browser, BrowserMissing, find_chromium
+from tests.harness.waiting import wait_for
 from tests.servers import code_bytes, make_chain, start_bridge, tiny_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -106,10 +107,8 @@ def test_dashboard_in_a_real_browser_during_a_localnet_run(tmp_path):
             assert mid, "never saw the run in progress"
             assert j["phase"] == "done", "the run did not finish"
             localnet._wait_for_weights(cluster, timeout=120.0)
-            end = time.monotonic() + 120  # and for its held-out loss of the last round (a loaded box is slow)
-            while len(httpx.get(cluster.bridge_url + route("dashboard").path).json()["val_curve"]) < ROUNDS:
-                assert time.monotonic() < end, "the validator never reported the last round's held-out loss"
-                time.sleep(1.0)
+            wait_for(lambda: len(httpx.get(cluster.bridge_url + route("dashboard").path).json()["val_curve"]) >= ROUNDS,
+                     120, "the validator's held-out loss of the last round", every=1.0)
             caught_up = time.time()  # the last weights are published by now; let the page catch up
             b.wait_for(f"Number(document.body.dataset.generatedAt) > {caught_up}", timeout=30)
             p, j = _snapshot_pair(b, cluster.bridge_url)

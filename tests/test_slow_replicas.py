@@ -16,6 +16,7 @@ from protocol.bridge_client import BridgeClient
 from protocol.routes import route
 from tests.harness.bridge_state import do_hop, lease, make
 from tests.harness.fake_worker import FakeWorker
+from tests.harness.waiting import wait_for
 from tests.servers import make_chain, start_bridge, tiny_run_config
 
 FAST, SLOW = 0.1, 1.0  # virtual seconds per hop
@@ -155,11 +156,11 @@ def _subnet_with_a_slow_replica(tmp, s3, extra=()):
             while len(ws[0].c.get(route("metrics").path)["miners"]) < i + 1:
                 time.sleep(0.05)
         observer = BridgeClient(keys["validators"][0], b.url, b.hotkey)
-        end = time.monotonic() + 240
-        while observer.metrics().phase != "done":
+        def done() -> bool:
             assert all(w.error is None for w in ws), [repr(w.error) for w in ws]
-            assert time.monotonic() < end, "the run did not finish"
-            time.sleep(0.2)
+            return observer.metrics().phase == "done"
+
+        wait_for(done, 240, "the run to finish", every=0.2)
         m = observer.metrics()
         assert m.completed_total == 24 and m.abandoned_total == 0
         slow = keys["miners"][3].ss58_address

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from neurons.miner_loop import Miner
 from neurons.transfer import ObjectTransfer
 from protocol.bridge_client import BridgeClient
 from protocol.routes import route
+from tests.harness.waiting import wait_for  # noqa: F401  (re-exported for the miner tests)
 from tests.servers import REPO, BridgeProcess, S3Server, start_bridge, start_s3
 
 __all__ = ["MODEL", "run_config", "Subnet", "start_subnet", "MinerThread", "MinerProc", "wait_for", "set_threads"]
@@ -34,17 +34,6 @@ def run_config(**over: Any) -> dict[str, Any]:
                lease_seconds=20.0, max_object_bytes=1 << 16, merge_timeout_seconds=30.0, max_attempts=3)
     cfg.update(over)
     return cfg
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    """Poll `pred` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass
