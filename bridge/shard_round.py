@@ -147,8 +147,12 @@ def on_time(st: State, stage: int, now: float) -> None:
     if shard_votes.complete(b):
         votes.on_time(st, stage, now)  # a checkpoint round waiting for the state votes
         return
-    before = (len(b.decided), len(b.disputes))
+    before, disputed = (len(b.decided), len(b.disputes)), set(b.disputes)
     shard_votes.on_time(b, now, st.run.arbitration_timeout_seconds)
+    expired = sorted(s for s in disputed if s in b.decided)
+    if expired:
+        log.warning("round %d stage %d: no validator settled shard(s) %s in time; they keep their state "
+                    "this round", b.round, stage, expired)
     if (len(b.decided), len(b.disputes)) != before:
         _save(st, b)
         _after(st, b, now)

@@ -77,6 +77,7 @@ class Validator:
         """Lease expiries per miner hotkey from the bridge's metrics (refused or abandoned claims)."""
         self.rng = random.Random(settings.seed) if settings.seed is not None else None
         self.settled: set = set()  # (round, stage) disputes this validator already answered
+        self._settling = threading.Lock()  # one recomputation pass at a time (loop or settler thread)
         self.round_starts: RoundStarts | None = None  # sharded sync: stages' rebuilt round starts
 
     # ----- persistence -----
@@ -96,7 +97,10 @@ class Validator:
 
     # ----- loop -----
     def run_forever(self) -> None:
-        """Process closed rounds and set weights until stopped."""
+        """Process closed rounds and set weights until stopped; disputes are settled on a thread of
+        their own, so a long audit never makes a stage wait past its arbitration deadline."""
+        settler = threading.Thread(target=self._settle_forever, name="dispute-settler", daemon=True)
+        settler.start()
         while not self.stop.is_set():
             try:
                 self.tick()
@@ -104,13 +108,33 @@ class Validator:
                 log.warning("bridge error: %s", exc)
             self.stop.wait(self.s.poll_seconds)
 
+    def _settle_forever(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.settle_disputes()
+            except (BridgeError, httpx.TransportError) as exc:
+                log.warning("dispute settler: bridge error: %s", exc)
+            except Exception:  # the settler must outlive any one bad answer
+                log.exception("dispute settler: unexpected error")
+            self.stop.wait(min(self.s.poll_seconds, 1.0))
+
+    def settle_disputes(self) -> int:
+        """Recompute and post every open dispute not yet answered; 0 at once while another pass
+        runs (the settler thread and the loop share the work, never duplicate it)."""
+        if not self._settling.acquire(blocking=False):
+            return 0
+        try:
+            return sync_for(self.run).settle(self.client, self.transfer, self.run, self.settled)
+        finally:
+            self._settling.release()
+
     def tick(self, max_rounds: int | None = None) -> None:
         """One pass: process the rounds closed since the last pass (at most `max_rounds`), then maybe set weights."""
         m = self.client.metrics()
         self.bridge_round = m.round  # how far behind an audit is (explain_incomplete)
         self._note_unverified(m)
         if m.phase == Phase.MERGE:
-            sync_for(self.run).settle(self.client, self.transfer, self.run, self.settled)
+            self.settle_disputes()
         closed = m.round if m.phase != Phase.DONE else m.round + 1
         done = 0
         while self.next_round < closed and not self.stop.is_set() and (max_rounds is None or done < max_rounds):
@@ -159,7 +183,7 @@ class Validator:
         chosen = choose_audits(miners, rng=self.rng, history=self.book.audit_history(),
                                params=self.params) if miners else []
         for hk in chosen:
-            sync_for(self.run).settle(self.client, self.transfer, self.run, self.settled)  # stay responsive
+            self.settle_disputes()  # stay responsive (the settler thread does this when running)
             if hk not in failed and not self._audit(rnd, hoplog, hk):
                 failed[hk] = self.audits.verdicts[-1][3]
                 self._report(rnd, {hk: failed[hk]})  # at once: the sooner, the less it weighs

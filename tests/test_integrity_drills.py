@@ -1,7 +1,8 @@
 """Integrity drills at 2 replicas per stage: one cheating replica per stage through the real bridge,
 rclone S3, LocalChain, miners and validator (tests/harness). Each run checks that the honest state
 is published, the cheater earns nothing, every honest miner keeps weight, no sample is lost, and the
-validation loss stays within noise of the same subnet with the cheater honest. (R = 3:
+validation loss stays within noise of the same subnet with the cheater honest over the rounds no
+cheater took part in (tests/harness/drill_checks.check_loss). (R = 3:
 tests/test_integrity_drills_r3.py.)"""
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ def test_sharded_sync_liar_and_nan_are_defeated_and_a_joiner_catches_up(tmp_path
     rebuilt, advanced = out.round_starts  # the validator's round starts: most from the round before
     assert advanced >= 1 and rebuilt >= 1, out.round_starts
 
+
+
+def test_a_validator_busy_elsewhere_still_settles_every_dispute_before_its_deadline(tmp_path):
+    """Disputes are settled on a thread of their own: a liar forces one in every round it merges,
+    the validator's loop spends 20 s per pass elsewhere (a long audit), the arbitration deadline is
+    8 s, and no stage ever keeps its state for want of an answer."""
+    rounds = 2
+    out = run_scenario(tmp_path, Scenario(honest_per_stage=1, cheaters=("liar",), rounds=rounds, busy_seconds=20.0,
+                                          run=(("arbitration_timeout_seconds", 8.0),)))
+    check_drill(out, None, rounds)
+    assert 0 in out.cheated_rounds(), "the liar never merged: no dispute was opened"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tests.harness.subnet import Outcome
 
-__all__ = ["SHARDED", "DRILL_ROUNDS", "MERGE_PAIRS", "LOSS_TOLERANCE", "PAID_ANYWAY", "UNPAID_UNFAILED", "check_drill", "check_honest_updates"]
+__all__ = ["SHARDED", "DRILL_ROUNDS", "MERGE_PAIRS", "LOSS_TOLERANCE", "PAID_ANYWAY", "check_loss", "UNPAID_UNFAILED", "check_drill", "check_honest_updates"]
 
 # The sharded sync (issue 13) as the drills run it.
 SHARDED = (("sync_mode", "sharded"), ("sync_shards", 4), ("sync_codec", "int4"), ("sync_merged_codec", "int8"),
@@ -47,9 +47,32 @@ def check_drill(out: Outcome, base: Outcome | None, rounds: int) -> None:
             f"{n} was never failed"
     assert out.val_loss < out.init_loss, "the model did not train"
     if base is not None:
-        assert out.val_loss <= base.val_loss * (1 + LOSS_TOLERANCE), (out.val_loss, base.val_loss)
+        check_loss(out, base, rounds)
     if out.views:  # the sharded sync: shard by shard too
         check_honest_updates(out)
+
+
+def check_loss(out: Outcome, base: Outcome, rounds: int) -> None:
+    """The model trains as well as its honest twin did in the rounds no cheater took part in.
+
+    Until a validator's verdict quarantines it, a cheater's pseudo-gradient is in its stage's merge
+    set (a flipped one at R = 2 cancels the honest one; nothing at R = 2 can tell which is honest), so
+    those rounds may teach nothing; how many there are is how far the validator's replays lag, which
+    a loaded box stretches. So the drill's final held-out loss (the validator's, of the published
+    model) is held to the twin's after as many rounds as were free of cheaters."""
+    free = rounds - len(out.cheated_rounds())
+    got = out.round_losses.get(rounds - 1)
+    assert got is not None, f"the validator reported no held-out loss for round {rounds - 1}: {out.round_losses}"
+    if free == rounds:
+        want = base.val_loss * (1 + LOSS_TOLERANCE)
+        assert out.val_loss <= want, (f"published model loss {out.val_loss:.4f} vs the honest twin's "
+                                      f"{base.val_loss:.4f} (an honest replica's own weights {out.miner_loss})")
+    elif free >= 1:
+        ref = base.round_losses.get(free - 1)
+        assert ref is not None, f"the twin has no held-out loss for round {free - 1}: {base.round_losses}"
+        assert got <= ref * (1 + LOSS_TOLERANCE), (
+            f"held-out loss {got:.4f} after {rounds} rounds, {rounds - free} with a cheater in a merge set "
+            f"({out.cheated_rounds()}); the honest twin had {ref:.4f} after {free}")
 
 
 def check_honest_updates(out: Outcome) -> None:

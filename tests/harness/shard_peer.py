@@ -40,6 +40,8 @@ class ShardPeer(FakeWorker):
         self.decided: dict[int, list] = {}   # round -> the view's decided sha256 per shard (None: kept)
         self.mine: dict[int, dict] = {}      # round -> {shard: sha256 this peer voted}
         self.views: dict[int, dict] = {}     # round -> the complete view
+        self.worked: dict[int, int] = {}     # round -> hops it completed (0: a loaded box routed it none)
+        self._hops_seen = 0
 
     # ----- wire helpers -----
     def grant(self, round_, kind, shard, data, size=None):
@@ -88,6 +90,7 @@ class ShardPeer(FakeWorker):
         return shas
 
     def merge(self, round_, stage):
+        self.worked[round_], self._hops_seen = self.hops - self._hops_seen, self.hops
         self.probe(round_, stage)
         try:
             self.report(round_, stage)

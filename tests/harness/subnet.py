@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from drills.cheaters import cheating_miner
+from neurons.model_fetch import fetch_weights
 from neurons.sync_follow import GONE, get_view
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
@@ -58,6 +59,7 @@ class Scenario:
     join_round: int | None = None  # an honest replica joins once the run reaches this round
     laggard: tuple[int, int] | None = None  # (stall, resume): the last honest replica stalls in its
                                             # merge of round `stall` until the run reaches `resume`
+    busy_seconds: float = 0.0  # the validator's loop spends this long elsewhere before each pass
 
     @property
     def replicas(self) -> int:
@@ -89,8 +91,10 @@ class Outcome:
     hoplogs: list[HopLog]
     verdicts: list[tuple[int, str, bool, str]]  # (round, name, passed, reason)
     weights: dict[str, float]            # miner name -> weight on chain
-    val_loss: float
+    val_loss: float                      # the last published model's (what the subnet produced)
     init_loss: float
+    miner_loss: float | None = None      # the first honest replica per stage's in-memory weights at the end
+    round_losses: dict[int, float] = field(default_factory=dict)  # round -> the validator's held-out loss after it
     joined: dict[str, Any] | None = None  # the late joiner: name, round, (checkpoint round, updates replayed)
     round_starts: tuple[int, int] = (0, 0)  # sharded sync: round starts the validator rebuilt, advanced
     views: dict[tuple[int, int], Any] = field(default_factory=dict)  # sharded: (round, stage) -> SyncView
@@ -104,6 +108,12 @@ class Outcome:
         """Names of the cheating miners."""
         return [n for n, k in self.kinds.items() if k != "honest"]
 
+    def cheated_rounds(self) -> list[int]:
+        """Rounds in which a cheater's pseudo-gradient was in a merge set (before its verdict
+        quarantined it; how many depends on how far the validator's replays lag)."""
+        bad = {self.names[n] for n in self.cheaters()}
+        return [log.round for log in self.hoplogs if bad & {p.hotkey for p in log.pseudograds}]
+
 
 def _wait_registered(client: BridgeClient, count: int, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
@@ -114,6 +124,17 @@ def _wait_registered(client: BridgeClient, count: int, timeout: float = 30.0) ->
     raise TimeoutError(f"{count} miners did not register in {timeout}s")
 
 
+class BusyValidator(Validator):
+    """A validator whose loop is busy elsewhere (a long audit, a slow chain) before each pass."""
+
+    busy = 0.0
+
+    def tick(self, max_rounds: int | None = None) -> None:
+        """Wait `busy` seconds, then one pass."""
+        self.stop.wait(self.busy)
+        super().tick(max_rounds)
+
+
 def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
     cfg = ModelConfig.from_dict(model)
     stages = build_stages(cfg, seed=init_seed)
@@ -121,6 +142,12 @@ def _val_loss(model: dict, init_seed: int, thetas: list[dict] | None) -> float:
         for stage, theta in zip(stages, thetas):
             stage.load_state_dict(theta)
     return evaluate(stages, data.validation_batches(4, 2, cfg.seq_len), torch.device("cpu"))
+
+
+def _published(observer: BridgeClient) -> list[dict]:
+    """The stages' weights the run published last, fetched and verified as resbm-export does: the
+    subnet's product, whatever state a miner held when it left."""
+    return fetch_weights(ObjectTransfer(), observer.model(None)).thetas
 
 
 def _round_starts(validator) -> tuple[int, int]:
@@ -174,7 +201,8 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
             start_miner(i, kind)
         settings = ValidatorSettings(state_path=str(tmp / "validator.json"),
                                      audit_max_seconds=60.0, poll_seconds=0.3, seed=sc.seed)
-        validator = Validator(observer, ObjectTransfer(), chain, vkey, settings)
+        validator = (BusyValidator if sc.busy_seconds else Validator)(observer, ObjectTransfer(), chain, vkey, settings)
+        validator.busy = sc.busy_seconds
         vthread = WatchedThread(validator.run_forever, "validator")
         vthread.start()
         end = time.monotonic() + timeout
@@ -218,11 +246,13 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
             names=names, kinds=dict(zip(names, kinds)), stage_of=stage_of, metrics=m, hoplogs=hoplogs,
             verdicts=[(r, by_key.get(hk, hk), ok, why) for r, hk, ok, why in validator.audits.verdicts],
             weights=weights,
-            val_loss=_val_loss(rc["model"], rc["init_seed"], thetas),
+            val_loss=_val_loss(rc["model"], rc["init_seed"], _published(observer)),
+            miner_loss=None if thetas is None else _val_loss(rc["model"], rc["init_seed"], thetas),
             init_loss=_val_loss(rc["model"], rc["init_seed"], None),
             joined=None if joined is None else {**joined, "theta": miners[-1].worker.theta(),
                                                 "peer_theta": final.get(stage_of[joined["name"]])},
-            views=views, laggard=laggard, round_starts=_round_starts(validator))
+            views=views, laggard=laggard, round_starts=_round_starts(validator),
+            round_losses=dict(validator.live.reported))
     finally:
         if validator is not None:
             validator.stop.set()
