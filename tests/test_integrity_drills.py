@@ -53,11 +53,11 @@ def test_sharded_sync_liar_and_nan_are_defeated_and_a_joiner_catches_up(tmp_path
 
 
 def test_a_validator_busy_elsewhere_still_settles_every_dispute_before_its_deadline(tmp_path):
-    """Disputes are settled on a thread of their own: a liar forces one in every round it merges,
+    """Disputes are settled on a thread of their own: a liar per stage forces one in every round it merges,
     the validator's loop spends 20 s per pass elsewhere (a long audit), the arbitration deadline is
     8 s, and no stage ever keeps its state for want of an answer."""
     rounds = 2
-    out = run_scenario(tmp_path, Scenario(honest_per_stage=1, cheaters=("liar",), rounds=rounds, busy_seconds=20.0,
+    out = run_scenario(tmp_path, Scenario(honest_per_stage=1, cheaters=("liar", "liar"), rounds=rounds, busy_seconds=20.0,
                                           run=(("arbitration_timeout_seconds", 8.0),)))
     check_drill(out, None, rounds)
     assert 0 in out.cheated_rounds(), "the liar never merged: no dispute was opened"

@@ -76,6 +76,8 @@ def test_reports_copy_to_write_once_keys_and_answer_alike_for_any_foreign_key(tm
     _, keys = make_chain(tmp_path / "chain.db", miners=2, validators=0)
     b = start_bridge(tmp_path, tiny_run_config(n_stages=1, total_rounds=1,
                                                samples_per_round=4, vote_timeout_seconds=5.0,
+                                               # the prober never votes: its round ends by arbitration
+                                               arbitration_timeout_seconds=3.0,
                                                sync_shards=4, sync_mergers=2), tmp_path / "chain.db", s3_server)
     stop, probes = threading.Event(), {"victim": keys["miners"][1].ss58_address}
     ws = [ProbingWorker(keys["miners"][0], b.url, b.hotkey, stop, probes=probes),

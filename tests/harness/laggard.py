@@ -20,9 +20,12 @@ class _StallingMerge(ShardedMerge):
         self.stall, self.resume, self.seen = stall, resume, seen
 
     def merged_shards(self, rnd, mine, sync):
-        if rnd != self.stall:
+        # the first round from `stall` on in which it merges (a loaded box may route it no work in
+        # `stall` itself), for as many rounds as `resume - stall`
+        if rnd < self.stall or self.seen:
             return mine
-        while not self.stop.is_set() and self.client.metrics().round < self.resume:
+        self.seen.append(f"stalled in round {rnd}")
+        while not self.stop.is_set() and self.client.metrics().round < rnd + self.resume - self.stall:
             self.stop.wait(0.3)
         try:  # what the view of our round says now (the real flow asks it next)
             get_view(self.client, rnd, self.worker.stage_index)
@@ -33,7 +36,7 @@ class _StallingMerge(ShardedMerge):
 
 
 class LaggardMiner(Miner):
-    """A Miner whose round `stall` stalls until the run reaches round `resume`."""
+    """A Miner whose merge of round `stall` (or the first it merges after) stalls for `resume - stall` rounds."""
 
     def __init__(self, *a, stall: int, resume: int, **kw):
         super().__init__(*a, **kw)

@@ -60,6 +60,7 @@ class Scenario:
     laggard: tuple[int, int] | None = None  # (stall, resume): the last honest replica stalls in its
                                             # merge of round `stall` until the run reaches `resume`
     busy_seconds: float = 0.0  # the validator's loop spends this long elsewhere before each pass
+    bridge_flags: tuple[str, ...] = ()  # extra `python -m bridge` flags
 
     @property
     def replicas(self) -> int:
@@ -167,7 +168,7 @@ def run_scenario(tmp: Path, sc: Scenario, timeout: float = 420.0) -> Outcome:
         chain, keys = make_chain(tmp / "chain.db", miners=len(kinds) + (sc.join_round is not None), validators=1,
                                  prefix=f"s{sc.seed}m")
         chain.advance_blocks(chain.weights_rate_limit())
-        bridge = start_bridge(tmp / "bridge", rc, tmp / "chain.db", s3)
+        bridge = start_bridge(tmp / "bridge", rc, tmp / "chain.db", s3, extra=sc.bridge_flags)
     except BaseException:
         s3.stop()
         torch.set_num_threads(old_threads)
