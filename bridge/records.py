@@ -84,7 +84,9 @@ class Tunables:
     ema: float = 0.2                # weight of the newest throughput and hop-time sample
     route_by_speed: bool = True     # False: route by throughput share alone (bridge/speed.py off)
     slow_factor: float = 2.0        # a replica this many times later to finish than its best peer gets no new work
-    probe_seconds: float = 30.0     # ... unless it has done nothing this long (a probe: its estimate may recover)
+    probe_seconds: float = 30.0     # ... unless it has done nothing this long (a probe: its estimate may recover),
+    probe_hops: float = 50.0        # or this many of its fastest peer's hops (short hops: probe sooner), at least 1 s
+    recover_weight: float = 0.5     # weight of a hop-time sample faster than the estimate (a slow one gets `ema`)
     peer_silence: float = 10.0      # a peer unheard this long (and past 3 of its hop times) no longer holds work back
     min_health: float = 0.05
     code_bytes: Optional[int] = None  # exact wire size of one code from the run's model (None:

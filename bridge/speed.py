@@ -6,7 +6,8 @@ expected finish time for one more hop is `(1 + backlog) x hop_seconds`. A replic
 time is more than `tun.slow_factor` times the best of its stage's available peers gets no new
 work: it is used only when the fast ones are busy (their backlog makes them no sooner), so it
 never holds the round's tail or another stage's inner step. A replica that has done nothing for
-`tun.probe_seconds` may take one hop anyway, so a slow estimate can recover; one never measured
+`probe_interval` (`tun.probe_seconds`, or sooner where hops are short) may take one hop anyway,
+and a faster sample weighs more than a slower one, so a slow estimate recovers; one never measured
 holds one hop at a time until its first done. Pure: no I/O.
 """
 from __future__ import annotations
@@ -17,12 +18,15 @@ from typing import Iterable, Optional
 from bridge.records import Miner, State
 
 __all__ = ["record_hop_seconds", "estimate", "backlog", "finish_time", "available", "stage_peers",
-           "allowance", "fast_enough", "pool_room", "UNLIMITED"]
+           "allowance", "fast_enough", "pool_room", "probe_interval", "UNLIMITED"]
 
 
 def record_hop_seconds(st: State, m: Miner, seconds: float) -> None:
-    """Fold one verified hop time into the miner's EWMA (the first one is taken as is)."""
-    a = st.tun.ema
+    """Fold one verified hop time into the miner's EWMA (the first one is taken as is). A sample
+    faster than the estimate weighs `recover_weight`: no replica finishes faster than it can, while
+    a slow one may be a one-off (a warm-up, a page-in, a stalled link), so an honest replica that
+    was judged slow once is trusted again within a few probes instead of dozens."""
+    a = st.tun.ema if seconds >= m.hop_seconds else max(st.tun.ema, st.tun.recover_weight)
     m.hop_seconds = seconds if m.hop_seconds <= 0 else (1 - a) * m.hop_seconds + a * seconds
 
 
@@ -65,8 +69,21 @@ def stage_peers(st: State, stage: int, now: float) -> list[Miner]:
     return [p for p in st.stage_miners(stage) if available(st, p, now)]
 
 
+PROBE_FLOOR_S = 1.0
+
+
+def probe_interval(st: State, m: Miner) -> float:
+    """How long a replica routed around must sit idle before it gets a probe hop: `probe_seconds`,
+    or sooner where its stage's hops are short (`probe_hops` of its fastest measured peer's, at
+    least a second), so in short rounds it is re-measured within a round, not after many."""
+    known = [p.hop_seconds for p in st.stage_miners(m.stage) if p.hotkey != m.hotkey and p.hop_seconds > 0]
+    if not known:
+        return st.tun.probe_seconds
+    return min(st.tun.probe_seconds, max(PROBE_FLOOR_S, st.tun.probe_hops * min(known)))
+
+
 def _probing(st: State, m: Miner, now: float) -> bool:
-    return backlog(st, m) == 0 and now - max(m.last_done_at, m.registered_at) >= st.tun.probe_seconds
+    return backlog(st, m) == 0 and now - max(m.last_done_at, m.registered_at) >= probe_interval(st, m)
 
 
 UNLIMITED = 1 << 30

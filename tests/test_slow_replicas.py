@@ -23,15 +23,31 @@ FAST, SLOW = 0.1, 1.0  # virtual seconds per hop
 
 
 def test_hop_seconds_is_an_ewma_of_the_bridge_measured_lease_to_done_time():
-    st, rng = make(1, samples_per_round=8), random.Random(0)
+    st, rng = make(1, samples_per_round=8, micro_batches_per_step=8), random.Random(0)
     state.register(st, "a", 0.0, rng)
     assert st.miners["a"].hop_seconds == 0.0  # not measured yet
     _, hops, _ = lease(st, "a", 1.0, rng)
     do_hop(st, "a", hops[0], 3.0, rng)
     assert st.miners["a"].hop_seconds == 2.0  # the first sample is taken as is
     _, hops, _ = lease(st, "a", 3.0, rng)
-    do_hop(st, "a", hops[0], 4.0, rng)
-    assert abs(st.miners["a"].hop_seconds - (0.8 * 2.0 + 0.2 * 1.0)) < 1e-9
+    do_hop(st, "a", hops[0], 7.0, rng)  # slower than the estimate: the EWMA's weight
+    assert abs(st.miners["a"].hop_seconds - (0.8 * 2.0 + 0.2 * 4.0)) < 1e-9
+    _, hops, _ = lease(st, "a", 7.0, rng)
+    do_hop(st, "a", hops[0], 8.0, rng)  # faster: it weighs `recover_weight` (a slow sample may be a one-off)
+    assert abs(st.miners["a"].hop_seconds - (0.5 * 2.4 + 0.5 * 1.0)) < 1e-9
+
+
+def test_a_replica_judged_slow_by_one_stalled_hop_is_trusted_again_within_a_few_probes():
+    st, rng = make(1, micro_batches_per_step=8, samples_per_round=64), random.Random(0)
+    for hk in ("fast", "once_slow"):
+        state.register(st, hk, 0.0, rng)
+    st.miners["fast"].hop_seconds, st.miners["once_slow"].hop_seconds = FAST, 20 * FAST  # one warm-up stall
+    assert speed.probe_interval(st, st.miners["once_slow"]) == max(1.0, st.tun.probe_hops * FAST) < st.tun.probe_seconds
+    probes = 0
+    while not speed.fast_enough(st, st.miners["once_slow"], [st.miners["fast"]], 100.0):
+        speed.record_hop_seconds(st, st.miners["once_slow"], FAST)  # each probe hop runs at full speed
+        probes += 1
+    assert probes <= 5, probes
 
 
 def _stage1_pair(**over):
@@ -91,7 +107,7 @@ def test_a_starved_slow_replica_is_probed_with_one_hop_so_its_estimate_can_recov
         _, hops, _ = lease(st, "fast", now, rng)
         for h in hops:
             do_hop(st, "fast", h, now + FAST, rng)
-    now = 1.0 + st.tun.probe_seconds - 1
+    now = 1.0 + speed.probe_interval(st, st.miners["slow"]) - 1
     fast_works(now)
     assert lease(st, "slow", now + FAST, rng)[0] == "wait"
     now += 2

@@ -25,7 +25,11 @@ class _StallingMerge(ShardedMerge):
         if rnd < self.stall or self.seen:
             return mine
         self.seen.append(f"stalled in round {rnd}")
-        while not self.stop.is_set() and self.client.metrics().round < rnd + self.resume - self.stall:
+        back = rnd + self.resume - self.stall
+        while not self.stop.is_set():
+            m = self.client.metrics()
+            if m.phase == "done" or m.round >= back + 1 or (m.round >= back and self._pruned(rnd)):
+                break  # a round later when its round's updates are still kept (checkpoint parity)
             self.stop.wait(0.3)
         try:  # what the view of our round says now (the real flow asks it next)
             get_view(self.client, rnd, self.worker.stage_index)
@@ -33,6 +37,13 @@ class _StallingMerge(ShardedMerge):
         except BridgeError as exc:
             self.seen.append(exc.code)
         return {}  # too late to vote: the round was decided without us
+
+    def _pruned(self, rnd: int) -> bool:
+        try:
+            get_view(self.client, rnd, self.worker.stage_index)
+        except BridgeError as exc:
+            return exc.code == "updates_pruned"
+        return False
 
 
 class LaggardMiner(Miner):
