@@ -59,7 +59,8 @@ def run_hop(worker: StageWorker, kind: str, sample_id: int, recompute: bool, act
             grad: torch.Tensor | None, public: PublicData) -> HopOutput:
     """Compute one hop on `worker` (fp32 CPU outputs, before wire encoding); raises WorkerError.
 
-    A bwd recomputes its forward when told to (the graph, if any, is dropped first) or when no
+    A fwd for a sample whose graph is open replaces it (the bridge re-issued it). A bwd recomputes its
+    forward when told to (the graph, if any, is dropped first) or when no
     graph is open for the sample: stage 0 from the public tokens, other stages only from `act`."""
     if kind not in HOP_KINDS:
         raise WorkerError(f"unknown hop kind {kind!r}; expected one of {HOP_KINDS}")
@@ -72,6 +73,8 @@ def run_hop(worker: StageWorker, kind: str, sample_id: int, recompute: bool, act
     if kind != HopKind.BWD and inp is None:
         raise WorkerError(f"sample {sample_id}: {kind} hop has no input code")
     if kind == HopKind.FWD:
+        if sample_id in worker.open_graphs:  # the bridge re-issued this forward (a retry, a rewind, our
+            worker.release(sample_id)        # re-registration): the graph we hold is stale, not a conflict
         return HopOutput(worker.forward(sample_id, inp, side))
     if kind == HopKind.FWDBWD:
         loss, input_grad = worker.forward_backward(sample_id, inp, targets, side)

@@ -126,3 +126,24 @@ def test_a_middle_stage_bwd_without_a_graph_or_an_input_is_refused_on_both_sides
         hop_exec.run_hop(w, "bwd", 3, False, None, g, hop_exec.PublicData(SEED, B))
     with pytest.raises(WorkerError, match="unknown hop kind"):
         hop_exec.run_hop(w, "sideways", 3, False, None, g, hop_exec.PublicData(SEED, B))
+
+
+def test_a_reissued_forward_replaces_the_open_graph_and_its_backward_matches_a_fresh_one():
+    """The bridge re-issues a forward (a retry, a rewind, the miner's re-registration) to a replica that
+    still holds the sample's graph: the stale graph is replaced, not refused five times until the sample
+    is abandoned, and the backward is the one a replica with no stale graph computes."""
+    public = hop_exec.PublicData(SEED, B)
+    stale, fresh = _worker(0), _worker(0)
+    theta = _theta_start(0)
+    stale.load_theta(theta)
+    fresh.load_theta(theta)
+    hop_exec.run_hop(stale, "fwd", 7, False, None, None, public)
+    again = hop_exec.run_hop(stale, "fwd", 7, False, None, None, public)
+    first = hop_exec.run_hop(fresh, "fwd", 7, False, None, None, public)
+    assert torch.equal(again.out, first.out) and stale.open_graphs == [7]
+    g = torch.randn(CFG.code_shape(B), generator=torch.Generator().manual_seed(1))
+    a = hop_exec.run_hop(stale, "bwd", 7, False, None, g, public)
+    b = hop_exec.run_hop(fresh, "bwd", 7, False, None, g, public)
+    assert stale.open_graphs == [] and stale._samples == fresh._samples == 1
+    assert a.out is None and b.out is None  # stage 0 sends no gradient back
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(stale.module.parameters(), fresh.module.parameters()))

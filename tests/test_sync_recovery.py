@@ -43,7 +43,7 @@ def test_a_replica_behind_past_the_pruning_window_catches_up_from_the_latest_che
     # audit_window_rounds 1 keeps 3 rounds of update logs; with a checkpoint every 2 rounds the
     # updates of round 0 (needed to rebuild round 1's start) are dropped once round 4 is decided
     rounds, stall, resume = 8, 1, 5
-    run = SHARDED + (("audit_window_rounds", 1), ("vote_timeout_seconds", 5.0))
+    run = SHARDED + (("audit_window_rounds", 1), ("vote_timeout_seconds", 10.0))
     # speed routing off: on a loaded box one slow hop would leave the laggard a probe per 30 s and no
     # merge to stall in (bridge/speed.py); this test is about catching up, not routing
     out = run_scenario(tmp_path, Scenario(stages=1, honest_per_stage=2, rounds=rounds, laggard=(stall, resume),
@@ -54,7 +54,9 @@ def test_a_replica_behind_past_the_pruning_window_catches_up_from_the_latest_che
     assert stalled <= stall + 1, lag["seen"]
     back = stalled + resume - stall
     assert out.metrics.phase == "done" and all(s.published_round == rounds for s in out.metrics.stages)
-    (at, (ckpt, replayed)), = [c for c in lag["catch_ups"] if c[0] > stalled]
+    after = [c for c in lag["catch_ups"] if c[0] > stalled]  # a loaded box may leave it behind again later
+    assert after, lag["catch_ups"]
+    at, (ckpt, replayed) = after[0]
     assert at >= back and ckpt >= back - 1 and replayed == at - ckpt <= 1, lag["catch_ups"]  # the latest one
     assert all(torch.equal(lag["theta"][n], lag["peer_theta"][n]) for n in lag["theta"]), "the laggard diverged"
     assert out.weights[lag["name"]] > 0, out.weights  # it earned again after catching up
