@@ -93,7 +93,11 @@ def register(st: State, hotkey: str, now: float, rng: random.Random,
 
 
 def _stage_has_peer(st: State, m: Miner, now: float) -> bool:
-    return any(p is not m and p.active and st.healthy(p, now) for p in st.stage_miners(m.stage))
+    """Whether another replica of m's stage can take this round's work: live, not sitting the round
+    out itself and not quarantined (two replicas that both restarted, or one beside a quarantined
+    peer, must not wait on each other: the stage would halt)."""
+    return any(p is not m and p.active and st.healthy(p, now) and p.sits_out_round != st.round
+               and not st.quarantined(p, now) for p in st.stage_miners(m.stage))
 
 
 def leave(st: State, hotkey: str, now: float, rng: random.Random) -> int:

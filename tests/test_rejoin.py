@@ -60,3 +60,24 @@ def test_a_peer_lost_while_sitting_out_brings_it_back():
     state.register(st, "b", now, rng)
     st.miners["a"].active = False  # the peer left
     assert lease(st, "b", now, rng, 2)[0] == "work"
+
+
+def test_two_replicas_that_both_restart_mid_round_do_not_wait_on_each_other():
+    st, rng, now = _two_replicas()
+    state.register(st, "b", now, rng)  # b restarts: a can take the round, so b sits out
+    state.register(st, "a", now + 0.01, rng)  # then a restarts too: its only peer sits out
+    assert st.miners["b"].sits_out_round == 0 and st.miners["a"].sits_out_round == -1
+    assert lease(st, "a", now + 0.02, rng, 2)[0] == "work"
+    now = drive(st, "ab", rng, now + 0.02)
+    assert st.phase == "merge", "the stage halted: both replicas waited for the other"
+
+
+def test_a_replica_beside_a_quarantined_peer_does_not_sit_out():
+    st, rng, now = _two_replicas()
+    a = st.miners["a"]
+    a.quarantined_until = st.round + 4  # a validator failed a; b is in good standing
+    assert st.quarantined(a, now)
+    state.register(st, "b", now, rng)  # b restarts: its only peer gets no work, so b must not sit out
+    assert st.miners["b"].sits_out_round == -1
+    now = drive(st, "ab", rng, now)
+    assert st.phase == "merge" and st.workers[0], "the stage halted"
