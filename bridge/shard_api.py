@@ -21,6 +21,7 @@ from bridge.storage import StorageError
 from protocol import messages as msg
 from protocol import sync_api as api
 from protocol.keys import staging_of
+from protocol.lifecycle import Phase
 
 __all__ = ["ShardApi"]
 
@@ -167,7 +168,7 @@ def _view_data(st: Any, now: float, round_: int, stage: int, past: Optional[dict
         frozen = stage in st.frozen
         items = [dict(hotkey=h, **st.pseudograds[stage][h]) for h in st.frozen.get(stage, [])]
         items = [i for i in items if len(i.get("shards", ())) == st.run.sync_shards]  # pieces only
-        b = (shard_round.ballot(st, round_, stage, now) if st.phase == "merge"
+        b = (shard_round.ballot(st, round_, stage, now) if st.phase == Phase.MERGE
              else shard_round.stored_ballot(st, round_, stage))  # the run's last round, once done
     else:
         if past is None or stage >= len(past.get("states", [])):
@@ -183,4 +184,4 @@ def _view_data(st: Any, now: float, round_: int, stage: int, past: Optional[dict
         "updates": shard_round.updates_since(st, stage, first, round_),
         "ballot": None if b is None else shard_round.ballot_dict(b),
         "complete": b is not None and len(b.decided) == len(b.mergers),
-        "published": (not current) or bool(st.published.get(stage)) or st.phase == "done"})
+        "published": (not current) or bool(st.published.get(stage)) or st.phase == Phase.DONE})

@@ -16,6 +16,7 @@ from bridge.merge_rules import check_report, member, need_sharded
 from bridge.records import State, TransitionError
 from bridge.shard_votes import KEEP_SHA
 from protocol.keys import PieceKey, UpdateKey
+from protocol.lifecycle import Phase
 from spec.shard_layout import assign_mergers
 
 __all__ = ["piece_size", "update_size", "check_shard", "check_grant", "check_pieces", "check_votes",
@@ -51,7 +52,7 @@ def _check_size(st: State, stage: int, shard: int, kind: str, size: int) -> None
 
 def mergers(st: State, round_: int, stage: int) -> list[list[str]]:
     """The merger table of the merging round's frozen stage (409 before it froze)."""
-    if round_ != st.round or st.phase != "merge":
+    if round_ != st.round or st.phase != Phase.MERGE:
         raise TransitionError("not_merging", f"round {round_} is not merging")
     if stage not in st.frozen:
         raise TransitionError("not_frozen", f"stage {stage} merge set is not frozen yet")

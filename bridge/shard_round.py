@@ -22,6 +22,7 @@ from bridge import shard_checks, shard_votes, votes
 from bridge.merge_rules import checkpoint_round, need_checkpoint_vote, need_sharded, pieces_sha, sharded
 from bridge.records import State, TransitionError
 from bridge.shard_votes import ShardBallot
+from protocol.lifecycle import Phase
 
 __all__ = ["sharded", "need_sharded", "need_checkpoint_vote", "ballot_dict", "stored_ballot", "pieces_sha", "ballot", "vote", "on_time", "arbitrate",
            "open_disputes", "updates_since", "checkpoint_round", "published_round", "keep_rounds"]
@@ -76,7 +77,7 @@ def ballot(st: State, round_: int, stage: int, now: float) -> Optional[ShardBall
     """The merging round's ballot of a stage, opened when its merge set froze (None: not frozen,
     or frozen empty)."""
     b = stored_ballot(st, round_, stage)
-    if b is not None or round_ != st.round or st.phase != "merge" or not st.frozen.get(stage):
+    if b is not None or round_ != st.round or st.phase != Phase.MERGE or not st.frozen.get(stage):
         return b
     b = shard_votes.new_ballot(round_, stage, st.frozen[stage], st.run.sync_shards,
                                st.run.sync_mergers, now, st.run.vote_timeout_seconds)
@@ -85,7 +86,7 @@ def ballot(st: State, round_: int, stage: int, now: float) -> Optional[ShardBall
 
 
 def _merging_ballot(st: State, round_: int, stage: int, now: float) -> ShardBallot:
-    if round_ != st.round or st.phase != "merge":
+    if round_ != st.round or st.phase != Phase.MERGE:
         raise TransitionError("not_merging", f"round {round_} is not merging")
     b = ballot(st, round_, stage, now)
     if b is None:
@@ -173,7 +174,7 @@ def arbitrate(st: State, validator: str, round_: int, stage: int, shard: int, sh
 
 def open_disputes(st: State) -> list[dict[str, Any]]:
     """Disputed shards of the merging round."""
-    if not sharded(st) or st.phase != "merge":
+    if not sharded(st) or st.phase != Phase.MERGE:
         return []
     out = []
     for s in range(st.run.n_stages):
