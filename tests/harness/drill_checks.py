@@ -19,6 +19,8 @@ MERGE_PAIRS = (("liar", "flip"), ("huge", "nan"), ("overwrite", "lazy"))
 # and 2.0% (R = 3), and the drills' gaps to their honest twin -3.2% .. +3.3% (scripts/
 # bench_integrity.py, docs/BENCHMARKS.md). A subnet that stopped training stays at its initial
 # loss, 8% above its twin, and one turned around (the attack this guards against) higher still.
+# The bound applies to the rounds no cheater merged in (check_loss): on a loaded box the validator's
+# verdicts come later, and until then a flipped pseudo-gradient at R = 2 cancels the honest one.
 LOSS_TOLERANCE = 0.05
 # `overwrite` tries to change what it reported after the fact; everything anyone reads is its
 # honest work, so there is nothing to punish and it is paid like an honest miner.
