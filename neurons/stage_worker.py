@@ -3,7 +3,9 @@
 A `StageWorker` holds its stage's module and inner optimizer and the forward graphs it keeps
 open until their backward arrives, keyed by sample id. Weights change only in `inner_step`,
 so every hop is a pure function of (the weights at that inner step, the hop's inputs). The
-gradient of an inner step is the mean over the samples whose backward ran since the last step.
+gradient of an inner step is the mean over the samples whose backward ran since the last step;
+an inner step whose gradient is not finite is skipped (`memory_stats["skipped_steps"]`), so one
+absurd input gradient never turns the replica's weights to NaN.
 
 `dtype` is the compute dtype: float32 runs plainly; bfloat16 / float16 run the stage under
 autocast (parameters, gradients and optimizer state stay float32).
@@ -33,6 +35,7 @@ from resbm import optim, outer
 from resbm.stages import build_stages
 from resbm.config import ModelConfig
 
+from .grad_check import all_finite
 from .stage_memory import OOM_WAITS, free_memory, parse_memory, retry_oom, saved_bytes
 
 __all__ = ["StageWorker", "WorkerError", "global_inner_step", "optim_config", "worker_for_run"]
@@ -383,16 +386,25 @@ class StageWorker:
 
     def inner_step(self, global_step: int) -> int:
         """Mean the accumulated gradients, step the optimizer at `global_step`, zero them; returns
-        the number of samples stepped on. Refuses with open graphs or nothing accumulated."""
+        the number of samples stepped on (0: skipped, the gradient was not finite). Refuses with
+        open graphs or nothing accumulated."""
         if self._graphs:
             raise WorkerError(f"cannot step with open forward graphs for samples {self.open_graphs[:5]}")
         if self._samples == 0:
             raise WorkerError("cannot step: no sample's gradient accumulated since the last step")
         n = self._samples
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not all_finite(grads):  # one bad input must not turn the replica's weights to NaN
+            self.optimizer.zero_grad()
+            self._samples = 0
+            self.memory_stats["skipped_steps"] += 1
+            log.error("stage %d: inner step %d skipped: the gradient of its %d samples is not finite "
+                      "(an input gradient too large for fp32?); the weights are unchanged",
+                      self.stage_index, global_step, n)
+            return 0
         with torch.no_grad():
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad.div_(n)
+            for g in grads:
+                g.div_(n)
         self.optimizer.step(global_step)
         self.optimizer.zero_grad()
         self._samples = 0

@@ -209,3 +209,21 @@ def test_outputs_survive_the_wire_codec_exactly():
     code = w.forward(0, data.batch(1, 0, B, cfg.seq_len)[0])
     decoded = codec.decode(codec.encode(code, "int8"), cfg.code_shape(B), "int8", 1 << 20)
     assert torch.equal(decoded, code)
+
+
+def test_a_gradient_that_overflows_fp32_skips_the_step_and_leaves_the_weights_finite():
+    """A finite but absurd input gradient (a lying downstream stage, or one too large for fp32)
+    makes the accumulated gradient inf: the replica skips that inner step, says so, and keeps
+    finite weights, instead of stepping to NaN and sending a NaN pseudo-gradient at the round end."""
+    w0 = _workers()[0]
+    before = {n: t.clone() for n, t in w0.theta().items()}
+    tokens, _ = data.batch(1, 0, B, CFG.seq_len)
+    w0.forward(0, tokens)
+    w0.backward(0, torch.full(CFG.code_shape(B), 3e38))
+    assert w0.inner_step(0) == 0 and w0.memory_stats["skipped_steps"] == 1
+    assert all(torch.equal(before[n], t) for n, t in w0.theta().items()), "the weights moved"
+    w0.forward(1, tokens)  # the next inner step trains as usual
+    w0.backward(1, torch.ones(CFG.code_shape(B)))
+    assert w0.inner_step(1) == 1
+    assert all(torch.isfinite(t).all() for t in w0.theta().values())
+    assert any(not torch.equal(before[n], t) for n, t in w0.theta().items())
