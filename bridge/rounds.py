@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from bridge import shard_checks, shard_round, votes
 from bridge.merge_rules import (check_report, check_upload_key, final_key, member, merge_upload_key,
-                                pieces_sha)
+                                pieces_sha, sharded)
 from bridge.records import Sample, StageState, State, TransitionError
 from protocol.keys import StateKey, staging_of
 from protocol.lifecycle import Phase, SampleStatus
@@ -113,11 +113,13 @@ def maybe_freeze(st: State, now: float) -> None:
             log.info("round %d stage %d merge set frozen with %d items%s", st.round, s,
                      len(st.frozen[s]), " (timeout)" if timed_out else "")
             if not st.frozen[s]:
+                if sharded(st):
+                    shard_round.keep_round(st, s)
                 votes.publish(st, s, [], now)  # no work: the stage keeps its previous state
 
 
 def _on_time(st: State, stage: int, now: float) -> None:
-    if st.run.sync_mode == "sharded":
+    if sharded(st):
         shard_round.on_time(st, stage, now)
     else:
         votes.on_time(st, stage, now)
@@ -127,7 +129,7 @@ def report_pseudograd(st: State, hotkey: str, round_: int, key: str, sha256: str
                       now: float) -> None:
     """Record a replica's whole pseudo-gradient (already copied to its final `key`); 409
     `sharded_run` in a sharded run, where pieces are reported shard by shard."""
-    if st.run.sync_mode == "sharded":
+    if sharded(st):
         raise TransitionError("sharded_run", "this run syncs shard by shard (sync_mode: sharded): "
                               "report the pseudo-gradient's pieces through the sync routes")
     record_pseudograd(st, hotkey, round_, key, sha256, size, now)

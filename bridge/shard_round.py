@@ -24,7 +24,7 @@ from bridge.records import State, TransitionError
 from bridge.shard_votes import ShardBallot
 from protocol.lifecycle import Phase
 
-__all__ = ["sharded", "need_sharded", "need_checkpoint_vote", "ballot_dict", "stored_ballot", "pieces_sha", "ballot", "vote", "on_time", "arbitrate",
+__all__ = ["keep_round", "sharded", "need_sharded", "need_checkpoint_vote", "ballot_dict", "stored_ballot", "pieces_sha", "ballot", "vote", "on_time", "arbitrate",
            "open_disputes", "updates_since", "checkpoint_round", "published_round", "keep_rounds"]
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,15 @@ def _after(st: State, b: ShardBallot, now: float) -> None:
         st.vote_deadline[b.stage] = now + st.run.vote_timeout_seconds  # for the checkpoint vote
         return
     votes.publish(st, b.stage, [], now)  # the stage's checkpoint stays; its update is logged
+
+
+def keep_round(st: State, stage: int) -> None:
+    """A stage whose merge set froze empty keeps its state this round: its update is logged as all
+    kept, so the views and catch-ups of later rounds find every round since the checkpoint (without
+    it, one round nobody reported would answer `updates_pruned` to every later view: a halt)."""
+    st.sync.setdefault("updates", {}).setdefault(str(stage), {}).setdefault(
+        str(st.round), [None] * st.run.sync_shards)
+    log.warning("round %d stage %d: no pseudo-gradient reported; every shard keeps its state", st.round, stage)
 
 
 def _prune(st: State) -> None:

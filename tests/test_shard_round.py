@@ -154,3 +154,21 @@ def test_reported_shard_sha256s_must_be_hex_so_no_key_can_be_steered():
         with pytest.raises(ValidationError):
             SyncPseudograd(round=0, shas=[bad], sizes=[1])
     assert SyncPseudograd(round=0, shas=[GOOD], sizes=[1]).shas == [GOOD]
+
+
+def test_a_round_nobody_reported_is_logged_as_kept_so_later_views_and_catch_ups_still_work():
+    """A stage whose merge set froze empty (every replica withheld, crashed or had no work) keeps its
+    state; the round's update is logged as all kept, so the next round's view, which lists every
+    update since the checkpoint, does not answer `updates_pruned` for ever (seen in CI: the stage halted)."""
+    st, rng, now = _round("ab", merge_timeout_seconds=5.0)
+    for hk in "ab":  # both replicas step, then neither reports its pieces
+        m = st.miners[hk]
+        if m.step_samples:
+            state.step_done(st, hk, st.round, m.inner_step, m.step_samples, now)
+    rnd = st.round
+    rounds.maybe_freeze(st, now + 6.0)  # the merge timeout passes with an empty set
+    assert st.round == rnd + 1, "the stage kept its state and the run went on"
+    assert shard_round.updates_since(st, 0, 0, st.round)[rnd] == [None, None]
+    now = drive(st, "ab", rng, now + 6.1)  # the next round trains and reaches its merge
+    _pieces(st, now)
+    assert len(shard_round.updates_since(st, 0, 0, st.round)) == st.round

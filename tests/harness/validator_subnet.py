@@ -76,10 +76,11 @@ def _wait_done(client: BridgeClient, threads: list[threading.Thread], timeout: f
 
 
 @contextlib.contextmanager
-def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, **run_over):
-    """Start S3 (unless given one), a LocalChain, the bridge and in-process miners; run to the end;
-    yield the pieces. `miners` rows are (name, cheat, dtype, stage the alternating registration must give it);
-    `prepare(name, miner)` runs on each miner before it registers.
+def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, bridge_flags: tuple[str, ...] = (),
+               **run_over):
+    """Start S3 (unless given one), a LocalChain, the bridge (with `bridge_flags`) and in-process miners;
+    run to the end; yield the pieces. `miners` rows are (name, cheat, dtype, stage the alternating
+    registration must give it); `prepare(name, miner)` runs on each miner before it registers.
     """
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,7 +89,8 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, **run_over
     try:  # a bridge that never came up leaves no S3 server of ours behind
         chain, keys = make_chain(tmp / "chain.db", miners=len(miners), validators=1, prefix="vm")
         assert chain.weights_rate_limit() == RATE_LIMIT
-        bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3)
+        bridge = start_bridge(tmp / "bridge", dict(run_config(), **run_over), tmp / "chain.db", s3,
+                              extra=bridge_flags)
     except BaseException:
         if own_s3:
             s3.stop()
