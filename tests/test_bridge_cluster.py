@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +19,7 @@ from protocol.auth import sign_headers
 from protocol.bridge_client import BridgeClient
 from protocol.routes import route
 from tests.harness.fake_worker import FakeWorker
+from tests.harness.waiting import wait_for
 from tests.servers import make_chain, start_bridges, tiny_run_config
 
 N_BRIDGES, N_WORKERS, SAMPLES, ROUNDS = 3, 12, 340, 2  # 2,040 hop leases
@@ -91,20 +91,22 @@ def test_three_bridges_one_run_invariants_hold_and_a_sigkilled_bridge_loses_noth
     try:
         for w in ws:
             w.start()
-        deadline = time.monotonic() + 150
-        while True:
-            assert time.monotonic() < deadline, "the run did not finish"
+        def step():
+            """One look at the run: replay a signed request, kill a bridge mid-round once; the
+            metrics when the run is done."""
+            nonlocal killed
             for w in ws:
                 assert w.error is None, repr(w.error)
             m = probe.metrics()
             if m.phase == "done":
-                break
+                return m
             if len(replays) < 20:
                 replays.append(replay_everywhere(prober, [b for b in bridges if b is not killed]))
             if killed is None and m.round == 0 and m.samples_completed >= SAMPLES // 4:
                 killed = bridges[1]
                 killed.kill()  # SIGKILL mid-round: no clean shutdown, its leases in flight
-            time.sleep(0.05)
+            return None
+        m = wait_for(step, 150, "the run to finish", every=0.05)
         assert killed is not None, "the drill never killed a bridge mid-round"
         assert m.completed_total == SAMPLES * ROUNDS and m.abandoned_total == 0
         # every sample has exactly one done hop per (stage, kind): nothing lost, nothing twice
