@@ -136,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         tunables=Tunables(health_timeout=cfg.health_timeout, route_by_speed=cfg.slow_factor > 0,
                           slow_factor=cfg.slow_factor or 2.0), rate_per_second=cfg.rate,
         rate_burst=2 * cfg.rate, unknown_rate=cfg.unknown_rate, check_objects=not cfg.no_head_check, seed=cfg.seed,
-        netuid=cfg.netuid, keep_rounds=max(cfg.keep_rounds, run.audit_window_rounds + 1))
+        netuid=cfg.netuid, keep_rounds=max(cfg.keep_rounds, run.audit_window_rounds + 1),
+        tick_seconds=cfg.tick_seconds)
     try:
         app = create_app(settings, chain, storage, keypair)
     except ValueError as exc:  # a dataset (DatasetConfigError) or model the run cannot use

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bridge.auth import Authenticator, RateLimiter, Registry, UnknownKeyBudget
+from bridge.clock import ticking
 from bridge.codespec import code_spec
 from bridge.dashboard import console_handlers
 from bridge.dataset import dataset_handler, fetch_manifest
@@ -97,7 +98,7 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     # FastAPI's built-in OpenTelemetry hooks cost ~5% of a request even with no provider set
     app = FastAPI(title="resbm bridge", version=msg.PROTOCOL_VERSION,
                   telemetry={"tracing": False, "metrics": False, "logs": False},
-                  lifespan=_listening(db, waiters))
+                  lifespan=_listening(db, waiters, svc, settings.tick_seconds))
     app.state.service, app.state.registry, app.state.waiters = svc, reg, waiters
 
     @app.exception_handler(StarletteHTTPException)
@@ -111,9 +112,9 @@ def create_app(settings: BridgeSettings, chain: Any, storage: Optional[Storage],
     return app
 
 
-def _listening(db: Any, waiters: Waiters) -> Any:
-    """The app's lifespan: with a shared database, wake this process's long-polls for work
-    that other bridge processes create (LISTEN/NOTIFY) while the app serves."""
+def _listening(db: Any, waiters: Waiters, svc: BridgeService, tick_seconds: float) -> Any:
+    """The app's lifespan: the clock ticks (`bridge.clock`); with a shared database, wake this
+    process's long-polls for work that other bridge processes create (LISTEN/NOTIFY)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         listener = None
@@ -126,7 +127,8 @@ def _listening(db: Any, waiters: Waiters) -> Any:
             await asyncio.to_thread(listener.ready.wait, 10.0)
         app.state.listener = listener
         try:
-            yield
+            async with ticking(svc, tick_seconds):
+                yield
         finally:
             if listener is not None:
                 listener.stop()

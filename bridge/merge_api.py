@@ -102,10 +102,8 @@ class MergeApi:
         return await self._unless_moved_on(req.round, live, late)
 
     async def _frozen_set(self, req: msg.StageRound) -> list:
-        def tx(st: Any, now: float, rng: Any) -> list:
-            rounds.maybe_freeze(st, now)
-            return rounds.merge_set(st, req.round, req.stage)
-        return await self.svc.apply_async(tx)
+        # read-only: the freeze comes with the reports and the bridge's clock, never with a GET
+        return self.svc.read(lambda st: copy.deepcopy(rounds.merge_set(st, req.round, req.stage)))
 
     async def merge_set(self, caller: str, req: msg.StageRound) -> msg.MergeSet:
         """The frozen merge set of a stage's round (409 `not_frozen` before)."""

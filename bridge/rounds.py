@@ -116,6 +116,8 @@ def maybe_freeze(st: State, now: float) -> None:
                 if sharded(st):
                     shard_round.keep_round(st, s)
                 votes.publish(st, s, [], now)  # no work: the stage keeps its previous state
+            elif sharded(st):
+                shard_round.ballot(st, st.round, s, now)  # opened with the freeze: views only read it
 
 
 def _on_time(st: State, stage: int, now: float) -> None:

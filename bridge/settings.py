@@ -45,6 +45,16 @@ class BridgeConfig(CommonSettings):
                               "many times later than on its stage's soonest peer gets no new work (>= 1; "
                               "0 turns routing by measured hop time off)")
 
+    tick_seconds: float = flag(0.5, "seconds between the bridge's clock ticks, which apply lease expiries "
+                               "and merge and vote deadlines when no request comes (0: only requests do)")
+
+    @field_validator("tick_seconds")
+    @classmethod
+    def _tick_seconds(cls, v: float) -> float:
+        if not 0 <= v <= 60:
+            raise ValueError("must be between 0 (no clock) and 60 seconds")
+        return v
+
     @field_validator("slow_factor")
     @classmethod
     def _slow_factor(cls, v: float) -> float:
@@ -107,3 +117,4 @@ class BridgeSettings:
     seed: int | None = None            # routing RNG seed (tests)
     netuid: int | None = None          # served in GET /health so neurons can check theirs
     keep_rounds: int = 8               # rounds of hop rows kept in SQLite (older are pruned)
+    tick_seconds: float = 0.5          # the clock: time's transitions with no request (0: never)

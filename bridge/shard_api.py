@@ -112,7 +112,7 @@ class ShardApi:
         if not 0 <= stage < run.n_stages:
             raise TransitionError("unknown_stage", f"stage {stage} does not exist")
         past = await run_in_threadpool(svc.db.round_archive, round_) if round_ < svc.read(lambda st: st.round) else None
-        d = await svc.apply_async(lambda st, now, rng: _view_data(st, now, round_, stage, past))
+        d = svc.read(lambda st: _view_data(st, round_, stage, past))  # a GET writes nothing
         b = d["ballot"] or {}
         n = len(b.get("mergers", []))
         decided = b.get("decided", {})
@@ -154,24 +154,24 @@ class ShardApi:
         return msg.Ack(message="a merger agreed" if agreed else "no merger agreed: the shard is kept")
 
 
-def _view_data(st: Any, now: float, round_: int, stage: int, past: Optional[dict]) -> dict:
-    """Plain data of a view, read in one transaction (the ballot opens once the set froze)."""
+def _view_data(st: Any, round_: int, stage: int, past: Optional[dict]) -> dict:
+    """Plain data of a view, read under the state's lock. Read-only: the freeze (which opens the
+    ballot) and every deadline are applied by the requests that change the round and by the
+    bridge's clock (`bridge.clock`), never by a GET."""
     shard_round.need_sharded(st)
     if round_ > st.round:
         raise TransitionError("future_round", f"round {round_} has not started (at {st.round})")
     current = round_ == st.round
     if current:
-        rounds.maybe_freeze(st, now)
-        if st.round != round_:  # the freeze published the stage and the round moved on
-            raise TransitionError("moved_on", f"round {round_} just ended; ask again")
         start = st.round_states[stage] if st.round_states else vars(StageState())
         frozen = stage in st.frozen
         items = [dict(hotkey=h, **st.pseudograds[stage][h]) for h in st.frozen.get(stage, [])]
         items = [i for i in items if len(i.get("shards", ())) == st.run.sync_shards]  # pieces only
-        b = (shard_round.ballot(st, round_, stage, now) if st.phase == Phase.MERGE
-             else shard_round.stored_ballot(st, round_, stage))  # the run's last round, once done
+        b = shard_round.stored_ballot(st, round_, stage)
     else:
-        if past is None or stage >= len(past.get("states", [])):
+        if past is None:  # the round ended between reading the round number and this read
+            raise TransitionError("moved_on", f"round {round_} just ended; ask again")
+        if stage >= len(past.get("states", [])):
             raise TransitionError("not_kept", f"round {round_} is not kept")
         start, frozen = past["states"][stage], True
         items = [p for p in past.get("pseudograds", [])
