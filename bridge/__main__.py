@@ -149,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "accepts this user") from None
     log.info("bridge for run %s on %s:%d (netuid %d, %s, state in %s)", run.run_id, cfg.host,
              cfg.port, cfg.netuid, cfg.network, "PostgreSQL" if postgres else cfg.db)
-    if run.sync_mode == "state" and {"sync_codec", "sync_merged_codec", "sync_shards"} & run.model_fields_set:
+    if not run.sharded and {"sync_codec", "sync_merged_codec", "sync_shards"} & run.model_fields_set:
         log.warning("run config: sync_codec/sync_merged_codec/sync_shards apply only with sync_mode: sharded; "
                     "this run merges whole fp32 states (docs/CONTRACTS.md, 'Sharded replica sync')")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if cfg.logging_trace else "warning",

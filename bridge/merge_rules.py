@@ -32,7 +32,7 @@ def merge_upload_key(st: State, hotkey: str, round_: int, kind: str, sha256: str
     """The staging key a replica may PUT its pseudo-gradient or merged state to (its own). In a
     sharded run only a checkpoint's state goes this way (the pieces have their own routes)."""
     m = member(st, hotkey, round_)
-    if st.run.sync_mode == "sharded":
+    if st.run.sharded:
         if kind == "pseudograd":
             raise TransitionError("sharded_run", "this run syncs shard by shard (sync_mode: sharded): "
                                   "upload and report the pseudo-gradient's pieces through the sync routes")
@@ -93,7 +93,7 @@ def check_report(st: State, hotkey: str, round_: int, sha256: str, now: Optional
 
 def sharded(st: State) -> bool:
     """Whether the run syncs replicas with the sharded sync."""
-    return st.run.sync_mode == "sharded"
+    return st.run.sharded
 
 
 def need_sharded(st: State) -> None:

@@ -81,5 +81,5 @@ def model_data(st: State, round_: Optional[int], archive_next: Optional[dict[str
     stages = []
     for s, d in enumerate(states):
         ss = StageState(**d)
-        stages.append(_sharded(st, s, ss, r) if st.run.sync_mode == "sharded" else _whole(s, ss, r))
+        stages.append(_sharded(st, s, ss, r) if st.run.sharded else _whole(s, ss, r))
     return {"round": r, "latest": latest, "samples": samples, "stages": stages}

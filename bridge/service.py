@@ -297,7 +297,7 @@ class BridgeService:
                 n = self.storage.delete_prefix(round_prefix(self.run.run_id, r), keep=keep)
                 if n:
                     log.info("gc: deleted %d objects of round %d", n, r)
-            if self.run.sync_mode == "sharded":
+            if self.run.sharded:
                 self._gc_sync(old)
         except Exception:  # GC is best effort; the next round start tries again
             log.exception("gc of round %d failed", old)

@@ -32,7 +32,7 @@ class SyncSpec:
 def sync_spec(run: RunConfig) -> Optional[SyncSpec]:
     """The run's SyncSpec (None unless `sync_mode: sharded`); ValueError, one line naming the
     field, when a stage is too small for `sync_shards` shards of `sync_block` values."""
-    if run.sync_mode != "sharded":
+    if not run.sharded:
         return None
     cfg = run.parsed_model()
     pg, merged = run.wire_format(TensorRole.PSEUDO_GRADIENT), run.wire_format(TensorRole.MERGED_UPDATE)

@@ -86,7 +86,7 @@ def metrics(st: State, now: float) -> msg.Metrics:
             hops_done=c["hops_done"], throughput=sum(m.throughput for m in ms),
             lease_expiries=c["expiries"], reroutes=c["reroutes"], bytes_moved=c["bytes"],
             state_sha=st.stage_states[s].sha256,
-            published_round=(shard_round.published_round(st, s) if st.run.sync_mode == "sharded"
+            published_round=(shard_round.published_round(st, s) if st.run.sharded
                              else st.stage_states[s].round if st.stage_states[s].sha256 else -1)))
     miners = [msg.MinerMetrics(
         hotkey=m.hotkey, stage=m.stage, healthy=st.healthy(m, now), health=m.health,

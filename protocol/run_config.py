@@ -145,6 +145,11 @@ class RunConfig(StrictModel):
         raise ValueError(f"no codec carries tensors of role {role!r}")
 
     @property
+    def sharded(self) -> bool:
+        """Whether replicas sync with the sharded sync (the one place `sync_mode` is compared)."""
+        return self.sync_mode == "sharded"
+
+    @property
     def total_steps(self) -> int:
         """Inner optimizer steps over the whole run (for the lr schedule)."""
         return self.total_rounds * self.inner_steps_per_round
