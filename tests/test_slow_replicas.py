@@ -158,8 +158,9 @@ def test_a_round_with_one_slow_replica_takes_about_as_long_as_without_it():
 def _subnet_with_a_slow_replica(tmp, s3, extra=()):
     """2 stages over the real bridge and S3, 2 fake workers per stage; the last to join takes 2 s
     more per hop (on a loaded CI box a fast fake hop's S3 round trips take up to ~0.5 s, so 0.5 s
-    extra was not "much slower" there and earned it routed work). Returns, for its stage: hops per worker ("slow", "fast": the bridge's verified
-    counts) and what each earns (the validator's verified throughput of its hops in the hop log)."""
+    extra was not "much slower" there and earned it routed work). Returns, for its stage: hops per
+    worker ("slow", "fast": the bridge's verified counts) and what each earns (the validator's
+    verified throughput of its hops in the hop log)."""
     tmp.mkdir()
     _, keys = make_chain(tmp / "chain.db", miners=4, validators=1)
     cfg = tiny_run_config(total_rounds=1, samples_per_round=24, micro_batches_per_step=4)

@@ -20,7 +20,7 @@ import torch
 from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.messages import HopLog
-from tests.harness.validator_subnet import ALPHA, BURN, RATE_LIMIT, run_subnet, throughput_by_miner
+from tests.harness.validator_subnet import ALPHA, BURN, RATE_LIMIT, run_subnet, throughput_by_miner, workers
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _verdicts(subnet, v: Validator) -> dict[str, list[tuple[int, bool, str]]]:
 
 def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
     verdicts = _verdicts(subnet, validated["v1"])
-    active = {n: {r.miner_hotkey for r in lg.records} for n, lg in zip((0, 1), validated["hoplogs"])}
+    active = {n: workers(lg) for n, lg in zip((0, 1), validated["hoplogs"])}
     table = []
     for name in CHEATERS:
         hk = subnet["names"][name]
@@ -170,7 +170,7 @@ def test_every_cheater_with_verified_hops_fails_every_audit(subnet, validated):
 
 def test_honest_miners_pass_every_audit_including_bfloat16(subnet, validated):
     verdicts = _verdicts(subnet, validated["v1"])
-    active = {r: {x.miner_hotkey for x in lg.records} for r, lg in zip((0, 1), validated["hoplogs"])}
+    active = {r: workers(lg) for r, lg in zip((0, 1), validated["hoplogs"])}
     for name in HONEST:
         runs = verdicts[name]
         # Routing decides who works in a round (on a loaded machine a miner can get no hop in one).
@@ -235,7 +235,7 @@ def test_second_weight_set_inside_rate_limit_is_deferred_not_lost(subnet, valida
     # miner earns over the run.
     for lg in validated["hoplogs"]:
         merged = {p.hotkey for p in lg.pseudograds}
-        missed = [n for n in HONEST if names[n] in {x.miner_hotkey for x in lg.records} and names[n] not in merged]
+        missed = [n for n in HONEST if names[n] in workers(lg) and names[n] not in merged]
         assert not missed, f"round {lg.round}: honest miners that worked but are not in the merge set: {missed}"
     assert all(ema[n] > 0 for n in HONEST), ema  # every honest miner earns over the run
     for n in earners:

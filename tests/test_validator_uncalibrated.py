@@ -12,7 +12,7 @@ from neurons.transfer import ObjectTransfer
 from neurons.validator_loop import Validator, ValidatorSettings
 from protocol.messages import RegisterRequest
 from protocol.routes import route
-from tests.harness.validator_subnet import RATE_LIMIT, run_subnet
+from tests.harness.validator_subnet import RATE_LIMIT, run_subnet, workers
 
 ROUNDS = 2
 GPU = "NVIDIA Test GPU"
@@ -40,7 +40,7 @@ def result(tmp_path_factory):
         chain.advance_blocks(RATE_LIMIT)
         v.tick()
         dash = httpx.get(net["bridge"].url + route("dashboard").path, timeout=10).json()
-        worked = [{x.miner_hotkey for x in client.hoplog(r).records} for r in range(ROUNDS)]
+        worked = [workers(client.hoplog(r)) for r in range(ROUNDS)]
         yield dict(net, v=v, dash=dash, weights=chain.weights_of(vkey.ss58_address), worked=worked)
 
 

@@ -21,7 +21,7 @@ from resbm.config import ModelConfig
 from tests.harness.watched import WatchedThread, raise_crashes
 from tests.servers import make_chain, start_bridge, start_s3
 
-__all__ = ["ALPHA", "BURN", "COMPUTE", "RATE_LIMIT", "JunkTransfer", "run_config", "run_subnet",
+__all__ = ["ALPHA", "BURN", "COMPUTE", "RATE_LIMIT", "JunkTransfer", "run_config", "run_subnet", "workers",
            "throughput_by_miner"]
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,11 @@ def run_subnet(tmp: Path, miners: list[tuple], s3=None, prepare=None, bridge_fla
         if own_s3:
             s3.stop()
         torch.set_num_threads(old_threads)
+
+
+def workers(hoplog: HopLog) -> set[str]:
+    """Hotkeys with a verified hop in the round (routing decides who works in a round)."""
+    return {r.miner_hotkey for r in hoplog.records}
 
 
 def throughput_by_miner(hoplog: HopLog) -> dict[str, float]:
